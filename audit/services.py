@@ -1,0 +1,72 @@
+"""The only writer of audit events. Call inside the transaction that makes the change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from audit.verbs import ActorType, Verb
+
+
+def payload_digest(payload: Any) -> str:
+    """SHA-256 of the canonical JSON of ``payload`` ('' for None)."""
+    if payload is None:
+        return ""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class Entry:
+    """An audit event not yet written; services collect these and write them in one INSERT."""
+
+    verb: Verb
+    object_type: str
+    object_id: Any
+    actor_type: str = ActorType.SYSTEM
+    actor_id: str = ""
+    run_id: int | None = None
+    step_id: int | None = None
+    trace_id: str = ""
+    payload: Any = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None) -> None:
+    """Write the entries in one statement. Must run inside the caller's transaction."""
+    rows = list(entries)
+    if not rows:
+        return
+    if not connection.in_atomic_block:
+        raise RuntimeError("audit events must be written inside the transaction of the change")
+    now = now or timezone.now()
+    AuditEvent.objects.bulk_create(
+        [
+            AuditEvent(
+                created_at=now,
+                actor_type=e.actor_type,
+                actor_id=e.actor_id,
+                verb=e.verb,
+                object_type=e.object_type,
+                object_id=str(e.object_id),
+                run_id=e.run_id,
+                step_id=e.step_id,
+                trace_id=e.trace_id,
+                payload_digest=payload_digest(e.payload),
+                data=e.data,
+            )
+            for e in rows
+        ]
+    )
+
+
+def audit_record(entry: Entry, *, now: datetime | None = None) -> None:
+    audit_record_many([entry], now=now)

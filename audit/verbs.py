@@ -1,0 +1,46 @@
+"""Audit verbs: a unique integer per verb, numbered in ranges per domain, never renumbered."""
+
+from django.db import models
+
+
+class Verb(models.IntegerChoices):
+    # 100-199: runs
+    RUN_SUBMITTED = 100, "run.submitted"
+    RUN_STARTED = 101, "run.started"
+    RUN_WAITING = 102, "run.waiting"
+    RUN_RESUMED = 103, "run.resumed"
+    RUN_SUCCEEDED = 104, "run.succeeded"
+    RUN_FAILED = 105, "run.failed"
+    RUN_CANCELLED = 106, "run.cancelled"
+    RUN_LIMIT_HIT = 107, "run.limit_hit"
+    # 200-299: steps
+    STEP_CREATED = 200, "step.created"
+    STEP_CLAIMED = 201, "step.claimed"
+    STEP_SUCCEEDED = 202, "step.succeeded"
+    STEP_FAILED = 203, "step.failed"
+    STEP_RETRY_SCHEDULED = 204, "step.retry_scheduled"
+    STEP_LEASE_EXPIRED = 205, "step.lease_expired"
+    STEP_CANCELLED = 206, "step.cancelled"
+    STEP_RELEASED = 207, "step.released"
+    STEP_SKIPPED = 208, "step.skipped"
+    STEP_CONTRACT_VIOLATION = 209, "step.contract_violation"
+    STEP_ROUTED = 210, "step.routed"
+    STEP_REQUEUED = 211, "step.requeued"
+    # 300-399: run state
+    STATE_WRITTEN = 300, "state.written"
+    # 400-499: waits (approvals and outside events)
+    WAIT_OPENED = 400, "wait.opened"
+    APPROVAL_APPROVED = 401, "approval.approved"
+    APPROVAL_REJECTED = 402, "approval.rejected"
+    APPROVAL_EDITED = 403, "approval.edited_and_approved"
+    WAIT_EXPIRED = 404, "wait.expired"
+    EVENT_RECEIVED = 405, "event.received"
+    EVENT_APPLIED = 406, "event.applied"
+    APPROVAL_STALE = 407, "approval.stale"
+    WAIT_CANCELLED = 408, "wait.cancelled"
+
+
+class ActorType(models.TextChoices):
+    HUMAN = "human", "human"
+    AGENT = "agent", "agent"
+    SYSTEM = "system", "system"

@@ -1,0 +1,233 @@
+"""Signalbox settings: one environment-driven module that refuses bad values at start-up.
+
+With no environment at all it runs embedded: a SQLite file, an in-process broker and channel
+layer. Set ``DATABASE_URL`` and ``REDIS_URL`` for production (PostgreSQL + Redis).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+SIGNALBOX_ENV = env.str("SIGNALBOX_ENV", default="development")
+if SIGNALBOX_ENV not in {"development", "test", "production"}:
+    raise ImproperlyConfigured(
+        f"SIGNALBOX_ENV must be development, test or production, not {SIGNALBOX_ENV!r}"
+    )
+PRODUCTION = SIGNALBOX_ENV == "production"
+
+DEBUG = env.bool("DEBUG", default=not PRODUCTION and SIGNALBOX_ENV != "test")
+if PRODUCTION:
+    SECRET_KEY = env.str("SECRET_KEY")  # no default: production refuses to start without one
+    if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
+        raise ImproperlyConfigured("SECRET_KEY must be at least 50 random characters in production")
+else:
+    SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-development-only-key-never-in-production")
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+VAR_DIR = Path(env.str("SIGNALBOX_VAR_DIR", default=str(BASE_DIR / "var")))
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "channels",
+    "guardian",
+    # Serves django-ninja's docs page assets locally instead of from a CDN.
+    "ninja",
+    "audit",
+    "orchestration",
+    "policies",
+    "console",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "console.urls"
+ASGI_APPLICATION = "console.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- database -----------------------------------------------------------------------------------
+DATABASE_URL = env.str("DATABASE_URL", default="")
+EMBEDDED = not DATABASE_URL
+if PRODUCTION and EMBEDDED:
+    raise ImproperlyConfigured("production needs DATABASE_URL (PostgreSQL)")
+if EMBEDDED:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "signalbox.sqlite3",
+            # Threads share the file: IMMEDIATE transactions take the write lock up front instead
+            # of failing with "database is locked" on upgrade; WAL lets readers run alongside.
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+else:
+    DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_URL must be a postgres:// URL (or unset for embedded mode)")
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
+    DATABASES["default"].setdefault("OPTIONS", {})
+    # A session left idle inside a transaction holds row locks; PostgreSQL ends it after this.
+    DATABASES["default"]["OPTIONS"]["options"] = "-c idle_in_transaction_session_timeout=60000"
+    if env.bool("DB_POOL", default=False):
+        DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env.int("DB_POOL_MAX", default=10)}
+    test_name = env.str("DATABASE_TEST_NAME", default="")
+    if test_name:
+        DATABASES["default"]["TEST"] = {"NAME": test_name}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- auth ---------------------------------------------------------------------------------------
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+ANONYMOUS_USER_NAME = None
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# Requests larger than this are refused before they reach a view (413 JSON from the API).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=1_000_000)
+
+# --- broker, channel layer ----------------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+if PRODUCTION and not REDIS_URL:
+    raise ImproperlyConfigured("production needs REDIS_URL")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+        }
+    }
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # Unacked messages are redelivered after this long: it must exceed the longest step
+        # (a step is also protected by its lease, so a duplicate delivery is harmless).
+        "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CELERY_BROKER_URL = "memory://"
+    # kombu's memory transport polls once a second by default (17 tasks/s); 5 ms makes it fast.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.005}
+
+# At-least-once delivery without loss: a message is acknowledged only after its task finished
+# (acks_late); if the worker process dies the message goes back to the queue
+# (reject_on_worker_lost); each worker process holds one unacknowledged message at a time
+# (prefetch 1) so a dead process strands at most one. Step execution is idempotent (leases +
+# fencing tokens in PostgreSQL), so a redelivered message never runs a step twice.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_QUEUE = "pool.default"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    "engine-tick": {"task": "orchestration.tasks.engine_tick", "schedule": env.float("SIGNALBOX_TICK_SECONDS", default=2.0)},
+}
+
+# --- engine -------------------------------------------------------------------------------------
+SIGNALBOX = {
+    # A worker owns a claimed step for this long and renews it while the agent runs.
+    "LEASE_SECONDS": env.float("SIGNALBOX_LEASE_SECONDS", default=30.0),
+    # Queued steps whose wake-up message has not led to a claim by then are republished.
+    "REPUBLISH_AFTER_SECONDS": env.float("SIGNALBOX_REPUBLISH_AFTER_SECONDS", default=30.0),
+    # Transient-failure backoff: base * 2**(n-1), capped, full jitter.
+    "RETRY_BASE_SECONDS": env.float("SIGNALBOX_RETRY_BASE_SECONDS", default=0.5),
+    "RETRY_MAX_SECONDS": env.float("SIGNALBOX_RETRY_MAX_SECONDS", default=30.0),
+    # Demo agents' simulated work is multiplied by this (0 = instant).
+    "AGENT_TIME_SCALE": env.float("SIGNALBOX_AGENT_TIME_SCALE", default=1.0),
+    # Payloads larger than this (bytes of JSON) are refused at the boundary.
+    "MAX_PAYLOAD_BYTES": env.int("SIGNALBOX_MAX_PAYLOAD_BYTES", default=256_000),
+    # Live events to the channel layer (off in benchmarks that measure the engine alone).
+    "LIVE_EVENTS": env.bool("SIGNALBOX_LIVE_EVENTS", default=True),
+}
+SIGNALBOX_AGENTS: dict[str, str] = env.dict("SIGNALBOX_EXTRA_AGENTS", default={})
+SIGNALBOX_WORKFLOWS: list[str] = env.list("SIGNALBOX_EXTRA_WORKFLOWS", default=[])
+
+if SIGNALBOX["LEASE_SECONDS"] <= 0:
+    raise ImproperlyConfigured("SIGNALBOX_LEASE_SECONDS must be positive")
+
+# --- security -----------------------------------------------------------------------------------
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if PRODUCTION:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

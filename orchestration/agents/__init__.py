@@ -1,0 +1,1 @@
+"""Agents: the base contract, the demo agents and the OpenAI-compatible chat agent."""

@@ -1,0 +1,153 @@
+"""What an agent is: a plain class with an input contract, an output contract and ``run()``.
+
+Agents never import Django models. The engine builds their input from run state, hands them an
+:class:`AgentContext`, validates what they return and records it. An agent is testable with
+nothing but pydantic: ``MyAgent().run(MyAgent.Input(...), AgentContext.for_test())``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from orchestration.errors import StateAccessDenied
+
+
+@dataclass
+class Usage:
+    """Tokens and cost an agent reports for one execution."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    model: str = ""
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.model = other.model or self.model
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "model": self.model,
+        }
+
+
+class StateView:
+    """The slice of run state a node may touch: reads and writes outside it are refused."""
+
+    def __init__(self, values: Mapping[str, Any], *, reads: frozenset[str], writes: frozenset[str]):
+        self._values = dict(values)
+        self._reads = reads
+        self._writes = writes
+        self.written: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self._reads and key not in self._writes:
+            raise StateAccessDenied(
+                f"state key {key!r} is not declared in this node's reads",
+                detail={"key": key, "reads": sorted(self._reads)},
+            )
+        if key in self.written:
+            return self.written[key]
+        return self._values.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        if key not in self._writes:
+            raise StateAccessDenied(
+                f"state key {key!r} is not declared in this node's writes",
+                detail={"key": key, "writes": sorted(self._writes)},
+            )
+        self.written[key] = value
+
+
+@dataclass
+class AgentContext:
+    """Everything an agent may use besides its input. Built by the engine for each attempt."""
+
+    run_id: int
+    step_key: str
+    attempt: int
+    state: StateView
+    seed: int
+    trace_id: str = ""
+    usage: Usage = field(default_factory=Usage)
+    # Demo agents take "realistic time"; the engine scales it (0 in tests and benchmarks).
+    time_scale: float = 1.0
+    sleep: Callable[[float], None] = time.sleep
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def random(self) -> random.Random:
+        """A random generator that is deterministic for (run seed, step, attempt)."""
+        if not hasattr(self, "_random"):
+            digest = hashlib.sha256(f"{self.seed}:{self.step_key}:{self.attempt}".encode()).digest()
+            self._random = random.Random(int.from_bytes(digest[:8], "big"))
+        return self._random
+
+    def work(self, seconds: float) -> None:
+        """Spend (scaled) wall time, as a real model or API call would."""
+        if self.time_scale > 0 and seconds > 0:
+            self.sleep(seconds * self.time_scale)
+
+    def report_usage(
+        self, *, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0, model: str = ""
+    ) -> None:
+        self.usage.add(Usage(prompt_tokens, completion_tokens, cost_usd, model))
+
+    @classmethod
+    def for_test(
+        cls,
+        state: Mapping[str, Any] | None = None,
+        *,
+        reads: frozenset[str] | set[str] | None = None,
+        writes: frozenset[str] | set[str] | None = None,
+        seed: int = 0,
+        attempt: int = 1,
+        step_key: str = "test",
+    ) -> AgentContext:
+        """A context for unit tests of an agent, outside the engine."""
+        state = dict(state or {})
+        return cls(
+            run_id=0,
+            step_key=step_key,
+            attempt=attempt,
+            state=StateView(
+                state,
+                reads=frozenset(reads if reads is not None else state.keys()),
+                writes=frozenset(writes or ()),
+            ),
+            seed=seed,
+            time_scale=0.0,
+        )
+
+
+class Agent:
+    """Base class for agents. Subclasses set ``Input``/``Output`` and implement ``run``."""
+
+    #: Registry name, e.g. ``"classifier"``.
+    name: ClassVar[str] = ""
+    #: What the agent can do, for the registry listing (``"classify"``, ``"draft"``).
+    capability: ClassVar[str] = ""
+    #: The worker pool (Celery queue ``pool.<name>``) that runs it unless the node overrides it.
+    pool: ClassVar[str] = "default"
+    #: Transient failures are retried up to this many attempts in total (the node may override).
+    max_attempts: ClassVar[int] = 3
+    Input: ClassVar[type[BaseModel]]
+    Output: ClassVar[type[BaseModel]]
+
+    def run(self, input: Any, ctx: AgentContext) -> BaseModel | dict[str, Any]:
+        raise NotImplementedError

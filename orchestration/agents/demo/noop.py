@@ -1,0 +1,27 @@
+"""The benchmark's agent: no work, no randomness, a fixed-size output, so only the engine is measured."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.agents.base import Agent, AgentContext
+
+# About the size of a small real step output, so the engine's write path is not unrealistically cheap.
+PAYLOAD_SIZE = 200
+
+
+class NoopAgent(Agent):
+    """Returns a 200-character payload immediately; accepts any input."""
+
+    name = "noop"
+    capability = "noop"
+
+    class Input(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+    class Output(BaseModel):
+        payload: str = Field(min_length=PAYLOAD_SIZE, max_length=PAYLOAD_SIZE)
+
+    def run(self, input: Input, ctx: AgentContext) -> Output:
+        payload = f"{ctx.step_key}:{ctx.attempt}:".ljust(PAYLOAD_SIZE, ".")[:PAYLOAD_SIZE]
+        return self.Output(payload=payload)

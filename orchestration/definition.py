@@ -1,0 +1,374 @@
+"""Code-first workflow definitions: a small graph API the engine executes and the console draws.
+
+A workflow is a set of named nodes joined by edges:
+
+* ``after=`` edges: ``wf.agent("draft", ..., after=["research_a", "research_b"], join="all")``.
+  Several nodes after the same node run in parallel; a node after several nodes is a join
+  (``"all"``, ``"any"`` or an integer N for "first N").
+* route edges: a route node (deterministic function of state) or a routing agent (its output
+  field names the path) activates exactly one of its declared targets; a target earlier in the
+  graph makes a loop, bounded by ``loop_limit``.
+
+Node kinds: ``agent`` (executed by a worker), ``route`` (evaluated inside advance), ``map``
+(dynamic fan-out: one agent step per item of a list in state, bounded and joined in order) and
+``wait`` (pause until a named outside event, with a timeout). Approval gates are declared on the
+agent node whose action they guard (``approval=Approval(...)``) because an approval is bound to
+the exact action it approves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+END = "__end__"
+FAIL = "__fail__"
+
+JoinMode = Literal["all", "any"] | int
+TimeoutOutcome = Literal["reject", "approve", "fail", "continue"] | str
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A human decision required before an agent node's action executes.
+
+    ``when`` (a function of the run state) makes it conditional, e.g. refunds above an amount.
+    On expiry the ``on_timeout`` outcome applies; the default fails closed (reject).
+    """
+
+    tier: int = 1
+    timeout: timedelta = timedelta(hours=24)
+    on_timeout: Literal["reject", "approve"] = "reject"
+    when: Callable[[Mapping[str, Any]], bool] | None = None
+    reason: str = "approval required"
+
+    def required(self, state: Mapping[str, Any]) -> bool:
+        return True if self.when is None else bool(self.when(state))
+
+
+@dataclass
+class Node:
+    name: str
+    kind: Literal["agent", "route", "map", "wait"]
+    after: tuple[str, ...] = ()
+    join: JoinMode = "all"
+    agent: str = ""
+    pool: str = ""
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+    #: Builds the agent input from the visible state; default: the read keys themselves.
+    input: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    max_attempts: int | None = None
+    approval: Approval | None = None
+    # route / routing agent
+    targets: tuple[str, ...] = ()
+    choose: Callable[[Mapping[str, Any]], str] | None = None
+    routes: Mapping[str, str] = field(default_factory=dict)
+    route_field: str = "route"
+    loop_limit: int | None = None
+    on_loop_limit: str = FAIL
+    # map (dynamic fan-out)
+    items: str = ""
+    max_items: int = 0
+    concurrency: int = 0
+    # wait for an outside event
+    event: str = ""
+    timeout: timedelta | None = None
+    on_timeout: str = FAIL
+
+    @property
+    def is_join(self) -> bool:
+        return len(self.after) > 1
+
+    def join_needed(self) -> int:
+        """How many of the ``after`` predecessors must arrive before this node is released."""
+        if self.join == "all":
+            return len(self.after)
+        if self.join == "any":
+            return 1
+        return int(self.join)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for the API and the console's drawing."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "after": list(self.after)}
+        if self.is_join:
+            out["join"] = self.join
+        if self.agent:
+            out["agent"] = self.agent
+        if self.reads:
+            out["reads"] = sorted(self.reads)
+        if self.writes:
+            out["writes"] = sorted(self.writes)
+        if self.approval:
+            out["approval"] = {
+                "tier": self.approval.tier,
+                "timeout_seconds": int(self.approval.timeout.total_seconds()),
+                "on_timeout": self.approval.on_timeout,
+                "conditional": self.approval.when is not None,
+            }
+        if self.targets:
+            out["targets"] = list(self.targets)
+        if self.routes:
+            out["routes"] = dict(self.routes)
+        if self.loop_limit:
+            out["loop_limit"] = self.loop_limit
+            out["on_loop_limit"] = self.on_loop_limit
+        if self.kind == "map":
+            out.update(items=self.items, max_items=self.max_items, concurrency=self.concurrency)
+        if self.kind == "wait":
+            out.update(
+                event=self.event,
+                timeout_seconds=int(self.timeout.total_seconds()) if self.timeout else None,
+                on_timeout=self.on_timeout,
+            )
+        return out
+
+
+class DefinitionError(ValueError):
+    """The workflow definition is not well formed (raised at import time, not at run time)."""
+
+
+class Workflow:
+    """A named, versioned workflow graph. Build it with the methods below, then ``seal()``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: int = 1,
+        input: type[BaseModel],
+        description: str = "",
+        max_steps: int = 100,
+        max_duration: timedelta = timedelta(hours=24),
+        default_max_attempts: int = 3,
+    ):
+        self.name = name
+        self.version = version
+        self.input = input
+        self.description = description
+        self.max_steps = max_steps
+        self.max_duration = max_duration
+        self.default_max_attempts = default_max_attempts
+        self.nodes: dict[str, Node] = {}
+        self._successors: dict[str, tuple[str, ...]] = {}
+        self._sealed = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    # --- building -------------------------------------------------------------------------------
+
+    def _add(self, node: Node) -> Node:
+        if self._sealed:
+            raise DefinitionError(f"{self.key} is sealed; nodes cannot be added")
+        if node.name in self.nodes or node.name in (END, FAIL):
+            raise DefinitionError(f"{self.key}: duplicate or reserved node name {node.name!r}")
+        self.nodes[node.name] = node
+        return node
+
+    def agent(
+        self,
+        name: str,
+        agent: str,
+        *,
+        after: str | Iterable[str] = (),
+        join: JoinMode = "all",
+        reads: Iterable[str] = (),
+        writes: Iterable[str] = (),
+        input: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        pool: str = "",
+        max_attempts: int | None = None,
+        approval: Approval | None = None,
+        routes: Mapping[str, str] | None = None,
+        route_field: str = "route",
+    ) -> Node:
+        """An agent step. With ``routes``, the agent is a routing agent: its output field
+        ``route_field`` picks the one successor that runs."""
+        return self._add(
+            Node(
+                name=name,
+                kind="agent",
+                after=_names(after),
+                join=join,
+                agent=agent,
+                pool=pool,
+                reads=frozenset(reads),
+                writes=frozenset(writes),
+                input=input,
+                max_attempts=max_attempts,
+                approval=approval,
+                routes=dict(routes or {}),
+                route_field=route_field,
+                targets=tuple(dict.fromkeys((routes or {}).values())),
+            )
+        )
+
+    def route(
+        self,
+        name: str,
+        *,
+        after: str | Iterable[str],
+        choose: Callable[[Mapping[str, Any]], str],
+        targets: Iterable[str],
+        reads: Iterable[str] = (),
+        join: JoinMode = "all",
+        loop_limit: int | None = None,
+        on_loop_limit: str = FAIL,
+    ) -> Node:
+        """A deterministic branch: ``choose(state)`` returns one of ``targets`` (or ``END``).
+
+        A target that already ran makes a loop; it may run at most ``loop_limit`` times, after
+        which ``on_loop_limit`` (a node name, ``END`` or ``FAIL``) is taken instead."""
+        return self._add(
+            Node(
+                name=name,
+                kind="route",
+                after=_names(after),
+                join=join,
+                choose=choose,
+                targets=tuple(targets),
+                reads=frozenset(reads),
+                loop_limit=loop_limit,
+                on_loop_limit=on_loop_limit,
+            )
+        )
+
+    def map(
+        self,
+        name: str,
+        agent: str,
+        *,
+        after: str | Iterable[str],
+        items: str,
+        max_items: int,
+        concurrency: int = 4,
+        writes: Iterable[str] = (),
+        reads: Iterable[str] = (),
+        pool: str = "",
+        max_attempts: int | None = None,
+    ) -> Node:
+        """Dynamic fan-out: one ``agent`` step per element of the list in state key ``items``.
+
+        More than ``max_items`` elements fails the node with a limit error; at most
+        ``concurrency`` items run at once; the outputs are written, in item order, as a list to
+        the single key in ``writes``."""
+        writes = frozenset(writes)
+        if len(writes) != 1:
+            raise DefinitionError(f"map node {name!r} must declare exactly one key in writes")
+        if max_items < 1 or concurrency < 1:
+            raise DefinitionError(f"map node {name!r}: max_items and concurrency must be >= 1")
+        return self._add(
+            Node(
+                name=name,
+                kind="map",
+                after=_names(after),
+                agent=agent,
+                pool=pool,
+                items=items,
+                reads=frozenset(reads) | {items},
+                writes=writes,
+                max_items=max_items,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+            )
+        )
+
+    def wait(
+        self,
+        name: str,
+        *,
+        event: str,
+        after: str | Iterable[str],
+        timeout: timedelta,
+        on_timeout: str = FAIL,
+        writes: Iterable[str] = (),
+    ) -> Node:
+        """Pause until the outside event ``event`` is sent to the run (applied once), or until
+        ``timeout``, when ``on_timeout`` is taken: a node name, ``END`` (continue to the end),
+        ``"continue"`` (go on to the successors) or ``FAIL`` (the default)."""
+        writes = frozenset(writes)
+        if len(writes) > 1:
+            raise DefinitionError(f"wait node {name!r} writes at most one key (the event payload)")
+        return self._add(
+            Node(
+                name=name,
+                kind="wait",
+                after=_names(after),
+                event=event,
+                timeout=timeout,
+                on_timeout=on_timeout,
+                writes=writes,
+            )
+        )
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def seal(self) -> Workflow:
+        """Check the graph and freeze it. Called by the registry; errors here are import errors."""
+        if self._sealed:
+            return self
+        targeted: set[str] = set()
+        succ: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for node in self.nodes.values():
+            for pred in node.after:
+                if pred not in self.nodes:
+                    raise DefinitionError(f"{self.key}: {node.name!r} is after unknown {pred!r}")
+                succ[pred].append(node.name)
+            if node.kind == "route" and not node.targets:
+                raise DefinitionError(f"{self.key}: route {node.name!r} has no targets")
+            for target in (*node.targets, node.on_loop_limit, node.on_timeout):
+                if target in (END, FAIL, "continue"):
+                    continue
+                if target not in self.nodes:
+                    raise DefinitionError(f"{self.key}: {node.name!r} names unknown {target!r}")
+                targeted.add(target)
+            if isinstance(node.join, int) and not 1 <= node.join <= len(node.after):
+                raise DefinitionError(f"{self.key}: {node.name!r} join must be 1..{len(node.after)}")
+        for node in self.nodes.values():
+            if node.kind in ("route",) or node.routes:
+                continue
+            self._successors[node.name] = tuple(succ[node.name])
+        for node in self.nodes.values():
+            if node.kind == "route" or node.routes:
+                if succ[node.name]:
+                    raise DefinitionError(
+                        f"{self.key}: {node.name!r} routes; use its targets, not after={node.name!r}"
+                    )
+                self._successors[node.name] = node.targets
+        if not self.start_nodes():
+            raise DefinitionError(f"{self.key}: no start node (every node has a predecessor)")
+        self._sealed = True
+        return self
+
+    def start_nodes(self) -> list[str]:
+        targeted = {t for n in self.nodes.values() for t in (*n.targets, n.on_loop_limit, n.on_timeout)}
+        return [n.name for n in self.nodes.values() if not n.after and n.name not in targeted]
+
+    def successors(self, name: str) -> tuple[str, ...]:
+        return self._successors[name]
+
+    def node(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "input_schema": self.input.model_json_schema(),
+            "max_steps": self.max_steps,
+            "max_duration_seconds": int(self.max_duration.total_seconds()),
+            "start": self.start_nodes(),
+            "nodes": [n.describe() for n in self.nodes.values()],
+        }
+
+
+def _names(value: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)

@@ -1,0 +1,629 @@
+"""The deterministic core: what happens to a run when a step finishes, fails or is decided.
+
+Everything here runs inside a transaction that holds the run row's lock (``run_lock``). A
+:class:`Tx` collects the effects of one transaction — new steps, state versions, audit entries,
+live events, wake-up messages — and :meth:`Tx.flush` writes them in a handful of bulk statements
+and schedules the messages for after commit. No LLM, no clock other than ``tx.now``, no I/O
+besides the database: the same inputs give the same steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+
+from audit.services import Entry, audit_record_many
+from audit.verbs import ActorType, Verb
+from orchestration import live
+from orchestration.agents.base import StateView
+from orchestration.definition import END, FAIL, Node, Workflow
+from orchestration.errors import ErrorClass, LimitExceeded, SignalboxError, StateAccessDenied
+from orchestration.models import (
+    STEP_ACTIVE,
+    Run,
+    RunEvent,
+    RunStatus,
+    StateVersion,
+    Step,
+    StepKind,
+    StepStatus,
+    Wait,
+    WaitKind,
+    WaitStatus,
+)
+from orchestration.registry import agent_class, workflow_get
+
+#: A node may run at most this many times in one run unless its route declares a loop_limit.
+DEFAULT_MAX_VISITS = 10
+
+
+def queue_name(pool: str) -> str:
+    return f"pool.{pool}"
+
+
+def digest(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+class Tx:
+    """The effects of one engine transaction on one (locked) run."""
+
+    def __init__(
+        self,
+        run: Run,
+        now: datetime,
+        *,
+        actor_type: str = ActorType.SYSTEM,
+        actor_id: str = "",
+        worker_id: str = "",
+        local_pools: frozenset[str] = frozenset(),
+    ):
+        self.run = run
+        self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
+        self.now = now
+        self.actor_type = actor_type
+        self.actor_id = actor_id
+        self.worker_id = worker_id
+        self.local_pools = local_pools
+        self.audit: list[Entry] = []
+        self.new_steps: list[Step] = []
+        self.new_waits: list[Wait] = []
+        self.state_rows: list[StateVersion] = []
+        self.live_events: list[dict[str, Any]] = []
+        self.publish: list[tuple[Step, float]] = []
+        #: A step this worker claimed inside this transaction and runs right after commit.
+        self.local_step: Step | None = None
+        self._status_before = run.status
+
+    # --- recording ------------------------------------------------------------------------------
+
+    def record(self, verb: Verb, obj: str, obj_id: Any, *, step: Step | None = None, **kw: Any) -> None:
+        self.audit.append(
+            Entry(
+                verb=verb,
+                object_type=obj,
+                object_id=obj_id,
+                actor_type=kw.pop("actor_type", self.actor_type),
+                actor_id=kw.pop("actor_id", self.actor_id),
+                run_id=self.run.pk,
+                step_id=step.pk if step is not None else None,
+                trace_id=self.run.trace_id,
+                payload=kw.pop("payload", None),
+                data=kw,
+            )
+        )
+
+    def step_event(self, step: Step, change: str) -> None:
+        self.live_events.append(
+            {
+                "run_id": self.run.pk,
+                "kind": "step",
+                "change": change,
+                "step_id": step.pk,
+                "key": step.key,
+                "status": step.status,
+            }
+        )
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_view(self, node: Node) -> StateView:
+        return StateView(self.run.state, reads=node.reads, writes=node.writes)
+
+    def write_state(self, key: str, value: Any, *, writer: str, step: Step | None) -> None:
+        versions = self.run.state_versions
+        version = int(versions.get(key, 0)) + 1
+        versions[key] = version
+        self.run.state[key] = value
+        self.state_rows.append(
+            StateVersion(
+                run=self.run, key=key, version=version, value=value, step=step, writer=writer, created_at=self.now
+            )
+        )
+        self.record(Verb.STATE_WRITTEN, "state", f"{key}@{version}", step=step, payload=value, key=key, version=version)
+
+    # --- counters -------------------------------------------------------------------------------
+
+    def _entered(self, status: str) -> None:
+        if status in STEP_ACTIVE:
+            self.run.active_steps += 1
+        if status == StepStatus.WAITING:
+            self.run.waiting_steps += 1
+
+    def _left(self, status: str) -> None:
+        if status in STEP_ACTIVE:
+            self.run.active_steps -= 1
+        if status == StepStatus.WAITING:
+            self.run.waiting_steps -= 1
+
+    def move(self, step: Step, status: str, **fields: Any) -> None:
+        """Change an existing step's status (and fields) and keep the run's counters true."""
+        self._left(step.status)
+        self._entered(status)
+        step.status = status
+        for name, value in fields.items():
+            setattr(step, name, value)
+        Step.objects.filter(pk=step.pk).update(status=status, **fields)
+        self.step_event(step, status)
+
+    # --- creating steps -------------------------------------------------------------------------
+
+    def _new_step(self, node: Node, *, kind: str, status: str, visit: int, item: int = -1, **fields: Any) -> Step:
+        if self.run.step_count + 1 > self.wf.max_steps:
+            raise LimitExceeded(
+                f"run stopped by its max_steps bound ({self.wf.max_steps})",
+                code="max_steps",
+                detail={"bound": "max_steps", "limit": self.wf.max_steps},
+            )
+        self.run.step_count += 1
+        pool = ""
+        if kind in (StepKind.AGENT, StepKind.ITEM):
+            pool = node.pool or agent_class(node.agent).pool
+        step = Step(
+            run=self.run,
+            node=node.name,
+            visit=visit,
+            item=item,
+            kind=kind,
+            agent=node.agent,
+            pool=pool,
+            status=status,
+            max_attempts=node.max_attempts or self._default_attempts(node),
+            available_at=self.now,
+            created_at=self.now,
+            **fields,
+        )
+        if status == StepStatus.QUEUED and self.worker_id and self.local_step is None and pool in self.local_pools:
+            # Eager local execution: this worker serves the pool, so it takes the step now,
+            # inside this transaction, and runs it after commit with no broker round trip.
+            step.status = StepStatus.RUNNING
+            step.attempt = 1
+            step.lease_owner = self.worker_id
+            step.lease_expires_at = self.now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+            step.started_at = self.now
+            self.local_step = step
+        elif status == StepStatus.QUEUED:
+            step.published_at = self.now
+            self.publish.append((step, 0.0))
+        self._entered(step.status)
+        self.new_steps.append(step)
+        return step
+
+    def _default_attempts(self, node: Node) -> int:
+        if node.agent:
+            return agent_class(node.agent).max_attempts or self.wf.default_max_attempts
+        return 1
+
+    def _visit(self, name: str) -> int:
+        visits = self.run.node_visits
+        visit = int(visits.get(name, 0)) + 1
+        visits[name] = visit
+        return visit
+
+    # --- activating nodes -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name in self.wf.start_nodes():
+            self.activate(name)
+
+    def arrive(self, pred: Node, name: str) -> None:
+        """``pred`` finished and ``name`` is after it: activate it, or record the arrival at a join."""
+        node = self.wf.node(name)
+        if not node.is_join:
+            self.activate(name)
+            return
+        pending = self.run.pending_joins.setdefault(name, {"arrived": []})
+        if pred.name not in pending["arrived"]:
+            pending["arrived"].append(pred.name)
+        if len(pending["arrived"]) < node.join_needed():
+            return
+        arrived = pending["arrived"]
+        del self.run.pending_joins[name]
+        if node.join != "all":
+            # any / first N: the branches that lost the race are cancelled, so a late arrival
+            # cannot release the join a second time.
+            losers = [p for p in node.after if p not in arrived]
+            for step in Step.objects.filter(run=self.run, node__in=losers, status__in=STEP_ACTIVE):
+                self.cancel_step(step, reason=f"join {name!r} released by {', '.join(arrived)}")
+        self.activate(name)
+
+    def take_route(self, router: Node, target: str, step: Step | None) -> None:
+        """Follow a route (or routing agent) to ``target``, honouring loop bounds."""
+        if target not in (END, FAIL) and self.run.node_visits.get(target, 0) >= 1:
+            limit = router.loop_limit or DEFAULT_MAX_VISITS
+            if self.run.node_visits[target] >= limit:
+                note = (
+                    f"{router.name}: loop bound reached ({target!r} ran {limit} times); "
+                    f"took {router.on_loop_limit!r}"
+                )
+                self.run.notes = [*self.run.notes, note]
+                self.record(
+                    Verb.RUN_LIMIT_HIT, "run", self.run.pk, step=step,
+                    bound="loop_limit", node=router.name, target=target, limit=limit, taken=router.on_loop_limit,
+                )
+                if router.on_loop_limit == FAIL:
+                    raise LimitExceeded(
+                        f"run stopped by the loop bound of {router.name!r}: {target!r} may run {limit} times",
+                        code="loop_limit",
+                        detail={"bound": "loop_limit", "node": router.name, "target": target, "limit": limit},
+                    )
+                target = router.on_loop_limit
+        if target == END:
+            return
+        if target == FAIL:
+            raise SignalboxError(f"route {router.name!r} chose to fail the run", code="route_failed")
+        self.activate(target)
+
+    def activate(self, name: str) -> None:
+        node = self.wf.node(name)
+        visit = self._visit(name)
+        if node.kind == "route":
+            self._run_route(node, visit)
+        elif node.kind == "agent":
+            self._activate_agent(node, visit)
+        elif node.kind == "map":
+            self._activate_map(node, visit)
+        elif node.kind == "wait":
+            self._activate_wait(node, visit)
+
+    def _run_route(self, node: Node, visit: int) -> None:
+        assert node.choose is not None
+        try:
+            target = node.choose(StateView(self.run.state, reads=node.reads, writes=frozenset()))
+        except StateAccessDenied:
+            raise
+        except Exception as exc:  # a route is definition code: a bug in it fails the run clearly
+            raise SignalboxError(f"route {node.name!r} raised {exc!r}", code="route_error") from exc
+        if target not in node.targets and target not in (END, FAIL):
+            raise SignalboxError(
+                f"route {node.name!r} chose {target!r}, which is not one of its targets",
+                code="route_invalid_target",
+                detail={"chosen": target, "targets": list(node.targets)},
+            )
+        step = self._new_step(
+            node, kind=StepKind.ROUTE, status=StepStatus.SUCCEEDED, visit=visit,
+            output={"chosen": target}, finished_at=self.now, started_at=self.now,
+        )
+        self.take_route(node, target, step)
+
+    def _activate_agent(self, node: Node, visit: int) -> None:
+        if node.approval is not None and node.approval.required(self.run.state):
+            step = self._new_step(node, kind=StepKind.AGENT, status=StepStatus.WAITING, visit=visit)
+            self.open_approval(step, node, self.action_for(step, node))
+            return
+        self._new_step(node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit)
+
+    def _activate_map(self, node: Node, visit: int) -> None:
+        items = self.run.state.get(node.items)
+        if not isinstance(items, list):
+            raise SignalboxError(
+                f"map {node.name!r} needs a list in state key {node.items!r}",
+                code="map_items_invalid",
+                detail={"key": node.items, "type": type(items).__name__},
+            )
+        if len(items) > node.max_items:
+            raise LimitExceeded(
+                f"map {node.name!r} got {len(items)} items; its bound is {node.max_items}",
+                code="fanout_limit",
+                detail={"bound": "max_items", "node": node.name, "limit": node.max_items, "got": len(items)},
+            )
+        parent = self._new_step(node, kind=StepKind.MAP, status=StepStatus.RUNNING, visit=visit, started_at=self.now)
+        parent.output = {"total": len(items)}
+        # Items reference the parent, so the parent row must exist first.
+        self.flush_steps()
+        if not items:
+            self.finish_map(parent, [])
+            return
+        for index, item in enumerate(items):
+            status = StepStatus.QUEUED if index < node.concurrency else StepStatus.PENDING
+            self._new_step(
+                node, kind=StepKind.ITEM, status=status, visit=visit, item=index, parent=parent,
+                input=item if isinstance(item, dict) else {"item": item},
+            )
+
+    def _activate_wait(self, node: Node, visit: int) -> None:
+        step = self._new_step(node, kind=StepKind.WAIT, status=StepStatus.WAITING, visit=visit, started_at=self.now)
+        assert node.timeout is not None
+        wait = Wait(
+            run=self.run, step=step, kind=WaitKind.EVENT, name=node.event, tier=0,
+            reason=f"waiting for event {node.event!r}", deadline_at=self.now + node.timeout,
+            on_timeout=node.on_timeout, created_at=self.now,
+        )
+        self.new_waits.append(wait)
+        # An event that arrived before the run reached this wait is applied now, once.
+        early = (
+            RunEvent.objects.filter(run=self.run, name=node.event, wait__isnull=True, applied_at__isnull=True)
+            .order_by("id")
+            .first()
+        )
+        if early is not None:
+            self.flush_steps()
+            self.new_waits.remove(wait)
+            wait.save(force_insert=True)
+            self.record(Verb.WAIT_OPENED, "wait", wait.pk, step=step, kind=wait.kind, name=wait.name)
+            self.apply_event(wait, early)
+
+    # --- approvals ------------------------------------------------------------------------------
+
+    def action_for(self, step: Step, node: Node) -> dict[str, Any]:
+        return step_action(step, node, self.run)
+
+    def open_approval(self, step: Step, node: Node, action: dict[str, Any]) -> Wait:
+        assert node.approval is not None
+        wait = Wait(
+            run=self.run, step=step, kind=WaitKind.APPROVAL, name=node.name, tier=node.approval.tier,
+            reason=node.approval.reason, action=action, action_digest=digest(action),
+            deadline_at=self.now + node.approval.timeout, on_timeout=node.approval.on_timeout,
+            created_at=self.now,
+        )
+        self.new_waits.append(wait)
+        return wait
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    def step_succeeded(self, step: Step, node: Node, output: Mapping[str, Any], written: Mapping[str, Any]) -> None:
+        """Write the step's declared outputs to state and activate what comes next."""
+        writer = step.agent or step.node
+        if step.kind != StepKind.ITEM:
+            for key in sorted(node.writes):
+                if key in written:
+                    self.write_state(key, written[key], writer=writer, step=step)
+                elif key in output:
+                    self.write_state(key, output[key], writer=writer, step=step)
+        self.record(Verb.STEP_SUCCEEDED, "step", step.pk, step=step, payload=output, key=step.key, attempt=step.attempt)
+        if step.kind == StepKind.ITEM:
+            self._item_done(step, node)
+            return
+        self.successors(step, node, output)
+
+    def successors(self, step: Step, node: Node, output: Mapping[str, Any]) -> None:
+        if node.routes:
+            choice = output.get(node.route_field)
+            target = node.routes.get(str(choice)) if choice is not None else None
+            if target is None:
+                raise SignalboxError(
+                    f"routing agent {node.name!r} chose {choice!r}; expected one of {sorted(node.routes)}",
+                    code="route_invalid_choice",
+                    detail={"chosen": choice, "routes": sorted(node.routes)},
+                )
+            self.record(Verb.STEP_ROUTED, "step", step.pk, step=step, chosen=choice, target=target)
+            self.take_route(node, target, step)
+            return
+        for name in self.wf.successors(node.name):
+            self.arrive(node, name)
+
+    def _item_done(self, item: Step, node: Node) -> None:
+        parent = Step.objects.select_for_update().get(pk=item.parent_id)
+        next_item = (
+            Step.objects.filter(parent=parent, status=StepStatus.PENDING).order_by("item").first()
+        )
+        if next_item is not None:
+            self.move(next_item, StepStatus.QUEUED, published_at=self.now)
+            self.publish.append((next_item, 0.0))
+            self.record(Verb.STEP_RELEASED, "step", next_item.pk, step=next_item, key=next_item.key)
+            return
+        if self.run.active_steps > 1 and Step.objects.filter(
+            parent=parent, status__in=(StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
+        ).exclude(pk=item.pk).exists():
+            return
+        outputs = list(
+            Step.objects.filter(parent=parent, status=StepStatus.SUCCEEDED).order_by("item").values_list("output", flat=True)
+        )
+        self.finish_map(parent, outputs)
+
+    def finish_map(self, parent: Step, outputs: list[Any]) -> None:
+        node = self.wf.node(parent.node)
+        self.move(parent, StepStatus.SUCCEEDED, output={"total": len(outputs), "items": outputs}, finished_at=self.now)
+        (key,) = node.writes
+        self.write_state(key, outputs, writer=f"map:{node.name}", step=parent)
+        self.record(Verb.STEP_SUCCEEDED, "step", parent.pk, step=parent, key=parent.key, items=len(outputs))
+        self.successors(parent, node, {})
+
+    def apply_event(self, wait: Wait, event: RunEvent) -> None:
+        """Deliver ``event`` to ``wait`` (both locked by the caller's run lock): exactly once."""
+        step = wait.step
+        node = self.wf.node(step.node)
+        wait.status = WaitStatus.RECEIVED
+        wait.payload = event.payload
+        wait.decided_at = self.now
+        Wait.objects.filter(pk=wait.pk).update(status=wait.status, payload=wait.payload, decided_at=self.now)
+        event.wait = wait
+        event.applied_at = self.now
+        RunEvent.objects.filter(pk=event.pk).update(wait=wait, applied_at=self.now)
+        self.move(step, StepStatus.SUCCEEDED, output=event.payload, finished_at=self.now)
+        self.record(Verb.EVENT_APPLIED, "wait", wait.pk, step=step, payload=event.payload, event=event.name, event_id=event.event_id)
+        written = {key: event.payload for key in node.writes}
+        self.step_succeeded(step, node, event.payload, written)
+
+    def cancel_step(self, step: Step, *, reason: str) -> None:
+        self.move(step, StepStatus.CANCELLED, finished_at=self.now, lease_owner="", error_message=reason)
+        self.record(Verb.STEP_CANCELLED, "step", step.pk, step=step, reason=reason)
+        for wait in Wait.objects.filter(step=step, status=WaitStatus.OPEN):
+            Wait.objects.filter(pk=wait.pk).update(status=WaitStatus.CANCELLED, decided_at=self.now)
+            self.record(Verb.WAIT_CANCELLED, "wait", wait.pk, step=step)
+
+    def fail_run(self, code: str, message: str, *, step: Step | None = None, verb: Verb = Verb.RUN_FAILED) -> None:
+        """Stop the run: cancel what is still active and record why."""
+        if self.run.is_terminal:
+            return
+        self.flush_steps()
+        for other in Step.objects.filter(run=self.run, status__in=STEP_ACTIVE).order_by("id"):
+            if step is not None and other.pk == step.pk:
+                continue
+            self.cancel_step(other, reason=f"run ended: {code}")
+        self.run.pending_joins = {}
+        self.run.status = RunStatus.CANCELLED if verb == Verb.RUN_CANCELLED else RunStatus.FAILED
+        self.run.error_code = code
+        self.run.error_message = message
+        self.run.finished_at = self.now
+        self.record(verb, "run", self.run.pk, step=step, code=code, message=message)
+
+    def fail_step(self, step: Step, error: SignalboxError, *, payload: Any = None) -> None:
+        """A step failed for good: record the error (and the offending payload) and fail the run."""
+        detail = error.detail
+        if payload is not None:
+            detail = {"detail": error.detail, "payload": _truncate(payload)}
+        fields = {
+            "error_class": error.error_class,
+            "error_code": error.code,
+            "error_message": error.message,
+            "error_detail": detail,
+            "finished_at": self.now,
+            "lease_owner": "",
+        }
+        if step.pk is None:
+            for name, value in fields.items():
+                setattr(step, name, value)
+            self._left(step.status)
+            step.status = StepStatus.FAILED
+            self._entered(step.status)
+        else:
+            self.move(step, StepStatus.FAILED, **fields)
+        verb = Verb.STEP_CONTRACT_VIOLATION if error.error_class == ErrorClass.CONTRACT else Verb.STEP_FAILED
+        self.record(verb, "step", step.pk, step=step, payload=payload, code=error.code, message=error.message, error_class=error.error_class)
+        run_verb = Verb.RUN_LIMIT_HIT if error.error_class == ErrorClass.LIMIT else Verb.RUN_FAILED
+        if run_verb == Verb.RUN_LIMIT_HIT:
+            self.record(Verb.RUN_LIMIT_HIT, "run", self.run.pk, step=step, code=error.code, detail=error.detail)
+        self.fail_run(error.code, f"{step.key}: {error.message}", step=step)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def flush_steps(self) -> None:
+        if not self.new_steps:
+            return
+        created = Step.objects.bulk_create(self.new_steps)
+        for step in created:
+            self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
+            if step.status == StepStatus.RUNNING and step is self.local_step:
+                self.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, worker=self.worker_id, attempt=1)
+            self.step_event(step, "created")
+        self.new_steps = []
+
+    def flush(self) -> None:
+        """Write everything collected, update the run, and schedule messages for after commit."""
+        self.flush_steps()
+        if self.new_waits:
+            created = Wait.objects.bulk_create([w for w in self.new_waits if w.pk is None])
+            for wait in created:
+                self.record(Verb.WAIT_OPENED, "wait", wait.pk, step=wait.step, kind=wait.kind, name=wait.name, payload=wait.action, deadline=wait.deadline_at.isoformat())
+            self.new_waits = []
+        if self.state_rows:
+            StateVersion.objects.bulk_create(self.state_rows)
+            self.state_rows = []
+        self._settle_run_status()
+        self.run.updated_at = self.now
+        self.run.save(
+            update_fields=[
+                "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
+                "waiting_steps", "step_count", "notes", "output", "error_code", "error_message",
+                "started_at", "finished_at", "updated_at",
+            ]
+        )
+        audit_record_many(self.audit, now=self.now)
+        self.audit = []
+        if self.run.status != self._status_before:
+            self.live_events.append(
+                {"run_id": self.run.pk, "kind": "run", "change": self.run.status, "status": self.run.status}
+            )
+            self._status_before = self.run.status
+        live.send_on_commit(self.live_events)
+        self.live_events = []
+        if self.publish:
+            publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
+            transaction.on_commit(lambda: publish_steps(publish))
+            self.publish = []
+
+    def _settle_run_status(self) -> None:
+        run = self.run
+        if run.is_terminal:
+            return
+        if run.active_steps == 0:
+            run.status = RunStatus.SUCCEEDED
+            run.output = run.state
+            run.finished_at = self.now
+            self.record(Verb.RUN_SUCCEEDED, "run", run.pk)
+            return
+        previous = run.status
+        if run.active_steps == run.waiting_steps:
+            run.status = RunStatus.WAITING
+        elif previous == RunStatus.QUEUED and run.started_at is None:
+            return
+        else:
+            run.status = RunStatus.RUNNING
+        if run.status != previous:
+            verb = {RunStatus.WAITING: Verb.RUN_WAITING, RunStatus.RUNNING: Verb.RUN_RESUMED}[run.status]
+            if previous == RunStatus.QUEUED:
+                verb = Verb.RUN_STARTED if run.status == RunStatus.RUNNING else verb
+                run.started_at = run.started_at or self.now
+            self.record(verb, "run", run.pk)
+
+
+def publish_steps(steps: list[tuple[int, str, float]]) -> None:
+    """Send the wake-up message for each step to its pool's queue (after commit)."""
+    from orchestration.tasks import step_execute
+
+    for step_id, pool, delay in steps:
+        options: dict[str, Any] = {"queue": queue_name(pool)}
+        if delay > 0:
+            options["countdown"] = delay
+        step_execute.apply_async(args=[step_id], **options)
+
+
+def step_input(step: Step, node: Node, run: Run) -> Any:
+    """The agent input a step would get now: its item, an operator's edit, or declared state."""
+    if step.kind == StepKind.ITEM:
+        return step.input
+    if step.input_override is not None:
+        return step.input_override
+    view = StateView(run.state, reads=node.reads, writes=frozenset())
+    if node.input is not None:
+        return dict(node.input(view))
+    return {key: run.state[key] for key in sorted(node.reads) if key in run.state}
+
+
+def step_action(step: Step, node: Node, run: Run) -> dict[str, Any]:
+    """The exact action a step would execute: what an approval is bound to."""
+    return {
+        "agent": node.agent,
+        "node": node.name,
+        "input": step_input(step, node, run),
+        "state_versions": {k: run.state_versions.get(k, 0) for k in sorted(node.reads)},
+    }
+
+
+def run_lock(run_id: int) -> Run:
+    """Lock and return the run row; call inside ``transaction.atomic()``."""
+    return Run.objects.select_for_update().get(pk=run_id)
+
+
+def run_counter_sanity(run: Run) -> None:
+    """Recount the run's active steps from rows (used by repair tooling and tests)."""
+    Run.objects.filter(pk=run.pk).update(
+        active_steps=Step.objects.filter(run=run, status__in=STEP_ACTIVE).count(),
+        waiting_steps=Step.objects.filter(run=run, status=StepStatus.WAITING).count(),
+        updated_at=F("updated_at"),
+    )
+
+
+def _truncate(payload: Any, limit: int = 8_000) -> Any:
+    """Keep offending payloads recordable: big ones are cut, with a note of their size."""
+    try:
+        text = json.dumps(payload, default=str)
+    except (TypeError, ValueError):
+        text = repr(payload)
+    if len(text) <= limit:
+        return payload
+    return {"truncated": True, "size": len(text), "head": text[:limit]}

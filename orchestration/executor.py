@@ -1,0 +1,321 @@
+"""The worker side: claim a step, run its agent outside any transaction, commit the outcome.
+
+The hot path of a step is two short transactions: the claim (a conditional UPDATE) and the
+completion, which also advances the run and, when this worker serves the next step's pool,
+claims that step too so it runs right away without a broker round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from pydantic import BaseModel, ValidationError
+
+from audit.services import Entry, audit_record_many
+from audit.verbs import ActorType, Verb
+from orchestration import live
+from orchestration.agents.base import AgentContext, StateView
+from orchestration.engine import Tx, digest, run_lock, step_action, step_input
+from orchestration.errors import (
+    ContractViolation,
+    ErrorClass,
+    LimitExceeded,
+    SignalboxError,
+    TransientError,
+)
+from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
+from orchestration.registry import agent_instance, workflow_get
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+# --- claiming ---------------------------------------------------------------------------------
+
+
+def step_claim(step_id: int, worker_id: str) -> Step | None:
+    """Take a queued step with a lease; ``None`` when someone else has it or it is not due."""
+    now = timezone.now()
+    lease = timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+    with transaction.atomic():
+        claimed = Step.objects.filter(pk=step_id, status=StepStatus.QUEUED, available_at__lte=now).update(
+            status=StepStatus.RUNNING,
+            attempt=F("attempt") + 1,
+            lease_owner=worker_id,
+            lease_expires_at=now + lease,
+            started_at=Coalesce(F("started_at"), now),
+        )
+        if not claimed:
+            return None
+        step = Step.objects.select_related("run").get(pk=step_id)
+        run = step.run
+        entries = [
+            Entry(
+                verb=Verb.STEP_CLAIMED, object_type="step", object_id=step.pk, actor_type=ActorType.SYSTEM,
+                actor_id=worker_id, run_id=run.pk, step_id=step.pk, trace_id=run.trace_id,
+                data={"attempt": step.attempt, "worker": worker_id},
+            )
+        ]
+        events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
+        if run.status == RunStatus.QUEUED and Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+            status=RunStatus.RUNNING, started_at=now, updated_at=now
+        ):
+            run.status = RunStatus.RUNNING
+            entries.append(Entry(verb=Verb.RUN_STARTED, object_type="run", object_id=run.pk, run_id=run.pk, trace_id=run.trace_id))
+            events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
+        audit_record_many(entries, now=now)
+        live.send_on_commit(events)
+    return step
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+class LeaseKeeper:
+    """Renews the leases of steps this process is running, from one background thread."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def hold(self, step_id: int, token: int, worker_id: str) -> Iterator[None]:
+        with self._lock:
+            self._held[step_id] = (token, worker_id)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(step_id, None)
+
+    def _loop(self) -> None:
+        interval = settings.SIGNALBOX["LEASE_SECONDS"] / 3
+        stop = threading.Event()
+        while not stop.wait(interval):
+            with self._lock:
+                held = dict(self._held)
+            if not held:
+                continue
+            try:
+                until = timezone.now() + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+                for step_id, (token, owner) in held.items():
+                    # Fenced: a lease that was lost (re-claimed by another worker) is not renewed.
+                    Step.objects.filter(pk=step_id, status=StepStatus.RUNNING, attempt=token, lease_owner=owner).update(
+                        lease_expires_at=until
+                    )
+            except Exception:
+                log.warning("lease renewal failed", exc_info=True)
+            finally:
+                close_old_connections()
+
+
+lease_keeper = LeaseKeeper()
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
+    """Claim and run ``step_id``, then any successor this worker claimed locally.
+
+    Returns how many steps ran. Safe to call with a stale or duplicate message: the claim
+    decides, and a step that is not queued is left alone."""
+    step = step_claim(step_id, worker_id)
+    ran = 0
+    while step is not None:
+        ran += 1
+        step = step_run(step, worker_id=worker_id, pools=pools)
+    return ran
+
+
+def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | None:
+    """Run a claimed step's agent and commit the outcome; returns a locally claimed successor."""
+    run = step.run
+    wf = workflow_get(run.workflow_name, run.workflow_version)
+    node = wf.node(step.node)
+    agent = agent_instance(step.agent)
+    cls = type(agent)
+
+    if node.approval is not None and step.kind == StepKind.AGENT:
+        action = step_action(step, node, run)
+        if (step.approved_digest or node.approval.required(run.state)) and digest(action) != step.approved_digest:
+            _reopen_approval(step, action, worker_id)
+            return None
+
+    raw: Any
+    try:
+        raw = step_input(step, node, run)
+        params = cls.Input.model_validate(raw)
+    except ValidationError as exc:
+        return _fail(step, ContractViolation(
+            f"input for {step.agent!r} does not satisfy its contract", code="input_contract", detail=_errors(exc)
+        ), worker_id, pools, payload=raw)
+    except SignalboxError as exc:
+        return _fail(step, exc, worker_id, pools)
+
+    ctx = AgentContext(
+        run_id=run.pk,
+        step_key=step.key,
+        attempt=step.attempt + step.failures,
+        state=StateView(run.state, reads=node.reads, writes=node.writes if step.kind != StepKind.ITEM else frozenset()),
+        seed=run.seed,
+        trace_id=run.trace_id,
+        time_scale=settings.SIGNALBOX["AGENT_TIME_SCALE"],
+    )
+    result: Any = None
+    with lease_keeper.hold(step.pk, step.attempt, worker_id):
+        try:
+            result = agent.run(params, ctx)
+        except SignalboxError as exc:
+            return _fail(step, exc, worker_id, pools)
+        except Exception as exc:  # unknown agent exceptions are retried, then recorded
+            log.warning("agent %s raised", step.agent, exc_info=True)
+            return _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools)
+
+    output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    try:
+        output = cls.Output.model_validate(output).model_dump(mode="json")
+    except ValidationError as exc:
+        return _fail(step, ContractViolation(
+            f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
+        ), worker_id, pools, payload=output)
+    size = len(_json_bytes(output))
+    if size > settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]:
+        return _fail(step, ContractViolation(
+            f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
+            code="payload_too_large",
+        ), worker_id, pools, payload=output)
+    return step_complete(step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools)
+
+
+def step_complete(
+    step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str, pools: frozenset[str]
+) -> Step | None:
+    """Commit a successful step and advance its run, in one transaction, fenced by the token."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = run_lock(step.run_id)
+        fenced = Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, attempt=step.attempt).update(
+            status=StepStatus.SUCCEEDED, output=output, usage=usage, finished_at=now, lease_owner="", lease_expires_at=None
+        )
+        if not fenced:
+            log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
+            return None
+        step.run = run
+        step.status, step.output, step.usage, step.finished_at = StepStatus.SUCCEEDED, output, usage, now
+        tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id, local_pools=pools)
+        tx._left(StepStatus.RUNNING)
+        tx.step_event(step, "succeeded")
+        node = tx.wf.node(step.node)
+        try:
+            if now > run.deadline_at:
+                raise LimitExceeded(
+                    f"run stopped by its max_duration bound ({tx.wf.max_duration})", code="run_deadline",
+                    detail={"bound": "max_duration"},
+                )
+            tx.step_succeeded(step, node, output, written)
+        except SignalboxError as exc:
+            tx.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+        tx.flush()
+        return tx.local_step
+
+
+def _fail(step: Step, error: SignalboxError, worker_id: str, pools: frozenset[str], *, payload: Any = None) -> None:
+    """Commit a failed attempt: retry a transient error with backoff, otherwise fail the step."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = run_lock(step.run_id)
+        current = Step.objects.get(pk=step.pk)
+        if current.status != StepStatus.RUNNING or current.attempt != step.attempt:
+            log.warning("step %s lost its lease before recording %s", step.pk, error.code)
+            return None
+        current.run = run
+        tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id, local_pools=pools)
+        failures = current.failures + 1
+        log_entry = {
+            "attempt": failures, "class": error.error_class, "code": error.code,
+            "message": error.message[:500], "at": now.isoformat(), "worker": worker_id,
+        }
+        attempts_log = [*current.attempts_log, log_entry]
+        if error.error_class == ErrorClass.TRANSIENT and failures < current.max_attempts:
+            delay = retry_delay(failures)
+            tx.move(
+                current, StepStatus.QUEUED, failures=failures, attempts_log=attempts_log, lease_owner="",
+                lease_expires_at=None, available_at=now + timedelta(seconds=delay), published_at=now,
+                error_class=error.error_class, error_code=error.code, error_message=error.message,
+            )
+            tx.publish.append((current, delay))
+            tx.record(Verb.STEP_RETRY_SCHEDULED, "step", current.pk, step=current, code=error.code, delay_seconds=round(delay, 3), failures=failures)
+        else:
+            Step.objects.filter(pk=current.pk).update(failures=failures, attempts_log=attempts_log)
+            current.failures, current.attempts_log = failures, attempts_log
+            if error.error_class == ErrorClass.TRANSIENT:
+                error = LimitExceeded(
+                    f"gave up after {failures} attempts (max_attempts {current.max_attempts}); last error: {error.message}",
+                    code="max_attempts",
+                    detail={"bound": "max_attempts", "limit": current.max_attempts, "last_error": error.code},
+                )
+            tx.fail_step(current, error, payload=payload)
+        tx.flush()
+    return None
+
+
+def retry_delay(failures: int) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(n-1)))."""
+    base = settings.SIGNALBOX["RETRY_BASE_SECONDS"]
+    cap = settings.SIGNALBOX["RETRY_MAX_SECONDS"]
+    return random.uniform(0, min(cap, base * 2 ** (failures - 1)))
+
+
+def _reopen_approval(step: Step, action: dict[str, Any], worker_id: str) -> None:
+    """What would execute differs from what was approved (or nothing was): ask again."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = run_lock(step.run_id)
+        current = Step.objects.get(pk=step.pk)
+        if current.status != StepStatus.RUNNING or current.attempt != step.attempt:
+            return
+        current.run = run
+        tx = Tx(run, now, worker_id=worker_id)
+        node = tx.wf.node(current.node)
+        if current.approved_digest:
+            tx.record(
+                Verb.APPROVAL_STALE, "step", current.pk, step=current, payload=action,
+                approved_digest=current.approved_digest, now_digest=digest(action),
+            )
+        tx.move(current, StepStatus.WAITING, lease_owner="", lease_expires_at=None, approved_digest="")
+        tx.open_approval(current, node, action)
+        tx.flush()
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def _json_bytes(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), default=str).encode()

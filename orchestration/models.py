@@ -1,0 +1,279 @@
+"""Durable engine state: runs, steps, run-state versions, waits and outside events.
+
+A paused run is rows, not a thread. Hot counters (active steps, node visits, pending joins) live
+on the run row, which every advance locks anyway, so computing what is ready costs no extra query.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+RUN_TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+RUN_ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"  # a map item held back by the concurrency limit
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"  # on an approval or an outside event
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+STEP_ACTIVE = (StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
+STEP_TERMINAL = (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED)
+
+
+class StepKind(models.TextChoices):
+    AGENT = "agent"
+    ROUTE = "route"
+    MAP = "map"
+    ITEM = "item"  # one element of a map's dynamic fan-out
+    WAIT = "wait"
+
+
+class Run(models.Model):
+    """One piece of work flowing through a workflow."""
+
+    workflow_name = models.CharField(max_length=100)
+    workflow_version = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    priority = models.SmallIntegerField(default=0)
+    tenant = models.CharField(max_length=100, blank=True, default="")
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Idempotency keys are unique per submitter (scope is the user id, or "system").
+    idempotency_scope = models.CharField(max_length=64, blank=True, default="")
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    trace_id = models.CharField(max_length=32)
+    seed = models.BigIntegerField(default=0)
+
+    input = models.JSONField(default=dict)
+    output = models.JSONField(null=True, blank=True)
+    #: Current value of every state key; the history is in StateVersion.
+    state = models.JSONField(default=dict)
+    #: Current version number of every state key.
+    state_versions = models.JSONField(default=dict)
+
+    #: Engine bookkeeping: visits per node, pending join arrivals, counters.
+    node_visits = models.JSONField(default=dict)
+    pending_joins = models.JSONField(default=dict)
+    active_steps = models.PositiveIntegerField(default=0)
+    waiting_steps = models.PositiveIntegerField(default=0)
+    step_count = models.PositiveIntegerField(default=0)
+    #: Human-readable notes the engine adds (a loop bound taken, a degraded result).
+    notes = models.JSONField(default=list, blank=True)
+
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+
+    created_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField()
+    deadline_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["idempotency_scope", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="run_idempotency_key_unique",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="run_created_idx"),
+            models.Index(fields=["status", "-id"], name="run_status_idx"),
+            models.Index(fields=["workflow_name", "-id"], name="run_workflow_idx"),
+            models.Index(
+                fields=["deadline_at"],
+                condition=Q(status__in=["queued", "running", "waiting"]),
+                name="run_active_deadline_idx",
+            ),
+        ]
+        permissions = [("decide_run", "Can decide approvals and send events for runs")]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} ({self.workflow_name} {self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in RUN_TERMINAL
+
+
+class Step(models.Model):
+    """One activation of a node: (node, visit, item). Its ``attempt`` is the fencing token."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    node = models.CharField(max_length=100)
+    visit = models.PositiveIntegerField(default=1)
+    item = models.IntegerField(default=-1)
+    kind = models.CharField(max_length=10, choices=StepKind.choices)
+    agent = models.CharField(max_length=100, blank=True, default="")
+    pool = models.CharField(max_length=50, blank=True, default="")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=10, choices=StepStatus.choices)
+
+    #: Incremented by every claim; a completion must present the token it claimed with.
+    attempt = models.PositiveIntegerField(default=0)
+    #: Failed attempts so far (transient failures that were retried).
+    failures = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    available_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    input = models.JSONField(null=True, blank=True)
+    #: An operator's edited input (edit-then-approve); used instead of the state-built input.
+    input_override = models.JSONField(null=True, blank=True)
+    #: Digest of the action an operator approved; execution checks it still matches.
+    approved_digest = models.CharField(max_length=64, blank=True, default="")
+    output = models.JSONField(null=True, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+
+    error_class = models.CharField(max_length=12, blank=True, default="")
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    error_detail = models.JSONField(null=True, blank=True)
+    #: Every failed attempt: [{attempt, class, code, message, at}].
+    attempts_log = models.JSONField(default=list, blank=True)
+
+    created_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "node", "visit", "item"], name="step_activation_unique")
+        ]
+        indexes = [
+            models.Index(fields=["run", "id"], name="step_run_idx"),
+            models.Index(
+                fields=["available_at"], condition=Q(status="queued"), name="step_queued_idx"
+            ),
+            models.Index(
+                fields=["lease_expires_at"], condition=Q(status="running"), name="step_running_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.pk} {self.key} ({self.status})"
+
+    @property
+    def key(self) -> str:
+        """Readable identity within the run: ``draft``, ``draft#2``, ``answer[3]``."""
+        text = self.node if self.visit == 1 else f"{self.node}#{self.visit}"
+        return text if self.item < 0 else f"{text}[{self.item}]"
+
+
+class StateVersion(models.Model):
+    """One write of one run-state key. Never updated: a new write is a new version."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="state_history")
+    key = models.CharField(max_length=100)
+    version = models.PositiveIntegerField()
+    value = models.JSONField(null=True)
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    #: Who wrote it: an agent name, "submit", "event:<name>" or "operator:<username>".
+    writer = models.CharField(max_length=150)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "key", "version"], name="state_version_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} v{self.version}"
+
+
+class WaitKind(models.TextChoices):
+    APPROVAL = "approval"
+    EVENT = "event"
+
+
+class WaitStatus(models.TextChoices):
+    OPEN = "open"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    RECEIVED = "received"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    STALE = "stale"  # the action changed after approval; a new wait was opened
+
+
+class Decision(models.TextChoices):
+    APPROVE = "approve"
+    REJECT = "reject"
+    EDIT = "edit"
+
+
+class Wait(models.Model):
+    """A step paused on a human decision or a named outside event, with a deadline."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="waits")
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="waits")
+    kind = models.CharField(max_length=10, choices=WaitKind.choices)
+    name = models.CharField(max_length=100)
+    status = models.CharField(max_length=10, choices=WaitStatus.choices, default=WaitStatus.OPEN)
+    tier = models.PositiveSmallIntegerField(default=1)
+    reason = models.TextField(blank=True, default="")
+    #: The exact action awaiting approval: agent, input and the versions of the state it read.
+    action = models.JSONField(null=True, blank=True)
+    action_digest = models.CharField(max_length=64, blank=True, default="")
+    deadline_at = models.DateTimeField()
+    on_timeout = models.CharField(max_length=100)
+
+    decision = models.CharField(max_length=10, choices=Decision.choices, blank=True, default="")
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_reason = models.TextField(blank=True, default="")
+    edited_input = models.JSONField(null=True, blank=True)
+    payload = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["deadline_at"], condition=Q(status="open"), name="wait_open_deadline_idx"),
+            models.Index(fields=["kind", "-id"], condition=Q(status="open"), name="wait_open_kind_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} wait {self.pk} ({self.status})"
+
+
+class RunEvent(models.Model):
+    """An outside event sent to a run. ``event_id`` makes sending it twice a no-op."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    name = models.CharField(max_length=100)
+    event_id = models.CharField(max_length=200)
+    payload = models.JSONField(default=dict)
+    wait = models.ForeignKey(Wait, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    received_at = models.DateTimeField()
+    applied_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "event_id"], name="run_event_once")]
+
+    def __str__(self) -> str:
+        return f"event {self.name} ({self.event_id})"

@@ -1,0 +1,128 @@
+"""Reads of runs, with authorization built in so the API, the pages and websockets agree.
+
+A user sees a run if they hold ``orchestration.view_run`` (operators, admins, auditors), hold it
+on that run (django-guardian object permission), or submitted it. Deciding needs
+``orchestration.decide_run`` globally or on the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Q, QuerySet
+from guardian.shortcuts import get_objects_for_user
+
+from orchestration.errors import NotFound, PermissionDenied
+from orchestration.models import Run, RunEvent, StateVersion, Step, Wait, WaitKind, WaitStatus
+
+VIEW = "orchestration.view_run"
+DECIDE = "orchestration.decide_run"
+
+
+def runs_visible_to(user: AbstractBaseUser) -> QuerySet[Run]:
+    if not user.is_authenticated:
+        return Run.objects.none()
+    if user.has_perm(VIEW):
+        return Run.objects.all()
+    granted = get_objects_for_user(user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False)
+    return Run.objects.filter(Q(pk__in=granted.values("pk")) | Q(submitted_by=user))
+
+
+def run_get_for_user(user: AbstractBaseUser, run_id: int) -> Run:
+    """The run, or NotFound — also when it exists but the user may not see it."""
+    run = runs_visible_to(user).filter(pk=run_id).first()
+    if run is None:
+        raise NotFound(f"no run {run_id}", code="run_not_found")
+    return run
+
+
+def run_check_decide(user: AbstractBaseUser, run: Run) -> None:
+    if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
+        raise PermissionDenied("you may not decide approvals or send events for this run", code="decide_denied")
+
+
+@dataclass
+class RunPage:
+    items: list[Run]
+    next_cursor: str | None
+
+
+def run_list_for_user(
+    user: AbstractBaseUser,
+    *,
+    status: list[str] | None = None,
+    workflow: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> RunPage:
+    """Newest first, keyset-paginated on (created_at, id): stable while new runs arrive."""
+    qs = runs_visible_to(user)
+    if status:
+        qs = qs.filter(status__in=status)
+    if workflow:
+        qs = qs.filter(workflow_name=workflow)
+    if created_after:
+        qs = qs.filter(created_at__gte=created_after)
+    if created_before:
+        qs = qs.filter(created_at__lt=created_before)
+    if cursor:
+        at, pk = decode_cursor(cursor)
+        qs = qs.filter(Q(created_at__lt=at) | Q(created_at=at, pk__lt=pk))
+    rows = list(qs.order_by("-created_at", "-id")[: limit + 1])
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return RunPage(items=rows[:limit], next_cursor=next_cursor)
+
+
+def encode_cursor(run: Run) -> str:
+    return f"{run.created_at.isoformat()}_{run.pk}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    from orchestration.errors import InvalidInput
+
+    try:
+        at, _, pk = cursor.rpartition("_")
+        return datetime.fromisoformat(at), int(pk)
+    except ValueError:
+        raise InvalidInput("cursor is not valid; use next_cursor from the previous page", code="invalid_cursor") from None
+
+
+def run_steps(run: Run) -> list[Step]:
+    return list(Step.objects.filter(run=run).order_by("id"))
+
+
+def run_state_history(run: Run) -> list[StateVersion]:
+    return list(StateVersion.objects.filter(run=run).order_by("id"))
+
+
+def run_waits(run: Run) -> list[Wait]:
+    return list(Wait.objects.filter(run=run).select_related("decided_by").order_by("id"))
+
+
+def run_events(run: Run) -> list[RunEvent]:
+    return list(RunEvent.objects.filter(run=run).order_by("id"))
+
+
+def approvals_pending_for_user(user: AbstractBaseUser, *, limit: int = 100) -> list[Wait]:
+    """Open approvals on runs the user may see, oldest deadline first."""
+    return list(
+        Wait.objects.filter(kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, run__in=runs_visible_to(user))
+        .select_related("run", "step")
+        .order_by("deadline_at", "id")[:limit]
+    )
+
+
+def approval_get_for_user(user: AbstractBaseUser, wait_id: int) -> Wait:
+    wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user)).first()
+    if wait is None:
+        raise NotFound(f"no approval {wait_id}", code="approval_not_found")
+    return wait
+
+
+def step_summary(step: Step) -> dict[str, Any]:
+    return {"id": step.pk, "key": step.key, "status": step.status}

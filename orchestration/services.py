@@ -1,0 +1,259 @@
+"""Every write to runs from outside the engine: submit, cancel, decide, send an event.
+
+Each service owns its transaction, locks the run row, writes its audit rows inside it, and
+sends wake-ups and live events only after commit. Views, API handlers, tasks and commands call
+these and nothing else to change a run.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from pydantic import ValidationError
+
+from audit.verbs import ActorType, Verb
+from orchestration.engine import Tx, digest, new_trace_id, run_lock, step_action
+from orchestration.errors import Conflict, InvalidInput, NotFound, SignalboxError
+from orchestration.models import (
+    Decision,
+    Run,
+    RunEvent,
+    RunStatus,
+    Step,
+    StepStatus,
+    Wait,
+    WaitKind,
+    WaitStatus,
+)
+from orchestration.registry import agent_class, workflow_get
+
+
+def _actor(user: AbstractBaseUser | None) -> tuple[str, str]:
+    if user is None:
+        return ActorType.SYSTEM, ""
+    return ActorType.HUMAN, user.get_username()
+
+
+def _check_size(payload: Any, what: str) -> None:
+    size = len(json.dumps(payload, separators=(",", ":"), default=str).encode())
+    limit = settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]
+    if size > limit:
+        raise InvalidInput(f"{what} is {size} bytes; the limit is {limit}", code="payload_too_large")
+
+
+def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+@dataclass
+class Submitted:
+    run: Run
+    created: bool
+
+
+def run_submit(
+    *,
+    workflow: str,
+    input: dict[str, Any],
+    version: int | None = None,
+    submitted_by: AbstractBaseUser | None = None,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+    tenant: str = "",
+    seed: int | None = None,
+) -> Submitted:
+    """Create a run and its first steps in one transaction; the same idempotency key (per
+    submitter) returns the first run instead of creating a second."""
+    wf = workflow_get(workflow, version)
+    _check_size(input, "run input")
+    try:
+        state = wf.input.model_validate(input).model_dump(mode="json")
+    except ValidationError as exc:
+        raise InvalidInput(
+            f"input does not satisfy {wf.key}'s input contract", code="input_contract", detail=_validation_detail(exc)
+        ) from exc
+    scope = str(submitted_by.pk) if submitted_by is not None else "system"
+    if idempotency_key:
+        existing = Run.objects.filter(idempotency_scope=scope, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return Submitted(existing, created=False)
+    actor_type, actor_id = _actor(submitted_by)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            run = Run.objects.create(
+                workflow_name=wf.name,
+                workflow_version=wf.version,
+                status=RunStatus.QUEUED,
+                priority=priority,
+                tenant=tenant,
+                submitted_by=submitted_by,
+                idempotency_scope=scope,
+                idempotency_key=idempotency_key or None,
+                trace_id=new_trace_id(),
+                seed=seed if seed is not None else secrets.randbits(48),
+                input=input,
+                created_at=now,
+                updated_at=now,
+                deadline_at=now + wf.max_duration,
+            )
+            tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
+            tx.record(Verb.RUN_SUBMITTED, "run", run.pk, payload=input, workflow=wf.key, idempotency_key=idempotency_key or "")
+            for key, value in state.items():
+                tx.write_state(key, value, writer="submit", step=None)
+            try:
+                tx.start()
+            except SignalboxError as exc:
+                tx.fail_run(exc.code, exc.message)
+            tx.flush()
+    except IntegrityError:
+        # Two submits with one key raced; the unique constraint let exactly one in.
+        if not idempotency_key:
+            raise
+        existing = Run.objects.filter(idempotency_scope=scope, idempotency_key=idempotency_key).first()
+        if existing is None:
+            raise
+        return Submitted(existing, created=False)
+    return Submitted(run, created=True)
+
+
+def run_cancel(*, run_id: int, user: AbstractBaseUser | None, reason: str = "") -> Run:
+    """Cancel a run that has not ended: its active steps are cancelled and its waits closed."""
+    actor_type, actor_id = _actor(user)
+    with transaction.atomic():
+        run = _lock_or_404(run_id)
+        if run.is_terminal:
+            raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
+        tx = Tx(run, timezone.now(), actor_type=actor_type, actor_id=actor_id)
+        tx.fail_run("cancelled", reason or f"cancelled by {actor_id or 'system'}", verb=Verb.RUN_CANCELLED)
+        tx.flush()
+    return run
+
+
+def approval_decide(
+    *,
+    wait_id: int,
+    user: AbstractBaseUser | None,
+    decision: str,
+    reason: str = "",
+    edited_input: dict[str, Any] | None = None,
+    run_id: int | None = None,
+) -> Wait:
+    """Apply an operator's decision to an open approval. Exactly one decision wins; a second
+    one (or one on an expired or stale approval) raises Conflict."""
+    if decision not in Decision.values:
+        raise InvalidInput(f"decision must be one of {', '.join(Decision.values)}", code="invalid_decision")
+    if decision == Decision.EDIT and edited_input is None:
+        raise InvalidInput("edit-then-approve needs edited_input", code="edited_input_missing")
+    if decision != Decision.EDIT and edited_input is not None:
+        raise InvalidInput("edited_input is only accepted with decision 'edit'", code="edited_input_unexpected")
+    wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL).select_related("step").first()
+    if wait is None or (run_id is not None and wait.run_id != run_id):
+        raise NotFound(f"no approval {wait_id}", code="approval_not_found")
+    if decision == Decision.EDIT:
+        assert edited_input is not None
+        _check_size(edited_input, "edited input")
+        try:
+            edited_input = agent_class(wait.step.agent).Input.model_validate(edited_input).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"edited input does not satisfy {wait.step.agent!r}'s input contract",
+                code="input_contract",
+                detail=_validation_detail(exc),
+            ) from exc
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    with transaction.atomic():
+        run = run_lock(wait.run_id)
+        won = Wait.objects.filter(pk=wait_id, status=WaitStatus.OPEN).update(
+            status=WaitStatus.REJECTED if decision == Decision.REJECT else WaitStatus.APPROVED,
+            decision=decision, decided_by=user, decided_at=now, decision_reason=reason, edited_input=edited_input,
+        )
+        if not won:
+            current = Wait.objects.select_related("decided_by").get(pk=wait_id)
+            by = current.decided_by.get_username() if current.decided_by else "the system"
+            raise Conflict(
+                f"approval {wait_id} is already {current.status} (by {by} at {current.decided_at:%Y-%m-%d %H:%M:%S} UTC)"
+                if current.decided_at else f"approval {wait_id} is {current.status}",
+                code="already_decided",
+                detail={"status": current.status, "decided_by": by},
+            )
+        wait.refresh_from_db()
+        step = Step.objects.get(pk=wait.step_id)
+        tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
+        _apply_decision(tx, wait, step, decision, reason, edited_input)
+        tx.flush()
+    return wait
+
+
+def _apply_decision(
+    tx: Tx, wait: Wait, step: Step, decision: str, reason: str, edited_input: dict[str, Any] | None
+) -> None:
+    if decision == Decision.REJECT:
+        tx.record(Verb.APPROVAL_REJECTED, "wait", wait.pk, step=step, reason=reason)
+        tx.fail_step(step, SignalboxError(f"approval rejected: {reason or 'no reason given'}", code="approval_rejected"))
+        return
+    node = tx.wf.node(step.node)
+    if decision == Decision.EDIT:
+        step.input_override = edited_input
+        Step.objects.filter(pk=step.pk).update(input_override=edited_input)
+        verb = Verb.APPROVAL_EDITED
+    else:
+        verb = Verb.APPROVAL_APPROVED
+    approved = digest(step_action(step, node, tx.run))
+    tx.record(verb, "wait", wait.pk, step=step, payload=edited_input, reason=reason, approved_digest=approved)
+    tx.move(step, StepStatus.QUEUED, approved_digest=approved, available_at=tx.now, published_at=tx.now)
+    tx.publish.append((step, 0.0))
+
+
+def run_send_event(
+    *, run_id: int, name: str, event_id: str, payload: dict[str, Any], user: AbstractBaseUser | None
+) -> tuple[RunEvent, bool]:
+    """Deliver a named outside event to a run. Returns (event, applied_now). The same
+    ``event_id`` sent again is a no-op that returns the first event."""
+    _check_size(payload, "event payload")
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    with transaction.atomic():
+        run = _lock_or_404(run_id)
+        existing = RunEvent.objects.filter(run=run, event_id=event_id).first()
+        if existing is not None:
+            return existing, False
+        if run.is_terminal:
+            raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
+        event = RunEvent.objects.create(run=run, name=name, event_id=event_id, payload=payload, received_at=now)
+        tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
+        tx.record(Verb.EVENT_RECEIVED, "event", event.pk, payload=payload, name=name, event_id=event_id)
+        wait = (
+            Wait.objects.filter(run=run, kind=WaitKind.EVENT, name=name, status=WaitStatus.OPEN)
+            .select_related("step")
+            .order_by("id")
+            .first()
+        )
+        applied = False
+        if wait is not None:
+            try:
+                tx.apply_event(wait, event)
+            except SignalboxError as exc:
+                tx.fail_run(exc.code, exc.message)
+            applied = True
+        tx.flush()
+    return event, applied
+
+
+def _lock_or_404(run_id: int) -> Run:
+    try:
+        return run_lock(run_id)
+    except Run.DoesNotExist:
+        raise NotFound(f"no run {run_id}", code="run_not_found") from None
+

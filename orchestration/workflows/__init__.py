@@ -1,0 +1,1 @@
+"""Built-in workflow definitions, registered in ``orchestration.registry.BUILTIN_WORKFLOWS``."""

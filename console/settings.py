@@ -231,3 +231,22 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+if SIGNALBOX_ENV == "test":
+    # The test suite's own agents and workflows (tests/support/), visible to worker processes
+    # started by the tests because they share this settings module and environment.
+    SIGNALBOX_AGENTS.update(
+        {
+            "test_slow": "tests.support.agents:SlowAgent",
+            "test_bad_output": "tests.support.agents:BadOutputAgent",
+            "test_snoop": "tests.support.agents:SnoopAgent",
+            "test_flaky": "tests.support.agents:FlakyAgent",
+            "test_echo": "tests.support.agents:EchoAgent",
+            "test_many": "tests.support.agents:ManyItemsAgent",
+        }
+    )
+    SIGNALBOX_WORKFLOWS = [*SIGNALBOX_WORKFLOWS, *(f"tests.support.workflows:{name}" for name in (
+        "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
+        "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
+        "approval_expiry",
+    ))]

@@ -176,7 +176,7 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
     ctx = AgentContext(
         run_id=run.pk,
         step_key=step.key,
-        attempt=step.attempt + step.failures,
+        attempt=step.attempt,
         state=StateView(run.state, reads=node.reads, writes=node.writes if step.kind != StepKind.ITEM else frozenset()),
         seed=run.seed,
         trace_id=run.trace_id,

@@ -52,6 +52,11 @@ class StateView:
         self._writes = writes
         self.written: dict[str, Any] = {}
 
+    @property
+    def writable(self) -> frozenset[str]:
+        """The keys this node declared it writes."""
+        return self._writes
+
     def get(self, key: str, default: Any = None) -> Any:
         if key not in self._reads and key not in self._writes:
             raise StateAccessDenied(

@@ -80,7 +80,8 @@ refund_desk.agent(
     after="propose_refund",
     reads=["proposal"],
     writes=["refund_id"],
-    # Moving money is never retried blindly beyond one more try; the id is idempotent anyway.
+    # Moving money gets one retry at most, so a stuck refund reaches a person quickly; the refund
+    # id is the same on every attempt, so that retry cannot pay twice.
     max_attempts=2,
     approval=Approval(
         tier=1,

@@ -68,13 +68,14 @@ class StubLLM:
 
     def completion(self, request_body: Any) -> dict[str, Any]:
         """A successful reply that echoes the last message, so tests can see what was sent."""
-        messages = request_body.get("messages") if isinstance(request_body, dict) else None
-        last = messages[-1].get("content", "") if messages else ""
+        sent = request_body if isinstance(request_body, dict) else {}
+        messages = sent.get("messages") or [{}]
+        last = messages[-1].get("content", "")
         return {
             "id": f"chatcmpl-stub-{len(self.requests)}",
             "object": "chat.completion",
             "created": 0,
-            "model": (request_body or {}).get("model") or STUB_MODEL,
+            "model": sent.get("model") or STUB_MODEL,
             "choices": [
                 {
                     "index": 0,
@@ -139,7 +140,10 @@ def stub_llm_server() -> Iterator[StubLLM]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(stub))
     server.daemon_threads = True
     stub.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    thread = threading.Thread(target=server.serve_forever, name="stub-llm", daemon=True)
+    # A short poll interval keeps shutdown (and so each test's teardown) quick.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="stub-llm", daemon=True
+    )
     thread.start()
     try:
         yield stub

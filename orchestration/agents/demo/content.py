@@ -16,6 +16,10 @@ CATEGORY_KEYWORDS: dict[str, tuple[str, ...]] = {
     "operations": ("incident", "on-call", "cost", "compliance", "audit", "policy"),
     "research": ("study", "benchmark", "evaluation", "paper", "experiment"),
 }
+# Common words that make poor keywords.
+STOPWORDS = frozenset(
+    {"about", "does", "from", "matters", "should", "that", "this", "what", "with"}
+)
 SOURCES = (
     "internal design notes",
     "vendor documentation",
@@ -24,6 +28,22 @@ SOURCES = (
     "a post-incident review",
     "conference talk notes",
 )
+FINDING_TEMPLATES = {
+    "background": (
+        "{subject} became a {category} concern once teams ran work longer than one request",
+        "Most problems with {subject} trace back to state kept only in memory",
+        "The usual alternative to {subject} is a queue plus hand-written retries",
+        "{subject} trades some latency for work that survives restarts",
+        "Regulated teams adopt {subject} for the audit trail as much as for reliability",
+    ),
+    "examples": (
+        "A support team applied {subject} and cut turnaround time by {percent}%",
+        "{teams} teams in one survey moved {subject} out of cron jobs",
+        "A payments team used {subject} to stop double refunds after worker crashes",
+        "An editorial team added {subject} and halved re-work on drafts",
+        "One platform team reported {percent}% fewer pages after adopting {subject}",
+    ),
+}
 # The chance a draft is approved, by revision: early drafts usually get feedback, so the review
 # loop is exercised, but by the third revision almost every draft passes.
 APPROVAL_CHANCE_BY_REVISION = {1: 0.35, 2: 0.7, 3: 0.9}
@@ -52,7 +72,11 @@ class Classifier(Agent):
         confidence: float = Field(ge=0, le=1)
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
-        words = [w for w in re.findall(r"[a-z][a-z-]+", input.topic.lower()) if len(w) > 3]
+        words = [
+            word
+            for word in re.findall(r"[a-z][a-z-]+", input.topic.lower())
+            if len(word) > 3 and word not in STOPWORDS
+        ]
         hits = {
             category: sum(1 for word in words if word.startswith(keywords))
             for category, keywords in CATEGORY_KEYWORDS.items()
@@ -90,21 +114,23 @@ class Researcher(Agent):
         examples: list[str] = Field(default_factory=list)
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
-        subjects = input.keywords or [input.topic]
+        # The two leading keywords usually name the subject ("durable execution").
+        subject = " ".join(input.keywords[:2]) or input.topic
+        templates = ctx.random.sample(FINDING_TEMPLATES[input.angle], ctx.random.randint(3, 5))
         findings = []
-        for number in range(ctx.random.randint(3, 5)):
-            subject = subjects[number % len(subjects)]
+        for template in templates:
+            finding = template.format(
+                subject=subject,
+                category=input.category,
+                percent=ctx.random.randint(10, 60),
+                teams=ctx.random.randint(3, 40),
+            )
             source = ctx.random.choice(SOURCES)
-            if input.angle == "background":
-                point = f"Why {subject} matters in {input.category}: it changes how teams plan work"
-            else:
-                saving = ctx.random.randint(10, 60)
-                point = f"A team applied {subject} and cut turnaround time by {saving}%"
-            findings.append(f"{point} (source: {source})")
+            findings.append(f"{finding[:1].upper()}{finding[1:]} (source: {source})")
         simulate_call(
             ctx,
             seconds=ctx.random.uniform(0.6, 1.5),
-            prompt_tokens=estimate_tokens(input.topic, *subjects) + 400,
+            prompt_tokens=estimate_tokens(input.topic, subject) + 400,
             completion_tokens=estimate_tokens(*findings),
         )
         return self.Output(**{input.angle: findings})

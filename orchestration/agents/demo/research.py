@@ -12,15 +12,16 @@ from orchestration.errors import ContractViolation
 
 MIN_SUBQUESTIONS = 2
 MAX_SUBQUESTIONS = 6
-SUBQUESTION_TEMPLATES = (
-    "What problem does {q} solve, and for whom?",
-    "What are the main approaches to {q}?",
-    "What does {q} cost to run and to operate?",
-    "What are the known failure modes of {q}?",
-    "How is success with {q} measured?",
-    "What changed recently in {q}?",
-    "Who has done {q} well, and what did they learn?",
-    "What are the risks of getting {q} wrong?",
+# Aspects a sub-question can cover; the planner picks some and attaches them to the question.
+ASPECTS = (
+    "what problem does it solve, and for whom?",
+    "what are the main approaches?",
+    "what does it cost to run and to operate?",
+    "what are the known failure modes?",
+    "how is success measured?",
+    "what changed in the last two years?",
+    "who has done it well, and what did they learn?",
+    "what are the risks of getting it wrong?",
 )
 
 
@@ -47,14 +48,11 @@ class Planner(Agent):
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
         upper = min(input.max_subquestions, MAX_SUBQUESTIONS)
-        subject = input.question.rstrip("?").strip()
-        subject = subject[0].lower() + subject[1:]
-        templates = ctx.random.sample(
-            SUBQUESTION_TEMPLATES, ctx.random.randint(MIN_SUBQUESTIONS, upper)
-        )
+        subject = input.question.strip().rstrip("?")
+        aspects = ctx.random.sample(ASPECTS, ctx.random.randint(MIN_SUBQUESTIONS, upper))
         subquestions = [
-            {"index": index, "question": template.format(q=subject)}
-            for index, template in enumerate(templates)
+            {"index": index, "question": f"{subject}: {aspect}"}
+            for index, aspect in enumerate(aspects)
         ]
         simulate_call(
             ctx,

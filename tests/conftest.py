@@ -1,0 +1,149 @@
+"""Shared fixtures: real Celery worker processes against the test database, and waiting helpers.
+
+Worker processes are started with the same settings module and environment as the tests, with
+``DATABASE_URL`` pointing at pytest-django's test database, so what they commit the tests see
+(tests that use them need ``django_db(transaction=True)``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if settings.SIGNALBOX_ENV != "test":
+        raise pytest.UsageError("run the tests with SIGNALBOX_ENV=test (use `make test`)")
+
+
+class WorkerProcess:
+    """One `celery worker` process (with its pool children) serving some pools."""
+
+    def __init__(self, name: str, pools: list[str], concurrency: int, extra_env: dict[str, str]):
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"worker-{name}-", suffix=".log")[1])
+        env = {**os.environ, **extra_env}
+        db = settings.DATABASES["default"]
+        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        env["PYTHONPATH"] = str(ROOT)
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "console", "worker",
+            "-Q", ",".join(f"pool.{p}" for p in pools),
+            "-n", f"{name}@%h", "-c", str(concurrency), "--pool", "prefork",
+            "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip", "-l", "info",
+        ]
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited: {self.log()}")
+            if " ready." in self.log_path.read_text():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready after {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def pids(self) -> set[int]:
+        """The main process and its pool children (their pids appear in step lease owners)."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return {self.proc.pid, *(int(p) for p in out.stdout.split())}
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no cleanup, no acks, as a crashed machine."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def _broker_clean(django_db_setup: Any) -> None:
+    """Start every session with an empty test broker (the Redis database in REDIS_URL)."""
+    import redis
+
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+
+
+@pytest.fixture
+def start_worker(_broker_clean: None) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes for this test; they are stopped (or found killed) at its end."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        name: str = "w", pools: list[str] | None = None, concurrency: int = 2, **extra_env: str
+    ) -> WorkerProcess:
+        env = {"SIGNALBOX_AGENT_TIME_SCALE": "0", "SIGNALBOX_LEASE_SECONDS": "3", "SIGNALBOX_LIVE_EVENTS": "false"}
+        env.update(extra_env)
+        worker = WorkerProcess(name, pools or ["default", "research"], concurrency, env)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def workers(start_worker: Callable[..., WorkerProcess]) -> list[WorkerProcess]:
+    """Two worker processes serving every pool, as production runs them."""
+    return [start_worker("w1"), start_worker("w2")]
+
+
+@pytest.fixture
+def fast_agents(settings: Any) -> None:
+    """Demo agents take no wall time in this (test) process."""
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+        connection.close()
+
+
+def wait_for_run(run_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 30.0) -> Any:
+    from orchestration.models import Run
+
+    return wait_until(
+        lambda: Run.objects.filter(pk=run_id, status__in=statuses).first(),
+        timeout=timeout,
+        what=f"run {run_id} to reach {statuses}",
+    )

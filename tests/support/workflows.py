@@ -1,0 +1,67 @@
+"""Workflows that put the engine in the situations its tests assert on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestration.definition import Approval, Workflow
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str = "hello"
+    seconds: float = 3.0
+    failures: int = 1
+    count: int = 8
+    secret: str = "do not read"
+
+
+slow_then_echo = Workflow("slow_then_echo", input=Loose, max_steps=10)
+slow_then_echo.agent("slow", "test_slow", reads=["seconds", "text"], writes=["text"])
+slow_then_echo.agent("echo", "test_echo", after="slow", reads=["text"], writes=["echoed"])
+
+bad_handoff = Workflow("bad_handoff", input=Loose, max_steps=10)
+bad_handoff.agent("produce", "test_bad_output", reads=["text"], writes=["summary"])
+bad_handoff.agent("consume", "test_echo", after="produce", reads=["summary"], input=lambda s: {"text": s["summary"]})
+
+snooping = Workflow("snooping", input=Loose, max_steps=10)
+snooping.agent("snoop", "test_snoop", reads=["text"], writes=["text"])
+
+flaky_chain = Workflow("flaky_chain", input=Loose, max_steps=10)
+flaky_chain.agent("flaky", "test_flaky", reads=["failures"], writes=["text"])
+
+event_timeout_continue = Workflow("event_timeout_continue", input=Loose, max_steps=10)
+event_timeout_continue.agent("first", "test_echo", reads=["text"], writes=["text"])
+event_timeout_continue.wait(
+    "settle", event="payment.settled", after="first", timeout=timedelta(seconds=1),
+    on_timeout="continue", writes=["settlement"],
+)
+event_timeout_continue.agent("after", "test_echo", after="settle", reads=["text"], writes=["final"])
+
+event_timeout_fail = Workflow("event_timeout_fail", input=Loose, max_steps=10)
+event_timeout_fail.agent("first", "test_echo", reads=["text"], writes=["text"])
+event_timeout_fail.wait("settle", event="payment.settled", after="first", timeout=timedelta(seconds=1), writes=["settlement"])
+event_timeout_fail.agent("after", "test_echo", after="settle", reads=["text"], writes=["final"])
+
+parallel_approvals = Workflow("parallel_approvals", input=Loose, max_steps=10)
+parallel_approvals.agent("start", "test_echo", reads=["text"], writes=["text"])
+parallel_approvals.agent("left", "test_echo", after="start", reads=["text"], writes=["left"], approval=Approval(tier=1))
+parallel_approvals.agent("right", "test_echo", after="start", reads=["text"], writes=["right"], approval=Approval(tier=2))
+parallel_approvals.agent(
+    "join", "test_echo", after=["left", "right"], reads=["left", "right"],
+    input=lambda s: {"text": f"{s['left']}+{s['right']}"}, writes=["joined"],
+)
+
+endless_review = Workflow("endless_review", input=Loose, max_steps=50)
+endless_review.agent("begin", "test_echo", reads=["text"], writes=["text"])
+endless_review.agent("draft", "test_echo", after="begin", reads=["text"], writes=["text"])
+endless_review.route("gate", after="draft", choose=lambda s: "draft", targets=["draft"], loop_limit=3)
+
+oversized_fanout = Workflow("oversized_fanout", input=Loose, max_steps=50)
+oversized_fanout.agent("plan", "test_many", reads=["count"], writes=["items"])
+oversized_fanout.map("work", "test_echo", after="plan", items="items", max_items=6, concurrency=2, writes=["results"])
+
+approval_expiry = Workflow("approval_expiry", input=Loose, max_steps=10)
+approval_expiry.agent("act", "test_echo", reads=["text"], writes=["text"], approval=Approval(timeout=timedelta(seconds=1)))

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
+from console.sql import insert
 
 
 def payload_digest(payload: Any) -> str:
@@ -48,7 +49,8 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None) 
     if not connection.in_atomic_block:
         raise RuntimeError("audit events must be written inside the transaction of the change")
     now = now or timezone.now()
-    AuditEvent.objects.bulk_create(
+    insert(
+        AuditEvent,
         [
             AuditEvent(
                 created_at=now,
@@ -64,7 +66,8 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None) 
                 data=e.data,
             )
             for e in rows
-        ]
+        ],
+        returning=False,
     )
 
 

@@ -107,11 +107,14 @@ else:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
     if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_URL must be a postgres:// URL (or unset for embedded mode)")
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
+    # Workers keep their connection between tasks (a reconnect costs more than a step); the
+    # web process should use the pool instead (DB_POOL=true), which needs CONN_MAX_AGE=0.
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=300)
     DATABASES["default"].setdefault("OPTIONS", {})
     # A session left idle inside a transaction holds row locks; PostgreSQL ends it after this.
     DATABASES["default"]["OPTIONS"]["options"] = "-c idle_in_transaction_session_timeout=60000"
     if env.bool("DB_POOL", default=False):
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
         DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env.int("DB_POOL_MAX", default=10)}
     test_name = env.str("DATABASE_TEST_NAME", default="")
     if test_name:
@@ -182,6 +185,9 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_QUEUE = "pool.default"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery closes Django's DB connection around every task unless reuse is allowed; the engine's
+# task closes unusable or expired connections itself (orchestration/tasks.py).
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     "engine-tick": {"task": "orchestration.tasks.engine_tick", "schedule": env.float("SIGNALBOX_TICK_SECONDS", default=2.0)},

@@ -22,7 +22,8 @@ from django.db.models import F
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from orchestration import live
+from console.sql import insert, pipeline, update
+from orchestration import live, store
 from orchestration.agents.base import StateView
 from orchestration.definition import END, FAIL, Node, Workflow
 from orchestration.errors import ErrorClass, LimitExceeded, SignalboxError, StateAccessDenied
@@ -40,6 +41,12 @@ from orchestration.models import (
     WaitStatus,
 )
 from orchestration.registry import agent_class, workflow_get
+
+RUN_FLUSH_FIELDS = (
+    "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
+    "waiting_steps", "step_count", "notes", "output", "error_code", "error_message",
+    "started_at", "finished_at", "updated_at",
+)
 
 #: A node may run at most this many times in one run unless its route declares a loop_limit.
 DEFAULT_MAX_VISITS = 10
@@ -504,36 +511,40 @@ class Tx:
     def flush_steps(self) -> None:
         if not self.new_steps:
             return
-        created = Step.objects.bulk_create(self.new_steps)
+        created, self.new_steps = self.new_steps, []
+        store.assign_ids(Step, created)
+        insert(Step, created)
         for step in created:
             self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             if step.status == StepStatus.RUNNING and step is self.local_step:
                 self.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, worker=self.worker_id, attempt=1)
             self.step_event(step, "created")
-        self.new_steps = []
 
     def flush(self) -> None:
-        """Write everything collected, update the run, and schedule messages for after commit."""
-        self.flush_steps()
-        if self.new_waits:
-            created = Wait.objects.bulk_create([w for w in self.new_waits if w.pk is None])
-            for wait in created:
-                self.record(Verb.WAIT_OPENED, "wait", wait.pk, step=wait.step, kind=wait.kind, name=wait.name, payload=wait.action, deadline=wait.deadline_at.isoformat())
-            self.new_waits = []
-        if self.state_rows:
-            StateVersion.objects.bulk_create(self.state_rows)
-            self.state_rows = []
+        """Write everything collected, update the run, and schedule messages for after commit.
+
+        On PostgreSQL the writes go out in one round trip (they need no results back)."""
         self._settle_run_status()
         self.run.updated_at = self.now
-        self.run.save(
-            update_fields=[
-                "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
-                "waiting_steps", "step_count", "notes", "output", "error_code", "error_message",
-                "started_at", "finished_at", "updated_at",
-            ]
-        )
-        audit_record_many(self.audit, now=self.now)
-        self.audit = []
+        waits = [w for w in self.new_waits if w.pk is None]
+        store.assign_ids(Step, self.new_steps)
+        store.assign_ids(Wait, waits)
+        with pipeline():
+            self.flush_steps()
+            if waits:
+                insert(Wait, waits)
+                for wait in waits:
+                    self.record(
+                        Verb.WAIT_OPENED, "wait", wait.pk, step=wait.step, kind=wait.kind, name=wait.name,
+                        payload=wait.action, deadline=wait.deadline_at.isoformat(),
+                    )
+            self.new_waits = []
+            if self.state_rows:
+                insert(StateVersion, self.state_rows, returning=False)
+                self.state_rows = []
+            update(self.run, RUN_FLUSH_FIELDS)
+            audit_record_many(self.audit, now=self.now)
+            self.audit = []
         if self.run.status != self._status_before:
             self.live_events.append(
                 {"run_id": self.run.pk, "kind": "run", "change": self.run.status, "status": self.run.status}

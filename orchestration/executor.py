@@ -13,20 +13,18 @@ import random
 import socket
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, transaction
-from django.db.models import F
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
-from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from orchestration import live
+from console.sql import is_postgres
+from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.engine import Tx, digest, run_lock, step_action, step_input
 from orchestration.errors import (
@@ -36,7 +34,7 @@ from orchestration.errors import (
     SignalboxError,
     TransientError,
 )
-from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
+from orchestration.models import Step, StepKind, StepStatus
 from orchestration.registry import agent_instance, workflow_get
 
 log = logging.getLogger(__name__)
@@ -50,36 +48,19 @@ def worker_identity() -> str:
 
 
 def step_claim(step_id: int, worker_id: str) -> Step | None:
-    """Take a queued step with a lease; ``None`` when someone else has it or it is not due."""
+    """Take a queued, due step with a lease; ``None`` when someone else has it or it is not due."""
     now = timezone.now()
-    lease = timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-    with transaction.atomic():
-        claimed = Step.objects.filter(pk=step_id, status=StepStatus.QUEUED, available_at__lte=now).update(
-            status=StepStatus.RUNNING,
-            attempt=F("attempt") + 1,
-            lease_owner=worker_id,
-            lease_expires_at=now + lease,
-            started_at=Coalesce(F("started_at"), now),
-        )
-        if not claimed:
+    lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+    # On PostgreSQL the claim is a single statement (its own transaction); elsewhere a short one.
+    atomic = transaction.atomic() if not is_postgres() else nullcontext()
+    with atomic:
+        step = store.claim_step(step_id, worker_id, now, lease_until)
+        if step is None:
             return None
-        step = Step.objects.select_related("run").get(pk=step_id)
         run = step.run
-        entries = [
-            Entry(
-                verb=Verb.STEP_CLAIMED, object_type="step", object_id=step.pk, actor_type=ActorType.SYSTEM,
-                actor_id=worker_id, run_id=run.pk, step_id=step.pk, trace_id=run.trace_id,
-                data={"attempt": step.attempt, "worker": worker_id},
-            )
-        ]
         events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
-        if run.status == RunStatus.QUEUED and Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
-            status=RunStatus.RUNNING, started_at=now, updated_at=now
-        ):
-            run.status = RunStatus.RUNNING
-            entries.append(Entry(verb=Verb.RUN_STARTED, object_type="run", object_id=run.pk, run_id=run.pk, trace_id=run.trace_id))
+        if run.started_at == now:
             events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
-        audit_record_many(entries, now=now)
         live.send_on_commit(events)
     return step
 
@@ -205,7 +186,12 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
             code="payload_too_large",
         ), worker_id, pools, payload=output)
-    return step_complete(step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools)
+    try:
+        return step_complete(step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools)
+    except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
+        log.exception("committing step %s failed", step.pk)
+        close_old_connections()
+        return _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools)
 
 
 def step_complete(
@@ -214,11 +200,12 @@ def step_complete(
     """Commit a successful step and advance its run, in one transaction, fenced by the token."""
     now = timezone.now()
     with transaction.atomic():
-        run = run_lock(step.run_id)
-        fenced = Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, attempt=step.attempt).update(
-            status=StepStatus.SUCCEEDED, output=output, usage=usage, finished_at=now, lease_owner="", lease_expires_at=None
-        )
-        if not fenced:
+        values = {
+            "status": StepStatus.SUCCEEDED, "output": output, "usage": usage, "finished_at": now,
+            "lease_owner": "", "lease_expires_at": None,
+        }
+        run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, values)
+        if run is None:
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
         step.run = run

@@ -60,7 +60,7 @@ class Run(models.Model):
     )
     # Idempotency keys are unique per submitter (scope is the user id, or "system").
     idempotency_scope = models.CharField(max_length=64, blank=True, default="")
-    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 (NULL = no key, outside the unique constraint)
     trace_id = models.CharField(max_length=32)
     seed = models.BigIntegerField(default=0)
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from audit.verbs import Verb
 from orchestration.engine import Tx, digest, publish_steps, run_lock, step_action
-from orchestration.errors import SignalboxError
+from orchestration.errors import LimitExceeded, SignalboxError
 from orchestration.models import RUN_ACTIVE, Run, Step, StepStatus, Wait, WaitKind, WaitStatus
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,24 @@ def reap_expired_leases() -> int:
                 continue
             tx = Tx(run, now)
             tx.record(Verb.STEP_LEASE_EXPIRED, "step", step.pk, step=step, worker=step.lease_owner, attempt=step.attempt)
-            tx.move(step, StepStatus.QUEUED, lease_owner="", lease_expires_at=None, available_at=now, published_at=now)
-            tx.publish.append((step, 0.0))
+            # A lost worker counts as a failed attempt, so a step that kills its worker every
+            # time (or can never commit) is stopped by max_attempts instead of looping.
+            failures = step.failures + 1
+            attempts_log = [*step.attempts_log, {
+                "attempt": step.attempt, "class": "transient", "code": "lease_expired",
+                "message": f"worker {step.lease_owner} stopped renewing its lease", "at": now.isoformat(),
+            }]
+            if failures >= step.max_attempts:
+                step.failures, step.attempts_log = failures, attempts_log
+                Step.objects.filter(pk=step.pk).update(failures=failures, attempts_log=attempts_log)
+                tx.fail_step(step, LimitExceeded(
+                    f"gave up after {failures} attempts (max_attempts {step.max_attempts}); the last worker was lost",
+                    code="max_attempts", detail={"bound": "max_attempts", "limit": step.max_attempts, "last_error": "lease_expired"},
+                ))
+            else:
+                tx.move(step, StepStatus.QUEUED, lease_owner="", lease_expires_at=None, available_at=now,
+                        published_at=now, failures=failures, attempts_log=attempts_log)
+                tx.publish.append((step, 0.0))
             tx.flush()
             reaped += 1
     return reaped

@@ -1,0 +1,230 @@
+"""REST endpoints for runs, approvals and workflows (mounted at ``/api/v1/``).
+
+Handlers stay thin: parse (schemas), authorize (selectors), call one service, render. Errors are
+raised as ``SignalboxError`` and turned into JSON by the one handler in ``console.api``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja import Header, Path, Query, Router, Status
+
+from orchestration import selectors, services
+from orchestration.errors import InvalidInput, PermissionDenied
+from orchestration.registry import workflow_get, workflow_list
+from orchestration.schemas import (
+    ApprovalDecideIn,
+    ApprovalOut,
+    ErrorOut,
+    RunCancelIn,
+    RunDetailOut,
+    RunEventAcceptedOut,
+    RunEventIn,
+    RunListQuery,
+    RunOut,
+    RunPageOut,
+    RunSubmitIn,
+    RunSubmitOut,
+    WorkflowOut,
+    approval_out,
+    run_detail_out,
+    run_out,
+)
+
+router = Router(tags=["orchestration"])
+
+SUBMIT = "orchestration.add_run"
+# Database ids are bigints; anything larger cannot name a row.
+MAX_ID = 2**63 - 1
+
+
+def errors(*codes: int) -> dict[int, type[ErrorOut]]:
+    """Document error responses (raised as exceptions, rendered by the API's handlers)."""
+    return dict.fromkeys(codes, ErrorOut)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+@router.post(
+    "/runs",
+    response={200: RunSubmitOut, 201: RunSubmitOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Submit a run",
+    description=(
+        "Starts a run of `workflow` (latest version unless `version` is given). With an "
+        "idempotency key (body or `Idempotency-Key` header) a repeated submit returns the first "
+        "run with 200 and `created: false` instead of starting another."
+    ),
+)
+def run_submit(
+    request: HttpRequest,
+    payload: RunSubmitIn,
+    idempotency_key: str | None = Header(
+        None, alias="Idempotency-Key", min_length=1, max_length=200
+    ),
+) -> Status[dict[str, Any]]:
+    user = request.auth  # type: ignore[attr-defined]
+    if not user.has_perm(SUBMIT):
+        raise PermissionDenied("you may not submit runs", code="submit_denied")
+    key = payload.idempotency_key
+    if idempotency_key and key and idempotency_key != key:
+        raise InvalidInput(
+            "the Idempotency-Key header and the body's idempotency_key differ",
+            code="idempotency_key_mismatch",
+        )
+    submitted = services.run_submit(
+        workflow=payload.workflow,
+        version=payload.version,
+        input=payload.input,
+        submitted_by=user,
+        idempotency_key=key or idempotency_key,
+        priority=payload.priority,
+        tenant=payload.tenant,
+    )
+    body = {**run_out(submitted.run), "created": submitted.created}
+    return Status(201 if submitted.created else 200, body)
+
+
+@router.get("/runs", response={200: RunPageOut, **errors(401, 422)}, summary="List runs")
+def run_list(request: HttpRequest, filters: Query[RunListQuery]) -> dict[str, Any]:
+    page = selectors.run_list_for_user(
+        request.auth,  # type: ignore[attr-defined]
+        status=list(filters.status) if filters.status else None,
+        workflow=filters.workflow,
+        created_after=filters.created_after,
+        created_before=filters.created_before,
+        cursor=filters.cursor,
+        limit=filters.limit,
+    )
+    return {"items": [run_out(run) for run in page.items], "next_cursor": page.next_cursor}
+
+
+@router.get(
+    "/runs/{run_id}",
+    response={200: RunDetailOut, **errors(401, 404, 422)},
+    by_alias=True,
+    summary="A run with its steps, state history, waits and events",
+)
+def run_detail(request: HttpRequest, run_id: int = Path(..., ge=1, le=MAX_ID)) -> dict[str, Any]:
+    run = selectors.run_get_for_user(request.auth, run_id)  # type: ignore[attr-defined]
+    return run_detail_out(
+        run,
+        steps=selectors.run_steps(run),
+        state_versions=selectors.run_state_history(run),
+        waits=selectors.run_waits(run),
+        events=selectors.run_events(run),
+    )
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    response={200: RunOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Cancel a run that has not ended",
+)
+def run_cancel(
+    request: HttpRequest,
+    run_id: int = Path(..., ge=1, le=MAX_ID),
+    payload: RunCancelIn | None = None,
+) -> Any:
+    user = request.auth  # type: ignore[attr-defined]
+    run = selectors.run_get_for_user(user, run_id)
+    selectors.run_check_decide(user, run)
+    cancelled = services.run_cancel(
+        run_id=run.pk, user=user, reason=payload.reason if payload else ""
+    )
+    return run_out(cancelled)
+
+
+@router.post(
+    "/runs/{run_id}/events",
+    response={202: RunEventAcceptedOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Deliver a named outside event to a run",
+    description="Sending the same `event_id` again is a no-op answered with `duplicate: true`.",
+)
+def run_event_send(
+    request: HttpRequest, payload: RunEventIn, run_id: int = Path(..., ge=1, le=MAX_ID)
+) -> Status[dict[str, Any]]:
+    user = request.auth  # type: ignore[attr-defined]
+    run = selectors.run_get_for_user(user, run_id)
+    selectors.run_check_decide(user, run)
+    asked_at = timezone.now()
+    event, applied = services.run_send_event(
+        run_id=run.pk,
+        name=payload.name,
+        event_id=payload.event_id,
+        payload=payload.payload,
+        user=user,
+    )
+    # The service returns the first delivery for a repeated event_id; it was received before
+    # this request started (a concurrent twin may be reported as new, never as lost).
+    duplicate = not applied and event.received_at < asked_at
+    return Status(202, {"applied": applied, "duplicate": duplicate, "event_id": event.event_id})
+
+
+# --- approvals ----------------------------------------------------------------------------------
+
+
+@router.get(
+    "/approvals",
+    response={200: list[ApprovalOut], **errors(401)},
+    summary="Open approvals on runs you can see, oldest deadline first",
+)
+def approval_list(request: HttpRequest) -> Any:
+    pending = selectors.approvals_pending_for_user(request.auth)  # type: ignore[attr-defined]
+    return [approval_out(wait) for wait in pending]
+
+
+@router.post(
+    "/approvals/{approval_id}/decide",
+    response={200: ApprovalOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Approve, reject, or edit-then-approve a pending action",
+    description=(
+        "`reason` is required to reject or edit; `edited_input` (the agent's input, checked "
+        "against its contract) only with `edit`. A second decision gets 409 `already_decided`."
+    ),
+)
+def approval_decide(
+    request: HttpRequest, payload: ApprovalDecideIn, approval_id: int = Path(..., ge=1, le=MAX_ID)
+) -> Any:
+    user = request.auth  # type: ignore[attr-defined]
+    wait = selectors.approval_get_for_user(user, approval_id)
+    selectors.run_check_decide(user, wait.run)
+    decided = services.approval_decide(
+        wait_id=wait.pk,
+        run_id=wait.run_id,
+        user=user,
+        decision=payload.decision,
+        reason=payload.reason,
+        edited_input=payload.edited_input,
+    )
+    return approval_out(decided)
+
+
+# --- workflows ----------------------------------------------------------------------------------
+
+
+def _workflow_out(name: str, version: int | None = None) -> dict[str, Any]:
+    versions = [wf.version for wf in workflow_list() if wf.name == name]
+    return {**workflow_get(name, version).describe(), "versions": versions}
+
+
+@router.get(
+    "/workflows", response={200: list[WorkflowOut], **errors(401)}, summary="Registered workflows"
+)
+def workflow_index(request: HttpRequest) -> list[dict[str, Any]]:
+    names = sorted({wf.name for wf in workflow_list()})
+    return [_workflow_out(name) for name in names]
+
+
+@router.get(
+    "/workflows/{name}",
+    response={200: WorkflowOut, **errors(401, 404, 422)},
+    summary="One workflow's graph and input contract (latest version unless ?version=)",
+)
+def workflow_detail(
+    request: HttpRequest, name: str, version: int | None = Query(None, ge=1, le=2**31 - 1)
+) -> dict[str, Any]:
+    return _workflow_out(name, version)

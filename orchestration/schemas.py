@@ -1,0 +1,382 @@
+"""Request and response shapes of the runs, approvals and workflows API.
+
+Every field is listed explicitly, so a new model column never leaks into the API by accident.
+Timestamps render as ISO 8601 in UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from ninja import Field, Schema
+from ninja.schema import DjangoGetter
+from pydantic import AwareDatetime, model_validator
+
+from orchestration.models import Decision, Run, RunEvent, RunStatus, StateVersion, Step, Wait
+
+RunStatusName = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
+assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class ErrorBody(Schema):
+    code: str = Field(description="Stable machine-readable code, e.g. run_not_found.")
+    message: str = Field(description="Human-readable explanation.")
+    detail: Any = Field(None, description="Structured detail (field errors, current status).")
+
+
+class ErrorOut(Schema):
+    """Every 4xx/5xx response of the API has this shape."""
+
+    error: ErrorBody
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+class BodyIn(Schema):
+    """A request body: a JSON object. ninja's Schema would otherwise read fields as attributes
+    of any value, so ``42`` or ``[]`` would pass as a body whose fields all have defaults."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _must_be_an_object(cls, data: Any) -> Any:
+        # ninja's own root validator has already wrapped the value for attribute access.
+        raw = data._obj if isinstance(data, DjangoGetter) else data
+        if not isinstance(raw, dict | BodyIn):
+            raise ValueError("the request body must be a JSON object")
+        return data
+
+
+class RunSubmitIn(BodyIn):
+    workflow: str = Field(min_length=1, max_length=100)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    input: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    priority: int = Field(0, ge=-32768, le=32767)
+    tenant: str = Field("", max_length=100)
+
+
+class ErrorSummary(Schema):
+    code: str
+    message: str
+
+
+class RunOut(Schema):
+    """A run without its steps: what lists and writes return."""
+
+    id: int
+    workflow: str
+    workflow_version: int
+    status: str
+    priority: int
+    tenant: str
+    idempotency_key: str | None
+    trace_id: str
+    step_count: int
+    error: ErrorSummary | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    deadline_at: datetime
+
+
+class RunSubmitOut(RunOut):
+    created: bool = Field(description="False when the idempotency key was seen before.")
+
+
+class RunListQuery(Schema):
+    status: list[RunStatusName] | None = Field(None, description="Repeat to match any of several.")
+    workflow: str | None = Field(None, max_length=100)
+    created_after: AwareDatetime | None = Field(
+        None, description="ISO 8601 with a zone; inclusive."
+    )
+    created_before: AwareDatetime | None = Field(
+        None, description="ISO 8601 with a zone; exclusive."
+    )
+    cursor: str | None = Field(
+        None, max_length=100, description="next_cursor of the previous page."
+    )
+    limit: int = Field(50, ge=1, le=200)
+
+
+class RunPageOut(Schema):
+    items: list[RunOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )
+
+
+class StepError(Schema):
+    error_class: str = Field(alias="class")
+    code: str
+    message: str
+    detail: Any = None
+
+
+class StepOut(Schema):
+    id: int
+    key: str
+    node: str
+    kind: str
+    agent: str
+    status: str
+    attempt: int
+    failures: int
+    input: Any
+    output: Any
+    error: StepError | None
+    usage: dict[str, Any]
+    created_at: datetime
+    available_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class StateVersionOut(Schema):
+    key: str
+    version: int
+    value: Any
+    writer: str
+    step_id: int | None
+    created_at: datetime
+
+
+class WaitOut(Schema):
+    id: int
+    step_id: int
+    kind: str
+    name: str
+    status: str
+    tier: int
+    reason: str
+    action: Any
+    deadline_at: datetime
+    on_timeout: str
+    decision: str
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_reason: str
+    edited_input: Any
+    payload: Any
+    created_at: datetime
+
+
+class RunEventOut(Schema):
+    id: int
+    name: str
+    event_id: str
+    payload: Any
+    wait_id: int | None
+    received_at: datetime
+    applied_at: datetime | None
+
+
+class RunDetailOut(RunOut):
+    submitted_by: str | None
+    input: Any
+    output: Any
+    state: dict[str, Any] = Field(description="Current value of every state key.")
+    state_versions: list[StateVersionOut] = Field(
+        description="Every write of every state key, oldest first."
+    )
+    notes: list[Any]
+    steps: list[StepOut]
+    waits: list[WaitOut]
+    events: list[RunEventOut]
+
+
+class RunCancelIn(BodyIn):
+    reason: str = Field("", max_length=2000)
+
+
+class RunEventIn(BodyIn):
+    name: str = Field(min_length=1, max_length=100)
+    event_id: str = Field(min_length=1, max_length=200)
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunEventAcceptedOut(Schema):
+    applied: bool = Field(description="The event completed a waiting step now.")
+    duplicate: bool = Field(description="This event_id was already delivered to the run.")
+    event_id: str
+
+
+# --- approvals ----------------------------------------------------------------------------------
+
+
+class ApprovalOut(Schema):
+    id: int
+    run_id: int
+    workflow: str
+    node: str
+    agent: str
+    status: str
+    tier: int
+    reason: str
+    action: Any = Field(
+        description="The proposed action: agent, node, input and the state versions it read."
+    )
+    deadline_at: datetime
+    created_at: datetime
+    decision: str
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_reason: str
+    edited_input: Any
+
+
+class ApprovalDecideIn(BodyIn):
+    decision: Literal["approve", "reject", "edit"]
+    reason: str = Field("", max_length=2000)
+    edited_input: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _reason_and_input(self) -> ApprovalDecideIn:
+        if self.decision in (Decision.REJECT, Decision.EDIT) and not self.reason.strip():
+            raise ValueError(f"a reason is required to {self.decision}")
+        if self.decision == Decision.EDIT and self.edited_input is None:
+            raise ValueError("edited_input is required with decision 'edit'")
+        if self.decision != Decision.EDIT and self.edited_input is not None:
+            raise ValueError("edited_input is only accepted with decision 'edit'")
+        return self
+
+
+# --- workflows ----------------------------------------------------------------------------------
+
+
+class WorkflowOut(Schema):
+    name: str
+    version: int
+    versions: list[int] = Field(description="Every registered version of this workflow.")
+    description: str
+    input_schema: dict[str, Any]
+    max_steps: int
+    max_duration_seconds: int
+    start: list[str]
+    nodes: list[dict[str, Any]]
+
+
+# --- rendering ----------------------------------------------------------------------------------
+# Model rows -> the dicts the Out schemas above validate; the one place a column becomes a field.
+
+
+def run_out(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.pk,
+        "workflow": run.workflow_name,
+        "workflow_version": run.workflow_version,
+        "status": run.status,
+        "priority": run.priority,
+        "tenant": run.tenant,
+        "idempotency_key": run.idempotency_key,
+        "trace_id": run.trace_id,
+        "step_count": run.step_count,
+        "error": {"code": run.error_code, "message": run.error_message} if run.error_code else None,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "updated_at": run.updated_at,
+        "deadline_at": run.deadline_at,
+    }
+
+
+def step_out(step: Step) -> dict[str, Any]:
+    failed = bool(step.error_code or step.error_class)
+    return {
+        "id": step.pk,
+        "key": step.key,
+        "node": step.node,
+        "kind": step.kind,
+        "agent": step.agent,
+        "status": step.status,
+        "attempt": step.attempt,
+        "failures": step.failures,
+        "input": step.input_override if step.input_override is not None else step.input,
+        "output": step.output,
+        "error": {
+            "class": step.error_class,
+            "code": step.error_code,
+            "message": step.error_message,
+            "detail": step.error_detail,
+        }
+        if failed
+        else None,
+        "usage": step.usage,
+        "created_at": step.created_at,
+        "available_at": step.available_at,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+    }
+
+
+def _decided_by(wait: Wait) -> str | None:
+    return wait.decided_by.get_username() if wait.decided_by is not None else None
+
+
+def wait_out(wait: Wait) -> dict[str, Any]:
+    return {
+        "id": wait.pk,
+        "step_id": wait.step_id,
+        "kind": wait.kind,
+        "name": wait.name,
+        "status": wait.status,
+        "tier": wait.tier,
+        "reason": wait.reason,
+        "action": wait.action,
+        "deadline_at": wait.deadline_at,
+        "on_timeout": wait.on_timeout,
+        "decision": wait.decision,
+        "decided_by": _decided_by(wait),
+        "decided_at": wait.decided_at,
+        "decision_reason": wait.decision_reason,
+        "edited_input": wait.edited_input,
+        "payload": wait.payload,
+        "created_at": wait.created_at,
+    }
+
+
+def run_detail_out(
+    run: Run,
+    *,
+    steps: list[Step],
+    state_versions: list[StateVersion],
+    waits: list[Wait],
+    events: list[RunEvent],
+) -> dict[str, Any]:
+    return {
+        **run_out(run),
+        "submitted_by": run.submitted_by.get_username() if run.submitted_by is not None else None,
+        "input": run.input,
+        "output": run.output,
+        "state": run.state,
+        "state_versions": state_versions,
+        "notes": run.notes,
+        "steps": [step_out(step) for step in steps],
+        "waits": [wait_out(wait) for wait in waits],
+        "events": events,
+    }
+
+
+def approval_out(wait: Wait) -> dict[str, Any]:
+    return {
+        "id": wait.pk,
+        "run_id": wait.run_id,
+        "workflow": wait.run.workflow_name,
+        "node": wait.step.node,
+        "agent": wait.step.agent,
+        "status": wait.status,
+        "tier": wait.tier,
+        "reason": wait.reason,
+        "action": wait.action,
+        "deadline_at": wait.deadline_at,
+        "created_at": wait.created_at,
+        "decision": wait.decision,
+        "decided_by": _decided_by(wait),
+        "decided_at": wait.decided_at,
+        "decision_reason": wait.decision_reason,
+        "edited_input": wait.edited_input,
+    }

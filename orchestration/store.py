@@ -1,0 +1,188 @@
+"""Hot-path persistence: the few statements a step costs, in as few round trips as possible.
+
+The engine's logic (``engine.Tx``) decides what to write; this module writes it. On PostgreSQL
+the statements of one phase go out together in a psycopg pipeline (one network round trip), new
+step ids come from blocks reserved on the table's own sequence (so inserts need no RETURNING),
+and a claim is one statement. On SQLite (embedded mode) the same statements run one by one.
+Conversion of values goes through each model field's ``get_db_prep_save``, as the ORM does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, models
+
+from audit.models import AuditEvent
+from audit.verbs import ActorType, Verb
+from console.sql import is_postgres, pipeline
+from orchestration.models import Run, RunStatus, Step, StepStatus
+
+ID_BLOCK = 200
+
+
+# --- ids --------------------------------------------------------------------------------------
+
+
+class _IdBlocks:
+    """Ids reserved in blocks from a table's identity sequence, per process (PostgreSQL)."""
+
+    def __init__(self) -> None:
+        self._free: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, model: type[models.Model], count: int) -> list[int]:
+        table = model._meta.db_table
+        with self._lock:
+            free = self._free.setdefault(table, [])
+            if len(free) < count:
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+                        [table, max(ID_BLOCK, count)],
+                    )
+                    free.extend(row[0] for row in cursor.fetchall())
+            taken, self._free[table] = free[:count], free[count:]
+            return taken
+
+    def forget(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+id_blocks = _IdBlocks()
+
+
+def assign_ids(model: type[models.Model], objs: Sequence[models.Model]) -> None:
+    """Give unsaved objects their primary keys before insert (PostgreSQL)."""
+    missing = [o for o in objs if o.pk is None]
+    if missing and is_postgres():
+        for obj, pk in zip(missing, id_blocks.take(model, len(missing)), strict=True):
+            obj.pk = pk
+
+
+def _step_columns() -> str:
+    return ", ".join(f"s.{connection.ops.quote_name(f.column)}" for f in Step._meta.concrete_fields)
+
+
+def _run_columns(alias: str) -> str:
+    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in Run._meta.concrete_fields)
+
+
+def _build(model: type[models.Model], row: Sequence[Any]) -> models.Model:
+    names = [f.attname for f in model._meta.concrete_fields]
+    return model.from_db(connection.alias, names, _convert(model, row))
+
+
+def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
+    out = []
+    for field, value in zip(model._meta.concrete_fields, row, strict=True):
+        for converter in field.get_db_converters(connection):
+            value = converter(value, field, connection)
+        out.append(value)
+    return out
+
+
+def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[str, Any]) -> Run | None:
+    """Lock the run row and move the step from ``running`` (with this token) to ``values``.
+
+    Both statements go in one round trip. ``None`` when the fence fails: the lease was lost."""
+    fields = [Step._meta.get_field(name) for name in values]
+    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    lock = " FOR UPDATE" if is_postgres() else ""
+    with connection.cursor() as run_cursor, connection.cursor() as step_cursor, pipeline():
+        run_cursor.execute(f"SELECT {_run_columns('r')} FROM {Run._meta.db_table} r WHERE r.id = %s{lock}", [run_id])
+        step_cursor.execute(
+            f"UPDATE {Step._meta.db_table} SET {assignments} WHERE id = %s AND status = %s AND attempt = %s RETURNING id",
+            [*params, step_id, StepStatus.RUNNING, token],
+        )
+        run_row = run_cursor.fetchone()
+        fenced = step_cursor.fetchone()
+    if not fenced or run_row is None:
+        return None
+    return _build(Run, run_row)  # type: ignore[return-value]
+
+
+def claim_step(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
+    """Claim a queued, due step: one statement on PostgreSQL (claim, first-claim run start and
+    their audit rows together). Returns the step with its run attached, or ``None``."""
+    if is_postgres():
+        return _claim_postgres(step_id, worker_id, now, lease_until)
+    return _claim_generic(step_id, worker_id, now, lease_until)
+
+
+def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
+    step_t, run_t, audit_t = Step._meta.db_table, Run._meta.db_table, AuditEvent._meta.db_table
+    audit_cols = "created_at, actor_type, actor_id, verb, object_type, object_id, run_id, step_id, trace_id, payload_digest, data"
+    sql = f"""
+    WITH c AS (
+        UPDATE {step_t} s SET status = %(running)s, attempt = s.attempt + 1, lease_owner = %(worker)s,
+               lease_expires_at = %(until)s, started_at = COALESCE(s.started_at, %(now)s)
+        WHERE s.id = %(id)s AND s.status = %(queued)s AND s.available_at <= %(now)s
+        RETURNING {_step_columns()}
+    ), started AS (
+        UPDATE {run_t} r SET status = %(running)s, started_at = %(now)s, updated_at = %(now)s
+        WHERE r.id = (SELECT run_id FROM c) AND r.status = %(run_queued)s
+        RETURNING r.id, r.trace_id
+    ), audit AS (
+        INSERT INTO {audit_t} ({audit_cols})
+        SELECT %(now)s, %(system)s, %(worker)s, %(claimed)s, 'step', c.id::text, c.run_id, c.id, r.trace_id, '',
+               jsonb_build_object('attempt', c.attempt, 'worker', %(worker)s)
+        FROM c JOIN {run_t} r ON r.id = c.run_id
+        UNION ALL
+        SELECT %(now)s, %(system)s, %(worker)s, %(run_started)s, 'run', started.id::text, started.id, NULL,
+               started.trace_id, '', '{{}}'::jsonb
+        FROM started
+    )
+    SELECT {_step_columns()}, {_run_columns('r')}, (SELECT count(*) FROM started)
+    FROM c s JOIN {run_t} r ON r.id = s.run_id
+    """
+    params = {
+        "id": step_id, "worker": worker_id, "until": lease_until, "now": now,
+        "running": StepStatus.RUNNING, "queued": StepStatus.QUEUED, "run_queued": RunStatus.QUEUED,
+        "system": ActorType.SYSTEM, "claimed": int(Verb.STEP_CLAIMED), "run_started": int(Verb.RUN_STARTED),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    n_step = len(Step._meta.concrete_fields)
+    step: Step = _build(Step, row[:n_step])  # type: ignore[assignment]
+    run: Run = _build(Run, row[n_step:-1])  # type: ignore[assignment]
+    if row[-1]:
+        run.status, run.started_at = RunStatus.RUNNING, now
+    step.run = run
+    return step
+
+
+def _claim_generic(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
+    from django.db.models import F
+    from django.db.models.functions import Coalesce
+
+    from audit.services import Entry, audit_record_many
+
+    claimed = Step.objects.filter(pk=step_id, status=StepStatus.QUEUED, available_at__lte=now).update(
+        status=StepStatus.RUNNING, attempt=F("attempt") + 1, lease_owner=worker_id,
+        lease_expires_at=lease_until, started_at=Coalesce(F("started_at"), now),
+    )
+    if not claimed:
+        return None
+    step = Step.objects.select_related("run").get(pk=step_id)
+    run = step.run
+    entries = [Entry(verb=Verb.STEP_CLAIMED, object_type="step", object_id=step.pk, actor_id=worker_id,
+                     run_id=run.pk, step_id=step.pk, trace_id=run.trace_id,
+                     data={"attempt": step.attempt, "worker": worker_id})]
+    if run.status == RunStatus.QUEUED and Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, started_at=now, updated_at=now
+    ):
+        run.status, run.started_at = RunStatus.RUNNING, now
+        entries.append(Entry(verb=Verb.RUN_STARTED, object_type="run", object_id=run.pk, actor_id=worker_id,
+                             run_id=run.pk, trace_id=run.trace_id))
+    audit_record_many(entries, now=now)
+    return step
+

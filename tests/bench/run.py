@@ -1,0 +1,362 @@
+"""`make bench`: the reference workload against PostgreSQL, Redis and real worker processes.
+
+classify -> (research_a || research_b) -> draft -> [approval] -> publish, no-op agents, every
+step durably committed. The web/API process, two worker processes, PostgreSQL and Redis share
+the machine. Prints a table; ``--markdown`` prints it ready for docs/benchmarks.md.
+
+  (a) 1,000 runs without the approval: runs/s and steps/s, submitted through the Python service
+      and, separately, through the REST API;
+  (b) 300 runs paused at the approval, then all approved by an API client as fast as it can:
+      resume latency (decision committed -> publish step started) p50/p95/p99;
+  (c) single-run end-to-end latency (submitted -> finished) over 200 sequential runs;
+  and for each, PostgreSQL write transactions per run and broker messages per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_DB = os.environ.get("BENCH_DATABASE", "signalbox_bench")
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DJANGO_SETTINGS_MODULE": "console.settings",
+        "SIGNALBOX_ENV": "development",
+        "DEBUG": "false",
+        "DATABASE_URL": f"{PG}/{BENCH_DB}",
+        "REDIS_URL": REDIS_URL,
+        "SIGNALBOX_AGENT_TIME_SCALE": "0",
+        "DB_CONN_MAX_AGE": "600",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env
+
+
+os.environ.update({k: v for k, v in bench_env().items() if k not in ("PYTHONPATH",)})
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Row:
+    name: str
+    runs: int
+    seconds: float = 0.0
+    steps: int = 0
+    write_tx: int = 0
+    broker_msgs: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def rate(self) -> str:
+        return f"{self.runs / self.seconds:,.0f}" if self.seconds else "-"
+
+    def step_rate(self) -> str:
+        return f"{self.steps / self.seconds:,.0f}" if self.seconds else "-"
+
+    def pct(self, p: float) -> str:
+        if not self.latencies_ms:
+            return "-"
+        data = sorted(self.latencies_ms)
+        index = min(len(data) - 1, max(0, round(p / 100 * len(data)) - 1))
+        return f"{data[index]:.1f}"
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, cwd=ROOT, env=bench_env(), stdout=subprocess.DEVNULL)
+
+
+def reset_database() -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+    sh(sys.executable, "manage.py", "migrate", "-v0")
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+class Processes:
+    """Two worker processes and one ASGI web process, started for the whole benchmark."""
+
+    def __init__(self, workers: int, live_events: bool) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
+        env = bench_env(SIGNALBOX_LIVE_EVENTS=str(live_events).lower())
+        for index in range(workers):
+            self._start(
+                [sys.executable, "-m", "celery", "-A", "console", "worker", "-Q", "pool.default,pool.research",
+                 "-n", f"bench{index}@%h", "--pool", "solo", "--prefetch-multiplier", "1",
+                 "--without-mingle", "--without-gossip", "-l", "info"],
+                env, f"worker{index}",
+            )
+        self.port = _free_port()
+        self._start(
+            [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+            {**env, "DB_POOL": "true", "DB_CONN_MAX_AGE": "0"}, "web",
+        )
+        self._wait_ready()
+
+    def _start(self, cmd: list[str], env: dict[str, str], name: str) -> None:
+        log = (self.logdir / f"{name}.log").open("w")
+        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers_ready = all(" ready." in p.read_text() for p in self.logdir.glob("worker*.log"))
+            try:
+                web_ready = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/health", timeout=1).status_code < 500
+            except httpx.HTTPError:
+                web_ready = False
+            if workers_ready and web_ready:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"processes not ready; logs in {self.logdir}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Counters:
+    """PostgreSQL write transactions (transaction ids handed out) and broker publishes."""
+
+    def __init__(self) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(REDIS_URL)
+
+    def xid(self) -> int:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT txid_current()")
+            return int(cursor.fetchone()[0])
+
+    def pushes(self) -> int:
+        stats = self.redis.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("lpush", "rpush"))
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.xid(), self.pushes()
+
+
+def wait_all(run_ids: list[int], status: str, timeout: float = 600) -> float:
+    """Block until every run has ``status``; returns the monotonic time it happened."""
+    from django.db import connection
+
+    from orchestration.models import Run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = Run.objects.filter(pk__in=run_ids, status=status).count()
+        failed = Run.objects.filter(pk__in=run_ids, status__in=["failed", "cancelled"]).first()
+        if failed is not None:
+            raise RuntimeError(f"run {failed.pk} {failed.status}: {failed.error_code} {failed.error_message}")
+        if done == len(run_ids):
+            return time.monotonic()
+        connection.close()
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {len(run_ids)} runs to be {status}")
+
+
+def api_client(port: int) -> Any:
+    import httpx
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    from console.models import ApiToken
+
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="orchestration"))
+    _, raw = ApiToken.issue(user, "bench")
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        headers={"Authorization": f"Bearer {raw}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=16),
+    )
+
+
+def bench_throughput_service(n: int, counters: Counters) -> Row:
+    from orchestration.services import run_submit
+
+    row = Row("(a) 1,000 runs, Python service", n)
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+    ids = [run_submit(workflow="reference_workload", input={}).run.pk for _ in range(n)]
+    end = wait_all(ids, "succeeded")
+    xid1, push1 = counters.snapshot()
+    row.seconds = end - start
+    row.steps = n * 5
+    row.write_tx = xid1 - xid0 - 1
+    row.broker_msgs = push1 - push0
+    return row
+
+
+def bench_throughput_api(n: int, counters: Counters, client: Any) -> Row:
+    row = Row("(a) 1,000 runs, REST API", n)
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+
+    def submit(i: int) -> int:
+        response = client.post("/runs", json={"workflow": "reference_workload", "input": {}, "idempotency_key": f"bench-{i}"})
+        response.raise_for_status()
+        return int(response.json()["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(submit, range(n)))
+    end = wait_all(ids, "succeeded")
+    xid1, push1 = counters.snapshot()
+    row.seconds = end - start
+    row.steps = n * 5
+    row.write_tx = xid1 - xid0 - 1
+    row.broker_msgs = push1 - push0
+    return row
+
+
+def bench_resume(n: int, counters: Counters, client: Any) -> Row:
+    from orchestration.models import Step, Wait
+    from orchestration.services import run_submit
+
+    row = Row("(b) 300 approvals, resume", n)
+    ids = [run_submit(workflow="reference_workload", input={"needs_approval": True}).run.pk for _ in range(n)]
+    wait_all(ids, "waiting")
+    waits = list(Wait.objects.filter(run_id__in=ids, status="open").values_list("pk", flat=True))
+    assert len(waits) == n, len(waits)
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+
+    def decide(wait_id: int) -> None:
+        response = client.post(f"/approvals/{wait_id}/decide", json={"decision": "approve", "reason": "bench"})
+        response.raise_for_status()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(decide, waits))
+    end = wait_all(ids, "succeeded")
+    xid1, push1 = counters.snapshot()
+    row.seconds = end - start
+    row.steps = n
+    row.write_tx = xid1 - xid0 - 1
+    row.broker_msgs = push1 - push0
+    decided = dict(Wait.objects.filter(pk__in=waits).values_list("run_id", "decided_at"))
+    started = dict(Step.objects.filter(run_id__in=ids, node="publish").values_list("run_id", "started_at"))
+    row.latencies_ms = [(started[r] - decided[r]).total_seconds() * 1000 for r in ids]
+    return row
+
+
+def bench_single(n: int, counters: Counters) -> Row:
+    from orchestration.models import Run
+    from orchestration.services import run_submit
+
+    row = Row("(c) single run, end to end", n)
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+    ids = []
+    for _ in range(n):
+        run_id = run_submit(workflow="reference_workload", input={}).run.pk
+        wait_all([run_id], "succeeded")
+        ids.append(run_id)
+    row.seconds = time.monotonic() - start
+    xid1, push1 = counters.snapshot()
+    row.steps = n * 5
+    row.write_tx = xid1 - xid0 - 1 - 0
+    row.broker_msgs = push1 - push0
+    row.latencies_ms = [
+        (finished - created).total_seconds() * 1000
+        for created, finished in Run.objects.filter(pk__in=ids).values_list("created_at", "finished_at")
+    ]
+    return row
+
+
+def render(rows: list[Row], markdown: bool) -> str:
+    head = ["workload", "runs", "runs/s", "steps/s", "p50 ms", "p95 ms", "p99 ms", "write tx/run", "broker msgs/run"]
+    body = [
+        [r.name, str(r.runs), r.rate(), r.step_rate(), r.pct(50), r.pct(95), r.pct(99),
+         f"{r.write_tx / r.runs:.1f}", f"{r.broker_msgs / r.runs:.2f}"]
+        for r in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--approvals", type=int, default=300)
+    parser.add_argument("--single", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-live-events", action="store_true", help="measure without channel-layer events")
+    parser.add_argument("--only", choices=["service", "api", "resume", "single"], action="append")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+
+    reset_database()
+    import django
+
+    django.setup()
+    procs = Processes(args.workers, live_events=not args.no_live_events)
+    rows: list[Row] = []
+    try:
+        counters = Counters()
+        only = set(args.only or ["service", "api", "resume", "single"])
+        client = api_client(procs.port) if only & {"api", "resume"} else None
+        if "single" in only:
+            bench_single(20, counters)  # warm-up: imports, connections, caches
+            rows.append(bench_single(args.single, counters))
+        if "service" in only:
+            rows.append(bench_throughput_service(args.runs, counters))
+        if "api" in only:
+            rows.append(bench_throughput_api(args.runs, counters, client))
+        if "resume" in only:
+            rows.append(bench_resume(args.approvals, counters, client))
+    finally:
+        procs.stop()
+    print(render(rows, args.markdown))
+    print(f"\nlogs: {procs.logdir}; cores: {os.cpu_count()}; live events: {not args.no_live_events}")
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()

@@ -17,12 +17,21 @@ def is_postgres() -> bool:
 
 @contextmanager
 def pipeline() -> Iterator[None]:
-    """Batch the statements issued inside into one round trip (PostgreSQL only)."""
+    """Batch the statements issued inside into one round trip (PostgreSQL only).
+
+    Inside an outer pipeline this adds nothing (psycopg would sync at every nested exit), so
+    the outermost caller decides where the round trip happens: wrapping a whole transaction
+    sends its last writes together with the COMMIT. Statements whose rowcount matters must not
+    run pipelined: read results with RETURNING instead."""
     if not is_postgres():
         yield
         return
     connection.ensure_connection()
-    with connection.connection.pipeline():
+    raw = connection.connection
+    if raw._pipeline is not None:  # already batching
+        yield
+        return
+    with raw.pipeline():
         yield
 
 

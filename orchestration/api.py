@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest
-from django.utils import timezone
 from ninja import Header, Path, Query, Router, Status
 
 from orchestration import selectors, services
@@ -150,18 +149,17 @@ def run_event_send(
     user = request.auth  # type: ignore[attr-defined]
     run = selectors.run_get_for_user(user, run_id)
     selectors.run_check_decide(user, run)
-    asked_at = timezone.now()
-    event, applied = services.run_send_event(
+    delivery = services.run_send_event(
         run_id=run.pk,
         name=payload.name,
         event_id=payload.event_id,
         payload=payload.payload,
         user=user,
     )
-    # The service returns the first delivery for a repeated event_id; it was received before
-    # this request started (a concurrent twin may be reported as new, never as lost).
-    duplicate = not applied and event.received_at < asked_at
-    return Status(202, {"applied": applied, "duplicate": duplicate, "event_id": event.event_id})
+    return Status(
+        202,
+        {"applied": delivery.applied, "duplicate": delivery.duplicate, "event_id": delivery.event.event_id},
+    )
 
 
 # --- approvals ----------------------------------------------------------------------------------

@@ -110,6 +110,13 @@ class InvalidInput(SignalboxError):
     http_status = 422
 
 
+class PayloadTooLarge(InvalidInput):
+    """A payload is larger than the configured limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
 class UnknownWorkflow(NotFound):
     """No workflow is registered under that name and version."""
 

@@ -23,7 +23,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import is_postgres
+from console.sql import is_postgres, pipeline
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.engine import Tx, digest, run_lock, step_action, step_input
@@ -186,6 +186,7 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
             code="payload_too_large",
         ), worker_id, pools, payload=output)
+    step.input = raw
     try:
         return step_complete(step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools)
     except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
@@ -199,9 +200,10 @@ def step_complete(
 ) -> Step | None:
     """Commit a successful step and advance its run, in one transaction, fenced by the token."""
     now = timezone.now()
-    with transaction.atomic():
+    # One pipeline around the transaction: the writes and the COMMIT share a round trip.
+    with pipeline(), transaction.atomic():
         values = {
-            "status": StepStatus.SUCCEEDED, "output": output, "usage": usage, "finished_at": now,
+            "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage, "finished_at": now,
             "lease_owner": "", "lease_expires_at": None,
         }
         run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, values)

@@ -8,14 +8,14 @@ on that run (django-guardian object permission), or submitted it. Deciding needs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
 from guardian.shortcuts import get_objects_for_user
 
-from orchestration.errors import NotFound, PermissionDenied
+from orchestration.errors import InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Run, RunEvent, StateVersion, Step, Wait, WaitKind, WaitStatus
 
 VIEW = "orchestration.view_run"
@@ -79,16 +79,18 @@ def run_list_for_user(
 
 
 def encode_cursor(run: Run) -> str:
-    return f"{run.created_at.isoformat()}_{run.pk}"
+    """URL-safe: microseconds since the epoch (UTC) and the id, e.g. ``1795424400123456-42``."""
+    micros = int(run.created_at.timestamp()) * 1_000_000 + run.created_at.microsecond
+    return f"{micros}-{run.pk}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
-    from orchestration.errors import InvalidInput
-
     try:
-        at, _, pk = cursor.rpartition("_")
-        return datetime.fromisoformat(at), int(pk)
-    except ValueError:
+        micros, _, pk = cursor.partition("-")
+        seconds, fraction = divmod(int(micros), 1_000_000)
+        at = datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=fraction)
+        return at, int(pk)
+    except (ValueError, OverflowError, OSError):
         raise InvalidInput("cursor is not valid; use next_cursor from the previous page", code="invalid_cursor") from None
 
 

@@ -19,8 +19,9 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from audit.verbs import ActorType, Verb
+from console.sql import pipeline
 from orchestration.engine import Tx, digest, new_trace_id, run_lock, step_action
-from orchestration.errors import Conflict, InvalidInput, NotFound, SignalboxError
+from orchestration.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, SignalboxError
 from orchestration.models import (
     Decision,
     Run,
@@ -45,7 +46,7 @@ def _check_size(payload: Any, what: str) -> None:
     size = len(json.dumps(payload, separators=(",", ":"), default=str).encode())
     limit = settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]
     if size > limit:
-        raise InvalidInput(f"{what} is {size} bytes; the limit is {limit}", code="payload_too_large")
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit}", detail={"size": size, "limit": limit})
 
 
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
@@ -90,7 +91,7 @@ def run_submit(
     actor_type, actor_id = _actor(submitted_by)
     now = timezone.now()
     try:
-        with transaction.atomic():
+        with pipeline(), transaction.atomic():
             run = Run.objects.create(
                 workflow_name=wf.name,
                 workflow_version=wf.version,
@@ -216,11 +217,20 @@ def _apply_decision(
     tx.publish.append((step, 0.0))
 
 
+@dataclass
+class EventDelivery:
+    event: RunEvent
+    #: The event reached a waiting step now (otherwise it is kept until the run waits for it).
+    applied: bool
+    #: This ``event_id`` was received before; nothing changed.
+    duplicate: bool
+
+
 def run_send_event(
     *, run_id: int, name: str, event_id: str, payload: dict[str, Any], user: AbstractBaseUser | None
-) -> tuple[RunEvent, bool]:
-    """Deliver a named outside event to a run. Returns (event, applied_now). The same
-    ``event_id`` sent again is a no-op that returns the first event."""
+) -> EventDelivery:
+    """Deliver a named outside event to a run, once: the same ``event_id`` sent again is a
+    no-op that returns the first delivery with ``duplicate`` set."""
     _check_size(payload, "event payload")
     actor_type, actor_id = _actor(user)
     now = timezone.now()
@@ -228,7 +238,7 @@ def run_send_event(
         run = _lock_or_404(run_id)
         existing = RunEvent.objects.filter(run=run, event_id=event_id).first()
         if existing is not None:
-            return existing, False
+            return EventDelivery(existing, applied=False, duplicate=True)
         if run.is_terminal:
             raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
         event = RunEvent.objects.create(run=run, name=name, event_id=event_id, payload=payload, received_at=now)
@@ -248,7 +258,7 @@ def run_send_event(
                 tx.fail_run(exc.code, exc.message)
             applied = True
         tx.flush()
-    return event, applied
+    return EventDelivery(event, applied=applied, duplicate=False)
 
 
 def _lock_or_404(run_id: int) -> Run:

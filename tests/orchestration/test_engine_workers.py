@@ -249,9 +249,10 @@ def test_parallel_waits_each_decision_reaches_its_own_wait(workers):
 def test_event_sent_twice_is_applied_once(workers):
     run = run_submit(workflow="event_timeout_continue", input={}).run
     open_wait(run, "event")
-    first, applied = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
-    again, applied_again = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
-    assert applied and not applied_again and first.pk == again.pk
+    first = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
+    again = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
+    assert first.applied and not first.duplicate
+    assert again.duplicate and not again.applied and first.event.pk == again.event.pk
     run = wait_for_run(run.pk)
     assert run.status == "succeeded"
     assert StateVersion.objects.filter(run=run, key="settlement").count() == 1
@@ -284,7 +285,7 @@ def test_every_state_change_left_its_event_row_in_the_same_transaction(workers):
     with connection.cursor() as cursor:
         for table in ("orchestration_run", "orchestration_step", "orchestration_wait", "orchestration_stateversion"):
             cursor.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT EXISTS ("  # noqa: S608 (fixed table names)
+                f"SELECT count(*), count(*) FILTER (WHERE NOT EXISTS ("
                 f"  SELECT 1 FROM audit_auditevent a WHERE a.xmin = t.xmin)) FROM {table} t"
             )
             total, orphans = cursor.fetchone()

@@ -1,0 +1,56 @@
+"""How API clients prove who they are: a bearer token, or the console's session login."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import Q
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja.security import HttpBearer, SessionAuth
+
+from console.models import ApiToken, token_digest
+
+# Recording every use would turn each API read into a write; a minute's precision is enough.
+LAST_USED_PRECISION = timedelta(minutes=1)
+
+
+class ApiTokenAuth(HttpBearer):
+    """``Authorization: Bearer sbx_...``: an unrevoked token of an active user."""
+
+    def authenticate(self, request: HttpRequest, token: str) -> Any:
+        if not token or len(token) > 200:
+            return None
+        api_token = (
+            ApiToken.objects.select_related("user")
+            .filter(digest=token_digest(token), revoked_at__isnull=True)
+            .first()
+        )
+        if api_token is None or not api_token.user.is_active:
+            return None
+        now = timezone.now()
+        stale = now - LAST_USED_PRECISION
+        if api_token.last_used_at is None or api_token.last_used_at < stale:
+            ApiToken.objects.filter(pk=api_token.pk).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale)
+            ).update(last_used_at=now)
+        return api_token.user
+
+
+class ConsoleSessionAuth(SessionAuth):
+    """The console's session login; unsafe methods must carry the CSRF token.
+
+    Unlike ninja's ``django_auth``, a request without a logged-in session is simply not
+    authenticated by this class (401), rather than failing the CSRF check first (403): a client
+    that forgot its token should be told so.
+    """
+
+    def _get_key(self, request: HttpRequest) -> str | None:
+        if not request.user.is_authenticated:
+            return None
+        return super()._get_key(request)
+
+
+api_token_auth = ApiTokenAuth()
+session_auth = ConsoleSessionAuth(csrf=True)

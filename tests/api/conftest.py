@@ -1,0 +1,125 @@
+"""Fixtures for the REST API tests: users with and without permissions, token clients, and a
+way to drive a run forward in this process (no Celery workers: steps are executed directly)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from audit.models import AuditEvent
+from console.models import ApiToken
+from orchestration.executor import step_execute
+from orchestration.models import Run, RunEvent, StateVersion, Step, StepStatus, Wait
+from orchestration.services import run_submit
+from tests.factories import UserFactory
+
+OPERATOR_PERMISSIONS = [
+    "orchestration.view_run",
+    "orchestration.decide_run",
+    "orchestration.add_run",
+]
+POOLS = frozenset({"default", "research"})
+
+
+@pytest.fixture(autouse=True)
+def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents take no time, nothing goes to the channel layer, and nothing reaches Redis."""
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
+    settings.CELERY_BROKER_URL = "memory://"
+    from console.celery import app
+
+    # The Celery app may have read its configuration already; point it at memory too.
+    monkeypatch.setitem(app.conf, "broker_url", "memory://")
+
+
+@pytest.fixture
+def operator(db: None) -> Any:
+    return UserFactory(username="operator", permissions=OPERATOR_PERMISSIONS)
+
+
+@pytest.fixture
+def viewer(db: None) -> Any:
+    """Sees every run, may not decide or submit."""
+    return UserFactory(username="viewer", permissions=["orchestration.view_run"])
+
+
+@pytest.fixture
+def submitter(db: None) -> Any:
+    """May submit runs and sees only their own."""
+    return UserFactory(username="submitter", permissions=["orchestration.add_run"])
+
+
+@pytest.fixture
+def stranger(db: None) -> Any:
+    """Authenticated, without any permission."""
+    return UserFactory(username="stranger")
+
+
+@pytest.fixture
+def client_for(db: None) -> Callable[[Any], Client]:
+    """A test client that authenticates as ``user`` with a fresh bearer token."""
+
+    def make(user: Any) -> Client:
+        _, raw = ApiToken.issue(user, "tests")
+        return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+    return make
+
+
+@pytest.fixture
+def operator_client(operator: Any, client_for: Callable[[Any], Client]) -> Client:
+    return client_for(operator)
+
+
+@pytest.fixture
+def drive() -> Callable[[int], None]:
+    """Execute the run's queued steps (and what they unlock) until none is queued."""
+
+    def run_queued(run_id: int) -> None:
+        for _ in range(50):
+            queued = list(
+                Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list(
+                    "pk", flat=True
+                )
+            )
+            if not queued:
+                return
+            for step_id in queued:
+                step_execute(step_id, worker_id="t", pools=POOLS)
+        raise AssertionError(f"run {run_id} still has queued steps after 50 rounds")
+
+    return run_queued
+
+
+@pytest.fixture
+def pending_approval(operator: Any, drive: Callable[[int], None]) -> Callable[..., Wait]:
+    """Submit a run and drive it to its first open approval."""
+
+    def make(workflow: str = "reference_workload", input: dict[str, Any] | None = None) -> Wait:
+        run = run_submit(
+            workflow=workflow,
+            input=input if input is not None else {"needs_approval": True},
+            submitted_by=operator,
+        ).run
+        drive(run.pk)
+        wait = Wait.objects.filter(run=run, kind="approval", status="open").order_by("id").first()
+        assert wait is not None, f"run {run.pk} has no open approval"
+        return wait
+
+    return make
+
+
+@pytest.fixture
+def row_counts() -> Callable[[], dict[str, int]]:
+    """Rows in every table a write could touch: compare before and after a refused request."""
+
+    def count() -> dict[str, int]:
+        return {
+            model.__name__: model.objects.count()
+            for model in (Run, Step, Wait, RunEvent, StateVersion, AuditEvent)
+        }
+
+    return count

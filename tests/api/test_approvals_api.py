@@ -1,0 +1,183 @@
+"""Approvals through the REST API: the pending list and every kind of decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.models import AuditEvent
+from audit.verbs import Verb
+from orchestration.models import Run, Step, Wait
+
+pytestmark = pytest.mark.django_db
+
+APPROVALS = "/api/v1/approvals"
+
+
+def decide(client, approval_id: int, **body):
+    return client.post(f"{APPROVALS}/{approval_id}/decide", body, content_type="application/json")
+
+
+def test_pending_approvals_list_the_proposed_action(operator_client, pending_approval):
+    wait = pending_approval()
+    response = operator_client.get(APPROVALS)
+    assert response.status_code == 200, response.content
+    (item,) = response.json()
+    assert item["id"] == wait.pk
+    assert item["run_id"] == wait.run_id
+    assert item["workflow"] == "reference_workload"
+    assert (item["node"], item["agent"], item["tier"]) == ("publish", "noop", 1)
+    assert item["reason"] == "benchmark approval"
+    assert item["status"] == "open" and item["decision"] == "" and item["decided_by"] is None
+    assert item["action"]["input"] == {"topic": "bench", "needs_approval": True}
+    assert item["deadline_at"].endswith("Z") and item["created_at"].endswith("Z")
+
+
+def test_approvals_on_runs_a_user_cannot_see_are_not_listed(stranger, client_for, pending_approval):
+    pending_approval()
+    response = client_for(stranger).get(APPROVALS)
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_decided_approvals_leave_the_pending_list(operator_client, pending_approval):
+    wait = pending_approval()
+    assert decide(operator_client, wait.pk, decision="approve").status_code == 200
+    assert operator_client.get(APPROVALS).json() == []
+
+
+def test_approve_resumes_the_run(operator_client, pending_approval, drive):
+    wait = pending_approval()
+    response = decide(operator_client, wait.pk, decision="approve", reason="looks right")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "approved" and body["decision"] == "approve"
+    assert body["decided_by"] == "operator" and body["decided_at"].endswith("Z")
+    assert body["decision_reason"] == "looks right"
+    assert AuditEvent.objects.filter(run_id=wait.run_id, verb=Verb.APPROVAL_APPROVED).count() == 1
+    drive(wait.run_id)
+    assert Run.objects.get(pk=wait.run_id).status == "succeeded"
+
+
+def test_reject_with_a_reason_stops_the_step(operator_client, pending_approval, drive):
+    wait = pending_approval()
+    response = decide(operator_client, wait.pk, decision="reject", reason="wrong customer")
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "rejected"
+    assert response.json()["decision_reason"] == "wrong customer"
+    step = Step.objects.get(pk=wait.step_id)
+    assert step.status == "failed" and step.error_code == "approval_rejected"
+    drive(wait.run_id)
+    assert Run.objects.get(pk=wait.run_id).status == "failed"
+
+
+def test_edit_with_a_valid_input_runs_the_edited_action(operator_client, pending_approval, drive):
+    wait = pending_approval("parallel_approvals", {"text": "draft"})
+    response = decide(
+        operator_client,
+        wait.pk,
+        decision="edit",
+        reason="fix the wording",
+        edited_input={"text": "final"},
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "approved" and body["decision"] == "edit"
+    assert body["edited_input"] == {"text": "final"}
+    drive(wait.run_id)
+    step = Step.objects.get(pk=wait.step_id)
+    assert step.status == "succeeded"
+    assert step.output == {"text": "echo:final"}
+    detail = operator_client.get(f"/api/v1/runs/{wait.run_id}").json()
+    edited = next(s for s in detail["steps"] if s["id"] == step.pk)
+    assert edited["input"] == {"text": "final"}
+
+
+def test_edit_with_an_invalid_input_is_refused_and_changes_nothing(
+    operator_client, pending_approval, row_counts
+):
+    wait = pending_approval("parallel_approvals", {"text": "draft"})
+    before = row_counts()
+    response = decide(
+        operator_client,
+        wait.pk,
+        decision="edit",
+        reason="try",
+        edited_input={"text": {"not": "a string"}},
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "input_contract"
+    assert error["detail"][0]["loc"] == ["text"]
+    assert row_counts() == before
+    wait.refresh_from_db()
+    assert wait.status == "open" and wait.edited_input is None
+    assert Step.objects.get(pk=wait.step_id).input_override is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"decision": "reject"},
+        {"decision": "reject", "reason": "   "},
+        {"decision": "edit", "edited_input": {"text": "x"}},
+        {"decision": "edit", "reason": "no input given"},
+        {"decision": "approve", "edited_input": {"text": "x"}},
+        {"decision": "maybe", "reason": "?"},
+        {},
+    ],
+    ids=[
+        "reject-no-reason",
+        "reject-blank-reason",
+        "edit-no-reason",
+        "edit-no-input",
+        "approve-with-input",
+        "unknown",
+        "empty",
+    ],
+)
+def test_a_malformed_decision_is_refused_and_changes_nothing(
+    operator_client, pending_approval, row_counts, body
+):
+    wait = pending_approval()
+    before = row_counts()
+    response = decide(operator_client, wait.pk, **body)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["message"]
+    assert row_counts() == before
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_a_second_decision_gets_409_already_decided(operator_client, pending_approval, row_counts):
+    wait = pending_approval()
+    assert decide(operator_client, wait.pk, decision="approve").status_code == 200
+    before = row_counts()
+    response = decide(operator_client, wait.pk, decision="reject", reason="too late")
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "already_decided"
+    assert error["detail"]["status"] == "approved"
+    assert "operator" in error["message"]
+    assert row_counts() == before
+    assert Wait.objects.get(pk=wait.pk).decision == "approve"
+
+
+def test_a_viewer_may_not_decide(viewer, client_for, pending_approval, row_counts):
+    wait = pending_approval()
+    before = row_counts()
+    response = decide(client_for(viewer), wait.pk, decision="approve")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "decide_denied"
+    assert row_counts() == before
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_an_approval_on_a_hidden_run_is_not_found(
+    stranger, client_for, pending_approval, row_counts
+):
+    wait = pending_approval()
+    before = row_counts()
+    response = decide(client_for(stranger), wait.pk, decision="approve")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "approval_not_found"
+    assert row_counts() == before

@@ -1,0 +1,34 @@
+"""factory-boy factories for test data. Runs are never built here: submit them with
+``orchestration.services.run_submit`` so every row a run owns exists as in production."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import factory
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    """A user; ``permissions=["orchestration.view_run", ...]`` grants global permissions."""
+
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda user: f"{user.username}@example.com")
+    password = factory.django.Password("correct horse battery staple")
+    is_active = True
+
+    @factory.post_generation
+    def permissions(self, create: bool, extracted: list[str] | None, **kwargs: Any) -> None:
+        if not create or not extracted:
+            return
+        for name in extracted:
+            app_label, _, codename = name.partition(".")
+            self.user_permissions.add(
+                Permission.objects.get(content_type__app_label=app_label, codename=codename)
+            )

@@ -1,0 +1,97 @@
+# Signalbox developer tasks. Every variable below can be overridden on the command line or from
+# the environment, e.g. `make test PYTEST_ARGS="-k advance -x"` or `make worker POOLS=pool.research`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# Rebuilt whenever pyproject.toml changes, so `make install` is a no-op when nothing changed.
+STAMP := $(VENV)/.installed
+
+# Production mode on local services. Targets that need them (test, bench, web, worker, beat,
+# migrate) pass these to their command; `demo` does not, because it runs embedded.
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/signalbox
+REDIS_URL ?= redis://127.0.0.1:6379/0
+# The test suite empties its Redis database at start: never the one a dev worker uses.
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# Not a secret: only ever used by the test suite.
+TEST_SECRET_KEY ?= signalbox-test-suite-key-not-a-secret-0123456789abcdefghij
+
+POOLS ?= pool.default,pool.research
+WORKER_CONCURRENCY ?= 2
+WEB_ADDR ?= 127.0.0.1:8000
+LOG_LEVEL ?= info
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+DEMO_ARGS ?=
+
+SERVICES_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(REDIS_URL)'
+TEST_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(TEST_REDIS_URL)' SECRET_KEY='$(TEST_SECRET_KEY)' SIGNALBOX_ENV=test
+
+.PHONY: help install demo test lint fmt typecheck bench web worker beat migrate clean distclean
+
+help:
+	@echo "make install    virtualenv in $(VENV) with the project and its dev tools"
+	@echo "make demo       everything in one process, no services (SQLite, in-process broker)"
+	@echo "make test       migration check + pytest against PostgreSQL and Redis"
+	@echo "make lint       ruff check + ruff format --check"
+	@echo "make fmt        ruff fix + format"
+	@echo "make typecheck  mypy (django-stubs)"
+	@echo "make bench      reference workload benchmark (PostgreSQL, Redis, real workers)"
+	@echo "make migrate    apply migrations to DATABASE_URL"
+	@echo "make web        development ASGI server on $(WEB_ADDR)"
+	@echo "make worker     Celery worker for POOLS=$(POOLS)"
+	@echo "make beat       Celery beat (engine tick, reaper, timers)"
+	@echo "make clean      caches and build output (keeps $(VENV) and var/; distclean drops $(VENV))"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) manage.py demo $(DEMO_ARGS)
+
+test: install
+	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(TEST_ENV) $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(TEST_ENV) $(PY) -m tests.bench.run $(BENCH_ARGS)
+
+migrate: install
+	$(SERVICES_ENV) $(PY) manage.py migrate
+
+web: install
+	$(SERVICES_ENV) $(PY) manage.py runserver $(WEB_ADDR)
+
+worker: install
+	$(SERVICES_ENV) $(BIN)/celery -A console worker -Q $(POOLS) \
+		--concurrency $(WORKER_CONCURRENCY) --prefetch-multiplier 1 -l $(LOG_LEVEL)
+
+beat: install
+	mkdir -p var
+	$(SERVICES_ENV) $(BIN)/celery -A console beat --schedule var/celerybeat-schedule -l $(LOG_LEVEL)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache .mypy_cache staticfiles build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

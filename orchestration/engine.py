@@ -18,7 +18,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
@@ -43,7 +42,7 @@ from orchestration.models import (
 from orchestration.registry import agent_class, workflow_get
 
 RUN_FLUSH_FIELDS = (
-    "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
+    "version", "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
     "waiting_steps", "step_count", "notes", "output", "error_code", "error_message",
     "started_at", "finished_at", "updated_at",
 )
@@ -77,8 +76,15 @@ class Tx:
         actor_id: str = "",
         worker_id: str = "",
         local_pools: frozenset[str] = frozenset(),
+        optimistic: bool = False,
     ):
         self.run = run
+        #: Optimistic: the run row was read without a lock; flush writes it only if its version
+        #: is unchanged (else the transaction aborts and the caller retries with fresh data).
+        self.optimistic = optimistic
+        self.expected_version = run.version
+        #: (step id, token, values): the completing step's fenced update, written by flush.
+        self.fence: tuple[int, int, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
         self.now = now
         self.actor_type = actor_type
@@ -413,7 +419,8 @@ class Tx:
             self.arrive(node, name)
 
     def _item_done(self, item: Step, node: Node) -> None:
-        parent = Step.objects.select_for_update().get(pk=item.parent_id)
+        # The run row (locked, or version-checked at flush) serialises writers of this map.
+        parent = Step.objects.get(pk=item.parent_id)
         next_item = (
             Step.objects.filter(parent=parent, status=StepStatus.PENDING).order_by("item").first()
         )
@@ -426,10 +433,15 @@ class Tx:
             parent=parent, status__in=(StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
         ).exclude(pk=item.pk).exists():
             return
-        outputs = list(
-            Step.objects.filter(parent=parent, status=StepStatus.SUCCEEDED).order_by("item").values_list("output", flat=True)
+        # This item's own row may not say "succeeded" yet (its fenced update is written at
+        # flush), so its output comes from memory; the others' from their rows, in item order.
+        by_item = dict(
+            Step.objects.filter(parent=parent, status=StepStatus.SUCCEEDED)
+            .exclude(pk=item.pk)
+            .values_list("item", "output")
         )
-        self.finish_map(parent, outputs)
+        by_item[item.item] = item.output
+        self.finish_map(parent, [by_item[index] for index in sorted(by_item)])
 
     def finish_map(self, parent: Step, outputs: list[Any]) -> None:
         node = self.wf.node(parent.node)
@@ -529,7 +541,17 @@ class Tx:
         waits = [w for w in self.new_waits if w.pk is None]
         store.assign_ids(Step, self.new_steps)
         store.assign_ids(Wait, waits)
+        self.run.version = self.expected_version + 1
         with pipeline():
+            # The run row first: it is the lock every writer of this run takes, in this order.
+            if self.optimistic:
+                store.update_run_checked(self.run, RUN_FLUSH_FIELDS, self.expected_version)
+            else:
+                update(self.run, RUN_FLUSH_FIELDS)
+            self.expected_version = self.run.version
+            if self.fence is not None:
+                store.fence_step_checked(*self.fence)
+                self.fence = None
             self.flush_steps()
             if waits:
                 insert(Wait, waits)
@@ -542,7 +564,6 @@ class Tx:
             if self.state_rows:
                 insert(StateVersion, self.state_rows, returning=False)
                 self.state_rows = []
-            update(self.run, RUN_FLUSH_FIELDS)
             audit_record_many(self.audit, now=self.now)
             self.audit = []
         if self.run.status != self._status_before:
@@ -618,15 +639,6 @@ def step_action(step: Step, node: Node, run: Run) -> dict[str, Any]:
 def run_lock(run_id: int) -> Run:
     """Lock and return the run row; call inside ``transaction.atomic()``."""
     return Run.objects.select_for_update().get(pk=run_id)
-
-
-def run_counter_sanity(run: Run) -> None:
-    """Recount the run's active steps from rows (used by repair tooling and tests)."""
-    Run.objects.filter(pk=run.pk).update(
-        active_steps=Step.objects.filter(run=run, status__in=STEP_ACTIVE).count(),
-        waiting_steps=Step.objects.filter(run=run, status=StepStatus.WAITING).count(),
-        updated_at=F("updated_at"),
-    )
 
 
 def _truncate(payload: Any, limit: int = 8_000) -> Any:

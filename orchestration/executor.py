@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
@@ -34,7 +34,7 @@ from orchestration.errors import (
     SignalboxError,
     TransientError,
 )
-from orchestration.models import Step, StepKind, StepStatus
+from orchestration.models import Run, Step, StepKind, StepStatus
 from orchestration.registry import agent_instance, workflow_get
 
 log = logging.getLogger(__name__)
@@ -195,38 +195,77 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
         return _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools)
 
 
+#: Optimistic completions retried with fresh run data before falling back to the row lock.
+OPTIMISTIC_TRIES = 4
+
+
 def step_complete(
     step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str, pools: frozenset[str]
 ) -> Step | None:
-    """Commit a successful step and advance its run, in one transaction, fenced by the token."""
+    """Commit a successful step and advance its run in one transaction, fenced by the token.
+
+    On PostgreSQL the run row read at claim time is used without a lock: the fence, the run's
+    version check, every write and the COMMIT go out in one round trip; if another transaction
+    wrote the run meanwhile, it is read again and the advance recomputed. Elsewhere (and after
+    repeated conflicts) the run row is locked first."""
     now = timezone.now()
-    # One pipeline around the transaction: the writes and the COMMIT share a round trip.
+    values = {
+        "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage,
+        "finished_at": now, "lease_owner": "", "lease_expires_at": None,
+    }
+    run: Run | None = step.run
+    if is_postgres():
+        for _ in range(OPTIMISTIC_TRIES):
+            assert run is not None
+            try:
+                with pipeline(), transaction.atomic():
+                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True)
+                    tx.fence = (step.pk, step.attempt, values)
+                    tx.flush()
+                return tx.local_step
+            except DatabaseError as exc:
+                failed = store.expectation_failed(exc)
+                if failed == store.LEASE_LOST:
+                    log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
+                    return None
+                if failed != store.RUN_CHANGED:
+                    raise
+                run = store.run_fetch(step.run_id)
     with pipeline(), transaction.atomic():
-        values = {
-            "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage, "finished_at": now,
-            "lease_owner": "", "lease_expires_at": None,
-        }
         run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, values)
         if run is None:
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
-        step.run = run
-        step.status, step.output, step.usage, step.finished_at = StepStatus.SUCCEEDED, output, usage, now
-        tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id, local_pools=pools)
-        tx._left(StepStatus.RUNNING)
-        tx.step_event(step, "succeeded")
-        node = tx.wf.node(step.node)
-        try:
-            if now > run.deadline_at:
-                raise LimitExceeded(
-                    f"run stopped by its max_duration bound ({tx.wf.max_duration})", code="run_deadline",
-                    detail={"bound": "max_duration"},
-                )
-            tx.step_succeeded(step, node, output, written)
-        except SignalboxError as exc:
-            tx.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+        tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False)
         tx.flush()
         return tx.local_step
+
+
+def _advance_after(
+    step: Step, run: Run, now: Any, output: dict[str, Any], written: dict[str, Any],
+    worker_id: str, pools: frozenset[str], *, optimistic: bool,
+) -> Tx:
+    """What the step's success changes: its outputs in state, the next steps, the run's status."""
+    step.run = run
+    step.status, step.output, step.finished_at = StepStatus.SUCCEEDED, output, now
+    tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id,
+            local_pools=pools, optimistic=optimistic)
+    tx._left(StepStatus.RUNNING)
+    tx.step_event(step, "succeeded")
+    node = tx.wf.node(step.node)
+    try:
+        if run.is_terminal:
+            # Cancelled or failed meanwhile: the fence below fails (the step was cancelled).
+            return tx
+        if now > run.deadline_at:
+            raise LimitExceeded(
+                f"run stopped by its max_duration bound ({tx.wf.max_duration})", code="run_deadline",
+                detail={"bound": "max_duration"},
+            )
+        tx.step_succeeded(step, node, output, written)
+    except SignalboxError as exc:
+        tx.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+    return tx
 
 
 def _fail(step: Step, error: SignalboxError, worker_id: str, pools: frozenset[str], *, payload: Any = None) -> None:

@@ -77,6 +77,8 @@ class Run(models.Model):
     active_steps = models.PositiveIntegerField(default=0)
     waiting_steps = models.PositiveIntegerField(default=0)
     step_count = models.PositiveIntegerField(default=0)
+    #: Bumped by every write of this row: completions check it instead of locking first.
+    version = models.PositiveBigIntegerField(default=0)
     #: Human-readable notes the engine adds (a loop bound taken, a degraded result).
     notes = models.JSONField(default=list, blank=True)
 

@@ -79,11 +79,27 @@ def _build(model: type[models.Model], row: Sequence[Any]) -> models.Model:
 
 def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
     out = []
-    for field, value in zip(model._meta.concrete_fields, row, strict=True):
-        for converter in field.get_db_converters(connection):
-            value = converter(value, field, connection)
+    for value, (col, converters) in zip(row, _converters(model), strict=True):
+        for converter in converters:
+            value = converter(value, col, connection)
         out.append(value)
     return out
+
+
+_converter_cache: dict[tuple[str, type[models.Model]], list[tuple[Any, list[Any]]]] = {}
+
+
+def _converters(model: type[models.Model]) -> list[tuple[Any, list[Any]]]:
+    # The backend's converters first, then the field's, as the ORM's compiler does: on SQLite
+    # the backend's make datetimes aware (the field's alone leave them naive).
+    key = (connection.vendor, model)
+    if key not in _converter_cache:
+        entries = []
+        for field in model._meta.concrete_fields:
+            col = field.get_col(model._meta.db_table)
+            entries.append((col, [*connection.ops.get_db_converters(col), *field.get_db_converters(connection)]))
+        _converter_cache[key] = entries
+    return _converter_cache[key]
 
 
 def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[str, Any]) -> Run | None:
@@ -125,7 +141,8 @@ def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: da
         WHERE s.id = %(id)s AND s.status = %(queued)s AND s.available_at <= %(now)s
         RETURNING {_step_columns()}
     ), started AS (
-        UPDATE {run_t} r SET status = %(running)s, started_at = %(now)s, updated_at = %(now)s
+        UPDATE {run_t} r SET status = %(running)s, started_at = %(now)s, updated_at = %(now)s,
+               version = r.version + 1
         WHERE r.id = (SELECT run_id FROM c) AND r.status = %(run_queued)s
         RETURNING r.id, r.trace_id
     ), audit AS (
@@ -154,8 +171,8 @@ def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: da
     n_step = len(Step._meta.concrete_fields)
     step: Step = _build(Step, row[:n_step])  # type: ignore[assignment]
     run: Run = _build(Run, row[n_step:-1])  # type: ignore[assignment]
-    if row[-1]:
-        run.status, run.started_at = RunStatus.RUNNING, now
+    if row[-1]:  # this claim started the run (the row above is from before that update)
+        run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
     step.run = run
     return step
 
@@ -178,11 +195,64 @@ def _claim_generic(step_id: int, worker_id: str, now: datetime, lease_until: dat
                      run_id=run.pk, step_id=step.pk, trace_id=run.trace_id,
                      data={"attempt": step.attempt, "worker": worker_id})]
     if run.status == RunStatus.QUEUED and Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
-        status=RunStatus.RUNNING, started_at=now, updated_at=now
+        status=RunStatus.RUNNING, started_at=now, updated_at=now, version=F("version") + 1
     ):
-        run.status, run.started_at = RunStatus.RUNNING, now
+        run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
         entries.append(Entry(verb=Verb.RUN_STARTED, object_type="run", object_id=run.pk, actor_id=worker_id,
                              run_id=run.pk, trace_id=run.trace_id))
     audit_record_many(entries, now=now)
     return step
 
+
+
+# --- optimistic completion (PostgreSQL) ---------------------------------------------------------
+
+#: SQLSTATEs raised by ``signalbox_expect`` (migration 0003): the transaction is rolled back.
+LEASE_LOST = "SBX01"
+RUN_CHANGED = "SBX02"
+
+
+def expectation_failed(exc: BaseException) -> str | None:
+    """The SQLSTATE of a failed ``signalbox_expect`` behind ``exc`` (a deadlock counts as a
+    changed run: retrying with fresh data is the answer to both), else ``None``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None)
+        if state in (LEASE_LOST, RUN_CHANGED):
+            return state
+        if state == "40P01":
+            return RUN_CHANGED
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def update_run_checked(run: Run, fields: Sequence[str], expected_version: int) -> None:
+    """UPDATE the run row only if nobody wrote it since ``expected_version`` was read; otherwise
+    abort the transaction with RUN_CHANGED. Queued without waiting for a result."""
+    chosen = [Run._meta.get_field(name) for name in fields]
+    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in chosen)
+    params = [f.get_db_prep_save(getattr(run, f.attname), connection) for f in chosen]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH u AS (UPDATE {Run._meta.db_table} SET {assignments} WHERE id = %s AND version = %s RETURNING 1) "
+            f"SELECT signalbox_expect(count(*) = 1, '{RUN_CHANGED}') FROM u",
+            [*params, run.pk, expected_version],
+        )
+
+
+def fence_step_checked(step_id: int, token: int, values: dict[str, Any]) -> None:
+    """Move a running step (claimed with ``token``) to ``values``, or abort with LEASE_LOST."""
+    fields = [Step._meta.get_field(name) for name in values]
+    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH u AS (UPDATE {Step._meta.db_table} SET {assignments} "
+            f"WHERE id = %s AND status = %s AND attempt = %s RETURNING 1) "
+            f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u",
+            [*params, step_id, StepStatus.RUNNING, token],
+        )
+
+
+def run_fetch(run_id: int) -> Run:
+    return Run.objects.get(pk=run_id)

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import insert
+from console.sql import Batch, insert
 
 
 def payload_digest(payload: Any) -> str:
@@ -41,12 +41,13 @@ class Entry:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None) -> None:
-    """Write the entries in one statement. Must run inside the caller's transaction."""
+def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None, batch: Batch | None = None) -> None:
+    """Write the entries in one statement, inside the caller's transaction (or its batch,
+    which is one transaction)."""
     rows = list(entries)
     if not rows:
         return
-    if not connection.in_atomic_block:
+    if batch is None and not connection.in_atomic_block:
         raise RuntimeError("audit events must be written inside the transaction of the change")
     now = now or timezone.now()
     insert(
@@ -68,6 +69,7 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None) 
             for e in rows
         ],
         returning=False,
+        batch=batch,
     )
 
 

@@ -38,6 +38,14 @@ class Verb(models.IntegerChoices):
     EVENT_APPLIED = 406, "event.applied"
     APPROVAL_STALE = 407, "approval.stale"
     WAIT_CANCELLED = 408, "wait.cancelled"
+    # 500-599: tool calls (capabilities, providers, circuit breakers)
+    TOOL_CALLED = 500, "tool.called"
+    TOOL_CALL_FAILED = 501, "tool.call_failed"
+    TOOL_CALL_SKIPPED = 502, "tool.call_skipped"
+    TOOL_CALL_EXHAUSTED = 503, "tool.exhausted"
+    TOOL_CIRCUIT_OPENED = 510, "tool.circuit_opened"
+    TOOL_CIRCUIT_HALF_OPENED = 511, "tool.circuit_half_opened"
+    TOOL_CIRCUIT_CLOSED = 512, "tool.circuit_closed"
 
 
 class ActorType(models.TextChoices):

@@ -4,15 +4,22 @@ a psycopg pipeline to send several statements in one round trip on PostgreSQL.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connections, models
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+def db() -> BaseDatabaseWrapper:
+    """The default connection itself: the ``django.db.connection`` proxy costs a thread-local
+    lookup on every attribute, which adds up in a loop over fields."""
+    return connections[DEFAULT_DB_ALIAS]
 
 
 def is_postgres() -> bool:
-    return connection.vendor == "postgresql"
+    return db().vendor == "postgresql"
 
 
 @contextmanager
@@ -23,16 +30,38 @@ def pipeline() -> Iterator[None]:
     the outermost caller decides where the round trip happens: wrapping a whole transaction
     sends its last writes together with the COMMIT. Statements whose rowcount matters must not
     run pipelined: read results with RETURNING instead."""
-    if not is_postgres():
+    conn = db()
+    if conn.vendor != "postgresql":
         yield
         return
-    connection.ensure_connection()
-    raw = connection.connection
+    conn.ensure_connection()
+    raw = conn.connection
     if raw._pipeline is not None:  # already batching
         yield
         return
     with raw.pipeline():
         yield
+
+
+class Batch:
+    """Statements collected to go to PostgreSQL as ONE multi-statement string, in autocommit
+    mode: one round trip, executed as one implicit transaction (all or nothing), committed when
+    it returns. For writes that need no results back."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, Sequence[Any]]] = []
+
+    def add(self, sql: str, params: Sequence[Any]) -> None:
+        self.statements.append((sql, params))
+
+    def run(self) -> None:
+        conn = db()
+        if conn.in_atomic_block:
+            raise RuntimeError("a Batch commits by itself; run it outside transaction.atomic()")
+        with conn.cursor() as cursor:
+            raw = cursor.cursor  # psycopg's client-side binding cursor: it can mogrify
+            text = ";\n".join(raw.mogrify(sql, params) for sql, params in self.statements)
+            cursor.execute(text)
 
 
 # --- columns ----------------------------------------------------------------------------------
@@ -43,11 +72,11 @@ class _Table:
         self.model = model
         self.name = model._meta.db_table
         self.fields = [f for f in model._meta.concrete_fields if with_pk or not f.primary_key]
-        self.columns = ", ".join(connection.ops.quote_name(f.column) for f in self.fields)
+        self.columns = ", ".join(db().ops.quote_name(f.column) for f in self.fields)
         self.placeholder = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
 
-    def row(self, obj: models.Model) -> list[Any]:
-        return [f.get_db_prep_save(getattr(obj, f.attname), connection) for f in self.fields]
+    def row(self, obj: models.Model, conn: BaseDatabaseWrapper) -> list[Any]:
+        return [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in self.fields]
 
 
 _tables: dict[tuple[type[models.Model], bool], _Table] = {}
@@ -63,7 +92,9 @@ def _table(model: type[models.Model], with_pk: bool) -> _Table:
 # --- writes -----------------------------------------------------------------------------------
 
 
-def insert(model: type[models.Model], objs: Sequence[models.Model], *, returning: bool = True) -> None:
+def insert(
+    model: type[models.Model], objs: Sequence[models.Model], *, returning: bool = True, batch: Batch | None = None
+) -> None:
     """INSERT the objects in one statement. Objects with a pk keep theirs; the others get
     theirs from RETURNING unless ``returning`` is off (ids nobody reads)."""
     if not objs:
@@ -74,8 +105,14 @@ def insert(model: type[models.Model], objs: Sequence[models.Model], *, returning
         # Copies the ids of related objects saved since this one was built (as bulk_create does).
         obj._prepare_related_fields_for_save(operation_name="insert")
     sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join([table.placeholder] * len(objs))
-    params = [value for obj in objs for value in table.row(obj)]
-    with connection.cursor() as cursor:
+    conn = db()
+    params = [value for obj in objs for value in table.row(obj, conn)]
+    if batch is not None:
+        if not with_pk and returning:
+            raise ValueError("a batched insert cannot return ids: assign them first")
+        batch.add(sql, params)
+        return
+    with conn.cursor() as cursor:
         if with_pk:
             cursor.execute(sql, params)
             return
@@ -87,12 +124,26 @@ def insert(model: type[models.Model], objs: Sequence[models.Model], *, returning
             obj.pk = pk
 
 
-def update(obj: models.Model, fields: Iterable[str]) -> None:
+def update(obj: models.Model, fields: Sequence[str], *, batch: Batch | None = None) -> None:
     """UPDATE one row's ``fields`` by primary key."""
-    model = type(obj)
-    meta = model._meta
-    chosen = [meta.get_field(name) for name in fields]
-    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in chosen)
-    params = [f.get_db_prep_save(getattr(obj, f.attname), connection) for f in chosen]
-    with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {meta.db_table} SET {assignments} WHERE id = %s", [*params, obj.pk])
+    conn = db()
+    sql, chosen = _update_sql(type(obj), tuple(fields))
+    params = [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in chosen]
+    if batch is not None:
+        batch.add(sql, [*params, obj.pk])
+        return
+    with conn.cursor() as cursor:
+        cursor.execute(sql, [*params, obj.pk])
+
+
+_update_cache: dict[tuple[type[models.Model], tuple[str, ...]], tuple[str, list[Any]]] = {}
+
+
+def _update_sql(model: type[models.Model], fields: tuple[str, ...]) -> tuple[str, list[Any]]:
+    key = (model, fields)
+    if key not in _update_cache:
+        meta = model._meta
+        chosen = [meta.get_field(name) for name in fields]
+        assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in chosen)
+        _update_cache[key] = (f"UPDATE {meta.db_table} SET {assignments} WHERE id = %s", chosen)
+    return _update_cache[key]

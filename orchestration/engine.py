@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from django.db import transaction
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from console.sql import insert, pipeline, update
+from console.sql import Batch, insert, pipeline, update
 from orchestration import live, store
 from orchestration.agents.base import StateView
 from orchestration.definition import END, FAIL, Node, Workflow
@@ -64,6 +65,11 @@ def new_trace_id() -> str:
     return secrets.token_hex(16)
 
 
+class NeedsTransaction(Exception):
+    """A deferred (batched) Tx reached a path that writes before its end; redo it in a
+    transaction."""
+
+
 class Tx:
     """The effects of one engine transaction on one (locked) run."""
 
@@ -77,12 +83,19 @@ class Tx:
         worker_id: str = "",
         local_pools: frozenset[str] = frozenset(),
         optimistic: bool = False,
+        batch: Batch | None = None,
     ):
         self.run = run
+        #: Deferred: every write goes into ``batch`` (one round trip, committed by the caller)
+        #: and after-commit work into ``after_commit``; a path that must write earlier raises
+        #: NeedsTransaction so the caller redoes it in a real transaction.
+        self.batch = batch
+        self.after_commit: list[Callable[[], None]] = []
         #: Optimistic: the run row was read without a lock; flush writes it only if its version
         #: is unchanged (else the transaction aborts and the caller retries with fresh data).
         self.optimistic = optimistic
         self.expected_version = run.version
+        self._flushing = False
         #: (step id, token, values): the completing step's fenced update, written by flush.
         self.fence: tuple[int, int, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
@@ -164,6 +177,7 @@ class Tx:
 
     def move(self, step: Step, status: str, **fields: Any) -> None:
         """Change an existing step's status (and fields) and keep the run's counters true."""
+        self._needs_transaction()
         self._left(step.status)
         self._entered(status)
         step.status = status
@@ -520,12 +534,17 @@ class Tx:
 
     # --- writing --------------------------------------------------------------------------------
 
+    def _needs_transaction(self) -> None:
+        if self.batch is not None and not self._flushing:
+            raise NeedsTransaction
+
     def flush_steps(self) -> None:
         if not self.new_steps:
             return
+        self._needs_transaction()
         created, self.new_steps = self.new_steps, []
         store.assign_ids(Step, created)
-        insert(Step, created)
+        insert(Step, created, batch=self.batch)
         for step in created:
             self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             if step.status == StepStatus.RUNNING and step is self.local_step:
@@ -542,19 +561,22 @@ class Tx:
         store.assign_ids(Step, self.new_steps)
         store.assign_ids(Wait, waits)
         self.run.version = self.expected_version + 1
-        with pipeline():
+        batch = self.batch
+        self._flushing = True
+        with pipeline() if batch is None else nullcontext():
             # The run row first: it is the lock every writer of this run takes, in this order.
             if self.optimistic:
-                store.update_run_checked(self.run, RUN_FLUSH_FIELDS, self.expected_version)
+                store.update_run_checked(self.run, RUN_FLUSH_FIELDS, self.expected_version, batch=batch)
             else:
-                update(self.run, RUN_FLUSH_FIELDS)
+                update(self.run, RUN_FLUSH_FIELDS, batch=batch)
             self.expected_version = self.run.version
             if self.fence is not None:
-                store.fence_step_checked(*self.fence)
+                step_id, token, values = self.fence
+                store.fence_step_checked(step_id, token, values, batch=batch)
                 self.fence = None
             self.flush_steps()
             if waits:
-                insert(Wait, waits)
+                insert(Wait, waits, batch=batch)
                 for wait in waits:
                     self.record(
                         Verb.WAIT_OPENED, "wait", wait.pk, step=wait.step, kind=wait.kind, name=wait.name,
@@ -562,21 +584,27 @@ class Tx:
                     )
             self.new_waits = []
             if self.state_rows:
-                insert(StateVersion, self.state_rows, returning=False)
+                insert(StateVersion, self.state_rows, returning=False, batch=batch)
                 self.state_rows = []
-            audit_record_many(self.audit, now=self.now)
+            audit_record_many(self.audit, now=self.now, batch=batch)
             self.audit = []
+        self._flushing = False
         if self.run.status != self._status_before:
             self.live_events.append(
                 {"run_id": self.run.pk, "kind": "run", "change": self.run.status, "status": self.run.status}
             )
             self._status_before = self.run.status
-        live.send_on_commit(self.live_events)
-        self.live_events = []
-        if self.publish:
-            publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
+        events, self.live_events = self.live_events, []
+        publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
+        self.publish = []
+        if self.batch is not None:
+            self.after_commit.append(lambda: live.send_now(events))
+            if publish:
+                self.after_commit.append(lambda: publish_steps(publish))
+            return
+        live.send_on_commit(events)
+        if publish:
             transaction.on_commit(lambda: publish_steps(publish))
-            self.publish = []
 
     def _settle_run_status(self) -> None:
         run = self.run

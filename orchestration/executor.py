@@ -23,10 +23,10 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import is_postgres, pipeline
+from console.sql import Batch, db, is_postgres, pipeline
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
-from orchestration.engine import Tx, digest, run_lock, step_action, step_input
+from orchestration.engine import NeedsTransaction, Tx, digest, run_lock, step_action, step_input
 from orchestration.errors import (
     ContractViolation,
     ErrorClass,
@@ -215,14 +215,30 @@ def step_complete(
     }
     run: Run | None = step.run
     if is_postgres():
+        # Inside an outer transaction (a caller's atomic block) a batch cannot commit by itself.
+        batched = not db().in_atomic_block
         for _ in range(OPTIMISTIC_TRIES):
             assert run is not None
             try:
+                if batched:
+                    # The common case: every write, the checks and the commit in ONE statement
+                    # string (one round trip); paths that write earlier fall back below.
+                    batch = Batch()
+                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch)
+                    tx.fence = (step.pk, step.attempt, values)
+                    tx.flush()
+                    batch.run()
+                    for callback in tx.after_commit:
+                        callback()
+                    return tx.local_step
                 with pipeline(), transaction.atomic():
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True)
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
                 return tx.local_step
+            except NeedsTransaction:
+                batched = False
+                run = store.run_fetch(step.run_id)
             except DatabaseError as exc:
                 failed = store.expectation_failed(exc)
                 if failed == store.LEASE_LOST:
@@ -243,13 +259,13 @@ def step_complete(
 
 def _advance_after(
     step: Step, run: Run, now: Any, output: dict[str, Any], written: dict[str, Any],
-    worker_id: str, pools: frozenset[str], *, optimistic: bool,
+    worker_id: str, pools: frozenset[str], *, optimistic: bool, batch: Batch | None = None,
 ) -> Tx:
     """What the step's success changes: its outputs in state, the next steps, the run's status."""
     step.run = run
     step.status, step.output, step.finished_at = StepStatus.SUCCEEDED, output, now
     tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id,
-            local_pools=pools, optimistic=optimistic)
+            local_pools=pools, optimistic=optimistic, batch=batch)
     tx._left(StepStatus.RUNNING)
     tx.step_event(step, "succeeded")
     node = tx.wf.node(step.node)

@@ -45,16 +45,24 @@ def _ensure_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _send(events: list[dict[str, Any]]) -> None:
+    """One message per run per transaction (a page re-renders once, not once per change), and
+    one to the run list only when a run's own status changed."""
     from channels.layers import get_channel_layer
 
     layer = get_channel_layer()
     if layer is None:
         return
+    by_run: dict[int, list[dict[str, Any]]] = {}
     for event in events:
-        message = {"type": "run.event", "event": event}
+        by_run.setdefault(event["run_id"], []).append(event)
+    for run_id, run_events in by_run.items():
+        run_level = [e for e in run_events if e.get("kind") == "run"]
+        # "event" is the most telling change (a run-level one if any); "events" has them all.
+        message = {"type": "run.event", "event": (run_level or run_events)[-1], "events": run_events}
         try:
-            await layer.group_send(RUNS_GROUP, message)
-            await layer.group_send(run_group(event["run_id"]), message)
+            await layer.group_send(run_group(run_id), message)
+            if run_level:
+                await layer.group_send(RUNS_GROUP, message)
         except Exception:  # a dropped notification must never break the engine
             log.warning("live event not sent", exc_info=True)
 

@@ -279,3 +279,47 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"event {self.name} ({self.event_id})"
+
+
+class ToolCallStatus(models.TextChoices):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # no request went out: the circuit was open or no rate-limit token came
+
+
+class ToolCall(models.Model):
+    """One attempt to call a provider for a capability. Secrets are redacted before it is built."""
+
+    run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls")
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls")
+    trace_id = models.CharField(max_length=32, blank=True, default="")
+    #: The step key that made the call (``draft#2``, ``answer[3]``) and its call number there.
+    node = models.CharField(max_length=200, blank=True, default="")
+    call_index = models.PositiveIntegerField(default=0)
+    capability = models.CharField(max_length=100)
+    provider = models.CharField(max_length=100)
+    #: Attempt number on this provider (1-based).
+    attempt = models.PositiveSmallIntegerField()
+    status = models.CharField(max_length=10, choices=ToolCallStatus.choices)
+    params = models.JSONField(default=dict, blank=True)
+    #: The result as JSON text, redacted and truncated.
+    result_summary = models.TextField(blank=True, default="")
+    latency_ms = models.PositiveIntegerField(default=0)
+    #: The backoff waited after this attempt before the next one, when there was one.
+    retry_delay_ms = models.PositiveIntegerField(null=True, blank=True)
+    error_class = models.CharField(max_length=12, blank=True, default="")
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    tokens = models.PositiveIntegerField(null=True, blank=True)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    idempotency_key = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["run", "id"], name="toolcall_run_idx"),
+            models.Index(fields=["provider", "-created_at"], name="toolcall_provider_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.capability} via {self.provider} #{self.attempt} ({self.status})"

@@ -9,16 +9,18 @@ Conversion of values goes through each model field's ``get_db_prep_save``, as th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from django.db import connection, models
+from django.db import models
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import is_postgres, pipeline
+from console.sql import Batch, db, is_postgres, pipeline
 from orchestration.models import Run, RunStatus, Step, StepStatus
 
 ID_BLOCK = 200
@@ -39,7 +41,7 @@ class _IdBlocks:
         with self._lock:
             free = self._free.setdefault(table, [])
             if len(free) < count:
-                with connection.cursor() as cursor:
+                with db().cursor() as cursor:
                     cursor.execute(
                         "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
                         [table, max(ID_BLOCK, count)],
@@ -54,6 +56,8 @@ class _IdBlocks:
 
 
 id_blocks = _IdBlocks()
+# A forked child must not hand out ids its parent also holds.
+os.register_at_fork(after_in_child=id_blocks.forget)
 
 
 def assign_ids(model: type[models.Model], objs: Sequence[models.Model]) -> None:
@@ -64,24 +68,27 @@ def assign_ids(model: type[models.Model], objs: Sequence[models.Model]) -> None:
             obj.pk = pk
 
 
+@cache
 def _step_columns() -> str:
-    return ", ".join(f"s.{connection.ops.quote_name(f.column)}" for f in Step._meta.concrete_fields)
+    return ", ".join(f"s.{db().ops.quote_name(f.column)}" for f in Step._meta.concrete_fields)
 
 
+@cache
 def _run_columns(alias: str) -> str:
-    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in Run._meta.concrete_fields)
+    return ", ".join(f"{alias}.{db().ops.quote_name(f.column)}" for f in Run._meta.concrete_fields)
 
 
 def _build(model: type[models.Model], row: Sequence[Any]) -> models.Model:
     names = [f.attname for f in model._meta.concrete_fields]
-    return model.from_db(connection.alias, names, _convert(model, row))
+    return model.from_db(db().alias, names, _convert(model, row))
 
 
 def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
     out = []
+    conn = db()
     for value, (col, converters) in zip(row, _converters(model), strict=True):
         for converter in converters:
-            value = converter(value, col, connection)
+            value = converter(value, col, conn)
         out.append(value)
     return out
 
@@ -92,12 +99,12 @@ _converter_cache: dict[tuple[str, type[models.Model]], list[tuple[Any, list[Any]
 def _converters(model: type[models.Model]) -> list[tuple[Any, list[Any]]]:
     # The backend's converters first, then the field's, as the ORM's compiler does: on SQLite
     # the backend's make datetimes aware (the field's alone leave them naive).
-    key = (connection.vendor, model)
+    key = (db().vendor, model)
     if key not in _converter_cache:
         entries = []
         for field in model._meta.concrete_fields:
             col = field.get_col(model._meta.db_table)
-            entries.append((col, [*connection.ops.get_db_converters(col), *field.get_db_converters(connection)]))
+            entries.append((col, [*db().ops.get_db_converters(col), *field.get_db_converters(db())]))
         _converter_cache[key] = entries
     return _converter_cache[key]
 
@@ -106,11 +113,12 @@ def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[
     """Lock the run row and move the step from ``running`` (with this token) to ``values``.
 
     Both statements go in one round trip. ``None`` when the fence fails: the lease was lost."""
+    conn = db()
     fields = [Step._meta.get_field(name) for name in values]
-    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
-    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], conn) for f in fields]
     lock = " FOR UPDATE" if is_postgres() else ""
-    with connection.cursor() as run_cursor, connection.cursor() as step_cursor, pipeline():
+    with db().cursor() as run_cursor, db().cursor() as step_cursor, pipeline():
         run_cursor.execute(f"SELECT {_run_columns('r')} FROM {Run._meta.db_table} r WHERE r.id = %s{lock}", [run_id])
         step_cursor.execute(
             f"UPDATE {Step._meta.db_table} SET {assignments} WHERE id = %s AND status = %s AND attempt = %s RETURNING id",
@@ -158,12 +166,13 @@ def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: da
     SELECT {_step_columns()}, {_run_columns('r')}, (SELECT count(*) FROM started)
     FROM c s JOIN {run_t} r ON r.id = s.run_id
     """
+    conn = db()
     params = {
         "id": step_id, "worker": worker_id, "until": lease_until, "now": now,
         "running": StepStatus.RUNNING, "queued": StepStatus.QUEUED, "run_queued": RunStatus.QUEUED,
         "system": ActorType.SYSTEM, "claimed": int(Verb.STEP_CLAIMED), "run_started": int(Verb.RUN_STARTED),
     }
-    with connection.cursor() as cursor:
+    with conn.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
@@ -226,32 +235,40 @@ def expectation_failed(exc: BaseException) -> str | None:
     return None
 
 
-def update_run_checked(run: Run, fields: Sequence[str], expected_version: int) -> None:
+def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *, batch: Batch | None = None) -> None:
     """UPDATE the run row only if nobody wrote it since ``expected_version`` was read; otherwise
     abort the transaction with RUN_CHANGED. Queued without waiting for a result."""
+    conn = db()
     chosen = [Run._meta.get_field(name) for name in fields]
-    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in chosen)
-    params = [f.get_db_prep_save(getattr(run, f.attname), connection) for f in chosen]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"WITH u AS (UPDATE {Run._meta.db_table} SET {assignments} WHERE id = %s AND version = %s RETURNING 1) "
-            f"SELECT signalbox_expect(count(*) = 1, '{RUN_CHANGED}') FROM u",
-            [*params, run.pk, expected_version],
-        )
+    assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in chosen)
+    params = [f.get_db_prep_save(getattr(run, f.attname), conn) for f in chosen]
+    sql = (
+        f"WITH u AS (UPDATE {Run._meta.db_table} SET {assignments} WHERE id = %s AND version = %s RETURNING 1) "
+        f"SELECT signalbox_expect(count(*) = 1, '{RUN_CHANGED}') FROM u"
+    )
+    _execute(sql, [*params, run.pk, expected_version], batch)
 
 
-def fence_step_checked(step_id: int, token: int, values: dict[str, Any]) -> None:
+def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batch: Batch | None = None) -> None:
     """Move a running step (claimed with ``token``) to ``values``, or abort with LEASE_LOST."""
+    conn = db()
     fields = [Step._meta.get_field(name) for name in values]
-    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
-    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"WITH u AS (UPDATE {Step._meta.db_table} SET {assignments} "
-            f"WHERE id = %s AND status = %s AND attempt = %s RETURNING 1) "
-            f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u",
-            [*params, step_id, StepStatus.RUNNING, token],
-        )
+    assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], conn) for f in fields]
+    sql = (
+        f"WITH u AS (UPDATE {Step._meta.db_table} SET {assignments} "
+        f"WHERE id = %s AND status = %s AND attempt = %s RETURNING 1) "
+        f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u"
+    )
+    _execute(sql, [*params, step_id, StepStatus.RUNNING, token], batch)
+
+
+def _execute(sql: str, params: Sequence[Any], batch: Batch | None) -> None:
+    if batch is not None:
+        batch.add(sql, params)
+        return
+    with db().cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def run_fetch(run_id: int) -> Run:

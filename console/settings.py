@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "servestatic",
     "django.contrib.staticfiles",
     "django_htmx",
     "channels",
@@ -167,7 +168,7 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    CELERY_BROKER_URL = "memory://"
+    CELERY_BROKER_URL = "memory://localhost/"
     # kombu's memory transport polls once a second by default (17 tasks/s); 5 ms makes it fast.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.005}
 

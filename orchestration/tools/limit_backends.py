@@ -6,9 +6,13 @@ the same algorithms under a lock). :mod:`orchestration.tools.limits` is the inte
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from django.conf import settings
+
+from orchestration.errors import TransientError
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 #: The rolling window of a circuit is counted in this many slots.
@@ -132,6 +136,19 @@ def _keys(provider: str) -> tuple[str, str, str]:
     return f"{base}:bucket", f"{base}:circuit", f"{base}:window"
 
 
+@contextmanager
+def _redis_errors_are_transient() -> Iterator[None]:
+    # Without the shared state no call may go out (limits would not hold); try again later.
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise TransientError(
+            f"rate limits and circuits are unavailable: {exc}", code="limits_unavailable"
+        ) from exc
+
+
 class RedisBackend:
     """Limits and circuits in Redis, changed only by the scripts above."""
 
@@ -146,20 +163,21 @@ class RedisBackend:
         self._release = self.client.register_script(CIRCUIT_RELEASE)
 
     def bucket_take(self, provider: str, per_second: float, burst: int, now: float) -> float:
-        return float(self._take(keys=[_keys(provider)[0]], args=[per_second, burst, f"{now:.6f}"]))
+        args = [per_second, burst, f"{now:.6f}"]
+        with _redis_errors_are_transient():
+            return float(self._take(keys=[_keys(provider)[0]], args=args))
 
     def bucket_read(self, provider: str) -> tuple[float | None, float | None]:
-        tokens, ts = self.client.hmget(_keys(provider)[0], ["tokens", "ts"])
+        with _redis_errors_are_transient():
+            tokens, ts = self.client.hmget(_keys(provider)[0], ["tokens", "ts"])
         return (float(tokens) if tokens else None, float(ts) if ts else None)
 
     def circuit_acquire(
         self, provider: str, now: float, cooldown: float, probe_ttl: float, probe_id: str
     ) -> list[str]:
-        return list(
-            self._acquire(
-                keys=[_keys(provider)[1]], args=[f"{now:.6f}", cooldown, probe_ttl, probe_id]
-            )
-        )
+        args = [f"{now:.6f}", cooldown, probe_ttl, probe_id]
+        with _redis_errors_are_transient():
+            return list(self._acquire(keys=[_keys(provider)[1]], args=args))
 
     def circuit_record(
         self,
@@ -173,14 +191,16 @@ class RedisBackend:
     ) -> list[str]:
         _, circuit, counts = _keys(provider)
         args = [f"{now:.6f}", "1" if ok else "0", probe_id, rate, min_calls, window, WINDOW_SLOTS]
-        return list(self._record(keys=[circuit, counts], args=args))
+        with _redis_errors_are_transient():
+            return list(self._record(keys=[circuit, counts], args=args))
 
     def circuit_release(self, provider: str, probe_id: str) -> None:
-        self._release(keys=[_keys(provider)[1]], args=[probe_id])
+        with _redis_errors_are_transient():
+            self._release(keys=[_keys(provider)[1]], args=[probe_id])
 
     def circuit_read(self, provider: str) -> tuple[dict[str, str], dict[str, str]]:
         _, circuit, counts = _keys(provider)
-        with self.client.pipeline(transaction=False) as pipe:
+        with _redis_errors_are_transient(), self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(circuit)
             pipe.hgetall(counts)
             found, window = pipe.execute()

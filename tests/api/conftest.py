@@ -26,13 +26,9 @@ POOLS = frozenset({"default", "research"})
 
 @pytest.fixture(autouse=True)
 def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Agents take no time, nothing goes to the channel layer, and nothing reaches Redis."""
+    """Agents take no time and nothing goes to the channel layer. Wake-up messages are sent
+    only after a commit, which these (rolled back) tests never reach, so none leave."""
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    settings.CELERY_BROKER_URL = "memory://"
-    from console.celery import app
-
-    # The Celery app may have read its configuration already; point it at memory too.
-    monkeypatch.setitem(app.conf, "broker_url", "memory://")
 
 
 @pytest.fixture

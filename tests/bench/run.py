@@ -136,6 +136,29 @@ class Processes:
             time.sleep(0.2)
         raise RuntimeError(f"processes not ready; logs in {self.logdir}")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time so far of the workers, the web process, PostgreSQL and Redis (from /proc)."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu(pid: int) -> float:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
+            except (OSError, IndexError, ValueError):
+                return 0.0
+
+        def named(name: str) -> list[int]:
+            out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
+            return [int(p) for p in out]
+
+        totals = {"workers": 0.0, "web": 0.0, "postgres": 0.0, "redis": 0.0, "bench": cpu(os.getpid())}
+        for proc in self.procs[:-1]:
+            totals["workers"] += cpu(proc.pid)
+        totals["web"] = cpu(self.procs[-1].pid)
+        totals["postgres"] = sum(cpu(p) for p in named("postgres"))
+        totals["redis"] = sum(cpu(p) for p in named("redis-server"))
+        return totals
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -337,6 +360,7 @@ def main() -> None:
     django.setup()
     procs = Processes(args.workers, live_events=not args.no_live_events)
     rows: list[Row] = []
+    cpu_report: list[str] = []
     try:
         counters = Counters()
         only = set(args.only or ["service", "api", "resume", "single"])
@@ -345,7 +369,13 @@ def main() -> None:
             bench_single(20, counters)  # warm-up: imports, connections, caches
             rows.append(bench_single(args.single, counters))
         if "service" in only:
+            before = procs.cpu_seconds()
             rows.append(bench_throughput_service(args.runs, counters))
+            after = procs.cpu_seconds()
+            cpu_report.append(
+                "CPU ms per run during (a) via the service: "
+                + ", ".join(f"{k} {(after[k] - before[k]) * 1000 / args.runs:.1f}" for k in after)
+            )
         if "api" in only:
             rows.append(bench_throughput_api(args.runs, counters, client))
         if "resume" in only:
@@ -353,6 +383,8 @@ def main() -> None:
     finally:
         procs.stop()
     print(render(rows, args.markdown))
+    for line in cpu_report:
+        print(line)
     print(f"\nlogs: {procs.logdir}; cores: {os.cpu_count()}; live events: {not args.no_live_events}")
 
 

@@ -1,0 +1,122 @@
+"""Websockets that keep the console's pages current.
+
+A live event is only a hint that something changed; the consumer re-reads through the same
+selectors as the page and sends the page's sections as HTML whose root elements have ids, which
+the htmx websocket extension swaps in place. Bursts of events are coalesced into one render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from console.views import run_list_fragment, run_live_fragment
+from orchestration.live import RUNS_GROUP, run_group
+from orchestration.selectors import runs_visible_to
+
+
+class LiveFragmentConsumer(AsyncWebsocketConsumer):
+    """Joins one channel-layer group and answers its events with re-rendered fragments."""
+
+    #: Seconds to wait after an event for more before rendering (a step often sends several).
+    debounce = 0.25
+
+    group: str | None = None
+    _render_task: asyncio.Task[None] | None = None
+    _dirty = False
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated or not await self.allowed(user):
+            await self.close()
+            return
+        self.user = user
+        self.group = self.group_name()
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self._render_task is not None:
+            self._render_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._render_task
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def run_event(self, message: dict[str, Any]) -> None:
+        """A ``run.event`` from ``orchestration.live``: schedule a render."""
+        self.note_event(message.get("event") or {})
+        self._dirty = True
+        if self._render_task is None or self._render_task.done():
+            self._render_task = asyncio.create_task(self._render_soon())
+
+    async def _render_soon(self) -> None:
+        while self._dirty:
+            await asyncio.sleep(self.debounce)
+            self._dirty = False
+            html = await database_sync_to_async(self.render)()
+            if html is None:  # no longer visible to this user
+                await self.close()
+                return
+            await self.send(text_data=html)
+
+    # --- what subclasses define --------------------------------------------------------------------
+
+    async def allowed(self, user: Any) -> bool:
+        return True
+
+    def group_name(self) -> str:
+        raise NotImplementedError
+
+    def note_event(self, event: dict[str, Any]) -> None:
+        """Look at an event before rendering (e.g. to decide what to include)."""
+
+    def render(self) -> str | None:
+        raise NotImplementedError
+
+
+class RunConsumer(LiveFragmentConsumer):
+    """``/ws/runs/<id>/``: one run's page, for users who may see that run."""
+
+    _include_io = False
+
+    @property
+    def run_id(self) -> int:
+        return int(self.scope["url_route"]["kwargs"]["run_id"])
+
+    async def allowed(self, user: Any) -> bool:
+        run_id = self.run_id
+        return await database_sync_to_async(
+            lambda: runs_visible_to(user).filter(pk=run_id).exists()
+        )()
+
+    def group_name(self) -> str:
+        return run_group(self.run_id)
+
+    def note_event(self, event: dict[str, Any]) -> None:
+        # Inputs and outputs sit in <details> a reader may have opened; re-send them (closing
+        # them) only when the run itself changed status, e.g. when its output appears.
+        if event.get("kind") == "run":
+            self._include_io = True
+
+    def render(self) -> str | None:
+        include_io, self._include_io = self._include_io, False
+        return run_live_fragment(self.user, self.run_id, include_io=include_io)
+
+
+class RunListConsumer(LiveFragmentConsumer):
+    """``/ws/runs/``: the first page of the run list (``?status=`` as on the page)."""
+
+    debounce = 1.0
+
+    def group_name(self) -> str:
+        return RUNS_GROUP
+
+    def render(self) -> str | None:
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        return run_list_fragment(self.user, status=(query.get("status") or [""])[0])

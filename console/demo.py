@@ -1,0 +1,242 @@
+"""The embedded demo's data: demo users and groups, and a simulator that keeps work flowing.
+
+Both are plain functions and classes so tests call them directly; ``manage.py demo`` wires them
+into threads (see ``console.embedded``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, Group, Permission
+from django.db import transaction
+from django.utils import timezone
+
+from orchestration.errors import SignalboxError
+from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
+from orchestration.selectors import approvals_pending_for_user
+from orchestration.services import approval_decide, run_send_event, run_submit
+
+log = logging.getLogger(__name__)
+
+# --- users ----------------------------------------------------------------------------------------
+
+#: Group -> orchestration permission codenames (None: every orchestration permission).
+DEMO_GROUPS: dict[str, list[str] | None] = {
+    "operators": ["view_run", "add_run", "decide_run"],
+    "admins": None,
+    "auditors": ["view_run"],
+}
+#: Demo username -> its group.
+DEMO_USERS: dict[str, str] = {"operator": "operators", "admin": "admins", "auditor": "auditors"}
+
+
+@dataclass
+class DemoSeed:
+    """What a seeding pass did: the passwords of users it created (shown once), and the rest."""
+
+    created: dict[str, str] = field(default_factory=dict)
+    existing: list[str] = field(default_factory=list)
+    groups_created: list[str] = field(default_factory=list)
+
+
+def demo_users_seed() -> DemoSeed:
+    """Create the demo groups and users once. Existing users are left alone (passwords too)."""
+    seed = DemoSeed()
+    user_model = get_user_model()
+    with transaction.atomic():
+        groups: dict[str, Group] = {}
+        for name, codenames in DEMO_GROUPS.items():
+            group, created = Group.objects.get_or_create(name=name)
+            if created:
+                seed.groups_created.append(name)
+            perms = Permission.objects.filter(content_type__app_label="orchestration")
+            if codenames is not None:
+                perms = perms.filter(codename__in=codenames)
+            group.permissions.add(*perms)
+            groups[name] = group
+        for username, group_name in DEMO_USERS.items():
+            if user_model.objects.filter(username=username).exists():
+                seed.existing.append(username)
+                continue
+            password = secrets.token_urlsafe(12)
+            user = user_model.objects.create_user(username=username, password=password)
+            user.groups.add(groups[group_name])
+            seed.created[username] = password
+    return seed
+
+
+# --- simulated traffic ------------------------------------------------------------------------------
+
+TOPICS = (
+    "Why durable execution matters for AI agent workflows",
+    "Designing approval gates that operators trust",
+    "Cost ceilings for LLM-backed services",
+    "What a tamper-evident audit trail buys you",
+    "Retry storms and how bounded retries stop them",
+    "Hub-and-spoke orchestration versus agent swarms",
+    "Typed handoffs between agents",
+)
+AUDIENCES = ("engineering leads", "platform teams", "support managers", "CTOs")
+CUSTOMER_MESSAGES = (
+    "My headset arrived damaged. I would like a refund, please.",
+    "The desk chair I ordered is broken, I want my money back.",
+    "I was charged twice for this order, please refund one payment.",
+    "You sent the wrong item, I would like to return it for a refund.",
+    "When will my order ship?",
+    "Can I change the delivery address on my order?",
+    "Do you ship to Norway, and how long does it take?",
+)
+QUESTIONS = (
+    "How should a team adopt durable orchestration for AI agents?",
+    "What does it cost to run an agent fleet in production?",
+    "How do teams audit decisions made by AI agents?",
+    "When should a human approve an agent's action?",
+    "How do you test multi-agent systems before release?",
+)
+SETTLEMENT_EVENT = "payment.settled"
+
+
+@dataclass
+class SimulatorPass:
+    """What one simulator pass did, for logs and tests."""
+
+    submitted: list[int] = field(default_factory=list)
+    settled: list[int] = field(default_factory=list)
+    decided: list[int] = field(default_factory=list)
+
+
+class DemoSimulator:
+    """Keeps a steady trickle of demo work: submits runs, settles refunds, clears old approvals.
+
+    Approvals are left for people to decide; only those older than ``auto_decide_after`` are
+    decided (mostly approved) so the queue does not grow forever while nobody is watching.
+    """
+
+    def __init__(
+        self,
+        *,
+        user: AbstractBaseUser,
+        rng: random.Random | None = None,
+        submit_every: tuple[float, float] = (3.0, 6.0),
+        max_active: int = 20,
+        settle_after: timedelta = timedelta(seconds=5),
+        auto_decide_after: timedelta = timedelta(minutes=2),
+        reject_share: float = 0.2,
+    ) -> None:
+        self.user = user
+        self.rng = rng or random.Random()
+        self.submit_every = submit_every
+        self.max_active = max_active
+        self.settle_after = settle_after
+        self.auto_decide_after = auto_decide_after
+        self.reject_share = reject_share
+        self._next_submit_at: datetime | None = None
+        self._workflows_started: set[str] = set()
+
+    def tick(self, now: datetime | None = None) -> SimulatorPass:
+        """One pass: settle due payments, decide stale approvals, submit if it is time."""
+        now = now or timezone.now()
+        done = SimulatorPass()
+        done.settled = self.settle_payments(now)
+        done.decided = self.decide_stale_approvals(now)
+        if self._next_submit_at is None or now >= self._next_submit_at:
+            run_id = self.submit_one()
+            if run_id is not None:
+                done.submitted.append(run_id)
+            self._next_submit_at = now + timedelta(seconds=self.rng.uniform(*self.submit_every))
+        return done
+
+    def submit_one(self) -> int | None:
+        """Submit one demo run unless enough are already active."""
+        if Run.objects.filter(status__in=RUN_ACTIVE).count() >= self.max_active:
+            return None
+        # Start with one of each so a fresh console shows every workflow quickly.
+        unseen = [
+            w
+            for w in ("content_pipeline", "refund_desk", "research_brief")
+            if w not in self._workflows_started
+        ]
+        workflow = (
+            unseen[0]
+            if unseen
+            else self.rng.choice(
+                ("content_pipeline", "refund_desk", "refund_desk", "research_brief")
+            )
+        )
+        self._workflows_started.add(workflow)
+        submitted = run_submit(
+            workflow=workflow, input=self._input_for(workflow), submitted_by=self.user
+        )
+        return submitted.run.pk
+
+    def _input_for(self, workflow: str) -> dict[str, Any]:
+        rng = self.rng
+        if workflow == "content_pipeline":
+            return {"topic": rng.choice(TOPICS), "audience": rng.choice(AUDIENCES)}
+        if workflow == "refund_desk":
+            return {
+                "customer_id": f"cus_{rng.randint(1000, 9999)}",
+                "order_id": f"ord_{rng.randint(10000, 99999)}",
+                "message": rng.choice(CUSTOMER_MESSAGES),
+                "channel": rng.choice(("email", "email", "sms")),
+            }
+        return {"question": rng.choice(QUESTIONS), "max_subquestions": rng.randint(2, 6)}
+
+    def settle_payments(self, now: datetime) -> list[int]:
+        """The payment provider confirms refunds a few seconds after they were issued."""
+        # Demo plumbing reads the waits table directly: no user-facing read wants "event waits
+        # older than N seconds", so it is not worth a selector.
+        due = Wait.objects.filter(
+            kind=WaitKind.EVENT,
+            name=SETTLEMENT_EVENT,
+            status=WaitStatus.OPEN,
+            created_at__lte=now - self.settle_after,
+        ).values_list("pk", "run_id", "run__state")[:20]
+        settled = []
+        for wait_id, run_id, state in due:
+            payload = {
+                "refund_id": (state or {}).get("refund_id"),
+                "status": "settled",
+                "provider": "demo-pay",
+                "settled_at": now.isoformat(),
+            }
+            try:
+                run_send_event(
+                    run_id=run_id,
+                    name=SETTLEMENT_EVENT,
+                    event_id=f"demo-settlement-{wait_id}",
+                    payload=payload,
+                    user=None,
+                )
+            except SignalboxError as exc:  # the run ended meanwhile (cancelled by an operator)
+                log.info("settlement for run %s not sent: %s", run_id, exc)
+                continue
+            settled.append(run_id)
+        return settled
+
+    def decide_stale_approvals(self, now: datetime) -> list[int]:
+        """Decide approvals nobody answered within ``auto_decide_after`` (most are approved)."""
+        decided = []
+        for wait in approvals_pending_for_user(self.user, limit=50):
+            if wait.created_at > now - self.auto_decide_after:
+                continue
+            reject = self.rng.random() < self.reject_share
+            try:
+                approval_decide(
+                    wait_id=wait.pk,
+                    user=None,
+                    decision="reject" if reject else "approve",
+                    reason=f"decided by the demo simulator after {self.auto_decide_after.total_seconds():.0f}s unanswered",
+                )
+            except SignalboxError as exc:  # a person decided it first
+                log.info("approval %s not auto-decided: %s", wait.pk, exc)
+                continue
+            decided.append(wait.pk)
+        return decided

@@ -1,0 +1,142 @@
+"""``python manage.py demo`` (``make demo``): everything in one process, no services needed.
+
+Migrates the SQLite file under ``var/``, creates the demo users once, then serves the console
+with a Celery worker, the scheduler and a simulator of demo traffic in the same process.
+Ctrl-C stops it; starting again keeps the data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from console.demo import DEMO_USERS, DemoSeed, DemoSimulator, demo_users_seed
+from console.embedded import EmbeddedOptions, EmbeddedStack, bind_socket
+from orchestration.registry import pools
+
+
+class Command(BaseCommand):
+    help = "Run Signalbox in embedded mode: web console, worker, scheduler and demo traffic in one process."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+        )
+        parser.add_argument(
+            "--port", type=int, default=8000, help="port to listen on (default 8000)"
+        )
+        parser.add_argument("--concurrency", type=int, default=4, help="worker threads (default 4)")
+        parser.add_argument(
+            "--no-simulator", action="store_true", help="do not submit simulated demo work"
+        )
+        parser.add_argument(
+            "--allow-external",
+            action="store_true",
+            help="run even though DATABASE_URL or REDIS_URL is set (uses those services)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        consequences = {
+            "DATABASE_URL": "its data would go to that database",
+            "REDIS_URL": "its worker would take tasks from that broker",
+        }
+        external = [name for name in consequences if os.environ.get(name)]
+        if external and not options["allow_external"]:
+            raise CommandError(
+                f"{' and '.join(external)} {'is' if len(external) == 1 else 'are'} set, so this would "
+                f"not be the embedded demo: {' and '.join(consequences[n] for n in external)}. Unset "
+                f"{'it' if len(external) == 1 else 'them'}, or pass --allow-external if that is what you want."
+            )
+        try:
+            sock = bind_socket(options["host"], options["port"])
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen on {options['host']}:{options['port']} ({exc.strerror}); pass --port"
+            ) from None
+
+        call_command("migrate", interactive=False, verbosity=0)
+        where = (
+            settings.DATABASES["default"]["NAME"]
+            if settings.EMBEDDED
+            else "PostgreSQL (DATABASE_URL)"
+        )
+        self.stdout.write(f"Database {where}: migrated.")
+        self._report_seed(demo_users_seed())
+
+        simulator = None
+        if not options["no_simulator"]:
+            operator = get_user_model().objects.filter(username="operator").first()
+            if operator is None:
+                self.stdout.write("No user named operator to submit demo work as: simulator off.")
+            else:
+                simulator = DemoSimulator(user=operator).tick
+        stack = EmbeddedStack(
+            EmbeddedOptions(
+                host=options["host"],
+                port=options["port"],
+                concurrency=options["concurrency"],
+                simulator=simulator,
+            ),
+            pools(),
+            on_ready=self._report_ready,
+            say=self._say,
+        )
+        stack.run(sock)
+        self._say("Stopped. Start again with `python manage.py demo`; the data is kept.")
+        if not stack.clean_stop:
+            # Worker threads still inside an agent call would hold the interpreter open until they
+            # finish; their steps are leased and rerun at the next start, so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    def _say(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def _report_seed(self, seed: DemoSeed) -> None:
+        if seed.created:
+            lines = [
+                "Demo users created. Their passwords are shown now and never again:",
+                "",
+                *(f"  {name:<10} {password}" for name, password in seed.created.items()),
+                "",
+                "Roles: operator decides approvals, admin manages everything, auditor reads.",
+                "Reset a password any time: python manage.py changepassword operator",
+            ]
+            width = max(len(line) for line in lines) + 2
+            border = "+" + "-" * (width + 2) + "+"
+            box = [border, *(f"| {line:<{width}} |" for line in lines), border]
+            self.stdout.write("\n".join(["", *box, ""]))
+        if seed.existing:
+            self.stdout.write(
+                f"Demo users {', '.join(seed.existing)} already exist (their passwords were shown when they "
+                "were created). Forgot one? python manage.py changepassword operator"
+            )
+
+    def _report_ready(self, stack: EmbeddedStack) -> None:
+        host = stack.options.host
+        shown_host = f"[{host}]" if ":" in host else host
+        worker = stack.worker
+        lines = [
+            "",
+            f"Signalbox is running at http://{shown_host}:{stack.options.port}/  "
+            f"(log in as {', '.join(DEMO_USERS)})",
+            "  web        ASGI server (uvicorn) with websockets for live updates",
+            f"  worker     Celery, {worker.concurrency if worker else '?'} threads, pools: {', '.join(stack.pools)}",
+            f"  scheduler  engine tick every {stack.options.tick_seconds:g}s (expired leases, timeouts, deadlines)",
+            (
+                "  simulator  submits content_pipeline / refund_desk / research_brief every few seconds, "
+                "settles refunds, decides approvals left over 2 minutes"
+                if stack.options.simulator
+                else "  simulator  off (--no-simulator)"
+            ),
+            "Press Ctrl-C to stop.",
+        ]
+        self._say("\n".join(lines))

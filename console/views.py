@@ -1,0 +1,129 @@
+"""The console's pages: the run list and a run's page. Reads go through selectors, which also
+decide what the user may see; the websocket consumers re-render the same fragments."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import BadRequest
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.utils.http import urlencode
+
+from audit.selectors import audit_events_for_run
+from orchestration.errors import InvalidInput, NotFound
+from orchestration.models import Run, RunStatus
+from orchestration.selectors import (
+    run_events,
+    run_get_for_user,
+    run_list_for_user,
+    run_state_history,
+    run_steps,
+    run_waits,
+)
+
+PAGE_SIZE = 50
+#: A run page shows at most this many audit events (fan-out runs can have thousands).
+AUDIT_EVENTS_SHOWN = 500
+
+
+def _user(request: HttpRequest) -> AbstractBaseUser:
+    # Behind login_required, so never the anonymous user.
+    return cast(AbstractBaseUser, request.user)
+
+
+# --- run list ---------------------------------------------------------------------------------------
+
+
+def _status_filter(raw: str | None) -> str:
+    return raw if raw in RunStatus.values else ""
+
+
+def run_list_context(
+    user: AbstractBaseUser, *, status: str = "", cursor: str | None = None
+) -> dict[str, Any]:
+    try:
+        page = run_list_for_user(
+            user, status=[status] if status else None, cursor=cursor, limit=PAGE_SIZE
+        )
+    except InvalidInput as exc:
+        raise BadRequest(exc.message) from exc
+    next_url = None
+    if page.next_cursor:
+        next_url = "?" + urlencode(
+            {k: v for k, v in (("status", status), ("cursor", page.next_cursor)) if v}
+        )
+    return {
+        "runs": page.items,
+        "status": status,
+        "statuses": RunStatus.choices,
+        "next_url": next_url,
+        "first_page": cursor is None,
+        "first_url": "?" + urlencode({"status": status}) if status else "?",
+    }
+
+
+def run_list_fragment(user: AbstractBaseUser, *, status: str = "") -> str:
+    """The first page's table, marked for an out-of-band swap (sent over the websocket)."""
+    context = run_list_context(user, status=_status_filter(status))
+    return render_to_string("console/partials/run_table.html", {**context, "oob": True})
+
+
+@login_required
+def run_list(request: HttpRequest) -> HttpResponse:
+    status = _status_filter(request.GET.get("status"))
+    context = run_list_context(
+        _user(request), status=status, cursor=request.GET.get("cursor") or None
+    )
+    return render(request, "console/run_list.html", context)
+
+
+# --- run page -----------------------------------------------------------------------------------------
+
+
+def run_detail_context(run: Run) -> dict[str, Any]:
+    steps = run_steps(run)
+    step_keys = {step.pk: step.key for step in steps}
+    audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
+    for event in audit:
+        event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
+    current_state = [
+        {"key": key, "version": run.state_versions.get(key, 0), "value": value}
+        for key, value in sorted(run.state.items())
+    ]
+    return {
+        "run": run,
+        "steps": steps,
+        "current_state": current_state,
+        "state_history": run_state_history(run),
+        "waits": run_waits(run),
+        "events": run_events(run),
+        "audit": audit[:AUDIT_EVENTS_SHOWN],
+        "audit_truncated": len(audit) > AUDIT_EVENTS_SHOWN,
+        "is_active": not run.is_terminal,
+    }
+
+
+def run_live_fragment(
+    user: AbstractBaseUser, run_id: int, *, include_io: bool = False
+) -> str | None:
+    """The run page's changing sections as out-of-band fragments; None if the run is not
+    (or no longer) visible to ``user``."""
+    try:
+        run = run_get_for_user(user, run_id)
+    except NotFound:
+        return None
+    context = {**run_detail_context(run), "oob": True, "include_io": include_io}
+    return render_to_string("console/partials/run_live.html", context)
+
+
+@login_required
+def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    try:
+        run = run_get_for_user(_user(request), run_id)
+    except NotFound:
+        raise Http404(f"no run {run_id}") from None
+    return render(request, "console/run_detail.html", run_detail_context(run))

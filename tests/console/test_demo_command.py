@@ -1,0 +1,148 @@
+"""The embedded demo: users seeded once, the command's refusal outside embedded mode, and the
+simulator's single pass."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from console.demo import DemoSimulator, demo_users_seed
+from orchestration.models import Run, Wait, WaitKind, WaitStatus
+from orchestration.services import approval_decide, run_submit
+
+pytestmark = pytest.mark.django_db
+
+
+def test_seeding_creates_users_and_groups_once() -> None:
+    users = get_user_model().objects
+    first = demo_users_seed()
+
+    assert set(first.created) == {"operator", "admin", "auditor"}
+    assert all(len(password) >= 16 for password in first.created.values())
+    assert len(set(first.created.values())) == 3
+    assert set(first.groups_created) == {"operators", "admins", "auditors"}
+    assert first.existing == []
+
+    counts = (users.count(), Group.objects.count())
+    second = demo_users_seed()
+    assert second.created == {}
+    assert second.groups_created == []
+    assert set(second.existing) == {"operator", "admin", "auditor"}
+    assert (users.count(), Group.objects.count()) == counts
+    # Passwords were left alone.
+    for name, password in first.created.items():
+        assert users.get(username=name).check_password(password)
+
+
+def test_seeded_roles_have_their_permissions() -> None:
+    demo_users_seed()
+    users = get_user_model().objects
+    operator, admin, auditor = (users.get(username=n) for n in ("operator", "admin", "auditor"))
+
+    for perm in ("view_run", "add_run", "decide_run"):
+        assert operator.has_perm(f"orchestration.{perm}")
+    assert not operator.has_perm("orchestration.delete_run")
+    for perm in ("view_run", "add_run", "decide_run", "change_run", "delete_run"):
+        assert admin.has_perm(f"orchestration.{perm}")
+    assert auditor.has_perm("orchestration.view_run")
+    assert not auditor.has_perm("orchestration.decide_run")
+    assert not auditor.has_perm("orchestration.add_run")
+    assert not any(u.is_superuser or u.is_staff for u in (operator, admin, auditor))
+
+
+def test_demo_refuses_to_run_against_external_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://example/db")
+    with pytest.raises(CommandError, match=r"DATABASE_URL.*--allow-external"):
+        call_command("demo")
+    assert not get_user_model().objects.filter(username="operator").exists()
+
+
+@pytest.fixture
+def simulator() -> DemoSimulator:
+    demo_users_seed()
+    operator = get_user_model().objects.get(username="operator")
+    return DemoSimulator(user=operator, rng=random.Random(3), reject_share=0.0)
+
+
+def test_simulator_submits_one_of_each_workflow_first(simulator: DemoSimulator) -> None:
+    now = timezone.now()
+    submitted = []
+    for seconds in (0, 10, 20):
+        submitted += simulator.tick(now + timedelta(seconds=seconds)).submitted
+    assert len(submitted) == 3
+    workflows = {run.workflow_name for run in Run.objects.filter(pk__in=submitted)}
+    assert workflows == {"content_pipeline", "refund_desk", "research_brief"}
+    assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {
+        "operator"
+    }
+    # Not again before its next turn.
+    assert simulator.tick(now + timedelta(seconds=20.5)).submitted == []
+
+
+def test_simulator_stops_submitting_at_the_active_limit(simulator: DemoSimulator) -> None:
+    simulator.max_active = 2
+    now = timezone.now()
+    for seconds in range(0, 100, 10):
+        simulator.tick(now + timedelta(seconds=seconds))
+    assert Run.objects.count() == 2
+
+
+def test_simulator_settles_refunds_and_decides_stale_approvals(
+    simulator: DemoSimulator, drive: Callable[[int], Run]
+) -> None:
+    operator = simulator.user
+    refund = run_submit(
+        workflow="refund_desk",
+        input={
+            "message": "My chair arrived damaged, I want a refund.",
+            "order_id": "ord_1",
+            "customer_id": "cus_1",
+        },
+        submitted_by=operator,
+        seed=11,
+    ).run
+    drive(refund.pk)
+    approval = Wait.objects.filter(
+        run=refund, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN
+    ).first()
+    if approval is not None:  # refunds above the threshold need a person first
+        approval_decide(wait_id=approval.pk, user=operator, decision="approve")
+        drive(refund.pk)
+    assert Wait.objects.filter(run=refund, kind=WaitKind.EVENT, status=WaitStatus.OPEN).exists()
+
+    content = drive(
+        run_submit(workflow="content_pipeline", input={}, submitted_by=operator, seed=5).run.pk
+    )
+    assert content.status == "waiting"
+
+    # A second later nothing is due: settlement takes a few seconds, approvals are for people.
+    simulator.max_active = 0
+    early = simulator.tick(timezone.now() + timedelta(seconds=1))
+    assert early.settled == [] and early.decided == []
+
+    late = simulator.tick(timezone.now() + timedelta(minutes=3))
+    assert late.settled == [refund.pk]
+    assert len(late.decided) == 1
+    drive(refund.pk)
+    drive(content.pk)
+    refund.refresh_from_db()
+    content.refresh_from_db()
+    assert refund.status == "succeeded"
+    assert refund.state["settlement"]["status"] == "settled"
+    assert content.status == "succeeded"
+    decided = Wait.objects.get(pk=late.decided[0])
+    assert decided.decision == "approve" and decided.decided_by is None
+    assert "demo simulator" in decided.decision_reason
+
+
+def test_simulator_pass_is_quiet_when_everything_is_decided(simulator: Any) -> None:
+    simulator.max_active = 0
+    assert simulator.tick().submitted == []

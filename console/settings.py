@@ -229,6 +229,10 @@ if PRODUCTION:
     SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+    if not SECURE_HSTS_PRELOAD:
+        # Preloading is a commitment of the whole domain to browsers' HTTPS lists: an operator's
+        # choice (SECURE_HSTS_PRELOAD=true), not a default, so its reminder is silenced.
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 LOGGING = {
     "version": 1,
@@ -255,5 +259,5 @@ if SIGNALBOX_ENV == "test":
     SIGNALBOX_WORKFLOWS = [*SIGNALBOX_WORKFLOWS, *(f"tests.support.workflows:{name}" for name in (
         "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
-        "approval_expiry",
+        "approval_expiry", "approval_drift",
     ))]

@@ -65,3 +65,9 @@ oversized_fanout.map("work", "test_echo", after="plan", items="items", max_items
 
 approval_expiry = Workflow("approval_expiry", input=Loose, max_steps=10)
 approval_expiry.agent("act", "test_echo", reads=["text"], writes=["text"], approval=Approval(timeout=timedelta(seconds=1)))
+
+# An approved action whose input changes before it runs: the approval must not apply.
+approval_drift = Workflow("approval_drift", input=Loose, max_steps=10)
+approval_drift.agent("start", "test_echo", reads=["text"], writes=["text"])
+approval_drift.agent("act", "test_echo", after="start", reads=["text"], writes=["acted"], approval=Approval())
+approval_drift.agent("mutate", "test_echo", after="start", reads=["text"], writes=["text"])

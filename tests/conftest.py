@@ -126,6 +126,60 @@ def fast_agents(settings: Any) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
 
 
+OPERATOR_PERMISSIONS = ["orchestration.view_run", "orchestration.decide_run", "orchestration.add_run"]
+ALL_POOLS = frozenset({"default", "research"})
+
+
+@pytest.fixture
+def operator(db: None) -> Any:
+    from tests.factories import UserFactory
+
+    return UserFactory(username="operator", permissions=OPERATOR_PERMISSIONS)
+
+
+@pytest.fixture
+def viewer(db: None) -> Any:
+    """Sees every run (as operators, admins and auditors do); may not decide or submit."""
+    from tests.factories import UserFactory
+
+    return UserFactory(username="viewer", permissions=["orchestration.view_run"])
+
+
+@pytest.fixture
+def submitter(db: None) -> Any:
+    """May submit runs and sees only their own."""
+    from tests.factories import UserFactory
+
+    return UserFactory(username="submitter", permissions=["orchestration.add_run"])
+
+
+@pytest.fixture
+def stranger(db: None) -> Any:
+    """Authenticated, without any permission."""
+    from tests.factories import UserFactory
+
+    return UserFactory(username="stranger")
+
+
+@pytest.fixture
+def drive() -> Callable[[int], Any]:
+    """Run a run's queued steps in this process (and what they unlock) until none is queued;
+    returns the run. The real engine, without worker processes."""
+    from orchestration.executor import step_execute
+    from orchestration.models import Run, Step, StepStatus
+
+    def run_queued(run_id: int) -> Any:
+        for _ in range(50):
+            queued = list(Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list("pk", flat=True))
+            if not queued:
+                return Run.objects.get(pk=run_id)
+            for step_id in queued:
+                step_execute(step_id, worker_id="t", pools=ALL_POOLS)
+        raise AssertionError(f"run {run_id} still has queued steps after 50 rounds")
+
+    return run_queued
+
+
 def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -11,17 +11,8 @@ from django.test import Client
 
 from audit.models import AuditEvent
 from console.models import ApiToken
-from orchestration.executor import step_execute
-from orchestration.models import Run, RunEvent, StateVersion, Step, StepStatus, Wait
+from orchestration.models import Run, RunEvent, StateVersion, Step, Wait
 from orchestration.services import run_submit
-from tests.factories import UserFactory
-
-OPERATOR_PERMISSIONS = [
-    "orchestration.view_run",
-    "orchestration.decide_run",
-    "orchestration.add_run",
-]
-POOLS = frozenset({"default", "research"})
 
 
 @pytest.fixture(autouse=True)
@@ -31,27 +22,8 @@ def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
 
 
-@pytest.fixture
-def operator(db: None) -> Any:
-    return UserFactory(username="operator", permissions=OPERATOR_PERMISSIONS)
 
 
-@pytest.fixture
-def viewer(db: None) -> Any:
-    """Sees every run, may not decide or submit."""
-    return UserFactory(username="viewer", permissions=["orchestration.view_run"])
-
-
-@pytest.fixture
-def submitter(db: None) -> Any:
-    """May submit runs and sees only their own."""
-    return UserFactory(username="submitter", permissions=["orchestration.add_run"])
-
-
-@pytest.fixture
-def stranger(db: None) -> Any:
-    """Authenticated, without any permission."""
-    return UserFactory(username="stranger")
 
 
 @pytest.fixture
@@ -69,25 +41,6 @@ def client_for(db: None) -> Callable[[Any], Client]:
 def operator_client(operator: Any, client_for: Callable[[Any], Client]) -> Client:
     return client_for(operator)
 
-
-@pytest.fixture
-def drive() -> Callable[[int], None]:
-    """Execute the run's queued steps (and what they unlock) until none is queued."""
-
-    def run_queued(run_id: int) -> None:
-        for _ in range(50):
-            queued = list(
-                Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list(
-                    "pk", flat=True
-                )
-            )
-            if not queued:
-                return
-            for step_id in queued:
-                step_execute(step_id, worker_id="t", pools=POOLS)
-        raise AssertionError(f"run {run_id} still has queued steps after 50 rounds")
-
-    return run_queued
 
 
 @pytest.fixture

@@ -236,41 +236,40 @@ def api_client(port: int) -> Any:
     )
 
 
+def measure_throughput(name: str, submit_all: Any, counters: Counters) -> Row:
+    """Submit runs with ``submit_all()`` (returns their ids) and time them until all succeeded."""
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+    ids = submit_all()
+    end = wait_all(ids, "succeeded")
+    xid1, push1 = counters.snapshot()
+    row = Row(name, len(ids), seconds=end - start, steps=len(ids) * 5)
+    row.write_tx = xid1 - xid0 - 1
+    row.broker_msgs = push1 - push0
+    return row
+
+
 def bench_throughput_service(n: int, counters: Counters) -> Row:
     from orchestration.services import run_submit
 
-    row = Row("(a) 1,000 runs, Python service", n)
-    xid0, push0 = counters.snapshot()
-    start = time.monotonic()
-    ids = [run_submit(workflow="reference_workload", input={}).run.pk for _ in range(n)]
-    end = wait_all(ids, "succeeded")
-    xid1, push1 = counters.snapshot()
-    row.seconds = end - start
-    row.steps = n * 5
-    row.write_tx = xid1 - xid0 - 1
-    row.broker_msgs = push1 - push0
-    return row
+    def submit_all() -> list[int]:
+        return [run_submit(workflow="reference_workload", input={}).run.pk for _ in range(n)]
+
+    return measure_throughput("(a) 1,000 runs, Python service", submit_all, counters)
 
 
 def bench_throughput_api(n: int, counters: Counters, client: Any) -> Row:
-    row = Row("(a) 1,000 runs, REST API", n)
-    xid0, push0 = counters.snapshot()
-    start = time.monotonic()
-
     def submit(i: int) -> int:
-        response = client.post("/runs", json={"workflow": "reference_workload", "input": {}, "idempotency_key": f"bench-{i}"})
+        body = {"workflow": "reference_workload", "input": {}, "idempotency_key": f"bench-{i}"}
+        response = client.post("/runs", json=body)
         response.raise_for_status()
         return int(response.json()["id"])
 
-    with ThreadPoolExecutor(8) as pool:
-        ids = list(pool.map(submit, range(n)))
-    end = wait_all(ids, "succeeded")
-    xid1, push1 = counters.snapshot()
-    row.seconds = end - start
-    row.steps = n * 5
-    row.write_tx = xid1 - xid0 - 1
-    row.broker_msgs = push1 - push0
-    return row
+    def submit_all() -> list[int]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(submit, range(n)))
+
+    return measure_throughput("(a) 1,000 runs, REST API", submit_all, counters)
 
 
 def bench_resume(n: int, counters: Counters, client: Any) -> Row:

@@ -3,16 +3,9 @@ agents take no time, nothing reaches Redis), and users with the demo roles."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from orchestration.executor import step_execute
-from orchestration.models import Run, Step, StepStatus
-from tests.factories import UserFactory
-
-POOLS = frozenset({"default", "research"})
 
 
 @pytest.fixture(autouse=True)
@@ -34,33 +27,3 @@ def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.CELERY_BROKER_URL = "memory://"
 
 
-@pytest.fixture
-def viewer(db: None) -> Any:
-    """Sees every run (as operators, admins and auditors do)."""
-    return UserFactory(username="viewer", permissions=["orchestration.view_run"])
-
-
-@pytest.fixture
-def submitter(db: None) -> Any:
-    """May submit runs and sees only their own."""
-    return UserFactory(username="submitter", permissions=["orchestration.add_run"])
-
-
-@pytest.fixture
-def drive() -> Callable[[int], Run]:
-    """Execute the run's queued steps (and what they unlock) until none is queued."""
-
-    def run_queued(run_id: int) -> Run:
-        for _ in range(50):
-            queued = list(
-                Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list(
-                    "pk", flat=True
-                )
-            )
-            if not queued:
-                return Run.objects.get(pk=run_id)
-            for step_id in queued:
-                step_execute(step_id, worker_id="t", pools=POOLS)
-        raise AssertionError(f"run {run_id} still has queued steps after 50 rounds")
-
-    return run_queued

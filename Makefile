@@ -59,6 +59,8 @@ demo: install
 
 test: install
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(BIN)/ruff check --quiet .
+	$(TEST_ENV) $(BIN)/mypy
 	$(TEST_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install

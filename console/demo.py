@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser, Group, Permission
+from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
 from django.utils import timezone
 
@@ -122,7 +122,7 @@ class DemoSimulator:
     def __init__(
         self,
         *,
-        user: AbstractBaseUser,
+        user: User,
         rng: random.Random | None = None,
         submit_every: tuple[float, float] = (3.0, 6.0),
         max_active: int = 20,

@@ -7,6 +7,7 @@ layer. Set ``DATABASE_URL`` and ``REDIS_URL`` for production (PostgreSQL + Redis
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -91,7 +92,7 @@ if PRODUCTION and EMBEDDED:
     raise ImproperlyConfigured("production needs DATABASE_URL (PostgreSQL)")
 if EMBEDDED:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
+    DATABASES: dict[str, dict[str, Any]] = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "signalbox.sqlite3",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -103,7 +103,7 @@ def insert(
     table = _table(model, with_pk)
     for obj in objs:
         # Copies the ids of related objects saved since this one was built (as bulk_create does).
-        obj._prepare_related_fields_for_save(operation_name="insert")
+        obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
     sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join([table.placeholder] * len(objs))
     conn = db()
     params = [value for obj in objs for value in table.row(obj, conn)]
@@ -143,7 +143,7 @@ def _update_sql(model: type[models.Model], fields: tuple[str, ...]) -> tuple[str
     key = (model, fields)
     if key not in _update_cache:
         meta = model._meta
-        chosen = [meta.get_field(name) for name in fields]
+        chosen = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in fields]
         assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in chosen)
         _update_cache[key] = (f"UPDATE {meta.db_table} SET {assignments} WHERE id = %s", chosen)
     return _update_cache[key]

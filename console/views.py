@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import BadRequest
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -30,9 +30,9 @@ PAGE_SIZE = 50
 AUDIT_EVENTS_SHOWN = 500
 
 
-def _user(request: HttpRequest) -> AbstractBaseUser:
+def _user(request: HttpRequest) -> User:
     # Behind login_required, so never the anonymous user.
-    return cast(AbstractBaseUser, request.user)
+    return cast(User, request.user)
 
 
 # --- run list ---------------------------------------------------------------------------------------
@@ -42,9 +42,7 @@ def _status_filter(raw: str | None) -> str:
     return raw if raw in RunStatus.values else ""
 
 
-def run_list_context(
-    user: AbstractBaseUser, *, status: str = "", cursor: str | None = None
-) -> dict[str, Any]:
+def run_list_context(user: User, *, status: str = "", cursor: str | None = None) -> dict[str, Any]:
     try:
         page = run_list_for_user(
             user, status=[status] if status else None, cursor=cursor, limit=PAGE_SIZE
@@ -66,7 +64,7 @@ def run_list_context(
     }
 
 
-def run_list_fragment(user: AbstractBaseUser, *, status: str = "") -> str:
+def run_list_fragment(user: User, *, status: str = "") -> str:
     """The first page's table, marked for an out-of-band swap (sent over the websocket)."""
     context = run_list_context(user, status=_status_filter(status))
     return render_to_string("console/partials/run_table.html", {**context, "oob": True})
@@ -107,9 +105,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     }
 
 
-def run_live_fragment(
-    user: AbstractBaseUser, run_id: int, *, include_io: bool = False
-) -> str | None:
+def run_live_fragment(user: User, run_id: int, *, include_io: bool = False) -> str | None:
     """The run page's changing sections as out-of-band fragments; None if the run is not
     (or no longer) visible to ``user``."""
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -30,6 +30,17 @@ FAIL = "__fail__"
 
 JoinMode = Literal["all", "any"] | int
 TimeoutOutcome = Literal["reject", "approve", "fail", "continue"] | str
+
+
+class StateReader(Protocol):
+    """What a node's ``input`` and ``choose`` functions are given: the run state as the node sees it.
+
+    The engine passes an ``orchestration.agents.base.StateView``: reading a key the node did not
+    declare raises ``StateAccessDenied``, and it cannot be iterated. A plain dict also fits."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,12 @@ class Node:
     reads: frozenset[str] = frozenset()
     writes: frozenset[str] = frozenset()
     #: Builds the agent input from the visible state; default: the read keys themselves.
-    input: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    input: Callable[[StateReader], Mapping[str, Any]] | None = None
     max_attempts: int | None = None
     approval: Approval | None = None
     # route / routing agent
     targets: tuple[str, ...] = ()
-    choose: Callable[[Mapping[str, Any]], str] | None = None
+    choose: Callable[[StateReader], str] | None = None
     routes: Mapping[str, str] = field(default_factory=dict)
     route_field: str = "route"
     loop_limit: int | None = None
@@ -180,7 +191,7 @@ class Workflow:
         join: JoinMode = "all",
         reads: Iterable[str] = (),
         writes: Iterable[str] = (),
-        input: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        input: Callable[[StateReader], Mapping[str, Any]] | None = None,
         pool: str = "",
         max_attempts: int | None = None,
         approval: Approval | None = None,
@@ -213,7 +224,7 @@ class Workflow:
         name: str,
         *,
         after: str | Iterable[str],
-        choose: Callable[[Mapping[str, Any]], str],
+        choose: Callable[[StateReader], str],
         targets: Iterable[str],
         reads: Iterable[str] = (),
         join: JoinMode = "all",

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import transaction
@@ -96,6 +96,8 @@ class Tx:
         self.optimistic = optimistic
         self.expected_version = run.version
         self._flushing = False
+        #: (step id, pool) of ready steps this transaction handed to the broker.
+        self.handed_off: list[tuple[int, str]] = []
         #: (step id, token, values): the completing step's fenced update, written by flush.
         self.fence: tuple[int, int, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
@@ -434,7 +436,8 @@ class Tx:
 
     def _item_done(self, item: Step, node: Node) -> None:
         # The run row (locked, or version-checked at flush) serialises writers of this map.
-        parent = Step.objects.get(pk=item.parent_id)
+        # An item step always has its map step as parent.
+        parent = Step.objects.get(pk=cast(int, item.parent_id))
         next_item = (
             Step.objects.filter(parent=parent, status=StepStatus.PENDING).order_by("item").first()
         )
@@ -596,6 +599,7 @@ class Tx:
             self._status_before = self.run.status
         events, self.live_events = self.live_events, []
         publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
+        self.handed_off = [(step_id, pool) for step_id, pool, delay in publish if delay == 0]
         self.publish = []
         if self.batch is not None:
             self.after_commit.append(lambda: live.send_now(events))

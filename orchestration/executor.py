@@ -120,16 +120,23 @@ def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
     """Claim and run ``step_id``, then any successor this worker claimed locally.
 
     Returns how many steps ran. Safe to call with a stale or duplicate message: the claim
-    decides, and a step that is not queued is left alone."""
+    decides, and a step that is not queued is left alone. When the local chain ends, steps of
+    the same run that were handed to the broker for this worker's pools are claimed here if no
+    other worker has taken them yet (the broker message then finds them taken)."""
     step = step_claim(step_id, worker_id)
     ran = 0
+    handed_off: list[int] = []
     while step is not None:
         ran += 1
-        step = step_run(step, worker_id=worker_id, pools=pools)
+        step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
+        while step is None and handed_off:
+            step = step_claim(handed_off.pop(0), worker_id)
     return ran
 
 
-def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | None:
+def step_run(
+    step: Step, *, worker_id: str, pools: frozenset[str], handed_off: list[int] | None = None
+) -> Step | None:
     """Run a claimed step's agent and commit the outcome; returns a locally claimed successor."""
     run = step.run
     wf = workflow_get(run.workflow_name, run.workflow_version)
@@ -148,11 +155,13 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
         raw = step_input(step, node, run)
         params = cls.Input.model_validate(raw)
     except ValidationError as exc:
-        return _fail(step, ContractViolation(
+        _fail(step, ContractViolation(
             f"input for {step.agent!r} does not satisfy its contract", code="input_contract", detail=_errors(exc)
         ), worker_id, pools, payload=raw)
+        return None
     except SignalboxError as exc:
-        return _fail(step, exc, worker_id, pools)
+        _fail(step, exc, worker_id, pools)
+        return None
 
     ctx = AgentContext(
         run_id=run.pk,
@@ -168,31 +177,39 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str]) -> Step | Non
         try:
             result = agent.run(params, ctx)
         except SignalboxError as exc:
-            return _fail(step, exc, worker_id, pools)
+            _fail(step, exc, worker_id, pools)
+            return None
         except Exception as exc:  # unknown agent exceptions are retried, then recorded
             log.warning("agent %s raised", step.agent, exc_info=True)
-            return _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools)
+            _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools)
+            return None
 
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
     try:
         output = cls.Output.model_validate(output).model_dump(mode="json")
     except ValidationError as exc:
-        return _fail(step, ContractViolation(
+        _fail(step, ContractViolation(
             f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
         ), worker_id, pools, payload=output)
+        return None
     size = len(_json_bytes(output))
     if size > settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]:
-        return _fail(step, ContractViolation(
+        _fail(step, ContractViolation(
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
             code="payload_too_large",
         ), worker_id, pools, payload=output)
+        return None
     step.input = raw
     try:
-        return step_complete(step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools)
+        return step_complete(
+            step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools,
+            handed_off=handed_off,
+        )
     except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
         log.exception("committing step %s failed", step.pk)
         close_old_connections()
-        return _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools)
+        _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools)
+        return None
 
 
 #: Optimistic completions retried with fresh run data before falling back to the row lock.
@@ -200,7 +217,8 @@ OPTIMISTIC_TRIES = 4
 
 
 def step_complete(
-    step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str, pools: frozenset[str]
+    step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str,
+    pools: frozenset[str], handed_off: list[int] | None = None,
 ) -> Step | None:
     """Commit a successful step and advance its run in one transaction, fenced by the token.
 
@@ -230,11 +248,13 @@ def step_complete(
                     batch.run()
                     for callback in tx.after_commit:
                         callback()
+                    _note_handoff(tx, pools, handed_off)
                     return tx.local_step
                 with pipeline(), transaction.atomic():
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True)
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
+                _note_handoff(tx, pools, handed_off)
                 return tx.local_step
             except NeedsTransaction:
                 batched = False
@@ -254,7 +274,13 @@ def step_complete(
             return None
         tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False)
         tx.flush()
-        return tx.local_step
+    _note_handoff(tx, pools, handed_off)
+    return tx.local_step
+
+
+def _note_handoff(tx: Tx, pools: frozenset[str], handed_off: list[int] | None) -> None:
+    if handed_off is not None:
+        handed_off.extend(step_id for step_id, pool in tx.handed_off if pool in pools)
 
 
 def _advance_after(

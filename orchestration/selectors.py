@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 from guardian.shortcuts import get_objects_for_user
 
@@ -22,7 +22,7 @@ VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
 
 
-def runs_visible_to(user: AbstractBaseUser) -> QuerySet[Run]:
+def runs_visible_to(user: User) -> QuerySet[Run]:
     if not user.is_authenticated:
         return Run.objects.none()
     if user.has_perm(VIEW):
@@ -31,7 +31,7 @@ def runs_visible_to(user: AbstractBaseUser) -> QuerySet[Run]:
     return Run.objects.filter(Q(pk__in=granted.values("pk")) | Q(submitted_by=user))
 
 
-def run_get_for_user(user: AbstractBaseUser, run_id: int) -> Run:
+def run_get_for_user(user: User, run_id: int) -> Run:
     """The run, or NotFound — also when it exists but the user may not see it."""
     run = runs_visible_to(user).filter(pk=run_id).first()
     if run is None:
@@ -39,7 +39,7 @@ def run_get_for_user(user: AbstractBaseUser, run_id: int) -> Run:
     return run
 
 
-def run_check_decide(user: AbstractBaseUser, run: Run) -> None:
+def run_check_decide(user: User, run: Run) -> None:
     if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
         raise PermissionDenied("you may not decide approvals or send events for this run", code="decide_denied")
 
@@ -51,7 +51,7 @@ class RunPage:
 
 
 def run_list_for_user(
-    user: AbstractBaseUser,
+    user: User,
     *,
     status: list[str] | None = None,
     workflow: str | None = None,
@@ -110,7 +110,7 @@ def run_events(run: Run) -> list[RunEvent]:
     return list(RunEvent.objects.filter(run=run).order_by("id"))
 
 
-def approvals_pending_for_user(user: AbstractBaseUser, *, limit: int = 100) -> list[Wait]:
+def approvals_pending_for_user(user: User, *, limit: int = 100) -> list[Wait]:
     """Open approvals on runs the user may see, oldest deadline first."""
     return list(
         Wait.objects.filter(kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, run__in=runs_visible_to(user))
@@ -119,7 +119,7 @@ def approvals_pending_for_user(user: AbstractBaseUser, *, limit: int = 100) -> l
     )
 
 
-def approval_get_for_user(user: AbstractBaseUser, wait_id: int) -> Wait:
+def approval_get_for_user(user: User, wait_id: int) -> Wait:
     wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user)).first()
     if wait is None:
         raise NotFound(f"no approval {wait_id}", code="approval_not_found")

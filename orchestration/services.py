@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from pydantic import ValidationError
@@ -36,7 +36,7 @@ from orchestration.models import (
 from orchestration.registry import agent_class, workflow_get
 
 
-def _actor(user: AbstractBaseUser | None) -> tuple[str, str]:
+def _actor(user: User | None) -> tuple[str, str]:
     if user is None:
         return ActorType.SYSTEM, ""
     return ActorType.HUMAN, user.get_username()
@@ -67,7 +67,7 @@ def run_submit(
     workflow: str,
     input: dict[str, Any],
     version: int | None = None,
-    submitted_by: AbstractBaseUser | None = None,
+    submitted_by: User | None = None,
     idempotency_key: str | None = None,
     priority: int = 0,
     tenant: str = "",
@@ -128,7 +128,7 @@ def run_submit(
     return Submitted(run, created=True)
 
 
-def run_cancel(*, run_id: int, user: AbstractBaseUser | None, reason: str = "") -> Run:
+def run_cancel(*, run_id: int, user: User | None, reason: str = "") -> Run:
     """Cancel a run that has not ended: its active steps are cancelled and its waits closed."""
     actor_type, actor_id = _actor(user)
     with transaction.atomic():
@@ -144,7 +144,7 @@ def run_cancel(*, run_id: int, user: AbstractBaseUser | None, reason: str = "") 
 def approval_decide(
     *,
     wait_id: int,
-    user: AbstractBaseUser | None,
+    user: User | None,
     decision: str,
     reason: str = "",
     edited_input: dict[str, Any] | None = None,
@@ -227,7 +227,7 @@ class EventDelivery:
 
 
 def run_send_event(
-    *, run_id: int, name: str, event_id: str, payload: dict[str, Any], user: AbstractBaseUser | None
+    *, run_id: int, name: str, event_id: str, payload: dict[str, Any], user: User | None
 ) -> EventDelivery:
     """Deliver a named outside event to a run, once: the same ``event_id`` sent again is a
     no-op that returns the first delivery with ``duplicate`` set."""

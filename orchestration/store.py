@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from django.db import models
 
@@ -24,6 +24,8 @@ from console.sql import Batch, db, is_postgres, pipeline
 from orchestration.models import Run, RunStatus, Step, StepStatus
 
 ID_BLOCK = 200
+
+M = TypeVar("M", bound=models.Model)
 
 
 # --- ids --------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def _run_columns(alias: str) -> str:
     return ", ".join(f"{alias}.{db().ops.quote_name(f.column)}" for f in Run._meta.concrete_fields)
 
 
-def _build(model: type[models.Model], row: Sequence[Any]) -> models.Model:
+def _build(model: type[M], row: Sequence[Any]) -> M:
     names = [f.attname for f in model._meta.concrete_fields]
     return model.from_db(db().alias, names, _convert(model, row))
 
@@ -104,7 +106,8 @@ def _converters(model: type[models.Model]) -> list[tuple[Any, list[Any]]]:
         entries = []
         for field in model._meta.concrete_fields:
             col = field.get_col(model._meta.db_table)
-            entries.append((col, [*db().ops.get_db_converters(col), *field.get_db_converters(db())]))
+            # Ignored below: django-stubs 5.2 lacks Field.get_db_converters, which Django's Field has.
+            entries.append((col, [*db().ops.get_db_converters(col), *field.get_db_converters(db())]))  # type: ignore[attr-defined]
         _converter_cache[key] = entries
     return _converter_cache[key]
 
@@ -114,7 +117,7 @@ def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[
 
     Both statements go in one round trip. ``None`` when the fence fails: the lease was lost."""
     conn = db()
-    fields = [Step._meta.get_field(name) for name in values]
+    fields = [cast("models.Field[Any, Any]", Step._meta.get_field(name)) for name in values]
     assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in fields)
     params = [f.get_db_prep_save(values[f.name], conn) for f in fields]
     lock = " FOR UPDATE" if is_postgres() else ""
@@ -128,7 +131,7 @@ def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[
         fenced = step_cursor.fetchone()
     if not fenced or run_row is None:
         return None
-    return _build(Run, run_row)  # type: ignore[return-value]
+    return _build(Run, run_row)
 
 
 def claim_step(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
@@ -167,7 +170,7 @@ def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: da
     FROM c s JOIN {run_t} r ON r.id = s.run_id
     """
     conn = db()
-    params = {
+    params: dict[str, Any] = {
         "id": step_id, "worker": worker_id, "until": lease_until, "now": now,
         "running": StepStatus.RUNNING, "queued": StepStatus.QUEUED, "run_queued": RunStatus.QUEUED,
         "system": ActorType.SYSTEM, "claimed": int(Verb.STEP_CLAIMED), "run_started": int(Verb.RUN_STARTED),
@@ -178,8 +181,8 @@ def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: da
     if row is None:
         return None
     n_step = len(Step._meta.concrete_fields)
-    step: Step = _build(Step, row[:n_step])  # type: ignore[assignment]
-    run: Run = _build(Run, row[n_step:-1])  # type: ignore[assignment]
+    step = _build(Step, row[:n_step])
+    run = _build(Run, row[n_step:-1])
     if row[-1]:  # this claim started the run (the row above is from before that update)
         run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
     step.run = run
@@ -239,7 +242,7 @@ def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *
     """UPDATE the run row only if nobody wrote it since ``expected_version`` was read; otherwise
     abort the transaction with RUN_CHANGED. Queued without waiting for a result."""
     conn = db()
-    chosen = [Run._meta.get_field(name) for name in fields]
+    chosen = [cast("models.Field[Any, Any]", Run._meta.get_field(name)) for name in fields]
     assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in chosen)
     params = [f.get_db_prep_save(getattr(run, f.attname), conn) for f in chosen]
     sql = (
@@ -252,7 +255,7 @@ def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *
 def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batch: Batch | None = None) -> None:
     """Move a running step (claimed with ``token``) to ``values``, or abort with LEASE_LOST."""
     conn = db()
-    fields = [Step._meta.get_field(name) for name in values]
+    fields = [cast("models.Field[Any, Any]", Step._meta.get_field(name)) for name in values]
     assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in fields)
     params = [f.get_db_prep_save(values[f.name], conn) for f in fields]
     sql = (

@@ -163,7 +163,7 @@ class RedisBackend:
         self._release = self.client.register_script(CIRCUIT_RELEASE)
 
     def bucket_take(self, provider: str, per_second: float, burst: int, now: float) -> float:
-        args = [per_second, burst, f"{now:.6f}"]
+        args: list[float | str] = [per_second, burst, f"{now:.6f}"]
         with _redis_errors_are_transient():
             return float(self._take(keys=[_keys(provider)[0]], args=args))
 
@@ -175,7 +175,7 @@ class RedisBackend:
     def circuit_acquire(
         self, provider: str, now: float, cooldown: float, probe_ttl: float, probe_id: str
     ) -> list[str]:
-        args = [f"{now:.6f}", cooldown, probe_ttl, probe_id]
+        args: list[float | str] = [f"{now:.6f}", cooldown, probe_ttl, probe_id]
         with _redis_errors_are_transient():
             return list(self._acquire(keys=[_keys(provider)[1]], args=args))
 

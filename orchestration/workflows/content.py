@@ -3,13 +3,13 @@ and publish once a human approves."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from orchestration.definition import Approval, Workflow
+from orchestration.definition import Approval, StateReader, Workflow
 
 MAX_DRAFTS = 3
 
@@ -21,10 +21,10 @@ class ContentPipelineInput(BaseModel):
     audience: str = "engineering leads"
 
 
-def research_input(angle: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+def research_input(angle: str) -> Callable[[StateReader], dict[str, Any]]:
     """The researcher's input for one angle; both angles read the same classification."""
 
-    def build(state: Mapping[str, Any]) -> dict[str, Any]:
+    def build(state: StateReader) -> dict[str, Any]:
         return {
             "topic": state["topic"],
             "category": state.get("category") or "general",
@@ -35,7 +35,7 @@ def research_input(angle: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return build
 
 
-def draft_input(state: Mapping[str, Any]) -> dict[str, Any]:
+def draft_input(state: StateReader) -> dict[str, Any]:
     # Feedback and revision are absent on the first pass and set by the review loop after it.
     return {
         "topic": state["topic"],
@@ -47,7 +47,7 @@ def draft_input(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def review_next(state: Mapping[str, Any]) -> str:
+def review_next(state: StateReader) -> str:
     return "publish" if state.get("approved") else "draft"
 
 

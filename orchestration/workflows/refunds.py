@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from orchestration.definition import FAIL, Approval, Workflow
+from orchestration.definition import FAIL, Approval, StateReader, Workflow
 
 REFUND_APPROVAL_THRESHOLD = 100.0
 
@@ -32,7 +32,7 @@ def refund_needs_approval(state: Mapping[str, Any]) -> bool:
     return amount is None or float(amount) > REFUND_APPROVAL_THRESHOLD
 
 
-def notify_input(state: Mapping[str, Any]) -> dict[str, Any]:
+def notify_input(state: StateReader) -> dict[str, Any]:
     # Exactly one path ran: the refund path leaves a refund id, the question path an answer.
     proposal = state.get("proposal") or {}
     return {

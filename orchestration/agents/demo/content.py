@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 from orchestration.agents.base import Agent, AgentContext
 from orchestration.agents.demo import estimate_tokens, simulate_call
 
-CATEGORY_KEYWORDS: dict[str, tuple[str, ...]] = {
+Category = Literal["engineering", "product", "operations", "research", "general"]
+CATEGORY_KEYWORDS: dict[Category, tuple[str, ...]] = {
     "engineering": ("agent", "workflow", "durable", "api", "database", "code", "system"),
     "product": ("launch", "feature", "customer", "roadmap", "pricing", "user"),
     "operations": ("incident", "on-call", "cost", "compliance", "audit", "policy"),
@@ -67,7 +68,7 @@ class Classifier(Agent):
         audience: str = "general readers"
 
     class Output(BaseModel):
-        category: Literal["engineering", "product", "operations", "research", "general"]
+        category: Category
         keywords: list[str]
         confidence: float = Field(ge=0, le=1)
 
@@ -82,7 +83,7 @@ class Classifier(Agent):
             for category, keywords in CATEGORY_KEYWORDS.items()
         }
         best = max(hits, key=lambda category: hits[category])
-        category = best if hits[best] else "general"
+        category: Category = best if hits[best] else "general"
         confidence = round(ctx.random.uniform(0.75, 0.98) if hits[best] else 0.5, 2)
         keywords = list(dict.fromkeys(words))[:5] or ["overview"]
         simulate_call(
@@ -133,7 +134,9 @@ class Researcher(Agent):
             prompt_tokens=estimate_tokens(input.topic, subject) + 400,
             completion_tokens=estimate_tokens(*findings),
         )
-        return self.Output(**{input.angle: findings})
+        # Only the field named for this angle is set.
+        fields: dict[str, list[str]] = {input.angle: findings}
+        return self.Output(**fields)
 
 
 class Writer(Agent):

@@ -91,7 +91,7 @@ class OrderLookup(Agent):
         order: dict[str, Any]
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
-        items = []
+        items: list[dict[str, Any]] = []
         for sku, title, price in ctx.random.sample(CATALOG, ctx.random.randint(1, 3)):
             items.append(
                 {"sku": sku, "name": title, "quantity": ctx.random.randint(1, 2), "price": price}

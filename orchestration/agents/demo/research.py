@@ -50,7 +50,7 @@ class Planner(Agent):
         upper = min(input.max_subquestions, MAX_SUBQUESTIONS)
         subject = input.question.strip().rstrip("?")
         aspects = ctx.random.sample(ASPECTS, ctx.random.randint(MIN_SUBQUESTIONS, upper))
-        subquestions = [
+        subquestions: list[dict[str, Any]] = [
             {"index": index, "question": f"{subject}: {aspect}"}
             for index, aspect in enumerate(aspects)
         ]

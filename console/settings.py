@@ -244,6 +244,8 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
+SIGNALBOX_CAPABILITIES: dict[str, str] = env.dict("SIGNALBOX_EXTRA_CAPABILITIES", default={})
+
 if SIGNALBOX_ENV == "test":
     # The test suite's own agents and workflows (tests/support/), visible to worker processes
     # started by the tests because they share this settings module and environment.
@@ -255,10 +257,12 @@ if SIGNALBOX_ENV == "test":
             "test_flaky": "tests.support.agents:FlakyAgent",
             "test_echo": "tests.support.agents:EchoAgent",
             "test_many": "tests.support.agents:ManyItemsAgent",
+            "test_refund_issuer": "tests.support.agents:RefundIssuer",
         }
     )
+    SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
     SIGNALBOX_WORKFLOWS = [*SIGNALBOX_WORKFLOWS, *(f"tests.support.workflows:{name}" for name in (
         "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
-        "approval_expiry", "approval_drift",
+        "approval_expiry", "approval_drift", "refund_once",
     ))]

@@ -36,6 +36,7 @@ from orchestration.models import (
     Step,
     StepKind,
     StepStatus,
+    ToolCall,
     Wait,
     WaitKind,
     WaitStatus,
@@ -96,6 +97,8 @@ class Tx:
         self.optimistic = optimistic
         self.expected_version = run.version
         self._flushing = False
+        #: ToolCall rows of the completing attempt, written with its outcome.
+        self.tool_calls: list[Any] = []
         #: (step id, pool) of ready steps this transaction handed to the broker.
         self.handed_off: list[tuple[int, str]] = []
         #: (step id, token, values): the completing step's fenced update, written by flush.
@@ -589,6 +592,9 @@ class Tx:
             if self.state_rows:
                 insert(StateVersion, self.state_rows, returning=False, batch=batch)
                 self.state_rows = []
+            if self.tool_calls:
+                insert(ToolCall, self.tool_calls, returning=False, batch=batch)
+                self.tool_calls = []
             audit_record_many(self.audit, now=self.now, batch=batch)
             self.audit = []
         self._flushing = False

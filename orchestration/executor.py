@@ -113,6 +113,39 @@ class LeaseKeeper:
 lease_keeper = LeaseKeeper()
 
 
+# --- tools -----------------------------------------------------------------------------------
+
+
+class StepTools:
+    """A step's door to the tool registry: fills in run, step, node key and call index, so a
+    retried or re-claimed step reuses its idempotency keys. The client is made on first use."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.calls = 0
+        self._client: Any = None
+
+    def call(self, capability: str, params: Any) -> Any:
+        from orchestration.tools.client import ToolClient
+
+        if self._client is None:
+            self._client = ToolClient(actor_id=self.step.agent)
+        self.calls += 1
+        run = self.step.run
+        return self._client.call(
+            capability, params, run_id=run.pk, step_id=self.step.pk, node=self.step.key,
+            call_index=self.calls, trace_id=run.trace_id,
+        )
+
+    def take_records(self) -> tuple[list[Any], list[Any]]:
+        """The ToolCall rows and audit entries to write in the step's own transaction."""
+        if self._client is None:
+            return [], []
+        records, entries = self._client.records, self._client.audit_entries
+        self._client.records, self._client.audit_entries = [], []
+        return records, entries
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -171,17 +204,18 @@ def step_run(
         seed=run.seed,
         trace_id=run.trace_id,
         time_scale=settings.SIGNALBOX["AGENT_TIME_SCALE"],
+        tools=(tools := StepTools(step)),
     )
     result: Any = None
     with lease_keeper.hold(step.pk, step.attempt, worker_id):
         try:
             result = agent.run(params, ctx)
         except SignalboxError as exc:
-            _fail(step, exc, worker_id, pools)
+            _fail(step, exc, worker_id, pools, tools=tools)
             return None
         except Exception as exc:  # unknown agent exceptions are retried, then recorded
             log.warning("agent %s raised", step.agent, exc_info=True)
-            _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools)
+            _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools, tools=tools)
             return None
 
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
@@ -190,25 +224,25 @@ def step_run(
     except ValidationError as exc:
         _fail(step, ContractViolation(
             f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
-        ), worker_id, pools, payload=output)
+        ), worker_id, pools, payload=output, tools=tools)
         return None
     size = len(_json_bytes(output))
     if size > settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]:
         _fail(step, ContractViolation(
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
             code="payload_too_large",
-        ), worker_id, pools, payload=output)
+        ), worker_id, pools, payload=output, tools=tools)
         return None
     step.input = raw
     try:
         return step_complete(
             step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools,
-            handed_off=handed_off,
+            handed_off=handed_off, tools=tools,
         )
     except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
         log.exception("committing step %s failed", step.pk)
         close_old_connections()
-        _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools)
+        _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools, tools=tools)
         return None
 
 
@@ -218,7 +252,7 @@ OPTIMISTIC_TRIES = 4
 
 def step_complete(
     step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str,
-    pools: frozenset[str], handed_off: list[int] | None = None,
+    pools: frozenset[str], handed_off: list[int] | None = None, tools: StepTools | None = None,
 ) -> Step | None:
     """Commit a successful step and advance its run in one transaction, fenced by the token.
 
@@ -231,6 +265,7 @@ def step_complete(
         "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage,
         "finished_at": now, "lease_owner": "", "lease_expires_at": None,
     }
+    tool_calls, tool_entries = tools.take_records() if tools is not None else ([], [])
     run: Run | None = step.run
     if is_postgres():
         # Inside an outer transaction (a caller's atomic block) a batch cannot commit by itself.
@@ -242,7 +277,8 @@ def step_complete(
                     # The common case: every write, the checks and the commit in ONE statement
                     # string (one round trip); paths that write earlier fall back below.
                     batch = Batch()
-                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch)
+                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch,
+                                        tool_calls=(tool_calls, tool_entries))
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
                     batch.run()
@@ -251,7 +287,8 @@ def step_complete(
                     _note_handoff(tx, pools, handed_off)
                     return tx.local_step
                 with pipeline(), transaction.atomic():
-                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True)
+                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True,
+                                        tool_calls=(tool_calls, tool_entries))
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
                 _note_handoff(tx, pools, handed_off)
@@ -272,7 +309,8 @@ def step_complete(
         if run is None:
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
-        tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False)
+        tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False,
+                            tool_calls=(tool_calls, tool_entries))
         tx.flush()
     _note_handoff(tx, pools, handed_off)
     return tx.local_step
@@ -286,12 +324,15 @@ def _note_handoff(tx: Tx, pools: frozenset[str], handed_off: list[int] | None) -
 def _advance_after(
     step: Step, run: Run, now: Any, output: dict[str, Any], written: dict[str, Any],
     worker_id: str, pools: frozenset[str], *, optimistic: bool, batch: Batch | None = None,
+    tool_calls: tuple[list[Any], list[Any]] = ([], []),
 ) -> Tx:
     """What the step's success changes: its outputs in state, the next steps, the run's status."""
     step.run = run
     step.status, step.output, step.finished_at = StepStatus.SUCCEEDED, output, now
     tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id,
             local_pools=pools, optimistic=optimistic, batch=batch)
+    tx.tool_calls = list(tool_calls[0])
+    tx.audit.extend(tool_calls[1])
     tx._left(StepStatus.RUNNING)
     tx.step_event(step, "succeeded")
     node = tx.wf.node(step.node)
@@ -310,7 +351,10 @@ def _advance_after(
     return tx
 
 
-def _fail(step: Step, error: SignalboxError, worker_id: str, pools: frozenset[str], *, payload: Any = None) -> None:
+def _fail(
+    step: Step, error: SignalboxError, worker_id: str, pools: frozenset[str], *, payload: Any = None,
+    tools: StepTools | None = None,
+) -> None:
     """Commit a failed attempt: retry a transient error with backoff, otherwise fail the step."""
     now = timezone.now()
     with transaction.atomic():
@@ -321,6 +365,9 @@ def _fail(step: Step, error: SignalboxError, worker_id: str, pools: frozenset[st
             return None
         current.run = run
         tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id, local_pools=pools)
+        if tools is not None:
+            tx.tool_calls, entries = tools.take_records()
+            tx.audit.extend(entries)
         failures = current.failures + 1
         log_entry = {
             "attempt": failures, "class": error.error_class, "code": error.code,

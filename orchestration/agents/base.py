@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
@@ -79,6 +79,12 @@ class StateView:
         self.written[key] = value
 
 
+class ToolAccess(Protocol):
+    """What an agent may call: capabilities by name, never provider SDKs (the engine supplies it)."""
+
+    def call(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel: ...
+
+
 @dataclass
 class AgentContext:
     """Everything an agent may use besides its input. Built by the engine for each attempt."""
@@ -94,6 +100,16 @@ class AgentContext:
     time_scale: float = 1.0
     sleep: Callable[[float], None] = time.sleep
     notes: list[str] = field(default_factory=list)
+    #: Capabilities through the tool registry (retries, fallbacks, limits, records).
+    tools: ToolAccess | None = None
+
+    def call_tool(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel:
+        """Call a capability; the engine picks the provider, retries, records every attempt."""
+        if self.tools is None:
+            from orchestration.errors import PermanentError
+
+            raise PermanentError("this context has no tool access", code="no_tool_access")
+        return self.tools.call(capability, params)
 
     @property
     def random(self) -> random.Random:

@@ -99,3 +99,22 @@ class ManyItemsAgent(Agent):
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
         return self.Output(items=[{"text": f"item {i}"} for i in range(input.count)])
+
+
+class RefundIssuer(Agent):
+    """Issues a refund through the side-effecting ``test_effect`` capability, then takes its
+    time (long enough to be killed after the effect and before its result is committed)."""
+
+    name = "test_refund_issuer"
+    max_attempts = 3
+
+    class Input(BaseModel):
+        text: str = "refund order 42"
+        seconds: float = 0.0
+
+    Output = Text
+
+    def run(self, input: Input, ctx: AgentContext) -> Text:
+        result = ctx.call_tool("test_effect", {"text": input.text})
+        time.sleep(input.seconds)
+        return Text(text=f"refunded by {result.served_by}")  # type: ignore[attr-defined]

@@ -271,3 +271,10 @@ def call_repeatedly_when_told(
         except ToolCallFailed:
             failed += 1
     out.put(("done", succeeded, failed, time.time()))
+
+#: A side-effecting capability (a refund): every retry or re-claim carries the same key.
+registered_effect = echo_capability(
+    "test_effect",
+    HttpJsonProvider(name="test-effect", url_env="SIGNALBOX_TEST_ECHO_URL"),
+    side_effects=True,
+)

@@ -71,3 +71,6 @@ approval_drift = Workflow("approval_drift", input=Loose, max_steps=10)
 approval_drift.agent("start", "test_echo", reads=["text"], writes=["text"])
 approval_drift.agent("act", "test_echo", after="start", reads=["text"], writes=["acted"], approval=Approval())
 approval_drift.agent("mutate", "test_echo", after="start", reads=["text"], writes=["text"])
+
+refund_once = Workflow("refund_once", input=Loose, max_steps=10)
+refund_once.agent("refund", "test_refund_issuer", reads=["text", "seconds"], writes=["text"])

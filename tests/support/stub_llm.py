@@ -16,8 +16,10 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.support.http_stub import JsonReplyHandler, serving
 
 STUB_MODEL = "stub-model"
 
@@ -88,8 +90,7 @@ class StubLLM:
 
 
 def _handler_for(stub: StubLLM) -> type[BaseHTTPRequestHandler]:
-    class ChatCompletionsHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class ChatCompletionsHandler(JsonReplyHandler):
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -114,21 +115,7 @@ def _handler_for(stub: StubLLM) -> type[BaseHTTPRequestHandler]:
                 payload = reply.body
             else:
                 payload = json.dumps(reply.body if reply.body is not None else {}).encode()
-            try:
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                # The client gave up first (a timeout test); nothing left to tell it.
-                pass
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Keep test output clean; the requests are recorded on the stub instead.
-            pass
+            self.send_json(reply.status, payload, reply.headers)
 
     return ChatCompletionsHandler
 
@@ -137,17 +124,6 @@ def _handler_for(stub: StubLLM) -> type[BaseHTTPRequestHandler]:
 def stub_llm_server() -> Iterator[StubLLM]:
     """Serve a :class:`StubLLM` on 127.0.0.1 (a free port) for the duration of the block."""
     stub = StubLLM()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(stub))
-    server.daemon_threads = True
-    stub.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    # A short poll interval keeps shutdown (and so each test's teardown) quick.
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="stub-llm", daemon=True
-    )
-    thread.start()
-    try:
+    with serving(_handler_for(stub), "stub-llm") as port:
+        stub.base_url = f"http://127.0.0.1:{port}/v1"
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)

@@ -21,13 +21,14 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from pydantic import BaseModel
 
 from orchestration.tools.providers import HttpJsonProvider
 from orchestration.tools.registry import Capability, RetryPolicy
+from tests.support.http_stub import JsonReplyHandler, serving
 
 
 @dataclass
@@ -122,8 +123,7 @@ class StubProvider:
 
 
 def _handler_for(stub: StubProvider) -> type[BaseHTTPRequestHandler]:
-    class ProviderHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class ProviderHandler(JsonReplyHandler):
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -137,21 +137,7 @@ def _handler_for(stub: StubProvider) -> type[BaseHTTPRequestHandler]:
             if reply.delay_seconds:
                 time.sleep(reply.delay_seconds)
             payload = stub.body_for(reply, call)
-            try:
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                # The client gave up first (a timeout test).
-                pass
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Requests are recorded on the stub; keep test output clean.
-            pass
+            self.send_json(reply.status, payload, reply.headers)
 
     return ProviderHandler
 
@@ -160,22 +146,9 @@ def _handler_for(stub: StubProvider) -> type[BaseHTTPRequestHandler]:
 def stub_provider_server(name: str = "stub") -> Iterator[StubProvider]:
     """Serve a :class:`StubProvider` on 127.0.0.1 (a free port) for the duration of the block."""
     stub = StubProvider(name)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(stub))
-    server.daemon_threads = True
-    stub.url = f"http://127.0.0.1:{server.server_address[1]}/call"
-    thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={"poll_interval": 0.05},
-        name=f"stub-{name}",
-        daemon=True,
-    )
-    thread.start()
-    try:
+    with serving(_handler_for(stub), f"stub-{name}") as port:
+        stub.url = f"http://127.0.0.1:{port}/call"
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # --- the test capability ------------------------------------------------------------------------

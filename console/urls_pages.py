@@ -10,6 +10,7 @@ app_name = "console"
 urlpatterns = [
     path("", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("tools/", views.tool_list, name="tool_list"),
     path(
         "accounts/login/",
         auth_views.LoginView.as_view(redirect_authenticated_user=True),

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.core.exceptions import BadRequest
+from django.core.exceptions import BadRequest, PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.template.loader import render_to_string
@@ -123,3 +123,13 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     return render(request, "console/run_detail.html", run_detail_context(run))
+
+
+@login_required
+def tool_list(request: HttpRequest) -> HttpResponse:
+    """Capabilities, their providers, recent health, rate-limit headroom and circuit state."""
+    from orchestration.tools.status import capability_status_list
+
+    if not _user(request).has_perm("orchestration.view_run"):
+        raise PermissionDenied
+    return render(request, "console/tool_list.html", {"capabilities": capability_status_list()})

@@ -17,6 +17,7 @@ from orchestration.registry import workflow_get, workflow_list
 from orchestration.schemas import (
     ApprovalDecideIn,
     ApprovalOut,
+    CapabilityOut,
     ErrorOut,
     RunCancelIn,
     RunDetailOut,
@@ -226,3 +227,19 @@ def workflow_detail(
     request: HttpRequest, name: str, version: int | None = Query(None, ge=1, le=2**31 - 1)
 ) -> dict[str, Any]:
     return _workflow_out(name, version)
+
+
+# --- tools --------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/capabilities",
+    response={200: list[CapabilityOut], **errors(401, 403)},
+    summary="Capabilities and their providers: health, rate-limit headroom, circuit state",
+)
+def capability_index(request: HttpRequest) -> list[dict[str, Any]]:
+    from orchestration.tools.status import capability_status_list
+
+    if not request.auth.has_perm(selectors.VIEW):  # type: ignore[attr-defined]
+        raise PermissionDenied("you may not see the tool registry", code="view_denied")
+    return capability_status_list()

@@ -260,6 +260,17 @@ class WorkflowOut(Schema):
     nodes: list[dict[str, Any]]
 
 
+class CapabilityOut(Schema):
+    name: str
+    description: str
+    side_effects: bool = Field(description="Calls carry an idempotency key derived from (run, step, call index).")
+    params_schema: dict[str, Any]
+    result_schema: dict[str, Any]
+    providers: list[dict[str, Any]] = Field(
+        description="In priority order, each with its recent health, rate-limit headroom and circuit state."
+    )
+
+
 # --- rendering ----------------------------------------------------------------------------------
 # Model rows -> the dicts the Out schemas above validate; the one place a column becomes a field.
 

@@ -13,6 +13,8 @@ class Verb(models.IntegerChoices):
     RUN_FAILED = 105, "run.failed"
     RUN_CANCELLED = 106, "run.cancelled"
     RUN_LIMIT_HIT = 107, "run.limit_hit"
+    RUN_COMPENSATING = 108, "run.compensating"
+    RUN_COMPENSATED = 109, "run.compensated"
     # 200-299: steps
     STEP_CREATED = 200, "step.created"
     STEP_CLAIMED = 201, "step.claimed"
@@ -26,6 +28,11 @@ class Verb(models.IntegerChoices):
     STEP_CONTRACT_VIOLATION = 209, "step.contract_violation"
     STEP_ROUTED = 210, "step.routed"
     STEP_REQUEUED = 211, "step.requeued"
+    STEP_FALLBACK = 212, "step.fallback"
+    STEP_DEGRADED = 213, "step.degraded"
+    STEP_ESCALATED = 214, "step.escalated"
+    STEP_TIMED_OUT = 215, "step.timed_out"
+    STEP_COMPENSATED = 216, "step.compensated"
     # 300-399: run state
     STATE_WRITTEN = 300, "state.written"
     # 400-499: waits (approvals and outside events)
@@ -38,6 +45,9 @@ class Verb(models.IntegerChoices):
     EVENT_APPLIED = 406, "event.applied"
     APPROVAL_STALE = 407, "approval.stale"
     WAIT_CANCELLED = 408, "wait.cancelled"
+    ESCALATION_RETRIED = 409, "escalation.retried"
+    ESCALATION_SKIPPED = 410, "escalation.skipped"
+    ESCALATION_ABORTED = 411, "escalation.aborted"
     # 500-599: tool calls (capabilities, providers, circuit breakers)
     TOOL_CALLED = 500, "tool.called"
     TOOL_CALL_FAILED = 501, "tool.call_failed"

@@ -14,6 +14,21 @@ Node kinds: ``agent`` (executed by a worker), ``route`` (evaluated inside advanc
 ``wait`` (pause until a named outside event, with a timeout). Approval gates are declared on the
 agent node whose action they guard (``approval=Approval(...)``) because an approval is bound to
 the exact action it approves.
+
+Recovery is declared per agent (and map) node, with workflow-wide defaults. When an attempt
+fails, the tiers are tried in order:
+
+1. a transient failure is retried with backoff and full jitter, within ``max_attempts`` and
+   ``retry_within`` (tool calls inside the attempt have already tried every provider);
+2. then the node's ``fallback`` agent gets the step (with its own attempts);
+3. then a declared ``degraded`` result lets the run go on, marked degraded;
+4. otherwise the step escalates to an operator (``on_failure="escalate"``, the default), who
+   retries it, skips it with a value, or aborts the run; ``on_failure="fail"`` fails the run.
+
+A node with an outside side effect declares ``compensate=`` (an agent); when the run fails or is
+cancelled later, the compensations of its completed steps run in reverse order. ``timeout``
+(soft: the agent is interrupted and the attempt fails as transient) and ``hard_timeout`` (the
+attempt is fenced off even if the agent never returns) bound each attempt.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ FAIL = "__fail__"
 
 JoinMode = Literal["all", "any"] | int
 TimeoutOutcome = Literal["reject", "approve", "fail", "continue"] | str
+OnFailure = Literal["escalate", "fail"]
 
 
 class StateReader(Protocol):
@@ -61,6 +77,33 @@ class Approval:
         return True if self.when is None else bool(self.when(state))
 
 
+@dataclass(frozen=True)
+class Failure:
+    """What a ``Degraded`` function is given: how the step finally failed."""
+
+    step_key: str
+    agent: str
+    code: str
+    message: str
+    error_class: str
+    attempts: int
+    agents_tried: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """A result the run may continue with when a node's agent (and its fallback) failed.
+
+    ``output`` is a mapping or a function of the :class:`Failure`; it must satisfy the node's
+    output contract. ``reason`` is what operators see on the run ("no sources: summary only")."""
+
+    output: Mapping[str, Any] | Callable[[Failure], Mapping[str, Any]]
+    reason: str = "degraded result"
+
+    def value(self, failure: Failure) -> dict[str, Any]:
+        return dict(self.output(failure) if callable(self.output) else self.output)
+
+
 @dataclass
 class Node:
     name: str
@@ -75,6 +118,15 @@ class Node:
     input: Callable[[StateReader], Mapping[str, Any]] | None = None
     max_attempts: int | None = None
     approval: Approval | None = None
+    # recovery (agent and map nodes)
+    fallback: str = ""
+    degraded: Degraded | None = None
+    on_failure: OnFailure | None = None
+    compensate: str = ""
+    retry_within: timedelta | None = None
+    timeout: timedelta | None = None
+    hard_timeout: timedelta | None = None
+    escalation_timeout: timedelta | None = None
     # route / routing agent
     targets: tuple[str, ...] = ()
     choose: Callable[[StateReader], str] | None = None
@@ -88,7 +140,7 @@ class Node:
     concurrency: int = 0
     # wait for an outside event
     event: str = ""
-    timeout: timedelta | None = None
+    wait_timeout: timedelta | None = None
     on_timeout: str = FAIL
 
     @property
@@ -130,10 +182,26 @@ class Node:
             out["on_loop_limit"] = self.on_loop_limit
         if self.kind == "map":
             out.update(items=self.items, max_items=self.max_items, concurrency=self.concurrency)
+        if self.kind in ("agent", "map"):
+            recovery: dict[str, Any] = {}
+            if self.fallback:
+                recovery["fallback"] = self.fallback
+            if self.degraded is not None:
+                recovery["degraded"] = self.degraded.reason
+            if self.compensate:
+                recovery["compensate"] = self.compensate
+            if self.on_failure:
+                recovery["on_failure"] = self.on_failure
+            for name in ("retry_within", "timeout", "hard_timeout", "escalation_timeout"):
+                value = getattr(self, name)
+                if value is not None:
+                    recovery[f"{name}_seconds"] = value.total_seconds()
+            if recovery:
+                out["recovery"] = recovery
         if self.kind == "wait":
             out.update(
                 event=self.event,
-                timeout_seconds=int(self.timeout.total_seconds()) if self.timeout else None,
+                timeout_seconds=int(self.wait_timeout.total_seconds()) if self.wait_timeout else None,
                 on_timeout=self.on_timeout,
             )
         return out
@@ -156,7 +224,19 @@ class Workflow:
         max_steps: int = 100,
         max_duration: timedelta = timedelta(hours=24),
         default_max_attempts: int = 3,
+        on_failure: OnFailure = "escalate",
+        retry_within: timedelta = timedelta(hours=1),
+        step_timeout: timedelta = timedelta(minutes=10),
+        step_hard_timeout: timedelta | None = None,
+        escalation_timeout: timedelta = timedelta(hours=24),
     ):
+        """``on_failure`` and the timeouts are the defaults of every agent and map node:
+        a step that exhausted its recovery escalates to an operator (or fails the run), each
+        attempt is interrupted after ``step_timeout`` and fenced off after ``step_hard_timeout``
+        (default: the soft timeout plus a minute), retries stop after ``retry_within``, and an
+        unanswered escalation fails the run after ``escalation_timeout``."""
+        if on_failure not in ("escalate", "fail"):
+            raise DefinitionError(f"{name}: on_failure must be 'escalate' or 'fail'")
         self.name = name
         self.version = version
         self.input = input
@@ -164,6 +244,11 @@ class Workflow:
         self.max_steps = max_steps
         self.max_duration = max_duration
         self.default_max_attempts = default_max_attempts
+        self.on_failure: OnFailure = on_failure
+        self.retry_within = retry_within
+        self.step_timeout = step_timeout
+        self.step_hard_timeout = step_hard_timeout or step_timeout + timedelta(minutes=1)
+        self.escalation_timeout = escalation_timeout
         self.nodes: dict[str, Node] = {}
         self._successors: dict[str, tuple[str, ...]] = {}
         self._sealed = False
@@ -197,9 +282,18 @@ class Workflow:
         approval: Approval | None = None,
         routes: Mapping[str, str] | None = None,
         route_field: str = "route",
+        fallback: str = "",
+        degraded: Degraded | None = None,
+        on_failure: OnFailure | None = None,
+        compensate: str = "",
+        retry_within: timedelta | None = None,
+        timeout: timedelta | None = None,
+        hard_timeout: timedelta | None = None,
+        escalation_timeout: timedelta | None = None,
     ) -> Node:
         """An agent step. With ``routes``, the agent is a routing agent: its output field
-        ``route_field`` picks the one successor that runs."""
+        ``route_field`` picks the one successor that runs. The recovery arguments are described
+        in this module's docstring; unset ones take the workflow's defaults."""
         return self._add(
             Node(
                 name=name,
@@ -216,6 +310,14 @@ class Workflow:
                 routes=dict(routes or {}),
                 route_field=route_field,
                 targets=tuple(dict.fromkeys((routes or {}).values())),
+                fallback=fallback,
+                degraded=degraded,
+                on_failure=on_failure,
+                compensate=compensate,
+                retry_within=retry_within,
+                timeout=timeout,
+                hard_timeout=hard_timeout,
+                escalation_timeout=escalation_timeout,
             )
         )
 
@@ -262,6 +364,14 @@ class Workflow:
         reads: Iterable[str] = (),
         pool: str = "",
         max_attempts: int | None = None,
+        fallback: str = "",
+        degraded: Degraded | None = None,
+        on_failure: OnFailure | None = None,
+        compensate: str = "",
+        retry_within: timedelta | None = None,
+        timeout: timedelta | None = None,
+        hard_timeout: timedelta | None = None,
+        escalation_timeout: timedelta | None = None,
     ) -> Node:
         """Dynamic fan-out: one ``agent`` step per element of the list in state key ``items``.
 
@@ -286,6 +396,14 @@ class Workflow:
                 max_items=max_items,
                 concurrency=concurrency,
                 max_attempts=max_attempts,
+                fallback=fallback,
+                degraded=degraded,
+                on_failure=on_failure,
+                compensate=compensate,
+                retry_within=retry_within,
+                timeout=timeout,
+                hard_timeout=hard_timeout,
+                escalation_timeout=escalation_timeout,
             )
         )
 
@@ -311,7 +429,7 @@ class Workflow:
                 kind="wait",
                 after=_names(after),
                 event=event,
-                timeout=timeout,
+                wait_timeout=timeout,
                 on_timeout=on_timeout,
                 writes=writes,
             )
@@ -338,6 +456,12 @@ class Workflow:
                 if target not in self.nodes:
                     raise DefinitionError(f"{self.key}: {node.name!r} names unknown {target!r}")
                 targeted.add(target)
+            if node.on_failure not in (None, "escalate", "fail"):
+                raise DefinitionError(f"{self.key}: {node.name!r} on_failure must be 'escalate' or 'fail'")
+            if node.fallback and node.fallback == node.agent:
+                raise DefinitionError(f"{self.key}: {node.name!r} cannot fall back to its own agent")
+            if node.timeout and node.hard_timeout and node.hard_timeout < node.timeout:
+                raise DefinitionError(f"{self.key}: {node.name!r} hard_timeout is shorter than its timeout")
             if isinstance(node.join, int) and not 1 <= node.join <= len(node.after):
                 raise DefinitionError(f"{self.key}: {node.name!r} join must be 1..{len(node.after)}")
         for node in self.nodes.values():
@@ -366,6 +490,23 @@ class Workflow:
     def node(self, name: str) -> Node:
         return self.nodes[name]
 
+    # --- a node's recovery, with this workflow's defaults ---------------------------------------
+
+    def on_failure_of(self, node: Node) -> OnFailure:
+        return node.on_failure or self.on_failure
+
+    def retry_within_of(self, node: Node) -> timedelta:
+        return node.retry_within or self.retry_within
+
+    def timeouts_of(self, node: Node) -> tuple[timedelta, timedelta]:
+        """(soft, hard) for one attempt of the node's agent."""
+        soft = node.timeout or self.step_timeout
+        hard = node.hard_timeout or (soft + timedelta(minutes=1) if node.timeout else self.step_hard_timeout)
+        return soft, max(hard, soft)
+
+    def escalation_timeout_of(self, node: Node) -> timedelta:
+        return node.escalation_timeout or self.escalation_timeout
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -374,6 +515,7 @@ class Workflow:
             "input_schema": self.input.model_json_schema(),
             "max_steps": self.max_steps,
             "max_duration_seconds": int(self.max_duration.total_seconds()),
+            "on_failure": self.on_failure,
             "start": self.start_nodes(),
             "nodes": [n.describe() for n in self.nodes.values()],
         }

@@ -19,16 +19,24 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.db import transaction
+from pydantic import BaseModel, ValidationError
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
 from console.sql import Batch, insert, pipeline, update
 from orchestration import live, store
 from orchestration.agents.base import StateView
-from orchestration.definition import END, FAIL, Node, Workflow
-from orchestration.errors import ErrorClass, LimitExceeded, SignalboxError, StateAccessDenied
+from orchestration.definition import END, FAIL, Failure, Node, Workflow
+from orchestration.errors import (
+    ContractViolation,
+    ErrorClass,
+    LimitExceeded,
+    SignalboxError,
+    StateAccessDenied,
+)
 from orchestration.models import (
     STEP_ACTIVE,
+    Decision,
     Run,
     RunEvent,
     RunStatus,
@@ -45,12 +53,40 @@ from orchestration.registry import agent_class, workflow_get
 
 RUN_FLUSH_FIELDS = (
     "version", "status", "state", "state_versions", "node_visits", "pending_joins", "active_steps",
-    "waiting_steps", "step_count", "notes", "output", "error_code", "error_message",
+    "waiting_steps", "step_count", "notes", "degraded", "output", "error_code", "error_message",
     "started_at", "finished_at", "updated_at",
 )
 
 #: A node may run at most this many times in one run unless its route declares a loop_limit.
 DEFAULT_MAX_VISITS = 10
+
+#: The error code of a cancelled run (it ends ``cancelled``, after any compensations).
+CANCELLED = "cancelled"
+#: Compensation steps are named after the node they undo: ``undo:execute_refund``.
+UNDO = "undo:"
+#: At most this many tool calls are copied into an escalation's context (the rest are linked).
+ESCALATION_TOOL_CALLS = 50
+
+
+def node_of(wf: Workflow, step: Step) -> Node:
+    """The workflow node a step activates (a compensation step: the node it undoes)."""
+    if step.kind == StepKind.COMPENSATE:
+        return wf.node(step.node.removeprefix(UNDO))
+    return wf.node(step.node)
+
+
+def output_contract(step: Step, node: Node) -> type[BaseModel]:
+    """What a step's output must satisfy: the node's agent's contract (a fallback agent, an
+    operator's skip value and a degraded result are held to it too); a compensation's own."""
+    if step.kind == StepKind.COMPENSATE:
+        return agent_class(step.agent).Output
+    return agent_class(node.agent).Output
+
+
+def agents_tried(step: Step) -> list[str]:
+    """The agents that ran this step so far, in order (the primary, then a fallback)."""
+    tried = [entry.get("agent", "") for entry in step.attempts_log if entry.get("agent")]
+    return list(dict.fromkeys([*tried, step.agent]))
 
 
 def queue_name(pool: str) -> str:
@@ -368,10 +404,10 @@ class Tx:
 
     def _activate_wait(self, node: Node, visit: int) -> None:
         step = self._new_step(node, kind=StepKind.WAIT, status=StepStatus.WAITING, visit=visit, started_at=self.now)
-        assert node.timeout is not None
+        assert node.wait_timeout is not None
         wait = Wait(
             run=self.run, step=step, kind=WaitKind.EVENT, name=node.event, tier=0,
-            reason=f"waiting for event {node.event!r}", deadline_at=self.now + node.timeout,
+            reason=f"waiting for event {node.event!r}", deadline_at=self.now + node.wait_timeout,
             on_timeout=node.on_timeout, created_at=self.now,
         )
         self.new_waits.append(wait)
@@ -408,6 +444,10 @@ class Tx:
 
     def step_succeeded(self, step: Step, node: Node, output: Mapping[str, Any], written: Mapping[str, Any]) -> None:
         """Write the step's declared outputs to state and activate what comes next."""
+        if step.kind == StepKind.COMPENSATE:
+            self.record(Verb.STEP_SUCCEEDED, "step", step.pk, step=step, payload=output, key=step.key, attempt=step.attempt)
+            self._compensated(step)
+            return
         writer = step.agent or step.node
         if step.kind != StepKind.ITEM:
             for key in sorted(node.writes):
@@ -495,8 +535,12 @@ class Tx:
             self.record(Verb.WAIT_CANCELLED, "wait", wait.pk, step=step)
 
     def fail_run(self, code: str, message: str, *, step: Step | None = None, verb: Verb = Verb.RUN_FAILED) -> None:
-        """Stop the run: cancel what is still active and record why."""
+        """Stop the run: cancel what is still active and record why. Completed steps that
+        declared a compensation are undone first, newest first; the run ends after them."""
         if self.run.is_terminal:
+            return
+        if self.run.status == RunStatus.COMPENSATING:
+            self.stop_compensating(code, message, step=step)
             return
         self.flush_steps()
         for other in Step.objects.filter(run=self.run, status__in=STEP_ACTIVE).order_by("id"):
@@ -504,11 +548,86 @@ class Tx:
                 continue
             self.cancel_step(other, reason=f"run ended: {code}")
         self.run.pending_joins = {}
-        self.run.status = RunStatus.CANCELLED if verb == Verb.RUN_CANCELLED else RunStatus.FAILED
         self.run.error_code = code
         self.run.error_message = message
-        self.run.finished_at = self.now
         self.record(verb, "run", self.run.pk, step=step, code=code, message=message)
+        if not self._start_compensation(step, message):
+            self._end(RunStatus.CANCELLED if code == CANCELLED else RunStatus.FAILED)
+
+    def _end(self, status: str) -> None:
+        self.run.status = status
+        self.run.finished_at = self.now
+
+    # --- compensation (saga) --------------------------------------------------------------------
+
+    def _start_compensation(self, trigger: Step | None, reason: str) -> bool:
+        """Create one compensation step per completed step whose node declares ``compensate``,
+        newest first; the first is queued, the rest wait their turn. False if there are none."""
+        done = list(
+            Step.objects.filter(
+                run=self.run, status=StepStatus.SUCCEEDED, kind__in=(StepKind.AGENT, StepKind.ITEM)
+            ).order_by("-finished_at", "-id")
+        )
+        if trigger is not None and trigger.status == StepStatus.SUCCEEDED and trigger.kind in (StepKind.AGENT, StepKind.ITEM):
+            # Its own row is written at flush: it is the newest completed step.
+            done = [trigger, *(s for s in done if s.pk != trigger.pk)]
+        # A step an operator skipped never ran its action: nothing to undo.
+        undo = [s for s in done if node_of(self.wf, s).compensate and not s.degraded.startswith("skipped by")]
+        if not undo:
+            return False
+        for index, original in enumerate(undo):
+            node = node_of(self.wf, original)
+            comp = agent_class(node.compensate)
+            status = StepStatus.QUEUED if index == 0 else StepStatus.PENDING
+            step = Step(
+                run=self.run, node=UNDO + original.node, visit=original.visit, item=original.item,
+                kind=StepKind.COMPENSATE, agent=node.compensate, pool=node.pool or comp.pool, parent=original,
+                status=status, max_attempts=comp.max_attempts or self.wf.default_max_attempts,
+                input={"step": original.key, "input": original.input, "output": original.output, "reason": reason},
+                available_at=self.now, created_at=self.now,
+            )
+            if status == StepStatus.QUEUED:
+                step.published_at = self.now
+                self.publish.append((step, 0.0))
+            self._entered(status)
+            self.new_steps.append(step)
+        self.run.status = RunStatus.COMPENSATING
+        self.record(
+            Verb.RUN_COMPENSATING, "run", self.run.pk, step=trigger, steps=[s.key for s in undo],
+            outcome=RunStatus.CANCELLED if self.run.error_code == CANCELLED else RunStatus.FAILED,
+        )
+        self.run.notes = [*self.run.notes, f"compensating {len(undo)} completed step(s): {', '.join(s.key for s in undo)}"]
+        return True
+
+    def _compensated(self, step: Step) -> None:
+        """A compensation finished: release the next one, or end the run after the last."""
+        self.record(Verb.STEP_COMPENSATED, "step", step.parent_id, step=step, undone=step.key.removeprefix(UNDO))
+        following = (
+            Step.objects.filter(run=self.run, kind=StepKind.COMPENSATE, status=StepStatus.PENDING).order_by("id").first()
+        )
+        if following is not None:
+            self.move(following, StepStatus.QUEUED, available_at=self.now, published_at=self.now)
+            self.publish.append((following, 0.0))
+            return
+        if self.run.active_steps == 0:
+            self._finish_compensation()
+
+    def _finish_compensation(self, note: str = "") -> None:
+        final = RunStatus.CANCELLED if self.run.error_code == CANCELLED else RunStatus.FAILED
+        self._end(final)
+        if note:
+            self.run.notes = [*self.run.notes, note]
+        self.record(Verb.RUN_COMPENSATED, "run", self.run.pk, outcome=final, note=note)
+
+    def stop_compensating(self, code: str, message: str, *, step: Step | None = None) -> None:
+        """An operator aborted (or a bound ended) the compensations: the rest are cancelled."""
+        self.flush_steps()
+        for other in Step.objects.filter(run=self.run, status__in=STEP_ACTIVE).order_by("id"):
+            if step is not None and other.pk == step.pk:
+                continue
+            self.cancel_step(other, reason=f"compensation stopped: {code}")
+        self.run.error_message = f"{self.run.error_message}; compensation stopped: {message}"
+        self._finish_compensation(note=f"compensation stopped ({code}): {message}")
 
     def fail_step(self, step: Step, error: SignalboxError, *, payload: Any = None) -> None:
         """A step failed for good: record the error (and the offending payload) and fail the run."""
@@ -537,6 +656,131 @@ class Tx:
         if run_verb == Verb.RUN_LIMIT_HIT:
             self.record(Verb.RUN_LIMIT_HIT, "run", self.run.pk, step=step, code=error.code, detail=error.detail)
         self.fail_run(error.code, f"{step.key}: {error.message}", step=step)
+
+    # --- recovery tiers -------------------------------------------------------------------------
+
+    def step_exhausted(self, step: Step, error: SignalboxError, *, payload: Any = None) -> None:
+        """An attempt failed and is not retried: hand the step to the node's fallback agent,
+        else continue with its declared degraded result, else escalate it to an operator or
+        fail the run, as the node declares. Compensations always escalate."""
+        node = node_of(self.wf, step)
+        compensation = step.kind == StepKind.COMPENSATE
+        tried = agents_tried(step)
+        if not compensation and node.fallback and node.fallback not in tried:
+            self.fall_back(step, node, error)
+            return
+        if not compensation and node.degraded is not None:
+            failure = Failure(
+                step_key=step.key, agent=step.agent, code=error.code, message=error.message,
+                error_class=str(error.error_class), attempts=len(step.attempts_log), agents_tried=tuple(tried),
+            )
+            try:
+                value = output_contract(step, node).model_validate(node.degraded.value(failure)).model_dump(mode="json")
+            except (ValidationError, TypeError, ValueError) as exc:
+                error = ContractViolation(
+                    f"the degraded result declared for {node.name!r} does not satisfy its contract ({exc.__class__.__name__})",
+                    code="degraded_contract",
+                )
+            else:
+                self.degrade(step, node, value, node.degraded.reason, error)
+                return
+        if compensation or self.wf.on_failure_of(node) == "escalate":
+            self.escalate(step, node, error, payload=payload)
+            return
+        self.fail_step(step, error, payload=payload)
+
+    def fall_back(self, step: Step, node: Node, error: SignalboxError) -> None:
+        """Tier 2: the node's fallback agent takes the step, with attempts of its own."""
+        fallback = agent_class(node.fallback)
+        previous = step.agent
+        self.move(
+            step, StepStatus.QUEUED, agent=node.fallback, pool=node.pool or fallback.pool, failures=0,
+            max_attempts=fallback.max_attempts or self.wf.default_max_attempts, lease_owner="",
+            lease_expires_at=None, available_at=self.now, published_at=self.now,
+            error_class=error.error_class, error_code=error.code, error_message=error.message,
+        )
+        self.publish.append((step, 0.0))
+        self.record(
+            Verb.STEP_FALLBACK, "step", step.pk, step=step, from_agent=previous, to_agent=node.fallback,
+            code=error.code, message=error.message,
+        )
+
+    def degrade(self, step: Step, node: Node, output: dict[str, Any], reason: str, error: SignalboxError) -> None:
+        """Tier 3: the run continues with the node's declared degraded result."""
+        text = f"{reason} (after {error.code})"
+        self.move(
+            step, StepStatus.SUCCEEDED, output=output, finished_at=self.now, lease_owner="",
+            lease_expires_at=None, degraded=text[:500], error_class=error.error_class, error_code=error.code,
+            error_message=error.message,
+        )
+        self.note_degraded(step, text)
+        self.step_succeeded(step, node, output, {})
+
+    def note_degraded(self, step: Step, reason: str) -> None:
+        """Make a degraded result visible on the run (its notes and ``degraded`` list)."""
+        self.run.degraded = [*self.run.degraded, {"step": step.key, "reason": reason}]
+        self.run.notes = [*self.run.notes, f"{step.key}: degraded: {reason}"]
+        self.record(Verb.STEP_DEGRADED, "step", step.pk, step=step, reason=reason)
+
+    def escalate(self, step: Step, node: Node, error: SignalboxError, *, payload: Any = None) -> Wait:
+        """Tier 4: the step waits for an operator, who sees every attempt, error, provider and
+        agent tried, and may retry it, skip it with a value, or abort the run."""
+        detail = error.detail if payload is None else {"detail": error.detail, "payload": _truncate(payload)}
+        self.move(
+            step, StepStatus.WAITING, lease_owner="", lease_expires_at=None, error_class=error.error_class,
+            error_code=error.code, error_message=error.message, error_detail=detail, input=step.input,
+        )
+        context = self.escalation_context(step, node, error, payload)
+        wait = Wait(
+            run=self.run, step=step, kind=WaitKind.ESCALATION, name=step.key, tier=1,
+            reason=f"{context['why']}: {error.message}"[:2000], action=context, action_digest=digest(context),
+            deadline_at=self.now + self.wf.escalation_timeout_of(node), on_timeout=FAIL, created_at=self.now,
+        )
+        self.new_waits.append(wait)
+        verb = Verb.STEP_CONTRACT_VIOLATION if error.error_class == ErrorClass.CONTRACT else Verb.STEP_FAILED
+        self.record(verb, "step", step.pk, step=step, payload=payload, code=error.code, message=error.message, error_class=error.error_class)
+        self.record(Verb.STEP_ESCALATED, "step", step.pk, step=step, code=error.code, why=context["why"])
+        return wait
+
+    def escalation_context(self, step: Step, node: Node, error: SignalboxError, payload: Any) -> dict[str, Any]:
+        """Everything an operator needs to decide, frozen at escalation time."""
+        calls = [c for c in self.tool_calls if getattr(c, "step_id", None) == step.pk]
+        earlier = list(ToolCall.objects.filter(step_id=step.pk).order_by("id")[:ESCALATION_TOOL_CALLS])
+        tool_calls = [
+            {
+                "capability": c.capability, "provider": c.provider, "attempt": c.attempt, "status": c.status,
+                "error_code": c.error_code, "error_message": c.error_message[:300], "latency_ms": c.latency_ms,
+                "idempotency_key": c.idempotency_key, "at": c.created_at.isoformat() if c.created_at else None,
+            }
+            for c in [*earlier, *calls][:ESCALATION_TOOL_CALLS]
+        ]
+        if error.code == "max_attempts":
+            why = "retries exhausted"
+        elif error.error_class == ErrorClass.CONTRACT:
+            why = "contract violation"
+        elif error.error_class == ErrorClass.LIMIT:
+            why = f"limit reached ({error.code})"
+        else:
+            why = f"{error.error_class} error"
+        contract = output_contract(step, node)
+        return {
+            "why": why,
+            "step": step.key,
+            "node": node.name,
+            "kind": step.kind,
+            "compensation": step.kind == StepKind.COMPENSATE,
+            "agent": step.agent,
+            "agents_tried": agents_tried(step),
+            "fallback": node.fallback or None,
+            "error": {"class": error.error_class, "code": error.code, "message": error.message, "detail": error.detail},
+            "attempts": step.attempts_log,
+            "tool_calls": tool_calls,
+            "input": _truncate(step.input) if step.input is not None else None,
+            "payload": _truncate(payload) if payload is not None else None,
+            "actions": [Decision.RETRY, Decision.SKIP, Decision.ABORT],
+            "skip_contract": contract.__name__,
+            "skip_schema": contract.model_json_schema(),
+        }
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -620,9 +864,13 @@ class Tx:
         run = self.run
         if run.is_terminal:
             return
+        if run.status == RunStatus.COMPENSATING:
+            if run.active_steps == 0:
+                self._finish_compensation()
+            return
         if run.active_steps == 0:
             run.status = RunStatus.SUCCEEDED
-            run.output = run.state
+            run.output = {**run.state, "_degraded": run.degraded} if run.degraded else run.state
             run.finished_at = self.now
             self.record(Verb.RUN_SUCCEEDED, "run", run.pk)
             return
@@ -654,7 +902,7 @@ def publish_steps(steps: list[tuple[int, str, float]]) -> None:
 
 def step_input(step: Step, node: Node, run: Run) -> Any:
     """The agent input a step would get now: its item, an operator's edit, or declared state."""
-    if step.kind == StepKind.ITEM:
+    if step.kind in (StepKind.ITEM, StepKind.COMPENSATE):
         return step.input
     if step.input_override is not None:
         return step.input_override

@@ -50,6 +50,12 @@ class TransientError(SignalboxError):
     error_class = ErrorClass.TRANSIENT
 
 
+class StepTimeout(TransientError):
+    """The step ran past its timeout; the attempt is abandoned and may be retried."""
+
+    code = "step_timeout"
+
+
 class PermanentError(SignalboxError):
     """A failure that will not go away by retrying."""
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -26,15 +28,25 @@ from audit.verbs import ActorType, Verb
 from console.sql import Batch, db, is_postgres, pipeline
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
-from orchestration.engine import NeedsTransaction, Tx, digest, run_lock, step_action, step_input
+from orchestration.engine import (
+    NeedsTransaction,
+    Tx,
+    digest,
+    node_of,
+    output_contract,
+    run_lock,
+    step_action,
+    step_input,
+)
 from orchestration.errors import (
     ContractViolation,
     ErrorClass,
     LimitExceeded,
     SignalboxError,
+    StepTimeout,
     TransientError,
 )
-from orchestration.models import Run, Step, StepKind, StepStatus
+from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
 from orchestration.registry import agent_instance, workflow_get
 
 log = logging.getLogger(__name__)
@@ -69,17 +81,25 @@ def step_claim(step_id: int, worker_id: str) -> Step | None:
 
 
 class LeaseKeeper:
-    """Renews the leases of steps this process is running, from one background thread."""
+    """Renews the leases of steps this process is running, from one background thread, and
+    enforces their hard timeouts: an attempt still running at its hard deadline is failed
+    (as a transient ``step_hard_timeout``) and fenced off, so whatever it returns later is
+    discarded, even if the agent never yields. If the whole process is stuck, its leases
+    simply stop being renewed and the reaper does the same."""
+
+    #: How often the loop looks at hard deadlines, at most (seconds).
+    TICK = 0.25
 
     def __init__(self) -> None:
-        self._held: dict[int, tuple[int, str]] = {}
+        self._held: dict[int, tuple[int, str, float | None]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def hold(self, step_id: int, token: int, worker_id: str) -> Iterator[None]:
+    def hold(self, step_id: int, token: int, worker_id: str, *, hard_after: float | None = None) -> Iterator[None]:
+        deadline = time.monotonic() + hard_after if hard_after else None
         with self._lock:
-            self._held[step_id] = (token, worker_id)
+            self._held[step_id] = (token, worker_id, deadline)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
                 self._thread.start()
@@ -91,15 +111,28 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         interval = settings.SIGNALBOX["LEASE_SECONDS"] / 3
+        next_renewal = time.monotonic() + interval
         stop = threading.Event()
-        while not stop.wait(interval):
+        while not stop.wait(min(self.TICK, interval)):
             with self._lock:
                 held = dict(self._held)
             if not held:
+                next_renewal = time.monotonic() + interval
                 continue
+            now = time.monotonic()
+            overdue = {k: v for k, v in held.items() if v[2] is not None and now >= v[2]}
+            for step_id, (token, owner, _deadline) in overdue.items():
+                with self._lock:
+                    self._held.pop(step_id, None)
+                self._hard_timeout(step_id, token, owner)
+            if now < next_renewal:
+                continue
+            next_renewal = now + interval
             try:
                 until = timezone.now() + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-                for step_id, (token, owner) in held.items():
+                for step_id, (token, owner, _deadline) in held.items():
+                    if step_id in overdue:
+                        continue
                     # Fenced: a lease that was lost (re-claimed by another worker) is not renewed.
                     Step.objects.filter(pk=step_id, status=StepStatus.RUNNING, attempt=token, lease_owner=owner).update(
                         lease_expires_at=until
@@ -108,6 +141,40 @@ class LeaseKeeper:
                 log.warning("lease renewal failed", exc_info=True)
             finally:
                 close_old_connections()
+
+    def _hard_timeout(self, step_id: int, token: int, owner: str) -> None:
+        try:
+            step = Step.objects.select_related("run").filter(pk=step_id, status=StepStatus.RUNNING, attempt=token).first()
+            if step is None:
+                return
+            log.warning("step %s passed its hard timeout; its attempt %s is abandoned", step_id, token)
+            _fail(step, StepTimeout("the step passed its hard timeout and was abandoned", code="step_hard_timeout"),
+                  owner, frozenset())
+        except Exception:
+            log.warning("failing step %s at its hard timeout failed", step_id, exc_info=True)
+        finally:
+            close_old_connections()
+
+
+@contextmanager
+def interrupt_after(seconds: float) -> Iterator[None]:
+    """Raise :class:`StepTimeout` in the agent when its soft timeout passes, as Celery's soft
+    time limit does: with SIGALRM, which only the main thread can receive. Elsewhere (the
+    embedded worker thread) agents see the deadline cooperatively, in ``ctx.check_timeout()``."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise StepTimeout(f"the step ran past its soft timeout of {seconds:g} s", code="step_timeout")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 lease_keeper = LeaseKeeper()
@@ -173,9 +240,10 @@ def step_run(
     """Run a claimed step's agent and commit the outcome; returns a locally claimed successor."""
     run = step.run
     wf = workflow_get(run.workflow_name, run.workflow_version)
-    node = wf.node(step.node)
+    node = node_of(wf, step)
     agent = agent_instance(step.agent)
     cls = type(agent)
+    soft, hard = wf.timeouts_of(node)
 
     if node.approval is not None and step.kind == StepKind.AGENT:
         action = step_action(step, node, run)
@@ -183,9 +251,9 @@ def step_run(
             _reopen_approval(step, action, worker_id)
             return None
 
-    raw: Any
+    raw: Any = None
     try:
-        raw = step_input(step, node, run)
+        raw = step.input = step_input(step, node, run)
         params = cls.Input.model_validate(raw)
     except ValidationError as exc:
         _fail(step, ContractViolation(
@@ -196,20 +264,27 @@ def step_run(
         _fail(step, exc, worker_id, pools)
         return None
 
+    own_state = step.kind in (StepKind.AGENT, StepKind.ROUTE)
     ctx = AgentContext(
         run_id=run.pk,
         step_key=step.key,
         attempt=step.attempt,
-        state=StateView(run.state, reads=node.reads, writes=node.writes if step.kind != StepKind.ITEM else frozenset()),
+        state=StateView(
+            run.state if step.kind != StepKind.COMPENSATE else {},
+            reads=node.reads if step.kind != StepKind.COMPENSATE else frozenset(),
+            writes=node.writes if own_state else frozenset(),
+        ),
         seed=run.seed,
         trace_id=run.trace_id,
         time_scale=settings.SIGNALBOX["AGENT_TIME_SCALE"],
         tools=(tools := StepTools(step)),
+        soft_deadline=time.monotonic() + soft.total_seconds(),
     )
     result: Any = None
-    with lease_keeper.hold(step.pk, step.attempt, worker_id):
+    with lease_keeper.hold(step.pk, step.attempt, worker_id, hard_after=hard.total_seconds()):
         try:
-            result = agent.run(params, ctx)
+            with interrupt_after(soft.total_seconds()):
+                result = agent.run(params, ctx)
         except SignalboxError as exc:
             _fail(step, exc, worker_id, pools, tools=tools)
             return None
@@ -219,8 +294,11 @@ def step_run(
             return None
 
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    contract = output_contract(step, node)
     try:
-        output = cls.Output.model_validate(output).model_dump(mode="json")
+        if contract is not cls.Output:  # a fallback agent: its own contract, then the node's
+            output = cls.Output.model_validate(output).model_dump(mode="json")
+        output = contract.model_validate(output).model_dump(mode="json")
     except ValidationError as exc:
         _fail(step, ContractViolation(
             f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
@@ -237,7 +315,7 @@ def step_run(
     try:
         return step_complete(
             step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools,
-            handed_off=handed_off, tools=tools,
+            handed_off=handed_off, tools=tools, degraded=ctx.degraded,
         )
     except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
         log.exception("committing step %s failed", step.pk)
@@ -253,6 +331,7 @@ OPTIMISTIC_TRIES = 4
 def step_complete(
     step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str,
     pools: frozenset[str], handed_off: list[int] | None = None, tools: StepTools | None = None,
+    degraded: str = "",
 ) -> Step | None:
     """Commit a successful step and advance its run in one transaction, fenced by the token.
 
@@ -265,6 +344,8 @@ def step_complete(
         "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage,
         "finished_at": now, "lease_owner": "", "lease_expires_at": None,
     }
+    if degraded:
+        values["degraded"] = step.degraded = degraded
     tool_calls, tool_entries = tools.take_records() if tools is not None else ([], [])
     run: Run | None = step.run
     if is_postgres():
@@ -335,12 +416,14 @@ def _advance_after(
     tx.audit.extend(tool_calls[1])
     tx._left(StepStatus.RUNNING)
     tx.step_event(step, "succeeded")
-    node = tx.wf.node(step.node)
+    node = node_of(tx.wf, step)
     try:
-        if run.is_terminal:
+        if run.is_terminal or (run.status == RunStatus.COMPENSATING and step.kind != StepKind.COMPENSATE):
             # Cancelled or failed meanwhile: the fence below fails (the step was cancelled).
             return tx
-        if now > run.deadline_at:
+        if step.degraded:
+            tx.note_degraded(step, step.degraded)
+        if now > run.deadline_at and run.status != RunStatus.COMPENSATING:
             raise LimitExceeded(
                 f"run stopped by its max_duration bound ({tx.wf.max_duration})", code="run_deadline",
                 detail={"bound": "max_duration"},
@@ -370,12 +453,18 @@ def _fail(
             tx.audit.extend(entries)
         failures = current.failures + 1
         log_entry = {
-            "attempt": failures, "class": error.error_class, "code": error.code,
+            "attempt": current.attempt, "agent": current.agent, "class": error.error_class, "code": error.code,
             "message": error.message[:500], "at": now.isoformat(), "worker": worker_id,
         }
         attempts_log = [*current.attempts_log, log_entry]
-        if error.error_class == ErrorClass.TRANSIENT and failures < current.max_attempts:
-            delay = retry_delay(failures)
+        node = node_of(tx.wf, current)
+        # The retry window runs from the first failure since the failure count was last reset
+        # (by a fallback agent or an operator's retry).
+        window_start = _parse_time(attempts_log[-failures]["at"]) if failures <= len(attempts_log) else now
+        within = tx.wf.retry_within_of(node)
+        delay = retry_delay(failures)
+        in_window = now + timedelta(seconds=delay) - window_start <= within
+        if error.error_class == ErrorClass.TRANSIENT and failures < current.max_attempts and in_window:
             tx.move(
                 current, StepStatus.QUEUED, failures=failures, attempts_log=attempts_log, lease_owner="",
                 lease_expires_at=None, available_at=now + timedelta(seconds=delay), published_at=now,
@@ -386,15 +475,29 @@ def _fail(
         else:
             Step.objects.filter(pk=current.pk).update(failures=failures, attempts_log=attempts_log)
             current.failures, current.attempts_log = failures, attempts_log
-            if error.error_class == ErrorClass.TRANSIENT:
+            if error.error_class == ErrorClass.TRANSIENT and failures >= current.max_attempts:
                 error = LimitExceeded(
                     f"gave up after {failures} attempts (max_attempts {current.max_attempts}); last error: {error.message}",
                     code="max_attempts",
                     detail={"bound": "max_attempts", "limit": current.max_attempts, "last_error": error.code},
                 )
-            tx.fail_step(current, error, payload=payload)
+            elif error.error_class == ErrorClass.TRANSIENT:
+                error = LimitExceeded(
+                    f"gave up after {failures} attempts: retrying would pass the retry window of "
+                    f"{within.total_seconds():g} s; last error: {error.message}",
+                    code="retry_window",
+                    detail={"bound": "retry_within", "limit_seconds": within.total_seconds(), "last_error": error.code},
+                )
+            current.input = current.input if current.input is not None else step.input
+            tx.step_exhausted(current, error, payload=payload)
         tx.flush()
     return None
+
+
+def _parse_time(value: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value)
 
 
 def retry_delay(failures: int) -> float:

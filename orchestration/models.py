@@ -15,13 +15,15 @@ class RunStatus(models.TextChoices):
     QUEUED = "queued"
     RUNNING = "running"
     WAITING = "waiting"
+    #: Failed or cancelled; the compensations of its completed side effects are running.
+    COMPENSATING = "compensating"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
 RUN_TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
-RUN_ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+RUN_ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.COMPENSATING)
 
 
 class StepStatus(models.TextChoices):
@@ -45,6 +47,7 @@ class StepKind(models.TextChoices):
     MAP = "map"
     ITEM = "item"  # one element of a map's dynamic fan-out
     WAIT = "wait"
+    COMPENSATE = "compensate"  # undoes a completed step's side effect (its parent)
 
 
 class Run(models.Model):
@@ -52,7 +55,7 @@ class Run(models.Model):
 
     workflow_name = models.CharField(max_length=100)
     workflow_version = models.PositiveIntegerField()
-    status = models.CharField(max_length=10, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.QUEUED)
     priority = models.SmallIntegerField(default=0)
     tenant = models.CharField(max_length=100, blank=True, default="")
     submitted_by = models.ForeignKey(
@@ -81,6 +84,8 @@ class Run(models.Model):
     version = models.PositiveBigIntegerField(default=0)
     #: Human-readable notes the engine adds (a loop bound taken, a degraded result).
     notes = models.JSONField(default=list, blank=True)
+    #: Steps whose result is degraded: [{"step": key, "reason": text}]; also in ``output``.
+    degraded = models.JSONField(default=list, blank=True)
 
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
@@ -149,6 +154,8 @@ class Step(models.Model):
     approved_digest = models.CharField(max_length=64, blank=True, default="")
     output = models.JSONField(null=True, blank=True)
     usage = models.JSONField(default=dict, blank=True)
+    #: Why this step's output is not the full result ("partial: 2 of 5 sources"), if it is not.
+    degraded = models.CharField(max_length=500, blank=True, default="")
 
     error_class = models.CharField(max_length=12, blank=True, default="")
     error_code = models.CharField(max_length=64, blank=True, default="")
@@ -209,6 +216,8 @@ class StateVersion(models.Model):
 class WaitKind(models.TextChoices):
     APPROVAL = "approval"
     EVENT = "event"
+    #: A step that exhausted its recovery, waiting for an operator (the dead-letter list).
+    ESCALATION = "escalation"
 
 
 class WaitStatus(models.TextChoices):
@@ -219,16 +228,27 @@ class WaitStatus(models.TextChoices):
     EXPIRED = "expired"
     CANCELLED = "cancelled"
     STALE = "stale"  # the action changed after approval; a new wait was opened
+    RESOLVED = "resolved"  # an escalation an operator retried, skipped or aborted
 
 
 class Decision(models.TextChoices):
     APPROVE = "approve"
     REJECT = "reject"
     EDIT = "edit"
+    # on escalations
+    RETRY = "retry"
+    SKIP = "skip"
+    ABORT = "abort"
+
+
+ESCALATION_ACTIONS = (Decision.RETRY, Decision.SKIP, Decision.ABORT)
 
 
 class Wait(models.Model):
-    """A step paused on a human decision or a named outside event, with a deadline."""
+    """A step paused on a human decision or a named outside event, with a deadline.
+
+    Approvals and escalations are the decisions: an escalation's ``action`` holds its full
+    context (every attempt, error, provider and fallback tried) and ``reason`` says why."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="waits")
     step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="waits")

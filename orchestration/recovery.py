@@ -20,9 +20,18 @@ from django.db.models import Q
 from django.utils import timezone
 
 from audit.verbs import Verb
-from orchestration.engine import Tx, digest, publish_steps, run_lock, step_action
+from orchestration.engine import Tx, digest, node_of, publish_steps, run_lock, step_action
 from orchestration.errors import LimitExceeded, SignalboxError
-from orchestration.models import RUN_ACTIVE, Run, Step, StepStatus, Wait, WaitKind, WaitStatus
+from orchestration.models import (
+    RUN_ACTIVE,
+    Run,
+    RunStatus,
+    Step,
+    StepStatus,
+    Wait,
+    WaitKind,
+    WaitStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +57,13 @@ def reap_expired_leases() -> int:
             # time (or can never commit) is stopped by max_attempts instead of looping.
             failures = step.failures + 1
             attempts_log = [*step.attempts_log, {
-                "attempt": step.attempt, "class": "transient", "code": "lease_expired",
+                "attempt": step.attempt, "agent": step.agent, "class": "transient", "code": "lease_expired",
                 "message": f"worker {step.lease_owner} stopped renewing its lease", "at": now.isoformat(),
             }]
             if failures >= step.max_attempts:
                 step.failures, step.attempts_log = failures, attempts_log
                 Step.objects.filter(pk=step.pk).update(failures=failures, attempts_log=attempts_log)
-                tx.fail_step(step, LimitExceeded(
+                tx.step_exhausted(step, LimitExceeded(
                     f"gave up after {failures} attempts (max_attempts {step.max_attempts}); the last worker was lost",
                     code="max_attempts", detail={"bound": "max_attempts", "limit": step.max_attempts, "last_error": "lease_expired"},
                 ))
@@ -110,8 +119,16 @@ def expire_waits() -> int:
 
 def _apply_timeout(tx: Tx, wait: Wait) -> None:
     step = wait.step
-    node = tx.wf.node(step.node)
+    node = node_of(tx.wf, step)
     outcome = wait.on_timeout
+    if wait.kind == WaitKind.ESCALATION:
+        # Nobody answered: the step fails for good (an unanswered compensation ends the run's
+        # compensations, which the run's error then says).
+        tx.fail_step(step, LimitExceeded(
+            f"escalation {wait.pk} expired unanswered", code="escalation_expired",
+            detail={"bound": "escalation_timeout", "escalation": wait.pk},
+        ))
+        return
     if wait.kind == WaitKind.APPROVAL:
         if outcome == "approve":
             approved = digest(step_action(step, node, tx.run))
@@ -136,13 +153,15 @@ def _apply_timeout(tx: Tx, wait: Wait) -> None:
 
 
 def enforce_run_deadlines() -> int:
-    """Stop active runs that passed their max_duration."""
+    """Stop active runs that passed their max_duration. A run that is compensating is left to
+    finish undoing: its compensations are bounded by their attempts and escalations."""
     now = timezone.now()
     stopped = 0
-    for run_id in Run.objects.filter(status__in=RUN_ACTIVE, deadline_at__lt=now).values_list("id", flat=True)[:BATCH]:
+    active = [s for s in RUN_ACTIVE if s != RunStatus.COMPENSATING]
+    for run_id in Run.objects.filter(status__in=active, deadline_at__lt=now).values_list("id", flat=True)[:BATCH]:
         with transaction.atomic():
             run = run_lock(run_id)
-            if run.is_terminal:
+            if run.is_terminal or run.status == RunStatus.COMPENSATING:
                 continue
             tx = Tx(run, now)
             tx.record(Verb.RUN_LIMIT_HIT, "run", run.pk, bound="max_duration", limit=str(tx.wf.max_duration))

@@ -89,6 +89,11 @@ def _workflows() -> dict[tuple[str, int], Workflow]:
         paths = [*BUILTIN_WORKFLOWS, *getattr(settings, "SIGNALBOX_WORKFLOWS", [])]
         for path in paths:
             wf = _import(path).seal()
+            for node in wf.nodes.values():
+                # Fallback and compensating agents must exist: an import error, not a run failure.
+                for name in (node.fallback, node.compensate):
+                    if name:
+                        agent_class(name)
             found[(wf.name, wf.version)] = wf
         return found
 
@@ -119,6 +124,7 @@ def pools() -> list[str]:
     found = {"default"}
     for wf in workflow_list():
         for node in wf.nodes.values():
-            if node.agent:
-                found.add(node.pool or agent_class(node.agent).pool)
+            for name in (node.agent, node.fallback, node.compensate):
+                if name:
+                    found.add(node.pool or agent_class(name).pool)
     return sorted(found)

@@ -15,7 +15,7 @@ from pydantic import AwareDatetime, model_validator
 
 from orchestration.models import Decision, Run, RunEvent, RunStatus, StateVersion, Step, Wait
 
-RunStatusName = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
+RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
 assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]
 
 # --- errors -------------------------------------------------------------------------------------
@@ -77,6 +77,9 @@ class RunOut(Schema):
     trace_id: str
     step_count: int
     error: ErrorSummary | None
+    degraded: list[dict[str, Any]] = Field(
+        description="Steps whose result is partial or was supplied by an operator: step and reason."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -126,9 +129,12 @@ class StepOut(Schema):
     status: str
     attempt: int
     failures: int
+    parent_id: int | None = Field(description="A map item's map step; a compensation's undone step.")
     input: Any
     output: Any
+    degraded: str = Field(description="Why the output is partial or operator-supplied; empty if it is not.")
     error: StepError | None
+    attempts: list[dict[str, Any]] = Field(description="Every failed attempt: agent, class, code, message, time.")
     usage: dict[str, Any]
     created_at: datetime
     available_at: datetime
@@ -287,6 +293,7 @@ def run_out(run: Run) -> dict[str, Any]:
         "trace_id": run.trace_id,
         "step_count": run.step_count,
         "error": {"code": run.error_code, "message": run.error_message} if run.error_code else None,
+        "degraded": run.degraded,
         "created_at": run.created_at,
         "started_at": run.started_at,
         "finished_at": run.finished_at,
@@ -306,8 +313,11 @@ def step_out(step: Step) -> dict[str, Any]:
         "status": step.status,
         "attempt": step.attempt,
         "failures": step.failures,
+        "parent_id": step.parent_id,
         "input": step.input_override if step.input_override is not None else step.input,
         "output": step.output,
+        "degraded": step.degraded,
+        "attempts": step.attempts_log,
         "error": {
             "class": step.error_class,
             "code": step.error_code,

@@ -20,14 +20,25 @@ from pydantic import ValidationError
 
 from audit.verbs import ActorType, Verb
 from console.sql import pipeline
-from orchestration.engine import Tx, digest, new_trace_id, run_lock, step_action
+from orchestration.engine import (
+    CANCELLED,
+    Tx,
+    digest,
+    new_trace_id,
+    node_of,
+    output_contract,
+    run_lock,
+    step_action,
+)
 from orchestration.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, SignalboxError
 from orchestration.models import (
+    ESCALATION_ACTIONS,
     Decision,
     Run,
     RunEvent,
     RunStatus,
     Step,
+    StepKind,
     StepStatus,
     Wait,
     WaitKind,
@@ -135,8 +146,14 @@ def run_cancel(*, run_id: int, user: User | None, reason: str = "") -> Run:
         run = _lock_or_404(run_id)
         if run.is_terminal:
             raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
+        if run.status == RunStatus.COMPENSATING:
+            raise Conflict(
+                f"run {run_id} already ended ({run.error_code}) and is undoing its completed steps; "
+                "abort an escalated compensation to stop it",
+                code="run_compensating", detail={"status": run.status},
+            )
         tx = Tx(run, timezone.now(), actor_type=actor_type, actor_id=actor_id)
-        tx.fail_run("cancelled", reason or f"cancelled by {actor_id or 'system'}", verb=Verb.RUN_CANCELLED)
+        tx.fail_run(CANCELLED, reason or f"cancelled by {actor_id or 'system'}", verb=Verb.RUN_CANCELLED)
         tx.flush()
     return run
 
@@ -215,6 +232,102 @@ def _apply_decision(
     tx.record(verb, "wait", wait.pk, step=step, payload=edited_input, reason=reason, approved_digest=approved)
     tx.move(step, StepStatus.QUEUED, approved_digest=approved, available_at=tx.now, published_at=tx.now)
     tx.publish.append((step, 0.0))
+
+
+#: A step an operator skipped carries this prefix in ``degraded``: it has no side effect to undo.
+SKIPPED = "skipped by"
+
+
+def escalation_resolve(
+    *,
+    wait_id: int,
+    user: User | None,
+    action: str,
+    reason: str = "",
+    output: dict[str, Any] | None = None,
+    run_id: int | None = None,
+) -> Wait:
+    """An operator's answer to an escalated step (the dead-letter list):
+
+    * ``retry``: the step runs again with its node's agent and a fresh attempt budget;
+    * ``skip``: the step succeeds with ``output``, checked against the step's output contract,
+      and the run goes on (marked degraded);
+    * ``abort``: the step fails and the run with it (completed side effects are compensated;
+      on a compensation, the remaining compensations are stopped).
+
+    Exactly one answer wins; another raises Conflict (409 ``already_decided``)."""
+    if action not in ESCALATION_ACTIONS:
+        raise InvalidInput(
+            f"action must be one of {', '.join(ESCALATION_ACTIONS)}", code="invalid_action",
+            detail={"action": action},
+        )
+    if action == Decision.SKIP and output is None:
+        raise InvalidInput("skip needs output: the value the step should have produced", code="output_missing")
+    if action != Decision.SKIP and output is not None:
+        raise InvalidInput("output is only accepted with action 'skip'", code="output_unexpected")
+    wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.ESCALATION).select_related("step", "run").first()
+    if wait is None or (run_id is not None and wait.run_id != run_id):
+        raise NotFound(f"no escalation {wait_id}", code="escalation_not_found")
+    if output is not None:
+        _check_size(output, "skip output")
+        wf = workflow_get(wait.run.workflow_name, wait.run.workflow_version)
+        contract = output_contract(wait.step, node_of(wf, wait.step))
+        try:
+            output = contract.model_validate(output).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"the skip value does not satisfy {contract.__name__}, the output contract of {wait.step.key!r}",
+                code="output_contract",
+                detail=_validation_detail(exc),
+            ) from exc
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    with transaction.atomic():
+        run = run_lock(wait.run_id)
+        won = Wait.objects.filter(pk=wait_id, status=WaitStatus.OPEN).update(
+            status=WaitStatus.RESOLVED, decision=action, decided_by=user, decided_at=now,
+            decision_reason=reason, payload=output,
+        )
+        if not won:
+            current = Wait.objects.select_related("decided_by").get(pk=wait_id)
+            by = current.decided_by.get_username() if current.decided_by else "the system"
+            raise Conflict(
+                f"escalation {wait_id} is already {current.status}"
+                + (f" ({current.decision} by {by} at {current.decided_at:%Y-%m-%d %H:%M:%S} UTC)" if current.decided_at else ""),
+                code="already_decided",
+                detail={"status": current.status, "decision": current.decision, "decided_by": by},
+            )
+        wait.refresh_from_db()
+        step = Step.objects.get(pk=wait.step_id)
+        tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
+        node = node_of(tx.wf, step)
+        who = actor_id or "the system"
+        if action == Decision.RETRY:
+            agent = step.agent if step.kind == StepKind.COMPENSATE else node.agent
+            tx.record(Verb.ESCALATION_RETRIED, "wait", wait.pk, step=step, reason=reason, agent=agent)
+            tx.move(
+                step, StepStatus.QUEUED, agent=agent, pool=node.pool or agent_class(agent).pool, failures=0,
+                max_attempts=node.max_attempts or agent_class(agent).max_attempts or tx.wf.default_max_attempts,
+                available_at=now, published_at=now, error_class="", error_code="", error_message="", error_detail=None,
+            )
+            tx.publish.append((step, 0.0))
+        elif action == Decision.SKIP:
+            assert output is not None
+            note = f"{SKIPPED} {who} with a supplied value" + (f": {reason}" if reason else "")
+            tx.record(Verb.ESCALATION_SKIPPED, "wait", wait.pk, step=step, payload=output, reason=reason)
+            tx.move(step, StepStatus.SUCCEEDED, output=output, finished_at=now, degraded=note[:500])
+            tx.note_degraded(step, note)
+            try:
+                tx.step_succeeded(step, node, output, {})
+            except SignalboxError as exc:
+                tx.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+        else:
+            tx.record(Verb.ESCALATION_ABORTED, "wait", wait.pk, step=step, reason=reason)
+            tx.fail_step(step, SignalboxError(
+                f"aborted by {who} after escalation" + (f": {reason}" if reason else ""), code="aborted",
+            ))
+        tx.flush()
+    return wait
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from orchestration.errors import StateAccessDenied
+from orchestration.errors import StateAccessDenied, StepTimeout
 
 
 @dataclass
@@ -102,6 +102,10 @@ class AgentContext:
     notes: list[str] = field(default_factory=list)
     #: Capabilities through the tool registry (retries, fallbacks, limits, records).
     tools: ToolAccess | None = None
+    #: Set by :meth:`degrade`: why this result is partial.
+    degraded: str = ""
+    #: When the soft timeout of this attempt passes (monotonic clock), if it has one.
+    soft_deadline: float | None = None
 
     def call_tool(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel:
         """Call a capability; the engine picks the provider, retries, records every attempt."""
@@ -123,6 +127,18 @@ class AgentContext:
         """Spend (scaled) wall time, as a real model or API call would."""
         if self.time_scale > 0 and seconds > 0:
             self.sleep(seconds * self.time_scale)
+        self.check_timeout()
+
+    def degrade(self, reason: str) -> None:
+        """Mark this result as partial ("2 of 5 sources answered"): the run goes on, and the
+        degradation is shown on the run and listed in its output."""
+        self.degraded = reason.strip()[:500] or "degraded result"
+
+    def check_timeout(self) -> None:
+        """Raise :class:`StepTimeout` once the attempt's soft timeout has passed. Workers also
+        interrupt the agent there on their own where they can; long loops should call this."""
+        if self.soft_deadline is not None and time.monotonic() >= self.soft_deadline:
+            raise StepTimeout("the step ran past its soft timeout", code="step_timeout")
 
     def report_usage(
         self, *, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0, model: str = ""
@@ -154,6 +170,15 @@ class AgentContext:
             seed=seed,
             time_scale=0.0,
         )
+
+
+class CompensationInput(BaseModel):
+    """What a compensating agent is given: the completed step it undoes and why."""
+
+    step: str
+    input: Any = None
+    output: Any = None
+    reason: str = ""
 
 
 class Agent:

@@ -22,14 +22,15 @@ slow_then_echo = Workflow("slow_then_echo", input=Loose, max_steps=10)
 slow_then_echo.agent("slow", "test_slow", reads=["seconds", "text"], writes=["text"])
 slow_then_echo.agent("echo", "test_echo", after="slow", reads=["text"], writes=["echoed"])
 
-bad_handoff = Workflow("bad_handoff", input=Loose, max_steps=10)
+# These three fail the run instead of escalating (on_failure="fail"), which their tests assert.
+bad_handoff = Workflow("bad_handoff", input=Loose, max_steps=10, on_failure="fail")
 bad_handoff.agent("produce", "test_bad_output", reads=["text"], writes=["summary"])
 bad_handoff.agent("consume", "test_echo", after="produce", reads=["summary"], input=lambda s: {"text": s["summary"]})
 
-snooping = Workflow("snooping", input=Loose, max_steps=10)
+snooping = Workflow("snooping", input=Loose, max_steps=10, on_failure="fail")
 snooping.agent("snoop", "test_snoop", reads=["text"], writes=["text"])
 
-flaky_chain = Workflow("flaky_chain", input=Loose, max_steps=10)
+flaky_chain = Workflow("flaky_chain", input=Loose, max_steps=10, on_failure="fail")
 flaky_chain.agent("flaky", "test_flaky", reads=["failures"], writes=["text"])
 
 event_timeout_continue = Workflow("event_timeout_continue", input=Loose, max_steps=10)

@@ -258,11 +258,18 @@ if SIGNALBOX_ENV == "test":
             "test_echo": "tests.support.agents:EchoAgent",
             "test_many": "tests.support.agents:ManyItemsAgent",
             "test_refund_issuer": "tests.support.agents:RefundIssuer",
+            "test_fails_until": "tests.support.agents:FailsUntil",
+            "test_backup": "tests.support.agents:BackupAgent",
+            "test_partial": "tests.support.agents:PartialAgent",
+            "test_sleepy": "tests.support.agents:SleepyAgent",
+            "test_effect_action": "tests.support.agents:EffectAction",
+            "test_effect_undo": "tests.support.agents:EffectUndo",
         }
     )
     SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
     SIGNALBOX_WORKFLOWS = [*SIGNALBOX_WORKFLOWS, *(f"tests.support.workflows:{name}" for name in (
         "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
-        "approval_expiry", "approval_drift", "refund_once",
+        "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
+        "sleepy", "retry_storm", "saga", "saga_waiting",
     ))]

@@ -6,8 +6,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestration.agents.base import Agent, AgentContext
-from orchestration.errors import TransientError
+from orchestration.agents.base import Agent, AgentContext, CompensationInput
+from orchestration.errors import PermanentError, StepTimeout, TransientError
 
 
 class Text(BaseModel):
@@ -118,3 +118,108 @@ class RefundIssuer(Agent):
         result = ctx.call_tool("test_effect", {"text": input.text})
         time.sleep(input.seconds)
         return Text(text=f"refunded by {result.served_by}")  # type: ignore[attr-defined]
+
+
+# --- recovery: failing, fallback, partial, slow and side-effecting agents --------------------------
+
+
+class FailsUntil(Agent):
+    """Fails on its first ``fail_attempts`` attempts (counting every claim of the step),
+    transiently or, with ``permanent``, permanently; then echoes."""
+
+    name = "test_fails_until"
+    max_attempts = 2
+
+    class Input(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        text: str = "hello"
+        fail_attempts: int = 99
+        permanent: bool = False
+
+    Output = Text
+
+    def run(self, input: Input, ctx: AgentContext) -> Text:
+        if ctx.attempt <= input.fail_attempts:
+            if input.permanent:
+                raise PermanentError(f"the service refused (attempt {ctx.attempt})", code="refused")
+            raise TransientError(f"the service is unavailable (attempt {ctx.attempt})", code="unavailable")
+        return Text(text=f"ok:{input.text} on attempt {ctx.attempt}")
+
+
+class BackupAgent(Agent):
+    """A fallback that always answers, more modestly."""
+
+    name = "test_backup"
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        return Text(text=f"backup:{input.text}")
+
+
+class PartialAgent(Agent):
+    """Answers from 2 of 5 sources and says so."""
+
+    name = "test_partial"
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        ctx.degrade("partial: 2 of 5 sources")
+        return Text(text=f"partial:{input.text}")
+
+
+class SleepyAgent(Agent):
+    """Sleeps ``seconds`` on its first ``slow_attempts`` attempts; ``stubborn`` swallows the
+    soft-timeout interruption and keeps sleeping (an agent stuck past its hard timeout)."""
+
+    name = "test_sleepy"
+    max_attempts = 3
+
+    class Input(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        seconds: float = 3.0
+        slow_attempts: int = 1
+        stubborn: bool = False
+
+    Output = Text
+
+    def run(self, input: Input, ctx: AgentContext) -> Text:
+        if ctx.attempt <= input.slow_attempts:
+            until = time.monotonic() + input.seconds
+            while time.monotonic() < until:
+                try:
+                    time.sleep(max(0.0, until - time.monotonic()))
+                except StepTimeout:
+                    if not input.stubborn:
+                        raise
+        return Text(text=f"awake on attempt {ctx.attempt}")
+
+
+class EffectAction(Agent):
+    """Applies an outside effect named after its step through the side-effecting capability."""
+
+    name = "test_effect_action"
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        ctx.call_tool("test_effect", {"text": f"do {ctx.step_key}"})
+        return Text(text=f"done {ctx.step_key}")
+
+
+class EffectUndo(Agent):
+    """Compensates an :class:`EffectAction`; fails transiently on its first
+    ``undo_failures`` attempts when the undone step's input asks for it."""
+
+    name = "test_effect_undo"
+    max_attempts = 2
+    Input = CompensationInput
+    Output = Text
+
+    def run(self, input: CompensationInput, ctx: AgentContext) -> Text:
+        failures = int((input.input or {}).get("undo_failures", 0))
+        if ctx.attempt <= failures:
+            raise TransientError(f"undo of {input.step} failed (attempt {ctx.attempt})", code="unavailable")
+        ctx.call_tool("test_effect", {"text": f"undo {input.step}"})
+        return Text(text=f"undid {input.step}")

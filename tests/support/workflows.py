@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestration.definition import Approval, Workflow
+from orchestration.definition import Approval, Degraded, Workflow
 
 
 class Loose(BaseModel):
@@ -16,6 +16,11 @@ class Loose(BaseModel):
     failures: int = 1
     count: int = 8
     secret: str = "do not read"
+    fail_attempts: int = 99
+    permanent: bool = False
+    slow_attempts: int = 1
+    stubborn: bool = False
+    undo_failures: int = 0
 
 
 slow_then_echo = Workflow("slow_then_echo", input=Loose, max_steps=10)
@@ -75,3 +80,50 @@ approval_drift.agent("mutate", "test_echo", after="start", reads=["text"], write
 
 refund_once = Workflow("refund_once", input=Loose, max_steps=10)
 refund_once.agent("refund", "test_refund_issuer", reads=["text", "seconds"], writes=["text"])
+
+
+# --- recovery tiers -------------------------------------------------------------------------------
+
+# Tier 4: the middle step fails (transiently by default) and escalates to an operator.
+escalating = Workflow("escalating", input=Loose, max_steps=10)
+escalating.agent("start", "test_echo", reads=["text"], writes=["text"])
+escalating.agent("act", "test_fails_until", after="start", reads=["text", "fail_attempts", "permanent"], writes=["text"])
+escalating.agent("finish", "test_echo", after="act", reads=["text"], writes=["final"])
+
+# Tier 2: the primary is refused for good; the fallback agent answers.
+with_fallback = Workflow("with_fallback", input=Loose, max_steps=10)
+with_fallback.agent(
+    "answer", "test_fails_until", reads=["text", "fail_attempts", "permanent"], writes=["text"], fallback="test_backup",
+)
+with_fallback.agent("finish", "test_echo", after="answer", reads=["text"], writes=["final"])
+
+# Tier 3: a declared degraded result, and an agent that reports a partial one itself.
+with_degraded = Workflow("with_degraded", input=Loose, max_steps=10)
+with_degraded.agent(
+    "answer", "test_fails_until", reads=["text", "fail_attempts", "permanent"], writes=["text"],
+    degraded=Degraded(output=lambda failure: {"text": f"summary only ({failure.code})"}, reason="no sources answered"),
+)
+with_degraded.agent("gather", "test_partial", after="answer", reads=["text"], writes=["gathered"])
+
+# Soft and hard step timeouts.
+sleepy = Workflow("sleepy", input=Loose, max_steps=10, on_failure="fail")
+sleepy.agent(
+    "nap", "test_sleepy", reads=["seconds", "slow_attempts", "stubborn"], writes=["text"],
+    timeout=timedelta(seconds=0.5), hard_timeout=timedelta(seconds=1.5),
+)
+
+# The retry window stops a storm of transient failures before max_attempts would.
+retry_storm = Workflow("retry_storm", input=Loose, max_steps=10, on_failure="fail", retry_within=timedelta(seconds=1))
+retry_storm.agent("storm", "test_fails_until", reads=["text", "fail_attempts"], writes=["text"], max_attempts=1000)
+
+# A saga: two side effects, each with its compensation, then a step that fails for good.
+saga = Workflow("saga", input=Loose, max_steps=20, on_failure="fail")
+saga.agent("reserve", "test_effect_action", reads=["text", "undo_failures"], writes=["reserved"], compensate="test_effect_undo")
+saga.agent("charge", "test_effect_action", after="reserve", reads=["text"], writes=["charged"], compensate="test_effect_undo")
+saga.agent("ship", "test_fails_until", after="charge", reads=["text", "fail_attempts", "permanent"], writes=["shipped"])
+
+# The same side effects, then a wait: cancelling the run undoes them.
+saga_waiting = Workflow("saga_waiting", input=Loose, max_steps=20)
+saga_waiting.agent("reserve", "test_effect_action", reads=["text"], writes=["reserved"], compensate="test_effect_undo")
+saga_waiting.agent("charge", "test_effect_action", after="reserve", reads=["text"], writes=["charged"], compensate="test_effect_undo")
+saga_waiting.wait("settle", event="payment.settled", after="charge", timeout=timedelta(hours=1))

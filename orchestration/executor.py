@@ -447,7 +447,8 @@ def _fail(
             log.warning("step %s lost its lease before recording %s", step.pk, error.code)
             return None
         current.run = run
-        tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id, local_pools=pools)
+        # Steps this creates (a degraded result goes on to its successors) go out by the broker.
+        tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id)
         if tools is not None:
             tx.tool_calls, entries = tools.take_records()
             tx.audit.extend(entries)

@@ -88,6 +88,8 @@ class Failure:
     error_class: str
     attempts: int
     agents_tried: tuple[str, ...]
+    #: The input the failing agent was given (a map item's element, say), if it got that far.
+    input: Any = None
 
 
 @dataclass(frozen=True)

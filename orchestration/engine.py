@@ -673,6 +673,7 @@ class Tx:
             failure = Failure(
                 step_key=step.key, agent=step.agent, code=error.code, message=error.message,
                 error_class=str(error.error_class), attempts=len(step.attempts_log), agents_tried=tuple(tried),
+                input=step.input,
             )
             try:
                 value = output_contract(step, node).model_validate(node.degraded.value(failure)).model_dump(mode="json")

@@ -30,6 +30,7 @@ BUILTIN_AGENTS: dict[str, str] = {
     "order_lookup": "orchestration.agents.demo.refunds:OrderLookup",
     "refund_proposer": "orchestration.agents.demo.refunds:RefundProposer",
     "refund_executor": "orchestration.agents.demo.refunds:RefundExecutor",
+    "refund_reverser": "orchestration.agents.demo.refunds:RefundReverser",
     "question_answerer": "orchestration.agents.demo.refunds:QuestionAnswerer",
     "customer_notifier": "orchestration.agents.demo.refunds:CustomerNotifier",
     # research brief

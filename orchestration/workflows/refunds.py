@@ -83,6 +83,8 @@ refund_desk.agent(
     # Moving money gets one retry at most, so a stuck refund reaches a person quickly; the refund
     # id is the same on every attempt, so that retry cannot pay twice.
     max_attempts=2,
+    # If the run fails later (the settlement never comes), the refund is reversed.
+    compensate="refund_reverser",
     approval=Approval(
         tier=1,
         timeout=timedelta(hours=8),

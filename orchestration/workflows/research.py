@@ -4,10 +4,11 @@ bounded dynamic fan-out), and a merger writes the brief from the answers in plan
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from orchestration.definition import Workflow
+from orchestration.definition import Degraded, Failure, Workflow
 
 
 class ResearchBriefInput(BaseModel):
@@ -32,6 +33,16 @@ research_brief = Workflow(
 research_brief.agent(
     "plan", "planner", reads=["question", "max_subquestions"], writes=["subquestions"]
 )
+def unanswered(failure: Failure) -> dict[str, Any]:
+    item = failure.input or {}
+    return {
+        "index": item.get("index", 0),
+        "question": item.get("question") or "(unknown)",
+        "answer": f"No answer: {failure.message}",
+        "confidence": 0.0,
+    }
+
+
 research_brief.map(
     "answer",
     "subquestion_worker",
@@ -40,6 +51,9 @@ research_brief.map(
     max_items=6,
     concurrency=3,
     writes=["answers"],
+    # One sub-question that cannot be answered does not sink the brief: it is merged as
+    # unanswered, and the run says which one was degraded.
+    degraded=Degraded(output=unanswered, reason="sub-question left unanswered"),
 )
 research_brief.agent(
     "merge", "merger", after="answer", reads=["question", "answers"], writes=["brief"]

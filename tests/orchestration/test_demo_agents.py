@@ -41,6 +41,12 @@ SAMPLE_INPUTS: dict[type[Agent], dict[str, Any]] = {
     refunds.OrderLookup: {"order_id": "ord_1", "customer_id": "cus_1"},
     refunds.RefundProposer: {"order": ORDER, "message": "It arrived damaged"},
     refunds.RefundExecutor: {"proposal": PROPOSAL},
+    refunds.RefundReverser: {
+        "step": "execute_refund",
+        "input": {"proposal": PROPOSAL},
+        "output": {"refund_id": "re_1", "amount": 150.0, "currency": "EUR", "status": "pending_settlement"},
+        "reason": "settlement: no 'payment.settled' event before the deadline",
+    },
     refunds.QuestionAnswerer: {"message": "When will my order ship?", "order_id": "ord_1"},
     refunds.CustomerNotifier: {"customer_id": "cus_1", "refund_id": "re_1", "refund_amount": 150},
     research.Planner: {"question": "How do teams run agents in production?"},

@@ -22,7 +22,7 @@ from orchestration.models import (
     WaitKind,
     WaitStatus,
 )
-from orchestration.services import escalation_resolve, run_cancel, run_submit
+from orchestration.services import approval_decide, escalation_resolve, run_cancel, run_submit
 from tests.conftest import wait_for_run, wait_until
 from tests.support.stub_provider import stub_provider_server
 
@@ -247,3 +247,29 @@ def test_a_retry_storm_is_stopped_by_the_retry_window_and_the_run_says_so(start_
     step = Step.objects.get(run=run, node="storm")
     assert 1 <= step.failures < 20  # far below its max_attempts of 1000
     assert step.error_detail["bound"] == "retry_within"
+
+
+@pytest.mark.django_db
+def test_the_refund_desk_reverses_a_refund_whose_settlement_never_came(drive, fast_agents, operator):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from orchestration import recovery
+
+    run = run_submit(
+        workflow="refund_desk", input={"message": "The kettle arrived damaged, refund please."}, seed=3
+    ).run
+    run = drive(run.pk)
+    for approval in Wait.objects.filter(run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN):
+        approval_decide(wait_id=approval.pk, user=operator, decision="approve")
+    run = drive(run.pk)
+    settlement = Wait.objects.get(run=run, kind=WaitKind.EVENT, status=WaitStatus.OPEN)
+    Wait.objects.filter(pk=settlement.pk).update(deadline_at=timezone.now() - timedelta(seconds=1))
+    assert recovery.expire_waits() == 1
+    run = drive(run.pk)
+    assert run.status == RunStatus.FAILED and run.error_code == "wait_timeout"
+    refund = Step.objects.get(run=run, node="execute_refund")
+    undo = Step.objects.get(run=run, node="undo:execute_refund")
+    assert undo.parent_id == refund.pk and undo.status == StepStatus.SUCCEEDED
+    assert undo.output == {"refund_id": refund.output["refund_id"], "status": "voided"}

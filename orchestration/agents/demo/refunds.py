@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from orchestration.agents.base import Agent, AgentContext
+from orchestration.agents.base import Agent, AgentContext, CompensationInput
 from orchestration.agents.demo import estimate_tokens, simulate_call
 
 REFUND_WORDS = (
@@ -175,6 +175,26 @@ class RefundExecutor(Agent):
             currency=input.proposal.currency,
             status="pending_settlement",
         )
+
+
+class RefundReverser(Agent):
+    """Compensates :class:`RefundExecutor`: voids a refund whose run failed afterwards (the
+    settlement never arrived). Keyed by the refund id, so a retried void cannot void twice."""
+
+    name = "refund_reverser"
+    capability = "reverse_refund"
+    Input = CompensationInput
+
+    class Output(BaseModel):
+        refund_id: str
+        status: Literal["voided", "nothing_to_void"]
+
+    def run(self, input: CompensationInput, ctx: AgentContext) -> Output:
+        simulate_call(ctx, seconds=ctx.random.uniform(0.2, 0.5))
+        refund_id = (input.output or {}).get("refund_id")
+        if not refund_id:
+            return self.Output(refund_id="", status="nothing_to_void")
+        return self.Output(refund_id=refund_id, status="voided")
 
 
 class QuestionAnswerer(Agent):

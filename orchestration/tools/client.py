@@ -27,6 +27,7 @@ from orchestration.errors import (
     ErrorClass,
     PermanentError,
     SignalboxError,
+    StepTimeout,
     TransientError,
 )
 from orchestration.models import ToolCall, ToolCallStatus
@@ -114,8 +115,8 @@ class ToolClient:
         self.breaker = breaker or default_breaker
         self.actor_type = actor_type
         self.actor_id = actor_id
-        #: Exceptions that end the call at once, unclassified (a worker's soft time limit).
-        self.reraise = reraise
+        #: Exceptions that end the call at once, unclassified: the step's soft timeout always.
+        self.reraise: tuple[type[BaseException], ...] = (StepTimeout, *reraise)
         self.records: list[ToolCall] = []
         self.audit_entries: list[Entry] = []
         self.circuit_transitions: list[CircuitTransition] = []

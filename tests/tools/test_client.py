@@ -564,3 +564,27 @@ def test_tool_calls_save_writes_rows_for_callers_outside_the_engine(
     tool_calls_save(client.records)
 
     assert ToolCall.objects.count() == 1 and client.records[0].pk is not None
+
+
+def test_the_step_soft_timeout_ends_a_call_in_flight_without_trying_elsewhere(
+    stubs: Stubs, provider_name: Names
+) -> None:
+    import time
+
+    from orchestration.errors import StepTimeout
+    from orchestration.executor import interrupt_after
+
+    slow, backup = stubs("slow"), stubs("backup")
+    slow.default = StubReply(delay_seconds=3.0)
+    client = ToolClient()
+    capability = echo_capability(
+        "search",
+        http(slow, provider_name("slow"), priority=1, timeout_seconds=10.0),
+        http(backup, provider_name("backup"), priority=2),
+        retry=RETRY,
+    )
+    started = time.monotonic()
+    with pytest.raises(StepTimeout), interrupt_after(0.3):
+        client.call(capability, {"text": "q"})
+    assert time.monotonic() - started < 2.0
+    assert slow.count == 1 and backup.count == 0  # not classified as a provider failure

@@ -21,7 +21,7 @@ from django.utils import timezone
 from orchestration.errors import SignalboxError
 from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
 from orchestration.selectors import approvals_pending_for_user
-from orchestration.services import approval_decide, run_send_event, run_submit
+from orchestration.services import approval_decide, escalation_resolve, run_send_event, run_submit
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,15 @@ class SimulatorPass:
     submitted: list[int] = field(default_factory=list)
     settled: list[int] = field(default_factory=list)
     decided: list[int] = field(default_factory=list)
+    retried: list[int] = field(default_factory=list)
 
 
 class DemoSimulator:
     """Keeps a steady trickle of demo work: submits runs, settles refunds, clears old approvals.
 
-    Approvals are left for people to decide; only those older than ``auto_decide_after`` are
-    decided (mostly approved) so the queue does not grow forever while nobody is watching.
+    Approvals and escalations are left for people to decide; only those older than
+    ``auto_decide_after`` are answered (approvals mostly approved, escalations retried) so the
+    queues do not grow forever while nobody is watching.
     """
 
     def __init__(
@@ -141,11 +143,13 @@ class DemoSimulator:
         self._workflows_started: set[str] = set()
 
     def tick(self, now: datetime | None = None) -> SimulatorPass:
-        """One pass: settle due payments, decide stale approvals, submit if it is time."""
+        """One pass: settle due payments, answer stale approvals and escalations, submit if it
+        is time."""
         now = now or timezone.now()
         done = SimulatorPass()
         done.settled = self.settle_payments(now)
         done.decided = self.decide_stale_approvals(now)
+        done.retried = self.retry_stale_escalations(now)
         if self._next_submit_at is None or now >= self._next_submit_at:
             run_id = self.submit_one()
             if run_id is not None:
@@ -240,3 +244,24 @@ class DemoSimulator:
                 continue
             decided.append(wait.pk)
         return decided
+
+    def retry_stale_escalations(self, now: datetime) -> list[int]:
+        """Retry escalated steps nobody answered within ``auto_decide_after`` (demo agents fail
+        transiently now and then; a retry usually goes through)."""
+        retried = []
+        stale = Wait.objects.filter(
+            kind=WaitKind.ESCALATION, status=WaitStatus.OPEN, created_at__lte=now - self.auto_decide_after
+        ).order_by("id")[:50]
+        for wait in stale:
+            try:
+                escalation_resolve(
+                    wait_id=wait.pk,
+                    user=None,
+                    action="retry",
+                    reason=f"retried by the demo simulator after {self.auto_decide_after.total_seconds():.0f}s unanswered",
+                )
+            except SignalboxError as exc:  # a person answered it first
+                log.info("escalation %s not auto-retried: %s", wait.pk, exc)
+                continue
+            retried.append(wait.pk)
+        return retried

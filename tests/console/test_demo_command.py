@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from console.demo import DemoSimulator, demo_users_seed
-from orchestration.models import Run, Wait, WaitKind, WaitStatus
+from orchestration.models import Run, Step, Wait, WaitKind, WaitStatus
 from orchestration.services import approval_decide, run_submit
 
 pytestmark = pytest.mark.django_db
@@ -146,3 +146,17 @@ def test_simulator_settles_refunds_and_decides_stale_approvals(
 def test_simulator_pass_is_quiet_when_everything_is_decided(simulator: Any) -> None:
     simulator.max_active = 0
     assert simulator.tick().submitted == []
+
+
+def test_simulator_retries_escalations_nobody_answered(simulator: Any, drive: Callable[[int], Run]) -> None:
+    run = drive(run_submit(workflow="escalating", input={"permanent": True}).run.pk)
+    escalation = Wait.objects.get(run=run, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN)
+    simulator.max_active = 0
+    assert simulator.tick(timezone.now() + timedelta(seconds=1)).retried == []  # for people first
+    late = simulator.tick(timezone.now() + timedelta(minutes=3))
+    assert late.retried == [escalation.pk]
+    escalation.refresh_from_db()
+    assert escalation.decision == "retry" and escalation.decided_by is None
+    assert "demo simulator" in escalation.decision_reason
+    step = Step.objects.get(run=run, node="act")
+    assert step.status == "queued"

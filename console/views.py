@@ -3,6 +3,7 @@ decide what the user may see; the websocket consumers re-render the same fragmen
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
@@ -14,8 +15,9 @@ from django.template.loader import render_to_string
 from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
+from orchestration.engine import UNDO
 from orchestration.errors import InvalidInput, NotFound
-from orchestration.models import Run, RunStatus
+from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
 from orchestration.selectors import (
     run_events,
     run_get_for_user,
@@ -82,9 +84,62 @@ def run_list(request: HttpRequest) -> HttpResponse:
 # --- run page -----------------------------------------------------------------------------------------
 
 
+def _when(value: Any) -> datetime | None:
+    """An ISO timestamp kept in JSON (an attempt's ``at``) as a datetime, for ``utc_time``."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def escalation_panel(wait: Wait, step: Step) -> dict[str, Any]:
+    """What the run page shows of an open escalation: its frozen context, made readable."""
+    context = wait.action if isinstance(wait.action, dict) else {}
+    error = context.get("error") if isinstance(context.get("error"), dict) else {}
+    attempts = [
+        {**entry, "when": _when(entry.get("at"))}
+        for entry in context.get("attempts") or []
+        if isinstance(entry, dict)
+    ]
+    tool_calls = [
+        {**call, "when": _when(call.get("at"))}
+        for call in context.get("tool_calls") or []
+        if isinstance(call, dict)
+    ]
+    return {
+        "wait": wait,
+        "step": step,
+        "why": context.get("why", ""),
+        "compensation": bool(context.get("compensation")),
+        "error": error,
+        "error_class": error.get("class", "") if error else "",
+        "attempts": attempts,
+        "tool_calls": tool_calls,
+        "agents_tried": context.get("agents_tried") or [],
+        "fallback": context.get("fallback"),
+        "skip_contract": context.get("skip_contract", ""),
+    }
+
+
 def run_detail_context(run: Run) -> dict[str, Any]:
     steps = run_steps(run)
     step_keys = {step.pk: step.key for step in steps}
+    for step in steps:
+        # A compensation reads as what it undoes: "undo: reserve".
+        step.undoes = (  # type: ignore[attr-defined]
+            step_keys.get(step.parent_id or 0, step.key.removeprefix(UNDO))
+            if step.kind == StepKind.COMPENSATE
+            else ""
+        )
+    waits = run_waits(run)
+    by_id = {step.pk: step for step in steps}
+    escalations = [
+        escalation_panel(wait, by_id[wait.step_id])
+        for wait in waits
+        if wait.kind == WaitKind.ESCALATION and wait.status == WaitStatus.OPEN
+    ]
     audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
     for event in audit:
         event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
@@ -97,7 +152,8 @@ def run_detail_context(run: Run) -> dict[str, Any]:
         "steps": steps,
         "current_state": current_state,
         "state_history": run_state_history(run),
-        "waits": run_waits(run),
+        "waits": waits,
+        "escalations": escalations,
         "events": run_events(run),
         "audit": audit[:AUDIT_EVENTS_SHOWN],
         "audit_truncated": len(audit) > AUDIT_EVENTS_SHOWN,

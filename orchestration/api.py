@@ -1,4 +1,4 @@
-"""REST endpoints for runs, approvals and workflows (mounted at ``/api/v1/``).
+"""REST endpoints for runs, approvals, dead letters and workflows (mounted at ``/api/v1/``).
 
 Handlers stay thin: parse (schemas), authorize (selectors), call one service, render. Errors are
 raised as ``SignalboxError`` and turned into JSON by the one handler in ``console.api``.
@@ -18,6 +18,10 @@ from orchestration.schemas import (
     ApprovalDecideIn,
     ApprovalOut,
     CapabilityOut,
+    DeadLetterListQuery,
+    DeadLetterOut,
+    DeadLetterPageOut,
+    DeadLetterResolveIn,
     ErrorOut,
     RunCancelIn,
     RunDetailOut,
@@ -30,6 +34,7 @@ from orchestration.schemas import (
     RunSubmitOut,
     WorkflowOut,
     approval_out,
+    dead_letter_out,
     run_detail_out,
     run_out,
 )
@@ -200,6 +205,76 @@ def approval_decide(
         edited_input=payload.edited_input,
     )
     return approval_out(decided)
+
+
+# --- dead letters (escalated steps) -------------------------------------------------------------
+
+
+@router.get(
+    "/dead-letters",
+    response={200: DeadLetterPageOut, **errors(401, 422)},
+    summary="Escalated steps on runs you can see, newest first (open ones unless ?status=)",
+    description=(
+        "A step escalates when it has exhausted its retries, fallback agent and degraded "
+        "result. Each item carries the full context (every attempt, error, tool call and agent "
+        "tried). Keyset-paginated: pass `next_cursor` as `?cursor=`."
+    ),
+)
+def dead_letter_list(request: HttpRequest, filters: Query[DeadLetterListQuery]) -> dict[str, Any]:
+    page = selectors.escalations_for_user(
+        request.auth,  # type: ignore[attr-defined]
+        status=filters.status,
+        workflow=filters.workflow,
+        cursor=filters.cursor,
+        limit=filters.limit,
+    )
+    return {
+        "items": [dead_letter_out(wait) for wait in page.items],
+        "next_cursor": page.next_cursor,
+    }
+
+
+@router.get(
+    "/dead-letters/{escalation_id}",
+    response={200: DeadLetterOut, **errors(401, 404, 422)},
+    summary="One escalated step with its full context",
+)
+def dead_letter_detail(
+    request: HttpRequest, escalation_id: int = Path(..., ge=1, le=MAX_ID)
+) -> dict[str, Any]:
+    user = request.auth  # type: ignore[attr-defined]
+    return dead_letter_out(selectors.escalation_get_for_user(user, escalation_id))
+
+
+@router.post(
+    "/dead-letters/{escalation_id}/resolve",
+    response={200: DeadLetterOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Retry an escalated step, skip it with a value, or abort its run",
+    description=(
+        "`retry` runs the step again with a fresh attempt budget; `skip` completes it with "
+        "`output` (checked against the step's output contract, `context.skip_schema`; 422 "
+        "`output_contract` otherwise) and marks the run degraded; `abort` fails the run (its "
+        "completed side effects are compensated). `reason` is required to skip or abort. A "
+        "second answer gets 409 `already_decided`."
+    ),
+)
+def dead_letter_resolve(
+    request: HttpRequest,
+    payload: DeadLetterResolveIn,
+    escalation_id: int = Path(..., ge=1, le=MAX_ID),
+) -> dict[str, Any]:
+    user = request.auth  # type: ignore[attr-defined]
+    wait = selectors.escalation_get_for_user(user, escalation_id)
+    selectors.run_check_decide(user, wait.run)
+    services.escalation_resolve(
+        wait_id=wait.pk,
+        run_id=wait.run_id,
+        user=user,
+        action=payload.action,
+        reason=payload.reason,
+        output=payload.output,
+    )
+    return dead_letter_out(selectors.escalation_get_for_user(user, wait.pk))
 
 
 # --- workflows ----------------------------------------------------------------------------------

@@ -590,6 +590,8 @@ class Tx:
                 step.published_at = self.now
                 self.publish.append((step, 0.0))
             self._entered(status)
+            # Counted, but never refused by max_steps: undoing is bounded by what was done.
+            self.run.step_count += 1
             self.new_steps.append(step)
         self.run.status = RunStatus.COMPENSATING
         self.record(

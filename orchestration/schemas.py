@@ -1,4 +1,4 @@
-"""Request and response shapes of the runs, approvals and workflows API.
+"""Request and response shapes of the runs, approvals, dead-letter and workflows API.
 
 Every field is listed explicitly, so a new model column never leaks into the API by accident.
 Timestamps render as ISO 8601 in UTC.
@@ -13,7 +13,17 @@ from ninja import Field, Schema
 from ninja.schema import DjangoGetter
 from pydantic import AwareDatetime, model_validator
 
-from orchestration.models import Decision, Run, RunEvent, RunStatus, StateVersion, Step, Wait
+from orchestration.models import (
+    ESCALATION_ACTIONS,
+    Decision,
+    Run,
+    RunEvent,
+    RunStatus,
+    StateVersion,
+    Step,
+    Wait,
+    WaitStatus,
+)
 
 RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
 assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]
@@ -154,12 +164,14 @@ class StateVersionOut(Schema):
 class WaitOut(Schema):
     id: int
     step_id: int
-    kind: str
+    kind: str = Field(description="approval, event or escalation (see /dead-letters).")
     name: str
     status: str
     tier: int
     reason: str
-    action: Any
+    action: Any = Field(
+        description="An approval's proposed action; an escalation's full context; null for events."
+    )
     deadline_at: datetime
     on_timeout: str
     decision: str
@@ -248,6 +260,77 @@ class ApprovalDecideIn(BodyIn):
             raise ValueError("edited_input is required with decision 'edit'")
         if self.decision != Decision.EDIT and self.edited_input is not None:
             raise ValueError("edited_input is only accepted with decision 'edit'")
+        return self
+
+
+# --- escalations (the dead-letter list) --------------------------------------------------------
+
+EscalationAction = Literal["retry", "skip", "abort"]
+EscalationStatusFilter = Literal["open", "resolved", "expired", "cancelled", "all"]
+
+
+class DeadLetterOut(Schema):
+    """An escalated step: it exhausted its retries, fallback and degraded result and waits for
+    an operator to retry it, skip it with a value, or abort the run."""
+
+    id: int
+    run_id: int
+    workflow: str
+    step_id: int
+    step: str = Field(description="The step's key in its run: `act`, `answer[2]`, `undo:reserve`.")
+    node: str
+    agent: str = Field(description="The agent whose attempt escalated (a fallback's, if it ran).")
+    status: str = Field(description="open, resolved, expired (unanswered in time) or cancelled.")
+    reason: str
+    why: str = Field(description="e.g. retries exhausted, contract violation, permanent error.")
+    context: dict[str, Any] = Field(
+        description=(
+            "Everything frozen at escalation time: why, step, node, kind, compensation, agent, "
+            "agents_tried, fallback, error {class, code, message, detail}, attempts, tool_calls, "
+            "input, payload, actions, skip_contract and skip_schema (what `output` must satisfy)."
+        )
+    )
+    created_at: datetime
+    deadline_at: datetime = Field(description="Unanswered by then, the step fails (and the run).")
+    decision: str = Field(description="retry, skip or abort once resolved; empty while open.")
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_reason: str
+    output: Any = Field(None, description="The value supplied with `skip`.")
+    actions: list[str] = Field(description="What POST .../resolve accepts now; empty once closed.")
+
+
+class DeadLetterPageOut(Schema):
+    items: list[DeadLetterOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )
+
+
+class DeadLetterListQuery(Schema):
+    status: EscalationStatusFilter = Field("open", description="`all` for every status.")
+    workflow: str | None = Field(None, max_length=100)
+    cursor: str | None = Field(
+        None, max_length=100, description="next_cursor of the previous page."
+    )
+    limit: int = Field(50, ge=1, le=200)
+
+
+class DeadLetterResolveIn(BodyIn):
+    action: EscalationAction
+    reason: str = Field("", max_length=2000)
+    output: dict[str, Any] | None = Field(
+        None, description="With `skip` only: the step's output, checked against its contract."
+    )
+
+    @model_validator(mode="after")
+    def _reason_and_output(self) -> DeadLetterResolveIn:
+        if self.action in (Decision.SKIP, Decision.ABORT) and not self.reason.strip():
+            raise ValueError(f"a reason is required to {self.action}")
+        if self.action == Decision.SKIP and self.output is None:
+            raise ValueError("output is required with action 'skip': what the step should produce")
+        if self.action != Decision.SKIP and self.output is not None:
+            raise ValueError("output is only accepted with action 'skip'")
         return self
 
 
@@ -400,4 +483,30 @@ def approval_out(wait: Wait) -> dict[str, Any]:
         "decided_at": wait.decided_at,
         "decision_reason": wait.decision_reason,
         "edited_input": wait.edited_input,
+    }
+
+
+def dead_letter_out(wait: Wait) -> dict[str, Any]:
+    context = wait.action if isinstance(wait.action, dict) else {}
+    is_open = wait.status == WaitStatus.OPEN
+    return {
+        "id": wait.pk,
+        "run_id": wait.run_id,
+        "workflow": wait.run.workflow_name,
+        "step_id": wait.step_id,
+        "step": wait.step.key,
+        "node": wait.step.node,
+        "agent": context.get("agent") or wait.step.agent,
+        "status": wait.status,
+        "reason": wait.reason,
+        "why": context.get("why", ""),
+        "context": context,
+        "created_at": wait.created_at,
+        "deadline_at": wait.deadline_at,
+        "decision": wait.decision,
+        "decided_by": _decided_by(wait),
+        "decided_at": wait.decided_at,
+        "decision_reason": wait.decision_reason,
+        "output": wait.payload,
+        "actions": [str(a) for a in context.get("actions", ESCALATION_ACTIONS)] if is_open else [],
     }

@@ -41,7 +41,10 @@ def run_get_for_user(user: User, run_id: int) -> Run:
 
 def run_check_decide(user: User, run: Run) -> None:
     if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
-        raise PermissionDenied("you may not decide approvals or send events for this run", code="decide_denied")
+        raise PermissionDenied(
+            "you may not decide approvals or escalations, cancel, or send events for this run",
+            code="decide_denied",
+        )
 
 
 @dataclass
@@ -124,6 +127,79 @@ def approval_get_for_user(user: User, wait_id: int) -> Wait:
     if wait is None:
         raise NotFound(f"no approval {wait_id}", code="approval_not_found")
     return wait
+
+
+# --- escalations (the dead-letter list) ----------------------------------------------------------
+
+#: ``?status=`` values of the dead-letter list and the wait statuses each one matches.
+ESCALATION_STATUS_FILTERS: dict[str, tuple[str, ...]] = {
+    "open": (WaitStatus.OPEN,),
+    "resolved": (WaitStatus.RESOLVED,),
+    "expired": (WaitStatus.EXPIRED,),
+    "cancelled": (WaitStatus.CANCELLED,),
+    "all": (),
+}
+
+
+@dataclass
+class WaitPage:
+    items: list[Wait]
+    next_cursor: str | None
+
+
+def _escalations_visible_to(user: User) -> QuerySet[Wait]:
+    qs = Wait.objects.filter(kind=WaitKind.ESCALATION)
+    if user.is_authenticated and user.has_perm(VIEW):
+        return qs  # every run: no need to join the run list
+    return qs.filter(run__in=runs_visible_to(user))
+
+
+def escalations_for_user(
+    user: User,
+    *,
+    status: str = "open",
+    workflow: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> WaitPage:
+    """Escalations on runs the user may see, newest first, keyset-paginated on the id (ids
+    only grow, so a page is stable while new escalations arrive)."""
+    qs = _escalations_visible_to(user)
+    statuses = ESCALATION_STATUS_FILTERS[status]
+    if statuses:
+        qs = qs.filter(status__in=statuses)
+    if workflow:
+        qs = qs.filter(run__workflow_name=workflow)
+    if cursor:
+        qs = qs.filter(pk__lt=decode_id_cursor(cursor))
+    rows = list(qs.select_related("run", "step", "decided_by").order_by("-id")[: limit + 1])
+    next_cursor = encode_id_cursor(rows[limit - 1].pk) if len(rows) > limit else None
+    return WaitPage(items=rows[:limit], next_cursor=next_cursor)
+
+
+def escalation_get_for_user(user: User, wait_id: int) -> Wait:
+    """The escalation, or NotFound — also when its run is not visible to the user."""
+    wait = (
+        _escalations_visible_to(user)
+        .filter(pk=wait_id)
+        .select_related("run", "step", "decided_by")
+        .first()
+    )
+    if wait is None:
+        raise NotFound(f"no escalation {wait_id}", code="escalation_not_found")
+    return wait
+
+
+def encode_id_cursor(pk: int) -> str:
+    return str(pk)
+
+
+def decode_id_cursor(cursor: str) -> int:
+    if not (cursor.isascii() and cursor.isdigit()) or not 0 < int(cursor) < 2**63:
+        raise InvalidInput(
+            "cursor is not valid; use next_cursor from the previous page", code="invalid_cursor"
+        )
+    return int(cursor)
 
 
 def step_summary(step: Step) -> dict[str, Any]:

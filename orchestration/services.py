@@ -268,6 +268,8 @@ def escalation_resolve(
     wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.ESCALATION).select_related("step", "run").first()
     if wait is None or (run_id is not None and wait.run_id != run_id):
         raise NotFound(f"no escalation {wait_id}", code="escalation_not_found")
+    if wait.status != WaitStatus.OPEN:
+        raise _already_answered(wait_id)  # before judging the value: it could not apply anyway
     if output is not None:
         _check_size(output, "skip output")
         wf = workflow_get(wait.run.workflow_name, wait.run.workflow_version)
@@ -289,25 +291,21 @@ def escalation_resolve(
             decision_reason=reason, payload=output,
         )
         if not won:
-            current = Wait.objects.select_related("decided_by").get(pk=wait_id)
-            by = current.decided_by.get_username() if current.decided_by else "the system"
-            raise Conflict(
-                f"escalation {wait_id} is already {current.status}"
-                + (f" ({current.decision} by {by} at {current.decided_at:%Y-%m-%d %H:%M:%S} UTC)" if current.decided_at else ""),
-                code="already_decided",
-                detail={"status": current.status, "decision": current.decision, "decided_by": by},
-            )
+            raise _already_answered(wait_id)
         wait.refresh_from_db()
         step = Step.objects.get(pk=wait.step_id)
         tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
         node = node_of(tx.wf, step)
         who = actor_id or "the system"
         if action == Decision.RETRY:
-            agent = step.agent if step.kind == StepKind.COMPENSATE else node.agent
+            compensation = step.kind == StepKind.COMPENSATE
+            agent = step.agent if compensation else node.agent
+            # The same budget the step had at first: a compensation's is its agent's own.
+            budget = (None if compensation else node.max_attempts) or agent_class(agent).max_attempts
             tx.record(Verb.ESCALATION_RETRIED, "wait", wait.pk, step=step, reason=reason, agent=agent)
             tx.move(
                 step, StepStatus.QUEUED, agent=agent, pool=node.pool or agent_class(agent).pool, failures=0,
-                max_attempts=node.max_attempts or agent_class(agent).max_attempts or tx.wf.default_max_attempts,
+                max_attempts=budget or tx.wf.default_max_attempts,
                 available_at=now, published_at=now, error_class="", error_code="", error_message="", error_detail=None,
             )
             tx.publish.append((step, 0.0))
@@ -315,7 +313,11 @@ def escalation_resolve(
             assert output is not None
             note = f"{SKIPPED} {who} with a supplied value" + (f": {reason}" if reason else "")
             tx.record(Verb.ESCALATION_SKIPPED, "wait", wait.pk, step=step, payload=output, reason=reason)
-            tx.move(step, StepStatus.SUCCEEDED, output=output, finished_at=now, degraded=note[:500])
+            # The failure that led here stays in the escalation's context and the attempts log.
+            tx.move(
+                step, StepStatus.SUCCEEDED, output=output, finished_at=now, degraded=note[:500],
+                error_class="", error_code="", error_message="", error_detail=None,
+            )
             tx.note_degraded(step, note)
             try:
                 tx.step_succeeded(step, node, output, {})
@@ -328,6 +330,18 @@ def escalation_resolve(
             ))
         tx.flush()
     return wait
+
+
+def _already_answered(wait_id: int) -> Conflict:
+    current = Wait.objects.select_related("decided_by").get(pk=wait_id)
+    by = current.decided_by.get_username() if current.decided_by else "the system"
+    when = f" at {current.decided_at:%Y-%m-%d %H:%M:%S} UTC" if current.decided_at else ""
+    what = f"{current.decision} by {by}" if current.decision else f"{current.status} by {by}"
+    return Conflict(
+        f"escalation {wait_id} is already {current.status} ({what}{when})",
+        code="already_decided",
+        detail={"status": current.status, "decision": current.decision, "decided_by": by},
+    )
 
 
 @dataclass

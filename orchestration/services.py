@@ -16,7 +16,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
 from console.sql import pipeline
@@ -65,6 +65,14 @@ def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors(include_url=False, include_context=False, include_input=False)
     ]
+
+
+def _validated(contract: type[BaseModel], payload: Any, *, code: str, message: str) -> Any:
+    """``payload`` as ``contract`` normalises it, or InvalidInput (422) listing what is wrong."""
+    try:
+        return contract.model_validate(payload).model_dump(mode="json")
+    except ValidationError as exc:
+        raise InvalidInput(message, code=code, detail=_validation_detail(exc)) from exc
 
 
 @dataclass
@@ -181,14 +189,10 @@ def approval_decide(
     if decision == Decision.EDIT:
         assert edited_input is not None
         _check_size(edited_input, "edited input")
-        try:
-            edited_input = agent_class(wait.step.agent).Input.model_validate(edited_input).model_dump(mode="json")
-        except ValidationError as exc:
-            raise InvalidInput(
-                f"edited input does not satisfy {wait.step.agent!r}'s input contract",
-                code="input_contract",
-                detail=_validation_detail(exc),
-            ) from exc
+        edited_input = _validated(
+            agent_class(wait.step.agent).Input, edited_input, code="input_contract",
+            message=f"edited input does not satisfy {wait.step.agent!r}'s input contract",
+        )
     actor_type, actor_id = _actor(user)
     now = timezone.now()
     with transaction.atomic():
@@ -274,14 +278,10 @@ def escalation_resolve(
         _check_size(output, "skip output")
         wf = workflow_get(wait.run.workflow_name, wait.run.workflow_version)
         contract = output_contract(wait.step, node_of(wf, wait.step))
-        try:
-            output = contract.model_validate(output).model_dump(mode="json")
-        except ValidationError as exc:
-            raise InvalidInput(
-                f"the skip value does not satisfy {contract.__name__}, the output contract of {wait.step.key!r}",
-                code="output_contract",
-                detail=_validation_detail(exc),
-            ) from exc
+        output = _validated(
+            contract, output, code="output_contract",
+            message=f"the skip value does not satisfy {contract.__name__}, the output contract of {wait.step.key!r}",
+        )
     actor_type, actor_id = _actor(user)
     now = timezone.now()
     with transaction.atomic():

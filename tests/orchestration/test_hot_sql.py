@@ -122,3 +122,47 @@ def test_a_claim_is_one_prepared_statement_that_still_claims_once() -> None:
     claimed = step_claim(step_id, "w1")
     assert claimed is not None and claimed.attempt == 1 and claimed.run.status == "running"
     assert step_claim(step_id, "w2") is None
+
+
+def test_a_batched_submit_is_all_or_nothing() -> None:
+    from django.db import IntegrityError
+
+    from orchestration import services
+    from orchestration.engine import Tx
+
+    first = run_submit(workflow="reference_workload", input={}, idempotency_key="k-1")
+    assert first.created
+    # The same key again, past the lookup (as when two submits race): the unique constraint
+    # refuses the run row and nothing of the batch is left behind.
+    copy = Run(
+        workflow_name="reference_workload", workflow_version=1, idempotency_scope="system", idempotency_key="k-1",
+        trace_id="t", input={}, created_at=timezone.now(), updated_at=timezone.now(), deadline_at=timezone.now(),
+    )
+
+    def begin(tx: Tx) -> None:
+        tx.start()
+        tx.flush()
+
+    with pytest.raises(IntegrityError):
+        services._submit_batched(copy, copy.created_at, begin, "system", "")
+    assert copy.pk is not None
+    assert not Step.objects.filter(run_id=copy.pk).exists()
+    assert not AuditEvent.objects.filter(run_id=copy.pk).exists()
+    again = run_submit(workflow="reference_workload", input={}, idempotency_key="k-1")
+    assert not again.created and again.run.pk == first.run.pk
+
+
+def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A start that raises goes the transactional way (failing a run cancels its steps, which a
+    # batch cannot do), and is recorded.
+    from orchestration.errors import SignalboxError
+
+    def broken(self: Any) -> None:
+        raise SignalboxError("no start", code="start_broken")
+
+    monkeypatch.setattr("orchestration.engine.Tx.start", broken)
+    run = run_submit(workflow="reference_workload", input={}).run
+    run.refresh_from_db()
+    assert (run.status, run.error_code) == ("failed", "start_broken")
+    verbs = set(AuditEvent.objects.filter(run_id=run.pk).values_list("verb", flat=True))
+    assert {int(Verb.RUN_SUBMITTED), int(Verb.RUN_FAILED)} <= verbs

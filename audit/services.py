@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, insert
+from console.sql import Batch, insert, insert_rows
 
 
 def payload_digest(payload: Any) -> str:
@@ -50,6 +50,23 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None, 
     if batch is None and not connection.in_atomic_block:
         raise RuntimeError("audit events must be written inside the transaction of the change")
     now = now or timezone.now()
+    if batch is not None:
+        # Straight to the JSON rows the batched INSERT takes (no model instances).
+        at = now.isoformat()
+        insert_rows(
+            AuditEvent,
+            [
+                {
+                    "created_at": at, "actor_type": e.actor_type, "actor_id": e.actor_id, "verb": int(e.verb),
+                    "object_type": e.object_type, "object_id": str(e.object_id), "run_id": e.run_id,
+                    "step_id": e.step_id, "trace_id": e.trace_id, "payload_digest": payload_digest(e.payload),
+                    "data": e.data,
+                }
+                for e in rows
+            ],
+            batch=batch,
+        )
+        return
     insert(
         AuditEvent,
         [

@@ -1,15 +1,25 @@
 """Plain SQL for hot paths: INSERT many rows or UPDATE one row in one statement, converting
 values through each model field (as the ORM does) but without compiling a query per call, and
-a psycopg pipeline to send several statements in one round trip on PostgreSQL."""
+a psycopg pipeline to send several statements in one round trip on PostgreSQL.
+
+A :class:`Batch` (PostgreSQL) goes further: its statements are prepared once per connection
+(SQL ``PREPARE``) and executed by name with a few parameters each, rows travelling as one JSON
+document per statement (``jsonb_populate_recordset``). The server neither parses nor plans
+them again, and the client renders a handful of literals instead of every column value."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import json
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, cast
 
-from django.db import DEFAULT_DB_ALIAS, connections, models
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils import timezone
 
 
 def db() -> BaseDatabaseWrapper:
@@ -43,6 +53,71 @@ def pipeline() -> Iterator[None]:
         yield
 
 
+class Prepared:
+    """A statement prepared once per connection and then executed by name (PostgreSQL).
+
+    ``sql`` uses ``$1``, ``$2``… for its parameters, whose types are ``types``."""
+
+    def __init__(self, sql: str, types: Sequence[str]) -> None:
+        self.sql = sql
+        self.types = tuple(types)
+        self.name = "sbx_" + hashlib.sha1(f"{sql}|{self.types}".encode()).hexdigest()[:20]
+        self.execute = f"EXECUTE {self.name}(" + ", ".join(["%s"] * len(self.types)) + ")"
+
+    def definition(self) -> str:
+        return f"PREPARE {self.name}({', '.join(self.types)}) AS {self.sql}"
+
+
+#: Names of the statements prepared on each (psycopg) connection: a session's prepared
+#: statements live as long as it does, and a new connection starts with none.
+_prepared_on: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def ensure_prepared(statements: Iterable[Prepared]) -> None:
+    """PREPARE the statements this connection does not have yet (one round trip, if any)."""
+    conn = db()
+    conn.ensure_connection()
+    done = _prepared_on.setdefault(conn.connection, set())
+    missing = {s.name: s for s in statements if s.name not in done}
+    if not missing:
+        return
+    with conn.cursor() as cursor:
+        cursor.execute(";\n".join(s.definition() for s in missing.values()))
+    done.update(missing)
+
+
+def forget_prepared() -> None:
+    """This connection lost its prepared statements (``DISCARD ALL``, ``DEALLOCATE``)."""
+    conn = db()
+    if conn.connection is not None:
+        _prepared_on.pop(conn.connection, None)
+
+
+def lost_prepared(exc: BaseException) -> bool:
+    """Whether ``exc`` says a prepared statement does not exist on the server (26000)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "sqlstate", None) == "26000":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def execute_prepared(statement: Prepared, params: Sequence[Any]) -> Any:
+    """Execute ``statement`` on the default connection; returns the cursor's first row."""
+    for attempt in (1, 2):
+        ensure_prepared([statement])
+        try:
+            with db().cursor() as cursor:
+                cursor.execute(statement.execute, params)
+                return cursor.fetchone()
+        except DatabaseError as exc:
+            if attempt == 2 or not lost_prepared(exc) or db().in_atomic_block:
+                raise
+            forget_prepared()
+    raise AssertionError("unreachable")
+
+
 class Batch:
     """Statements collected to go to PostgreSQL as ONE multi-statement string, in autocommit
     mode: one round trip, executed as one implicit transaction (all or nothing), committed when
@@ -50,21 +125,82 @@ class Batch:
 
     def __init__(self) -> None:
         self.statements: list[tuple[str, Sequence[Any]]] = []
+        self.prepared: list[Prepared] = []
 
     def add(self, sql: str, params: Sequence[Any]) -> None:
         self.statements.append((sql, params))
+
+    def add_prepared(self, statement: Prepared, params: Sequence[Any]) -> None:
+        self.prepared.append(statement)
+        self.statements.append((statement.execute, params))
 
     def run(self) -> None:
         conn = db()
         if conn.in_atomic_block:
             raise RuntimeError("a Batch commits by itself; run it outside transaction.atomic()")
-        with conn.cursor() as cursor:
-            raw = cursor.cursor  # psycopg's client-side binding cursor: it can mogrify
-            text = ";\n".join(raw.mogrify(sql, params) for sql, params in self.statements)
-            cursor.execute(text)
+        for attempt in (1, 2):
+            ensure_prepared(self.prepared)
+            try:
+                with conn.cursor() as cursor:
+                    raw = cursor.cursor  # psycopg's client-side binding cursor: it can mogrify
+                    text = ";\n".join(raw.mogrify(sql, params) for sql, params in self.statements)
+                    cursor.execute(text)
+                return
+            except DatabaseError as exc:
+                # Nothing was written (the implicit transaction rolled back): prepare again.
+                if attempt == 2 or not lost_prepared(exc):
+                    raise
+                forget_prepared()
 
 
 # --- columns ----------------------------------------------------------------------------------
+
+
+def _aware(field: models.Field[Any, Any]) -> Callable[[Any], Any]:
+    def convert(value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        if timezone.is_naive(value):  # as DateTimeField does: warn, then assume the default zone
+            value = cast("datetime", field.get_prep_value(value))
+        return value.isoformat()
+
+    return convert
+
+
+def _text(value: Any) -> Any:
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _decimal(value: Any) -> Any:
+    return None if value is None else str(value)
+
+
+_INTEGER_TYPES = {
+    "AutoField", "BigAutoField", "SmallAutoField", "IntegerField", "BigIntegerField", "SmallIntegerField",
+    "PositiveIntegerField", "PositiveBigIntegerField", "PositiveSmallIntegerField", "ForeignKey",
+    "OneToOneField", "BooleanField",
+}
+
+
+def _json_converter(field: models.Field[Any, Any]) -> Callable[[Any], Any] | None:
+    """How a field's value travels in a JSON row for ``jsonb_populate_record``: what
+    ``get_db_prep_save`` would send, as JSON (``None`` for types not handled here)."""
+    kind = field.get_internal_type()
+    if kind in _INTEGER_TYPES:
+        return _same
+    if kind == "JSONField":
+        return _same if getattr(field, "encoder", None) is None else None
+    if kind in ("CharField", "TextField"):
+        return _text
+    if kind == "DateTimeField":
+        return _aware(field)
+    if kind == "DecimalField":
+        return _decimal
+    return None
 
 
 class _Table:
@@ -74,9 +210,20 @@ class _Table:
         self.fields = [f for f in model._meta.concrete_fields if with_pk or not f.primary_key]
         self.columns = ", ".join(db().ops.quote_name(f.column) for f in self.fields)
         self.placeholder = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
+        converters = [_json_converter(f) for f in self.fields]
+        self.json_ok = all(c is not None for c in converters)
+        self.json_fields = [(f.column, f.attname, c) for f, c in zip(self.fields, converters, strict=True)]
+        self.json_insert = Prepared(
+            f"INSERT INTO {db().ops.quote_name(self.name)} ({self.columns}) "
+            f"SELECT {self.columns} FROM jsonb_populate_recordset(NULL::{db().ops.quote_name(self.name)}, $1)",
+            ["jsonb"],
+        )
 
     def row(self, obj: models.Model, conn: BaseDatabaseWrapper) -> list[Any]:
         return [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in self.fields]
+
+    def json_row(self, obj: models.Model) -> dict[str, Any]:
+        return {column: convert(getattr(obj, attname)) for column, attname, convert in self.json_fields}  # type: ignore[misc]
 
 
 _tables: dict[tuple[type[models.Model], bool], _Table] = {}
@@ -92,6 +239,30 @@ def _table(model: type[models.Model], with_pk: bool) -> _Table:
 # --- writes -----------------------------------------------------------------------------------
 
 
+def dumps(value: Any) -> str:
+    """JSON text for a jsonb parameter (as Django's JSONField writes values: no custom encoder)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def insert_rows(model: type[models.Model], rows: list[dict[str, Any]], *, batch: Batch) -> None:
+    """Batch an INSERT of ``rows`` already in JSON form (column -> value, every column but the
+    primary key, as :func:`json_row` makes them)."""
+    if rows:
+        batch.add_prepared(_table(model, False).json_insert, [dumps(rows)])
+
+
+def json_columns(model: type[models.Model], names: Sequence[str]) -> list[tuple[str, str, Callable[[Any], Any]]]:
+    """(column, attribute, converter) of the named fields, for JSON rows."""
+    out = []
+    for name in names:
+        field = cast("models.Field[Any, Any]", model._meta.get_field(name))
+        convert = _json_converter(field)
+        if convert is None:
+            raise ValueError(f"{model.__name__}.{name} cannot travel as JSON")
+        out.append((field.column, field.attname, convert))
+    return out
+
+
 def insert(
     model: type[models.Model], objs: Sequence[models.Model], *, returning: bool = True, batch: Batch | None = None
 ) -> None:
@@ -104,12 +275,16 @@ def insert(
     for obj in objs:
         # Copies the ids of related objects saved since this one was built (as bulk_create does).
         obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
+    if batch is not None:
+        if not with_pk and returning:
+            raise ValueError("a batched insert cannot return ids: assign them first")
+        if table.json_ok:
+            batch.add_prepared(table.json_insert, [dumps([table.json_row(obj) for obj in objs])])
+            return
     sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join([table.placeholder] * len(objs))
     conn = db()
     params = [value for obj in objs for value in table.row(obj, conn)]
     if batch is not None:
-        if not with_pk and returning:
-            raise ValueError("a batched insert cannot return ids: assign them first")
         batch.add(sql, params)
         return
     with conn.cursor() as cursor:

@@ -121,8 +121,11 @@ class Tx:
         local_pools: frozenset[str] = frozenset(),
         optimistic: bool = False,
         batch: Batch | None = None,
+        new_run: bool = False,
     ):
         self.run = run
+        #: The run row does not exist yet (a batched submit): flush inserts it.
+        self.new_run = new_run
         #: Deferred: every write goes into ``batch`` (one round trip, committed by the caller)
         #: and after-commit work into ``after_commit``; a path that must write earlier raises
         #: NeedsTransaction so the caller redoes it in a real transaction.
@@ -818,7 +821,10 @@ class Tx:
         self._flushing = True
         with pipeline() if batch is None else nullcontext():
             # The run row first: it is the lock every writer of this run takes, in this order.
-            if self.optimistic:
+            if self.new_run:
+                insert(Run, [self.run], batch=batch)
+                self.new_run = False
+            elif self.optimistic:
                 store.update_run_checked(self.run, RUN_FLUSH_FIELDS, self.expected_version, batch=batch)
             else:
                 update(self.run, RUN_FLUSH_FIELDS, batch=batch)

@@ -20,7 +20,16 @@ from django.db import models
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, db, is_postgres, pipeline
+from console.sql import (
+    Batch,
+    Prepared,
+    db,
+    dumps,
+    execute_prepared,
+    is_postgres,
+    json_columns,
+    pipeline,
+)
 from orchestration.models import Run, RunStatus, Step, StepStatus
 
 ID_BLOCK = 200
@@ -142,42 +151,43 @@ def claim_step(step_id: int, worker_id: str, now: datetime, lease_until: datetim
     return _claim_generic(step_id, worker_id, now, lease_until)
 
 
-def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
+@cache
+def _claim_statement() -> Prepared:
     step_t, run_t, audit_t = Step._meta.db_table, Run._meta.db_table, AuditEvent._meta.db_table
     audit_cols = "created_at, actor_type, actor_id, verb, object_type, object_id, run_id, step_id, trace_id, payload_digest, data"
+    # $1 step id, $2 worker, $3 lease expiry, $4 now; the constants are part of the statement.
+    running, queued, run_queued = (f"'{v}'" for v in (StepStatus.RUNNING, StepStatus.QUEUED, RunStatus.QUEUED))
+    system = f"'{ActorType.SYSTEM}'"
     sql = f"""
     WITH c AS (
-        UPDATE {step_t} s SET status = %(running)s, attempt = s.attempt + 1, lease_owner = %(worker)s,
-               lease_expires_at = %(until)s, started_at = COALESCE(s.started_at, %(now)s)
-        WHERE s.id = %(id)s AND s.status = %(queued)s AND s.available_at <= %(now)s
+        UPDATE {step_t} s SET status = {running}, attempt = s.attempt + 1, lease_owner = $2,
+               lease_expires_at = $3, started_at = COALESCE(s.started_at, $4)
+        WHERE s.id = $1 AND s.status = {queued} AND s.available_at <= $4
         RETURNING {_step_columns()}
     ), started AS (
-        UPDATE {run_t} r SET status = %(running)s, started_at = %(now)s, updated_at = %(now)s,
+        UPDATE {run_t} r SET status = {running}, started_at = $4, updated_at = $4,
                version = r.version + 1
-        WHERE r.id = (SELECT run_id FROM c) AND r.status = %(run_queued)s
+        WHERE r.id = (SELECT run_id FROM c) AND r.status = {run_queued}
         RETURNING r.id, r.trace_id
     ), audit AS (
         INSERT INTO {audit_t} ({audit_cols})
-        SELECT %(now)s, %(system)s, %(worker)s, %(claimed)s, 'step', c.id::text, c.run_id, c.id, r.trace_id, '',
-               jsonb_build_object('attempt', c.attempt, 'worker', %(worker)s)
+        SELECT $4, {system}, $2, {int(Verb.STEP_CLAIMED)}, 'step', c.id::text, c.run_id, c.id, r.trace_id, '',
+               jsonb_build_object('attempt', c.attempt, 'worker', $2)
         FROM c JOIN {run_t} r ON r.id = c.run_id
         UNION ALL
-        SELECT %(now)s, %(system)s, %(worker)s, %(run_started)s, 'run', started.id::text, started.id, NULL,
+        SELECT $4, {system}, $2, {int(Verb.RUN_STARTED)}, 'run', started.id::text, started.id, NULL,
                started.trace_id, '', '{{}}'::jsonb
         FROM started
     )
     SELECT {_step_columns()}, {_run_columns('r')}, (SELECT count(*) FROM started)
     FROM c s JOIN {run_t} r ON r.id = s.run_id
     """
-    conn = db()
-    params: dict[str, Any] = {
-        "id": step_id, "worker": worker_id, "until": lease_until, "now": now,
-        "running": StepStatus.RUNNING, "queued": StepStatus.QUEUED, "run_queued": RunStatus.QUEUED,
-        "system": ActorType.SYSTEM, "claimed": int(Verb.STEP_CLAIMED), "run_started": int(Verb.RUN_STARTED),
-    }
-    with conn.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    return Prepared(sql, ["bigint", "text", "timestamptz", "timestamptz"])
+
+
+def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
+    # A prepared statement: the server plans this CTE once per connection, not per claim.
+    row = execute_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
     if row is None:
         return None
     n_step = len(Step._meta.concrete_fields)
@@ -241,6 +251,11 @@ def expectation_failed(exc: BaseException) -> str | None:
 def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *, batch: Batch | None = None) -> None:
     """UPDATE the run row only if nobody wrote it since ``expected_version`` was read; otherwise
     abort the transaction with RUN_CHANGED. Queued without waiting for a result."""
+    if batch is not None:
+        statement, columns = _checked_update(Run, tuple(fields), "t.version = $3", RUN_CHANGED)
+        row = {column: convert(getattr(run, attname)) for column, attname, convert in columns}
+        batch.add_prepared(statement, [dumps(row), run.pk, expected_version])
+        return
     conn = db()
     chosen = [cast("models.Field[Any, Any]", Run._meta.get_field(name)) for name in fields]
     assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in chosen)
@@ -254,6 +269,13 @@ def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *
 
 def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batch: Batch | None = None) -> None:
     """Move a running step (claimed with ``token``) to ``values``, or abort with LEASE_LOST."""
+    if batch is not None:
+        statement, columns = _checked_update(
+            Step, tuple(values), f"t.status = '{StepStatus.RUNNING}' AND t.attempt = $3", LEASE_LOST
+        )
+        row = {column: convert(values[name]) for (column, _, convert), name in zip(columns, values, strict=True)}
+        batch.add_prepared(statement, [dumps(row), step_id, token])
+        return
     conn = db()
     fields = [cast("models.Field[Any, Any]", Step._meta.get_field(name)) for name in values]
     assignments = ", ".join(f"{db().ops.quote_name(f.column)} = %s" for f in fields)
@@ -264,6 +286,24 @@ def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batc
         f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u"
     )
     _execute(sql, [*params, step_id, StepStatus.RUNNING, token], batch)
+
+
+@cache
+def _checked_update(
+    model: type[models.Model], fields: tuple[str, ...], condition: str, code: str
+) -> tuple[Prepared, list[tuple[str, str, Any]]]:
+    """A prepared UPDATE of one row's ``fields`` (from a JSON row, $1) by id ($2) under
+    ``condition`` (which may use $3), aborting with ``code`` unless exactly one row matched."""
+    columns = json_columns(model, fields)
+    qn = db().ops.quote_name
+    table = qn(model._meta.db_table)
+    assignments = ", ".join(f"{qn(column)} = x.{qn(column)}" for column, _, _ in columns)
+    sql = (
+        f"WITH u AS (UPDATE {table} t SET {assignments} FROM jsonb_populate_record(NULL::{table}, $1) x "
+        f"WHERE t.id = $2 AND {condition} RETURNING 1) "
+        f"SELECT signalbox_expect(count(*) = 1, '{code}') FROM u"
+    )
+    return Prepared(sql, ["jsonb", "bigint", "bigint"]), columns
 
 
 def _execute(sql: str, params: Sequence[Any], batch: Batch | None) -> None:

@@ -1,0 +1,95 @@
+"""Live events through the Redis channel layer: members of a run's group (and of the run list)
+get one message per transaction; groups nobody is in cost a single Redis command."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings as django_settings
+
+from orchestration import live
+
+
+@pytest.fixture
+def redis_layer(settings: Any) -> Any:
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [django_settings.REDIS_URL], "prefix": f"live-test-{secrets.token_hex(4)}"},
+        }
+    }
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "LIVE_EVENTS": True}
+    return get_channel_layer()
+
+
+def _receive(layer: Any, channel: str) -> dict[str, Any]:
+    async def receive() -> dict[str, Any]:
+        return await asyncio.wait_for(layer.receive(channel), timeout=5)
+
+    return async_to_sync(receive)()
+
+
+def _events(run_id: int, *, run_level: bool = False) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = [
+        {"run_id": run_id, "kind": "step", "change": "succeeded", "step_id": 1, "key": "a", "status": "succeeded"},
+        {"run_id": run_id, "kind": "step", "change": "created", "step_id": 2, "key": "b", "status": "running"},
+    ]
+    if run_level:
+        events.append({"run_id": run_id, "kind": "run", "change": "succeeded", "status": "succeeded"})
+    return events
+
+
+def test_members_of_the_run_group_receive_one_message_per_transaction(redis_layer: Any) -> None:
+    channel = async_to_sync(redis_layer.new_channel)()
+    async_to_sync(redis_layer.group_add)(live.run_group(7), channel)
+
+    live.send_now(_events(7) + _events(8))  # nobody watches run 8
+
+    message = _receive(redis_layer, channel)
+    assert message["type"] == "run.event"
+    assert [e["step_id"] for e in message["events"]] == [1, 2]
+    assert all(e["run_id"] == 7 for e in message["events"])
+
+
+def test_run_list_members_hear_only_run_level_changes(redis_layer: Any) -> None:
+    channel = async_to_sync(redis_layer.new_channel)()
+    async_to_sync(redis_layer.group_add)(live.RUNS_GROUP, channel)
+
+    live.send_now(_events(9))  # step-level only: not for the list
+    live.send_now(_events(10, run_level=True))
+
+    message = _receive(redis_layer, channel)
+    assert message["event"] == {"run_id": 10, "kind": "run", "change": "succeeded", "status": "succeeded"}
+
+
+def test_groups_without_members_send_nothing(redis_layer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[Any] = []
+    monkeypatch.setattr(live.asyncio, "run_coroutine_threadsafe", lambda coro, loop: sent.append(coro.close()))
+
+    live.send_now(_events(11, run_level=True))
+    assert sent == []
+
+    channel = async_to_sync(redis_layer.new_channel)()
+    async_to_sync(redis_layer.group_add)(live.run_group(11), channel)
+    live.send_now(_events(11))
+    assert len(sent) == 1
+
+
+def test_events_still_go_out_when_membership_cannot_be_asked(
+    redis_layer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(groups: list[str]) -> set[str]:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(live._membership, "listened", broken)
+    channel = async_to_sync(redis_layer.new_channel)()
+    async_to_sync(redis_layer.group_add)(live.run_group(12), channel)
+
+    live.send_now(_events(12))
+
+    assert _receive(redis_layer, channel)["events"][0]["run_id"] == 12

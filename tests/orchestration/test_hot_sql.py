@@ -1,0 +1,168 @@
+"""The hot path's batched SQL (PostgreSQL): statements prepared once per connection, rows sent
+as JSON. What lands in the table must be what the ORM would have written, and a connection that
+lost its prepared statements must carry on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from audit.services import Entry, audit_record_many
+from audit.verbs import ActorType, Verb
+from console.sql import Batch, insert
+from orchestration import store
+from orchestration.executor import step_claim
+from orchestration.models import Run, Step, StepStatus
+from orchestration.services import run_submit
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+if connection.vendor != "postgresql":  # pragma: no cover - the suite runs on PostgreSQL
+    pytest.skip("prepared batches are PostgreSQL-only", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
+    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: None)
+
+
+def _run() -> Run:
+    return run_submit(workflow="reference_workload", input={"topic": "t"}).run
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+
+def test_a_batched_step_row_is_what_the_orm_writes() -> None:
+    run = _run()
+    now = timezone.now()
+    values: dict[str, Any] = {
+        "run": run, "node": "ünïcode ✓ 'quoted' \\ back", "visit": 2, "item": 3, "kind": "item", "agent": "noop",
+        "pool": "default", "status": StepStatus.QUEUED, "max_attempts": 5, "available_at": now,
+        "published_at": None, "input": {"nested": [1, None, {"x": "y"}], "empty": {}}, "input_override": None,
+        "output": "a JSON string", "usage": {}, "error_detail": None, "attempts_log": [], "created_at": now,
+        "lease_expires_at": now + timedelta(seconds=30),
+    }
+    by_orm = Step.objects.create(**values)
+    by_batch = Step(**{**values, "visit": 3})
+    store.assign_ids(Step, [by_batch])
+    batch = Batch()
+    insert(Step, [by_batch], batch=batch)
+    batch.run()
+
+    orm_row, batch_row = _fields(Step.objects.get(pk=by_orm.pk)), _fields(Step.objects.get(pk=by_batch.pk))
+    for row in (orm_row, batch_row):
+        row.pop("id")
+        row.pop("visit")
+    assert batch_row == orm_row
+    # SQL NULL for None in nullable JSON columns, as the ORM writes it (not JSON null).
+    assert Step.objects.filter(pk=by_batch.pk, input_override__isnull=True, error_detail__isnull=True).exists()
+
+
+def test_batched_audit_rows_match_the_transactional_writer() -> None:
+    run = _run()
+    now = timezone.now()
+    entries = [
+        Entry(verb=Verb.STEP_SUCCEEDED, object_type="step", object_id=12, actor_type=ActorType.AGENT,
+              actor_id="noop", run_id=run.pk, step_id=12, trace_id=run.trace_id, payload={"b": 1, "a": [2]},
+              data={"key": "x", "attempt": 1}),
+        Entry(verb=Verb.RUN_SUCCEEDED, object_type="run", object_id=run.pk, run_id=run.pk),
+    ]
+    batch = Batch()
+    audit_record_many(entries, now=now, batch=batch)
+    batch.run()
+    from django.db import transaction
+
+    with transaction.atomic():
+        audit_record_many(entries, now=now)
+
+    rows = [_fields(e) for e in AuditEvent.objects.filter(run_id=run.pk, verb__in=[e.verb for e in entries]).order_by("id")]
+    for row in rows:
+        row.pop("id")
+    assert rows[:2] == rows[2:]
+    assert rows[0]["created_at"] == now and rows[0]["object_id"] == "12"
+
+
+def test_naive_datetimes_are_taken_in_the_default_zone_as_the_orm_does() -> None:
+    run = _run()
+    naive = datetime(2026, 1, 2, 3, 4, 5, 678901)
+    step = Step(run=run, node="n", kind="agent", status=StepStatus.QUEUED, available_at=naive, created_at=naive)
+    store.assign_ids(Step, [step])
+    batch = Batch()
+    with pytest.warns(RuntimeWarning, match="naive datetime"):
+        insert(Step, [step], batch=batch)
+    batch.run()
+    assert Step.objects.get(pk=step.pk).available_at == naive.replace(tzinfo=UTC)
+
+
+def test_a_connection_that_lost_its_prepared_statements_carries_on(drive: Any) -> None:
+    first = _run()
+    assert drive(first.pk).status == "succeeded"  # claims and completions prepared their statements
+
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    second = _run()
+    assert drive(second.pk).status == "succeeded"
+    # Every step succeeded at its first attempt: no commit failed for want of a statement.
+    assert set(Step.objects.filter(run=second).values_list("status", "attempt", "failures")) == {("succeeded", 1, 0)}
+
+
+def test_a_claim_is_one_prepared_statement_that_still_claims_once() -> None:
+    run = _run()
+    step_id = Step.objects.get(run=run, node="classify").pk
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    claimed = step_claim(step_id, "w1")
+    assert claimed is not None and claimed.attempt == 1 and claimed.run.status == "running"
+    assert step_claim(step_id, "w2") is None
+
+
+def test_a_batched_submit_is_all_or_nothing() -> None:
+    from django.db import IntegrityError
+
+    from orchestration import services
+    from orchestration.engine import Tx
+
+    first = run_submit(workflow="reference_workload", input={}, idempotency_key="k-1")
+    assert first.created
+    # The same key again, past the lookup (as when two submits race): the unique constraint
+    # refuses the run row and nothing of the batch is left behind.
+    copy = Run(
+        workflow_name="reference_workload", workflow_version=1, idempotency_scope="system", idempotency_key="k-1",
+        trace_id="t", input={}, created_at=timezone.now(), updated_at=timezone.now(), deadline_at=timezone.now(),
+    )
+
+    def begin(tx: Tx) -> None:
+        tx.start()
+        tx.flush()
+
+    with pytest.raises(IntegrityError):
+        services._submit_batched(copy, copy.created_at, begin, "system", "")
+    assert copy.pk is not None
+    assert not Step.objects.filter(run_id=copy.pk).exists()
+    assert not AuditEvent.objects.filter(run_id=copy.pk).exists()
+    again = run_submit(workflow="reference_workload", input={}, idempotency_key="k-1")
+    assert not again.created and again.run.pk == first.run.pk
+
+
+def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A start that raises goes the transactional way (failing a run cancels its steps, which a
+    # batch cannot do), and is recorded.
+    from orchestration.errors import SignalboxError
+
+    def broken(self: Any) -> None:
+        raise SignalboxError("no start", code="start_broken")
+
+    monkeypatch.setattr("orchestration.engine.Tx.start", broken)
+    run = run_submit(workflow="reference_workload", input={}).run
+    run.refresh_from_db()
+    assert (run.status, run.error_code) == ("failed", "start_broken")
+    verbs = set(AuditEvent.objects.filter(run_id=run.pk).values_list("verb", flat=True))
+    assert {int(Verb.RUN_SUBMITTED), int(Verb.RUN_FAILED)} <= verbs

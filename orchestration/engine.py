@@ -555,9 +555,12 @@ class Tx:
         store.assign_ids(Step, created)
         insert(Step, created, batch=self.batch)
         for step in created:
-            self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             if step.status == StepStatus.RUNNING and step is self.local_step:
-                self.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, worker=self.worker_id, attempt=1)
+                # Created already claimed by this worker: one row records both (who, attempt).
+                self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status,
+                            worker=self.worker_id, attempt=1)
+            else:
+                self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             self.step_event(step, "created")
 
     def flush(self) -> None:

@@ -166,3 +166,21 @@ def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypat
     assert (run.status, run.error_code) == ("failed", "start_broken")
     verbs = set(AuditEvent.objects.filter(run_id=run.pk).values_list("verb", flat=True))
     assert {int(Verb.RUN_SUBMITTED), int(Verb.RUN_FAILED)} <= verbs
+
+
+def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+    rows = list(AuditEvent.objects.filter(run_id=run.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]).values_list("step_id", "verb", "data"))
+    # classify was queued at submit and claimed from its message: created, then claimed.
+    assert [(v, d.get("worker")) for s, v, d in rows if s == steps["classify"]] == [
+        (Verb.STEP_CREATED, None), (Verb.STEP_CLAIMED, "t"),
+    ]
+    # research_a was created already claimed by the worker that finished classify: one row
+    # says both, with the worker and the attempt.
+    local = [(v, d) for s, v, d in rows if s == steps["research_a"]]
+    assert len(local) == 1
+    verb, data = local[0]
+    assert verb == Verb.STEP_CREATED
+    assert (data["status"], data["worker"], data["attempt"]) == ("running", "t", 1)

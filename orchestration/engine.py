@@ -650,6 +650,11 @@ class Tx:
             self.record(verb, "run", run.pk)
 
 
+#: Task ids of the wake-up messages this process sent last, by step id (bounded): a worker
+#: that ends up claiming such a step itself takes the message back (executor.step_execute).
+sent_messages: dict[int, str] = {}
+
+
 def publish_steps(steps: list[tuple[int, str, float]]) -> None:
     """Send the wake-up message for each step to its pool's queue (after commit)."""
     from orchestration.tasks import step_execute
@@ -658,7 +663,11 @@ def publish_steps(steps: list[tuple[int, str, float]]) -> None:
         options: dict[str, Any] = {"queue": queue_name(pool)}
         if delay > 0:
             options["countdown"] = delay
-        step_execute.apply_async(args=[step_id], **options)
+        result = step_execute.apply_async(args=[step_id], **options)
+        if delay == 0:
+            if len(sent_messages) >= 1024:
+                sent_messages.clear()  # withdrawing is only an economy: forget the old ones
+            sent_messages[step_id] = result.id
 
 
 def step_input(step: Step, node: Node, run: Run) -> Any:

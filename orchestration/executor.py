@@ -26,7 +26,15 @@ from audit.verbs import ActorType, Verb
 from console.sql import Batch, db, is_postgres, pipeline
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
-from orchestration.engine import NeedsTransaction, Tx, digest, run_lock, step_action, step_input
+from orchestration.engine import (
+    NeedsTransaction,
+    Tx,
+    digest,
+    run_lock,
+    sent_messages,
+    step_action,
+    step_input,
+)
 from orchestration.errors import (
     ContractViolation,
     ErrorClass,
@@ -163,8 +171,26 @@ def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
         ran += 1
         step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
         while step is None and handed_off:
-            step = step_claim(handed_off.pop(0), worker_id)
+            sibling = handed_off.pop(0)
+            step = step_claim(sibling, worker_id)
+            if step is not None:
+                _withdraw_message(sibling)
     return ran
+
+
+def _withdraw_message(step_id: int) -> None:
+    """This worker claimed ``step_id`` itself after handing it to the broker: take the message
+    back if no worker has taken it yet (it would only find the step running). The step is
+    claimed (leased) already, so the message is no longer needed for it to make progress."""
+    task_id = sent_messages.pop(step_id, None)
+    if task_id is None:
+        return
+    from console.broker import withdraw
+
+    try:
+        withdraw(task_id)
+    except Exception:  # the message stays; its claim will simply find the step taken
+        log.debug("could not withdraw the message of step %s", step_id, exc_info=True)
 
 
 def step_run(

@@ -184,3 +184,24 @@ def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
     verb, data = local[0]
     assert verb == Verb.STEP_CREATED
     assert (data["status"], data["worker"], data["attempt"]) == ("running", "t", 1)
+
+
+def test_a_sibling_claimed_by_the_worker_that_handed_it_off_has_its_message_withdrawn(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestration import engine
+
+    def publish(steps: list[tuple[int, str, float]]) -> None:  # as the broker would, minus Redis
+        for step_id, _pool, _delay in steps:
+            engine.sent_messages[step_id] = f"task-{step_id}"
+
+    withdrawn: list[str] = []
+    monkeypatch.setattr("orchestration.engine.publish_steps", publish)
+    monkeypatch.setattr("console.broker.withdraw", lambda task_id: withdrawn.append(task_id) or True)
+
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    research_b = Step.objects.get(run=run, node="research_b")
+    # classify's worker ran research_a itself, handed research_b to the broker, then claimed it
+    # when its own chain stopped at the join: that message is taken back.
+    assert withdrawn == [f"task-{research_b.pk}"]

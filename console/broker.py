@@ -83,3 +83,96 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class TaskPublisher:
+    """Celery task messages (protocol 2, JSON) pushed straight onto their Redis queue.
+
+    ``apply_async`` spends ~0.4 ms of CPU per message on routing, option merging, argument
+    reprs, entity declaration and kombu's virtual exchange, all of which resolve to the same
+    LPUSH for a plain message to a named queue on the default exchange. This builds that
+    message (the exact layout kombu's Redis channel pushes, so any Celery worker consumes it)
+    when nothing could make it differ: a redis:// broker without key prefix, JSON, no
+    compression, no priority, no expiry, no countdown, and nobody listening to the publish
+    signals. :meth:`usable` says so; otherwise the caller uses ``apply_async``."""
+
+    def __init__(self, app: Any) -> None:
+        from urllib.parse import urlparse
+
+        from celery.utils.nodenames import anon_nodename
+
+        conf = app.conf
+        options = conf.broker_transport_options or {}
+        self.app = app
+        self.url = conf.broker_url
+        self.ok = (
+            urlparse(str(self.url)).scheme == "redis"
+            and not options.get("global_keyprefix")
+            and conf.task_serializer == "json"
+            and not conf.task_compression
+            and conf.task_protocol == 2
+            and conf.task_default_priority is None
+            and not conf.task_always_eager
+            and not conf.task_send_sent_event
+        )
+        self.origin = anon_nodename()
+        self._client: Any = None
+
+    def usable(self, task: Any) -> bool:
+        from celery import signals
+
+        return (
+            self.ok
+            and task.expires is None
+            and task.priority is None
+            and not signals.before_task_publish.receivers
+            and not signals.after_task_publish.receivers
+        )
+
+    def publish(self, task: Any, args: list[Any], queue: str) -> str:
+        import base64
+        import uuid
+
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(str(self.url))
+        task_id = str(uuid.uuid4())
+        root_id, parent_id = task_id, None
+        parent = self.app.current_worker_task
+        if parent is not None:
+            parent_id = parent.request.id
+            root_id = parent.request.root_id or parent_id
+        body = dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+        message = {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py", "task": task.name, "id": task_id, "shadow": None, "eta": None, "expires": None,
+                "group": None, "group_index": None, "retries": 0,
+                "timelimit": [task.time_limit, task.soft_time_limit], "root_id": root_id, "parent_id": parent_id,
+                "argsrepr": repr(args), "kwargsrepr": "{}", "origin": self.origin,
+                "ignore_result": bool(task.ignore_result), "replaced_task_nesting": 0, "stamped_headers": None,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": task_id, "reply_to": self.app.thread_oid, "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        payload = dumps(message)
+        self._client.lpush(queue, payload)
+        _pushed.remember(task_id, self._client, queue, payload)
+        return task_id
+
+
+_publishers: dict[int, TaskPublisher] = {}
+
+
+def task_publisher(app: Any) -> TaskPublisher:
+    publisher = _publishers.get(id(app))
+    if publisher is None or publisher.app is not app or publisher.url != app.conf.broker_url:
+        publisher = _publishers[id(app)] = TaskPublisher(app)
+    return publisher

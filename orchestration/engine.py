@@ -657,17 +657,23 @@ sent_messages: dict[int, str] = {}
 
 def publish_steps(steps: list[tuple[int, str, float]]) -> None:
     """Send the wake-up message for each step to its pool's queue (after commit)."""
+    from console.broker import task_publisher
     from orchestration.tasks import step_execute
 
+    task = step_execute._get_current_object()  # the task itself, not its lazy proxy
+    publisher = task_publisher(task.app)
+    fast = publisher.usable(task)
     for step_id, pool, delay in steps:
-        options: dict[str, Any] = {"queue": queue_name(pool)}
         if delay > 0:
-            options["countdown"] = delay
-        result = step_execute.apply_async(args=[step_id], **options)
-        if delay == 0:
-            if len(sent_messages) >= 1024:
-                sent_messages.clear()  # withdrawing is only an economy: forget the old ones
-            sent_messages[step_id] = result.id
+            step_execute.apply_async(args=[step_id], queue=queue_name(pool), countdown=delay)
+            continue
+        if fast:
+            task_id = publisher.publish(task, [step_id], queue_name(pool))
+        else:
+            task_id = step_execute.apply_async(args=[step_id], queue=queue_name(pool)).id
+        if len(sent_messages) >= 1024:
+            sent_messages.clear()  # withdrawing is only an economy: forget the old ones
+        sent_messages[step_id] = task_id
 
 
 def step_input(step: Step, node: Node, run: Run) -> Any:

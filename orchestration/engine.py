@@ -120,6 +120,7 @@ class Tx:
         self.publish: list[tuple[Step, float]] = []
         #: A step this worker claimed inside this transaction and runs right after commit.
         self.local_step: Step | None = None
+        self.flushed_events: list[dict[str, Any]] = []
         self._status_before = run.status
 
     # --- recording ------------------------------------------------------------------------------
@@ -613,6 +614,8 @@ class Tx:
             )
             self._status_before = self.run.status
         events, self.live_events = self.live_events, []
+        #: The events the after-commit send will carry (a batch's caller may add to them).
+        self.flushed_events = events
         publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
         self.handed_off = [(step_id, pool) for step_id, pool, delay in publish if delay == 0]
         self.publish = []

@@ -65,12 +65,16 @@ def step_claim(step_id: int, worker_id: str) -> Step | None:
         step = store.claim_step(step_id, worker_id, now, lease_until)
         if step is None:
             return None
-        run = step.run
-        events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
-        if run.started_at == now:
-            events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
-        live.send_on_commit(events)
+        live.send_on_commit(_claim_events(step, now))
     return step
+
+
+def _claim_events(step: Step, now: Any) -> list[dict[str, Any]]:
+    run = step.run
+    events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
+    if run.started_at == now:
+        events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
+    return events
 
 
 # --- leases -----------------------------------------------------------------------------------
@@ -307,9 +311,25 @@ def step_complete(
                                         tool_calls=(tool_calls, tool_entries))
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
-                    batch.run()
+                    # This worker's chain ends here: the sibling it handed to the broker first
+                    # is claimed in this same transaction if nobody has taken it (instead of a
+                    # claim transaction of its own right after).
+                    sibling = handed_off[0] if handed_off and tx.local_step is None and not tx.run.is_terminal else None
+                    if sibling is not None:
+                        lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+                        store.claim_in_batch(batch, sibling, worker_id, now, lease_until)
+                    rows = batch.run()
+                    claimed = None
+                    if sibling is not None:
+                        assert handed_off is not None
+                        handed_off.remove(sibling)
+                        claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, now)
+                        if claimed is not None:  # one live message for the whole transaction
+                            tx.flushed_events.extend(_claim_events(claimed, now))
                     for callback in tx.after_commit:
                         callback()
+                    if claimed is not None and sibling is not None:
+                        _withdraw_message(sibling)
                     _note_handoff(tx, pools, handed_off)
                     return tx.local_step
                 with pipeline(), transaction.atomic():

@@ -205,3 +205,25 @@ def test_a_sibling_claimed_by_the_worker_that_handed_it_off_has_its_message_with
     # classify's worker ran research_a itself, handed research_b to the broker, then claimed it
     # when its own chain stopped at the join: that message is taken back.
     assert withdrawn == [f"task-{research_b.pk}"]
+
+
+def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE run_id = %s AND verb IN (%s, %s)",
+            [run.pk, int(Verb.STEP_SUCCEEDED), int(Verb.STEP_CLAIMED)],
+        )
+        xmin = {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
+    # research_a's completion (the join still waits for research_b) also claimed research_b.
+    assert xmin[(steps["research_b"], Verb.STEP_CLAIMED)] == xmin[(steps["research_a"], Verb.STEP_SUCCEEDED)]
+    # ...and operators heard of both in one message for that transaction.
+    together = [e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
+        (steps["research_a"], "succeeded"), (steps["research_b"], "running")}]
+    assert len(together) == 1

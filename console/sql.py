@@ -134,7 +134,8 @@ class Batch:
         self.prepared.append(statement)
         self.statements.append((statement.execute, params))
 
-    def run(self) -> None:
+    def run(self) -> list[Any] | None:
+        """Run the batch; returns the rows of its last statement if that one returns rows."""
         conn = db()
         if conn.in_atomic_block:
             raise RuntimeError("a Batch commits by itself; run it outside transaction.atomic()")
@@ -145,12 +146,15 @@ class Batch:
                     raw = cursor.cursor  # psycopg's client-side binding cursor: it can mogrify
                     text = ";\n".join(raw.mogrify(sql, params) for sql, params in self.statements)
                     cursor.execute(text)
-                return
+                    while raw.nextset():
+                        pass
+                    return raw.fetchall() if raw.description is not None else None
             except DatabaseError as exc:
                 # Nothing was written (the implicit transaction rolled back): prepare again.
                 if attempt == 2 or not lost_prepared(exc):
                     raise
                 forget_prepared()
+        raise AssertionError("unreachable")
 
 
 # --- columns ----------------------------------------------------------------------------------

@@ -156,6 +156,7 @@ class Tx:
         self.publish: list[tuple[Step, float]] = []
         #: A step this worker claimed inside this transaction and runs right after commit.
         self.local_step: Step | None = None
+        self.flushed_events: list[dict[str, Any]] = []
         self._status_before = run.status
 
     # --- recording ------------------------------------------------------------------------------
@@ -802,9 +803,12 @@ class Tx:
         store.assign_ids(Step, created)
         insert(Step, created, batch=self.batch)
         for step in created:
-            self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             if step.status == StepStatus.RUNNING and step is self.local_step:
-                self.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, worker=self.worker_id, attempt=1)
+                # Created already claimed by this worker: one row records both (who, attempt).
+                self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status,
+                            worker=self.worker_id, attempt=1)
+            else:
+                self.record(Verb.STEP_CREATED, "step", step.pk, step=step, key=step.key, status=step.status)
             self.step_event(step, "created")
 
     def flush(self) -> None:
@@ -857,6 +861,8 @@ class Tx:
             )
             self._status_before = self.run.status
         events, self.live_events = self.live_events, []
+        #: The events the after-commit send will carry (a batch's caller may add to them).
+        self.flushed_events = events
         publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
         self.handed_off = [(step_id, pool) for step_id, pool, delay in publish if delay == 0]
         self.publish = []
@@ -898,15 +904,30 @@ class Tx:
             self.record(verb, "run", run.pk)
 
 
+#: Task ids of the wake-up messages this process sent last, by step id (bounded): a worker
+#: that ends up claiming such a step itself takes the message back (executor.step_execute).
+sent_messages: dict[int, str] = {}
+
+
 def publish_steps(steps: list[tuple[int, str, float]]) -> None:
     """Send the wake-up message for each step to its pool's queue (after commit)."""
+    from console.broker import task_publisher
     from orchestration.tasks import step_execute
 
+    task = step_execute._get_current_object()  # the task itself, not its lazy proxy
+    publisher = task_publisher(task.app)
+    fast = publisher.usable(task)
     for step_id, pool, delay in steps:
-        options: dict[str, Any] = {"queue": queue_name(pool)}
         if delay > 0:
-            options["countdown"] = delay
-        step_execute.apply_async(args=[step_id], **options)
+            step_execute.apply_async(args=[step_id], queue=queue_name(pool), countdown=delay)
+            continue
+        if fast:
+            task_id = publisher.publish(task, [step_id], queue_name(pool))
+        else:
+            task_id = step_execute.apply_async(args=[step_id], queue=queue_name(pool)).id
+        if len(sent_messages) >= 1024:
+            sent_messages.clear()  # withdrawing is only an economy: forget the old ones
+        sent_messages[step_id] = task_id
 
 
 def step_input(step: Step, node: Node, run: Run) -> Any:

@@ -35,6 +35,7 @@ from orchestration.engine import (
     node_of,
     output_contract,
     run_lock,
+    sent_messages,
     step_action,
     step_input,
 )
@@ -69,12 +70,16 @@ def step_claim(step_id: int, worker_id: str) -> Step | None:
         step = store.claim_step(step_id, worker_id, now, lease_until)
         if step is None:
             return None
-        run = step.run
-        events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
-        if run.started_at == now:
-            events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
-        live.send_on_commit(events)
+        live.send_on_commit(_claim_events(step, now))
     return step
+
+
+def _claim_events(step: Step, now: Any) -> list[dict[str, Any]]:
+    run = step.run
+    events = [{"run_id": run.pk, "kind": "step", "change": "running", "step_id": step.pk, "key": step.key, "status": "running"}]
+    if run.started_at == now:
+        events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
+    return events
 
 
 # --- leases -----------------------------------------------------------------------------------
@@ -230,8 +235,26 @@ def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
         ran += 1
         step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
         while step is None and handed_off:
-            step = step_claim(handed_off.pop(0), worker_id)
+            sibling = handed_off.pop(0)
+            step = step_claim(sibling, worker_id)
+            if step is not None:
+                _withdraw_message(sibling)
     return ran
+
+
+def _withdraw_message(step_id: int) -> None:
+    """This worker claimed ``step_id`` itself after handing it to the broker: take the message
+    back if no worker has taken it yet (it would only find the step running). The step is
+    claimed (leased) already, so the message is no longer needed for it to make progress."""
+    task_id = sent_messages.pop(step_id, None)
+    if task_id is None:
+        return
+    from console.broker import withdraw
+
+    try:
+        withdraw(task_id)
+    except Exception:  # the message stays; its claim will simply find the step taken
+        log.debug("could not withdraw the message of step %s", step_id, exc_info=True)
 
 
 def step_run(
@@ -362,9 +385,25 @@ def step_complete(
                                         tool_calls=(tool_calls, tool_entries))
                     tx.fence = (step.pk, step.attempt, values)
                     tx.flush()
-                    batch.run()
+                    # This worker's chain ends here: the sibling it handed to the broker first
+                    # is claimed in this same transaction if nobody has taken it (instead of a
+                    # claim transaction of its own right after).
+                    sibling = handed_off[0] if handed_off and tx.local_step is None and not tx.run.is_terminal else None
+                    if sibling is not None:
+                        lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+                        store.claim_in_batch(batch, sibling, worker_id, now, lease_until)
+                    rows = batch.run()
+                    claimed = None
+                    if sibling is not None:
+                        assert handed_off is not None
+                        handed_off.remove(sibling)
+                        claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, now)
+                        if claimed is not None:  # one live message for the whole transaction
+                            tx.flushed_events.extend(_claim_events(claimed, now))
                     for callback in tx.after_commit:
                         callback()
+                    if claimed is not None and sibling is not None:
+                        _withdraw_message(sibling)
                     _note_handoff(tx, pools, handed_off)
                     return tx.local_step
                 with pipeline(), transaction.atomic():

@@ -85,7 +85,8 @@ class _Membership:
 
     def __init__(self) -> None:
         self._layer: Any = None
-        self._clients: dict[int, Any] = {}
+        self._pools: dict[int, Any] = {}
+        self._local = threading.local()
 
     def listened(self, groups: list[str]) -> set[str] | None:
         from channels.layers import get_channel_layer
@@ -98,41 +99,54 @@ class _Membership:
         if not isinstance(layer, RedisChannelLayer):
             return None
         if layer is not self._layer:
-            self._layer, self._clients = layer, {}
+            self._layer, self._pools, self._local = layer, {}, threading.local()
         by_host: dict[int, list[str]] = {}
         for group in groups:
             by_host.setdefault(layer.consistent_hash(group), []).append(group)
         found: set[str] = set()
         for index, names in by_host.items():
-            client = self._client(layer, index)
-            if client is None:
-                return None
             keys = [layer._group_key(name) for name in names]
             # A group whose last member left (or expired) is a key that no longer exists.
-            present = client.exists(*keys)
+            present = self._command(layer, index, "EXISTS", *keys)
+            if present is None:
+                return None
             if not present:
                 continue
             if present == len(keys):
                 found.update(names)
                 continue
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            found.update(name for name, present in zip(names, pipe.execute(), strict=True) if present)
+            found.update(name for name, key in zip(names, keys, strict=True) if self._command(layer, index, "EXISTS", key))
         return found
 
-    def _client(self, layer: Any, index: int) -> Any:
-        if index not in self._clients:
+    def _command(self, layer: Any, index: int, *args: Any) -> Any:
+        """One command on this thread's own connection to the layer's host ``index`` (a bare
+        connection: redis-py's client machinery costs more than the round trip here)."""
+        connections = self._local.__dict__.setdefault("connections", {})
+        conn = connections.get(index)
+        if conn is None:
+            pool = self._pool(layer, index)
+            if pool is None:
+                return None
+            conn = connections[index] = pool.make_connection()
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()  # reconnects on next use
+            raise
+
+    def _pool(self, layer: Any, index: int) -> Any:
+        if index not in self._pools:
             import redis
 
             host = dict(layer.hosts[index])
             if "address" in host:
-                self._clients[index] = redis.Redis.from_url(host.pop("address"), **host)
+                self._pools[index] = redis.ConnectionPool.from_url(host.pop("address"), **host)
             elif "master_name" in host or "sentinels" in host:
-                self._clients[index] = None  # sentinel-managed: leave it to the layer
+                self._pools[index] = None  # sentinel-managed: leave it to the layer
             else:
-                self._clients[index] = redis.Redis(**host)
-        return self._clients[index]
+                self._pools[index] = redis.ConnectionPool(**host)
+        return self._pools[index]
 
 
 _membership = _Membership()

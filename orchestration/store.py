@@ -185,9 +185,20 @@ def _claim_statement() -> Prepared:
     return Prepared(sql, ["bigint", "text", "timestamptz", "timestamptz"])
 
 
+def claim_in_batch(batch: Batch, step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> None:
+    """Make the claim of ``step_id`` the last statement of ``batch`` (same transaction): the
+    batch's rows are then the claim's, for :func:`claimed_from_row`."""
+    batch.add_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
+
+
 def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
     # A prepared statement: the server plans this CTE once per connection, not per claim.
     row = execute_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
+    return claimed_from_row(row, now)
+
+
+def claimed_from_row(row: Any, now: datetime) -> Step | None:
+    """The claimed step (with its run) from the claim statement's row; ``None`` for no row."""
     if row is None:
         return None
     n_step = len(Step._meta.concrete_fields)

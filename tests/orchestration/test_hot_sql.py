@@ -166,3 +166,64 @@ def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypat
     assert (run.status, run.error_code) == ("failed", "start_broken")
     verbs = set(AuditEvent.objects.filter(run_id=run.pk).values_list("verb", flat=True))
     assert {int(Verb.RUN_SUBMITTED), int(Verb.RUN_FAILED)} <= verbs
+
+
+def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+    rows = list(AuditEvent.objects.filter(run_id=run.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]).values_list("step_id", "verb", "data"))
+    # classify was queued at submit and claimed from its message: created, then claimed.
+    assert [(v, d.get("worker")) for s, v, d in rows if s == steps["classify"]] == [
+        (Verb.STEP_CREATED, None), (Verb.STEP_CLAIMED, "t"),
+    ]
+    # research_a was created already claimed by the worker that finished classify: one row
+    # says both, with the worker and the attempt.
+    local = [(v, d) for s, v, d in rows if s == steps["research_a"]]
+    assert len(local) == 1
+    verb, data = local[0]
+    assert verb == Verb.STEP_CREATED
+    assert (data["status"], data["worker"], data["attempt"]) == ("running", "t", 1)
+
+
+def test_a_sibling_claimed_by_the_worker_that_handed_it_off_has_its_message_withdrawn(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestration import engine
+
+    def publish(steps: list[tuple[int, str, float]]) -> None:  # as the broker would, minus Redis
+        for step_id, _pool, _delay in steps:
+            engine.sent_messages[step_id] = f"task-{step_id}"
+
+    withdrawn: list[str] = []
+    monkeypatch.setattr("orchestration.engine.publish_steps", publish)
+    monkeypatch.setattr("console.broker.withdraw", lambda task_id: withdrawn.append(task_id) or True)
+
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    research_b = Step.objects.get(run=run, node="research_b")
+    # classify's worker ran research_a itself, handed research_b to the broker, then claimed it
+    # when its own chain stopped at the join: that message is taken back.
+    assert withdrawn == [f"task-{research_b.pk}"]
+
+
+def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE run_id = %s AND verb IN (%s, %s)",
+            [run.pk, int(Verb.STEP_SUCCEEDED), int(Verb.STEP_CLAIMED)],
+        )
+        xmin = {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
+    # research_a's completion (the join still waits for research_b) also claimed research_b.
+    assert xmin[(steps["research_b"], Verb.STEP_CLAIMED)] == xmin[(steps["research_a"], Verb.STEP_SUCCEEDED)]
+    # ...and operators heard of both in one message for that transaction.
+    together = [e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
+        (steps["research_a"], "succeeded"), (steps["research_b"], "running")}]
+    assert len(together) == 1

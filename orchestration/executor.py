@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -500,7 +500,7 @@ def _fail(
         node = node_of(tx.wf, current)
         # The retry window runs from the first failure since the failure count was last reset
         # (by a fallback agent or an operator's retry).
-        window_start = _parse_time(attempts_log[-failures]["at"]) if failures <= len(attempts_log) else now
+        window_start = datetime.fromisoformat(attempts_log[-failures]["at"]) if failures <= len(attempts_log) else now
         within = tx.wf.retry_within_of(node)
         delay = retry_delay(failures)
         in_window = now + timedelta(seconds=delay) - window_start <= within
@@ -528,16 +528,11 @@ def _fail(
                     code="retry_window",
                     detail={"bound": "retry_within", "limit_seconds": within.total_seconds(), "last_error": error.code},
                 )
-            current.input = current.input if current.input is not None else step.input
+            if current.input is None:  # the input this attempt was given, for the escalation
+                current.input = step.input
             tx.step_exhausted(current, error, payload=payload)
         tx.flush()
     return None
-
-
-def _parse_time(value: str) -> Any:
-    from datetime import datetime
-
-    return datetime.fromisoformat(value)
 
 
 def retry_delay(failures: int) -> float:

@@ -5,17 +5,21 @@ engine: they are handed to one background event loop per process, which owns the
 layer's connections (sending from short-lived loops breaks channels-redis' pools). In embedded
 mode the web server's own loop is used, since the in-memory layer lives on that loop.
 
-With the Redis channel layer, the sender first asks Redis (one synchronous command) whether
-anybody is in the groups at all: a group without members is a key that does not exist. Only
-groups that have members get a ``group_send``, which costs several round trips and a hop to
-the background loop. Nobody watching is the common case for a worker.
+Only groups that have members get a ``group_send``, which costs several round trips and a hop
+to the background loop; nobody watching is the common case for a worker. Which groups have
+members is known locally (``membership``), kept current by the announcements of the Redis
+layer in ``console.layers``: no Redis round trip per commit. With another Redis layer, or while
+the watcher is (re)connecting, Redis is asked (one ``EXISTS`` per transaction); with a layer
+that is not Redis, every group gets its message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +28,9 @@ from django.db import transaction
 log = logging.getLogger(__name__)
 
 RUNS_GROUP = "runs"
+
+#: How often a membership watcher reads every group again (seconds).
+RESCAN_SECONDS = 60.0
 
 _loop: asyncio.AbstractEventLoop | None = None
 _lock = threading.Lock()
@@ -80,13 +87,29 @@ async def _send(messages: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 class _Membership:
-    """Whether channel-layer groups have members, asked synchronously of the Redis layer's own
-    server(s). ``None`` from :meth:`listened` means "cannot tell": send to every group."""
+    """Which channel-layer groups have members. ``None`` from :meth:`listened` means "cannot
+    tell": send to every group.
+
+    With the announcing Redis layer (``console.layers``), one watcher thread per Redis host
+    keeps the answer locally: it subscribes to the layer's announcement channel, then reads
+    which group keys exist, then applies each announced join or leave (and reads everything
+    again every :data:`RESCAN_SECONDS`, since groups also empty by expiry). While a watcher is
+    not subscribed (starting, or its connection broke), that host is asked instead, one
+    ``EXISTS`` per transaction, as with any other Redis layer."""
 
     def __init__(self) -> None:
         self._layer: Any = None
         self._pools: dict[int, Any] = {}
         self._local = threading.local()
+        #: Host index -> groups with members, for each host whose watcher is subscribed.
+        self._watched: dict[int, set[str]] = {}
+        self._generation = 0
+
+    def reset(self) -> None:
+        """Forget everything (a forked child: its parent's watcher threads did not come along)."""
+        generation = self._generation + 1
+        self.__init__()  # type: ignore[misc]
+        self._generation = generation
 
     def listened(self, groups: list[str]) -> set[str] | None:
         from channels.layers import get_channel_layer
@@ -99,12 +122,16 @@ class _Membership:
         if not isinstance(layer, RedisChannelLayer):
             return None
         if layer is not self._layer:
-            self._layer, self._pools, self._local = layer, {}, threading.local()
+            self._use(layer)
         by_host: dict[int, list[str]] = {}
         for group in groups:
             by_host.setdefault(layer.consistent_hash(group), []).append(group)
         found: set[str] = set()
         for index, names in by_host.items():
+            watched = self._watched.get(index)
+            if watched is not None:
+                found.update(name for name in names if name in watched)
+                continue
             keys = [layer._group_key(name) for name in names]
             # A group whose last member left (or expired) is a key that no longer exists.
             present = self._command(layer, index, "EXISTS", *keys)
@@ -117,6 +144,74 @@ class _Membership:
                 continue
             found.update(name for name, key in zip(names, keys, strict=True) if self._command(layer, index, "EXISTS", key))
         return found
+
+    def watching(self) -> bool:
+        """Whether every host of the current layer is watched (no Redis command per commit)."""
+        layer = self._layer
+        return layer is not None and len(self._watched) == len(layer.hosts)
+
+    def joined(self, layer: Any, group: str) -> None:
+        """``group`` of ``layer`` has a member now (said by this process's own layer)."""
+        if layer is self._layer:
+            watched = self._watched.get(layer.consistent_hash(group))
+            if watched is not None:
+                watched.add(group)
+
+    def _use(self, layer: Any) -> None:
+        self._generation += 1
+        self._layer, self._pools, self._local, self._watched = layer, {}, threading.local(), {}
+        if not getattr(layer, "announces", False):
+            return
+        for index in range(len(layer.hosts)):
+            if self._pool(layer, index) is not None:
+                threading.Thread(
+                    target=self._watch, args=(layer, index, self._generation), name="live-membership", daemon=True
+                ).start()
+
+    def _watch(self, layer: Any, index: int, generation: int) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        from console.layers import announcement_channel
+
+        prefix = layer._group_key("")
+        pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in prefix) + b"*"
+        while self._generation == generation:
+            pubsub: Any = None
+            try:
+                pool = self._pool(layer, index)
+                # No silent reconnects: a broken connection may have lost announcements, so
+                # it ends this watch (the host is asked meanwhile) and a new one starts.
+                kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+                client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+                pubsub = client.pubsub(ignore_subscribe_messages=False)
+                pubsub.subscribe(announcement_channel(layer))
+                while pubsub.get_message(timeout=1.0) is None:  # the subscription's confirmation
+                    if self._generation != generation:
+                        return
+                # Subscribed: every change from here on arrives as an announcement.
+                while self._generation == generation:
+                    present = {key[len(prefix):].decode() for key in client.scan_iter(match=pattern, count=500)}
+                    self._watched[index] = present
+                    rescan_at = time.monotonic() + RESCAN_SECONDS
+                    while time.monotonic() < rescan_at and self._generation == generation:
+                        message = pubsub.get_message(timeout=1.0)
+                        if message is None or message["type"] != "message":
+                            continue
+                        group = message["data"]
+                        if client.exists(prefix + group):
+                            present.add(group.decode())
+                        else:
+                            present.discard(group.decode())
+            except Exception:
+                log.debug("live membership watcher for host %s failed; asking instead", index, exc_info=True)
+            finally:
+                if self._generation == generation:
+                    self._watched.pop(index, None)
+                if pubsub is not None:
+                    pubsub.close()
+            time.sleep(1.0)
 
     def _command(self, layer: Any, index: int, *args: Any) -> Any:
         """One command on this thread's own connection to the layer's host ``index`` (a bare
@@ -149,7 +244,8 @@ class _Membership:
         return self._pools[index]
 
 
-_membership = _Membership()
+membership = _Membership()
+os.register_at_fork(after_in_child=membership.reset)
 
 
 def send_now(events: list[dict[str, Any]]) -> None:
@@ -157,7 +253,7 @@ def send_now(events: list[dict[str, Any]]) -> None:
         return
     messages = messages_for(events)
     try:
-        listened = _membership.listened([group for group, _ in messages])
+        listened = membership.listened([group for group, _ in messages])
     except Exception:  # Redis unreachable: let the layer try (and log) as it always did
         log.debug("live event membership check failed", exc_info=True)
         listened = None

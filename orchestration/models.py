@@ -127,14 +127,19 @@ class Run(models.Model):
 class Step(models.Model):
     """One activation of a node: (node, visit, item). Its ``attempt`` is the fencing token."""
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own on ``run`` or ``parent``: every index is written again whenever a
+    # step's status changes (never a HOT update), and ``step_run_idx`` already serves lookups
+    # by run; ``step_parent_idx`` holds only the steps that have a parent.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
     node = models.CharField(max_length=100)
     visit = models.PositiveIntegerField(default=1)
     item = models.IntegerField(default=-1)
     kind = models.CharField(max_length=10, choices=StepKind.choices)
     agent = models.CharField(max_length=100, blank=True, default="")
     pool = models.CharField(max_length=50, blank=True, default="")
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
     status = models.CharField(max_length=10, choices=StepStatus.choices)
 
     #: Incremented by every claim; a completion must present the token it claimed with.
@@ -174,6 +179,7 @@ class Step(models.Model):
         ]
         indexes = [
             models.Index(fields=["run", "id"], name="step_run_idx"),
+            models.Index(fields=["parent"], condition=Q(parent__isnull=False), name="step_parent_idx"),
             models.Index(
                 fields=["available_at"], condition=Q(status="queued"), name="step_queued_idx"
             ),

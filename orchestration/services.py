@@ -46,6 +46,7 @@ from orchestration.models import (
     WaitStatus,
 )
 from orchestration.registry import agent_class, workflow_get
+from orchestration.store import assign_ids
 
 
 def _actor(user: User | None) -> tuple[str, str]:
@@ -163,9 +164,9 @@ def _submit_batched(run: Run, now: Any, begin: Any, actor_type: str, actor_id: s
     """PostgreSQL, common case: the run row, its state, first steps and audit rows go in ONE
     multi-statement batch (one round trip, one implicit transaction); ``None`` when the start
     needs a real transaction (a map fan-out, an early event, a run failing at its start)."""
-    with db().cursor() as cursor:  # the run's id, as its column default would take it
-        cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, 'id'))", [Run._meta.db_table])
-        run.pk = cursor.fetchone()[0]
+    # The run's id from the table's own sequence, from a block this process reserved (as step
+    # ids are): no round trip of its own. Lists order runs by creation time, then id.
+    assign_ids(Run, [run])
     batch = Batch()
     tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id, batch=batch, new_run=True)
     try:

@@ -19,7 +19,7 @@ from orchestration import live
 def redis_layer(settings: Any) -> Any:
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "console.layers.RedisChannelLayer",
             "CONFIG": {"hosts": [django_settings.REDIS_URL], "prefix": f"live-test-{secrets.token_hex(4)}"},
         }
     }
@@ -86,10 +86,74 @@ def test_events_still_go_out_when_membership_cannot_be_asked(
     def broken(groups: list[str]) -> set[str]:
         raise ConnectionError("redis went away")
 
-    monkeypatch.setattr(live._membership, "listened", broken)
+    monkeypatch.setattr(live.membership, "listened", broken)
     channel = async_to_sync(redis_layer.new_channel)()
     async_to_sync(redis_layer.group_add)(live.run_group(12), channel)
 
     live.send_now(_events(12))
 
     assert _receive(redis_layer, channel)["events"][0]["run_id"] == 12
+
+
+_OTHER_PROCESS = """
+import asyncio, sys
+from console.layers import RedisChannelLayer
+
+async def main(url, prefix, action, group, channel):
+    layer = RedisChannelLayer(hosts=[url], prefix=prefix)
+    await getattr(layer, action)(group, channel)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _in_other_process(layer: Any, action: str, group: str, channel: str) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-c", _OTHER_PROCESS, django_settings.REDIS_URL, layer.prefix, action, group, channel],
+        check=True, timeout=30,
+    )
+
+
+def _eventually(predicate: Any, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_joins_and_leaves_in_another_process_are_known_without_asking_redis(redis_layer: Any) -> None:
+    group = live.run_group(21)
+    assert live.membership.listened([group]) == set()
+    assert _eventually(live.membership.watching), "the membership watcher never subscribed"
+
+    channel = async_to_sync(redis_layer.new_channel)()
+    _in_other_process(redis_layer, "group_add", group, channel)
+    assert _eventually(lambda: live.membership.listened([group, live.run_group(22)]) == {group})
+
+    _in_other_process(redis_layer, "group_discard", group, channel)
+    assert _eventually(lambda: live.membership.listened([group]) == set())
+    assert live.membership.watching()
+
+
+def test_a_broken_watcher_connection_falls_back_to_asking_then_reconnects(redis_layer: Any) -> None:
+    import redis
+
+    live.membership.listened(["runs"])
+    assert _eventually(live.membership.watching)
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    client.client_kill_filter(_type="pubsub")
+    assert _eventually(lambda: not live.membership.watching(), timeout=3)
+
+    # Meanwhile a join elsewhere is still seen: the host is asked.
+    channel = async_to_sync(redis_layer.new_channel)()
+    _in_other_process(redis_layer, "group_add", live.run_group(23), channel)
+    assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}
+    assert _eventually(live.membership.watching, timeout=5)
+    assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}

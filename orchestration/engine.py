@@ -141,7 +141,7 @@ class Tx:
         #: (step id, pool) of ready steps this transaction handed to the broker.
         self.handed_off: list[tuple[int, str]] = []
         #: (step id, token, values): the completing step's fenced update, written by flush.
-        self.fence: tuple[int, int, dict[str, Any]] | None = None
+        self.fence: tuple[int, int, str, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
         self.now = now
         self.actor_type = actor_type
@@ -834,8 +834,8 @@ class Tx:
                 update(self.run, RUN_FLUSH_FIELDS, batch=batch)
             self.expected_version = self.run.version
             if self.fence is not None:
-                step_id, token, values = self.fence
-                store.fence_step_checked(step_id, token, values, batch=batch)
+                step_id, token, owner, values = self.fence
+                store.fence_step_checked(step_id, token, owner, values, batch=batch)
                 self.fence = None
             self.flush_steps()
             if waits:

@@ -383,7 +383,7 @@ def step_complete(
                     batch = Batch()
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch,
                                         tool_calls=(tool_calls, tool_entries))
-                    tx.fence = (step.pk, step.attempt, values)
+                    tx.fence = (step.pk, step.attempt, worker_id, values)
                     tx.flush()
                     # This worker's chain ends here: the sibling it handed to the broker first
                     # is claimed in this same transaction if nobody has taken it (instead of a
@@ -409,7 +409,7 @@ def step_complete(
                 with pipeline(), transaction.atomic():
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True,
                                         tool_calls=(tool_calls, tool_entries))
-                    tx.fence = (step.pk, step.attempt, values)
+                    tx.fence = (step.pk, step.attempt, worker_id, values)
                     tx.flush()
                 _note_handoff(tx, pools, handed_off)
                 return tx.local_step
@@ -425,7 +425,7 @@ def step_complete(
                     raise
                 run = store.run_fetch(step.run_id)
     with pipeline(), transaction.atomic():
-        run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, values)
+        run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, worker_id, values)
         if run is None:
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
@@ -482,7 +482,7 @@ def _fail(
     with transaction.atomic():
         run = run_lock(step.run_id)
         current = Step.objects.get(pk=step.pk)
-        if current.status != StepStatus.RUNNING or current.attempt != step.attempt:
+        if current.status != StepStatus.RUNNING or (current.attempt, current.lease_owner) != (step.attempt, worker_id):
             log.warning("step %s lost its lease before recording %s", step.pk, error.code)
             return None
         current.run = run
@@ -548,7 +548,7 @@ def _reopen_approval(step: Step, action: dict[str, Any], worker_id: str) -> None
     with transaction.atomic():
         run = run_lock(step.run_id)
         current = Step.objects.get(pk=step.pk)
-        if current.status != StepStatus.RUNNING or current.attempt != step.attempt:
+        if current.status != StepStatus.RUNNING or (current.attempt, current.lease_owner) != (step.attempt, worker_id):
             return
         current.run = run
         tx = Tx(run, now, worker_id=worker_id)

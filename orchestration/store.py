@@ -121,8 +121,10 @@ def _converters(model: type[models.Model]) -> list[tuple[Any, list[Any]]]:
     return _converter_cache[key]
 
 
-def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[str, Any]) -> Run | None:
-    """Lock the run row and move the step from ``running`` (with this token) to ``values``.
+def lock_run_and_fence_step(
+    run_id: int, step_id: int, token: int, owner: str, values: dict[str, Any]
+) -> Run | None:
+    """Lock the run row and move the step from ``running`` (with this token and owner) to ``values``.
 
     Both statements go in one round trip. ``None`` when the fence fails: the lease was lost."""
     conn = db()
@@ -133,8 +135,9 @@ def lock_run_and_fence_step(run_id: int, step_id: int, token: int, values: dict[
     with db().cursor() as run_cursor, db().cursor() as step_cursor, pipeline():
         run_cursor.execute(f"SELECT {_run_columns('r')} FROM {Run._meta.db_table} r WHERE r.id = %s{lock}", [run_id])
         step_cursor.execute(
-            f"UPDATE {Step._meta.db_table} SET {assignments} WHERE id = %s AND status = %s AND attempt = %s RETURNING id",
-            [*params, step_id, StepStatus.RUNNING, token],
+            f"UPDATE {Step._meta.db_table} SET {assignments} "
+            "WHERE id = %s AND status = %s AND attempt = %s AND lease_owner = %s RETURNING id",
+            [*params, step_id, StepStatus.RUNNING, token, owner],
         )
         run_row = run_cursor.fetchone()
         fenced = step_cursor.fetchone()
@@ -193,8 +196,22 @@ def claim_in_batch(batch: Batch, step_id: int, worker_id: str, now: datetime, le
 
 def _claim_postgres(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
     # A prepared statement: the server plans this CTE once per connection, not per claim.
-    row = execute_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
-    return claimed_from_row(row, now)
+    if db().in_atomic_block:  # a caller's transaction: it commits as the caller says
+        row = execute_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
+        return claimed_from_row(row, now)
+    # A claim is committed without waiting for its WAL to reach the disk. Losing it in a
+    # database crash (the last ~200 ms of such commits, wal_writer_delay) is the same as a worker
+    # that died right after claiming: the step is queued again, the reaper sends its message
+    # again, and it runs again, with the same tool-call idempotency keys. Nothing durable can
+    # depend on a lost claim: the WAL is a sequence, so a later synchronous commit (the step's
+    # completion, any other transaction) makes every earlier claim durable with it. The
+    # completion's fence checks the lease owner as well as the token, so a worker whose claim
+    # was lost cannot commit over another worker's new claim with the same token.
+    batch = Batch()
+    batch.add("SET LOCAL synchronous_commit TO off", [])
+    claim_in_batch(batch, step_id, worker_id, now, lease_until)
+    rows = batch.run()
+    return claimed_from_row(rows[0] if rows else None, now)
 
 
 def claimed_from_row(row: Any, now: datetime) -> Step | None:
@@ -278,14 +295,19 @@ def update_run_checked(run: Run, fields: Sequence[str], expected_version: int, *
     _execute(sql, [*params, run.pk, expected_version], batch)
 
 
-def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batch: Batch | None = None) -> None:
-    """Move a running step (claimed with ``token``) to ``values``, or abort with LEASE_LOST."""
+def fence_step_checked(
+    step_id: int, token: int, owner: str, values: dict[str, Any], *, batch: Batch | None = None
+) -> None:
+    """Move a running step, claimed with ``token`` by ``owner``, to ``values``; otherwise abort
+    with LEASE_LOST. The owner counts too: a claim that was lost in a database crash (claims
+    are committed without waiting for their WAL flush) can be made again with the same token."""
     if batch is not None:
         statement, columns = _checked_update(
-            Step, tuple(values), f"t.status = '{StepStatus.RUNNING}' AND t.attempt = $3", LEASE_LOST
+            Step, tuple(values), f"t.status = '{StepStatus.RUNNING}' AND t.attempt = $3 AND t.lease_owner = $4",
+            LEASE_LOST, ("text",),
         )
         row = {column: convert(values[name]) for (column, _, convert), name in zip(columns, values, strict=True)}
-        batch.add_prepared(statement, [dumps(row), step_id, token])
+        batch.add_prepared(statement, [dumps(row), step_id, token, owner])
         return
     conn = db()
     fields = [cast("models.Field[Any, Any]", Step._meta.get_field(name)) for name in values]
@@ -293,18 +315,19 @@ def fence_step_checked(step_id: int, token: int, values: dict[str, Any], *, batc
     params = [f.get_db_prep_save(values[f.name], conn) for f in fields]
     sql = (
         f"WITH u AS (UPDATE {Step._meta.db_table} SET {assignments} "
-        f"WHERE id = %s AND status = %s AND attempt = %s RETURNING 1) "
+        f"WHERE id = %s AND status = %s AND attempt = %s AND lease_owner = %s RETURNING 1) "
         f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u"
     )
-    _execute(sql, [*params, step_id, StepStatus.RUNNING, token], batch)
+    _execute(sql, [*params, step_id, StepStatus.RUNNING, token, owner], batch)
 
 
 @cache
 def _checked_update(
-    model: type[models.Model], fields: tuple[str, ...], condition: str, code: str
+    model: type[models.Model], fields: tuple[str, ...], condition: str, code: str, extra: tuple[str, ...] = ()
 ) -> tuple[Prepared, list[tuple[str, str, Any]]]:
     """A prepared UPDATE of one row's ``fields`` (from a JSON row, $1) by id ($2) under
-    ``condition`` (which may use $3), aborting with ``code`` unless exactly one row matched."""
+    ``condition`` (which may use $3, a bigint, and parameters of the ``extra`` types after it),
+    aborting with ``code`` unless exactly one row matched."""
     columns = json_columns(model, fields)
     qn = db().ops.quote_name
     table = qn(model._meta.db_table)
@@ -314,7 +337,7 @@ def _checked_update(
         f"WHERE t.id = $2 AND {condition} RETURNING 1) "
         f"SELECT signalbox_expect(count(*) = 1, '{code}') FROM u"
     )
-    return Prepared(sql, ["jsonb", "bigint", "bigint"]), columns
+    return Prepared(sql, ["jsonb", "bigint", "bigint", *extra]), columns
 
 
 def _execute(sql: str, params: Sequence[Any], batch: Batch | None) -> None:

@@ -227,3 +227,37 @@ def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction
     together = [e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
         (steps["research_a"], "succeeded"), (steps["research_b"], "running")}]
     assert len(together) == 1
+
+
+def test_a_worker_whose_claim_was_lost_cannot_commit_over_a_new_claim_with_the_same_token() -> None:
+    from orchestration.executor import step_run
+
+    run = _run()
+    classify = Step.objects.get(run=run, node="classify")
+    first = step_claim(classify.pk, "w1")
+    assert first is not None and first.attempt == 1
+    # A database crash lost w1's claim (claims do not wait for their WAL flush), and w2 claimed
+    # the step again: the same token, another owner.
+    Step.objects.filter(pk=classify.pk).update(status="queued", attempt=0, lease_owner="", lease_expires_at=None)
+    second = step_claim(classify.pk, "w2")
+    assert second is not None and second.attempt == 1
+
+    assert step_run(first, worker_id="w1", pools=frozenset()) is None
+    classify.refresh_from_db()
+    assert (classify.status, classify.lease_owner, classify.output) == ("running", "w2", None)
+
+    step_run(second, worker_id="w2", pools=frozenset())
+    classify.refresh_from_db()
+    assert classify.status == "succeeded"
+    assert AuditEvent.objects.filter(step_id=classify.pk, verb=Verb.STEP_SUCCEEDED).count() == 1
+
+
+def test_only_the_claim_itself_skips_waiting_for_the_wal_flush() -> None:
+    run = _run()
+    classify = Step.objects.get(run=run, node="classify")
+    assert step_claim(classify.pk, "w1") is not None
+    # SET LOCAL ended with the claim's transaction: what this connection commits next (a
+    # completion) waits for the disk again.
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"

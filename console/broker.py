@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -118,7 +117,6 @@ class TaskPublisher:
         )
         self.origin = anon_nodename()
         self._client: Any = None
-        self._local = threading.local()
 
     def usable(self, task: Any) -> bool:
         from celery import signals
@@ -165,23 +163,9 @@ class TaskPublisher:
             },
         }
         payload = dumps(message)
-        self._lpush(queue, payload)
+        self._client.lpush(queue, payload)
         _pushed.remember(task_id, self._client, queue, payload)
         return task_id
-
-    def _lpush(self, queue: str, payload: str) -> None:
-        """``LPUSH`` on this thread's own bare connection: redis-py's client machinery around a
-        command costs more than the round trip itself."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():  # never a socket of the parent's
-            conn = self._local.conn = self._client.connection_pool.make_connection()
-            self._local.pid = os.getpid()
-        try:
-            conn.send_command("LPUSH", queue, payload)
-            conn.read_response()
-        except BaseException:
-            conn.disconnect()  # reconnects on next use
-            raise
 
 
 _publishers: dict[int, TaskPublisher] = {}

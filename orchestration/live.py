@@ -100,7 +100,6 @@ class _Membership:
     def __init__(self) -> None:
         self._layer: Any = None
         self._pools: dict[int, Any] = {}
-        self._local = threading.local()
         #: Host index -> groups with members, for each host whose watcher is subscribed.
         self._watched: dict[int, set[str]] = {}
         self._generation = 0
@@ -159,7 +158,7 @@ class _Membership:
 
     def _use(self, layer: Any) -> None:
         self._generation += 1
-        self._layer, self._pools, self._local, self._watched = layer, {}, threading.local(), {}
+        self._layer, self._pools, self._watched = layer, {}, {}
         if not getattr(layer, "announces", False):
             return
         for index in range(len(layer.hosts)):
@@ -214,21 +213,20 @@ class _Membership:
             time.sleep(1.0)
 
     def _command(self, layer: Any, index: int, *args: Any) -> Any:
-        """One command on this thread's own connection to the layer's host ``index`` (a bare
-        connection: redis-py's client machinery costs more than the round trip here)."""
-        connections = self._local.__dict__.setdefault("connections", {})
-        conn = connections.get(index)
-        if conn is None:
-            pool = self._pool(layer, index)
-            if pool is None:
-                return None
-            conn = connections[index] = pool.make_connection()
+        """One command to the layer's host ``index``, on a connection borrowed from its pool and
+        given back (a web server's request threads come and go: nothing is kept per thread)."""
+        pool = self._pool(layer, index)
+        if pool is None:
+            return None
+        conn = pool.get_connection()
         try:
             conn.send_command(*args)
             return conn.read_response()
         except BaseException:
-            conn.disconnect()  # reconnects on next use
+            conn.disconnect()  # the pool reconnects it on next use
             raise
+        finally:
+            pool.release(conn)
 
     def _pool(self, layer: Any, index: int) -> Any:
         if index not in self._pools:

@@ -140,7 +140,7 @@ class Tx:
         self.tool_calls: list[Any] = []
         #: (step id, pool) of ready steps this transaction handed to the broker.
         self.handed_off: list[tuple[int, str]] = []
-        #: (step id, token, values): the completing step's fenced update, written by flush.
+        #: (step id, token, owner, values): the completing step's fenced update, written by flush.
         self.fence: tuple[int, int, str, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
         self.now = now

@@ -178,6 +178,7 @@ class _Membership:
         pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in prefix) + b"*"
         while self._generation == generation:
             pubsub: Any = None
+            client: Any = None
             try:
                 pool = self._pool(layer, index)
                 # No silent reconnects: a broken connection may have lost announcements, so
@@ -210,6 +211,8 @@ class _Membership:
                     self._watched.pop(index, None)
                 if pubsub is not None:
                     pubsub.close()
+                if client is not None:
+                    client.connection_pool.disconnect()  # this watch's own pool ends with it
             time.sleep(1.0)
 
     def _command(self, layer: Any, index: int, *args: Any) -> Any:

@@ -125,7 +125,8 @@ class Run(models.Model):
 
 
 class Step(models.Model):
-    """One activation of a node: (node, visit, item). Its ``attempt`` is the fencing token."""
+    """One activation of a node: (node, visit, item). Its ``attempt`` and ``lease_owner`` are
+    the fence a completion must present."""
 
     # No index of its own on ``run`` or ``parent``: every index is written again whenever a
     # step's status changes (never a HOT update), and ``step_run_idx`` already serves lookups
@@ -142,7 +143,7 @@ class Step(models.Model):
     )
     status = models.CharField(max_length=10, choices=StepStatus.choices)
 
-    #: Incremented by every claim; a completion must present the token it claimed with.
+    #: Incremented by every claim; a completion must present the token (and owner) it claimed with.
     attempt = models.PositiveIntegerField(default=0)
     #: Failed attempts so far (transient failures that were retried).
     failures = models.PositiveIntegerField(default=0)

@@ -202,6 +202,9 @@ SIGNALBOX = {
     "LEASE_SECONDS": env.float("SIGNALBOX_LEASE_SECONDS", default=30.0),
     # Queued steps whose wake-up message has not led to a claim by then are republished.
     "REPUBLISH_AFTER_SECONDS": env.float("SIGNALBOX_REPUBLISH_AFTER_SECONDS", default=30.0),
+    # A step a worker hands off in a pool it serves waits this long for that worker to take it
+    # itself before its wake-up message goes to the broker for any worker (0 = at once).
+    "HANDOFF_HOLD_SECONDS": env.float("SIGNALBOX_HANDOFF_HOLD_SECONDS", default=0.02),
     # Transient-failure backoff: base * 2**(n-1), capped, full jitter.
     "RETRY_BASE_SECONDS": env.float("SIGNALBOX_RETRY_BASE_SECONDS", default=0.5),
     "RETRY_MAX_SECONDS": env.float("SIGNALBOX_RETRY_MAX_SECONDS", default=30.0),
@@ -272,5 +275,5 @@ if SIGNALBOX_ENV == "test":
         "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
         "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
-        "sleepy", "retry_storm", "saga", "saga_waiting",
+        "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow",
     ))]

@@ -34,6 +34,7 @@ from orchestration.errors import (
     SignalboxError,
     StateAccessDenied,
 )
+from orchestration.handoff import held_messages
 from orchestration.models import (
     STEP_ACTIVE,
     Decision,
@@ -140,6 +141,9 @@ class Tx:
         self.tool_calls: list[Any] = []
         #: (step id, pool) of ready steps this transaction handed to the broker.
         self.handed_off: list[tuple[int, str]] = []
+        #: The worker will try to claim the steps it hands off in its own pools when its local
+        #: chain stops: their wake-up messages are held back for a moment (orchestration.handoff).
+        self.hold_handoffs = False
         #: (step id, token, owner, values): the completing step's fenced update, written by flush.
         self.fence: tuple[int, int, str, dict[str, Any]] | None = None
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
@@ -866,12 +870,20 @@ class Tx:
         publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
         self.handed_off = [(step_id, pool) for step_id, pool, delay in publish if delay == 0]
         self.publish = []
+        hold_for = settings.SIGNALBOX["HANDOFF_HOLD_SECONDS"] if self.hold_handoffs else 0.0
+        held = [(step_id, pool) for step_id, pool in self.handed_off if pool in self.local_pools] if hold_for > 0 else []
+        if held:
+            publish = [entry for entry in publish if (entry[0], entry[1]) not in held]
         if self.batch is not None:
             self.after_commit.append(lambda: live.send_now(events))
+            if held:
+                self.after_commit.append(lambda: held_messages.hold(held, hold_for))
             if publish:
                 self.after_commit.append(lambda: publish_steps(publish))
             return
         live.send_on_commit(events)
+        if held:
+            transaction.on_commit(lambda: held_messages.hold(held, hold_for))
         if publish:
             transaction.on_commit(lambda: publish_steps(publish))
 

@@ -47,6 +47,7 @@ from orchestration.errors import (
     StepTimeout,
     TransientError,
 )
+from orchestration.handoff import held_messages
 from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
 from orchestration.registry import agent_instance, workflow_get
 
@@ -227,18 +228,26 @@ def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
     Returns how many steps ran. Safe to call with a stale or duplicate message: the claim
     decides, and a step that is not queued is left alone. When the local chain ends, steps of
     the same run that were handed to the broker for this worker's pools are claimed here if no
-    other worker has taken them yet (the broker message then finds them taken)."""
+    other worker has taken them yet. Their wake-up messages are held back meanwhile
+    (``orchestration.handoff``): one that went out anyway is withdrawn from its queue."""
     step = step_claim(step_id, worker_id)
     ran = 0
     handed_off: list[int] = []
-    while step is not None:
-        ran += 1
-        step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
-        while step is None and handed_off:
-            sibling = handed_off.pop(0)
-            step = step_claim(sibling, worker_id)
-            if step is not None:
-                _withdraw_message(sibling)
+    try:
+        while step is not None:
+            ran += 1
+            step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
+            while step is None and handed_off:
+                sibling = handed_off.pop(0)
+                step = step_claim(sibling, worker_id)
+                # Claimed here, or taken by another worker: either way no message is needed.
+                was_held = held_messages.release(sibling)
+                if step is not None and not was_held:
+                    _withdraw_message(sibling)
+    finally:
+        # Only if something failed on the way: siblings this chain will not claim get their
+        # messages now rather than when their hold ends.
+        held_messages.send_now(handed_off)
     return ran
 
 
@@ -382,7 +391,7 @@ def step_complete(
                     # string (one round trip); paths that write earlier fall back below.
                     batch = Batch()
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch,
-                                        tool_calls=(tool_calls, tool_entries))
+                                        tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
                     tx.fence = (step.pk, step.attempt, worker_id, values)
                     tx.flush()
                     # This worker's chain ends here: the sibling it handed to the broker first
@@ -394,21 +403,23 @@ def step_complete(
                         store.claim_in_batch(batch, sibling, worker_id, now, lease_until)
                     rows = batch.run()
                     claimed = None
+                    was_held = False
                     if sibling is not None:
                         assert handed_off is not None
                         handed_off.remove(sibling)
+                        was_held = held_messages.release(sibling)
                         claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, now)
                         if claimed is not None:  # one live message for the whole transaction
                             tx.flushed_events.extend(_claim_events(claimed, now))
                     for callback in tx.after_commit:
                         callback()
-                    if claimed is not None and sibling is not None:
+                    if claimed is not None and sibling is not None and not was_held:
                         _withdraw_message(sibling)
                     _note_handoff(tx, pools, handed_off)
                     return tx.local_step
                 with pipeline(), transaction.atomic():
                     tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True,
-                                        tool_calls=(tool_calls, tool_entries))
+                                        tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
                     tx.fence = (step.pk, step.attempt, worker_id, values)
                     tx.flush()
                 _note_handoff(tx, pools, handed_off)
@@ -430,7 +441,7 @@ def step_complete(
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
         tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False,
-                            tool_calls=(tool_calls, tool_entries))
+                            tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
         tx.flush()
     _note_handoff(tx, pools, handed_off)
     return tx.local_step
@@ -444,13 +455,14 @@ def _note_handoff(tx: Tx, pools: frozenset[str], handed_off: list[int] | None) -
 def _advance_after(
     step: Step, run: Run, now: Any, output: dict[str, Any], written: dict[str, Any],
     worker_id: str, pools: frozenset[str], *, optimistic: bool, batch: Batch | None = None,
-    tool_calls: tuple[list[Any], list[Any]] = ([], []),
+    tool_calls: tuple[list[Any], list[Any]] = ([], []), hold_handoffs: bool = False,
 ) -> Tx:
     """What the step's success changes: its outputs in state, the next steps, the run's status."""
     step.run = run
     step.status, step.output, step.finished_at = StepStatus.SUCCEEDED, output, now
     tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id,
             local_pools=pools, optimistic=optimistic, batch=batch)
+    tx.hold_handoffs = hold_handoffs
     tx.tool_calls = list(tool_calls[0])
     tx.audit.extend(tool_calls[1])
     tx._left(StepStatus.RUNNING)

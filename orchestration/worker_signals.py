@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
 
 POOL_PREFIX = "pool."
 
@@ -26,3 +26,13 @@ def serve_pools(pools: set[str] | list[str]) -> None:
     """Set the served pools explicitly (embedded mode's in-process worker)."""
     worker_pools.clear()
     worker_pools.update(pools)
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _send_held_messages(**kwargs: Any) -> None:
+    """A stopping worker publishes the wake-ups it was holding (orchestration.handoff) rather
+    than leave those steps to the reaper."""
+    from orchestration.handoff import held_messages
+
+    held_messages.flush()

@@ -302,3 +302,27 @@ def test_concurrent_fanouts_never_lose_or_reorder_an_item(workers):
         assert run.status == "succeeded", run.error_message
         planned = run.state["subquestions"]
         assert [a["index"] for a in run.state["answers"]] == [p["index"] for p in planned]
+
+
+def _ran_on(step: Step) -> str:
+    """The worker that took ``step``: its claim, or its creation already claimed (local run)."""
+    rows = AuditEvent.objects.filter(step_id=step.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]).order_by("id")
+    return next(row.data["worker"] for row in rows if row.data.get("worker"))
+
+
+def test_parallel_branches_run_at_the_same_time_on_two_workers(start_worker):
+    # One process each, so a branch can only run in parallel on the other worker: the one that
+    # finished "start" runs one branch itself and holds the other's message only briefly.
+    start_worker("p1", concurrency=1)
+    start_worker("p2", concurrency=1)
+    began = time.monotonic()
+    run = wait_for_run(run_submit(workflow="parallel_slow", input={"seconds": 1.5, "text": "x"}).run.pk)
+    took = time.monotonic() - began
+    assert run.status == "succeeded"
+    s = steps(run)
+    left, right = s["left"], s["right"]
+    assert left.started_at < right.finished_at and right.started_at < left.finished_at  # they overlapped
+    assert abs((left.started_at - right.started_at).total_seconds()) < 1.0
+    assert _ran_on(left) != _ran_on(right)
+    assert took < 3.0  # serially it would take at least 2 x 1.5 s
+    assert left.output == right.output == {"text": "echo:x done"}

@@ -4,6 +4,7 @@ lost its prepared statements must carry on."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -186,10 +187,30 @@ def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
     assert (data["status"], data["worker"], data["attempt"]) == ("running", "t", 1)
 
 
-def test_a_sibling_claimed_by_the_worker_that_handed_it_off_has_its_message_withdrawn(
-    drive: Any, monkeypatch: pytest.MonkeyPatch
+def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
+    drive: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestration.handoff import held_messages
+
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.2}
+    published: list[int] = []
+    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: published.extend(s for s, _, _ in steps))
+    run = _run()
+    assert drive(run.pk).status == "succeeded"
+    # classify's worker ran research_a itself and held research_b's message; its chain then
+    # claimed research_b before the hold ended, so no message is ever sent for it.
+    assert held_messages.held() == set()
+    time.sleep(0.3)  # past the hold: nothing left to go out
+    # The only wake-up message of the run was the first step's, sent by the submit.
+    assert published == [Step.objects.get(run=run, node="classify").pk]
+
+
+def test_a_sibling_whose_message_went_out_is_withdrawn_when_its_worker_claims_it(
+    drive: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from orchestration import engine
+
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.0}  # no hold: sent at once
 
     def publish(steps: list[tuple[int, str, float]]) -> None:  # as the broker would, minus Redis
         for step_id, _pool, _delay in steps:

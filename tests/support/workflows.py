@@ -60,6 +60,16 @@ parallel_approvals.agent(
     input=lambda s: {"text": f"{s['left']}+{s['right']}"}, writes=["joined"],
 )
 
+# Two slow branches after one quick step: with two free workers they must run at the same time.
+parallel_slow = Workflow("parallel_slow", input=Loose, max_steps=10)
+parallel_slow.agent("start", "test_echo", reads=["text"], writes=["text"])
+parallel_slow.agent("left", "test_slow", after="start", reads=["seconds", "text"], writes=["left"])
+parallel_slow.agent("right", "test_slow", after="start", reads=["seconds", "text"], writes=["right"])
+parallel_slow.agent(
+    "join", "test_echo", after=["left", "right"], reads=["left", "right"],
+    input=lambda s: {"text": f"{s['left']}+{s['right']}"}, writes=["joined"],
+)
+
 endless_review = Workflow("endless_review", input=Loose, max_steps=50)
 endless_review.agent("begin", "test_echo", reads=["text"], writes=["text"])
 endless_review.agent("draft", "test_echo", after="begin", reads=["text"], writes=["text"])

@@ -20,6 +20,7 @@ from typing import Any, cast
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
+from psycopg.pq import ExecStatus
 
 
 def db() -> BaseDatabaseWrapper:
@@ -121,18 +122,36 @@ def execute_prepared(statement: Prepared, params: Sequence[Any]) -> Any:
 class Batch:
     """Statements collected to go to PostgreSQL as ONE multi-statement string, in autocommit
     mode: one round trip, executed as one implicit transaction (all or nothing), committed when
-    it returns. For writes that need no results back."""
+    it returns. For writes that need no results back.
+
+    The string is rendered here: the parameters of prepared statements (JSON text, ids, a
+    worker's name, timestamps) as SQL literals by :func:`literal`, anything else by psycopg's
+    client-side binding (``mogrify``)."""
 
     def __init__(self) -> None:
-        self.statements: list[tuple[str, Sequence[Any]]] = []
+        #: (sql with %s placeholders, params, the prepared statement it executes or None)
+        self.statements: list[tuple[str, Sequence[Any], Prepared | None]] = []
         self.prepared: list[Prepared] = []
 
     def add(self, sql: str, params: Sequence[Any]) -> None:
-        self.statements.append((sql, params))
+        self.statements.append((sql, params, None))
 
     def add_prepared(self, statement: Prepared, params: Sequence[Any]) -> None:
         self.prepared.append(statement)
-        self.statements.append((statement.execute, params))
+        self.statements.append((statement.execute, params, statement))
+
+    def render(self, cursor: Any) -> str:
+        """The batch as one SQL string, for ``cursor`` (a psycopg client-side binding cursor)."""
+        fast = cursor.connection.info.parameter_status("standard_conforming_strings") == "on"
+        parts = []
+        for sql, params, statement in self.statements:
+            if statement is not None and fast:
+                literals = [literal(value) for value in params]
+                if None not in literals:
+                    parts.append(f"EXECUTE {statement.name}({', '.join(cast('list[str]', literals))})")
+                    continue
+            parts.append(sql if not params and "%" not in sql else cursor.mogrify(sql, params))
+        return ";\n".join(parts)
 
     def run(self) -> list[Any] | None:
         """Run the batch; returns the rows of its last statement if that one returns rows."""
@@ -143,18 +162,48 @@ class Batch:
             ensure_prepared(self.prepared)
             try:
                 with conn.cursor() as cursor:
-                    raw = cursor.cursor  # psycopg's client-side binding cursor: it can mogrify
-                    text = ";\n".join(raw.mogrify(sql, params) for sql, params in self.statements)
-                    cursor.execute(text)
+                    raw = cursor.cursor  # psycopg's client-side binding cursor
+                    with conn.wrap_database_errors:  # a value psycopg refuses: Django's DataError
+                        text = self.render(raw)
+                    if conn.execute_wrappers or conn.queries_logged:
+                        cursor.execute(text)  # through Django's wrappers (query logging, tools)
+                    else:
+                        with conn.wrap_database_errors:
+                            # A one-off string: psycopg's own statement preparation is no use.
+                            raw.execute(text, prepare=False)
                     while raw.nextset():
                         pass
-                    return raw.fetchall() if raw.description is not None else None
+                    result = raw.pgresult
+                    return raw.fetchall() if result is not None and result.status == _TUPLES_OK else None
             except DatabaseError as exc:
                 # Nothing was written (the implicit transaction rolled back): prepare again.
                 if attempt == 2 or not lost_prepared(exc):
                     raise
                 forget_prepared()
         raise AssertionError("unreachable")
+
+
+_TUPLES_OK = ExecStatus.TUPLES_OK
+
+
+def literal(value: Any) -> str | None:
+    """``value`` as an SQL literal, for the few types hot statements pass (``None`` when it is
+    another type: psycopg renders it then). Strings are quoted by doubling single quotes, which
+    is exact while ``standard_conforming_strings`` is on (the caller checks; PostgreSQL's
+    default since 9.1): backslashes are then ordinary characters. A string with a NUL byte,
+    which PostgreSQL text cannot hold, is left to psycopg to refuse."""
+    kind = type(value)
+    if kind is str:
+        return None if "\x00" in value else "'" + value.replace("'", "''") + "'"
+    if kind is int:
+        return str(value)
+    if value is None:
+        return "NULL"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is datetime and value.tzinfo is not None:
+        return "'" + value.isoformat() + "'"
+    return None
 
 
 # --- columns ----------------------------------------------------------------------------------

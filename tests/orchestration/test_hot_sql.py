@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -282,3 +282,63 @@ def test_only_the_claim_itself_skips_waiting_for_the_wal_flush() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SHOW synchronous_commit")
         assert cursor.fetchone()[0] == "on"
+
+
+TRICKY = [
+    "plain", "it's", "''", "back\\slash", "\\'", "E'x'", "$$ dollar $$", "-- comment", "/* c */",
+    "'); DROP TABLE orchestration_step; --", "ünïcode ✓ 🚀", "new\nline\ttab", "%s %(x)s %%", "",
+]
+
+
+def _echo_statement() -> Any:
+    from console.sql import Prepared
+
+    return Prepared("SELECT $1::text, $2::bigint, $3::timestamptz, $4::boolean, $5::text, $6::numeric", [
+        "text", "bigint", "timestamptz", "boolean", "text", "numeric",
+    ])
+
+
+@pytest.mark.parametrize("conforming", ["on", "off"])
+def test_parameters_of_a_batch_arrive_exactly_as_given(conforming: str) -> None:
+    from decimal import Decimal
+
+    from orchestration.models import StepStatus as Status
+
+    statement = _echo_statement()
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET standard_conforming_strings = {conforming}")
+    try:
+        for text in TRICKY:
+            batch = Batch()
+            # A str subclass (a model choice) and a Decimal are rendered by psycopg instead.
+            batch.add_prepared(statement, [text, -(2**62), now, False, Status.RUNNING, Decimal("1.25")])
+            assert batch.run() == [(text, -(2**62), now, False, "running", Decimal("1.25"))]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET standard_conforming_strings")
+
+
+def test_batch_literals_quote_strings_and_leave_other_types_to_psycopg() -> None:
+    from console.sql import literal
+
+    assert literal("it's") == "'it''s'"
+    assert literal("back\\slash") == "'back\\slash'"  # an ordinary character with conforming strings
+    assert (literal(7), literal(None), literal(True)) == ("7", "NULL", "true")
+    assert literal(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "'2026-01-02T03:04:05+00:00'"
+    assert literal(datetime(2026, 1, 2)) is None  # naive: psycopg's rules apply
+    assert literal(StepStatus.RUNNING) is None  # a str subclass
+    assert literal("nul\x00byte") is None  # PostgreSQL text cannot hold it: psycopg refuses it
+
+
+def test_a_string_with_a_nul_byte_is_refused_and_nothing_is_written() -> None:
+    from console.sql import Prepared
+
+    run = _run()
+    statement = Prepared("UPDATE orchestration_run SET error_message = $1 WHERE id = $2", ["text", "bigint"])
+    batch = Batch()
+    batch.add_prepared(statement, ["fine", run.pk])
+    batch.add_prepared(statement, ["nul\x00byte", run.pk])
+    with pytest.raises(DataError, match="NUL"):
+        batch.run()
+    assert Run.objects.get(pk=run.pk).error_message == ""

@@ -245,7 +245,14 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # Celery's "Task ... received" / "succeeded" lines, two per wake-up message: the engine's
+        # audit trail records every claim and outcome, and at hundreds of steps a second these
+        # lines cost log volume and time on every hop. CELERY_TASK_LOG_LEVEL=INFO shows them.
+        "celery.worker.strategy": {"level": env.str("CELERY_TASK_LOG_LEVEL", default="WARNING")},
+        "celery.app.trace": {"level": env.str("CELERY_TASK_LOG_LEVEL", default="WARNING")},
+    },
 }
 
 SIGNALBOX_CAPABILITIES: dict[str, str] = env.dict("SIGNALBOX_EXTRA_CAPABILITIES", default={})

@@ -144,6 +144,18 @@ class _Membership:
             found.update(name for name, key in zip(names, keys, strict=True) if self._command(layer, index, "EXISTS", key))
         return found
 
+    def nobody(self) -> bool:
+        """True when it is known locally that no group has a member: the current layer's every
+        host is watched and none has a group. The common case for a worker, checked before
+        any message is built."""
+        from channels.layers import get_channel_layer
+
+        layer = self._layer
+        if layer is None or get_channel_layer() is not layer:
+            return False
+        watched = list(self._watched.values())
+        return len(watched) == len(layer.hosts) and not any(watched)
+
     def watching(self) -> bool:
         """Whether every host of the current layer is watched (no Redis command per commit)."""
         layer = self._layer
@@ -250,7 +262,7 @@ os.register_at_fork(after_in_child=membership.reset)
 
 
 def send_now(events: list[dict[str, Any]]) -> None:
-    if not events or not settings.SIGNALBOX["LIVE_EVENTS"]:
+    if not events or not settings.SIGNALBOX["LIVE_EVENTS"] or membership.nobody():
         return
     messages = messages_for(events)
     try:

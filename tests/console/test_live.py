@@ -157,3 +157,22 @@ def test_a_broken_watcher_connection_falls_back_to_asking_then_reconnects(redis_
     assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}
     assert _eventually(live.membership.watching, timeout=5)
     assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}
+
+
+def test_when_no_group_has_a_member_nothing_is_built_or_sent_until_someone_joins(
+    redis_layer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live.membership.listened(["runs"])
+    assert _eventually(live.membership.watching)
+    assert live.membership.nobody()
+    built: list[Any] = []
+    monkeypatch.setattr(live, "messages_for", lambda events: built.append(events) or [])
+    live.send_now(_events(31, run_level=True))
+    assert built == []  # known locally: no message is even built
+
+    channel = async_to_sync(redis_layer.new_channel)()
+    _in_other_process(redis_layer, "group_add", live.run_group(31), channel)
+    assert _eventually(lambda: not live.membership.nobody())
+    monkeypatch.undo()
+    live.send_now(_events(31))
+    assert _receive(redis_layer, channel)["events"][0]["run_id"] == 31

@@ -90,33 +90,43 @@ def _run_columns(alias: str) -> str:
 
 
 def _build(model: type[M], row: Sequence[Any]) -> M:
-    names = [f.attname for f in model._meta.concrete_fields]
-    return model.from_db(db().alias, names, _convert(model, row))
+    return model.from_db(db().alias, _attnames(model), _convert(model, row))
+
+
+@cache
+def _attnames(model: type[models.Model]) -> list[str]:
+    return [f.attname for f in model._meta.concrete_fields]
 
 
 def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
-    out = []
+    if len(row) != len(model._meta.concrete_fields):
+        raise ValueError(f"{len(row)} values for the {len(model._meta.concrete_fields)} columns of {model.__name__}")
+    out = list(row)
     conn = db()
-    for value, (col, converters) in zip(row, _converters(model), strict=True):
+    for index, col, converters in _converters(model):
+        value = out[index]
         for converter in converters:
             value = converter(value, col, conn)
-        out.append(value)
+        out[index] = value
     return out
 
 
-_converter_cache: dict[tuple[str, type[models.Model]], list[tuple[Any, list[Any]]]] = {}
+_converter_cache: dict[tuple[str, type[models.Model]], list[tuple[int, Any, list[Any]]]] = {}
 
 
-def _converters(model: type[models.Model]) -> list[tuple[Any, list[Any]]]:
-    # The backend's converters first, then the field's, as the ORM's compiler does: on SQLite
-    # the backend's make datetimes aware (the field's alone leave them naive).
+def _converters(model: type[models.Model]) -> list[tuple[int, Any, list[Any]]]:
+    """(position, column, converters) of the fields that have converters: the backend's first,
+    then the field's, as the ORM's compiler does (on SQLite the backend's make datetimes aware;
+    the field's alone leave them naive)."""
     key = (db().vendor, model)
     if key not in _converter_cache:
         entries = []
-        for field in model._meta.concrete_fields:
+        for index, field in enumerate(model._meta.concrete_fields):
             col = field.get_col(model._meta.db_table)
             # Ignored below: django-stubs 5.2 lacks Field.get_db_converters, which Django's Field has.
-            entries.append((col, [*db().ops.get_db_converters(col), *field.get_db_converters(db())]))  # type: ignore[attr-defined]
+            converters = [*db().ops.get_db_converters(col), *field.get_db_converters(db())]  # type: ignore[attr-defined]
+            if converters:
+                entries.append((index, col, converters))
         _converter_cache[key] = entries
     return _converter_cache[key]
 

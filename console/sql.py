@@ -174,16 +174,13 @@ class Batch:
                     while raw.nextset():
                         pass
                     result = raw.pgresult
-                    return raw.fetchall() if result is not None and result.status == _TUPLES_OK else None
+                    return raw.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else None
             except DatabaseError as exc:
                 # Nothing was written (the implicit transaction rolled back): prepare again.
                 if attempt == 2 or not lost_prepared(exc):
                     raise
                 forget_prepared()
         raise AssertionError("unreachable")
-
-
-_TUPLES_OK = ExecStatus.TUPLES_OK
 
 
 def literal(value: Any) -> str | None:

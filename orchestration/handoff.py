@@ -11,8 +11,8 @@ worker runs the sibling in parallel.
 So the message of a handed-off step is held for ``SIGNALBOX["HANDOFF_HOLD_SECONDS"]``
 (default 20 ms, far below any real agent's duration): a step this worker claims meanwhile
 never costs a message, and the others are published when their time comes, by one
-background thread per process. A step whose claim is not attempted by then (an error, a
-worker stopping) is published at once. Nothing is lost if the process dies holding
+background thread per process. If the chain fails before trying to claim them, or the
+worker stops, they are published at once rather than when their hold ends. Nothing is lost if the process dies holding
 messages: the steps are committed as queued, and the reaper publishes queued steps that
 have had no message for ``REPUBLISH_AFTER_SECONDS``.
 """
@@ -57,8 +57,9 @@ class HeldMessages:
             self._cond.notify()
 
     def release(self, step_id: int) -> bool:
-        """This worker is about to claim the step itself: drop its message. True if the message
-        was still held (nothing was published); False if it went out already (or never was held)."""
+        """This worker tried to claim the step itself (and took it, or found it taken): drop its
+        message. True if the message was still held (nothing was published); False if it went
+        out already (or never was held), in which case the caller may withdraw it."""
         with self._cond:
             return self._due.pop(step_id, None) is not None
 

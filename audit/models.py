@@ -23,7 +23,8 @@ class AuditEvent(models.Model):
     created_at = models.DateTimeField(db_index=True)
     actor_type = models.CharField(max_length=10, choices=ActorType.choices)
     actor_id = models.CharField(max_length=150, blank=True)
-    verb = models.PositiveSmallIntegerField(choices=Verb.choices)
+    # Not a PositiveSmallIntegerField: a CHECK constraint costs every insert, and verbs are an enum.
+    verb = models.SmallIntegerField(choices=Verb.choices)
     object_type = models.CharField(max_length=40)
     object_id = models.CharField(max_length=64)
     run_id = models.BigIntegerField(null=True, blank=True)

@@ -54,7 +54,10 @@ class Run(models.Model):
     """One piece of work flowing through a workflow."""
 
     workflow_name = models.CharField(max_length=100)
-    workflow_version = models.PositiveIntegerField()
+    # Counters here and on Step are plain integers, not Positive*Field: PostgreSQL evaluates
+    # every CHECK constraint of a table on every write of a row, and these rows are written on
+    # every step. The engine is their only writer; its tests hold them at zero or above.
+    workflow_version = models.IntegerField()
     status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.QUEUED)
     priority = models.SmallIntegerField(default=0)
     tenant = models.CharField(max_length=100, blank=True, default="")
@@ -77,11 +80,11 @@ class Run(models.Model):
     #: Engine bookkeeping: visits per node, pending join arrivals, counters.
     node_visits = models.JSONField(default=dict)
     pending_joins = models.JSONField(default=dict)
-    active_steps = models.PositiveIntegerField(default=0)
-    waiting_steps = models.PositiveIntegerField(default=0)
-    step_count = models.PositiveIntegerField(default=0)
+    active_steps = models.IntegerField(default=0)
+    waiting_steps = models.IntegerField(default=0)
+    step_count = models.IntegerField(default=0)
     #: Bumped by every write of this row: completions check it instead of locking first.
-    version = models.PositiveBigIntegerField(default=0)
+    version = models.BigIntegerField(default=0)
     #: Human-readable notes the engine adds (a loop bound taken, a degraded result).
     notes = models.JSONField(default=list, blank=True)
     #: Steps whose result is degraded: [{"step": key, "reason": text}]; also in ``output``.
@@ -133,7 +136,7 @@ class Step(models.Model):
     # by run; ``step_parent_idx`` holds only the steps that have a parent.
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
     node = models.CharField(max_length=100)
-    visit = models.PositiveIntegerField(default=1)
+    visit = models.IntegerField(default=1)
     item = models.IntegerField(default=-1)
     kind = models.CharField(max_length=10, choices=StepKind.choices)
     agent = models.CharField(max_length=100, blank=True, default="")
@@ -144,10 +147,10 @@ class Step(models.Model):
     status = models.CharField(max_length=10, choices=StepStatus.choices)
 
     #: Incremented by every claim; a completion must present the token (and owner) it claimed with.
-    attempt = models.PositiveIntegerField(default=0)
+    attempt = models.IntegerField(default=0)
     #: Failed attempts so far (transient failures that were retried).
-    failures = models.PositiveIntegerField(default=0)
-    max_attempts = models.PositiveIntegerField(default=3)
+    failures = models.IntegerField(default=0)
+    max_attempts = models.IntegerField(default=3)
     lease_owner = models.CharField(max_length=200, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     available_at = models.DateTimeField()
@@ -204,7 +207,7 @@ class StateVersion(models.Model):
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="state_history")
     key = models.CharField(max_length=100)
-    version = models.PositiveIntegerField()
+    version = models.IntegerField()
     value = models.JSONField(null=True)
     step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     #: Who wrote it: an agent name, "submit", "event:<name>" or "operator:<username>".
@@ -322,22 +325,23 @@ class ToolCall(models.Model):
     trace_id = models.CharField(max_length=32, blank=True, default="")
     #: The step key that made the call (``draft#2``, ``answer[3]``) and its call number there.
     node = models.CharField(max_length=200, blank=True, default="")
-    call_index = models.PositiveIntegerField(default=0)
+    # Plain integers, as on Run and Step: no CHECK constraint to evaluate on each insert.
+    call_index = models.IntegerField(default=0)
     capability = models.CharField(max_length=100)
     provider = models.CharField(max_length=100)
     #: Attempt number on this provider (1-based).
-    attempt = models.PositiveSmallIntegerField()
+    attempt = models.SmallIntegerField()
     status = models.CharField(max_length=10, choices=ToolCallStatus.choices)
     params = models.JSONField(default=dict, blank=True)
     #: The result as JSON text, redacted and truncated.
     result_summary = models.TextField(blank=True, default="")
-    latency_ms = models.PositiveIntegerField(default=0)
+    latency_ms = models.IntegerField(default=0)
     #: The backoff waited after this attempt before the next one, when there was one.
-    retry_delay_ms = models.PositiveIntegerField(null=True, blank=True)
+    retry_delay_ms = models.IntegerField(null=True, blank=True)
     error_class = models.CharField(max_length=12, blank=True, default="")
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
-    tokens = models.PositiveIntegerField(null=True, blank=True)
+    tokens = models.IntegerField(null=True, blank=True)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     idempotency_key = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField()

@@ -378,17 +378,23 @@ def main() -> None:
         counters = Counters()
         only = set(args.only or ["service", "api", "resume", "single"])
         client = api_client(procs.port) if only & {"api", "resume"} else None
-        if "single" in only:
-            bench_single(20, counters)  # warm-up: imports, connections, caches
-            rows.append(bench_single(args.single, counters))
-        if "service" in only:
+
+        def measured(label: str, runs: int, workload: Any) -> Row:
+            """Run ``workload`` and note the CPU each kind of process spent per run meanwhile."""
             before = procs.cpu_seconds()
-            rows.append(bench_throughput_service(args.runs, counters))
+            row = workload()
             after = procs.cpu_seconds()
             cpu_report.append(
-                "CPU ms per run during (a) via the service: "
-                + ", ".join(f"{k} {(after[k] - before[k]) * 1000 / args.runs:.1f}" for k in after)
+                f"CPU ms per run during {label}: "
+                + ", ".join(f"{k} {(after[k] - before[k]) * 1000 / runs:.1f}" for k in after)
             )
+            return row
+
+        if "single" in only:
+            bench_single(20, counters)  # warm-up: imports, connections, caches
+            rows.append(measured("(c)", args.single, lambda: bench_single(args.single, counters)))
+        if "service" in only:
+            rows.append(measured("(a) via the service", args.runs, lambda: bench_throughput_service(args.runs, counters)))
         if "api" in only:
             rows.append(bench_throughput_api(args.runs, counters, client))
         if "resume" in only:

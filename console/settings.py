@@ -109,6 +109,8 @@ else:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
     if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_URL must be a postgres:// URL (or unset for embedded mode)")
+    # Django's backend, plus: a batch a worker left in flight is read before the next statement.
+    DATABASES["default"]["ENGINE"] = "console.postgresql"
     # Workers keep their connection between tasks (a reconnect costs more than a step); the
     # web process should use the pool instead (DB_POOL=true), which needs CONN_MAX_AGE=0.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=300)
@@ -275,6 +277,9 @@ if SIGNALBOX_ENV == "test":
             "test_sleepy": "tests.support.agents:SleepyAgent",
             "test_effect_action": "tests.support.agents:EffectAction",
             "test_effect_undo": "tests.support.agents:EffectUndo",
+            "test_pure_echo": "tests.support.agents:PureEcho",
+            "test_gated": "tests.support.agents:GatedAgent",
+            "test_pure_effect": "tests.support.agents:PureEffect",
         }
     )
     SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
@@ -282,5 +287,6 @@ if SIGNALBOX_ENV == "test":
         "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
         "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
-        "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow",
+        "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow", "early_chain", "early_branches",
+        "early_effect",
     ))]

@@ -20,6 +20,7 @@ from typing import Any, cast
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
+from psycopg import generators
 from psycopg.pq import ExecStatus
 
 
@@ -153,6 +154,34 @@ class Batch:
             parts.append(sql if not params and "%" not in sql else cursor.mogrify(sql, params))
         return ";\n".join(parts)
 
+    def send(self) -> InFlight:
+        """Send the batch and return at once, without its outcome: the caller goes on working
+        while the server runs and commits it, and reads the outcome from the returned handle
+        (``result()``). Until then the connection carries nothing else; a connection of the
+        ``console.postgresql`` backend reads the outcome first whenever it is used again.
+        Elsewhere (another backend, query logging, inside a transaction) the batch runs now."""
+        conn = db()
+        if (
+            not getattr(conn, "supports_batches_in_flight", False)
+            or conn.in_atomic_block
+            or conn.execute_wrappers
+            or conn.queries_logged
+        ):
+            return InFlight.finished(self, self.run())
+        conn.settle()  # type: ignore[attr-defined]  # an earlier batch still in flight is read first
+        ensure_prepared(self.prepared)
+        raw = conn.connection
+        cursor = raw.cursor()
+        with conn.wrap_database_errors:
+            text = self.render(cursor)
+            with raw.lock:
+                raw.wait(cursor._start_query())
+                raw.pgconn.send_query(text.encode(raw.info.encoding))
+                raw.wait(generators.send(raw.pgconn))
+        handle = InFlight(self, conn, cursor)
+        conn.in_flight = handle  # type: ignore[attr-defined]  # console.postgresql's DatabaseWrapper
+        return handle
+
     def run(self) -> list[Any] | None:
         """Run the batch; returns the rows of its last statement if that one returns rows."""
         conn = db()
@@ -181,6 +210,63 @@ class Batch:
                     raise
                 forget_prepared()
         raise AssertionError("unreachable")
+
+
+class InFlight:
+    """A batch sent by :meth:`Batch.send` whose outcome has not been read yet. The server runs
+    and commits it (or rolls it all back) whether or not anyone reads; reading tells which."""
+
+    def __init__(self, batch: Batch, conn: BaseDatabaseWrapper | None, cursor: Any) -> None:
+        self._batch = batch
+        self._conn = conn
+        self._cursor = cursor
+        self._received = conn is None
+        self._rows: list[Any] | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def finished(cls, batch: Batch, rows: list[Any] | None) -> InFlight:
+        """A handle for a batch that already ran (synchronously)."""
+        handle = cls(batch, None, None)
+        handle._rows = rows
+        return handle
+
+    def receive(self) -> None:
+        """Read the outcome now, if not done yet, and keep it for :meth:`result`; the
+        connection is free again afterwards."""
+        if self._received:
+            return
+        self._received = True
+        conn, cursor = self._conn, self._cursor
+        assert conn is not None
+        if getattr(conn, "in_flight", None) is self:
+            conn.in_flight = None  # type: ignore[attr-defined]
+        raw = cursor.connection
+        try:
+            with conn.wrap_database_errors:
+                with raw.lock:
+                    results = raw.wait(generators.fetch_many(raw.pgconn))
+                cursor._check_results(results)
+                cursor._set_results(results)
+            while cursor.nextset():
+                pass
+            result = cursor.pgresult
+            self._rows = cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else None
+        except Exception as exc:  # kept for result(): the caller decides what a failure means
+            self._error = exc
+
+    def result(self) -> list[Any] | None:
+        """The rows of the batch's last statement (if it returns rows), once the server has
+        answered; raises the batch's error as :meth:`Batch.run` would."""
+        self.receive()
+        if self._error is not None and lost_prepared(self._error):
+            # Nothing was written (the implicit transaction rolled back): prepare again.
+            self._error = None
+            forget_prepared()
+            self._rows = self._batch.run()
+        if self._error is not None:
+            raise self._error
+        return self._rows
 
 
 def literal(value: Any) -> str | None:

@@ -139,8 +139,8 @@ class Tx:
         self._flushing = False
         #: ToolCall rows of the completing attempt, written with its outcome.
         self.tool_calls: list[Any] = []
-        #: (step id, pool) of ready steps this transaction handed to the broker.
-        self.handed_off: list[tuple[int, str]] = []
+        #: Ready steps this transaction handed to the broker.
+        self.handed_off: list[Step] = []
         #: The worker will try to claim the steps it hands off in its own pools when its local
         #: chain stops: their wake-up messages are held back for a moment (orchestration.handoff).
         self.hold_handoffs = False
@@ -868,10 +868,10 @@ class Tx:
         #: The events the after-commit send will carry (a batch's caller may add to them).
         self.flushed_events = events
         publish = [(step.pk, step.pool, delay) for step, delay in self.publish]
-        self.handed_off = [(step_id, pool) for step_id, pool, delay in publish if delay == 0]
+        self.handed_off = [step for step, delay in self.publish if delay == 0]
         self.publish = []
         hold_for = settings.SIGNALBOX["HANDOFF_HOLD_SECONDS"] if self.hold_handoffs else 0.0
-        held = [(step_id, pool) for step_id, pool in self.handed_off if pool in self.local_pools] if hold_for > 0 else []
+        held = [(s.pk, s.pool) for s in self.handed_off if s.pool in self.local_pools] if hold_for > 0 else []
         if held:
             publish = [entry for entry in publish if (entry[0], entry[1]) not in held]
         if self.batch is not None:

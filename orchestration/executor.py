@@ -7,15 +7,14 @@ claims that step too so it runs right away without a broker round trip.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
-import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,7 +24,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, db, is_postgres, pipeline
+from console.sql import Batch, InFlight, db, is_postgres, pipeline
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.engine import (
@@ -44,10 +43,10 @@ from orchestration.errors import (
     ErrorClass,
     LimitExceeded,
     SignalboxError,
-    StepTimeout,
     TransientError,
 )
 from orchestration.handoff import held_messages
+from orchestration.leases import alarm_blocked, interrupt_after, lease_keeper
 from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
 from orchestration.registry import agent_instance, workflow_get
 
@@ -81,109 +80,6 @@ def _claim_events(step: Step, now: Any) -> list[dict[str, Any]]:
     if run.started_at == now:
         events.append({"run_id": run.pk, "kind": "run", "change": "running", "status": "running"})
     return events
-
-
-# --- leases -----------------------------------------------------------------------------------
-
-
-class LeaseKeeper:
-    """Renews the leases of steps this process is running, from one background thread, and
-    enforces their hard timeouts: an attempt still running at its hard deadline is failed
-    (as a transient ``step_hard_timeout``) and fenced off, so whatever it returns later is
-    discarded, even if the agent never yields. If the whole process is stuck, its leases
-    simply stop being renewed and the reaper does the same."""
-
-    #: How often the loop looks at hard deadlines, at most (seconds).
-    TICK = 0.25
-
-    def __init__(self) -> None:
-        self._held: dict[int, tuple[int, str, float | None]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def hold(self, step_id: int, token: int, worker_id: str, *, hard_after: float | None = None) -> Iterator[None]:
-        deadline = time.monotonic() + hard_after if hard_after else None
-        with self._lock:
-            self._held[step_id] = (token, worker_id, deadline)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
-                self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held.pop(step_id, None)
-
-    def _loop(self) -> None:
-        interval = settings.SIGNALBOX["LEASE_SECONDS"] / 3
-        next_renewal = time.monotonic() + interval
-        stop = threading.Event()
-        while not stop.wait(min(self.TICK, interval)):
-            with self._lock:
-                held = dict(self._held)
-            if not held:
-                next_renewal = time.monotonic() + interval
-                continue
-            now = time.monotonic()
-            overdue = {k: v for k, v in held.items() if v[2] is not None and now >= v[2]}
-            for step_id, (token, owner, _deadline) in overdue.items():
-                with self._lock:
-                    self._held.pop(step_id, None)
-                self._hard_timeout(step_id, token, owner)
-            if now < next_renewal:
-                continue
-            next_renewal = now + interval
-            try:
-                until = timezone.now() + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-                for step_id, (token, owner, _deadline) in held.items():
-                    if step_id in overdue:
-                        continue
-                    # Fenced: a lease that was lost (re-claimed by another worker) is not renewed.
-                    Step.objects.filter(pk=step_id, status=StepStatus.RUNNING, attempt=token, lease_owner=owner).update(
-                        lease_expires_at=until
-                    )
-            except Exception:
-                log.warning("lease renewal failed", exc_info=True)
-            finally:
-                close_old_connections()
-
-    def _hard_timeout(self, step_id: int, token: int, owner: str) -> None:
-        try:
-            step = Step.objects.select_related("run").filter(pk=step_id, status=StepStatus.RUNNING, attempt=token).first()
-            if step is None:
-                return
-            log.warning("step %s passed its hard timeout; its attempt %s is abandoned", step_id, token)
-            _fail(step, StepTimeout("the step passed its hard timeout and was abandoned", code="step_hard_timeout"),
-                  owner, frozenset())
-        except Exception:
-            log.warning("failing step %s at its hard timeout failed", step_id, exc_info=True)
-        finally:
-            close_old_connections()
-
-
-@contextmanager
-def interrupt_after(seconds: float) -> Iterator[None]:
-    """Raise :class:`StepTimeout` in the agent when its soft timeout passes, as Celery's soft
-    time limit does: with SIGALRM, which only the main thread can receive. Elsewhere (the
-    embedded worker thread) agents see the deadline cooperatively, in ``ctx.check_timeout()``."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise StepTimeout(f"the step ran past its soft timeout of {seconds:g} s", code="step_timeout")
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-lease_keeper = LeaseKeeper()
 
 
 # --- tools -----------------------------------------------------------------------------------
@@ -222,33 +118,196 @@ class StepTools:
 # --- running ----------------------------------------------------------------------------------
 
 
+class Superseded(BaseException):
+    """A step started ahead of its predecessor's commit, and that commit did not go through as
+    sent: nothing of this step was written, and the worker goes on with ``next_step`` instead
+    (or with nothing). A ``BaseException``, so that an agent's ``except Exception`` lets it by."""
+
+    def __init__(self, next_step: Step | None) -> None:
+        super().__init__("the step was started ahead of a commit that did not go through as sent")
+        self.next_step = next_step
+
+
+class Chain:
+    """The steps one worker runs from one message: the step it claimed, each successor it
+    claimed inside the previous completion, then the siblings it handed off in its own pools.
+
+    On PostgreSQL a completion is sent without waiting for its answer (``console.sql.Batch.send``)
+    and the step it claimed for this worker starts at once, while the server commits: the
+    worker's Python and the database's work overlap instead of taking turns. The answer is read
+    (:meth:`settle`) before that step does anything that needs the commit to have happened:
+    touching the database, calling a tool, waiting, recording a failure, or starting an agent
+    that is not ``pure``. If the commit did not go through as sent, the early work is dropped
+    (:class:`Superseded`) and nothing of it was written."""
+
+    def __init__(self, worker_id: str, pools: frozenset[str]) -> None:
+        self.worker_id = worker_id
+        self.pools = pools
+        #: Steps of this chain's runs handed to the broker in this worker's pools, to claim when
+        #: the chain stops (their wake-up messages are held meanwhile: orchestration.handoff).
+        self.handed_off: list[Step] = []
+        #: The completion in flight, if any.
+        self.committing: Committing | None = None
+
+    def settle(self, step: Step) -> None:
+        """``step`` is about to need its predecessor's commit: read it. Raises Superseded when
+        the worker should run something else than ``step`` after all."""
+        committing, self.committing = self.committing, None
+        if committing is not None and committing.confirm() is not step:
+            raise Superseded(committing.confirm())
+
+    def finish(self) -> Step | None:
+        """The chain has nothing running: read the completion in flight; returns the step it
+        made ready for this worker (now confirmed), if any."""
+        committing, self.committing = self.committing, None
+        return committing.confirm() if committing is not None else None
+
+    def send(self, batch: Batch, tx: Tx, done: Completion, sibling: Step | None) -> Step | None:
+        """Send ``batch`` (the completion of ``done.step``) without waiting; returns the step
+        to start meanwhile: the one ``tx`` claimed, or ``sibling``, claimed by the batch's
+        last statement, as the claim will leave it."""
+        inflight = batch.send()
+        ahead = tx.local_step
+        if sibling is not None:
+            self.handed_off.remove(sibling)
+            ahead = copy.copy(sibling)
+            ahead.status, ahead.attempt, ahead.lease_owner = StepStatus.RUNNING, sibling.attempt + 1, self.worker_id
+            ahead.lease_expires_at = done.now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+            ahead.started_at = sibling.started_at or done.now
+            ahead.run = tx.run
+        self.committing = Committing(self, done, inflight, tx, sibling, ahead)
+        return ahead
+
+    def close(self) -> None:
+        """The chain ends (or failed on the way): read what is in flight, so its messages and
+        live events go out, and send the held messages of siblings it will not claim."""
+        try:
+            self.finish()
+        except Exception:
+            log.exception("reading the last completion of a chain failed")
+        held_messages.send_now([s.pk for s in self.handed_off])
+
+
+class Completion:
+    """What a step's successful attempt produced, enough to commit it again from scratch."""
+
+    def __init__(
+        self, step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any],
+        records: tuple[list[Any], list[Any]], degraded: str,
+    ) -> None:
+        self.step, self.output, self.written, self.usage = step, output, written, usage
+        self.records, self.degraded = records, degraded
+        self.now = timezone.now()
+
+
+class Committing:
+    """A completion sent to PostgreSQL whose answer the worker has not read yet, and ``ahead``,
+    the step started meanwhile. :meth:`confirm` reads the answer and does what follows a commit
+    (live events, wake-up messages, held hand-offs); if the completion did not go through
+    (another transaction wrote the run first, the lease was lost, the database failed), it
+    settles the step the slow way and returns what the worker should really run next."""
+
+    def __init__(
+        self, chain: Chain, done: Completion, inflight: InFlight, tx: Tx, sibling: Step | None, ahead: Step | None
+    ) -> None:
+        self.chain, self.done, self.inflight, self.tx = chain, done, inflight, tx
+        self.sibling, self.ahead = sibling, ahead
+        self._confirmed = False
+        self._next: Step | None = None
+
+    def confirm(self) -> Step | None:
+        """The step the worker runs next: ``ahead`` itself when the commit went through as sent."""
+        if not self._confirmed:
+            self._confirmed = True
+            # Not cut short by an agent's soft timeout (SIGALRM): the outcome must be read whole.
+            with alarm_blocked():
+                self._next = self._read()
+        return self._next
+
+    def _read(self) -> Step | None:
+        chain, done = self.chain, self.done
+        try:
+            rows = self.inflight.result()
+        except DatabaseError as exc:
+            if self.sibling is not None:  # the batch rolled back, its claim with it
+                chain.handed_off.insert(0, self.sibling)
+            failed = store.expectation_failed(exc)
+            if failed == store.LEASE_LOST:
+                log.warning("step %s lost its lease (token %s); its result is discarded", done.step.pk, done.step.attempt)
+                return None
+            if failed == store.RUN_CHANGED:
+                try:
+                    return step_complete(done, worker_id=chain.worker_id, pools=chain.pools,
+                                         handed_off=chain.handed_off, run=store.run_fetch(done.step.run_id))
+                except Exception as again:
+                    _commit_failed(done, again, chain.worker_id, chain.pools)
+                    return None
+            _commit_failed(done, exc, chain.worker_id, chain.pools)
+            return None
+        except Exception as exc:
+            if self.sibling is not None:
+                chain.handed_off.insert(0, self.sibling)
+            _commit_failed(done, exc, chain.worker_id, chain.pools)
+            return None
+        tx = self.tx
+        claimed, was_held = None, False
+        if self.sibling is not None:
+            was_held = held_messages.release(self.sibling.pk)
+            claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, done.now)
+            if claimed is not None:  # one live message for the whole transaction
+                tx.flushed_events.extend(_claim_events(claimed, done.now))
+        for callback in tx.after_commit:
+            callback()
+        if claimed is not None and not was_held:
+            assert self.sibling is not None
+            _withdraw_message(self.sibling.pk)
+        _note_handoff(tx, chain.pools, chain.handed_off)
+        if self.sibling is not None and claimed is not None and self.ahead is not None:
+            # The early start assumed the claim's token; another attempt in between changes it.
+            return self.ahead if claimed.attempt == self.ahead.attempt else claimed
+        return tx.local_step
+
+
+def _commit_failed(done: Completion, exc: BaseException, worker_id: str, pools: frozenset[str]) -> None:
+    """Committing a successful attempt failed (the database is gone, a bug): the attempt is
+    recorded as a transient failure, so it is retried, then bounded by its limits."""
+    log.error("committing step %s failed", done.step.pk, exc_info=exc)
+    close_old_connections()
+    _fail(done.step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"),
+          worker_id, pools, records=done.records)
+
+
 def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str]) -> int:
     """Claim and run ``step_id``, then any successor this worker claimed locally.
 
-    Returns how many steps ran. Safe to call with a stale or duplicate message: the claim
-    decides, and a step that is not queued is left alone. When the local chain ends, steps of
-    the same run that were handed to the broker for this worker's pools are claimed here if no
-    other worker has taken them yet. Their wake-up messages are held back meanwhile
+    Returns how many steps ran to an outcome. Safe to call with a stale or duplicate message:
+    the claim decides, and a step that is not queued is left alone. When the local chain ends,
+    steps of the same run that were handed to the broker for this worker's pools are claimed
+    here if no other worker has taken them yet. Their wake-up messages are held back meanwhile
     (``orchestration.handoff``): one that went out anyway is withdrawn from its queue."""
+    chain = Chain(worker_id, pools)
     step = step_claim(step_id, worker_id)
     ran = 0
-    handed_off: list[int] = []
     try:
-        while step is not None:
-            ran += 1
-            step = step_run(step, worker_id=worker_id, pools=pools, handed_off=handed_off)
-            while step is None and handed_off:
-                sibling = handed_off.pop(0)
-                step = step_claim(sibling, worker_id)
+        while True:
+            while step is not None:
+                try:
+                    step = step_run(step, worker_id=worker_id, pools=pools, chain=chain)
+                    ran += 1
+                except Superseded as superseded:
+                    step = superseded.next_step
+            step = chain.finish()
+            while step is None and chain.handed_off:
+                sibling = chain.handed_off.pop(0)
+                step = step_claim(sibling.pk, worker_id)
                 # Claimed here, or taken by another worker: either way no message is needed.
-                was_held = held_messages.release(sibling)
+                was_held = held_messages.release(sibling.pk)
                 if step is not None and not was_held:
-                    _withdraw_message(sibling)
+                    _withdraw_message(sibling.pk)
+            if step is None:
+                return ran
     finally:
-        # Only if something failed on the way: siblings this chain will not claim get their
-        # messages now rather than when their hold ends.
-        held_messages.send_now(handed_off)
-    return ran
+        chain.close()
 
 
 def _withdraw_message(step_id: int) -> None:
@@ -266,20 +325,32 @@ def _withdraw_message(step_id: int) -> None:
         log.debug("could not withdraw the message of step %s", step_id, exc_info=True)
 
 
-def step_run(
-    step: Step, *, worker_id: str, pools: frozenset[str], handed_off: list[int] | None = None
-) -> Step | None:
-    """Run a claimed step's agent and commit the outcome; returns a locally claimed successor."""
+def step_run(step: Step, *, worker_id: str, pools: frozenset[str], chain: Chain | None = None) -> Step | None:
+    """Run a claimed step's agent and commit the outcome; returns the successor this worker
+    claimed for itself, if any. With a ``chain``, ``step`` may have been started ahead of its
+    predecessor's commit, and its own completion may still be in flight when this returns."""
+
+    def settle() -> None:
+        if chain is not None:
+            chain.settle(step)
+
+    def fail(error: SignalboxError, **kwargs: Any) -> None:
+        settle()
+        _fail(step, error, worker_id, pools, **kwargs)
+
     run = step.run
     wf = workflow_get(run.workflow_name, run.workflow_version)
     node = node_of(wf, step)
     agent = agent_instance(step.agent)
     cls = type(agent)
     soft, hard = wf.timeouts_of(node)
+    if not cls.pure:
+        settle()  # its effects may begin at once: the commit that made the step ready comes first
 
     if node.approval is not None and step.kind == StepKind.AGENT:
         action = step_action(step, node, run)
         if (step.approved_digest or node.approval.required(run.state)) and digest(action) != step.approved_digest:
+            settle()
             _reopen_approval(step, action, worker_id)
             return None
 
@@ -288,12 +359,12 @@ def step_run(
         raw = step.input = step_input(step, node, run)
         params = cls.Input.model_validate(raw)
     except ValidationError as exc:
-        _fail(step, ContractViolation(
+        fail(ContractViolation(
             f"input for {step.agent!r} does not satisfy its contract", code="input_contract", detail=_errors(exc)
-        ), worker_id, pools, payload=raw)
+        ), payload=raw)
         return None
     except SignalboxError as exc:
-        _fail(step, exc, worker_id, pools)
+        fail(exc)
         return None
 
     own_state = step.kind in (StepKind.AGENT, StepKind.ROUTE)
@@ -311,6 +382,7 @@ def step_run(
         time_scale=settings.SIGNALBOX["AGENT_TIME_SCALE"],
         tools=(tools := StepTools(step)),
         soft_deadline=time.monotonic() + soft.total_seconds(),
+        before_acting=settle,
     )
     result: Any = None
     with lease_keeper.hold(step.pk, step.attempt, worker_id, hard_after=hard.total_seconds()):
@@ -318,11 +390,11 @@ def step_run(
             with interrupt_after(soft.total_seconds()):
                 result = agent.run(params, ctx)
         except SignalboxError as exc:
-            _fail(step, exc, worker_id, pools, tools=tools)
+            fail(exc, records=tools.take_records())
             return None
         except Exception as exc:  # unknown agent exceptions are retried, then recorded
             log.warning("agent %s raised", step.agent, exc_info=True)
-            _fail(step, TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), worker_id, pools, tools=tools)
+            fail(TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), records=tools.take_records())
             return None
 
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
@@ -332,27 +404,25 @@ def step_run(
             output = cls.Output.model_validate(output).model_dump(mode="json")
         output = contract.model_validate(output).model_dump(mode="json")
     except ValidationError as exc:
-        _fail(step, ContractViolation(
+        fail(ContractViolation(
             f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
-        ), worker_id, pools, payload=output, tools=tools)
+        ), payload=output, records=tools.take_records())
         return None
     size = len(_json_bytes(output))
     if size > settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]:
-        _fail(step, ContractViolation(
+        fail(ContractViolation(
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
             code="payload_too_large",
-        ), worker_id, pools, payload=output, tools=tools)
+        ), payload=output, records=tools.take_records())
         return None
     step.input = raw
+    done = Completion(step, output, ctx.state.written, ctx.usage.as_dict(), tools.take_records(), ctx.degraded)
     try:
-        return step_complete(
-            step, output, ctx.state.written, ctx.usage.as_dict(), worker_id=worker_id, pools=pools,
-            handed_off=handed_off, tools=tools, degraded=ctx.degraded,
-        )
+        return step_complete(done, worker_id=worker_id, pools=pools,
+                             handed_off=chain.handed_off if chain is not None else None, chain=chain)
     except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
-        log.exception("committing step %s failed", step.pk)
-        close_old_connections()
-        _fail(step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"), worker_id, pools, tools=tools)
+        settle()
+        _commit_failed(done, exc, worker_id, pools)
         return None
 
 
@@ -361,25 +431,32 @@ OPTIMISTIC_TRIES = 4
 
 
 def step_complete(
-    step: Step, output: dict[str, Any], written: dict[str, Any], usage: dict[str, Any], *, worker_id: str,
-    pools: frozenset[str], handed_off: list[int] | None = None, tools: StepTools | None = None,
-    degraded: str = "",
+    done: Completion, *, worker_id: str, pools: frozenset[str], handed_off: list[Step] | None = None,
+    chain: Chain | None = None, run: Run | None = None,
 ) -> Step | None:
     """Commit a successful step and advance its run in one transaction, fenced by the token.
 
-    On PostgreSQL the run row read at claim time is used without a lock: the fence, the run's
-    version check, every write and the COMMIT go out in one round trip; if another transaction
-    wrote the run meanwhile, it is read again and the advance recomputed. Elsewhere (and after
+    On PostgreSQL the run row read at claim time (or ``run``) is used without a lock: the fence,
+    the run's version check, every write and the COMMIT go out in one round trip; if another
+    transaction wrote the run meanwhile, it is read again and the advance recomputed. With a
+    ``chain``, that round trip is sent and not waited for (``Chain.send``). Elsewhere (and after
     repeated conflicts) the run row is locked first."""
-    now = timezone.now()
+    step, now = done.step, done.now
     values = {
-        "status": StepStatus.SUCCEEDED, "input": step.input, "output": output, "usage": usage,
+        "status": StepStatus.SUCCEEDED, "input": step.input, "output": done.output, "usage": done.usage,
         "finished_at": now, "lease_owner": "", "lease_expires_at": None,
     }
-    if degraded:
-        values["degraded"] = step.degraded = degraded
-    tool_calls, tool_entries = tools.take_records() if tools is not None else ([], [])
-    run: Run | None = step.run
+    if done.degraded:
+        values["degraded"] = step.degraded = done.degraded
+    hold = handed_off is not None
+
+    def advance(run: Run, *, optimistic: bool, batch: Batch | None = None) -> Tx:
+        tx = _advance_after(step, run, now, done.output, done.written, worker_id, pools, optimistic=optimistic,
+                            batch=batch, tool_calls=done.records, hold_handoffs=hold)
+        tx.fence = (step.pk, step.attempt, worker_id, values)
+        return tx
+
+    run = run or step.run
     if is_postgres():
         # Inside an outer transaction (a caller's atomic block) a batch cannot commit by itself.
         batched = not db().in_atomic_block
@@ -390,42 +467,48 @@ def step_complete(
                     # The common case: every write, the checks and the commit in ONE statement
                     # string (one round trip); paths that write earlier fall back below.
                     batch = Batch()
-                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True, batch=batch,
-                                        tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
-                    tx.fence = (step.pk, step.attempt, worker_id, values)
+                    tx = advance(run, optimistic=True, batch=batch)
                     tx.flush()
+                    if chain is not None:
+                        # The previous completion must be in before this one goes out; it also
+                        # brings the list of handed-off siblings up to date.
+                        chain.settle(step)
                     # This worker's chain ends here: the sibling it handed to the broker first
                     # is claimed in this same transaction if nobody has taken it (instead of a
                     # claim transaction of its own right after).
                     sibling = handed_off[0] if handed_off and tx.local_step is None and not tx.run.is_terminal else None
                     if sibling is not None:
                         lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-                        store.claim_in_batch(batch, sibling, worker_id, now, lease_until)
+                        store.claim_in_batch(batch, sibling.pk, worker_id, now, lease_until)
+                    if chain is not None:
+                        return chain.send(batch, tx, done, sibling)
                     rows = batch.run()
                     claimed = None
                     was_held = False
                     if sibling is not None:
                         assert handed_off is not None
                         handed_off.remove(sibling)
-                        was_held = held_messages.release(sibling)
+                        was_held = held_messages.release(sibling.pk)
                         claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, now)
                         if claimed is not None:  # one live message for the whole transaction
                             tx.flushed_events.extend(_claim_events(claimed, now))
                     for callback in tx.after_commit:
                         callback()
                     if claimed is not None and sibling is not None and not was_held:
-                        _withdraw_message(sibling)
+                        _withdraw_message(sibling.pk)
                     _note_handoff(tx, pools, handed_off)
                     return tx.local_step
+                if chain is not None:
+                    chain.settle(step)
                 with pipeline(), transaction.atomic():
-                    tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=True,
-                                        tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
-                    tx.fence = (step.pk, step.attempt, worker_id, values)
+                    tx = advance(run, optimistic=True)
                     tx.flush()
                 _note_handoff(tx, pools, handed_off)
                 return tx.local_step
             except NeedsTransaction:
                 batched = False
+                if chain is not None:
+                    chain.settle(step)
                 run = store.run_fetch(step.run_id)
             except DatabaseError as exc:
                 failed = store.expectation_failed(exc)
@@ -435,21 +518,23 @@ def step_complete(
                 if failed != store.RUN_CHANGED:
                     raise
                 run = store.run_fetch(step.run_id)
+    if chain is not None:
+        chain.settle(step)
     with pipeline(), transaction.atomic():
         run = store.lock_run_and_fence_step(step.run_id, step.pk, step.attempt, worker_id, values)
         if run is None:
             log.warning("step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt)
             return None
-        tx = _advance_after(step, run, now, output, written, worker_id, pools, optimistic=False,
-                            tool_calls=(tool_calls, tool_entries), hold_handoffs=handed_off is not None)
+        tx = advance(run, optimistic=False)
+        tx.fence = None
         tx.flush()
     _note_handoff(tx, pools, handed_off)
     return tx.local_step
 
 
-def _note_handoff(tx: Tx, pools: frozenset[str], handed_off: list[int] | None) -> None:
+def _note_handoff(tx: Tx, pools: frozenset[str], handed_off: list[Step] | None) -> None:
     if handed_off is not None:
-        handed_off.extend(step_id for step_id, pool in tx.handed_off if pool in pools)
+        handed_off.extend(step for step in tx.handed_off if step.pool in pools)
 
 
 def _advance_after(
@@ -487,7 +572,7 @@ def _advance_after(
 
 def _fail(
     step: Step, error: SignalboxError, worker_id: str, pools: frozenset[str], *, payload: Any = None,
-    tools: StepTools | None = None,
+    records: tuple[list[Any], list[Any]] | None = None,
 ) -> None:
     """Commit a failed attempt: retry a transient error with backoff, otherwise fail the step."""
     now = timezone.now()
@@ -500,9 +585,9 @@ def _fail(
         current.run = run
         # Steps this creates (a degraded result goes on to its successors) go out by the broker.
         tx = Tx(run, now, actor_type=ActorType.AGENT, actor_id=step.agent, worker_id=worker_id)
-        if tools is not None:
-            tx.tool_calls, entries = tools.take_records()
-            tx.audit.extend(entries)
+        if records is not None:  # the attempt's tool calls, written with its outcome
+            tx.tool_calls = list(records[0])
+            tx.audit.extend(records[1])
         failures = current.failures + 1
         log_entry = {
             "attempt": current.attempt, "agent": current.agent, "class": error.error_class, "code": error.code,

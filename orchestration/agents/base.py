@@ -106,9 +106,18 @@ class AgentContext:
     degraded: str = ""
     #: When the soft timeout of this attempt passes (monotonic clock), if it has one.
     soft_deadline: float | None = None
+    #: The engine's: called before the agent acts on the world or waits (a tool call, ``work``,
+    #: a timeout check). A ``pure`` agent may start before the commit that made its step ready
+    #: is acknowledged; this is where the engine makes sure it was.
+    before_acting: Callable[[], None] | None = None
+
+    def _acting(self) -> None:
+        if self.before_acting is not None:
+            self.before_acting()
 
     def call_tool(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel:
         """Call a capability; the engine picks the provider, retries, records every attempt."""
+        self._acting()
         if self.tools is None:
             from orchestration.errors import PermanentError
 
@@ -125,6 +134,7 @@ class AgentContext:
 
     def work(self, seconds: float) -> None:
         """Spend (scaled) wall time, as a real model or API call would."""
+        self._acting()
         if self.time_scale > 0 and seconds > 0:
             self.sleep(seconds * self.time_scale)
         self.check_timeout()
@@ -137,6 +147,7 @@ class AgentContext:
     def check_timeout(self) -> None:
         """Raise :class:`StepTimeout` once the attempt's soft timeout has passed. Workers also
         interrupt the agent there on their own where they can; long loops should call this."""
+        self._acting()
         if self.soft_deadline is not None and time.monotonic() >= self.soft_deadline:
             raise StepTimeout("the step ran past its soft timeout", code="step_timeout")
 
@@ -192,6 +203,12 @@ class Agent:
     pool: ClassVar[str] = "default"
     #: Transient failures are retried up to this many attempts in total (the node may override).
     max_attempts: ClassVar[int] = 3
+    #: True when the agent's output depends only on its input and state, and whatever it does
+    #: to the world goes through ``ctx.call_tool``: the engine may then start it while the
+    #: commit that made its step ready is still on its way to the disk, and drops its result if
+    #: that commit does not go through. Its first tool call, ``ctx.work`` or timeout check waits
+    #: for the commit. An agent that calls an API itself (an LLM client) must leave this False.
+    pure: ClassVar[bool] = False
     Input: ClassVar[type[BaseModel]]
     Output: ClassVar[type[BaseModel]]
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import DataError, connection
+from django.db import DatabaseError, DataError, connection
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -342,3 +342,53 @@ def test_a_string_with_a_nul_byte_is_refused_and_nothing_is_written() -> None:
     with pytest.raises(DataError, match="NUL"):
         batch.run()
     assert Run.objects.get(pk=run.pk).error_message == ""
+
+
+# --- batches in flight (Batch.send) ------------------------------------------------------------
+
+
+def _mark(step_id: int, text: str) -> Batch:
+    batch = Batch()
+    batch.add("UPDATE orchestration_step SET error_message = %s WHERE id = %s", [text, step_id])
+    return batch
+
+
+def test_a_batch_in_flight_is_read_before_the_connection_carries_anything_else() -> None:
+    from django.db import transaction
+
+    run = _run()
+    step_id = Step.objects.get(run=run, node="classify").pk
+    handle = _mark(step_id, "sent ahead").send()
+    # The ORM uses the connection at once: the batch's outcome is read first, its write is in.
+    assert Step.objects.get(pk=step_id).error_message == "sent ahead"
+    assert handle.result() is None
+    _mark(step_id, "sent again").send()
+    with transaction.atomic():  # a transaction's BEGIN also waits for the batch
+        assert Step.objects.select_for_update().get(pk=step_id).error_message == "sent again"
+
+
+def test_a_batch_in_flight_that_fails_raises_when_asked_and_wrote_nothing() -> None:
+    run = _run()
+    step_id = Step.objects.get(run=run, node="classify").pk
+    batch = _mark(step_id, "must not stay")
+    # A fence on a step that is not running: the batch aborts (SBX01) as a whole.
+    store.fence_step_checked(step_id, 1, "w1", {"status": StepStatus.SUCCEEDED}, batch=batch)
+    handle = batch.send()
+    assert Step.objects.get(pk=step_id).error_message == ""
+    with pytest.raises(DatabaseError) as failure:
+        handle.result()
+    assert store.expectation_failed(failure.value) == store.LEASE_LOST
+
+
+def test_a_batch_sent_after_its_statements_were_forgotten_is_prepared_again_and_runs() -> None:
+    run = _run()
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    batch = Batch()
+    audit_record_many(
+        [Entry(verb=Verb.RUN_SUBMITTED, object_type="run", object_id=run.pk, run_id=run.pk, actor_type=ActorType.SYSTEM)],
+        batch=batch,
+    )
+    before = AuditEvent.objects.filter(run_id=run.pk).count()
+    batch.send().result()
+    assert AuditEvent.objects.filter(run_id=run.pk).count() == before + 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -223,3 +225,66 @@ class EffectUndo(Agent):
             raise TransientError(f"undo of {input.step} failed (attempt {ctx.attempt})", code="unavailable")
         ctx.call_tool("test_effect", {"text": f"undo {input.step}"})
         return Text(text=f"undid {input.step}")
+
+
+# --- pure agents: started before their predecessor's commit is acknowledged ----------------------
+# In-process tests only: what they note lives in this process.
+
+
+class PureEcho(Agent):
+    """``test_echo``, declared pure; notes the key of every step it starts, in order."""
+
+    name = "test_pure_echo"
+    pure = True
+    starts: ClassVar[list[str]] = []
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        PureEcho.starts.append(ctx.step_key)
+        echoed = f"echo:{input.text}"
+        for key in ctx.state.writable:
+            ctx.state.set(key, echoed)
+        return Text(text=echoed)
+
+
+class GatedAgent(Agent):
+    """A pure agent that says it started (``entered``) and waits for the test to open ``gate``."""
+
+    name = "test_gated"
+    pure = True
+    entered: ClassVar[threading.Event] = threading.Event()
+    gate: ClassVar[threading.Event] = threading.Event()
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        GatedAgent.entered.set()
+        if not GatedAgent.gate.wait(20):
+            raise TransientError("the test never opened the gate", code="gate_closed")
+        gated = f"gated:{input.text}"
+        for key in ctx.state.writable:
+            ctx.state.set(key, gated)
+        return Text(text=gated)
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.entered.clear()
+        cls.gate.clear()
+
+
+class PureEffect(Agent):
+    """A pure agent whose one effect goes through the side-effecting ``test_effect`` capability;
+    notes when it starts and when its tool call returned."""
+
+    name = "test_pure_effect"
+    pure = True
+    events: ClassVar[list[str]] = []
+    Input = Text
+    Output = Text
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        PureEffect.events.append("started")
+        ctx.call_tool("test_effect", {"text": f"do {ctx.step_key}"})
+        PureEffect.events.append("called")
+        return Text(text=f"done {ctx.step_key}")

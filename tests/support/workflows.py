@@ -137,3 +137,22 @@ saga_waiting = Workflow("saga_waiting", input=Loose, max_steps=20)
 saga_waiting.agent("reserve", "test_effect_action", reads=["text"], writes=["reserved"], compensate="test_effect_undo")
 saga_waiting.agent("charge", "test_effect_action", after="reserve", reads=["text"], writes=["charged"], compensate="test_effect_undo")
 saga_waiting.wait("settle", event="payment.settled", after="charge", timeout=timedelta(hours=1))
+
+
+# --- pure agents, started before their predecessor's commit is acknowledged (in-process tests) ---
+
+early_chain = Workflow("early_chain", input=Loose, max_steps=10)
+early_chain.agent("first", "test_pure_echo", reads=["text"], writes=["text"])
+early_chain.agent("held", "test_gated", after="first", reads=["text"], writes=["held"])
+early_chain.agent("last", "test_pure_echo", after="held", reads=["held"], writes=["last"], input=lambda s: {"text": s["held"]})
+
+# While "a" is held, another worker completes "b" (the run row changes under a's completion).
+early_branches = Workflow("early_branches", input=Loose, max_steps=10)
+early_branches.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
+early_branches.agent("a", "test_gated", after="start", reads=["text"], writes=["a"])
+early_branches.agent("b", "test_pure_echo", after="start", reads=["text"], writes=["b"])
+early_branches.agent("c", "test_pure_echo", after="a", reads=["a"], writes=["c"], input=lambda s: {"text": s["a"]})
+
+early_effect = Workflow("early_effect", input=Loose, max_steps=10)
+early_effect.agent("first", "test_gated", reads=["text"], writes=["text"])
+early_effect.agent("act", "test_pure_effect", after="first", reads=["text"], writes=["acted"])

@@ -15,6 +15,7 @@ class NoopAgent(Agent):
 
     name = "noop"
     capability = "noop"
+    pure = True
 
     class Input(BaseModel):
         model_config = ConfigDict(extra="allow")

@@ -1,9 +1,13 @@
-"""The Redis broker transport, minus two costs.
+"""The Redis broker transport, minus three costs.
 
 - kombu's Redis channel builds a new redis-py client for every message it publishes and every
   acknowledgement (a client's constructor fills a table of ~170 response callbacks). This
   channel keeps one client per connection pool; a redis-py client is thread-safe and takes a
   pooled connection per command. Same commands, same keys, same delivery guarantees.
+- Before a task runs, kombu records its message as unacknowledged (``MULTI; ZADD; HSET;
+  EXEC``) so that it can be restored if the worker dies, and waits for Redis' reply: a round
+  trip between a message and its task. :class:`QoS` sends the same commands and reads the reply
+  before anything else about that message (its ack, a reject, a restore) goes out.
 - A message that became pointless before anybody took it can be withdrawn from its queue
   (:func:`withdraw`): the channel remembers the last messages it pushed, by task id, exactly
   as they were pushed, so an ``LREM`` finds the very one. A message already taken by a
@@ -12,14 +16,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
 
 #: How many recently pushed messages can still be withdrawn, per process.
 REMEMBERED = 1024
@@ -54,7 +63,73 @@ def withdraw(task_id: str) -> bool:
     return bool(client.lrem(key, 1, payload))
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS with the unacknowledged record sent without waiting for its reply.
+
+    The record's commands go out at once, on a connection of their own, so Redis has them
+    before this worker can say anything else; their reply is read (:meth:`settle`) before the
+    message's ack, reject or restore, and before the next record. A failed record is logged:
+    the message is then only as recoverable as a message lost in the broker, which the
+    engine's reaper republishes from the database."""
+
+    _pending: tuple[Any, Any, int] | None = None
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        self.settle()
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        commands = [
+            ("MULTI",),
+            ("ZADD", self.unacked_index_key, time.time(), delivery_tag),
+            ("HSET", self.unacked_key, delivery_tag, record),
+            ("EXEC",),
+        ]
+        with self.channel.conn_or_acquire() as client:
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            except BaseException:
+                conn.disconnect()
+                pool.release(conn)
+                raise
+        self._pending = (pool, conn, len(commands))
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def settle(self) -> None:
+        """Read the reply of the last record sent, if not read yet."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pool, conn, replies = pending
+        try:
+            for _ in range(replies):
+                conn.read_response()
+        except Exception:
+            conn.disconnect()
+            log.warning("recording a message as unacknowledged failed", exc_info=True)
+        finally:
+            pool.release(conn)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.settle()
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.settle()
+        super().reject(delivery_tag, requeue=requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.settle()
+        super().restore_unacked(client)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        self.settle()
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _shared_client: Any = None
 
     @contextmanager

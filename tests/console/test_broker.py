@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from kombu import Connection
 
-from console.broker import Channel, Transport
+from console.broker import Channel, QoS, Transport
 from console.celery import app
 
 
@@ -115,3 +115,40 @@ def test_the_fast_path_steps_aside_when_it_could_differ(monkeypatch: Any) -> Non
         assert not task_publisher(app).usable(task)
     finally:
         signals.before_task_publish.disconnect(listener)
+
+
+def test_a_delivered_message_is_recorded_unacknowledged_until_its_ack_and_can_be_restored() -> None:
+    from kombu import Consumer, Queue
+
+    with Connection(settings.REDIS_URL) as conn:
+        channel = conn.default_channel
+        queue = "pool.test-unacked"
+        client = channel.client
+        client.delete(queue, channel.unacked_key, channel.unacked_index_key)
+        producer = conn.Producer(channel)
+        producer.publish({"n": 1}, routing_key=queue, declare=[], exchange="")
+        received: list[Any] = []
+        consumer = Consumer(channel, [Queue(queue, no_declare=True)], callbacks=[lambda body, msg: received.append(msg)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        (message,) = received
+        assert isinstance(channel.qos, QoS)
+        # The record was sent without waiting; its reply is read before anything else about
+        # the message, here explicitly.
+        channel.qos.settle()
+        tag = message.delivery_tag
+        assert client.hexists(channel.unacked_key, tag)
+        assert client.zscore(channel.unacked_index_key, tag) is not None
+        message.ack()
+        assert not client.hexists(channel.unacked_key, tag)
+        assert client.zscore(channel.unacked_index_key, tag) is None
+
+        # A worker that stops without acking puts its message back in the queue.
+        producer.publish({"n": 2}, routing_key=queue, declare=[], exchange="")
+        conn.drain_events(timeout=5)
+        assert len(received) == 2 and client.llen(queue) == 0
+        channel.qos.restore_unacked()
+        assert client.llen(queue) == 1
+        assert not client.hexists(channel.unacked_key, received[1].delivery_tag)
+        consumer.cancel()
+        client.delete(queue, channel.unacked_key, channel.unacked_index_key)

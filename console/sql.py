@@ -141,6 +141,11 @@ class Batch:
         self.prepared.append(statement)
         self.statements.append((statement.execute, params, statement))
 
+    def extend(self, other: Batch) -> None:
+        """Append ``other``'s statements, to run in this batch's transaction after its own."""
+        self.statements.extend(other.statements)
+        self.prepared.extend(other.prepared)
+
     def render(self, cursor: Any) -> str:
         """The batch as one SQL string, for ``cursor`` (a psycopg client-side binding cursor)."""
         fast = cursor.connection.info.parameter_status("standard_conforming_strings") == "on"

@@ -146,6 +146,10 @@ class Tx:
         self.hold_handoffs = False
         #: (step id, token, owner, values): the completing step's fenced update, written by flush.
         self.fence: tuple[int, int, str, dict[str, Any]] | None = None
+        #: The completing step was never claimed in the database (a pure step run right after a
+        #: sibling, committed in the sibling's transaction): the fence claims it as well, from
+        #: ``queued`` at attempt ``token - 1``, and fails if another worker took it meanwhile.
+        self.fence_claims = False
         self.wf: Workflow = workflow_get(run.workflow_name, run.workflow_version)
         self.now = now
         self.actor_type = actor_type
@@ -839,7 +843,11 @@ class Tx:
             self.expected_version = self.run.version
             if self.fence is not None:
                 step_id, token, owner, values = self.fence
-                store.fence_step_checked(step_id, token, owner, values, batch=batch)
+                if self.fence_claims:
+                    assert batch is not None
+                    store.claim_completed_checked(step_id, token - 1, values, self.now, batch=batch)
+                else:
+                    store.fence_step_checked(step_id, token, owner, values, batch=batch)
                 self.fence = None
             self.flush_steps()
             if waits:

@@ -48,7 +48,7 @@ from orchestration.errors import (
 from orchestration.handoff import held_messages
 from orchestration.leases import alarm_blocked, interrupt_after, lease_keeper
 from orchestration.models import Run, RunStatus, Step, StepKind, StepStatus
-from orchestration.registry import agent_instance, workflow_get
+from orchestration.registry import agent_class, agent_instance, workflow_get
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,12 @@ class Chain:
     (:meth:`settle`) before that step does anything that needs the commit to have happened:
     touching the database, calling a tool, waiting, recording a failure, or starting an agent
     that is not ``pure``. If the commit did not go through as sent, the early work is dropped
-    (:class:`Superseded`) and nothing of it was written."""
+    (:class:`Superseded`) and nothing of it was written.
+
+    Siblings are committed together, as a superstep: when a completion makes nothing ready for
+    this worker and the sibling it would claim next runs a pure agent, the completion is not
+    sent yet; the sibling runs first and its completion, which claims it in the same statement,
+    joins the same transaction (:meth:`hold`)."""
 
     def __init__(self, worker_id: str, pools: frozenset[str]) -> None:
         self.worker_id = worker_id
@@ -148,10 +153,15 @@ class Chain:
         self.handed_off: list[Step] = []
         #: The completion in flight, if any.
         self.committing: Committing | None = None
+        #: Completions not sent yet, waiting for the sibling that runs meanwhile to join them.
+        self.open: OpenBatch | None = None
 
     def settle(self, step: Step) -> None:
-        """``step`` is about to need its predecessor's commit: read it. Raises Superseded when
-        the worker should run something else than ``step`` after all."""
+        """``step`` is about to need its predecessor's commit: make sure it happened. Raises
+        Superseded when the worker should run something else than ``step`` after all."""
+        if self.open is not None:
+            # ``step`` started ahead of a batch not sent yet: it goes now, with step's claim.
+            self._send_open(claim=True)
         committing, self.committing = self.committing, None
         if committing is not None and committing.confirm() is not step:
             raise Superseded(committing.confirm())
@@ -159,23 +169,39 @@ class Chain:
     def finish(self) -> Step | None:
         """The chain has nothing running: read the completion in flight; returns the step it
         made ready for this worker (now confirmed), if any."""
+        if self.open is not None:
+            self._send_open(claim=False)
         committing, self.committing = self.committing, None
         return committing.confirm() if committing is not None else None
 
-    def send(self, batch: Batch, tx: Tx, done: Completion, sibling: Step | None) -> Step | None:
-        """Send ``batch`` (the completion of ``done.step``) without waiting; returns the step
-        to start meanwhile: the one ``tx`` claimed, or ``sibling``, claimed by the batch's
-        last statement, as the claim will leave it."""
+    def may_join(self, sibling: Step, run: Run, now: datetime) -> bool:
+        """Whether ``sibling`` may run before the completion that would claim it is sent: a
+        pure agent's step, due, with no approval to check first."""
+        if sibling.kind not in (StepKind.AGENT, StepKind.ITEM) or sibling.available_at > now:
+            return False
+        if not agent_class(sibling.agent).pure:
+            return False
+        return node_of(workflow_get(run.workflow_name, run.workflow_version), sibling).approval is None
+
+    def hold(self, batch: Batch, members: list[Member], sibling: Step, now: datetime) -> Step:
+        """Keep ``batch`` (the completions of ``members``) unsent and start ``sibling`` now;
+        returns the step to run, as a claim would leave it."""
+        self.handed_off.remove(sibling)
+        ahead = self._as_claimed(sibling, members[-1][1].run, now)
+        self.open = OpenBatch(batch, members, sibling, ahead)
+        return ahead
+
+    def send(self, batch: Batch, members: list[Member], sibling: Step | None) -> Step | None:
+        """Send ``batch`` (the completions of ``members``) without waiting; returns the step to
+        start meanwhile: the one the last completion claimed, or ``sibling``, claimed by the
+        batch's last statement, as the claim will leave it."""
         inflight = batch.send()
+        done, tx, _ = members[-1]
         ahead = tx.local_step
         if sibling is not None:
             self.handed_off.remove(sibling)
-            ahead = copy.copy(sibling)
-            ahead.status, ahead.attempt, ahead.lease_owner = StepStatus.RUNNING, sibling.attempt + 1, self.worker_id
-            ahead.lease_expires_at = done.now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-            ahead.started_at = sibling.started_at or done.now
-            ahead.run = tx.run
-        self.committing = Committing(self, done, inflight, tx, sibling, ahead)
+            ahead = self._as_claimed(sibling, tx.run, done.now)
+        self.committing = Committing(self, members, inflight, sibling, ahead)
         return ahead
 
     def close(self) -> None:
@@ -186,6 +212,27 @@ class Chain:
         except Exception:
             log.exception("reading the last completion of a chain failed")
         held_messages.send_now([s.pk for s in self.handed_off])
+
+    def _send_open(self, *, claim: bool) -> None:
+        group, self.open = self.open, None
+        assert group is not None
+        sibling: Step | None = None
+        if claim:
+            sibling = group.sibling
+            now = timezone.now()
+            lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+            store.claim_in_batch(group.batch, sibling.pk, self.worker_id, now, lease_until)
+        else:
+            self.handed_off.insert(0, group.sibling)
+        self.committing = Committing(self, group.members, group.batch.send(), sibling, group.ahead if claim else None)
+
+    def _as_claimed(self, sibling: Step, run: Run, now: datetime) -> Step:
+        ahead = copy.copy(sibling)
+        ahead.status, ahead.attempt, ahead.lease_owner = StepStatus.RUNNING, sibling.attempt + 1, self.worker_id
+        ahead.lease_expires_at = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
+        ahead.started_at = sibling.started_at or now
+        ahead.run = run
+        return ahead
 
 
 class Completion:
@@ -200,17 +247,31 @@ class Completion:
         self.now = timezone.now()
 
 
+#: One completion in a batch: what it produced, the Tx that wrote it, and the handed-off sibling
+#: it is (a pure step run before its claim, claimed and completed in one statement), if so.
+Member = tuple[Completion, Tx, "Step | None"]
+
+
+class OpenBatch:
+    """Completions written into a batch that is not sent yet, while ``ahead`` (the claimed form
+    of ``sibling``) runs: its completion joins the batch, or the batch goes with its claim."""
+
+    def __init__(self, batch: Batch, members: list[Member], sibling: Step, ahead: Step) -> None:
+        self.batch, self.members, self.sibling, self.ahead = batch, members, sibling, ahead
+
+
 class Committing:
-    """A completion sent to PostgreSQL whose answer the worker has not read yet, and ``ahead``,
-    the step started meanwhile. :meth:`confirm` reads the answer and does what follows a commit
-    (live events, wake-up messages, held hand-offs); if the completion did not go through
-    (another transaction wrote the run first, the lease was lost, the database failed), it
-    settles the step the slow way and returns what the worker should really run next."""
+    """Completions sent to PostgreSQL in one batch whose answer the worker has not read yet, and
+    ``ahead``, the step started meanwhile. :meth:`confirm` reads the answer and does what follows
+    a commit (live events, wake-up messages, held hand-offs); if the batch did not go through
+    (another transaction wrote the run first, a lease was lost, a sibling was taken, the database
+    failed), it settles the first completion the slow way, drops the rest (their steps are still
+    queued and go back to the chain's hand-offs) and returns what the worker should run next."""
 
     def __init__(
-        self, chain: Chain, done: Completion, inflight: InFlight, tx: Tx, sibling: Step | None, ahead: Step | None
+        self, chain: Chain, members: list[Member], inflight: InFlight, sibling: Step | None, ahead: Step | None
     ) -> None:
-        self.chain, self.done, self.inflight, self.tx = chain, done, inflight, tx
+        self.chain, self.members, self.inflight = chain, members, inflight
         self.sibling, self.ahead = sibling, ahead
         self._confirmed = False
         self._next: Step | None = None
@@ -225,47 +286,56 @@ class Committing:
         return self._next
 
     def _read(self) -> Step | None:
-        chain, done = self.chain, self.done
+        chain = self.chain
+        done = self.members[0][0]
         try:
             rows = self.inflight.result()
-        except DatabaseError as exc:
-            if self.sibling is not None:  # the batch rolled back, its claim with it
-                chain.handed_off.insert(0, self.sibling)
-            failed = store.expectation_failed(exc)
+        except Exception as exc:
+            # The batch rolled back as a whole: its claims too. Steps it would have claimed are
+            # still queued (unless another worker took them, which their claim will find).
+            taken = [grouped for _, _, grouped in self.members[1:] if grouped is not None]
+            chain.handed_off[:0] = [*taken, *([self.sibling] if self.sibling is not None else [])]
+            failed = store.expectation_failed(exc) if isinstance(exc, DatabaseError) else None
             if failed == store.LEASE_LOST:
                 log.warning("step %s lost its lease (token %s); its result is discarded", done.step.pk, done.step.attempt)
                 return None
-            if failed == store.RUN_CHANGED:
+            if failed in (store.RUN_CHANGED, store.STEP_TAKEN):
                 try:
                     return step_complete(done, worker_id=chain.worker_id, pools=chain.pools,
                                          handed_off=chain.handed_off, run=store.run_fetch(done.step.run_id))
                 except Exception as again:
-                    _commit_failed(done, again, chain.worker_id, chain.pools)
-                    return None
+                    exc = again
             _commit_failed(done, exc, chain.worker_id, chain.pools)
             return None
-        except Exception as exc:
-            if self.sibling is not None:
-                chain.handed_off.insert(0, self.sibling)
-            _commit_failed(done, exc, chain.worker_id, chain.pools)
-            return None
-        tx = self.tx
-        claimed, was_held = None, False
-        if self.sibling is not None:
-            was_held = held_messages.release(self.sibling.pk)
-            claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, done.now)
-            if claimed is not None:  # one live message for the whole transaction
-                tx.flushed_events.extend(_claim_events(claimed, done.now))
-        for callback in tx.after_commit:
-            callback()
-        if claimed is not None and not was_held:
-            assert self.sibling is not None
-            _withdraw_message(self.sibling.pk)
-        _note_handoff(tx, chain.pools, chain.handed_off)
-        if self.sibling is not None and claimed is not None and self.ahead is not None:
-            # The early start assumed the claim's token; another attempt in between changes it.
-            return self.ahead if claimed.attempt == self.ahead.attempt else claimed
-        return tx.local_step
+        if len(self.members) > 1:  # one live message for the whole transaction
+            events = [event for _, tx, _ in self.members for event in tx.flushed_events]
+            for _, tx, _ in self.members[:-1]:
+                tx.flushed_events.clear()
+            self.members[-1][1].flushed_events[:] = events
+        for member, (done, tx, grouped) in enumerate(self.members, start=1):
+            claimed, was_held = None, False
+            if grouped is not None:
+                was_held = held_messages.release(grouped.pk)
+            last = member == len(self.members)
+            if last and self.sibling is not None:
+                was_held = held_messages.release(self.sibling.pk)
+                claimed = tx.local_step = store.claimed_from_row(rows[0] if rows else None, done.now)
+                if claimed is not None:  # one live message for the whole transaction
+                    tx.flushed_events.extend(_claim_events(claimed, done.now))
+            for callback in tx.after_commit:
+                callback()
+            if grouped is not None and not was_held:
+                _withdraw_message(grouped.pk)
+            if claimed is not None and not was_held:
+                assert self.sibling is not None
+                _withdraw_message(self.sibling.pk)
+            _note_handoff(tx, chain.pools, chain.handed_off)
+            if last and self.sibling is not None:
+                if claimed is None or self.ahead is None:
+                    return claimed
+                # The early start assumed the claim's token; another attempt in between changes it.
+                return self.ahead if claimed.attempt == self.ahead.attempt else claimed
+        return self.members[-1][1].local_step
 
 
 def _commit_failed(done: Completion, exc: BaseException, worker_id: str, pools: frozenset[str]) -> None:
@@ -467,21 +537,39 @@ def step_complete(
                     # The common case: every write, the checks and the commit in ONE statement
                     # string (one round trip); paths that write earlier fall back below.
                     batch = Batch()
+                    group = chain.open if chain is not None and chain.open is not None and chain.open.ahead is step else None
                     tx = advance(run, optimistic=True, batch=batch)
+                    if group is not None:
+                        # Started before its sibling's completion was sent: claimed and completed
+                        # in one statement of that same transaction.
+                        claimed_values = {**values, "attempt": step.attempt, "started_at": step.started_at}
+                        tx.fence, tx.fence_claims = (step.pk, step.attempt, worker_id, claimed_values), True
+                        tx.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, actor_type=ActorType.SYSTEM,
+                                  actor_id=worker_id, attempt=step.attempt, worker=worker_id)
+                        tx.audit.insert(0, tx.audit.pop())
                     tx.flush()
-                    if chain is not None:
+                    members: list[Member] = [(done, tx, None)]
+                    if group is not None:
+                        assert chain is not None
+                        chain.open = None
+                        group.batch.extend(batch)
+                        batch, members = group.batch, [*group.members, (done, tx, group.sibling)]
+                    elif chain is not None:
                         # The previous completion must be in before this one goes out; it also
                         # brings the list of handed-off siblings up to date.
                         chain.settle(step)
                     # This worker's chain ends here: the sibling it handed to the broker first
                     # is claimed in this same transaction if nobody has taken it (instead of a
-                    # claim transaction of its own right after).
+                    # claim transaction of its own right after), or, if it is pure, runs first
+                    # and joins this transaction with its own completion.
                     sibling = handed_off[0] if handed_off and tx.local_step is None and not tx.run.is_terminal else None
+                    if chain is not None and sibling is not None and chain.may_join(sibling, tx.run, now):
+                        return chain.hold(batch, members, sibling, now)
                     if sibling is not None:
                         lease_until = now + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
                         store.claim_in_batch(batch, sibling.pk, worker_id, now, lease_until)
                     if chain is not None:
-                        return chain.send(batch, tx, done, sibling)
+                        return chain.send(batch, members, sibling)
                     rows = batch.run()
                     claimed = None
                     was_held = False

@@ -270,6 +270,8 @@ def _claim_generic(step_id: int, worker_id: str, now: datetime, lease_until: dat
 #: SQLSTATEs raised by ``signalbox_expect`` (migration 0003): the transaction is rolled back.
 LEASE_LOST = "SBX01"
 RUN_CHANGED = "SBX02"
+#: A queued step this worker ran before claiming it was taken by another worker meanwhile.
+STEP_TAKEN = "SBX03"
 
 
 def expectation_failed(exc: BaseException) -> str | None:
@@ -278,7 +280,7 @@ def expectation_failed(exc: BaseException) -> str | None:
     seen: BaseException | None = exc
     while seen is not None:
         state = getattr(seen, "sqlstate", None)
-        if state in (LEASE_LOST, RUN_CHANGED):
+        if state in (LEASE_LOST, RUN_CHANGED, STEP_TAKEN):
             return state
         if state == "40P01":
             return RUN_CHANGED
@@ -329,6 +331,20 @@ def fence_step_checked(
         f"SELECT signalbox_expect(count(*) = 1, '{LEASE_LOST}') FROM u"
     )
     _execute(sql, [*params, step_id, StepStatus.RUNNING, token, owner], batch)
+
+
+def claim_completed_checked(
+    step_id: int, attempt_before: int, values: dict[str, Any], now: datetime, *, batch: Batch
+) -> None:
+    """Move a queued step straight to ``values``, its claim and its outcome at once, if it is
+    still queued at ``attempt_before`` and due; otherwise abort with STEP_TAKEN. For a pure step
+    a worker ran before claiming it, committed in its sibling's transaction."""
+    statement, columns = _checked_update(
+        Step, tuple(values), f"t.status = '{StepStatus.QUEUED}' AND t.attempt = $3 AND t.available_at <= $4",
+        STEP_TAKEN, ("timestamptz",),
+    )
+    row = {column: convert(values[name]) for (column, _, convert), name in zip(columns, values, strict=True)}
+    batch.add_prepared(statement, [dumps(row), step_id, attempt_before, now])
 
 
 @cache

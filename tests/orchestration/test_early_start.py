@@ -14,9 +14,9 @@ from django.db import connection, connections
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
-from orchestration.executor import step_execute
+from orchestration.executor import step_claim, step_execute, step_run
 from orchestration.models import Run, Step
-from orchestration.services import run_cancel, run_submit
+from orchestration.services import run_cancel, run_send_event, run_submit
 from tests.conftest import ALL_POOLS, wait_until
 from tests.support.agents import GatedAgent, PureEcho, PureEffect
 from tests.support.stub_provider import stub_provider_server
@@ -129,6 +129,8 @@ def test_a_step_started_ahead_of_a_commit_that_lost_its_lease_leaves_nothing_beh
     first = _queued(run, "first")
     worker = _in_thread(lambda: step_execute(first.pk, worker_id="w1", pools=ALL_POOLS))
     assert GatedAgent.entered.wait(10)
+    # "held" started ahead of first's commit; the cancellation comes once that commit is in.
+    wait_until(lambda: Step.objects.filter(run=run, node="held").exists(), what="first's commit")
     run_cancel(run_id=run.pk, user=None, reason="changed my mind")
     GatedAgent.gate.set()
     worker.join(20)
@@ -143,3 +145,75 @@ def test_a_step_started_ahead_of_a_commit_that_lost_its_lease_leaves_nothing_beh
     assert not Step.objects.filter(run=run, node="last").exists()
     assert "last" not in run.state
     assert _succeeded_once(run) == {"first": 1, "held": 0}
+
+
+# --- pure siblings committed together ----------------------------------------------------------
+
+
+def _claims(step: Step) -> list[str]:
+    return list(AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_CLAIMED).values_list("actor_id", flat=True))
+
+
+def test_a_pure_sibling_another_worker_took_meanwhile_is_dropped_and_the_first_commits_alone():
+    run = run_submit(workflow="pure_siblings", input={"text": "x"}).run
+    start = _queued(run, "start")
+    worker = _in_thread(lambda: step_execute(start.pk, worker_id="w1", pools=ALL_POOLS))
+    assert GatedAgent.entered.wait(10)
+    # "b" runs on w1 before a's completion is sent; meanwhile w2 claims it (its message went out).
+    taken = step_claim(Step.objects.get(run=run, node="b").pk, "w2")
+    assert taken is not None
+    GatedAgent.gate.set()
+    worker.join(20)
+    assert not worker.is_alive()
+    # a's completion was refused with b's claim in it, and went again alone.
+    a = Step.objects.get(run=run, node="a")
+    assert a.status == "succeeded"
+    assert Step.objects.get(pk=taken.pk).status == "running"
+    assert step_run(taken, worker_id="w2", pools=frozenset()) is None
+    joined = _queued(run, "joined")
+    step_execute(joined.pk, worker_id="w2", pools=ALL_POOLS)
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    assert GatedAgent.starts == ["b", "b"]  # w1's early run was dropped; w2's counts
+    assert _claims(Step.objects.get(pk=taken.pk)) == ["w2"]
+    assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}
+
+
+def test_pure_siblings_whose_run_changed_meanwhile_are_committed_again_from_the_row_as_it_is():
+    run = run_submit(workflow="pure_siblings", input={"text": "x"}).run
+    start = _queued(run, "start")
+    worker = _in_thread(lambda: step_execute(start.pk, worker_id="w1", pools=ALL_POOLS))
+    assert GatedAgent.entered.wait(10)
+    # An outside event reaches the run while "b" runs ahead: the run row changes under a's
+    # completion (not sent yet), which then goes again, read afresh, with b claimed properly.
+    run_send_event(run_id=run.pk, name="unrelated", event_id="e-1", payload={"n": 1}, user=None)
+    GatedAgent.gate.set()
+    worker.join(20)
+    assert not worker.is_alive()
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    assert GatedAgent.starts == ["b", "b"]
+    assert _claims(Step.objects.get(run=run, node="b")) == ["w1"]
+    assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}
+    assert run.state["joined"] == "echo:echo:x"
+
+
+def test_a_pure_sibling_that_acts_on_the_world_is_claimed_first(monkeypatch):
+    with stub_provider_server("test-effect") as stub:
+        monkeypatch.setenv("SIGNALBOX_TEST_ECHO_URL", stub.url)
+        run = run_submit(workflow="pure_effect_siblings", input={"text": "x"}).run
+        step_execute(_queued(run, "start").pk, worker_id="w1", pools=ALL_POOLS)
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    assert stub.count == 1 and PureEffect.events == ["started", "called"]
+    a, b = Step.objects.get(run=run, node="a"), Step.objects.get(run=run, node="b")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE step_id IN (%s, %s)", [a.pk, b.pk]
+        )
+        xmin = {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
+    # b's tool call needed its claim: a's completion went out with it before the call ...
+    assert xmin[(b.pk, Verb.STEP_CLAIMED)] == xmin[(a.pk, Verb.STEP_SUCCEEDED)]
+    # ... and b committed its own outcome afterwards.
+    assert xmin[(b.pk, Verb.STEP_SUCCEEDED)] != xmin[(a.pk, Verb.STEP_SUCCEEDED)]
+    assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}

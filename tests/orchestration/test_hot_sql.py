@@ -228,26 +228,59 @@ def test_a_sibling_whose_message_went_out_is_withdrawn_when_its_worker_claims_it
     assert withdrawn == [f"task-{research_b.pk}"]
 
 
-def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction(
-    drive: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sent: list[list[dict[str, Any]]] = []
-    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
-    run = _run()
-    assert drive(run.pk).status == "succeeded"
-    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+def _transactions(run: Run) -> dict[tuple[int, int], str]:
+    """(step id, verb) -> the transaction that wrote that audit row (its xmin)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE run_id = %s AND verb IN (%s, %s)",
             [run.pk, int(Verb.STEP_SUCCEEDED), int(Verb.STEP_CLAIMED)],
         )
-        xmin = {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
-    # research_a's completion (the join still waits for research_b) also claimed research_b.
-    assert xmin[(steps["research_b"], Verb.STEP_CLAIMED)] == xmin[(steps["research_a"], Verb.STEP_SUCCEEDED)]
+        return {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
+
+
+def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    run = run_submit(workflow="siblings", input={"text": "t"}).run  # agents that are not pure
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
+    xmin = _transactions(run)
+    # a's completion (the join still waits for b) also claimed b; b then ran and committed alone.
+    assert xmin[(steps["b"], Verb.STEP_CLAIMED)] == xmin[(steps["a"], Verb.STEP_SUCCEEDED)]
+    assert xmin[(steps["b"], Verb.STEP_SUCCEEDED)] != xmin[(steps["a"], Verb.STEP_SUCCEEDED)]
     # ...and operators heard of both in one message for that transaction.
     together = [e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
-        (steps["research_a"], "succeeded"), (steps["research_b"], "running")}]
+        (steps["a"], "succeeded"), (steps["b"], "running")}]
     assert len(together) == 1
+
+
+def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
+    drive: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    run = _run()  # the reference workload: every agent is pure
+    assert drive(run.pk).status == "succeeded"
+    steps = {s.node: s for s in Step.objects.filter(run=run)}
+    xmin = _transactions(run)
+    a, b = steps["research_a"].pk, steps["research_b"].pk
+    # research_b ran before research_a's completion was sent, and joined its transaction: its
+    # claim (by this worker, attempt 1) and its success are written with research_a's.
+    assert xmin[(b, Verb.STEP_CLAIMED)] == xmin[(b, Verb.STEP_SUCCEEDED)] == xmin[(a, Verb.STEP_SUCCEEDED)]
+    claim = AuditEvent.objects.get(step_id=b, verb=Verb.STEP_CLAIMED)
+    assert (claim.actor_id, claim.data) == ("t", {"attempt": 1, "worker": "t"})
+    assert (steps["research_b"].status, steps["research_b"].attempt) == ("succeeded", 1)
+    assert steps["research_b"].started_at is not None and steps["research_b"].lease_owner == ""
+    # One message for that transaction tells of both.
+    assert len([e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
+        (a, "succeeded"), (b, "succeeded")}]) == 1
+    # submit, classify's claim, classify, the two research steps, draft, publish.
+    assert len({x for x in AuditEvent.objects.filter(run_id=run.pk).values_list("run_id", flat=True)}) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(DISTINCT xmin::text) FROM audit_auditevent WHERE run_id = %s", [run.pk])
+        assert cursor.fetchone()[0] == 6
 
 
 def test_a_worker_whose_claim_was_lost_cannot_commit_over_a_new_claim_with_the_same_token() -> None:

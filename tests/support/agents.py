@@ -255,10 +255,12 @@ class GatedAgent(Agent):
     pure = True
     entered: ClassVar[threading.Event] = threading.Event()
     gate: ClassVar[threading.Event] = threading.Event()
+    starts: ClassVar[list[str]] = []
     Input = Text
     Output = Text
 
     def run(self, input: Text, ctx: AgentContext) -> Text:
+        GatedAgent.starts.append(ctx.step_key)
         GatedAgent.entered.set()
         if not GatedAgent.gate.wait(20):
             raise TransientError("the test never opened the gate", code="gate_closed")
@@ -271,6 +273,7 @@ class GatedAgent(Agent):
     def reset(cls) -> None:
         cls.entered.clear()
         cls.gate.clear()
+        cls.starts.clear()
 
 
 class PureEffect(Agent):

@@ -141,6 +141,14 @@ saga_waiting.wait("settle", event="payment.settled", after="charge", timeout=tim
 
 # --- pure agents, started before their predecessor's commit is acknowledged (in-process tests) ---
 
+# The reference workload's shape with agents that are not pure: a sibling is claimed, not run
+# before its claim.
+siblings = Workflow("siblings", input=Loose, max_steps=10)
+siblings.agent("start", "test_echo", reads=["text"], writes=["text"])
+siblings.agent("a", "test_echo", after="start", reads=["text"], writes=["a"])
+siblings.agent("b", "test_echo", after="start", reads=["text"], writes=["b"])
+siblings.agent("joined", "test_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+
 early_chain = Workflow("early_chain", input=Loose, max_steps=10)
 early_chain.agent("first", "test_pure_echo", reads=["text"], writes=["text"])
 early_chain.agent("held", "test_gated", after="first", reads=["text"], writes=["held"])
@@ -152,6 +160,20 @@ early_branches.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
 early_branches.agent("a", "test_gated", after="start", reads=["text"], writes=["a"])
 early_branches.agent("b", "test_pure_echo", after="start", reads=["text"], writes=["b"])
 early_branches.agent("c", "test_pure_echo", after="a", reads=["a"], writes=["c"], input=lambda s: {"text": s["a"]})
+
+# Pure siblings: "b" runs before a's completion is sent and joins its transaction.
+pure_siblings = Workflow("pure_siblings", input=Loose, max_steps=10)
+pure_siblings.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
+pure_siblings.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
+pure_siblings.agent("b", "test_gated", after="start", reads=["text"], writes=["b"])
+pure_siblings.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+
+# ...unless the sibling acts on the world: its tool call sends a's completion with b's claim first.
+pure_effect_siblings = Workflow("pure_effect_siblings", input=Loose, max_steps=10)
+pure_effect_siblings.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
+pure_effect_siblings.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
+pure_effect_siblings.agent("b", "test_pure_effect", after="start", reads=["text"], writes=["b"])
+pure_effect_siblings.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
 
 early_effect = Workflow("early_effect", input=Loose, max_steps=10)
 early_effect.agent("first", "test_gated", reads=["text"], writes=["text"])

@@ -354,6 +354,9 @@ class _Table:
         converters = [_json_converter(f) for f in self.fields]
         self.json_ok = all(c is not None for c in converters)
         self.json_fields = [(f.column, f.attname, c) for f, c in zip(self.fields, converters, strict=True)]
+        #: (name, attname) of the foreign keys: a related object saved after it was assigned has
+        #: its id copied in before the insert (Django's ``_prepare_related_fields_for_save``).
+        self.relations = [(f.name, f.attname) for f in self.fields if f.is_relation]
         self.json_insert = Prepared(
             f"INSERT INTO {db().ops.quote_name(self.name)} ({self.columns}) "
             f"SELECT {self.columns} FROM jsonb_populate_recordset(NULL::{db().ops.quote_name(self.name)}, $1)",
@@ -414,8 +417,11 @@ def insert(
     with_pk = objs[0].pk is not None
     table = _table(model, with_pk)
     for obj in objs:
-        # Copies the ids of related objects saved since this one was built (as bulk_create does).
-        obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
+        # Copies the ids of related objects saved since this one was built, or refuses an
+        # unsaved one (as bulk_create does); only an id still missing can need it.
+        cached = obj._state.fields_cache
+        if any(getattr(obj, attname) is None and name in cached for name, attname in table.relations):
+            obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
     if batch is not None:
         if not with_pk and returning:
             raise ValueError("a batched insert cannot return ids: assign them first")

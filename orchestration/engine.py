@@ -208,8 +208,9 @@ class Tx:
         versions[key] = version
         self.run.state[key] = value
         self.state_rows.append(
-            StateVersion(
-                run=self.run, key=key, version=version, value=value, step=step, writer=writer, created_at=self.now
+            store.unsaved(
+                StateVersion, run=self.run, key=key, version=version, value=value, step=step, writer=writer,
+                created_at=self.now,
             )
         )
         self.record(Verb.STATE_WRITTEN, "state", f"{key}@{version}", step=step, payload=value, key=key, version=version)
@@ -252,7 +253,8 @@ class Tx:
         pool = ""
         if kind in (StepKind.AGENT, StepKind.ITEM):
             pool = node.pool or agent_class(node.agent).pool
-        step = Step(
+        step = store.unsaved(
+            Step,
             run=self.run,
             node=node.name,
             visit=visit,

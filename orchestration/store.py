@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 from django.db import models
+from django.db.models.base import ModelState
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
@@ -87,6 +88,37 @@ def _step_columns() -> str:
 @cache
 def _run_columns(alias: str) -> str:
     return ", ".join(f"{alias}.{db().ops.quote_name(f.column)}" for f in Run._meta.concrete_fields)
+
+
+def unsaved(model: type[M], **values: Any) -> M:
+    """A new, unsaved instance of ``model`` with ``values`` and every other field's default, as
+    ``model(**values)`` makes it, without that constructor's keyword handling (~30 µs a step on
+    this hot path). A related object may be given by its field name, like the constructor's."""
+    defaults, relations = _instance_spec(model)
+    obj = model.__new__(model)
+    obj._state = ModelState()
+    attrs = {attname: default() if call else default for attname, default, call in defaults}
+    for name, value in values.items():
+        attname = relations.get(name)
+        if attname is None:
+            attrs[name] = value
+        else:  # the related object: its id, and the object itself cached as the constructor does
+            attrs[attname] = None if value is None else value.pk
+            obj._state.fields_cache[name] = value
+    obj.__dict__.update(attrs)
+    return obj
+
+
+@cache
+def _instance_spec(model: type[models.Model]) -> tuple[list[tuple[str, Any, bool]], dict[str, str]]:
+    defaults = []
+    for field in model._meta.concrete_fields:
+        if field.has_default() and callable(field.default):
+            defaults.append((field.attname, field.default, True))
+        else:
+            defaults.append((field.attname, field.get_default(), False))
+    relations = {f.name: f.attname for f in model._meta.concrete_fields if f.is_relation}
+    return defaults, relations
 
 
 def _build(model: type[M], row: Sequence[Any]) -> M:

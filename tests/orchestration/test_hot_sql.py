@@ -425,3 +425,24 @@ def test_a_batch_sent_after_its_statements_were_forgotten_is_prepared_again_and_
     before = AuditEvent.objects.filter(run_id=run.pk).count()
     batch.send().result()
     assert AuditEvent.objects.filter(run_id=run.pk).count() == before + 1
+
+
+def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_and_refuses_an_unsaved_one() -> None:
+    from orchestration.models import StateVersion
+
+    run = _run()
+    now = timezone.now()
+    later = Run(
+        workflow_name="reference_workload", workflow_version=1, trace_id="t", input={}, created_at=now,
+        updated_at=now, deadline_at=now,
+    )
+    version = store.unsaved(StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now)
+    assert version.run_id is None
+    with pytest.raises(ValueError, match="unsaved related object"):
+        insert(StateVersion, [version], returning=False, batch=Batch())
+    later.save()
+    batch = Batch()
+    insert(StateVersion, [version], returning=False, batch=batch)
+    batch.run()
+    assert StateVersion.objects.get(run=later, key="k").value == {"v": 1}
+    assert run.pk != later.pk

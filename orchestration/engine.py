@@ -884,18 +884,19 @@ class Tx:
         held = [(s.pk, s.pool) for s in self.handed_off if s.pool in self.local_pools] if hold_for > 0 else []
         if held:
             publish = [entry for entry in publish if (entry[0], entry[1]) not in held]
+        # After commit, workers are woken first: the live view can wait a few microseconds.
         if self.batch is not None:
+            if publish:
+                self.after_commit.append(lambda: publish_steps(publish))
             self.after_commit.append(lambda: live.send_now(events))
             if held:
                 self.after_commit.append(lambda: held_messages.hold(held, hold_for))
-            if publish:
-                self.after_commit.append(lambda: publish_steps(publish))
             return
+        if publish:
+            transaction.on_commit(lambda: publish_steps(publish))
         live.send_on_commit(events)
         if held:
             transaction.on_commit(lambda: held_messages.hold(held, hold_for))
-        if publish:
-            transaction.on_commit(lambda: publish_steps(publish))
 
     def _settle_run_status(self) -> None:
         run = self.run

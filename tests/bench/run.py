@@ -396,7 +396,7 @@ def main() -> None:
         if "service" in only:
             rows.append(measured("(a) via the service", args.runs, lambda: bench_throughput_service(args.runs, counters)))
         if "api" in only:
-            rows.append(bench_throughput_api(args.runs, counters, client))
+            rows.append(measured("(a) via the REST API", args.runs, lambda: bench_throughput_api(args.runs, counters, client)))
         if "resume" in only:
             rows.append(bench_resume(args.approvals, counters, client))
     finally:

@@ -105,10 +105,12 @@ def run_submit(
             f"input does not satisfy {wf.key}'s input contract", code="input_contract", detail=_validation_detail(exc)
         ) from exc
     scope = str(submitted_by.pk) if submitted_by is not None else "system"
-    if idempotency_key:
-        existing = Run.objects.filter(idempotency_scope=scope, idempotency_key=idempotency_key).first()
-        if existing is not None:
-            return Submitted(existing, created=False)
+
+    def seen_before() -> Run | None:
+        if not idempotency_key:
+            return None
+        return Run.objects.filter(idempotency_scope=scope, idempotency_key=idempotency_key).first()
+
     actor_type, actor_id = _actor(submitted_by)
     now = timezone.now()
 
@@ -142,19 +144,22 @@ def run_submit(
         tx.flush()
 
     try:
-        run = _submit_batched(new_run(), now, begin, actor_type, actor_id) if is_postgres() and not db().in_atomic_block else None
+        # The batched submit finds a key seen before by the unique constraint refusing its run
+        # (below) rather than by a lookup first, which would cost every submit for a rare case.
+        batched = is_postgres() and not db().in_atomic_block
+        run = _submit_batched(new_run(), now, begin, actor_type, actor_id) if batched else None
         if run is None:
+            if (existing := seen_before()) is not None:
+                return Submitted(existing, created=False)
             with pipeline(), transaction.atomic():
                 run = new_run()
                 run.save(force_insert=True)
                 tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
                 begin(tx)
     except IntegrityError:
-        # Two submits with one key raced; the unique constraint let exactly one in.
-        if not idempotency_key:
-            raise
-        existing = Run.objects.filter(idempotency_scope=scope, idempotency_key=idempotency_key).first()
-        if existing is None:
+        # The key was seen before, or two submits with one key raced: the unique constraint let
+        # exactly one run in, and that is the one returned.
+        if (existing := seen_before()) is None:
             raise
         return Submitted(existing, created=False)
     return Submitted(run, created=True)

@@ -153,6 +153,15 @@ def test_a_batched_submit_is_all_or_nothing() -> None:
     assert not again.created and again.run.pk == first.run.pk
 
 
+def test_a_batched_submit_with_a_key_seen_before_returns_the_first_run_and_writes_nothing() -> None:
+    first = run_submit(workflow="reference_workload", input={"topic": "a"}, idempotency_key="again")
+    counts = (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count())
+    second = run_submit(workflow="reference_workload", input={"topic": "b"}, idempotency_key="again")
+    assert first.created and not second.created
+    assert second.run.pk == first.run.pk and second.run.input == {"topic": "a"}
+    assert (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count()) == counts
+
+
 def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # A start that raises goes the transactional way (failing a run cancels its steps, which a
     # batch cannot do), and is recorded.

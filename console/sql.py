@@ -55,6 +55,22 @@ def pipeline() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def refusing_queries(refusal: Callable[[], Exception]) -> Iterator[bool]:
+    """Inside, any use of the default connection raises ``refusal()`` (with the
+    ``console.postgresql`` backend; yields False, and refuses nothing, with another). For work
+    computed on top of writes batched but not sent yet, which a query would not see."""
+    conn = db()
+    if not getattr(conn, "supports_batches_in_flight", False):
+        yield False
+        return
+    previous, conn.refusal = conn.refusal, refusal  # type: ignore[attr-defined]
+    try:
+        yield True
+    finally:
+        conn.refusal = previous  # type: ignore[attr-defined]
+
+
 class Prepared:
     """A statement prepared once per connection and then executed by name (PostgreSQL).
 

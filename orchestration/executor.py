@@ -24,7 +24,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, InFlight, db, is_postgres, pipeline
+from console.sql import Batch, InFlight, db, is_postgres, pipeline, refusing_queries
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.engine import (
@@ -179,7 +179,7 @@ class Chain:
         pure agent's step, due, with no approval to check first."""
         if sibling.kind not in (StepKind.AGENT, StepKind.ITEM) or sibling.available_at > now:
             return False
-        if not agent_class(sibling.agent).pure:
+        if not agent_class(sibling.agent).pure or not getattr(db(), "supports_batches_in_flight", False):
             return False
         return node_of(workflow_get(run.workflow_name, run.workflow_version), sibling).approval is None
 
@@ -538,16 +538,20 @@ def step_complete(
                     # string (one round trip); paths that write earlier fall back below.
                     batch = Batch()
                     group = chain.open if chain is not None and chain.open is not None and chain.open.ahead is step else None
-                    tx = advance(run, optimistic=True, batch=batch)
-                    if group is not None:
-                        # Started before its sibling's completion was sent: claimed and completed
-                        # in one statement of that same transaction.
-                        claimed_values = {**values, "attempt": step.attempt, "started_at": step.started_at}
-                        tx.fence, tx.fence_claims = (step.pk, step.attempt, worker_id, claimed_values), True
-                        tx.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, actor_type=ActorType.SYSTEM,
-                                  actor_id=worker_id, attempt=step.attempt, worker=worker_id)
-                        tx.audit.insert(0, tx.audit.pop())
-                    tx.flush()
+                    # Joining a batch not sent yet, the advance must not read the database: the
+                    # rows it would read do not have that batch's writes (a map's items, the
+                    # steps a failing run undoes). A query sends the batch first (the fallback).
+                    with refusing_queries(NeedsTransaction) if group is not None else nullcontext():
+                        tx = advance(run, optimistic=True, batch=batch)
+                        if group is not None:
+                            # Started before its sibling's completion was sent: claimed and
+                            # completed in one statement of that same transaction.
+                            claimed_values = {**values, "attempt": step.attempt, "started_at": step.started_at}
+                            tx.fence, tx.fence_claims = (step.pk, step.attempt, worker_id, claimed_values), True
+                            tx.record(Verb.STEP_CLAIMED, "step", step.pk, step=step, actor_type=ActorType.SYSTEM,
+                                      actor_id=worker_id, attempt=step.attempt, worker=worker_id)
+                            tx.audit.insert(0, tx.audit.pop())
+                        tx.flush()
                     members: list[Member] = [(done, tx, None)]
                     if group is not None:
                         assert chain is not None

@@ -9,6 +9,7 @@ and commits the batch either way. The engine acts on the outcome where it asks f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.db.backends.postgresql import base
@@ -22,9 +23,15 @@ class DatabaseWrapper(base.DatabaseWrapper):
         super().__init__(*args, **kwargs)
         #: The batch sent on this connection and not read yet (a ``console.sql.InFlight``).
         self.in_flight: Any = None
+        #: While set, any use of the connection raises what this returns instead
+        #: (``console.sql.refusing_queries``).
+        self.refusal: Callable[[], Exception] | None = None
 
     def settle(self) -> None:
-        """Read the outcome of the batch in flight, if any: the connection is free again."""
+        """Read the outcome of the batch in flight, if any: the connection is free again. Raises
+        while queries are refused."""
+        if self.refusal is not None:
+            raise self.refusal()
         if self.in_flight is not None:
             self.in_flight.receive()
 

@@ -151,6 +151,14 @@ class Processes:
             out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
             return [int(p) for p in out]
 
+        def reaped(pid: int) -> float:
+            """CPU of a process's children that exited (PostgreSQL backends that closed)."""
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[13]) + int(fields[14])) / tick
+            except (OSError, IndexError, ValueError):
+                return 0.0
+
         totals = {"workers": 0.0, "web": 0.0, "postgres": 0.0, "redis": 0.0, "bench": cpu(os.getpid())}
         for proc in self.procs[:-1]:
             totals["workers"] += cpu(proc.pid)
@@ -159,6 +167,9 @@ class Processes:
         # plus the server's own WAL writer, background writer and checkpointer.
         shared = ("postgres: .*(walwriter|background writer|checkpointer)", f"postgres: .* {BENCH_DB} ")
         totals["postgres"] = sum(cpu(p) for pattern in shared for p in named(pattern))
+        # Backends that exited meanwhile (the web process' pool closes some) are counted by the
+        # postmaster, which reaps them (with any other database's that ended, rare during a run).
+        totals["postgres"] += sum(reaped(p) for p in named("bin/postgres -D"))
         totals["redis"] = sum(cpu(p) for p in named("redis-server"))
         return totals
 

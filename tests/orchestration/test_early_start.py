@@ -217,3 +217,20 @@ def test_a_pure_sibling_that_acts_on_the_world_is_claimed_first(monkeypatch):
     # ... and b committed its own outcome afterwards.
     assert xmin[(b.pk, Verb.STEP_SUCCEEDED)] != xmin[(a.pk, Verb.STEP_SUCCEEDED)]
     assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_pure_map_items_are_joined_in_order_when_their_completions_go_together(count):
+    # With two items, the second runs before the first's completion is sent; completing it must
+    # see the first one done, which only a query after that completion can tell.
+    items = [{"text": f"item {i}"} for i in range(count)]
+    run = run_submit(workflow="pure_map", input={"text": "x", "items": items}).run
+    step_execute(_queued(run, "start").pk, worker_id="w1", pools=ALL_POOLS)
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    assert run.state["answers"] == [{"text": f"echo:item {i}"} for i in range(count)]
+    answers = Step.objects.filter(run=run, node="answer", kind="item").order_by("item")
+    assert [s.item for s in answers] == list(range(count))
+    assert all(s.status == "succeeded" for s in answers)
+    for step in answers:
+        assert AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_SUCCEEDED).count() == 1

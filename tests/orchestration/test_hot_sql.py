@@ -455,3 +455,17 @@ def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_a
     batch.run()
     assert StateVersion.objects.get(run=later, key="k").value == {"v": 1}
     assert run.pk != later.pk
+
+
+def test_queries_can_be_refused_while_work_depends_on_writes_not_sent_yet() -> None:
+    from console.sql import refusing_queries
+
+    class NotNow(Exception):
+        pass
+
+    run = _run()
+    with refusing_queries(NotNow) as refused:
+        assert refused
+        with pytest.raises(NotNow):
+            Step.objects.filter(run=run).count()
+    assert Step.objects.filter(run=run).count() == 1

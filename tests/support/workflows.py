@@ -175,6 +175,13 @@ pure_effect_siblings.agent("a", "test_pure_echo", after="start", reads=["text"],
 pure_effect_siblings.agent("b", "test_pure_effect", after="start", reads=["text"], writes=["b"])
 pure_effect_siblings.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
 
+# A map of pure items: completing an item reads its siblings' rows, which a batch not sent yet
+# would hide; such a completion sends that batch first.
+pure_map = Workflow("pure_map", input=Loose, max_steps=20)
+pure_map.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
+pure_map.map("answer", "test_pure_echo", after="start", items="items", max_items=6, concurrency=3, writes=["answers"])
+pure_map.agent("summary", "test_pure_echo", after="answer", reads=["text"], writes=["summary"])
+
 early_effect = Workflow("early_effect", input=Loose, max_steps=10)
 early_effect.agent("first", "test_gated", reads=["text"], writes=["text"])
 early_effect.agent("act", "test_pure_effect", after="first", reads=["text"], writes=["acted"])

@@ -231,21 +231,16 @@ class EffectUndo(Agent):
 # In-process tests only: what they note lives in this process.
 
 
-class PureEcho(Agent):
+class PureEcho(EchoAgent):
     """``test_echo``, declared pure; notes the key of every step it starts, in order."""
 
     name = "test_pure_echo"
     pure = True
     starts: ClassVar[list[str]] = []
-    Input = Text
-    Output = Text
 
     def run(self, input: Text, ctx: AgentContext) -> Text:
         PureEcho.starts.append(ctx.step_key)
-        echoed = f"echo:{input.text}"
-        for key in ctx.state.writable:
-            ctx.state.set(key, echoed)
-        return Text(text=echoed)
+        return super().run(input, ctx)
 
 
 class GatedAgent(Agent):

@@ -161,19 +161,20 @@ early_branches.agent("a", "test_gated", after="start", reads=["text"], writes=["
 early_branches.agent("b", "test_pure_echo", after="start", reads=["text"], writes=["b"])
 early_branches.agent("c", "test_pure_echo", after="a", reads=["a"], writes=["c"], input=lambda s: {"text": s["a"]})
 
-# Pure siblings: "b" runs before a's completion is sent and joins its transaction.
-pure_siblings = Workflow("pure_siblings", input=Loose, max_steps=10)
-pure_siblings.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
-pure_siblings.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
-pure_siblings.agent("b", "test_gated", after="start", reads=["text"], writes=["b"])
-pure_siblings.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
 
-# ...unless the sibling acts on the world: its tool call sends a's completion with b's claim first.
-pure_effect_siblings = Workflow("pure_effect_siblings", input=Loose, max_steps=10)
-pure_effect_siblings.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
-pure_effect_siblings.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
-pure_effect_siblings.agent("b", "test_pure_effect", after="start", reads=["text"], writes=["b"])
-pure_effect_siblings.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+def _pure_siblings(name: str, b_agent: str) -> Workflow:
+    wf = Workflow(name, input=Loose, max_steps=10)
+    wf.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
+    wf.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
+    wf.agent("b", b_agent, after="start", reads=["text"], writes=["b"])
+    wf.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+    return wf
+
+
+# Pure siblings: "b" runs before a's completion is sent and joins its transaction ...
+pure_siblings = _pure_siblings("pure_siblings", "test_gated")
+# ... unless it acts on the world: its tool call sends a's completion with b's claim first.
+pure_effect_siblings = _pure_siblings("pure_effect_siblings", "test_pure_effect")
 
 # A map of pure items: completing an item reads its siblings' rows, which a batch not sent yet
 # would hide; such a completion sends that batch first.

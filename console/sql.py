@@ -436,7 +436,7 @@ def insert(
         # Copies the ids of related objects saved since this one was built, or refuses an
         # unsaved one (as bulk_create does); only an id still missing can need it.
         cached = obj._state.fields_cache
-        if any(getattr(obj, attname) is None and name in cached for name, attname in table.relations):
+        if any(getattr(obj, attname) is None and cached.get(name) is not None for name, attname in table.relations):
             obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
     if batch is not None:
         if not with_pk and returning:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.models import Permission
 from django.db.models import Q
 from django.http import HttpRequest
 from django.utils import timezone
@@ -36,6 +38,28 @@ class ApiTokenAuth(HttpBearer):
                 Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale)
             ).update(last_used_at=now)
         return api_token.user
+
+
+class SingleQueryModelBackend(ModelBackend):
+    """Django's ModelBackend, loading a user's model permissions (direct and through groups) in
+    one query instead of two. Each request loads its user afresh, so this runs on every request
+    that checks a permission; the result is kept on the user object for that request, as
+    Django's own backend keeps it."""
+
+    def get_all_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
+        if not user_obj.is_active or user_obj.is_anonymous or obj is not None:
+            return set()
+        if not hasattr(user_obj, "_perm_cache"):
+            if user_obj.is_superuser:
+                user_obj._perm_cache = super().get_all_permissions(user_obj)
+            else:
+                rows = (
+                    Permission.objects.filter(Q(user=user_obj) | Q(group__user=user_obj))
+                    .values_list("content_type__app_label", "codename")
+                    .distinct()
+                )
+                user_obj._perm_cache = {f"{app_label}.{codename}" for app_label, codename in rows}
+        return user_obj._perm_cache  # type: ignore[no-any-return]
 
 
 class ConsoleSessionAuth(SessionAuth):

@@ -204,12 +204,12 @@ def test_list_query_count_does_not_grow_with_the_page(
     for _ in range(3):
         run_submit(workflow="reference_workload", input={}, submitted_by=operator)
     operator_client.get(RUNS)  # the token's first use records last_used_at (one UPDATE)
-    # token, user permissions, group permissions, the page
-    with django_assert_max_num_queries(4):
+    # token, model permissions (direct and through groups, one query), the page
+    with django_assert_max_num_queries(3):
         small = operator_client.get(RUNS, {"limit": 1})
     for _ in range(20):
         run_submit(workflow="reference_workload", input={}, submitted_by=operator)
-    with django_assert_max_num_queries(4):
+    with django_assert_max_num_queries(3):
         big = operator_client.get(RUNS, {"limit": 200})
     assert len(small.json()["items"]) == 1 and len(big.json()["items"]) == 23
 
@@ -219,8 +219,8 @@ def test_detail_query_count_does_not_grow_with_the_run(
 ):
     wait = pending_approval()
     operator_client.get(f"{RUNS}/{wait.run_id}")
-    # token, user permissions, group permissions, run, submitter, state history, steps, waits, events
-    with django_assert_max_num_queries(9):
+    # token, model permissions, run, submitter, state history, steps, waits, events
+    with django_assert_max_num_queries(8):
         response = operator_client.get(f"{RUNS}/{wait.run_id}")
     assert len(response.json()["steps"]) == 5
 
@@ -363,3 +363,19 @@ def test_a_session_works_and_its_writes_need_the_csrf_token(operator):
         HTTP_X_CSRFTOKEN=token,
     )
     assert accepted.status_code == 201, accepted.content
+
+
+def test_token_clients_get_permissions_from_their_groups_too_and_a_change_counts_at_once(stranger, client_for):
+    from django.contrib.auth.models import Group, Permission
+
+    client = client_for(stranger)
+    body = {"workflow": "reference_workload", "input": {}}
+    assert client.post(RUNS, body, content_type="application/json").status_code == 403
+    group = Group.objects.create(name="submitters")
+    group.permissions.add(Permission.objects.get(codename="add_run"))
+    stranger.groups.add(group)
+    assert client.post(RUNS, body, content_type="application/json").status_code == 201
+    stranger.groups.remove(group)
+    assert client.post(RUNS, body, content_type="application/json").status_code == 403
+    stranger.user_permissions.add(Permission.objects.get(codename="add_run"))
+    assert client.post(RUNS, body, content_type="application/json").status_code == 201

@@ -140,12 +140,12 @@ def test_run_list_query_count_does_not_grow_with_runs(
     client = logged_in(viewer)
     for _ in range(3):
         submit(viewer)
-    # session, user, the user's permissions (2: direct and via groups), the page of runs
-    with django_assert_num_queries(5):
+    # session, user, the user's permissions (direct and via groups, one query), the page of runs
+    with django_assert_num_queries(4):
         assert client.get("/").status_code == 200
     for _ in range(5):
         submit(viewer)
-    with django_assert_num_queries(5):
+    with django_assert_num_queries(4):
         assert client.get("/").status_code == 200
 
 

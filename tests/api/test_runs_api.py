@@ -204,12 +204,12 @@ def test_list_query_count_does_not_grow_with_the_page(
     for _ in range(3):
         run_submit(workflow="reference_workload", input={}, submitted_by=operator)
     operator_client.get(RUNS)  # the token's first use records last_used_at (one UPDATE)
-    # token, model permissions (direct and through groups, one query), the page
-    with django_assert_max_num_queries(3):
+    # the token with its user and model permissions (direct and through groups), the page
+    with django_assert_max_num_queries(2):
         small = operator_client.get(RUNS, {"limit": 1})
     for _ in range(20):
         run_submit(workflow="reference_workload", input={}, submitted_by=operator)
-    with django_assert_max_num_queries(3):
+    with django_assert_max_num_queries(2):
         big = operator_client.get(RUNS, {"limit": 200})
     assert len(small.json()["items"]) == 1 and len(big.json()["items"]) == 23
 
@@ -219,8 +219,8 @@ def test_detail_query_count_does_not_grow_with_the_run(
 ):
     wait = pending_approval()
     operator_client.get(f"{RUNS}/{wait.run_id}")
-    # token, model permissions, run, submitter, state history, steps, waits, events
-    with django_assert_max_num_queries(8):
+    # token with user and permissions, run, submitter, state history, steps, waits, events
+    with django_assert_max_num_queries(7):
         response = operator_client.get(f"{RUNS}/{wait.run_id}")
     assert len(response.json()["steps"]) == 5
 
@@ -365,7 +365,9 @@ def test_a_session_works_and_its_writes_need_the_csrf_token(operator):
     assert accepted.status_code == 201, accepted.content
 
 
-def test_token_clients_get_permissions_from_their_groups_too_and_a_change_counts_at_once(stranger, client_for):
+def test_token_clients_get_permissions_from_their_groups_too_and_a_change_counts_at_once(
+    stranger, client_for
+):
     from django.contrib.auth.models import Group, Permission
 
     client = client_for(stranger)

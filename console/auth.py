@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -17,6 +17,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer, SessionAuth
 
 from console.models import ApiToken, token_digest
+from console.sql import Prepared, execute_prepared
 
 # Recording every use would turn each API read into a write; a minute's precision is enough.
 LAST_USED_PRECISION = timedelta(minutes=1)
@@ -35,35 +36,61 @@ class ApiTokenAuth(HttpBearer):
             return None
         now = timezone.now()
         stale = now - LAST_USED_PRECISION
-        params = [connection.ops.adapt_datetimefield_value(stale), token_digest(token)]
-        user = next(iter(get_user_model().objects.raw(_token_sql(connection.vendor), params)), None)
-        if user is None or not user.is_active:
+        found = _token_user(token_digest(token), stale)
+        if found is None:
+            return None
+        user, token_id, used_long_ago, perms = found
+        if not user.is_active:
             return None
         if not user.is_superuser:  # a superuser's checks never look at the cache
-            user._perm_cache = set(user.sbx_perms.split(" ")) if user.sbx_perms else set()
-        if user.sbx_token_stale:
-            ApiToken.objects.filter(pk=user.sbx_token_id).filter(
+            user._perm_cache = set(perms.split(" ")) if perms else set()
+        if used_long_ago:
+            ApiToken.objects.filter(pk=token_id).filter(
                 Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale)
             ).update(last_used_at=now)
         return user
 
 
+def _token_user(digest: str, stale: datetime) -> tuple[Any, int, bool, str | None] | None:
+    """The unrevoked token with ``digest``: its user, its id, whether its recorded use is older
+    than ``stale``, and the user's permissions as ``app_label.codename`` separated by spaces."""
+    user_model = get_user_model()
+    if connection.vendor == "postgresql":
+        # Prepared once per connection: planning this query costs PostgreSQL more than running it.
+        row = execute_prepared(_token_statement(), [stale, digest])
+        if row is None:
+            return None
+        columns = _user_columns()
+        user = user_model.from_db(connection.alias, [a for a, _ in columns], row[: len(columns)])
+        return user, *row[len(columns) :]
+    sql = _token_sql("group_concat", "%s", "%s")
+    params = [connection.ops.adapt_datetimefield_value(stale), digest]
+    found = next(iter(user_model.objects.raw(sql, params)), None)
+    if found is None:
+        return None
+    return found, found.sbx_token_id, bool(found.sbx_token_stale), found.sbx_perms
+
+
+def _user_columns() -> list[tuple[str, str]]:
+    return [(f.attname, f.column) for f in get_user_model()._meta.concrete_fields]
+
+
 @functools.cache
-def _token_sql(vendor: str) -> str:
-    """The token lookup, for the digest in the second parameter: the user's columns, the token's
-    id, whether its recorded use is older than the first parameter, and the user's permissions
-    as ``app_label.codename`` separated by spaces."""
+def _token_statement() -> Prepared:
+    return Prepared(_token_sql("string_agg", "$1", "$2"), ["timestamptz", "text"])
+
+
+def _token_sql(aggregate: str, stale: str, digest: str) -> str:
     table = connection.ops.quote_name
     user = get_user_model()._meta
     direct = user.get_field("user_permissions")
     groups = user.get_field("groups")
     granted = Group._meta.get_field("permissions")
-    perm = "ct.app_label || '.' || p.codename"
-    joined = f"string_agg({perm}, ' ')" if vendor == "postgresql" else f"group_concat({perm}, ' ')"
+    columns = ", ".join(f"u.{table(column)}" for _, column in _user_columns())
     return f"""
-        SELECT u.*, t.id AS sbx_token_id,
-               (t.last_used_at IS NULL OR t.last_used_at < %s) AS sbx_token_stale,
-               (SELECT {joined}
+        SELECT {columns}, t.id AS sbx_token_id,
+               (t.last_used_at IS NULL OR t.last_used_at < {stale}) AS sbx_token_stale,
+               (SELECT {aggregate}(ct.app_label || '.' || p.codename, ' ')
                   FROM {table(Permission._meta.db_table)} p
                   JOIN {table(ContentType._meta.db_table)} ct ON ct.id = p.content_type_id
                  WHERE p.id IN (SELECT {direct.m2m_reverse_name()}
@@ -77,7 +104,7 @@ def _token_sql(vendor: str) -> str:
                ) AS sbx_perms
           FROM {table(ApiToken._meta.db_table)} t
           JOIN {table(user.db_table)} u ON u.{user.pk.column} = t.user_id
-         WHERE t.digest = %s AND t.revoked_at IS NULL
+         WHERE t.digest = {digest} AND t.revoked_at IS NULL
     """
 
 

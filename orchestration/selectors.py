@@ -27,7 +27,9 @@ def runs_visible_to(user: User) -> QuerySet[Run]:
         return Run.objects.none()
     if user.has_perm(VIEW):
         return Run.objects.all()
-    granted = get_objects_for_user(user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False)
+    granted = get_objects_for_user(
+        user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False
+    )
     return Run.objects.filter(Q(pk__in=granted.values("pk")) | Q(submitted_by=user))
 
 
@@ -94,7 +96,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         at = datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=fraction)
         return at, int(pk)
     except (ValueError, OverflowError, OSError):
-        raise InvalidInput("cursor is not valid; use next_cursor from the previous page", code="invalid_cursor") from None
+        raise InvalidInput(
+            "cursor is not valid; use next_cursor from the previous page", code="invalid_cursor"
+        ) from None
 
 
 def run_steps(run: Run) -> list[Step]:
@@ -116,14 +120,20 @@ def run_events(run: Run) -> list[RunEvent]:
 def approvals_pending_for_user(user: User, *, limit: int = 100) -> list[Wait]:
     """Open approvals on runs the user may see, oldest deadline first."""
     return list(
-        Wait.objects.filter(kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, run__in=runs_visible_to(user))
+        Wait.objects.filter(
+            kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, run__in=runs_visible_to(user)
+        )
         .select_related("run", "step")
         .order_by("deadline_at", "id")[:limit]
     )
 
 
 def approval_get_for_user(user: User, wait_id: int) -> Wait:
-    wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user)).first()
+    wait = (
+        Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user))
+        .select_related("run")
+        .first()
+    )
     if wait is None:
         raise NotFound(f"no approval {wait_id}", code="approval_not_found")
     return wait

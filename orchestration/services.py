@@ -234,10 +234,11 @@ def approval_decide(
     now = timezone.now()
     with transaction.atomic():
         run = run_lock(wait.run_id)
-        won = Wait.objects.filter(pk=wait_id, status=WaitStatus.OPEN).update(
+        decided = dict(
             status=WaitStatus.REJECTED if decision == Decision.REJECT else WaitStatus.APPROVED,
             decision=decision, decided_by=user, decided_at=now, decision_reason=reason, edited_input=edited_input,
         )
+        won = Wait.objects.filter(pk=wait_id, status=WaitStatus.OPEN).update(**decided)
         if not won:
             current = Wait.objects.select_related("decided_by").get(pk=wait_id)
             by = current.decided_by.get_username() if current.decided_by else "the system"
@@ -247,11 +248,15 @@ def approval_decide(
                 code="already_decided",
                 detail={"status": current.status, "decided_by": by},
             )
-        wait.refresh_from_db()
+        # The row is now what was read before the lock plus what this update wrote: nothing else
+        # changes an open wait, and it was open. The step is read under the lock.
+        for field, value in decided.items():
+            setattr(wait, field, value)
         step = Step.objects.get(pk=wait.step_id)
         tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
         _apply_decision(tx, wait, step, decision, reason, edited_input)
         tx.flush()
+    wait.run, wait.step = run, step  # as they are now, for whoever shows the decision
     return wait
 
 

@@ -58,6 +58,23 @@ def test_approve_resumes_the_run(operator_client, pending_approval, drive):
     assert Run.objects.get(pk=wait.run_id).status == "succeeded"
 
 
+def test_a_decision_costs_a_bounded_number_of_queries(
+    operator_client, pending_approval, django_assert_max_num_queries
+):
+    wait = pending_approval()
+    operator_client.get(APPROVALS)  # the token's first use records last_used_at (one UPDATE)
+    # token with user and permissions; the approval with its run; in the service: the approval,
+    # the run locked, the decision, the step, then the step, run and audit writes (one
+    # pipeline), inside a savepoint here; none to show the result (16 queries before)
+    with django_assert_max_num_queries(11):
+        response = decide(operator_client, wait.pk, decision="approve", reason="ok")
+    body = response.json()
+    assert response.status_code == 200, body
+    assert (body["workflow"], body["node"]) == ("reference_workload", "publish")
+    assert body["decided_by"] == "operator"
+    assert body["status"] == "approved"
+
+
 def test_reject_with_a_reason_stops_the_step(operator_client, pending_approval, drive):
     wait = pending_approval()
     response = decide(operator_client, wait.pk, decision="reject", reason="wrong customer")

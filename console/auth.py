@@ -17,7 +17,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer, SessionAuth
 
 from console.models import ApiToken, token_digest
-from console.sql import Prepared, execute_prepared
+from console.sql import Prepared, execute_prepared, from_row
 
 # Recording every use would turn each API read into a write; a minute's precision is enough.
 LAST_USED_PRECISION = timedelta(minutes=1)
@@ -54,25 +54,18 @@ class ApiTokenAuth(HttpBearer):
 def _token_user(digest: str, stale: datetime) -> tuple[Any, int, bool, str | None] | None:
     """The unrevoked token with ``digest``: its user, its id, whether its recorded use is older
     than ``stale``, and the user's permissions as ``app_label.codename`` separated by spaces."""
-    user_model = get_user_model()
     if connection.vendor == "postgresql":
         # Prepared once per connection: planning this query costs PostgreSQL more than running it.
         row = execute_prepared(_token_statement(), [stale, digest])
-        if row is None:
-            return None
-        columns = _user_columns()
-        user = user_model.from_db(connection.alias, [a for a, _ in columns], row[: len(columns)])
-        return user, *row[len(columns) :]
-    sql = _token_sql("group_concat", "%s", "%s")
-    params = [connection.ops.adapt_datetimefield_value(stale), digest]
-    found = next(iter(user_model.objects.raw(sql, params)), None)
-    if found is None:
+    else:
+        with connection.cursor() as cursor:
+            sql = _token_sql("group_concat", "%s", "%s")
+            cursor.execute(sql, [connection.ops.adapt_datetimefield_value(stale), digest])
+            row = cursor.fetchone()
+    if row is None:
         return None
-    return found, found.sbx_token_id, bool(found.sbx_token_stale), found.sbx_perms
-
-
-def _user_columns() -> list[tuple[str, str]]:
-    return [(f.attname, f.column) for f in get_user_model()._meta.concrete_fields]
+    *user_row, token_id, used_long_ago, perms = row
+    return from_row(get_user_model(), user_row), token_id, bool(used_long_ago), perms
 
 
 @functools.cache
@@ -80,13 +73,16 @@ def _token_statement() -> Prepared:
     return Prepared(_token_sql("string_agg", "$1", "$2"), ["timestamptz", "text"])
 
 
+@functools.cache
 def _token_sql(aggregate: str, stale: str, digest: str) -> str:
+    """The user's columns in field order, then the token's id, its staleness and the user's
+    permissions."""
     table = connection.ops.quote_name
     user = get_user_model()._meta
     direct = user.get_field("user_permissions")
     groups = user.get_field("groups")
     granted = Group._meta.get_field("permissions")
-    columns = ", ".join(f"u.{table(column)}" for _, column in _user_columns())
+    columns = ", ".join(f"u.{table(field.column)}" for field in user.concrete_fields)
     return f"""
         SELECT {columns}, t.id AS sbx_token_id,
                (t.last_used_at IS NULL OR t.last_used_at < {stale}) AS sbx_token_stale,

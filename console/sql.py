@@ -15,13 +15,16 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, cast
+from functools import cache
+from typing import Any, TypeVar, cast
 
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 from psycopg import generators
 from psycopg.pq import ExecStatus
+
+M = TypeVar("M", bound=models.Model)
 
 
 def db() -> BaseDatabaseWrapper:
@@ -69,6 +72,50 @@ def refusing_queries(refusal: Callable[[], Exception]) -> Iterator[bool]:
         yield True
     finally:
         conn.refusal = previous  # type: ignore[attr-defined]
+
+
+def from_row(model: type[M], row: Sequence[Any]) -> M:
+    """The instance of ``model`` whose concrete fields' columns, in field order, are ``row``:
+    values converted as the ORM's compiler converts them."""
+    return model.from_db(db().alias, _attnames(model), _convert(model, row))
+
+
+@cache
+def _attnames(model: type[models.Model]) -> list[str]:
+    return [f.attname for f in model._meta.concrete_fields]
+
+
+def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
+    if len(row) != len(model._meta.concrete_fields):
+        raise ValueError(f"{len(row)} values for the {len(model._meta.concrete_fields)} columns of {model.__name__}")
+    out = list(row)
+    conn = db()
+    for index, col, converters in _converters(model):
+        value = out[index]
+        for converter in converters:
+            value = converter(value, col, conn)
+        out[index] = value
+    return out
+
+
+_converter_cache: dict[tuple[str, type[models.Model]], list[tuple[int, Any, list[Any]]]] = {}
+
+
+def _converters(model: type[models.Model]) -> list[tuple[int, Any, list[Any]]]:
+    """(position, column, converters) of the fields that have converters: the backend's first,
+    then the field's, as the ORM's compiler does (on SQLite the backend's make datetimes aware;
+    the field's alone leave them naive)."""
+    key = (db().vendor, model)
+    if key not in _converter_cache:
+        entries = []
+        for index, field in enumerate(model._meta.concrete_fields):
+            col = field.get_col(model._meta.db_table)
+            # Ignored below: django-stubs 5.2 lacks Field.get_db_converters, which Django's Field has.
+            converters = [*db().ops.get_db_converters(col), *field.get_db_converters(db())]  # type: ignore[attr-defined]
+            if converters:
+                entries.append((index, col, converters))
+        _converter_cache[key] = entries
+    return _converter_cache[key]
 
 
 class Prepared:

@@ -27,6 +27,7 @@ from console.sql import (
     db,
     dumps,
     execute_prepared,
+    from_row,
     is_postgres,
     json_columns,
     pipeline,
@@ -121,48 +122,6 @@ def _instance_spec(model: type[models.Model]) -> tuple[list[tuple[str, Any, bool
     return defaults, relations
 
 
-def _build(model: type[M], row: Sequence[Any]) -> M:
-    return model.from_db(db().alias, _attnames(model), _convert(model, row))
-
-
-@cache
-def _attnames(model: type[models.Model]) -> list[str]:
-    return [f.attname for f in model._meta.concrete_fields]
-
-
-def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
-    if len(row) != len(model._meta.concrete_fields):
-        raise ValueError(f"{len(row)} values for the {len(model._meta.concrete_fields)} columns of {model.__name__}")
-    out = list(row)
-    conn = db()
-    for index, col, converters in _converters(model):
-        value = out[index]
-        for converter in converters:
-            value = converter(value, col, conn)
-        out[index] = value
-    return out
-
-
-_converter_cache: dict[tuple[str, type[models.Model]], list[tuple[int, Any, list[Any]]]] = {}
-
-
-def _converters(model: type[models.Model]) -> list[tuple[int, Any, list[Any]]]:
-    """(position, column, converters) of the fields that have converters: the backend's first,
-    then the field's, as the ORM's compiler does (on SQLite the backend's make datetimes aware;
-    the field's alone leave them naive)."""
-    key = (db().vendor, model)
-    if key not in _converter_cache:
-        entries = []
-        for index, field in enumerate(model._meta.concrete_fields):
-            col = field.get_col(model._meta.db_table)
-            # Ignored below: django-stubs 5.2 lacks Field.get_db_converters, which Django's Field has.
-            converters = [*db().ops.get_db_converters(col), *field.get_db_converters(db())]  # type: ignore[attr-defined]
-            if converters:
-                entries.append((index, col, converters))
-        _converter_cache[key] = entries
-    return _converter_cache[key]
-
-
 def lock_run_and_fence_step(
     run_id: int, step_id: int, token: int, owner: str, values: dict[str, Any]
 ) -> Run | None:
@@ -185,7 +144,7 @@ def lock_run_and_fence_step(
         fenced = step_cursor.fetchone()
     if not fenced or run_row is None:
         return None
-    return _build(Run, run_row)
+    return from_row(Run, run_row)
 
 
 def claim_step(step_id: int, worker_id: str, now: datetime, lease_until: datetime) -> Step | None:
@@ -261,8 +220,8 @@ def claimed_from_row(row: Any, now: datetime) -> Step | None:
     if row is None:
         return None
     n_step = len(Step._meta.concrete_fields)
-    step = _build(Step, row[:n_step])
-    run = _build(Run, row[n_step:-1])
+    step = from_row(Step, row[:n_step])
+    run = from_row(Run, row[n_step:-1])
     if row[-1]:  # this claim started the run (the row above is from before that update)
         run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
     step.run = run

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, insert, insert_rows
+from infra.sql import Batch, insert, insert_rows
 
 
 def payload_digest(payload: Any) -> str:

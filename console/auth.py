@@ -17,7 +17,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer, SessionAuth
 
 from console.models import ApiToken, token_digest
-from console.sql import Prepared, execute_prepared, from_row
+from infra.sql import Prepared, execute_prepared, from_row
 
 # Recording every use would turn each API read into a write; a minute's precision is enough.
 LAST_USED_PRECISION = timedelta(minutes=1)

@@ -8,8 +8,8 @@ from kombu.transport import TRANSPORT_ALIASES
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
 
 # redis:// and rediss:// URLs use kombu's Redis transport with one reused client per pool
-# (console/broker.py); other schemes (memory:// in embedded mode and tests) are untouched.
-TRANSPORT_ALIASES.update({"redis": "console.broker:Transport", "rediss": "console.broker:Transport"})
+# (infra/broker.py); other schemes (memory:// in embedded mode and tests) are untouched.
+TRANSPORT_ALIASES.update({"redis": "infra.broker:Transport", "rediss": "infra.broker:Transport"})
 
 app = Celery("signalbox")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -110,7 +110,7 @@ else:
     if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_URL must be a postgres:// URL (or unset for embedded mode)")
     # Django's backend, plus: a batch a worker left in flight is read before the next statement.
-    DATABASES["default"]["ENGINE"] = "console.postgresql"
+    DATABASES["default"]["ENGINE"] = "infra.postgresql"
     # Workers keep their connection between tasks (a reconnect costs more than a step); the
     # web process should use the pool instead (DB_POOL=true), which needs CONN_MAX_AGE=0.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=300)
@@ -159,8 +159,8 @@ if PRODUCTION and not REDIS_URL:
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            # channels-redis, announcing joins and leaves (console/layers.py).
-            "BACKEND": "console.layers.RedisChannelLayer",
+            # channels-redis, announcing joins and leaves (infra/channels.py).
+            "BACKEND": "infra.channels.RedisChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
         }
     }

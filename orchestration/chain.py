@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from console.sql import Batch, InFlight, db
+from infra.sql import Batch, InFlight, db
 from orchestration import store
 from orchestration.engine import Tx, node_of, sent_messages
 from orchestration.handoff import held_messages
@@ -43,7 +43,7 @@ class Chain:
     """The steps one worker runs from one message: the step it claimed, each successor it
     claimed inside the previous completion, then the siblings it handed off in its own pools.
 
-    On PostgreSQL a completion is sent without waiting for its answer (``console.sql.Batch.send``)
+    On PostgreSQL a completion is sent without waiting for its answer (``infra.sql.Batch.send``)
     and the step it claimed for this worker starts at once, while the server commits: the
     worker's Python and the database's work overlap instead of taking turns. The answer is read
     (:meth:`settle`) before that step does anything that needs the commit to have happened:
@@ -266,7 +266,7 @@ def withdraw_message(step_id: int) -> None:
     task_id = sent_messages.pop(step_id, None)
     if task_id is None:
         return
-    from console.broker import withdraw
+    from infra.broker import withdraw
 
     try:
         withdraw(task_id)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, insert, pipeline, update
+from infra.sql import Batch, insert, pipeline, update
 from orchestration import live, store
 from orchestration.agents.base import StateView
 from orchestration.definition import END, FAIL, Failure, Node, Workflow
@@ -934,7 +934,7 @@ sent_messages: dict[int, str] = {}
 
 def publish_steps(steps: list[tuple[int, str, float]]) -> None:
     """Send the wake-up message for each step to its pool's queue (after commit)."""
-    from console.broker import task_publisher
+    from infra.broker import task_publisher
     from orchestration.tasks import step_execute
 
     task = step_execute._get_current_object()  # the task itself, not its lazy proxy

@@ -24,7 +24,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, db, is_postgres, pipeline, refusing_queries
+from infra.sql import Batch, db, is_postgres, pipeline, refusing_queries
 from orchestration import live, store
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.chain import (

@@ -19,7 +19,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, db, is_postgres, pipeline
+from infra.sql import Batch, db, is_postgres, pipeline
 from orchestration.engine import (
     CANCELLED,
     NeedsTransaction,

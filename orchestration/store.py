@@ -21,7 +21,7 @@ from django.db.models.base import ModelState
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
-from console.sql import (
+from infra.sql import (
     Batch,
     Prepared,
     db,

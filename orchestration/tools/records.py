@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from audit.services import Entry, audit_record_many
 from audit.verbs import Verb
-from console.sql import insert
+from infra.sql import insert
 from orchestration.models import ToolCall, ToolCallStatus
 from orchestration.tools.classify import Failure
 from orchestration.tools.limits import CLOSED, HALF_OPEN, OPEN, CircuitTransition

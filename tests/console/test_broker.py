@@ -7,8 +7,8 @@ from typing import Any
 from django.conf import settings
 from kombu import Connection
 
-from console.broker import Channel, QoS, Transport
 from console.celery import app
+from infra.broker import Channel, QoS, Transport
 
 
 def test_redis_urls_use_the_transport_and_publishing_reuses_one_client() -> None:
@@ -34,7 +34,7 @@ def test_other_schemes_keep_their_transport() -> None:
 
 
 def test_a_waiting_message_can_be_withdrawn_once_and_a_taken_one_is_left_alone() -> None:
-    from console.broker import withdraw
+    from infra.broker import withdraw
 
     with Connection(settings.REDIS_URL) as conn:
         channel = conn.default_channel
@@ -60,7 +60,7 @@ def test_a_fast_published_task_message_is_the_one_celery_would_push(monkeypatch:
 
     import redis
 
-    from console.broker import task_publisher
+    from infra.broker import task_publisher
     from orchestration.tasks import step_execute
 
     monkeypatch.setitem(app.conf, "broker_url", settings.REDIS_URL)
@@ -99,7 +99,7 @@ def test_a_fast_published_task_message_is_the_one_celery_would_push(monkeypatch:
 def test_the_fast_path_steps_aside_when_it_could_differ(monkeypatch: Any) -> None:
     from celery import signals
 
-    from console.broker import task_publisher
+    from infra.broker import task_publisher
     from orchestration.tasks import step_execute
 
     task = step_execute._get_current_object()

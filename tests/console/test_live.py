@@ -19,7 +19,7 @@ from orchestration import live
 def redis_layer(settings: Any) -> Any:
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "console.layers.RedisChannelLayer",
+            "BACKEND": "infra.channels.RedisChannelLayer",
             "CONFIG": {"hosts": [django_settings.REDIS_URL], "prefix": f"live-test-{secrets.token_hex(4)}"},
         }
     }
@@ -97,7 +97,7 @@ def test_events_still_go_out_when_membership_cannot_be_asked(
 
 _OTHER_PROCESS = """
 import asyncio, sys
-from console.layers import RedisChannelLayer
+from infra.channels import RedisChannelLayer
 
 async def main(url, prefix, action, group, channel):
     layer = RedisChannelLayer(hosts=[url], prefix=prefix)

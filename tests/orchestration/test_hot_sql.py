@@ -15,7 +15,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from console.sql import Batch, insert
+from infra.sql import Batch, insert
 from orchestration import store
 from orchestration.executor import step_claim
 from orchestration.models import Run, Step, StepStatus
@@ -227,7 +227,7 @@ def test_a_sibling_whose_message_went_out_is_withdrawn_when_its_worker_claims_it
 
     withdrawn: list[str] = []
     monkeypatch.setattr("orchestration.engine.publish_steps", publish)
-    monkeypatch.setattr("console.broker.withdraw", lambda task_id: withdrawn.append(task_id) or True)
+    monkeypatch.setattr("infra.broker.withdraw", lambda task_id: withdrawn.append(task_id) or True)
 
     run = _run()
     assert drive(run.pk).status == "succeeded"
@@ -333,7 +333,7 @@ TRICKY = [
 
 
 def _echo_statement() -> Any:
-    from console.sql import Prepared
+    from infra.sql import Prepared
 
     return Prepared("SELECT $1::text, $2::bigint, $3::timestamptz, $4::boolean, $5::text, $6::numeric", [
         "text", "bigint", "timestamptz", "boolean", "text", "numeric",
@@ -362,7 +362,7 @@ def test_parameters_of_a_batch_arrive_exactly_as_given(conforming: str) -> None:
 
 
 def test_batch_literals_quote_strings_and_leave_other_types_to_psycopg() -> None:
-    from console.sql import literal
+    from infra.sql import literal
 
     assert literal("it's") == "'it''s'"
     assert literal("back\\slash") == "'back\\slash'"  # an ordinary character with conforming strings
@@ -374,7 +374,7 @@ def test_batch_literals_quote_strings_and_leave_other_types_to_psycopg() -> None
 
 
 def test_a_string_with_a_nul_byte_is_refused_and_nothing_is_written() -> None:
-    from console.sql import Prepared
+    from infra.sql import Prepared
 
     run = _run()
     statement = Prepared("UPDATE orchestration_run SET error_message = $1 WHERE id = $2", ["text", "bigint"])
@@ -458,7 +458,7 @@ def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_a
 
 
 def test_queries_can_be_refused_while_work_depends_on_writes_not_sent_yet() -> None:
-    from console.sql import refusing_queries
+    from infra.sql import refusing_queries
 
     class NotNow(Exception):
         pass

@@ -1,6 +1,6 @@
 """Django's PostgreSQL backend, plus batches in flight.
 
-A worker sends a step's completion (``console.sql.Batch.send``) and starts the next step
+A worker sends a step's completion (``infra.sql.Batch.send``) and starts the next step
 before the answer is back. Until it is read, the connection cannot carry another statement,
 so every way Django uses a connection (a cursor, a transaction, a health check, closing it)
 reads the batch's outcome first. Reading only tells the client what happened: the server runs
@@ -16,15 +16,15 @@ from django.db.backends.postgresql import base
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
-    #: ``console.sql.Batch.send`` may leave a batch in flight on connections of this backend.
+    #: ``infra.sql.Batch.send`` may leave a batch in flight on connections of this backend.
     supports_batches_in_flight = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The batch sent on this connection and not read yet (a ``console.sql.InFlight``).
+        #: The batch sent on this connection and not read yet (a ``infra.sql.InFlight``).
         self.in_flight: Any = None
         #: While set, any use of the connection raises what this returns instead
-        #: (``console.sql.refusing_queries``).
+        #: (``infra.sql.refusing_queries``).
         self.refusal: Callable[[], Exception] | None = None
 
     def settle(self) -> None:

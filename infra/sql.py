@@ -61,7 +61,7 @@ def pipeline() -> Iterator[None]:
 @contextmanager
 def refusing_queries(refusal: Callable[[], Exception]) -> Iterator[bool]:
     """Inside, any use of the default connection raises ``refusal()`` (with the
-    ``console.postgresql`` backend; yields False, and refuses nothing, with another). For work
+    ``infra.postgresql`` backend; yields False, and refuses nothing, with another). For work
     computed on top of writes batched but not sent yet, which a query would not see."""
     conn = db()
     if not getattr(conn, "supports_batches_in_flight", False):
@@ -87,7 +87,9 @@ def _attnames(model: type[models.Model]) -> list[str]:
 
 def _convert(model: type[models.Model], row: Sequence[Any]) -> list[Any]:
     if len(row) != len(model._meta.concrete_fields):
-        raise ValueError(f"{len(row)} values for the {len(model._meta.concrete_fields)} columns of {model.__name__}")
+        raise ValueError(
+            f"{len(row)} values for the {len(model._meta.concrete_fields)} columns of {model.__name__}"
+        )
     out = list(row)
     conn = db()
     for index, col, converters in _converters(model):
@@ -217,7 +219,9 @@ class Batch:
             if statement is not None and fast:
                 literals = [literal(value) for value in params]
                 if None not in literals:
-                    parts.append(f"EXECUTE {statement.name}({', '.join(cast('list[str]', literals))})")
+                    parts.append(
+                        f"EXECUTE {statement.name}({', '.join(cast('list[str]', literals))})"
+                    )
                     continue
             parts.append(sql if not params and "%" not in sql else cursor.mogrify(sql, params))
         return ";\n".join(parts)
@@ -226,7 +230,7 @@ class Batch:
         """Send the batch and return at once, without its outcome: the caller goes on working
         while the server runs and commits it, and reads the outcome from the returned handle
         (``result()``). Until then the connection carries nothing else; a connection of the
-        ``console.postgresql`` backend reads the outcome first whenever it is used again.
+        ``infra.postgresql`` backend reads the outcome first whenever it is used again.
         Elsewhere (another backend, query logging, inside a transaction) the batch runs now."""
         conn = db()
         if (
@@ -247,7 +251,7 @@ class Batch:
                 raw.pgconn.send_query(text.encode(raw.info.encoding))
                 raw.wait(generators.send(raw.pgconn))
         handle = InFlight(self, conn, cursor)
-        conn.in_flight = handle  # type: ignore[attr-defined]  # console.postgresql's DatabaseWrapper
+        conn.in_flight = handle  # type: ignore[attr-defined]  # infra.postgresql's DatabaseWrapper
         return handle
 
     def run(self) -> list[Any] | None:
@@ -271,7 +275,11 @@ class Batch:
                     while raw.nextset():
                         pass
                     result = raw.pgresult
-                    return raw.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else None
+                    return (
+                        raw.fetchall()
+                        if result is not None and result.status == ExecStatus.TUPLES_OK
+                        else None
+                    )
             except DatabaseError as exc:
                 # Nothing was written (the implicit transaction rolled back): prepare again.
                 if attempt == 2 or not lost_prepared(exc):
@@ -319,7 +327,11 @@ class InFlight:
             while cursor.nextset():
                 pass
             result = cursor.pgresult
-            self._rows = cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else None
+            self._rows = (
+                cursor.fetchall()
+                if result is not None and result.status == ExecStatus.TUPLES_OK
+                else None
+            )
         except Exception as exc:  # kept for result(): the caller decides what a failure means
             self._error = exc
 
@@ -384,9 +396,18 @@ def _decimal(value: Any) -> Any:
 
 
 _INTEGER_TYPES = {
-    "AutoField", "BigAutoField", "SmallAutoField", "IntegerField", "BigIntegerField", "SmallIntegerField",
-    "PositiveIntegerField", "PositiveBigIntegerField", "PositiveSmallIntegerField", "ForeignKey",
-    "OneToOneField", "BooleanField",
+    "AutoField",
+    "BigAutoField",
+    "SmallAutoField",
+    "IntegerField",
+    "BigIntegerField",
+    "SmallIntegerField",
+    "PositiveIntegerField",
+    "PositiveBigIntegerField",
+    "PositiveSmallIntegerField",
+    "ForeignKey",
+    "OneToOneField",
+    "BooleanField",
 }
 
 
@@ -416,7 +437,9 @@ class _Table:
         self.placeholder = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
         converters = [_json_converter(f) for f in self.fields]
         self.json_ok = all(c is not None for c in converters)
-        self.json_fields = [(f.column, f.attname, c) for f, c in zip(self.fields, converters, strict=True)]
+        self.json_fields = [
+            (f.column, f.attname, c) for f, c in zip(self.fields, converters, strict=True)
+        ]
         #: (name, attname) of the foreign keys: a related object saved after it was assigned has
         #: its id copied in before the insert (Django's ``_prepare_related_fields_for_save``).
         self.relations = [(f.name, f.attname) for f in self.fields if f.is_relation]
@@ -430,7 +453,9 @@ class _Table:
         return [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in self.fields]
 
     def json_row(self, obj: models.Model) -> dict[str, Any]:
-        return {column: convert(getattr(obj, attname)) for column, attname, convert in self.json_fields}  # type: ignore[misc]
+        return {
+            column: convert(getattr(obj, attname)) for column, attname, convert in self.json_fields
+        }  # type: ignore[misc]
 
 
 _tables: dict[tuple[type[models.Model], bool], _Table] = {}
@@ -458,7 +483,9 @@ def insert_rows(model: type[models.Model], rows: list[dict[str, Any]], *, batch:
         batch.add_prepared(_table(model, False).json_insert, [dumps(rows)])
 
 
-def json_columns(model: type[models.Model], names: Sequence[str]) -> list[tuple[str, str, Callable[[Any], Any]]]:
+def json_columns(
+    model: type[models.Model], names: Sequence[str]
+) -> list[tuple[str, str, Callable[[Any], Any]]]:
     """(column, attribute, converter) of the named fields, for JSON rows."""
     out = []
     for name in names:
@@ -471,7 +498,11 @@ def json_columns(model: type[models.Model], names: Sequence[str]) -> list[tuple[
 
 
 def insert(
-    model: type[models.Model], objs: Sequence[models.Model], *, returning: bool = True, batch: Batch | None = None
+    model: type[models.Model],
+    objs: Sequence[models.Model],
+    *,
+    returning: bool = True,
+    batch: Batch | None = None,
 ) -> None:
     """INSERT the objects in one statement. Objects with a pk keep theirs; the others get
     theirs from RETURNING unless ``returning`` is off (ids nobody reads)."""
@@ -483,7 +514,10 @@ def insert(
         # Copies the ids of related objects saved since this one was built, or refuses an
         # unsaved one (as bulk_create does); only an id still missing can need it.
         cached = obj._state.fields_cache
-        if any(getattr(obj, attname) is None and cached.get(name) is not None for name, attname in table.relations):
+        if any(
+            getattr(obj, attname) is None and cached.get(name) is not None
+            for name, attname in table.relations
+        ):
             obj._prepare_related_fields_for_save(operation_name="insert")  # type: ignore[attr-defined]  # private Django API, not in django-stubs
     if batch is not None:
         if not with_pk and returning:
@@ -491,7 +525,9 @@ def insert(
         if table.json_ok:
             batch.add_prepared(table.json_insert, [dumps([table.json_row(obj) for obj in objs])])
             return
-    sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join([table.placeholder] * len(objs))
+    sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join(
+        [table.placeholder] * len(objs)
+    )
     conn = db()
     params = [value for obj in objs for value in table.row(obj, conn)]
     if batch is not None:

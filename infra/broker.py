@@ -218,23 +218,42 @@ class TaskPublisher:
         if parent is not None:
             parent_id = parent.request.id
             root_id = parent.request.root_id or parent_id
-        body = dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+        body = dumps(
+            [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        )
         message = {
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
-                "lang": "py", "task": task.name, "id": task_id, "shadow": None, "eta": None, "expires": None,
-                "group": None, "group_index": None, "retries": 0,
-                "timelimit": [task.time_limit, task.soft_time_limit], "root_id": root_id, "parent_id": parent_id,
-                "argsrepr": repr(args), "kwargsrepr": "{}", "origin": self.origin,
-                "ignore_result": bool(task.ignore_result), "replaced_task_nesting": 0, "stamped_headers": None,
+                "lang": "py",
+                "task": task.name,
+                "id": task_id,
+                "shadow": None,
+                "eta": None,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [task.time_limit, task.soft_time_limit],
+                "root_id": root_id,
+                "parent_id": parent_id,
+                "argsrepr": repr(args),
+                "kwargsrepr": "{}",
+                "origin": self.origin,
+                "ignore_result": bool(task.ignore_result),
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
                 "stamps": {},
             },
             "properties": {
-                "correlation_id": task_id, "reply_to": self.app.thread_oid, "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+                "correlation_id": task_id,
+                "reply_to": self.app.thread_oid,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
             },
         }
         payload = dumps(message)

@@ -1,2 +1,2 @@
 """Django's PostgreSQL backend with one more rule: a batch left in flight on a connection
-(``console.sql.Batch.send``) is read before the connection is used for anything else."""
+(``infra.sql.Batch.send``) is read before the connection is used for anything else."""

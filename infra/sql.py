@@ -453,9 +453,8 @@ class _Table:
         return [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in self.fields]
 
     def json_row(self, obj: models.Model) -> dict[str, Any]:
-        return {
-            column: convert(getattr(obj, attname)) for column, attname, convert in self.json_fields
-        }  # type: ignore[misc]
+        fields = self.json_fields
+        return {column: convert(getattr(obj, attname)) for column, attname, convert in fields}  # type: ignore[misc]  # converters are never None when json_ok
 
 
 _tables: dict[tuple[type[models.Model], bool], _Table] = {}

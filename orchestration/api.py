@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from ninja import Header, Path, Query, Router, Status
 
 from orchestration import selectors, services
-from orchestration.errors import InvalidInput, PermissionDenied
+from orchestration.errors import Code, InvalidInput, PermissionDenied
 from orchestration.registry import workflow_get, workflow_list
 from orchestration.schemas import (
     ApprovalDecideIn,
@@ -73,12 +73,12 @@ def run_submit(
 ) -> Status[dict[str, Any]]:
     user = request.auth  # type: ignore[attr-defined]
     if not user.has_perm(SUBMIT):
-        raise PermissionDenied("you may not submit runs", code="submit_denied")
+        raise PermissionDenied("you may not submit runs", code=Code.SUBMIT_DENIED)
     key = payload.idempotency_key
     if idempotency_key and key and idempotency_key != key:
         raise InvalidInput(
             "the Idempotency-Key header and the body's idempotency_key differ",
-            code="idempotency_key_mismatch",
+            code=Code.IDEMPOTENCY_KEY_MISMATCH,
         )
     submitted = services.run_submit(
         workflow=payload.workflow,
@@ -316,5 +316,5 @@ def capability_index(request: HttpRequest) -> list[dict[str, Any]]:
     from orchestration.tools.status import capability_status_list
 
     if not request.auth.has_perm(selectors.VIEW):  # type: ignore[attr-defined]
-        raise PermissionDenied("you may not see the tool registry", code="view_denied")
+        raise PermissionDenied("you may not see the tool registry", code=Code.VIEW_DENIED)
     return capability_status_list()

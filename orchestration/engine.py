@@ -28,6 +28,7 @@ from orchestration import live, store
 from orchestration.agents.base import StateView
 from orchestration.definition import END, FAIL, Failure, Node, Workflow
 from orchestration.errors import (
+    Code,
     ContractViolation,
     ErrorClass,
     LimitExceeded,
@@ -246,7 +247,7 @@ class Tx:
         if self.run.step_count + 1 > self.wf.max_steps:
             raise LimitExceeded(
                 f"run stopped by its max_steps bound ({self.wf.max_steps})",
-                code="max_steps",
+                code=Code.MAX_STEPS,
                 detail={"bound": "max_steps", "limit": self.wf.max_steps},
             )
         self.run.step_count += 1
@@ -339,14 +340,14 @@ class Tx:
                 if router.on_loop_limit == FAIL:
                     raise LimitExceeded(
                         f"run stopped by the loop bound of {router.name!r}: {target!r} may run {limit} times",
-                        code="loop_limit",
+                        code=Code.LOOP_LIMIT,
                         detail={"bound": "loop_limit", "node": router.name, "target": target, "limit": limit},
                     )
                 target = router.on_loop_limit
         if target == END:
             return
         if target == FAIL:
-            raise SignalboxError(f"route {router.name!r} chose to fail the run", code="route_failed")
+            raise SignalboxError(f"route {router.name!r} chose to fail the run", code=Code.ROUTE_FAILED)
         self.activate(target)
 
     def activate(self, name: str) -> None:
@@ -368,11 +369,11 @@ class Tx:
         except StateAccessDenied:
             raise
         except Exception as exc:  # a route is definition code: a bug in it fails the run clearly
-            raise SignalboxError(f"route {node.name!r} raised {exc!r}", code="route_error") from exc
+            raise SignalboxError(f"route {node.name!r} raised {exc!r}", code=Code.ROUTE_ERROR) from exc
         if target not in node.targets and target not in (END, FAIL):
             raise SignalboxError(
                 f"route {node.name!r} chose {target!r}, which is not one of its targets",
-                code="route_invalid_target",
+                code=Code.ROUTE_INVALID_TARGET,
                 detail={"chosen": target, "targets": list(node.targets)},
             )
         step = self._new_step(
@@ -393,13 +394,13 @@ class Tx:
         if not isinstance(items, list):
             raise SignalboxError(
                 f"map {node.name!r} needs a list in state key {node.items!r}",
-                code="map_items_invalid",
+                code=Code.MAP_ITEMS_INVALID,
                 detail={"key": node.items, "type": type(items).__name__},
             )
         if len(items) > node.max_items:
             raise LimitExceeded(
                 f"map {node.name!r} got {len(items)} items; its bound is {node.max_items}",
-                code="fanout_limit",
+                code=Code.FANOUT_LIMIT,
                 detail={"bound": "max_items", "node": node.name, "limit": node.max_items, "got": len(items)},
             )
         parent = self._new_step(node, kind=StepKind.MAP, status=StepStatus.RUNNING, visit=visit, started_at=self.now)
@@ -482,7 +483,7 @@ class Tx:
             if target is None:
                 raise SignalboxError(
                     f"routing agent {node.name!r} chose {choice!r}; expected one of {sorted(node.routes)}",
-                    code="route_invalid_choice",
+                    code=Code.ROUTE_INVALID_CHOICE,
                     detail={"chosen": choice, "routes": sorted(node.routes)},
                 )
             self.record(Verb.STEP_ROUTED, "step", step.pk, step=step, chosen=choice, target=target)
@@ -696,7 +697,7 @@ class Tx:
             except (ValidationError, TypeError, ValueError) as exc:
                 error = ContractViolation(
                     f"the degraded result declared for {node.name!r} does not satisfy its contract ({exc.__class__.__name__})",
-                    code="degraded_contract",
+                    code=Code.DEGRADED_CONTRACT,
                 )
             else:
                 self.degrade(step, node, value, node.degraded.reason, error)

@@ -19,10 +19,98 @@ class ErrorClass(StrEnum):
     LIMIT = "limit"
 
 
+class Code(StrEnum):
+    """Every error code the engine, its services and its tools raise or record. Stable: API
+    clients and operators branch on them; never rename or reuse one."""
+
+    # generic, one per error class
+    ERROR = "error"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    CONTRACT_VIOLATION = "contract_violation"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    NOT_FOUND = "not_found"
+    PERMISSION_DENIED = "permission_denied"
+    CONFLICT = "conflict"
+    INVALID_INPUT = "invalid_input"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    # registries
+    UNKNOWN_WORKFLOW = "unknown_workflow"
+    UNKNOWN_AGENT = "unknown_agent"
+    UNKNOWN_CAPABILITY = "unknown_capability"
+    # an attempt of a step
+    STEP_TIMEOUT = "step_timeout"
+    STEP_HARD_TIMEOUT = "step_hard_timeout"
+    AGENT_EXCEPTION = "agent_exception"
+    COMMIT_FAILED = "commit_failed"
+    LEASE_EXPIRED = "lease_expired"
+    NO_TOOL_ACCESS = "no_tool_access"
+    # contracts (typed hand-offs)
+    INPUT_CONTRACT = "input_contract"
+    OUTPUT_CONTRACT = "output_contract"
+    DEGRADED_CONTRACT = "degraded_contract"
+    STATE_ACCESS_DENIED = "state_access_denied"
+    # bounds
+    MAX_STEPS = "max_steps"
+    MAX_ATTEMPTS = "max_attempts"
+    RETRY_WINDOW = "retry_window"
+    LOOP_LIMIT = "loop_limit"
+    FANOUT_LIMIT = "fanout_limit"
+    RUN_DEADLINE = "run_deadline"
+    ESCALATION_EXPIRED = "escalation_expired"
+    # the graph
+    ROUTE_ERROR = "route_error"
+    ROUTE_FAILED = "route_failed"
+    ROUTE_INVALID_TARGET = "route_invalid_target"
+    ROUTE_INVALID_CHOICE = "route_invalid_choice"
+    MAP_ITEMS_INVALID = "map_items_invalid"
+    WAIT_TIMEOUT = "wait_timeout"
+    # people's decisions
+    APPROVAL_REJECTED = "approval_rejected"
+    APPROVAL_EXPIRED = "approval_expired"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+    # services, to API clients
+    RUN_NOT_FOUND = "run_not_found"
+    APPROVAL_NOT_FOUND = "approval_not_found"
+    ESCALATION_NOT_FOUND = "escalation_not_found"
+    RUN_TERMINAL = "run_terminal"
+    RUN_COMPENSATING = "run_compensating"
+    ALREADY_DECIDED = "already_decided"
+    INVALID_DECISION = "invalid_decision"
+    INVALID_ACTION = "invalid_action"
+    EDITED_INPUT_MISSING = "edited_input_missing"
+    EDITED_INPUT_UNEXPECTED = "edited_input_unexpected"
+    OUTPUT_MISSING = "output_missing"
+    OUTPUT_UNEXPECTED = "output_unexpected"
+    INVALID_CURSOR = "invalid_cursor"
+    IDEMPOTENCY_KEY_MISMATCH = "idempotency_key_mismatch"
+    SUBMIT_DENIED = "submit_denied"
+    DECIDE_DENIED = "decide_denied"
+    VIEW_DENIED = "view_denied"
+    # tools: provider failures, as classified (orchestration.tools.classify)
+    TOOL_CALL_FAILED = "tool_call_failed"
+    TOOL_PARAMS_CONTRACT = "tool_params_contract"
+    RESULT_CONTRACT = "result_contract"
+    IDEMPOTENCY_KEY_REQUIRED = "idempotency_key_required"
+    CIRCUIT_OPEN = "circuit_open"
+    RATE_LIMITED = "rate_limited"
+    LIMITS_UNAVAILABLE = "limits_unavailable"
+    TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"
+    CONNECTION_ERROR = "connection_error"
+    PROVIDER_ERROR = "provider_error"
+    PROVIDER_EXCEPTION = "provider_exception"
+    PROVIDER_NOT_CONFIGURED = "provider_not_configured"
+    PROVIDER_PERMISSION_DENIED = "provider_permission_denied"
+    PROVIDER_REJECTED = "provider_rejected"
+    PROVIDER_THROTTLED = "provider_throttled"
+    PROVIDER_TIMEOUT = "provider_timeout"
+
+
 class SignalboxError(Exception):
     """Base for every error the engine raises on purpose."""
 
-    code = "error"
+    code: str = Code.ERROR
     error_class = ErrorClass.PERMANENT
     http_status = 400
 
@@ -30,7 +118,7 @@ class SignalboxError(Exception):
         super().__init__(message or self.__class__.__doc__ or self.code)
         self.message = message or (self.__class__.__doc__ or self.code).strip()
         if code:
-            self.code = code
+            self.code = str(code)  # a Code member's value, as plain text
         self.detail = detail
 
     def as_dict(self) -> dict[str, Any]:
@@ -46,27 +134,27 @@ class SignalboxError(Exception):
 class TransientError(SignalboxError):
     """A failure that may succeed if tried again (timeout, rate limit, 5xx)."""
 
-    code = "transient"
+    code: str = Code.TRANSIENT
     error_class = ErrorClass.TRANSIENT
 
 
 class StepTimeout(TransientError):
     """The step ran past its timeout; the attempt is abandoned and may be retried."""
 
-    code = "step_timeout"
+    code: str = Code.STEP_TIMEOUT
 
 
 class PermanentError(SignalboxError):
     """A failure that will not go away by retrying."""
 
-    code = "permanent"
+    code: str = Code.PERMANENT
     error_class = ErrorClass.PERMANENT
 
 
 class ContractViolation(SignalboxError):
     """A payload does not satisfy the declared contract."""
 
-    code = "contract_violation"
+    code: str = Code.CONTRACT_VIOLATION
     error_class = ErrorClass.CONTRACT
     http_status = 422
 
@@ -74,13 +162,13 @@ class ContractViolation(SignalboxError):
 class StateAccessDenied(ContractViolation):
     """A node read or wrote a run-state key it did not declare."""
 
-    code = "state_access_denied"
+    code: str = Code.STATE_ACCESS_DENIED
 
 
 class LimitExceeded(SignalboxError):
     """A declared bound (steps, loop iterations, fan-out, duration, attempts) was hit."""
 
-    code = "limit_exceeded"
+    code: str = Code.LIMIT_EXCEEDED
     error_class = ErrorClass.LIMIT
     http_status = 409
 
@@ -91,45 +179,45 @@ class LimitExceeded(SignalboxError):
 class NotFound(SignalboxError):
     """No such object, or you may not see it."""
 
-    code = "not_found"
+    code: str = Code.NOT_FOUND
     http_status = 404
 
 
 class PermissionDenied(SignalboxError):
     """You are not allowed to do this."""
 
-    code = "permission_denied"
+    code: str = Code.PERMISSION_DENIED
     http_status = 403
 
 
 class Conflict(SignalboxError):
     """The object changed state before your request could apply."""
 
-    code = "conflict"
+    code: str = Code.CONFLICT
     http_status = 409
 
 
 class InvalidInput(SignalboxError):
     """The request is not valid."""
 
-    code = "invalid_input"
+    code: str = Code.INVALID_INPUT
     http_status = 422
 
 
 class PayloadTooLarge(InvalidInput):
     """A payload is larger than the configured limit."""
 
-    code = "payload_too_large"
+    code: str = Code.PAYLOAD_TOO_LARGE
     http_status = 413
 
 
 class UnknownWorkflow(NotFound):
     """No workflow is registered under that name and version."""
 
-    code = "unknown_workflow"
+    code: str = Code.UNKNOWN_WORKFLOW
 
 
 class UnknownAgent(SignalboxError):
     """No agent is registered under that name."""
 
-    code = "unknown_agent"
+    code: str = Code.UNKNOWN_AGENT

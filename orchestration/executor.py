@@ -47,6 +47,7 @@ from orchestration.engine import (
     step_input,
 )
 from orchestration.errors import (
+    Code,
     ContractViolation,
     ErrorClass,
     LimitExceeded,
@@ -123,7 +124,7 @@ def _commit_failed(done: Completion, exc: BaseException, worker_id: str, pools: 
     recorded as a transient failure, so it is retried, then bounded by its limits."""
     log.error("committing step %s failed", done.step.pk, exc_info=exc)
     close_old_connections()
-    _fail(done.step, TransientError(f"committing the result failed: {exc!r}", code="commit_failed"),
+    _fail(done.step, TransientError(f"committing the result failed: {exc!r}", code=Code.COMMIT_FAILED),
           worker_id, pools, records=done.records)
 
 
@@ -195,7 +196,7 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str], chain: Chain 
         params = cls.Input.model_validate(raw)
     except ValidationError as exc:
         fail(ContractViolation(
-            f"input for {step.agent!r} does not satisfy its contract", code="input_contract", detail=_errors(exc)
+            f"input for {step.agent!r} does not satisfy its contract", code=Code.INPUT_CONTRACT, detail=_errors(exc)
         ), payload=raw)
         return None
     except SignalboxError as exc:
@@ -229,7 +230,7 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str], chain: Chain 
             return None
         except Exception as exc:  # unknown agent exceptions are retried, then recorded
             log.warning("agent %s raised", step.agent, exc_info=True)
-            fail(TransientError(f"{type(exc).__name__}: {exc}", code="agent_exception"), records=tools.take_records())
+            fail(TransientError(f"{type(exc).__name__}: {exc}", code=Code.AGENT_EXCEPTION), records=tools.take_records())
             return None
 
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
@@ -240,14 +241,14 @@ def step_run(step: Step, *, worker_id: str, pools: frozenset[str], chain: Chain 
         output = contract.model_validate(output).model_dump(mode="json")
     except ValidationError as exc:
         fail(ContractViolation(
-            f"output of {step.agent!r} does not satisfy its contract", code="output_contract", detail=_errors(exc)
+            f"output of {step.agent!r} does not satisfy its contract", code=Code.OUTPUT_CONTRACT, detail=_errors(exc)
         ), payload=output, records=tools.take_records())
         return None
     size = len(_json_bytes(output))
     if size > settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]:
         fail(ContractViolation(
             f"output of {step.agent!r} is {size} bytes; the limit is {settings.SIGNALBOX['MAX_PAYLOAD_BYTES']}",
-            code="payload_too_large",
+            code=Code.PAYLOAD_TOO_LARGE,
         ), payload=output, records=tools.take_records())
         return None
     step.input = raw
@@ -413,7 +414,7 @@ def _advance_after(
             tx.note_degraded(step, step.degraded)
         if now > run.deadline_at and run.status != RunStatus.COMPENSATING:
             raise LimitExceeded(
-                f"run stopped by its max_duration bound ({tx.wf.max_duration})", code="run_deadline",
+                f"run stopped by its max_duration bound ({tx.wf.max_duration})", code=Code.RUN_DEADLINE,
                 detail={"bound": "max_duration"},
             )
         tx.step_succeeded(step, node, output, written)
@@ -467,14 +468,14 @@ def _fail(
             if error.error_class == ErrorClass.TRANSIENT and failures >= current.max_attempts:
                 error = LimitExceeded(
                     f"gave up after {failures} attempts (max_attempts {current.max_attempts}); last error: {error.message}",
-                    code="max_attempts",
+                    code=Code.MAX_ATTEMPTS,
                     detail={"bound": "max_attempts", "limit": current.max_attempts, "last_error": error.code},
                 )
             elif error.error_class == ErrorClass.TRANSIENT:
                 error = LimitExceeded(
                     f"gave up after {failures} attempts: retrying would pass the retry window of "
                     f"{within.total_seconds():g} s; last error: {error.message}",
-                    code="retry_window",
+                    code=Code.RETRY_WINDOW,
                     detail={"bound": "retry_within", "limit_seconds": within.total_seconds(), "last_error": error.code},
                 )
             if current.input is None:  # the input this attempt was given, for the escalation

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from orchestration.errors import StepTimeout
+from orchestration.errors import Code, StepTimeout
 from orchestration.models import Step, StepStatus
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class LeaseKeeper:
             _fail(
                 step,
                 StepTimeout(
-                    "the step passed its hard timeout and was abandoned", code="step_hard_timeout"
+                    "the step passed its hard timeout and was abandoned", code=Code.STEP_HARD_TIMEOUT
                 ),
                 owner,
                 frozenset(),
@@ -133,7 +133,7 @@ def interrupt_after(seconds: float) -> Iterator[None]:
 
     def interrupt(signum: int, frame: Any) -> None:
         raise StepTimeout(
-            f"the step ran past its soft timeout of {seconds:g} s", code="step_timeout"
+            f"the step ran past its soft timeout of {seconds:g} s", code=Code.STEP_TIMEOUT
         )
 
     previous = signal.signal(signal.SIGALRM, interrupt)

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from audit.verbs import Verb
 from orchestration.engine import Tx, digest, node_of, publish_steps, run_lock, step_action
-from orchestration.errors import LimitExceeded, SignalboxError
+from orchestration.errors import Code, LimitExceeded, SignalboxError
 from orchestration.models import (
     RUN_ACTIVE,
     Run,
@@ -57,7 +57,7 @@ def reap_expired_leases() -> int:
             # time (or can never commit) is stopped by max_attempts instead of looping.
             failures = step.failures + 1
             attempts_log = [*step.attempts_log, {
-                "attempt": step.attempt, "agent": step.agent, "class": "transient", "code": "lease_expired",
+                "attempt": step.attempt, "agent": step.agent, "class": "transient", "code": Code.LEASE_EXPIRED,
                 "message": f"worker {step.lease_owner} stopped renewing its lease", "at": now.isoformat(),
             }]
             if failures >= step.max_attempts:
@@ -65,7 +65,7 @@ def reap_expired_leases() -> int:
                 Step.objects.filter(pk=step.pk).update(failures=failures, attempts_log=attempts_log)
                 tx.step_exhausted(step, LimitExceeded(
                     f"gave up after {failures} attempts (max_attempts {step.max_attempts}); the last worker was lost",
-                    code="max_attempts", detail={"bound": "max_attempts", "limit": step.max_attempts, "last_error": "lease_expired"},
+                    code=Code.MAX_ATTEMPTS, detail={"bound": "max_attempts", "limit": step.max_attempts, "last_error": "lease_expired"},
                 ))
             else:
                 tx.move(step, StepStatus.QUEUED, lease_owner="", lease_expires_at=None, available_at=now,
@@ -125,7 +125,7 @@ def _apply_timeout(tx: Tx, wait: Wait) -> None:
         # Nobody answered: the step fails for good (an unanswered compensation ends the run's
         # compensations, which the run's error then says).
         tx.fail_step(step, LimitExceeded(
-            f"escalation {wait.pk} expired unanswered", code="escalation_expired",
+            f"escalation {wait.pk} expired unanswered", code=Code.ESCALATION_EXPIRED,
             detail={"bound": "escalation_timeout", "escalation": wait.pk},
         ))
         return
@@ -135,11 +135,11 @@ def _apply_timeout(tx: Tx, wait: Wait) -> None:
             tx.move(step, StepStatus.QUEUED, approved_digest=approved, available_at=tx.now, published_at=tx.now)
             tx.publish.append((step, 0.0))
             return
-        tx.fail_step(step, SignalboxError(f"approval {wait.pk} expired unanswered (fails closed)", code="approval_expired"))
+        tx.fail_step(step, SignalboxError(f"approval {wait.pk} expired unanswered (fails closed)", code=Code.APPROVAL_EXPIRED))
         return
     # An event wait: fail, continue to the successors, or take a declared node.
     if outcome in ("__fail__", "fail"):
-        tx.fail_step(step, SignalboxError(f"no {wait.name!r} event before the deadline", code="wait_timeout"))
+        tx.fail_step(step, SignalboxError(f"no {wait.name!r} event before the deadline", code=Code.WAIT_TIMEOUT))
         return
     timed_out: dict[str, Any] = {"timed_out": True, "event": wait.name}
     tx.move(step, StepStatus.SUCCEEDED, output=timed_out, finished_at=tx.now)

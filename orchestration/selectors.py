@@ -15,7 +15,7 @@ from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 from guardian.shortcuts import get_objects_for_user
 
-from orchestration.errors import InvalidInput, NotFound, PermissionDenied
+from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Run, RunEvent, StateVersion, Step, Wait, WaitKind, WaitStatus
 
 VIEW = "orchestration.view_run"
@@ -37,7 +37,7 @@ def run_get_for_user(user: User, run_id: int) -> Run:
     """The run, or NotFound — also when it exists but the user may not see it."""
     run = runs_visible_to(user).filter(pk=run_id).first()
     if run is None:
-        raise NotFound(f"no run {run_id}", code="run_not_found")
+        raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND)
     return run
 
 
@@ -45,7 +45,7 @@ def run_check_decide(user: User, run: Run) -> None:
     if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
         raise PermissionDenied(
             "you may not decide approvals or escalations, cancel, or send events for this run",
-            code="decide_denied",
+            code=Code.DECIDE_DENIED,
         )
 
 
@@ -97,7 +97,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         return at, int(pk)
     except (ValueError, OverflowError, OSError):
         raise InvalidInput(
-            "cursor is not valid; use next_cursor from the previous page", code="invalid_cursor"
+            "cursor is not valid; use next_cursor from the previous page", code=Code.INVALID_CURSOR
         ) from None
 
 
@@ -135,7 +135,7 @@ def approval_get_for_user(user: User, wait_id: int) -> Wait:
         .first()
     )
     if wait is None:
-        raise NotFound(f"no approval {wait_id}", code="approval_not_found")
+        raise NotFound(f"no approval {wait_id}", code=Code.APPROVAL_NOT_FOUND)
     return wait
 
 
@@ -196,7 +196,7 @@ def escalation_get_for_user(user: User, wait_id: int) -> Wait:
         .first()
     )
     if wait is None:
-        raise NotFound(f"no escalation {wait_id}", code="escalation_not_found")
+        raise NotFound(f"no escalation {wait_id}", code=Code.ESCALATION_NOT_FOUND)
     return wait
 
 
@@ -207,7 +207,7 @@ def encode_id_cursor(pk: int) -> str:
 def decode_id_cursor(cursor: str) -> int:
     if not (cursor.isascii() and cursor.isdigit()) or not 0 < int(cursor) < 2**63:
         raise InvalidInput(
-            "cursor is not valid; use next_cursor from the previous page", code="invalid_cursor"
+            "cursor is not valid; use next_cursor from the previous page", code=Code.INVALID_CURSOR
         )
     return int(cursor)
 

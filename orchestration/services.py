@@ -31,7 +31,14 @@ from orchestration.engine import (
     run_lock,
     step_action,
 )
-from orchestration.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, SignalboxError
+from orchestration.errors import (
+    Code,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    SignalboxError,
+)
 from orchestration.models import (
     ESCALATION_ACTIONS,
     Decision,
@@ -102,7 +109,7 @@ def run_submit(
         state = wf.input.model_validate(input).model_dump(mode="json")
     except ValidationError as exc:
         raise InvalidInput(
-            f"input does not satisfy {wf.key}'s input contract", code="input_contract", detail=_validation_detail(exc)
+            f"input does not satisfy {wf.key}'s input contract", code=Code.INPUT_CONTRACT, detail=_validation_detail(exc)
         ) from exc
     scope = str(submitted_by.pk) if submitted_by is not None else "system"
 
@@ -190,12 +197,12 @@ def run_cancel(*, run_id: int, user: User | None, reason: str = "") -> Run:
     with transaction.atomic():
         run = _lock_or_404(run_id)
         if run.is_terminal:
-            raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
+            raise Conflict(f"run {run_id} already {run.status}", code=Code.RUN_TERMINAL, detail={"status": run.status})
         if run.status == RunStatus.COMPENSATING:
             raise Conflict(
                 f"run {run_id} already ended ({run.error_code}) and is undoing its completed steps; "
                 "abort an escalated compensation to stop it",
-                code="run_compensating", detail={"status": run.status},
+                code=Code.RUN_COMPENSATING, detail={"status": run.status},
             )
         tx = Tx(run, timezone.now(), actor_type=actor_type, actor_id=actor_id)
         tx.fail_run(CANCELLED, reason or f"cancelled by {actor_id or 'system'}", verb=Verb.RUN_CANCELLED)
@@ -215,19 +222,19 @@ def approval_decide(
     """Apply an operator's decision to an open approval. Exactly one decision wins; a second
     one (or one on an expired or stale approval) raises Conflict."""
     if decision not in Decision.values:
-        raise InvalidInput(f"decision must be one of {', '.join(Decision.values)}", code="invalid_decision")
+        raise InvalidInput(f"decision must be one of {', '.join(Decision.values)}", code=Code.INVALID_DECISION)
     if decision == Decision.EDIT and edited_input is None:
-        raise InvalidInput("edit-then-approve needs edited_input", code="edited_input_missing")
+        raise InvalidInput("edit-then-approve needs edited_input", code=Code.EDITED_INPUT_MISSING)
     if decision != Decision.EDIT and edited_input is not None:
-        raise InvalidInput("edited_input is only accepted with decision 'edit'", code="edited_input_unexpected")
+        raise InvalidInput("edited_input is only accepted with decision 'edit'", code=Code.EDITED_INPUT_UNEXPECTED)
     wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL).select_related("step").first()
     if wait is None or (run_id is not None and wait.run_id != run_id):
-        raise NotFound(f"no approval {wait_id}", code="approval_not_found")
+        raise NotFound(f"no approval {wait_id}", code=Code.APPROVAL_NOT_FOUND)
     if decision == Decision.EDIT:
         assert edited_input is not None
         _check_size(edited_input, "edited input")
         edited_input = _validated(
-            agent_class(wait.step.agent).Input, edited_input, code="input_contract",
+            agent_class(wait.step.agent).Input, edited_input, code=Code.INPUT_CONTRACT,
             message=f"edited input does not satisfy {wait.step.agent!r}'s input contract",
         )
     actor_type, actor_id = _actor(user)
@@ -245,7 +252,7 @@ def approval_decide(
             raise Conflict(
                 f"approval {wait_id} is already {current.status} (by {by} at {current.decided_at:%Y-%m-%d %H:%M:%S} UTC)"
                 if current.decided_at else f"approval {wait_id} is {current.status}",
-                code="already_decided",
+                code=Code.ALREADY_DECIDED,
                 detail={"status": current.status, "decided_by": by},
             )
         # The row is now what was read before the lock plus what this update wrote: nothing else
@@ -265,7 +272,7 @@ def _apply_decision(
 ) -> None:
     if decision == Decision.REJECT:
         tx.record(Verb.APPROVAL_REJECTED, "wait", wait.pk, step=step, reason=reason)
-        tx.fail_step(step, SignalboxError(f"approval rejected: {reason or 'no reason given'}", code="approval_rejected"))
+        tx.fail_step(step, SignalboxError(f"approval rejected: {reason or 'no reason given'}", code=Code.APPROVAL_REJECTED))
         return
     node = tx.wf.node(step.node)
     if decision == Decision.EDIT:
@@ -304,16 +311,16 @@ def escalation_resolve(
     Exactly one answer wins; another raises Conflict (409 ``already_decided``)."""
     if action not in ESCALATION_ACTIONS:
         raise InvalidInput(
-            f"action must be one of {', '.join(ESCALATION_ACTIONS)}", code="invalid_action",
+            f"action must be one of {', '.join(ESCALATION_ACTIONS)}", code=Code.INVALID_ACTION,
             detail={"action": action},
         )
     if action == Decision.SKIP and output is None:
-        raise InvalidInput("skip needs output: the value the step should have produced", code="output_missing")
+        raise InvalidInput("skip needs output: the value the step should have produced", code=Code.OUTPUT_MISSING)
     if action != Decision.SKIP and output is not None:
-        raise InvalidInput("output is only accepted with action 'skip'", code="output_unexpected")
+        raise InvalidInput("output is only accepted with action 'skip'", code=Code.OUTPUT_UNEXPECTED)
     wait = Wait.objects.filter(pk=wait_id, kind=WaitKind.ESCALATION).select_related("step", "run").first()
     if wait is None or (run_id is not None and wait.run_id != run_id):
-        raise NotFound(f"no escalation {wait_id}", code="escalation_not_found")
+        raise NotFound(f"no escalation {wait_id}", code=Code.ESCALATION_NOT_FOUND)
     if wait.status != WaitStatus.OPEN:
         raise _already_answered(wait_id)  # before judging the value: it could not apply anyway
     if output is not None:
@@ -321,7 +328,7 @@ def escalation_resolve(
         wf = workflow_get(wait.run.workflow_name, wait.run.workflow_version)
         contract = output_contract(wait.step, node_of(wf, wait.step))
         output = _validated(
-            contract, output, code="output_contract",
+            contract, output, code=Code.OUTPUT_CONTRACT,
             message=f"the skip value does not satisfy {contract.__name__}, the output contract of {wait.step.key!r}",
         )
     actor_type, actor_id = _actor(user)
@@ -368,7 +375,7 @@ def escalation_resolve(
         else:
             tx.record(Verb.ESCALATION_ABORTED, "wait", wait.pk, step=step, reason=reason)
             tx.fail_step(step, SignalboxError(
-                f"aborted by {who} after escalation" + (f": {reason}" if reason else ""), code="aborted",
+                f"aborted by {who} after escalation" + (f": {reason}" if reason else ""), code=Code.ABORTED,
             ))
         tx.flush()
     return wait
@@ -381,7 +388,7 @@ def _already_answered(wait_id: int) -> Conflict:
     what = f"{current.decision} by {by}" if current.decision else f"{current.status} by {by}"
     return Conflict(
         f"escalation {wait_id} is already {current.status} ({what}{when})",
-        code="already_decided",
+        code=Code.ALREADY_DECIDED,
         detail={"status": current.status, "decision": current.decision, "decided_by": by},
     )
 
@@ -409,7 +416,7 @@ def run_send_event(
         if existing is not None:
             return EventDelivery(existing, applied=False, duplicate=True)
         if run.is_terminal:
-            raise Conflict(f"run {run_id} already {run.status}", code="run_terminal", detail={"status": run.status})
+            raise Conflict(f"run {run_id} already {run.status}", code=Code.RUN_TERMINAL, detail={"status": run.status})
         event = RunEvent.objects.create(run=run, name=name, event_id=event_id, payload=payload, received_at=now)
         tx = Tx(run, now, actor_type=actor_type, actor_id=actor_id)
         tx.record(Verb.EVENT_RECEIVED, "event", event.pk, payload=payload, name=name, event_id=event_id)
@@ -434,5 +441,5 @@ def _lock_or_404(run_id: int) -> Run:
     try:
         return run_lock(run_id)
     except Run.DoesNotExist:
-        raise NotFound(f"no run {run_id}", code="run_not_found") from None
+        raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from orchestration.errors import StateAccessDenied, StepTimeout
+from orchestration.errors import Code, StateAccessDenied, StepTimeout
 
 
 @dataclass
@@ -121,7 +121,7 @@ class AgentContext:
         if self.tools is None:
             from orchestration.errors import PermanentError
 
-            raise PermanentError("this context has no tool access", code="no_tool_access")
+            raise PermanentError("this context has no tool access", code=Code.NO_TOOL_ACCESS)
         return self.tools.call(capability, params)
 
     @property
@@ -149,7 +149,7 @@ class AgentContext:
         interrupt the agent there on their own where they can; long loops should call this."""
         self._acting()
         if self.soft_deadline is not None and time.monotonic() >= self.soft_deadline:
-            raise StepTimeout("the step ran past its soft timeout", code="step_timeout")
+            raise StepTimeout("the step ran past its soft timeout", code=Code.STEP_TIMEOUT)
 
     def report_usage(
         self, *, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0, model: str = ""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from orchestration.errors import ErrorClass, SignalboxError
+from orchestration.errors import Code, ErrorClass, SignalboxError
 from orchestration.tools.providers import (
     ProviderHTTPError,
     ProviderNotConfigured,
@@ -105,20 +105,20 @@ def _http_statuses(exc: BaseException) -> Failure | None:
     detail = {"status": status, "body": exc.body}
     message = f"provider answered {status}"
     if status == 408:
-        return transient("provider_timeout", message, detail=detail)
+        return transient(Code.PROVIDER_TIMEOUT, message, detail=detail)
     if status == 429:
-        return transient("provider_throttled", message, retry_after=exc.retry_after, detail=detail)
+        return transient(Code.PROVIDER_THROTTLED, message, retry_after=exc.retry_after, detail=detail)
     if status >= 500:
-        return transient("provider_error", message, retry_after=exc.retry_after, detail=detail)
+        return transient(Code.PROVIDER_ERROR, message, retry_after=exc.retry_after, detail=detail)
     if status in (401, 403):
-        return provider_unusable("provider_permission_denied", message, detail=detail)
-    return permanent("provider_rejected", message, detail=detail)
+        return provider_unusable(Code.PROVIDER_PERMISSION_DENIED, message, detail=detail)
+    return permanent(Code.PROVIDER_REJECTED, message, detail=detail)
 
 
 def _timeouts(exc: BaseException) -> Failure | None:
     # TimeoutError is also socket.timeout; httpx has its own hierarchy.
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return transient("provider_timeout", f"provider did not answer in time: {_describe(exc)}")
+        return transient(Code.PROVIDER_TIMEOUT, f"provider did not answer in time: {_describe(exc)}")
     return None
 
 
@@ -130,22 +130,22 @@ def _describe(exc: BaseException) -> str:
 def _permissions(exc: BaseException) -> Failure | None:
     # Before connection errors: PermissionError is an OSError too.
     if isinstance(exc, PermissionError):
-        return provider_unusable("permission_denied", f"permission denied: {_describe(exc)}")
+        return provider_unusable(Code.PERMISSION_DENIED, f"permission denied: {_describe(exc)}")
     return None
 
 
 def _connections(exc: BaseException) -> Failure | None:
     if isinstance(exc, httpx.TransportError | ConnectionError):
-        return transient("connection_error", f"could not reach the provider: {_describe(exc)}")
+        return transient(Code.CONNECTION_ERROR, f"could not reach the provider: {_describe(exc)}")
     return None
 
 
 def _provider_setup(exc: BaseException) -> Failure | None:
     if isinstance(exc, ProviderResultInvalid):
-        return provider_unusable("result_contract", str(exc), ErrorClass.CONTRACT)
+        return provider_unusable(Code.RESULT_CONTRACT, str(exc), ErrorClass.CONTRACT)
     if isinstance(exc, ProviderNotConfigured):
         # Not the service's health: the circuit stays as it is.
-        return replace(provider_unusable("provider_not_configured", str(exc)), provider_fault=False)
+        return replace(provider_unusable(Code.PROVIDER_NOT_CONFIGURED, str(exc)), provider_fault=False)
     return None
 
 
@@ -180,4 +180,4 @@ def failure_classify(exc: BaseException, provider: Provider | None = None) -> Fa
         found = classifier(exc)
         if found is not None:
             return found
-    return transient("provider_exception", f"{type(exc).__name__}: {exc}")
+    return transient(Code.PROVIDER_EXCEPTION, f"{type(exc).__name__}: {exc}")

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from audit.services import Entry
 from audit.verbs import ActorType
 from orchestration.errors import (
+    Code,
     ContractViolation,
     ErrorClass,
     PermanentError,
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 class ToolCallFailed(SignalboxError):
     """Every provider of a capability failed; ``detail["attempts"]`` lists each attempt."""
 
-    code = "tool_call_failed"
+    code: str = Code.TOOL_CALL_FAILED
 
 
 class ToolCallFailedTransient(ToolCallFailed, TransientError):
@@ -191,7 +192,7 @@ class ToolClient:
             if not admission.allowed:
                 # Fail fast, no request: the next provider (if any) serves the call.
                 failure = replace(
-                    transient("circuit_open", f"circuit of {provider.name} is {admission.state}"),
+                    transient(Code.CIRCUIT_OPEN, f"circuit of {provider.name} is {admission.state}"),
                     retry=False,
                 )
                 call.log.attempt(provider, attempt, ToolCallStatus.SKIPPED, failure=failure)
@@ -206,7 +207,7 @@ class ToolClient:
                 self.breaker.release(provider, admission.probe_id)
                 assert provider.rate_limit is not None
                 failure = transient(
-                    "rate_limited",
+                    Code.RATE_LIMITED,
                     f"no rate-limit token for {provider.name} within {provider.rate_limit.max_wait_seconds}s",
                 )
                 record = call.log.attempt(
@@ -247,7 +248,7 @@ class ToolClient:
                 result = call.capability.Result.model_validate(raw)
             except ValidationError as exc:
                 failure = provider_unusable(
-                    "result_contract",
+                    Code.RESULT_CONTRACT,
                     f"result from {provider.name} does not satisfy the {call.capability.name} contract",
                     ErrorClass.CONTRACT,
                     detail={"errors": _errors(exc)},
@@ -329,7 +330,7 @@ def _validate_params(cap: Capability, params: BaseModel | Mapping[str, Any]) -> 
     except ValidationError as exc:
         raise ContractViolation(
             f"params for {cap.name!r} do not satisfy its contract",
-            code="tool_params_contract",
+            code=Code.TOOL_PARAMS_CONTRACT,
             detail={"capability": cap.name, "errors": _errors(exc)},
         ) from None
 
@@ -344,7 +345,7 @@ def _idempotency_key(
     if run_id is None:
         raise PermanentError(
             f"{cap.name!r} has side effects: call it with a run_id or an explicit idempotency_key",
-            code="idempotency_key_required",
+            code=Code.IDEMPOTENCY_KEY_REQUIRED,
         )
     return tool_idempotency_key(run_id, node, call_index)
 
@@ -353,7 +354,7 @@ def _budget_spent(policy: RetryPolicy, last: Failure | None) -> Failure:
     message = f"the call's time budget ({policy.time_budget_seconds}s) ran out"
     if last is not None:
         message += f" after {last.code}"
-    return replace(transient("time_budget_exhausted", message), retry=False, next_provider=False)
+    return replace(transient(Code.TIME_BUDGET_EXHAUSTED, message), retry=False, next_provider=False)
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:

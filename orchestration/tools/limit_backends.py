@@ -12,7 +12,7 @@ from typing import Protocol
 
 from django.conf import settings
 
-from orchestration.errors import TransientError
+from orchestration.errors import Code, TransientError
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 #: The rolling window of a circuit is counted in this many slots.
@@ -145,7 +145,7 @@ def _redis_errors_are_transient() -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         raise TransientError(
-            f"rate limits and circuits are unavailable: {exc}", code="limits_unavailable"
+            f"rate limits and circuits are unavailable: {exc}", code=Code.LIMITS_UNAVAILABLE
         ) from exc
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from django.conf import settings
 from pydantic import BaseModel
 
-from orchestration.errors import PermanentError
+from orchestration.errors import Code, PermanentError
 from orchestration.tools.providers import Provider
 
 #: Capabilities every deployment has. None yet: the demo capabilities arrive with the engine wiring.
@@ -26,7 +26,7 @@ BUILTIN_CAPABILITIES: dict[str, str] = {}
 class UnknownCapability(PermanentError):
     """No capability is registered under that name."""
 
-    code = "unknown_capability"
+    code = Code.UNKNOWN_CAPABILITY
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
 from ninja.schema import DjangoGetter
-from pydantic import AfterValidator, AwareDatetime, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BeforeValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from orchestration.errors import Code
@@ -72,8 +79,9 @@ def refusal(code: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(str(code), "{message}", {"message": message})
 
 
-def _storable_text(value: str) -> str:
-    if (reason := text_refusal(value)) is not None:
+def _storable_text(value: Any) -> Any:
+    # Before pydantic's own str check, which refuses a lone surrogate in its own words.
+    if isinstance(value, str) and (reason := text_refusal(value)) is not None:
         raise refusal(RequestCode.UNSTORABLE_VALUE, f"the text {reason}")
     return value
 
@@ -100,7 +108,7 @@ JSON_RULES = (
 
 #: Text the database can store: no NUL character, no lone surrogate.
 StoredText = Annotated[
-    str, AfterValidator(_storable_text), Field(json_schema_extra={"pattern": NO_NUL})
+    str, BeforeValidator(_storable_text), Field(json_schema_extra={"pattern": NO_NUL})
 ]
 #: A JSON object the database can store as ``jsonb`` (say JSON_RULES in its description).
 StoredJson = Annotated[dict[str, Any], AfterValidator(_storable_json)]

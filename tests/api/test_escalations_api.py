@@ -5,7 +5,7 @@ change nothing."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Run, Step, Wait
 from orchestration.recovery import expire_waits
-from orchestration.services import escalation_resolve, run_cancel, run_submit
+from orchestration.services import escalation_resolve, run_cancel
 from tests.support.stub_provider import StubProvider, stub_provider_server
 
 pytestmark = pytest.mark.django_db
@@ -27,9 +27,8 @@ MISSING = 987_654_321
 
 
 @pytest.fixture(autouse=True)
-def _no_backoff(settings: Any) -> None:
-    """A transient failure is retried at once, so ``drive`` reaches the escalation."""
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+def _no_backoff(no_backoff: None) -> None:
+    """Every run here retries at once."""
 
 
 @pytest.fixture
@@ -38,22 +37,6 @@ def effect_provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubProvider]:
     with stub_provider_server("test-effect") as stub:
         monkeypatch.setenv("SIGNALBOX_TEST_ECHO_URL", stub.url)
         yield stub
-
-
-@pytest.fixture
-def escalated(operator: Any, drive: Callable[[int], Run]) -> Callable[..., Wait]:
-    """Submit a run of ``escalating`` (its ``act`` step fails twice, then escalates) and drive
-    it to its open escalation."""
-
-    def make(user: Any = None, workflow: str = "escalating", **input: Any) -> Wait:
-        body = input or {"fail_attempts": 2, "text": "hi"}
-        run = run_submit(workflow=workflow, input=body, submitted_by=user or operator).run
-        drive(run.pk)
-        wait = Wait.objects.filter(run=run, kind="escalation", status="open").first()
-        assert wait is not None, f"run {run.pk} has no open escalation"
-        return wait
-
-    return make
 
 
 def post_json(client: Client, path: str, body: Any, **extra: Any) -> Any:

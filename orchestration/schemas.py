@@ -8,6 +8,7 @@ here, with the field named, rather than by the database with a server error.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -92,6 +93,20 @@ def _storable_json(value: Any) -> Any:
     return value
 
 
+#: RFC 3339's date-time, as ``format: date-time`` documents it (pydantic alone would also take
+#: numbers as Unix times and several other shapes the document does not promise).
+RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc_3339(value: Any) -> Any:
+    if not (isinstance(value, str) and RFC_3339.fullmatch(value)):
+        raise PydanticCustomError(
+            "datetime_format",
+            "Input should be an RFC 3339 date and time with a zone, e.g. 2025-01-31T09:00:00Z",
+        )
+    return value
+
+
 def _storable_datetime(value: datetime) -> datetime:
     if (reason := datetime_refusal(value)) is not None:
         raise refusal(RequestCode.UNSTORABLE_VALUE, f"the time {reason}")
@@ -113,7 +128,9 @@ StoredText = Annotated[
 #: A JSON object the database can store as ``jsonb`` (say JSON_RULES in its description).
 StoredJson = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 #: An aware time PostgreSQL accepts: offset within ±15:59, in range once converted to UTC.
-StoredDatetime = Annotated[AwareDatetime, AfterValidator(_storable_datetime)]
+StoredDatetime = Annotated[
+    AwareDatetime, BeforeValidator(_rfc_3339), AfterValidator(_storable_datetime)
+]
 
 
 # --- runs ---------------------------------------------------------------------------------------

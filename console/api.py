@@ -139,7 +139,11 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
         message = "the request is not valid"
     else:
         where = ".".join(str(part) for part in first["loc"])
-        message = f"{where}: {first['msg']}" if code else f"the request is not valid: {where}: {first['msg']}"
+        message = (
+            f"{where}: {first['msg']}"
+            if code
+            else f"the request is not valid: {where}: {first['msg']}"
+        )
     return error_response(request, 422, code or ApiCode.INVALID_REQUEST, message, detail)
 
 
@@ -196,9 +200,7 @@ def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
 
 @api.exception_handler(DjangoPermissionDenied)
 def _permission_denied(request: HttpRequest, exc: DjangoPermissionDenied) -> HttpResponse:
-    return error_response(
-        request, 403, ApiCode.PERMISSION_DENIED, "you are not allowed to do this"
-    )
+    return error_response(request, 403, ApiCode.PERMISSION_DENIED, "you are not allowed to do this")
 
 
 @api.exception_handler(RequestDataTooBig)
@@ -214,9 +216,7 @@ def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
 
 @api.exception_handler(SuspiciousOperation)
 def _suspicious(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
-    return error_response(
-        request, 400, ApiCode.BAD_REQUEST, "the request could not be processed"
-    )
+    return error_response(request, 400, ApiCode.BAD_REQUEST, "the request could not be processed")
 
 
 @api.exception_handler(Exception)

@@ -21,6 +21,10 @@ def validation_errors(exc: ValidationError | Iterable[Mapping[str, Any]]) -> lis
         else exc
     )
     return [
-        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+        {
+            "loc": list(error.get("loc", ())),
+            "msg": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
         for error in errors
     ]

@@ -63,9 +63,7 @@ def no_backoff(settings: Any) -> None:
 
 
 @pytest.fixture
-def escalated(
-    operator: Any, drive: Callable[[int], Any], no_backoff: None
-) -> Callable[..., Wait]:
+def escalated(operator: Any, drive: Callable[[int], Any], no_backoff: None) -> Callable[..., Wait]:
     """Submit a run of ``escalating`` (its ``act`` step fails twice, then escalates) and drive
     it to its open escalation."""
 

@@ -450,7 +450,11 @@ def unchanged(wait: Wait) -> None:
         ({"action": "skip", "reason": "no value"}, "output_missing", "output"),
         ({"action": "abort"}, "reason_required", "reason"),
         ({"action": "retry", "output": {"text": "x"}}, "output_unexpected", "output"),
-        ({"action": "abort", "reason": "r", "output": {"text": "x"}}, "output_unexpected", "output"),
+        (
+            {"action": "abort", "reason": "r", "output": {"text": "x"}},
+            "output_unexpected",
+            "output",
+        ),
         ({"action": "skip"}, "invalid_request", "reason"),
     ],
     ids=[

@@ -126,9 +126,7 @@ def operator_token(operator: Any) -> None:
 
 
 @pytest.fixture
-def live_objects(
-    operator: Any, drive: Callable[[int], Any], settings: Any
-) -> Iterator[None]:
+def live_objects(operator: Any, drive: Callable[[int], Any], settings: Any) -> Iterator[None]:
     """Runs waiting on an approval and runs with an open escalation, their ids offered to the
     generated requests; the test broker emptied afterwards (real commits sent wake-ups for
     the steps they queued, and no worker of this test will take them)."""

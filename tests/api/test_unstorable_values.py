@@ -42,9 +42,7 @@ def detail_types(error: dict[str, Any]) -> set[str]:
 
 
 @pytest.fixture
-def target(
-    pending_approval: Callable[..., Wait], escalated: Callable[..., Wait]
-) -> dict[str, int]:
+def target(pending_approval: Callable[..., Wait], escalated: Callable[..., Wait]) -> dict[str, int]:
     """An open approval (its run waiting) and an open escalation: something for every URL."""
     approval = pending_approval()
     escalation = escalated()
@@ -87,7 +85,9 @@ def test_a_submit_with_an_unstorable_value_is_422_and_writes_nothing(
     operator_client: Client, row_counts: Callable[[], dict[str, int]], body, loc, says
 ) -> None:
     before = row_counts()
-    response = post_json(operator_client, "/api/v1/runs", {"workflow": "reference_workload", **body})
+    response = post_json(
+        operator_client, "/api/v1/runs", {"workflow": "reference_workload", **body}
+    )
     error = assert_unstorable(response, *loc)
     assert says in error["message"]
     assert row_counts() == before
@@ -227,15 +227,27 @@ def test_a_write_with_an_unstorable_value_is_422_and_writes_nothing(
     [
         ("/api/v1/runs", {"workflow": NUL}, ("query", "workflow")),
         ("/api/v1/escalations", {"workflow": NUL}, ("query", "workflow")),
-        ("/api/v1/runs", {"created_after": "2025-01-01T00:00:00+16:00"}, ("query", "created_after")),
-        ("/api/v1/runs", {"created_after": "2025-01-01T00:00:00+23:59"}, ("query", "created_after")),
+        (
+            "/api/v1/runs",
+            {"created_after": "2025-01-01T00:00:00+16:00"},
+            ("query", "created_after"),
+        ),
+        (
+            "/api/v1/runs",
+            {"created_after": "2025-01-01T00:00:00+23:59"},
+            ("query", "created_after"),
+        ),
         (
             "/api/v1/runs",
             {"created_before": "2025-01-01T00:00:00-16:00"},
             ("query", "created_before"),
         ),
         # Valid offsets, but the instant falls outside Python's years 1-9999 in UTC.
-        ("/api/v1/runs", {"created_after": "0001-01-01T00:00:00+14:00"}, ("query", "created_after")),
+        (
+            "/api/v1/runs",
+            {"created_after": "0001-01-01T00:00:00+14:00"},
+            ("query", "created_after"),
+        ),
         (
             "/api/v1/runs",
             {"created_before": "9999-12-31T23:59:59-10:00"},
@@ -260,5 +272,7 @@ def test_a_list_filter_the_database_cannot_compare_is_422(
 
 @pytest.mark.parametrize("offset", ["+15:59", "-15:59", "+00:00", "Z"])
 def test_offsets_within_15_59_are_accepted(operator_client: Client, offset: str) -> None:
-    response = operator_client.get("/api/v1/runs", {"created_after": f"2025-01-01T00:00:00{offset}"})
+    response = operator_client.get(
+        "/api/v1/runs", {"created_after": f"2025-01-01T00:00:00{offset}"}
+    )
     assert response.status_code == 200, response.content

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from copy import deepcopy
 from functools import wraps
 from inspect import iscoroutinefunction
 from typing import Any
@@ -68,21 +69,43 @@ def error_status(exc: SignalboxError) -> int:
 #: request has the same one, it is the response's code (otherwise ``invalid_request``).
 STABLE_VALIDATION_CODES = frozenset({*Code, *RequestCode})
 
-MALFORMED_JSON_RESPONSE = {
-    "description": "The body is not JSON (`malformed_json`).",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+
+#: What each error status means, in the document; ninja would only say "Bad Request" etc.
+ERROR_DESCRIPTIONS = {
+    400: "The body is not JSON (`malformed_json`).",
+    401: "No valid bearer token or console session (`unauthenticated`).",
+    403: (
+        "Authenticated, but not allowed to do this (`submit_denied`, `decide_denied`, "
+        "`view_denied`; `csrf_failed` for a session write without the CSRF token)."
+    ),
+    404: "No such object, or one you may not see (`run_not_found`, `unknown_workflow`, ...).",
+    409: "The object's state does not allow this now (`already_decided`, `run_terminal`, ...).",
+    413: "The body, or a payload in it, is over its size limit (`payload_too_large`).",
+    422: (
+        "Parameters or body refused: `invalid_request` (see `detail`, one entry per refusal "
+        "with its `loc`); `unstorable_value` for what the database cannot store (NUL, lone "
+        "surrogates, NaN/Infinity, offsets beyond ±15:59); the cross-field rules' own codes "
+        "(`reason_required`, `edited_input_missing`, `output_missing`, ...); a contract's "
+        "(`input_contract`, `output_contract`)."
+    ),
 }
 
 
 class SignalboxAPI(NinjaAPI):
     def get_openapi_schema(self, **kwargs: Any) -> Any:
-        """ninja's document, plus the 400 every operation with a body can answer: the body is
-        parsed before any handler runs, so no handler can declare it."""
+        """ninja's document, plus the 400 every operation with a body can answer (the body is
+        parsed before any handler runs, so no handler can declare it) and what each error
+        status means."""
         schema = super().get_openapi_schema(**kwargs)
         for operations in schema["paths"].values():
             for operation in operations.values():
+                responses = operation["responses"]
                 if "requestBody" in operation:
-                    operation["responses"].setdefault("400", MALFORMED_JSON_RESPONSE)
+                    responses.setdefault("400", {"content": deepcopy(ERROR_REF)})
+                for status, response in responses.items():
+                    if response.get("content") == ERROR_REF and int(status) in ERROR_DESCRIPTIONS:
+                        response["description"] = ERROR_DESCRIPTIONS[int(status)]
         return schema
 
 

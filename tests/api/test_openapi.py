@@ -205,3 +205,11 @@ def test_the_docs_page_serves_local_assets_only(client):
     assert assets
     assert not [a for a in assets if re.match(r"(?:https?:)?//", a)], assets
     assert not re.search(r"https?://(?:cdn|unpkg|fastly|cdnjs)", html)
+
+
+def test_error_responses_say_which_codes_they_carry(schema):
+    responses = schema["paths"]["/api/v1/approvals/{approval_id}/decide"]["post"]["responses"]
+    assert "reason_required" in responses["422"]["description"]
+    assert "unstorable_value" in responses["422"]["description"]
+    assert "already_decided" in responses["409"]["description"]
+    assert "unauthenticated" in responses["401"]["description"]

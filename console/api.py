@@ -21,6 +21,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DatabaseError, connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -287,6 +288,42 @@ def api_not_found(request: HttpRequest, path: str = "") -> JsonResponse:
     return JsonResponse(
         error_body(ApiCode.NOT_FOUND, f"no API endpoint at {request.path}"), status=404
     )
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path_info.startswith("/api/")
+
+
+# Refusals made before a request reaches the API's view (Django's middleware: a Host header
+# that is not allowed, a permission check, a crash) get the JSON shape under /api/ as well;
+# Django's own pages elsewhere. Installed as the project's handler400/403/500.
+
+
+def bad_request_page(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse(
+            error_body(ApiCode.BAD_REQUEST, "the request could not be processed"), status=400
+        )
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied_page(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse(
+            error_body(ApiCode.PERMISSION_DENIED, "you are not allowed to do this"), status=403
+        )
+    return defaults.permission_denied(request, exception)
+
+
+def server_error_page(request: HttpRequest) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse(
+            error_body(
+                ApiCode.INTERNAL_ERROR, "something went wrong on our side; it has been logged"
+            ),
+            status=500,
+        )
+    return defaults.server_error(request)
 
 
 # --- health -------------------------------------------------------------------------------------

@@ -128,8 +128,9 @@ def operator_token(operator: Any) -> None:
 @pytest.fixture
 def live_objects(operator: Any, drive: Callable[[int], Any], settings: Any) -> Iterator[None]:
     """Runs waiting on an approval and runs with an open escalation, their ids offered to the
-    generated requests; the test broker emptied afterwards (real commits sent wake-ups for
-    the steps they queued, and no worker of this test will take them)."""
+    generated requests. Afterwards the broker's queues are emptied: real commits sent wake-ups
+    for the steps they queued, for rows the end of the test deletes, and a later test's
+    workers should not have to wade through them."""
     settings.SIGNALBOX = {
         **settings.SIGNALBOX,
         "AGENT_TIME_SCALE": 0.0,
@@ -156,7 +157,11 @@ def live_objects(operator: Any, drive: Callable[[int], Any], settings: Any) -> I
     )
     yield
     EXISTING.clear()
-    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    broker = redis.Redis.from_url(settings.REDIS_URL)
+    # Only the queues (lists): the exchange bindings and the tools' shared limits stay.
+    for key in broker.scan_iter():
+        if broker.type(key) == b"list":
+            broker.delete(key)
 
 
 @pytest.fixture

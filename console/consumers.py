@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from console.views import run_list_fragment, run_live_fragment
 from orchestration.live import RUNS_GROUP, run_group
-from orchestration.selectors import runs_visible_to
+from orchestration.selectors import run_is_visible
 
 
 class LiveFragmentConsumer(AsyncWebsocketConsumer):
@@ -90,10 +90,7 @@ class RunConsumer(LiveFragmentConsumer):
         return int(self.scope["url_route"]["kwargs"]["run_id"])
 
     async def allowed(self, user: Any) -> bool:
-        run_id = self.run_id
-        return await database_sync_to_async(
-            lambda: runs_visible_to(user).filter(pk=run_id).exists()
-        )()
+        return await database_sync_to_async(run_is_visible)(user, self.run_id)
 
     def group_name(self) -> str:
         return run_group(self.run_id)

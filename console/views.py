@@ -8,7 +8,8 @@ from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.core.exceptions import BadRequest, PermissionDenied
+from django.core.exceptions import BadRequest
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.template.loader import render_to_string
@@ -16,9 +17,10 @@ from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
 from orchestration.engine import UNDO
-from orchestration.errors import InvalidInput, NotFound
+from orchestration.errors import InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
 from orchestration.selectors import (
+    capability_status_list_for_user,
     run_events,
     run_get_for_user,
     run_list_for_user,
@@ -184,8 +186,8 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
 @login_required
 def tool_list(request: HttpRequest) -> HttpResponse:
     """Capabilities, their providers, recent health, rate-limit headroom and circuit state."""
-    from orchestration.tools.status import capability_status_list
-
-    if not _user(request).has_perm("orchestration.view_run"):
-        raise PermissionDenied
-    return render(request, "console/tool_list.html", {"capabilities": capability_status_list()})
+    try:
+        capabilities = capability_status_list_for_user(_user(request))
+    except PermissionDenied:
+        raise DjangoPermissionDenied from None
+    return render(request, "console/tool_list.html", {"capabilities": capabilities})

@@ -1,28 +1,28 @@
-"""REST endpoints for runs, approvals, dead letters and workflows (mounted at ``/api/v1/``).
+"""REST endpoints for runs, approvals, escalations and workflows (mounted at ``/api/v1/``).
 
 Handlers stay thin: parse (schemas), authorize (selectors), call one service, render. Errors are
-raised as ``SignalboxError`` and turned into JSON by the one handler in ``console.api``.
+raised as ``SignalboxError`` and turned into JSON, with their HTTP status, in ``console.api``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from django.http import HttpRequest
 from ninja import Header, Path, Query, Router, Status
 
 from orchestration import selectors, services
-from orchestration.errors import Code, InvalidInput, PermissionDenied
+from orchestration.errors import Code, InvalidInput
 from orchestration.registry import workflow_get, workflow_list
 from orchestration.schemas import (
     ApprovalDecideIn,
     ApprovalOut,
     CapabilityOut,
-    DeadLetterListQuery,
-    DeadLetterOut,
-    DeadLetterPageOut,
-    DeadLetterResolveIn,
     ErrorOut,
+    EscalationListQuery,
+    EscalationOut,
+    EscalationPageOut,
+    EscalationResolveIn,
     RunCancelIn,
     RunDetailOut,
     RunEventAcceptedOut,
@@ -32,22 +32,23 @@ from orchestration.schemas import (
     RunPageOut,
     RunSubmitIn,
     RunSubmitOut,
+    StoredText,
     WorkflowOut,
     approval_out,
-    dead_letter_out,
+    escalation_out,
     run_detail_out,
     run_out,
 )
 
 router = Router(tags=["orchestration"])
 
-SUBMIT = "orchestration.add_run"
 # Database ids are bigints; anything larger cannot name a row.
 MAX_ID = 2**63 - 1
 
 
 def errors(*codes: int) -> dict[int, type[ErrorOut]]:
-    """Document error responses (raised as exceptions, rendered by the API's handlers)."""
+    """Document error responses (raised as exceptions, rendered by the API's handlers). Every
+    operation with a body can also answer 400 ``malformed_json``: ``console.api`` adds it."""
     return dict.fromkeys(codes, ErrorOut)
 
 
@@ -67,13 +68,12 @@ def errors(*codes: int) -> dict[int, type[ErrorOut]]:
 def run_submit(
     request: HttpRequest,
     payload: RunSubmitIn,
-    idempotency_key: str | None = Header(
-        None, alias="Idempotency-Key", min_length=1, max_length=200
-    ),
+    idempotency_key: Annotated[
+        StoredText | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
 ) -> Status[dict[str, Any]]:
     user = request.auth  # type: ignore[attr-defined]
-    if not user.has_perm(SUBMIT):
-        raise PermissionDenied("you may not submit runs", code=Code.SUBMIT_DENIED)
+    selectors.submit_check(user)
     key = payload.idempotency_key
     if idempotency_key and key and idempotency_key != key:
         raise InvalidInput(
@@ -135,8 +135,7 @@ def run_cancel(
     payload: RunCancelIn | None = None,
 ) -> Any:
     user = request.auth  # type: ignore[attr-defined]
-    run = selectors.run_get_for_user(user, run_id)
-    selectors.run_check_decide(user, run)
+    run = selectors.run_get_for_decision(user, run_id)
     cancelled = services.run_cancel(
         run_id=run.pk, user=user, reason=payload.reason if payload else ""
     )
@@ -153,8 +152,7 @@ def run_event_send(
     request: HttpRequest, payload: RunEventIn, run_id: int = Path(..., ge=1, le=MAX_ID)
 ) -> Status[dict[str, Any]]:
     user = request.auth  # type: ignore[attr-defined]
-    run = selectors.run_get_for_user(user, run_id)
-    selectors.run_check_decide(user, run)
+    run = selectors.run_get_for_decision(user, run_id)
     delivery = services.run_send_event(
         run_id=run.pk,
         name=payload.name,
@@ -186,16 +184,17 @@ def approval_list(request: HttpRequest) -> Any:
     response={200: ApprovalOut, **errors(401, 403, 404, 409, 413, 422)},
     summary="Approve, reject, or edit-then-approve a pending action",
     description=(
-        "`reason` is required to reject or edit; `edited_input` (the agent's input, checked "
-        "against its contract) only with `edit`. A second decision gets 409 `already_decided`."
+        "A `reason` (not blank) is required to reject or edit (422 `reason_required`); "
+        "`edited_input` (the agent's input, checked against its contract) is required with "
+        "`edit` (422 `edited_input_missing`) and refused otherwise (422 "
+        "`edited_input_unexpected`). A second decision gets 409 `already_decided`."
     ),
 )
 def approval_decide(
     request: HttpRequest, payload: ApprovalDecideIn, approval_id: int = Path(..., ge=1, le=MAX_ID)
 ) -> Any:
     user = request.auth  # type: ignore[attr-defined]
-    wait = selectors.approval_get_for_user(user, approval_id)
-    selectors.run_check_decide(user, wait.run)
+    wait = selectors.approval_get_for_decision(user, approval_id)
     decided = services.approval_decide(
         wait_id=wait.pk,
         run_id=wait.run_id,
@@ -207,20 +206,21 @@ def approval_decide(
     return approval_out(decided)
 
 
-# --- dead letters (escalated steps) -------------------------------------------------------------
+# --- escalations (failed steps waiting for an operator) ------------------------------------------
 
 
 @router.get(
-    "/dead-letters",
-    response={200: DeadLetterPageOut, **errors(401, 422)},
+    "/escalations",
+    response={200: EscalationPageOut, **errors(401, 422)},
     summary="Escalated steps on runs you can see, newest first (open ones unless ?status=)",
     description=(
         "A step escalates when it has exhausted its retries, fallback agent and degraded "
-        "result. Each item carries the full context (every attempt, error, tool call and agent "
-        "tried). Keyset-paginated: pass `next_cursor` as `?cursor=`."
+        "result; it then waits for an operator to retry it, skip it with a value, or abort "
+        "the run. Each item carries the full context (every attempt, error, tool call and "
+        "agent tried). Keyset-paginated: pass `next_cursor` as `?cursor=`."
     ),
 )
-def dead_letter_list(request: HttpRequest, filters: Query[DeadLetterListQuery]) -> dict[str, Any]:
+def escalation_list(request: HttpRequest, filters: Query[EscalationListQuery]) -> dict[str, Any]:
     page = selectors.escalations_for_user(
         request.auth,  # type: ignore[attr-defined]
         status=filters.status,
@@ -229,43 +229,44 @@ def dead_letter_list(request: HttpRequest, filters: Query[DeadLetterListQuery]) 
         limit=filters.limit,
     )
     return {
-        "items": [dead_letter_out(wait) for wait in page.items],
+        "items": [escalation_out(wait) for wait in page.items],
         "next_cursor": page.next_cursor,
     }
 
 
 @router.get(
-    "/dead-letters/{escalation_id}",
-    response={200: DeadLetterOut, **errors(401, 404, 422)},
+    "/escalations/{escalation_id}",
+    response={200: EscalationOut, **errors(401, 404, 422)},
     summary="One escalated step with its full context",
 )
-def dead_letter_detail(
+def escalation_detail(
     request: HttpRequest, escalation_id: int = Path(..., ge=1, le=MAX_ID)
 ) -> dict[str, Any]:
     user = request.auth  # type: ignore[attr-defined]
-    return dead_letter_out(selectors.escalation_get_for_user(user, escalation_id))
+    return escalation_out(selectors.escalation_get_for_user(user, escalation_id))
 
 
 @router.post(
-    "/dead-letters/{escalation_id}/resolve",
-    response={200: DeadLetterOut, **errors(401, 403, 404, 409, 413, 422)},
+    "/escalations/{escalation_id}/resolve",
+    response={200: EscalationOut, **errors(401, 403, 404, 409, 413, 422)},
     summary="Retry an escalated step, skip it with a value, or abort its run",
     description=(
         "`retry` runs the step again with a fresh attempt budget; `skip` completes it with "
         "`output` (checked against the step's output contract, `context.skip_schema`; 422 "
         "`output_contract` otherwise) and marks the run degraded; `abort` fails the run (its "
-        "completed side effects are compensated). `reason` is required to skip or abort. A "
-        "second answer gets 409 `already_decided`."
+        "completed side effects are compensated). A `reason` (not blank) is required to skip "
+        "or abort (422 `reason_required`); `output` is required with `skip` (422 "
+        "`output_missing`) and refused otherwise (422 `output_unexpected`). A second answer "
+        "gets 409 `already_decided`."
     ),
 )
-def dead_letter_resolve(
+def escalation_resolve(
     request: HttpRequest,
-    payload: DeadLetterResolveIn,
+    payload: EscalationResolveIn,
     escalation_id: int = Path(..., ge=1, le=MAX_ID),
 ) -> dict[str, Any]:
     user = request.auth  # type: ignore[attr-defined]
-    wait = selectors.escalation_get_for_user(user, escalation_id)
-    selectors.run_check_decide(user, wait.run)
+    wait = selectors.escalation_get_for_resolve(user, escalation_id)
     services.escalation_resolve(
         wait_id=wait.pk,
         run_id=wait.run_id,
@@ -274,7 +275,7 @@ def dead_letter_resolve(
         reason=payload.reason,
         output=payload.output,
     )
-    return dead_letter_out(selectors.escalation_get_for_user(user, wait.pk))
+    return escalation_out(selectors.escalation_get_for_user(user, wait.pk))
 
 
 # --- workflows ----------------------------------------------------------------------------------
@@ -313,8 +314,4 @@ def workflow_detail(
     summary="Capabilities and their providers: health, rate-limit headroom, circuit state",
 )
 def capability_index(request: HttpRequest) -> list[dict[str, Any]]:
-    from orchestration.tools.status import capability_status_list
-
-    if not request.auth.has_perm(selectors.VIEW):  # type: ignore[attr-defined]
-        raise PermissionDenied("you may not see the tool registry", code=Code.VIEW_DENIED)
-    return capability_status_list()
+    return selectors.capability_status_list_for_user(request.auth)  # type: ignore[attr-defined]

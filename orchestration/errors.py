@@ -112,7 +112,6 @@ class SignalboxError(Exception):
 
     code: str = Code.ERROR
     error_class = ErrorClass.PERMANENT
-    http_status = 400
 
     def __init__(self, message: str = "", *, code: str | None = None, detail: Any = None):
         super().__init__(message or self.__class__.__doc__ or self.code)
@@ -156,7 +155,6 @@ class ContractViolation(SignalboxError):
 
     code: str = Code.CONTRACT_VIOLATION
     error_class = ErrorClass.CONTRACT
-    http_status = 422
 
 
 class StateAccessDenied(ContractViolation):
@@ -170,7 +168,6 @@ class LimitExceeded(SignalboxError):
 
     code: str = Code.LIMIT_EXCEEDED
     error_class = ErrorClass.LIMIT
-    http_status = 409
 
 
 # --- raised by services to API clients -----------------------------------------------------------
@@ -180,35 +177,30 @@ class NotFound(SignalboxError):
     """No such object, or you may not see it."""
 
     code: str = Code.NOT_FOUND
-    http_status = 404
 
 
 class PermissionDenied(SignalboxError):
     """You are not allowed to do this."""
 
     code: str = Code.PERMISSION_DENIED
-    http_status = 403
 
 
 class Conflict(SignalboxError):
     """The object changed state before your request could apply."""
 
     code: str = Code.CONFLICT
-    http_status = 409
 
 
 class InvalidInput(SignalboxError):
     """The request is not valid."""
 
     code: str = Code.INVALID_INPUT
-    http_status = 422
 
 
 class PayloadTooLarge(InvalidInput):
     """A payload is larger than the configured limit."""
 
     code: str = Code.PAYLOAD_TOO_LARGE
-    http_status = 413
 
 
 class UnknownWorkflow(NotFound):

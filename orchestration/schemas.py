@@ -1,18 +1,31 @@
-"""Request and response shapes of the runs, approvals, dead-letter and workflows API.
+"""Request and response shapes of the runs, approvals, escalations and workflows API.
 
 Every field is listed explicitly, so a new model column never leaks into the API by accident.
-Timestamps render as ISO 8601 in UTC.
+Timestamps render as ISO 8601 in UTC. Every request field that is stored or compared with a
+stored value is one of the ``Stored*`` types below: what the database cannot hold is refused
+here, with the field named, rather than by the database with a server error.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
 from ninja.schema import DjangoGetter
-from pydantic import AwareDatetime, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BeforeValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from orchestration.errors import Code
 from orchestration.models import (
     ESCALATION_ACTIONS,
     Decision,
@@ -23,6 +36,12 @@ from orchestration.models import (
     Step,
     Wait,
     WaitStatus,
+)
+from orchestration.payloads import (
+    MAX_JSON_DEPTH,
+    datetime_refusal,
+    payload_refusal,
+    text_refusal,
 )
 
 RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
@@ -43,6 +62,77 @@ class ErrorOut(Schema):
     error: ErrorBody
 
 
+# --- stored values ------------------------------------------------------------------------------
+
+
+class RequestCode(StrEnum):
+    """Codes of refusals made by these schemas (each error's ``type`` in the detail, and the
+    response's code when every error has the same one). The engine's services refuse the same
+    things with ``orchestration.errors.Code``; these belong there too, once the engine's rewrite
+    lets them in."""
+
+    REASON_REQUIRED = "reason_required"
+    UNSTORABLE_VALUE = "unstorable_value"
+
+
+def refusal(code: str, message: str) -> PydanticCustomError:
+    """A validation error whose ``type`` is a stable code (the message is used as written)."""
+    return PydanticCustomError(str(code), "{message}", {"message": message})
+
+
+def _storable_text(value: Any) -> Any:
+    # Before pydantic's own str check, which refuses a lone surrogate in its own words.
+    if isinstance(value, str) and (reason := text_refusal(value)) is not None:
+        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the text {reason}")
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    if (reason := payload_refusal(value)) is not None:
+        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the value cannot be stored: {reason}")
+    return value
+
+
+#: RFC 3339's date-time, as ``format: date-time`` documents it (pydantic alone would also take
+#: numbers as Unix times and several other shapes the document does not promise).
+RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc_3339(value: Any) -> Any:
+    if not (isinstance(value, str) and RFC_3339.fullmatch(value)):
+        raise PydanticCustomError(
+            "datetime_format",
+            "Input should be an RFC 3339 date and time with a zone, e.g. 2025-01-31T09:00:00Z",
+        )
+    return value
+
+
+def _storable_datetime(value: datetime) -> datetime:
+    if (reason := datetime_refusal(value)) is not None:
+        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the time {reason}")
+    return value
+
+
+#: In the OpenAPI document only (the validator above gives the clearer message): JSON Schema
+#: can say "no NUL" of a string, not of every string in a tree, so objects say it in words.
+NO_NUL = "^[^\\u0000]*$"
+JSON_RULES = (
+    "Its strings (keys too) may not contain NUL (\\u0000) or lone surrogates, its numbers "
+    f"must be finite (no NaN or Infinity), and it may nest at most {MAX_JSON_DEPTH} levels."
+)
+
+#: Text the database can store: no NUL character, no lone surrogate.
+StoredText = Annotated[
+    str, BeforeValidator(_storable_text), Field(json_schema_extra={"pattern": NO_NUL})
+]
+#: A JSON object the database can store as ``jsonb`` (say JSON_RULES in its description).
+StoredJson = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+#: An aware time PostgreSQL accepts: offset within ±15:59, in range once converted to UTC.
+StoredDatetime = Annotated[
+    AwareDatetime, BeforeValidator(_rfc_3339), AfterValidator(_storable_datetime)
+]
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 
@@ -61,12 +151,15 @@ class BodyIn(Schema):
 
 
 class RunSubmitIn(BodyIn):
-    workflow: str = Field(min_length=1, max_length=100)
+    workflow: StoredText = Field(min_length=1, max_length=100)
     version: int | None = Field(None, ge=1, le=2**31 - 1)
-    input: dict[str, Any] = Field(default_factory=dict)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    input: StoredJson = Field(
+        default_factory=dict,
+        description=f"Checked against the workflow's input contract (`input_schema`). {JSON_RULES}",
+    )
+    idempotency_key: StoredText | None = Field(None, min_length=1, max_length=200)
     priority: int = Field(0, ge=-32768, le=32767)
-    tenant: str = Field("", max_length=100)
+    tenant: StoredText = Field("", max_length=100)
 
 
 class ErrorSummary(Schema):
@@ -103,12 +196,12 @@ class RunSubmitOut(RunOut):
 
 class RunListQuery(Schema):
     status: list[RunStatusName] | None = Field(None, description="Repeat to match any of several.")
-    workflow: str | None = Field(None, max_length=100)
-    created_after: AwareDatetime | None = Field(
-        None, description="ISO 8601 with a zone; inclusive."
+    workflow: StoredText | None = Field(None, max_length=100)
+    created_after: StoredDatetime | None = Field(
+        None, description="ISO 8601 with a zone (offset within ±15:59); inclusive."
     )
-    created_before: AwareDatetime | None = Field(
-        None, description="ISO 8601 with a zone; exclusive."
+    created_before: StoredDatetime | None = Field(
+        None, description="ISO 8601 with a zone (offset within ±15:59); exclusive."
     )
     cursor: str | None = Field(
         None, max_length=100, description="next_cursor of the previous page."
@@ -164,7 +257,7 @@ class StateVersionOut(Schema):
 class WaitOut(Schema):
     id: int
     step_id: int
-    kind: str = Field(description="approval, event or escalation (see /dead-letters).")
+    kind: str = Field(description="approval, event or escalation (see /escalations).")
     name: str
     status: str
     tier: int
@@ -208,13 +301,13 @@ class RunDetailOut(RunOut):
 
 
 class RunCancelIn(BodyIn):
-    reason: str = Field("", max_length=2000)
+    reason: StoredText = Field("", max_length=2000)
 
 
 class RunEventIn(BodyIn):
-    name: str = Field(min_length=1, max_length=100)
-    event_id: str = Field(min_length=1, max_length=200)
-    payload: dict[str, Any] = Field(default_factory=dict)
+    name: StoredText = Field(min_length=1, max_length=100)
+    event_id: StoredText = Field(min_length=1, max_length=200)
+    payload: StoredJson = Field(default_factory=dict, description=JSON_RULES)
 
 
 class RunEventAcceptedOut(Schema):
@@ -247,29 +340,90 @@ class ApprovalOut(Schema):
     edited_input: Any
 
 
+def when(field: str, values: tuple[str, ...], then: dict[str, Any], otherwise: Any = None) -> dict[str, Any]:
+    """A JSON Schema rule "if ``field`` is one of ``values`` then ``then`` (else ``otherwise``)",
+    so the OpenAPI document states a cross-field rule as well as the description does."""
+    rule: dict[str, Any] = {
+        "if": {"properties": {field: {"enum": list(values)}}, "required": [field]},
+        "then": then,
+    }
+    if otherwise is not None:
+        rule["else"] = otherwise
+    return rule
+
+
+def a_reason_is_required(to: tuple[str, ...], reason: str, chosen: Any) -> str:
+    """The cross-field rule: ``reason`` must say something when the choice is one of ``to``."""
+    if chosen in to and not reason.strip():
+        raise refusal(RequestCode.REASON_REQUIRED, f"a reason is required to {chosen}")
+    return reason
+
+
+#: ``reason`` present and not blank (in the document; the validators say it to clients).
+REASON_GIVEN = {"required": ["reason"], "properties": {"reason": {"pattern": "\\S"}}}
+
+
 class ApprovalDecideIn(BodyIn):
+    """Approve, reject, or edit-then-approve. Beyond each field's type: a `reason` (not blank)
+    is required to reject or edit (422 `reason_required`); `edited_input` is required with
+    `edit` (422 `edited_input_missing`) and refused with any other decision (422
+    `edited_input_unexpected`)."""
+
+    model_config = {
+        "json_schema_extra": {
+            "allOf": [
+                when("decision", (Decision.REJECT, Decision.EDIT), REASON_GIVEN),
+                when(
+                    "decision",
+                    (Decision.EDIT,),
+                    {"required": ["edited_input"], "properties": {"edited_input": {"type": "object"}}},
+                    {"properties": {"edited_input": {"type": "null"}}},
+                ),
+            ]
+        }
+    }
+
     decision: Literal["approve", "reject", "edit"]
-    reason: str = Field("", max_length=2000)
-    edited_input: dict[str, Any] | None = None
+    reason: StoredText = Field(
+        "",
+        max_length=2000,
+        validate_default=True,
+        description="Why; required (not blank) to reject or edit.",
+    )
+    edited_input: StoredJson | None = Field(
+        None,
+        validate_default=True,
+        description=(
+            "With `edit` only, and required with it: the agent's input as corrected, checked "
+            f"against the agent's input contract. {JSON_RULES}"
+        ),
+    )
 
-    @model_validator(mode="after")
-    def _reason_and_input(self) -> ApprovalDecideIn:
-        if self.decision in (Decision.REJECT, Decision.EDIT) and not self.reason.strip():
-            raise ValueError(f"a reason is required to {self.decision}")
-        if self.decision == Decision.EDIT and self.edited_input is None:
-            raise ValueError("edited_input is required with decision 'edit'")
-        if self.decision != Decision.EDIT and self.edited_input is not None:
-            raise ValueError("edited_input is only accepted with decision 'edit'")
-        return self
+    @field_validator("reason")
+    @classmethod
+    def _reason_required(cls, reason: str, info: ValidationInfo) -> str:
+        return a_reason_is_required((Decision.REJECT, Decision.EDIT), reason, info.data.get("decision"))
+
+    @field_validator("edited_input")
+    @classmethod
+    def _edited_input_with_edit_only(cls, value: Any, info: ValidationInfo) -> Any:
+        decision = info.data.get("decision")
+        if decision == Decision.EDIT and value is None:
+            raise refusal(Code.EDITED_INPUT_MISSING, "edited_input is required with decision 'edit'")
+        if decision not in (None, Decision.EDIT) and value is not None:
+            raise refusal(
+                Code.EDITED_INPUT_UNEXPECTED, "edited_input is only accepted with decision 'edit'"
+            )
+        return value
 
 
-# --- escalations (the dead-letter list) --------------------------------------------------------
+# --- escalations --------------------------------------------------------------------------------
 
 EscalationAction = Literal["retry", "skip", "abort"]
 EscalationStatusFilter = Literal["open", "resolved", "expired", "cancelled", "all"]
 
 
-class DeadLetterOut(Schema):
+class EscalationOut(Schema):
     """An escalated step: it exhausted its retries, fallback and degraded result and waits for
     an operator to retry it, skip it with a value, or abort the run."""
 
@@ -300,38 +454,73 @@ class DeadLetterOut(Schema):
     actions: list[str] = Field(description="What POST .../resolve accepts now; empty once closed.")
 
 
-class DeadLetterPageOut(Schema):
-    items: list[DeadLetterOut]
+class EscalationPageOut(Schema):
+    items: list[EscalationOut]
     next_cursor: str | None = Field(
         description="Pass as ?cursor= for the next page; null at the end."
     )
 
 
-class DeadLetterListQuery(Schema):
+class EscalationListQuery(Schema):
     status: EscalationStatusFilter = Field("open", description="`all` for every status.")
-    workflow: str | None = Field(None, max_length=100)
+    workflow: StoredText | None = Field(None, max_length=100)
     cursor: str | None = Field(
         None, max_length=100, description="next_cursor of the previous page."
     )
     limit: int = Field(50, ge=1, le=200)
 
 
-class DeadLetterResolveIn(BodyIn):
+class EscalationResolveIn(BodyIn):
+    """Retry, skip with a value, or abort. Beyond each field's type: a `reason` (not blank) is
+    required to skip or abort (422 `reason_required`); `output` is required with `skip` (422
+    `output_missing`) and refused with any other action (422 `output_unexpected`)."""
+
+    model_config = {
+        "json_schema_extra": {
+            "allOf": [
+                when("action", (Decision.SKIP, Decision.ABORT), REASON_GIVEN),
+                when(
+                    "action",
+                    (Decision.SKIP,),
+                    {"required": ["output"], "properties": {"output": {"type": "object"}}},
+                    {"properties": {"output": {"type": "null"}}},
+                ),
+            ]
+        }
+    }
+
     action: EscalationAction
-    reason: str = Field("", max_length=2000)
-    output: dict[str, Any] | None = Field(
-        None, description="With `skip` only: the step's output, checked against its contract."
+    reason: StoredText = Field(
+        "",
+        max_length=2000,
+        validate_default=True,
+        description="Why; required (not blank) to skip or abort.",
+    )
+    output: StoredJson | None = Field(
+        None,
+        validate_default=True,
+        description=(
+            "With `skip` only, and required with it: the step's output, checked against its "
+            f"output contract (the escalation's `context.skip_schema`). {JSON_RULES}"
+        ),
     )
 
-    @model_validator(mode="after")
-    def _reason_and_output(self) -> DeadLetterResolveIn:
-        if self.action in (Decision.SKIP, Decision.ABORT) and not self.reason.strip():
-            raise ValueError(f"a reason is required to {self.action}")
-        if self.action == Decision.SKIP and self.output is None:
-            raise ValueError("output is required with action 'skip': what the step should produce")
-        if self.action != Decision.SKIP and self.output is not None:
-            raise ValueError("output is only accepted with action 'skip'")
-        return self
+    @field_validator("reason")
+    @classmethod
+    def _reason_required(cls, reason: str, info: ValidationInfo) -> str:
+        return a_reason_is_required((Decision.SKIP, Decision.ABORT), reason, info.data.get("action"))
+
+    @field_validator("output")
+    @classmethod
+    def _output_with_skip_only(cls, value: Any, info: ValidationInfo) -> Any:
+        action = info.data.get("action")
+        if action == Decision.SKIP and value is None:
+            raise refusal(
+                Code.OUTPUT_MISSING, "output is required with action 'skip': what the step should produce"
+            )
+        if action not in (None, Decision.SKIP) and value is not None:
+            raise refusal(Code.OUTPUT_UNEXPECTED, "output is only accepted with action 'skip'")
+        return value
 
 
 # --- workflows ----------------------------------------------------------------------------------
@@ -486,7 +675,7 @@ def approval_out(wait: Wait) -> dict[str, Any]:
     }
 
 
-def dead_letter_out(wait: Wait) -> dict[str, Any]:
+def escalation_out(wait: Wait) -> dict[str, Any]:
     context = wait.action if isinstance(wait.action, dict) else {}
     is_open = wait.status == WaitStatus.OPEN
     return {

@@ -1,8 +1,13 @@
 """Reads of runs, with authorization built in so the API, the pages and websockets agree.
 
 A user sees a run if they hold ``orchestration.view_run`` (operators, admins, auditors), hold it
-on that run (django-guardian object permission), or submitted it. Deciding needs
-``orchestration.decide_run`` globally or on the run.
+on that run (django-guardian object permission), or submitted it. Deciding (approvals,
+escalations, cancelling, sending events) needs ``orchestration.decide_run`` globally or on the
+run; submitting needs ``orchestration.add_run``; the tool registry is for those who may view
+every run. Every permission check of the API, the pages and the websockets is a function here:
+``*_for_user`` reads return only what the user may see (NotFound otherwise), ``*_for_decision``
+reads also refuse a user who may see but not decide (PermissionDenied), ``*_check`` functions
+refuse an action outright.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from guardian.shortcuts import get_objects_for_user
 
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Run, RunEvent, StateVersion, Step, Wait, WaitKind, WaitStatus
+from orchestration.tools.status import capability_status_list
 
 VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
+SUBMIT = "orchestration.add_run"
 
 
 def runs_visible_to(user: User) -> QuerySet[Run]:
@@ -41,12 +48,40 @@ def run_get_for_user(user: User, run_id: int) -> Run:
     return run
 
 
+def run_is_visible(user: User, run_id: int) -> bool:
+    """Whether ``user`` may see the run (a websocket's check before it joins the run's group)."""
+    return runs_visible_to(user).filter(pk=run_id).exists()
+
+
 def run_check_decide(user: User, run: Run) -> None:
+    """PermissionDenied unless ``user`` may decide for ``run`` (globally or on that run)."""
     if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
         raise PermissionDenied(
             "you may not decide approvals or escalations, cancel, or send events for this run",
             code=Code.DECIDE_DENIED,
         )
+
+
+def run_get_for_decision(user: User, run_id: int) -> Run:
+    """The run, if ``user`` may cancel it or send it events: NotFound if they may not see it,
+    PermissionDenied if they may see but not decide."""
+    run = run_get_for_user(user, run_id)
+    run_check_decide(user, run)
+    return run
+
+
+def submit_check(user: User) -> None:
+    """PermissionDenied unless ``user`` may submit runs."""
+    if not user.has_perm(SUBMIT):
+        raise PermissionDenied("you may not submit runs", code=Code.SUBMIT_DENIED)
+
+
+def capability_status_list_for_user(user: User) -> list[dict[str, Any]]:
+    """The tool registry's live state (capabilities, providers, health, limits, circuits) for
+    those who may view every run; PermissionDenied for anyone else."""
+    if not user.has_perm(VIEW):
+        raise PermissionDenied("you may not see the tool registry", code=Code.VIEW_DENIED)
+    return capability_status_list()
 
 
 @dataclass
@@ -139,9 +174,17 @@ def approval_get_for_user(user: User, wait_id: int) -> Wait:
     return wait
 
 
-# --- escalations (the dead-letter list) ----------------------------------------------------------
+def approval_get_for_decision(user: User, wait_id: int) -> Wait:
+    """The approval (with its run), if ``user`` may decide it: NotFound if they may not see its
+    run, PermissionDenied if they may see but not decide."""
+    wait = approval_get_for_user(user, wait_id)
+    run_check_decide(user, wait.run)
+    return wait
 
-#: ``?status=`` values of the dead-letter list and the wait statuses each one matches.
+
+# --- escalations --------------------------------------------------------------------------------
+
+#: ``?status=`` values of the escalation list and the wait statuses each one matches.
 ESCALATION_STATUS_FILTERS: dict[str, tuple[str, ...]] = {
     "open": (WaitStatus.OPEN,),
     "resolved": (WaitStatus.RESOLVED,),
@@ -197,6 +240,14 @@ def escalation_get_for_user(user: User, wait_id: int) -> Wait:
     )
     if wait is None:
         raise NotFound(f"no escalation {wait_id}", code=Code.ESCALATION_NOT_FOUND)
+    return wait
+
+
+def escalation_get_for_resolve(user: User, wait_id: int) -> Wait:
+    """The escalation, if ``user`` may answer it: NotFound if they may not see its run,
+    PermissionDenied if they may see but not decide."""
+    wait = escalation_get_for_user(user, wait_id)
+    run_check_decide(user, wait.run)
     return wait
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from audit.services import Entry
 from audit.verbs import ActorType
+from orchestration.contracts import validation_errors
 from orchestration.errors import (
     Code,
     ContractViolation,
@@ -251,7 +252,7 @@ class ToolClient:
                     Code.RESULT_CONTRACT,
                     f"result from {provider.name} does not satisfy the {call.capability.name} contract",
                     ErrorClass.CONTRACT,
-                    detail={"errors": _errors(exc)},
+                    detail={"errors": validation_errors(exc)},
                 )
         latency_ms = round((time.perf_counter() - started) * 1000)
         healthy = failure is None or not failure.provider_fault
@@ -331,7 +332,7 @@ def _validate_params(cap: Capability, params: BaseModel | Mapping[str, Any]) -> 
         raise ContractViolation(
             f"params for {cap.name!r} do not satisfy its contract",
             code=Code.TOOL_PARAMS_CONTRACT,
-            detail={"capability": cap.name, "errors": _errors(exc)},
+            detail={"capability": cap.name, "errors": validation_errors(exc)},
         ) from None
 
 
@@ -355,11 +356,3 @@ def _budget_spent(policy: RetryPolicy, last: Failure | None) -> Failure:
     if last is not None:
         message += f" after {last.code}"
     return replace(transient(Code.TIME_BUDGET_EXHAUSTED, message), retry=False, next_provider=False)
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    # Without the input values: they may hold secrets.
-    return [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]

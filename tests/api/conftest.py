@@ -22,10 +22,6 @@ def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
 
 
-
-
-
-
 @pytest.fixture
 def client_for(db: None) -> Callable[[Any], Client]:
     """A test client that authenticates as ``user`` with a fresh bearer token."""
@@ -42,7 +38,6 @@ def operator_client(operator: Any, client_for: Callable[[Any], Client]) -> Clien
     return client_for(operator)
 
 
-
 @pytest.fixture
 def pending_approval(operator: Any, drive: Callable[[int], None]) -> Callable[..., Wait]:
     """Submit a run and drive it to its first open approval."""
@@ -56,6 +51,28 @@ def pending_approval(operator: Any, drive: Callable[[int], None]) -> Callable[..
         drive(run.pk)
         wait = Wait.objects.filter(run=run, kind="approval", status="open").order_by("id").first()
         assert wait is not None, f"run {run.pk} has no open approval"
+        return wait
+
+    return make
+
+
+@pytest.fixture
+def no_backoff(settings: Any) -> None:
+    """A transient failure is retried at once, so ``drive`` reaches the escalation."""
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+
+
+@pytest.fixture
+def escalated(operator: Any, drive: Callable[[int], Any], no_backoff: None) -> Callable[..., Wait]:
+    """Submit a run of ``escalating`` (its ``act`` step fails twice, then escalates) and drive
+    it to its open escalation."""
+
+    def make(user: Any = None, workflow: str = "escalating", **input: Any) -> Wait:
+        body = input or {"fail_attempts": 2, "text": "hi"}
+        run = run_submit(workflow=workflow, input=body, submitted_by=user or operator).run
+        drive(run.pk)
+        wait = Wait.objects.filter(run=run, kind="escalation", status="open").first()
+        assert wait is not None, f"run {run.pk} has no open escalation"
         return wait
 
     return make

@@ -132,15 +132,19 @@ def test_edit_with_an_invalid_input_is_refused_and_changes_nothing(
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "code", "field"),
     [
-        {"decision": "reject"},
-        {"decision": "reject", "reason": "   "},
-        {"decision": "edit", "edited_input": {"text": "x"}},
-        {"decision": "edit", "reason": "no input given"},
-        {"decision": "approve", "edited_input": {"text": "x"}},
-        {"decision": "maybe", "reason": "?"},
-        {},
+        ({"decision": "reject"}, "reason_required", "reason"),
+        ({"decision": "reject", "reason": "   "}, "reason_required", "reason"),
+        ({"decision": "edit", "edited_input": {"text": "x"}}, "reason_required", "reason"),
+        ({"decision": "edit", "reason": "no input given"}, "edited_input_missing", "edited_input"),
+        (
+            {"decision": "approve", "edited_input": {"text": "x"}},
+            "edited_input_unexpected",
+            "edited_input",
+        ),
+        ({"decision": "maybe", "reason": "?"}, "invalid_request", "decision"),
+        ({}, "invalid_request", "decision"),
     ],
     ids=[
         "reject-no-reason",
@@ -153,14 +157,16 @@ def test_edit_with_an_invalid_input_is_refused_and_changes_nothing(
     ],
 )
 def test_a_malformed_decision_is_refused_and_changes_nothing(
-    operator_client, pending_approval, row_counts, body
+    operator_client, pending_approval, row_counts, body, code, field
 ):
     wait = pending_approval()
     before = row_counts()
     response = decide(operator_client, wait.pk, **body)
     assert response.status_code == 422
-    assert response.json()["error"]["code"] == "invalid_request"
-    assert response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert field in error["message"]
+    assert [d["loc"] for d in error["detail"]] == [["body", field]]
     assert row_counts() == before
     assert Wait.objects.get(pk=wait.pk).status == "open"
 

@@ -409,3 +409,22 @@ def test_deciding_an_approval_of_a_cancelled_run_is_409(
     )
     assert_error(response, 409, "already_decided")
     assert row_counts() == before
+
+
+# --- refused before the API's view ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["'>fT{n", "evil.example"])
+def test_a_host_that_is_not_allowed_is_a_json_400_under_the_api(operator_client, host):
+    assert_error(operator_client.get("/api/v1/runs", HTTP_HOST=host), 400, "bad_request")
+    assert_error(
+        post_json(operator_client, "/api/v1/runs", VALID_BODIES["/api/v1/runs"], HTTP_HOST=host),
+        400,
+        "bad_request",
+    )
+
+
+def test_a_host_that_is_not_allowed_is_django_s_page_outside_the_api(client):
+    response = client.get("/accounts/login/", HTTP_HOST="evil.example")
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")

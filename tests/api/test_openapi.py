@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import jsonschema_rs  # schemathesis validates with it too
 import pytest
 
 from console.api import api
@@ -18,8 +20,12 @@ PATHS = {
     "/api/v1/runs/{run_id}/events": {"post"},
     "/api/v1/approvals": {"get"},
     "/api/v1/approvals/{approval_id}/decide": {"post"},
+    "/api/v1/escalations": {"get"},
+    "/api/v1/escalations/{escalation_id}": {"get"},
+    "/api/v1/escalations/{escalation_id}/resolve": {"post"},
     "/api/v1/workflows": {"get"},
     "/api/v1/workflows/{name}": {"get"},
+    "/api/v1/capabilities": {"get"},
 }
 
 
@@ -39,6 +45,101 @@ def test_the_schema_loads_without_authentication_and_lists_every_path(schema):
 
 def test_the_schema_matches_what_the_api_object_builds(schema):
     assert set(schema["paths"]) == set(api.get_openapi_schema()["paths"])
+    assert set(schema["paths"]) == set(PATHS)
+
+
+def test_escalations_have_one_name(schema):
+    text = json.dumps(schema).lower()
+    assert "dead" + "-letter" not in text and "dead" + "letter" not in text
+    assert "dead" + "_letter" not in text and "dead" + " letter" not in text
+    assert {"EscalationOut", "EscalationPageOut", "EscalationResolveIn"} <= set(
+        schema["components"]["schemas"]
+    )
+
+
+def test_every_operation_with_a_body_documents_400_malformed_json(schema):
+    with_body = [
+        (method, path, operation)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "requestBody" in operation
+    ]
+    assert len(with_body) == 5
+    for method, path, operation in with_body:
+        response = operation["responses"].get("400")
+        assert response is not None, (method, path)
+        assert "malformed_json" in response["description"], (method, path)
+        ref = response["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/ErrorOut", (method, path)
+
+
+def body_schema(schema, name):
+    return jsonschema_rs.validator_for(schema["components"]["schemas"][name])
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({"decision": "approve"}, True),
+        ({"decision": "reject", "reason": "wrong customer"}, True),
+        ({"decision": "reject"}, False),
+        ({"decision": "reject", "reason": "   "}, False),
+        ({"decision": "edit", "reason": "fix", "edited_input": {"text": "x"}}, True),
+        ({"decision": "edit", "edited_input": {"text": "x"}}, False),
+        ({"decision": "edit", "reason": "fix"}, False),
+        ({"decision": "approve", "edited_input": {"text": "x"}}, False),
+        ({"decision": "approve", "reason": "a\u0000b"}, False),
+    ],
+)
+def test_the_decision_rules_are_stated_in_the_document(schema, body, valid):
+    assert body_schema(schema, "ApprovalDecideIn").is_valid(body) is valid
+    description = schema["components"]["schemas"]["ApprovalDecideIn"]["description"]
+    assert "reason_required" in description and "edited_input_missing" in description
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({"action": "retry"}, True),
+        ({"action": "abort", "reason": "customer left"}, True),
+        ({"action": "abort"}, False),
+        ({"action": "skip", "reason": "by hand", "output": {"text": "x"}}, True),
+        ({"action": "skip", "output": {"text": "x"}}, False),
+        ({"action": "skip", "reason": " ", "output": {"text": "x"}}, False),
+        ({"action": "skip", "reason": "by hand"}, False),
+        ({"action": "retry", "output": {"text": "x"}}, False),
+    ],
+)
+def test_the_escalation_rules_are_stated_in_the_document(schema, body, valid):
+    assert body_schema(schema, "EscalationResolveIn").is_valid(body) is valid
+    description = schema["components"]["schemas"]["EscalationResolveIn"]["description"]
+    assert "reason_required" in description and "output_missing" in description
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("RunSubmitIn", "workflow"),
+        ("RunSubmitIn", "tenant"),
+        ("RunCancelIn", "reason"),
+        ("RunEventIn", "name"),
+        ("RunEventIn", "event_id"),
+        ("ApprovalDecideIn", "reason"),
+        ("EscalationResolveIn", "reason"),
+    ],
+)
+def test_stored_text_fields_document_that_nul_is_refused(schema, name, field):
+    validator = jsonschema_rs.validator_for(
+        schema["components"]["schemas"][name]["properties"][field]
+    )
+    assert validator.is_valid("plain text")
+    assert not validator.is_valid("a\u0000b")
+
+
+@pytest.mark.parametrize(("name", "field"), [("RunSubmitIn", "input"), ("RunEventIn", "payload")])
+def test_json_fields_say_what_cannot_be_stored(schema, name, field):
+    description = schema["components"]["schemas"][name]["properties"][field]["description"]
+    assert "NUL" in description and "NaN" in description and "100 levels" in description
 
 
 def test_every_authenticated_operation_documents_401_with_the_error_shape(schema):
@@ -56,7 +157,7 @@ def test_every_authenticated_operation_documents_401_with_the_error_shape(schema
 @pytest.mark.parametrize(
     ("method", "path", "statuses"),
     [
-        ("post", "/api/v1/runs", {"200", "201", "401", "403", "404", "409", "413", "422"}),
+        ("post", "/api/v1/runs", {"200", "201", "400", "401", "403", "404", "409", "413", "422"}),
         ("get", "/api/v1/runs", {"200", "401", "422"}),
         ("get", "/api/v1/runs/{run_id}", {"200", "401", "404", "422"}),
         ("post", "/api/v1/runs/{run_id}/cancel", {"200", "401", "403", "404", "409", "413", "422"}),
@@ -67,6 +168,12 @@ def test_every_authenticated_operation_documents_401_with_the_error_shape(schema
             {"200", "401", "403", "404", "409", "413", "422"},
         ),
         ("get", "/api/v1/workflows/{name}", {"200", "401", "404"}),
+        ("get", "/api/v1/escalations", {"200", "401", "422"}),
+        (
+            "post",
+            "/api/v1/escalations/{escalation_id}/resolve",
+            {"200", "400", "401", "403", "404", "409", "413", "422"},
+        ),
     ],
 )
 def test_error_responses_are_documented(schema, method, path, statuses):
@@ -98,3 +205,11 @@ def test_the_docs_page_serves_local_assets_only(client):
     assert assets
     assert not [a for a in assets if re.match(r"(?:https?:)?//", a)], assets
     assert not re.search(r"https?://(?:cdn|unpkg|fastly|cdnjs)", html)
+
+
+def test_error_responses_say_which_codes_they_carry(schema):
+    responses = schema["paths"]["/api/v1/approvals/{approval_id}/decide"]["post"]["responses"]
+    assert "reason_required" in responses["422"]["description"]
+    assert "unstorable_value" in responses["422"]["description"]
+    assert "already_decided" in responses["409"]["description"]
+    assert "unauthenticated" in responses["401"]["description"]

@@ -79,7 +79,7 @@ def test_an_escalated_run_shows_the_escalation_with_its_attempts(
     assert "none declared" in panel  # no fallback
     assert "The step made no tool calls." in panel
     # how to answer it (no forms yet)
-    assert f"<code>POST /api/v1/dead-letters/{wait.pk}/resolve</code>" in panel
+    assert f"<code>POST /api/v1/escalations/{wait.pk}/resolve</code>" in panel
     assert "<code>Text</code>" in panel
     assert "<form" not in panel
     # the step waits, and the waits table names the escalation

@@ -1,10 +1,11 @@
-"""The dead-letter list through the REST API: escalated steps, who sees them, and every answer
-an operator can give (retry, skip with a value, abort), with the refusals that change nothing."""
+"""Escalations through the REST API: failed steps waiting for an operator, who sees them, and
+every answer an operator can give (retry, skip with a value, abort), with the refusals that
+change nothing."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,19 +17,18 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Run, Step, Wait
 from orchestration.recovery import expire_waits
-from orchestration.services import escalation_resolve, run_cancel, run_submit
+from orchestration.services import escalation_resolve, run_cancel
 from tests.support.stub_provider import StubProvider, stub_provider_server
 
 pytestmark = pytest.mark.django_db
 
-DEAD_LETTERS = "/api/v1/dead-letters"
+ESCALATIONS = "/api/v1/escalations"
 MISSING = 987_654_321
 
 
 @pytest.fixture(autouse=True)
-def _no_backoff(settings: Any) -> None:
-    """A transient failure is retried at once, so ``drive`` reaches the escalation."""
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+def _no_backoff(no_backoff: None) -> None:
+    """Every run here retries at once."""
 
 
 @pytest.fixture
@@ -39,29 +39,13 @@ def effect_provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubProvider]:
         yield stub
 
 
-@pytest.fixture
-def escalated(operator: Any, drive: Callable[[int], Run]) -> Callable[..., Wait]:
-    """Submit a run of ``escalating`` (its ``act`` step fails twice, then escalates) and drive
-    it to its open escalation."""
-
-    def make(user: Any = None, workflow: str = "escalating", **input: Any) -> Wait:
-        body = input or {"fail_attempts": 2, "text": "hi"}
-        run = run_submit(workflow=workflow, input=body, submitted_by=user or operator).run
-        drive(run.pk)
-        wait = Wait.objects.filter(run=run, kind="escalation", status="open").first()
-        assert wait is not None, f"run {run.pk} has no open escalation"
-        return wait
-
-    return make
-
-
 def post_json(client: Client, path: str, body: Any, **extra: Any) -> Any:
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return client.post(path, data, content_type="application/json", **extra)
 
 
 def resolve(client: Client, wait_id: int, **body: Any) -> Any:
-    return post_json(client, f"{DEAD_LETTERS}/{wait_id}/resolve", body)
+    return post_json(client, f"{ESCALATIONS}/{wait_id}/resolve", body)
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
@@ -83,7 +67,7 @@ def ids(response: Any) -> list[int]:
 
 def test_an_escalated_step_is_listed_with_its_full_context(operator_client, escalated):
     wait = escalated()
-    response = operator_client.get(DEAD_LETTERS)
+    response = operator_client.get(ESCALATIONS)
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["next_cursor"] is None
@@ -114,25 +98,25 @@ def test_an_escalated_step_is_listed_with_its_full_context(operator_client, esca
 
 def test_one_escalation_by_id(operator_client, escalated):
     wait = escalated()
-    response = operator_client.get(f"{DEAD_LETTERS}/{wait.pk}")
+    response = operator_client.get(f"{ESCALATIONS}/{wait.pk}")
     assert response.status_code == 200, response.content
     item = response.json()
     assert item["id"] == wait.pk and item["step"] == "act" and item["status"] == "open"
     assert item["context"]["why"] == "retries exhausted"
-    assert item == operator_client.get(DEAD_LETTERS).json()["items"][0]
+    assert item == operator_client.get(ESCALATIONS).json()["items"][0]
 
 
 def test_a_permanent_failure_escalates_at_once(operator_client, escalated):
     wait = escalated(permanent=True)
-    item = operator_client.get(f"{DEAD_LETTERS}/{wait.pk}").json()
+    item = operator_client.get(f"{ESCALATIONS}/{wait.pk}").json()
     assert item["why"] == "permanent error"
     assert item["context"]["error"]["code"] == "refused"
     assert len(item["context"]["attempts"]) == 1
 
 
-def test_a_failed_compensation_is_a_dead_letter_too(operator_client, escalated, effect_provider):
+def test_a_failed_compensation_escalates_too(operator_client, escalated, effect_provider):
     wait = escalated(workflow="saga", permanent=True, undo_failures=5)
-    item = operator_client.get(f"{DEAD_LETTERS}/{wait.pk}").json()
+    item = operator_client.get(f"{ESCALATIONS}/{wait.pk}").json()
     assert item["workflow"] == "saga"
     assert (item["step"], item["node"], item["agent"]) == (
         "undo:reserve",
@@ -149,16 +133,16 @@ def test_unknown_ids_and_approvals_are_not_escalations(
     wait = escalated()
     approval = pending_approval()
     for missing in (MISSING, approval.pk):
-        assert_error(operator_client.get(f"{DEAD_LETTERS}/{missing}"), 404, "escalation_not_found")
-    assert ids(operator_client.get(DEAD_LETTERS, {"status": "all"})) == [wait.pk]
+        assert_error(operator_client.get(f"{ESCALATIONS}/{missing}"), 404, "escalation_not_found")
+    assert ids(operator_client.get(ESCALATIONS, {"status": "all"})) == [wait.pk]
 
 
 @pytest.mark.parametrize("bad_id", ["abc", "0", "-1", str(2**63)])
 def test_ids_that_are_not_positive_bigints_are_422(operator_client, escalated, row_counts, bad_id):
     escalated()
     before = row_counts()
-    assert_error(operator_client.get(f"{DEAD_LETTERS}/{bad_id}"), 422, "invalid_request")
-    response = post_json(operator_client, f"{DEAD_LETTERS}/{bad_id}/resolve", {"action": "retry"})
+    assert_error(operator_client.get(f"{ESCALATIONS}/{bad_id}"), 422, "invalid_request")
+    response = post_json(operator_client, f"{ESCALATIONS}/{bad_id}/resolve", {"action": "retry"})
     assert_error(response, 422, "invalid_request")
     assert row_counts() == before
 
@@ -194,8 +178,8 @@ def test_an_approval_id_cannot_be_resolved_as_an_escalation(
 def test_a_stranger_sees_no_escalations_of_others(stranger, client_for, escalated, row_counts):
     wait = escalated()
     client = client_for(stranger)
-    assert ids(client.get(DEAD_LETTERS, {"status": "all"})) == []
-    assert_error(client.get(f"{DEAD_LETTERS}/{wait.pk}"), 404, "escalation_not_found")
+    assert ids(client.get(ESCALATIONS, {"status": "all"})) == []
+    assert_error(client.get(f"{ESCALATIONS}/{wait.pk}"), 404, "escalation_not_found")
     before = row_counts()
     assert_error(resolve(client, wait.pk, action="retry"), 404, "escalation_not_found")
     assert row_counts() == before
@@ -208,8 +192,8 @@ def test_a_submitter_sees_only_their_own_escalations_and_may_not_resolve(
     theirs = escalated()
     mine = escalated(user=submitter)
     client = client_for(submitter)
-    assert ids(client.get(DEAD_LETTERS)) == [mine.pk]
-    assert_error(client.get(f"{DEAD_LETTERS}/{theirs.pk}"), 404, "escalation_not_found")
+    assert ids(client.get(ESCALATIONS)) == [mine.pk]
+    assert_error(client.get(f"{ESCALATIONS}/{theirs.pk}"), 404, "escalation_not_found")
     before = row_counts()
     assert_error(resolve(client, mine.pk, action="retry"), 403, "decide_denied")
     assert row_counts() == before
@@ -220,8 +204,8 @@ def test_a_viewer_sees_every_escalation_but_may_not_resolve(
 ):
     wait = escalated()
     client = client_for(viewer)
-    assert ids(client.get(DEAD_LETTERS)) == [wait.pk]
-    assert client.get(f"{DEAD_LETTERS}/{wait.pk}").status_code == 200
+    assert ids(client.get(ESCALATIONS)) == [wait.pk]
+    assert client.get(f"{ESCALATIONS}/{wait.pk}").status_code == 200
     before = row_counts()
     for body in (
         {"action": "retry"},
@@ -239,15 +223,15 @@ def test_a_viewer_sees_every_escalation_but_may_not_resolve(
 
 def test_the_list_is_newest_first_and_pages_with_a_cursor(operator_client, escalated):
     waits = [escalated() for _ in range(3)]
-    first = operator_client.get(DEAD_LETTERS, {"limit": 2}).json()
+    first = operator_client.get(ESCALATIONS, {"limit": 2}).json()
     assert [item["id"] for item in first["items"]] == [waits[2].pk, waits[1].pk]
     assert first["next_cursor"]
-    second = operator_client.get(DEAD_LETTERS, {"limit": 2, "cursor": first["next_cursor"]}).json()
+    second = operator_client.get(ESCALATIONS, {"limit": 2, "cursor": first["next_cursor"]}).json()
     assert [item["id"] for item in second["items"]] == [waits[0].pk]
     assert second["next_cursor"] is None
     # a page is stable while new escalations arrive
     escalated()
-    again = operator_client.get(DEAD_LETTERS, {"limit": 2, "cursor": first["next_cursor"]}).json()
+    again = operator_client.get(ESCALATIONS, {"limit": 2, "cursor": first["next_cursor"]}).json()
     assert [item["id"] for item in again["items"]] == [waits[0].pk]
 
 
@@ -262,7 +246,7 @@ def test_status_filters(operator_client, operator, escalated, settings):
     still_open = escalated()
 
     def listed(**params: str) -> list[int]:
-        return ids(operator_client.get(DEAD_LETTERS, params))
+        return ids(operator_client.get(ESCALATIONS, params))
 
     assert listed() == [still_open.pk]
     assert listed(status="open") == [still_open.pk]
@@ -273,7 +257,7 @@ def test_status_filters(operator_client, operator, escalated, settings):
 
     items = {
         item["id"]: item
-        for item in operator_client.get(DEAD_LETTERS, {"status": "all"}).json()["items"]
+        for item in operator_client.get(ESCALATIONS, {"status": "all"}).json()["items"]
     }
     assert items[still_open.pk]["actions"] == ["retry", "skip", "abort"]
     for closed in (resolved, expired, cancelled):
@@ -286,10 +270,10 @@ def test_status_filters(operator_client, operator, escalated, settings):
 def test_the_workflow_filter(operator_client, escalated, effect_provider):
     plain = escalated()
     saga = escalated(workflow="saga", permanent=True, undo_failures=5)
-    assert ids(operator_client.get(DEAD_LETTERS, {"workflow": "escalating"})) == [plain.pk]
-    assert ids(operator_client.get(DEAD_LETTERS, {"workflow": "saga"})) == [saga.pk]
-    assert ids(operator_client.get(DEAD_LETTERS, {"workflow": "nothing_like_it"})) == []
-    assert ids(operator_client.get(DEAD_LETTERS)) == [saga.pk, plain.pk]
+    assert ids(operator_client.get(ESCALATIONS, {"workflow": "escalating"})) == [plain.pk]
+    assert ids(operator_client.get(ESCALATIONS, {"workflow": "saga"})) == [saga.pk]
+    assert ids(operator_client.get(ESCALATIONS, {"workflow": "nothing_like_it"})) == []
+    assert ids(operator_client.get(ESCALATIONS)) == [saga.pk, plain.pk]
 
 
 @pytest.mark.parametrize(
@@ -309,7 +293,7 @@ def test_the_workflow_filter(operator_client, escalated, effect_provider):
     ],
 )
 def test_bad_list_parameters_are_422(operator_client, params, code):
-    assert_error(operator_client.get(DEAD_LETTERS, params), 422, code)
+    assert_error(operator_client.get(ESCALATIONS, params), 422, code)
 
 
 # --- answers ------------------------------------------------------------------------------------
@@ -332,7 +316,7 @@ def test_retry_runs_the_step_again_and_the_run_completes(operator_client, escala
     assert act.status == "succeeded" and act.attempt == 3
     assert act.output == {"text": "ok:echo:hi on attempt 3"}
     assert run.degraded == [] and "_degraded" not in run.output
-    assert ids(operator_client.get(DEAD_LETTERS)) == []
+    assert ids(operator_client.get(ESCALATIONS)) == []
 
 
 def test_skip_with_a_valid_value_continues_the_run_degraded(operator_client, escalated, drive):
@@ -452,21 +436,26 @@ def unchanged(wait: Wait) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "loc"),
+    ("body", "code", "loc"),
     [
-        ({}, "action"),
-        ({"action": "maybe"}, "action"),
-        ({"action": 1}, "action"),
-        ({"action": "retry", "reason": 5}, "reason"),
-        ({"action": "retry", "reason": "r" * 2001}, "reason"),
-        ({"action": "skip", "reason": "r", "output": "text"}, "output"),
-        ({"action": "skip", "reason": "r", "output": [1]}, "output"),
-        ({"action": "skip", "output": {"text": "x"}}, None),
-        ({"action": "skip", "reason": "  ", "output": {"text": "x"}}, None),
-        ({"action": "skip", "reason": "no value"}, None),
-        ({"action": "abort"}, None),
-        ({"action": "retry", "output": {"text": "x"}}, None),
-        ({"action": "abort", "reason": "r", "output": {"text": "x"}}, None),
+        ({}, "invalid_request", "action"),
+        ({"action": "maybe"}, "invalid_request", "action"),
+        ({"action": 1}, "invalid_request", "action"),
+        ({"action": "retry", "reason": 5}, "invalid_request", "reason"),
+        ({"action": "retry", "reason": "r" * 2001}, "invalid_request", "reason"),
+        ({"action": "skip", "reason": "r", "output": "text"}, "invalid_request", "output"),
+        ({"action": "skip", "reason": "r", "output": [1]}, "invalid_request", "output"),
+        ({"action": "skip", "output": {"text": "x"}}, "reason_required", "reason"),
+        ({"action": "skip", "reason": "  ", "output": {"text": "x"}}, "reason_required", "reason"),
+        ({"action": "skip", "reason": "no value"}, "output_missing", "output"),
+        ({"action": "abort"}, "reason_required", "reason"),
+        ({"action": "retry", "output": {"text": "x"}}, "output_unexpected", "output"),
+        (
+            {"action": "abort", "reason": "r", "output": {"text": "x"}},
+            "output_unexpected",
+            "output",
+        ),
+        ({"action": "skip"}, "invalid_request", "reason"),
     ],
     ids=[
         "empty",
@@ -482,16 +471,17 @@ def unchanged(wait: Wait) -> None:
         "abort-no-reason",
         "retry-with-output",
         "abort-with-output",
+        "skip-no-reason-no-output",
     ],
 )
 def test_a_malformed_answer_is_422_and_changes_nothing(
-    operator_client, escalated, row_counts, body, loc
+    operator_client, escalated, row_counts, body, code, loc
 ):
     wait = escalated()
     before = row_counts()
-    error = assert_error(resolve(operator_client, wait.pk, **body), 422, "invalid_request")
-    if loc is not None:
-        assert any(loc in detail["loc"] for detail in error["detail"]), error["detail"]
+    error = assert_error(resolve(operator_client, wait.pk, **body), 422, code)
+    assert any(loc in detail["loc"] for detail in error["detail"]), error["detail"]
+    assert loc in error["message"]
     assert row_counts() == before
     unchanged(wait)
 
@@ -500,7 +490,7 @@ def test_a_malformed_answer_is_422_and_changes_nothing(
 def test_malformed_json_is_400_and_changes_nothing(operator_client, escalated, row_counts, body):
     wait = escalated()
     before = row_counts()
-    response = post_json(operator_client, f"{DEAD_LETTERS}/{wait.pk}/resolve", body)
+    response = post_json(operator_client, f"{ESCALATIONS}/{wait.pk}/resolve", body)
     assert_error(response, 400, "malformed_json")
     assert row_counts() == before
     unchanged(wait)
@@ -510,7 +500,7 @@ def test_malformed_json_is_400_and_changes_nothing(operator_client, escalated, r
 def test_a_json_body_that_is_not_an_object_is_422(operator_client, escalated, row_counts, body):
     wait = escalated()
     before = row_counts()
-    response = post_json(operator_client, f"{DEAD_LETTERS}/{wait.pk}/resolve", body)
+    response = post_json(operator_client, f"{ESCALATIONS}/{wait.pk}/resolve", body)
     assert_error(response, 422, "invalid_request")
     assert row_counts() == before
     unchanged(wait)
@@ -543,7 +533,7 @@ def test_a_skip_value_over_max_payload_bytes_is_413_and_changes_nothing(
 
 def test_requests_without_credentials_are_401_and_change_nothing(client, escalated, row_counts):
     wait = escalated()
-    for path in (DEAD_LETTERS, f"{DEAD_LETTERS}/{wait.pk}"):
+    for path in (ESCALATIONS, f"{ESCALATIONS}/{wait.pk}"):
         response = client.get(path)
         assert_error(response, 401, "unauthenticated")
         assert response["WWW-Authenticate"].startswith("Bearer")
@@ -560,14 +550,14 @@ def test_requests_without_credentials_are_401_and_change_nothing(client, escalat
 
 def test_a_wrong_method_is_405_json(operator_client, escalated):
     wait = escalated()
-    response = operator_client.get(f"{DEAD_LETTERS}/{wait.pk}/resolve")
+    response = operator_client.get(f"{ESCALATIONS}/{wait.pk}/resolve")
     error = assert_error(response, 405, "method_not_allowed")
     assert "POST" in response["Allow"] and "POST" in error["message"]
 
 
 def test_the_endpoints_are_documented(client):
     paths = client.get("/api/openapi.json").json()["paths"]
-    assert set(paths[DEAD_LETTERS]) == {"get"}
-    assert set(paths[DEAD_LETTERS + "/{escalation_id}"]) == {"get"}
-    resolve_op = paths[DEAD_LETTERS + "/{escalation_id}/resolve"]["post"]
+    assert set(paths[ESCALATIONS]) == {"get"}
+    assert set(paths[ESCALATIONS + "/{escalation_id}"]) == {"get"}
+    resolve_op = paths[ESCALATIONS + "/{escalation_id}/resolve"]["post"]
     assert {"200", "401", "403", "404", "409", "413", "422"} <= set(resolve_op["responses"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,15 +12,27 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import ActorType, Verb
+from infra.canonical import digest
 from infra.sql import Batch, insert, insert_rows
+
+#: The columns of an audit row, in the order :func:`audit_insert_from` takes them.
+AUDIT_COLUMNS = (
+    "created_at", "actor_type", "actor_id", "verb", "object_type", "object_id", "run_id", "step_id",
+    "trace_id", "payload_digest", "data",
+)
 
 
 def payload_digest(payload: Any) -> str:
     """SHA-256 of the canonical JSON of ``payload`` ('' for None)."""
-    if payload is None:
-        return ""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return "" if payload is None else digest(payload)
+
+
+def audit_insert_from(select_sql: str) -> str:
+    """SQL that writes the audit rows ``select_sql`` produces (columns as :data:`AUDIT_COLUMNS`),
+    for a statement that records its change in that same statement (a step's claim is one
+    statement: the claim, the run's start and their audit rows)."""
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    return f"INSERT INTO {table} ({', '.join(AUDIT_COLUMNS)}) {select_sql}"
 
 
 @dataclass

@@ -40,7 +40,7 @@ from orchestration.errors import (
     PermissionDenied,
     SignalboxError,
 )
-from orchestration.schemas import ErrorOut, RequestCode
+from orchestration.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def error_status(exc: SignalboxError) -> int:
 
 #: Validation error types that are stable codes in their own right: when every refusal of a
 #: request has the same one, it is the response's code (otherwise ``invalid_request``).
-STABLE_VALIDATION_CODES = frozenset({*Code, *RequestCode})
+STABLE_VALIDATION_CODES = frozenset(Code)
 
 ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
 

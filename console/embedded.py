@@ -2,7 +2,7 @@
 simulator, all in one process and one asyncio loop's reach.
 
 The ASGI server (uvicorn, with websockets) owns the main thread's event loop; the in-memory
-channel layer lives on that loop, so live events are sent there (``live.use_loop``). The
+channel layer lives on that loop, so live events are sent there (the runtime's ``live.use_loop``). The
 worker consumes the in-process ``memory://`` broker from a thread, with a thread pool. This
 module owns SIGINT/SIGTERM: it stops the things that create and run work first, then the server.
 """
@@ -24,9 +24,9 @@ from typing import Any
 import uvicorn
 from django.db import connections
 
-from orchestration import live
+from orchestration import runtime
 from orchestration.recovery import engine_tick
-from orchestration.worker_signals import POOL_PREFIX, serve_pools
+from orchestration.signals import POOL_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class WorkerThread:
         self.pools = pools
         self.concurrency = concurrency
         self.ready = threading.Event()
-        serve_pools(pools)
+        # The worker runs in threads of this process: they share its runtime.
+        runtime.current().serve(pools)
         signals.worker_ready.connect(
             self._on_ready, weak=False, dispatch_uid="embedded-worker-ready"
         )
@@ -188,7 +189,7 @@ class EmbeddedStack:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        live.use_loop(loop)
+        runtime.current().live.use_loop(loop)
 
         config = uvicorn.Config(
             application,

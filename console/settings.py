@@ -288,5 +288,5 @@ if SIGNALBOX_ENV == "test":
         "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
         "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
         "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow", "early_chain", "early_branches",
-        "early_effect", "siblings", "pure_siblings", "pure_effect_siblings", "pure_map",
+        "early_effect", "siblings", "pure_siblings", "pure_effect_siblings", "pure_map", "first_wins",
     ))]

@@ -16,7 +16,7 @@ from django.template.loader import render_to_string
 from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
-from orchestration.engine import UNDO
+from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
 from orchestration.selectors import (

@@ -3,16 +3,16 @@
 channels-redis keeps a group as a sorted set; whether anybody is in a group is whether that key
 exists. This layer also publishes the group's name on the layer's announcement channel whenever
 a channel joins or leaves it, so that a process sending live events can keep a local view of
-which groups have members (``membership``, below) instead of asking Redis on every commit.
+which groups have members (``Membership``, below) instead of asking Redis on every commit.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 
@@ -30,11 +30,16 @@ def announcement_channel(layer: Any) -> str:
 class RedisChannelLayer(_RedisChannelLayer):
     """channels-redis' layer; joins and leaves are also announced (see the module docstring)."""
 
+    #: Told of every join made by this process (its live sender's ``Membership.joined``).
+    join_listener: ClassVar[Callable[[Any, str], None] | None] = None
+
     announces = True
 
     async def group_add(self, group: str, channel: str) -> None:
         await super().group_add(group, channel)
-        membership.joined(self, group)  # this process knows at once; others by the announcement
+        listener = RedisChannelLayer.join_listener
+        if listener is not None:  # this process knows at once; others by the announcement
+            listener(self, group)
         await self._announce(group)
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -47,7 +52,7 @@ class RedisChannelLayer(_RedisChannelLayer):
         )
 
 
-class _Membership:
+class Membership:
     """Which channel-layer groups have members. ``None`` from :meth:`listened` means "cannot
     tell": send to every group.
 
@@ -65,10 +70,10 @@ class _Membership:
         self._watched: dict[int, set[str]] = {}
         self._generation = 0
 
-    def reset(self) -> None:
-        """Forget everything (a forked child: its parent's watcher threads did not come along)."""
+    def close(self) -> None:
+        """Stop the watchers (they end at their next wake-up) and forget what they knew."""
         generation = self._generation + 1
-        self.__init__()  # type: ignore[misc]
+        self.__init__()  # type: ignore[misc]  # the same fresh state a new instance has
         self._generation = generation
 
     def listened(self, groups: list[str]) -> set[str] | None:
@@ -236,5 +241,3 @@ class _Membership:
         return self._pools[index]
 
 
-membership = _Membership()
-os.register_at_fork(after_in_child=membership.reset)

@@ -6,4 +6,6 @@ class OrchestrationConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from orchestration import worker_signals  # noqa: F401  (connects Celery worker signals)
+        # The Celery worker signals, and the tasks: registered in every process, so that the
+        # outbox finds the step task by name (orchestration.dispatch) in web processes too.
+        from orchestration import signals, tasks  # noqa: F401

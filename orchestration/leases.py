@@ -11,17 +11,20 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
 from orchestration.errors import Code, StepTimeout
-from orchestration.models import Step, StepStatus
+
+#: Extends the leases of (step id, token, owner) until the given time (``Store.leases_renew``).
+Renew = Callable[[list[tuple[int, int, str]], datetime], None]
+#: Fails an attempt that passed its hard timeout: (step id, token, owner).
+OnHardTimeout = Callable[[int, int, str], None]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,16 @@ class LeaseKeeper:
     #: How often the loop looks at hard deadlines, at most (seconds).
     TICK = 0.25
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, renew: Renew, on_hard_timeout: OnHardTimeout, lease_seconds: float
+    ) -> None:
+        self._renew = renew
+        self._on_hard_timeout = on_hard_timeout
+        self.lease_seconds = lease_seconds
         self._held: dict[int, tuple[int, str, float | None]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @contextmanager
     def hold(
@@ -58,10 +67,9 @@ class LeaseKeeper:
                 self._held.pop(step_id, None)
 
     def _loop(self) -> None:
-        interval = settings.SIGNALBOX["LEASE_SECONDS"] / 3
+        interval = self.lease_seconds / 3
         next_renewal = time.monotonic() + interval
-        stop = threading.Event()
-        while not stop.wait(min(self.TICK, interval)):
+        while not self._stop.wait(min(self.TICK, interval)):
             with self._lock:
                 held = dict(self._held)
             if not held:
@@ -77,14 +85,16 @@ class LeaseKeeper:
                 continue
             next_renewal = now + interval
             try:
-                until = timezone.now() + timedelta(seconds=settings.SIGNALBOX["LEASE_SECONDS"])
-                for step_id, (token, owner, _deadline) in held.items():
-                    if step_id in overdue:
-                        continue
-                    # Fenced: a lease that was lost (re-claimed by another worker) is not renewed.
-                    Step.objects.filter(
-                        pk=step_id, status=StepStatus.RUNNING, attempt=token, lease_owner=owner
-                    ).update(lease_expires_at=until)
+                until = timezone.now() + timedelta(seconds=self.lease_seconds)
+                # Fenced: a lease that was lost (re-claimed by another worker) is not renewed.
+                self._renew(
+                    [
+                        (step_id, token, owner)
+                        for step_id, (token, owner, _) in held.items()
+                        if step_id not in overdue
+                    ],
+                    until,
+                )
             except Exception:
                 log.warning("lease renewal failed", exc_info=True)
             finally:
@@ -92,30 +102,18 @@ class LeaseKeeper:
 
     def _hard_timeout(self, step_id: int, token: int, owner: str) -> None:
         try:
-            step = (
-                Step.objects.select_related("run")
-                .filter(pk=step_id, status=StepStatus.RUNNING, attempt=token)
-                .first()
-            )
-            if step is None:
-                return
             log.warning(
                 "step %s passed its hard timeout; its attempt %s is abandoned", step_id, token
             )
-            from orchestration.executor import _fail
-
-            _fail(
-                step,
-                StepTimeout(
-                    "the step passed its hard timeout and was abandoned", code=Code.STEP_HARD_TIMEOUT
-                ),
-                owner,
-                frozenset(),
-            )
+            self._on_hard_timeout(step_id, token, owner)
         except Exception:
             log.warning("failing step %s at its hard timeout failed", step_id, exc_info=True)
         finally:
             close_old_connections()
+
+    def close(self) -> None:
+        """Stop the thread (running steps' leases then expire and the reaper takes them)."""
+        self._stop.set()
 
 
 @contextmanager
@@ -143,9 +141,6 @@ def interrupt_after(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-lease_keeper = LeaseKeeper()
 
 
 @contextmanager

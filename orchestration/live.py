@@ -7,10 +7,12 @@ mode the web server's own loop is used, since the in-memory layer lives on that 
 
 Only groups that have members get a ``group_send``, which costs several round trips and a hop
 to the background loop; nobody watching is the common case for a worker. Which groups have
-members is known locally (``membership``), kept current by the announcements of the Redis
-layer in ``infra.channels``: no Redis round trip per commit. With another Redis layer, or while
-the watcher is (re)connecting, Redis is asked (one ``EXISTS`` per transaction); with a layer
-that is not Redis, every group gets its message.
+members is known locally (``infra.channels.Membership``), kept current by the announcements of
+the Redis layer: no Redis round trip per commit. With another Redis layer, or while the watcher
+is (re)connecting, Redis is asked (one ``EXISTS`` per transaction); with a layer that is not
+Redis, every group gets its message.
+
+A process's :class:`LiveSender` is owned by its runtime (``orchestration.runtime``).
 """
 
 from __future__ import annotations
@@ -21,36 +23,16 @@ import threading
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 
-from infra.channels import membership
+from infra.channels import Membership, RedisChannelLayer
 
 log = logging.getLogger(__name__)
 
 RUNS_GROUP = "runs"
 
-_loop: asyncio.AbstractEventLoop | None = None
-_lock = threading.Lock()
-
 
 def run_group(run_id: int) -> str:
     return f"run-{run_id}"
-
-
-def use_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Send on ``loop`` (the ASGI server's loop in embedded mode)."""
-    global _loop
-    _loop = loop
-
-
-def _ensure_loop() -> asyncio.AbstractEventLoop:
-    global _loop
-    with _lock:
-        if _loop is None or _loop.is_closed():
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="live-events", daemon=True).start()
-            _loop = loop
-        return _loop
 
 
 def messages_for(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -87,23 +69,51 @@ async def _send(messages: list[tuple[str, dict[str, Any]]]) -> None:
             log.warning("live event not sent", exc_info=True)
 
 
-def send_now(events: list[dict[str, Any]]) -> None:
-    if not events or not settings.SIGNALBOX["LIVE_EVENTS"] or membership.nobody():
-        return
-    messages = messages_for(events)
-    try:
-        listened = membership.listened([group for group, _ in messages])
-    except Exception:  # Redis unreachable: let the layer try (and log) as it always did
-        log.debug("live event membership check failed", exc_info=True)
-        listened = None
-    if listened is not None:
-        messages = [(group, message) for group, message in messages if group in listened]
-        if not messages:
+class LiveSender:
+    """One process's sender of live events: its event loop and its view of group membership."""
+
+    def __init__(self) -> None:
+        self.membership = Membership()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._own_loop = False
+        self._lock = threading.Lock()
+        RedisChannelLayer.join_listener = self.membership.joined
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send on ``loop`` (the ASGI server's loop in embedded mode)."""
+        self._loop, self._own_loop = loop, False
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="live-events", daemon=True).start()
+                self._loop, self._own_loop = loop, True
+            return self._loop
+
+    def send(self, events: list[dict[str, Any]]) -> None:
+        """Send ``events`` (already committed) to the groups that have members; never raises."""
+        if not events or not settings.SIGNALBOX["LIVE_EVENTS"] or self.membership.nobody():
             return
-    asyncio.run_coroutine_threadsafe(_send(messages), _ensure_loop())
+        messages = messages_for(events)
+        try:
+            listened = self.membership.listened([group for group, _ in messages])
+        except Exception:  # Redis unreachable: let the layer try (and log) as it always did
+            log.debug("live event membership check failed", exc_info=True)
+            listened = None
+        if listened is not None:
+            messages = [(group, message) for group, message in messages if group in listened]
+            if not messages:
+                return
+        try:
+            asyncio.run_coroutine_threadsafe(_send(messages), self._ensure_loop())
+        except Exception:
+            log.warning("live events not handed to the event loop", exc_info=True)
 
-
-def send_on_commit(events: list[dict[str, Any]]) -> None:
-    """Queue ``events`` to go out once the current transaction commits (never before)."""
-    if events and settings.SIGNALBOX["LIVE_EVENTS"]:
-        transaction.on_commit(lambda: send_now(events))
+    def close(self) -> None:
+        self.membership.close()
+        if RedisChannelLayer.join_listener == self.membership.joined:
+            RedisChannelLayer.join_listener = None
+        loop, self._loop = self._loop, None
+        if loop is not None and self._own_loop and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)

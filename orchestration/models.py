@@ -67,6 +67,9 @@ class Run(models.Model):
     # Idempotency keys are unique per submitter (scope is the user id, or "system").
     idempotency_scope = models.CharField(max_length=64, blank=True, default="")
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 (NULL = no key, outside the unique constraint)
+    #: Digest of what was asked (workflow, version, input, priority, tenant): the same key with
+    #: another request is refused instead of answered with this run.
+    request_digest = models.CharField(max_length=64, blank=True, default="")
     trace_id = models.CharField(max_length=32)
     seed = models.BigIntegerField(default=0)
 
@@ -226,7 +229,7 @@ class StateVersion(models.Model):
 class WaitKind(models.TextChoices):
     APPROVAL = "approval"
     EVENT = "event"
-    #: A step that exhausted its recovery, waiting for an operator (the dead-letter list).
+    #: A step that exhausted its recovery, waiting for an operator (an escalation).
     ESCALATION = "escalation"
 
 

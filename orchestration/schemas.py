@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
@@ -65,16 +64,6 @@ class ErrorOut(Schema):
 # --- stored values ------------------------------------------------------------------------------
 
 
-class RequestCode(StrEnum):
-    """Codes of refusals made by these schemas (each error's ``type`` in the detail, and the
-    response's code when every error has the same one). The engine's services refuse the same
-    things with ``orchestration.errors.Code``; these belong there too, once the engine's rewrite
-    lets them in."""
-
-    REASON_REQUIRED = "reason_required"
-    UNSTORABLE_VALUE = "unstorable_value"
-
-
 def refusal(code: str, message: str) -> PydanticCustomError:
     """A validation error whose ``type`` is a stable code (the message is used as written)."""
     return PydanticCustomError(str(code), "{message}", {"message": message})
@@ -83,13 +72,13 @@ def refusal(code: str, message: str) -> PydanticCustomError:
 def _storable_text(value: Any) -> Any:
     # Before pydantic's own str check, which refuses a lone surrogate in its own words.
     if isinstance(value, str) and (reason := text_refusal(value)) is not None:
-        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the text {reason}")
+        raise refusal(Code.UNSTORABLE_VALUE, f"the text {reason}")
     return value
 
 
 def _storable_json(value: Any) -> Any:
     if (reason := payload_refusal(value)) is not None:
-        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the value cannot be stored: {reason}")
+        raise refusal(Code.UNSTORABLE_VALUE, f"the value cannot be stored: {reason}")
     return value
 
 
@@ -109,7 +98,7 @@ def _rfc_3339(value: Any) -> Any:
 
 def _storable_datetime(value: datetime) -> datetime:
     if (reason := datetime_refusal(value)) is not None:
-        raise refusal(RequestCode.UNSTORABLE_VALUE, f"the time {reason}")
+        raise refusal(Code.UNSTORABLE_VALUE, f"the time {reason}")
     return value
 
 
@@ -355,7 +344,7 @@ def when(field: str, values: tuple[str, ...], then: dict[str, Any], otherwise: A
 def a_reason_is_required(to: tuple[str, ...], reason: str, chosen: Any) -> str:
     """The cross-field rule: ``reason`` must say something when the choice is one of ``to``."""
     if chosen in to and not reason.strip():
-        raise refusal(RequestCode.REASON_REQUIRED, f"a reason is required to {chosen}")
+        raise refusal(Code.REASON_REQUIRED, f"a reason is required to {chosen}")
     return reason
 
 

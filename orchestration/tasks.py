@@ -5,17 +5,16 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import close_old_connections
 
-from orchestration import recovery
-from orchestration.executor import step_execute as execute
-from orchestration.executor import worker_identity
-from orchestration.worker_signals import worker_pools
+from orchestration import recovery, runtime
+from orchestration.worker.execute import step_execute as execute
+from orchestration.worker.execute import worker_identity
 
 
 @shared_task(name="orchestration.tasks.step_execute", ignore_result=True)
 def step_execute(step_id: int) -> int:
     """Claim and run a step (and the successors this worker claims locally)."""
     close_old_connections()  # drop a connection that broke or expired since the last task
-    return execute(step_id, worker_id=worker_identity(), pools=frozenset(worker_pools))
+    return execute(step_id, rt=runtime.current(), worker_id=worker_identity())
 
 
 @shared_task(name="orchestration.tasks.engine_tick", ignore_result=True)

@@ -165,8 +165,8 @@ def stranger(db: None) -> Any:
 def drive() -> Callable[[int], Any]:
     """Run a run's queued steps in this process (and what they unlock) until none is queued;
     returns the run. The real engine, without worker processes."""
-    from orchestration.executor import step_execute
     from orchestration.models import Run, Step, StepStatus
+    from tests.support.engine import step_execute
 
     def run_queued(run_id: int) -> Any:
         for _ in range(50):

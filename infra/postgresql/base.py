@@ -9,7 +9,6 @@ and commits the batch either way. The engine acts on the outcome where it asks f
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from django.db.backends.postgresql import base
@@ -23,15 +22,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
         super().__init__(*args, **kwargs)
         #: The batch sent on this connection and not read yet (a ``infra.sql.InFlight``).
         self.in_flight: Any = None
-        #: While set, any use of the connection raises what this returns instead
-        #: (``infra.sql.refusing_queries``).
-        self.refusal: Callable[[], Exception] | None = None
 
     def settle(self) -> None:
-        """Read the outcome of the batch in flight, if any: the connection is free again. Raises
-        while queries are refused."""
-        if self.refusal is not None:
-            raise self.refusal()
+        """Read the outcome of the batch in flight, if any: the connection is free again."""
         if self.in_flight is not None:
             self.in_flight.receive()
 

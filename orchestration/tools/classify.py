@@ -15,13 +15,14 @@ retried on that provider, but the next provider may serve the call.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from orchestration.errors import Code, ErrorClass, SignalboxError
 from orchestration.tools.providers import (
+    Failure,
     ProviderHTTPError,
     ProviderNotConfigured,
     ProviderResultInvalid,
@@ -29,24 +30,6 @@ from orchestration.tools.providers import (
 
 if TYPE_CHECKING:
     from orchestration.tools.providers import Provider
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One failed attempt, classified. ``code`` is stable; ``message`` is for people."""
-
-    error_class: ErrorClass
-    code: str
-    message: str
-    #: Try the same provider again, after a backoff delay.
-    retry: bool
-    #: When not retried (or out of attempts), another provider may still serve the call.
-    next_provider: bool
-    #: Counts as a failure of the provider for its circuit breaker.
-    provider_fault: bool
-    #: Seconds the provider asked us to wait (a ``Retry-After`` header), if it said.
-    retry_after: float | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def transient(code: str, message: str, **extra: Any) -> Failure:
@@ -107,7 +90,9 @@ def _http_statuses(exc: BaseException) -> Failure | None:
     if status == 408:
         return transient(Code.PROVIDER_TIMEOUT, message, detail=detail)
     if status == 429:
-        return transient(Code.PROVIDER_THROTTLED, message, retry_after=exc.retry_after, detail=detail)
+        return transient(
+            Code.PROVIDER_THROTTLED, message, retry_after=exc.retry_after, detail=detail
+        )
     if status >= 500:
         return transient(Code.PROVIDER_ERROR, message, retry_after=exc.retry_after, detail=detail)
     if status in (401, 403):
@@ -118,7 +103,9 @@ def _http_statuses(exc: BaseException) -> Failure | None:
 def _timeouts(exc: BaseException) -> Failure | None:
     # TimeoutError is also socket.timeout; httpx has its own hierarchy.
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return transient(Code.PROVIDER_TIMEOUT, f"provider did not answer in time: {_describe(exc)}")
+        return transient(
+            Code.PROVIDER_TIMEOUT, f"provider did not answer in time: {_describe(exc)}"
+        )
     return None
 
 
@@ -145,7 +132,9 @@ def _provider_setup(exc: BaseException) -> Failure | None:
         return provider_unusable(Code.RESULT_CONTRACT, str(exc), ErrorClass.CONTRACT)
     if isinstance(exc, ProviderNotConfigured):
         # Not the service's health: the circuit stays as it is.
-        return replace(provider_unusable(Code.PROVIDER_NOT_CONFIGURED, str(exc)), provider_fault=False)
+        return replace(
+            provider_unusable(Code.PROVIDER_NOT_CONFIGURED, str(exc)), provider_fault=False
+        )
     return None
 
 

@@ -11,13 +11,31 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from django.conf import settings
 
-if TYPE_CHECKING:
-    from orchestration.tools.classify import Failure
+from orchestration.errors import ErrorClass
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt, classified. ``code`` is stable; ``message`` is for people."""
+
+    error_class: ErrorClass
+    code: str
+    message: str
+    #: Try the same provider again, after a backoff delay.
+    retry: bool
+    #: When not retried (or out of attempts), another provider may still serve the call.
+    next_provider: bool
+    #: Counts as a failure of the provider for its circuit breaker.
+    provider_fault: bool
+    #: Seconds the provider asked us to wait (a ``Retry-After`` header), if it said.
+    retry_after: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
 
 #: Provider names become Redis keys and audit object ids: keep them plain.
 PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")

@@ -46,11 +46,22 @@ def test_submit_starts_a_run_and_answers_201(operator_client, operator):
 
 def test_submit_with_a_seen_idempotency_key_returns_the_first_run_with_200(operator_client):
     first = submit(operator_client, idempotency_key="order-42")
-    again = submit(operator_client, idempotency_key="order-42", input={"topic": "different"})
+    again = submit(operator_client, idempotency_key="order-42")
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["created"] is False
     assert again.json()["id"] == first.json()["id"]
     assert Run.objects.filter(idempotency_key="order-42").count() == 1
+
+
+def test_a_seen_idempotency_key_with_a_different_request_is_409_and_starts_nothing(operator_client):
+    first = submit(operator_client, idempotency_key="order-43")
+    again = submit(operator_client, idempotency_key="order-43", input={"topic": "different"})
+    assert first.status_code == 201
+    assert again.status_code == 409, again.content
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_key_reused"
+    assert str(first.json()["id"]) in error["message"]
+    assert Run.objects.filter(idempotency_key="order-43").count() == 1
 
 
 def test_idempotency_key_is_also_read_from_the_header(operator_client):
@@ -273,6 +284,19 @@ def test_an_event_sent_twice_is_applied_once(operator_client, operator, drive):
     run.refresh_from_db()
     assert run.status == "succeeded"
     assert run.state["settlement"] == {"ok": 1}
+
+
+def test_an_event_id_sent_again_with_another_payload_is_409(operator_client, operator):
+    run = run_submit(workflow="event_timeout_continue", input={}, submitted_by=operator).run
+    url = f"{RUNS}/{run.pk}/events"
+    first = operator_client.post(url, {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 1}},
+                                 content_type="application/json")
+    again = operator_client.post(url, {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 2}},
+                                 content_type="application/json")
+    assert first.status_code == 202, first.content
+    assert again.status_code == 409, again.content
+    assert again.json()["error"]["code"] == "event_id_reused"
+    assert list(RunEvent.objects.filter(run=run).values_list("payload", flat=True)) == [{"ok": 1}]
 
 
 def test_an_event_before_its_wait_is_kept_not_applied(operator_client, operator):

@@ -34,7 +34,7 @@ def _web_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     Celery would keep a broker connection to the test's broker for the tests that follow."""
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setitem(connections.settings["default"], "CONN_MAX_AGE", 0)
-    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
 
 
 @pytest.fixture

@@ -12,7 +12,11 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings as django_settings
 
-from orchestration import live
+from orchestration import live, runtime
+
+
+def _sender() -> live.LiveSender:
+    return runtime.current().live
 
 
 @pytest.fixture
@@ -48,7 +52,7 @@ def test_members_of_the_run_group_receive_one_message_per_transaction(redis_laye
     channel = async_to_sync(redis_layer.new_channel)()
     async_to_sync(redis_layer.group_add)(live.run_group(7), channel)
 
-    live.send_now(_events(7) + _events(8))  # nobody watches run 8
+    _sender().send(_events(7) + _events(8))  # nobody watches run 8
 
     message = _receive(redis_layer, channel)
     assert message["type"] == "run.event"
@@ -60,8 +64,8 @@ def test_run_list_members_hear_only_run_level_changes(redis_layer: Any) -> None:
     channel = async_to_sync(redis_layer.new_channel)()
     async_to_sync(redis_layer.group_add)(live.RUNS_GROUP, channel)
 
-    live.send_now(_events(9))  # step-level only: not for the list
-    live.send_now(_events(10, run_level=True))
+    _sender().send(_events(9))  # step-level only: not for the list
+    _sender().send(_events(10, run_level=True))
 
     message = _receive(redis_layer, channel)
     assert message["event"] == {"run_id": 10, "kind": "run", "change": "succeeded", "status": "succeeded"}
@@ -71,12 +75,12 @@ def test_groups_without_members_send_nothing(redis_layer: Any, monkeypatch: pyte
     sent: list[Any] = []
     monkeypatch.setattr(live.asyncio, "run_coroutine_threadsafe", lambda coro, loop: sent.append(coro.close()))
 
-    live.send_now(_events(11, run_level=True))
+    _sender().send(_events(11, run_level=True))
     assert sent == []
 
     channel = async_to_sync(redis_layer.new_channel)()
     async_to_sync(redis_layer.group_add)(live.run_group(11), channel)
-    live.send_now(_events(11))
+    _sender().send(_events(11))
     assert len(sent) == 1
 
 
@@ -86,11 +90,11 @@ def test_events_still_go_out_when_membership_cannot_be_asked(
     def broken(groups: list[str]) -> set[str]:
         raise ConnectionError("redis went away")
 
-    monkeypatch.setattr(live.membership, "listened", broken)
+    monkeypatch.setattr(_sender().membership, "listened", broken)
     channel = async_to_sync(redis_layer.new_channel)()
     async_to_sync(redis_layer.group_add)(live.run_group(12), channel)
 
-    live.send_now(_events(12))
+    _sender().send(_events(12))
 
     assert _receive(redis_layer, channel)["events"][0]["run_id"] == 12
 
@@ -130,49 +134,49 @@ def _eventually(predicate: Any, timeout: float = 5.0) -> bool:
 
 def test_joins_and_leaves_in_another_process_are_known_without_asking_redis(redis_layer: Any) -> None:
     group = live.run_group(21)
-    assert live.membership.listened([group]) == set()
-    assert _eventually(live.membership.watching), "the membership watcher never subscribed"
+    assert _sender().membership.listened([group]) == set()
+    assert _eventually(_sender().membership.watching), "the membership watcher never subscribed"
 
     channel = async_to_sync(redis_layer.new_channel)()
     _in_other_process(redis_layer, "group_add", group, channel)
-    assert _eventually(lambda: live.membership.listened([group, live.run_group(22)]) == {group})
+    assert _eventually(lambda: _sender().membership.listened([group, live.run_group(22)]) == {group})
 
     _in_other_process(redis_layer, "group_discard", group, channel)
-    assert _eventually(lambda: live.membership.listened([group]) == set())
-    assert live.membership.watching()
+    assert _eventually(lambda: _sender().membership.listened([group]) == set())
+    assert _sender().membership.watching()
 
 
 def test_a_broken_watcher_connection_falls_back_to_asking_then_reconnects(redis_layer: Any) -> None:
     import redis
 
-    live.membership.listened(["runs"])
-    assert _eventually(live.membership.watching)
+    _sender().membership.listened(["runs"])
+    assert _eventually(_sender().membership.watching)
     client = redis.Redis.from_url(django_settings.REDIS_URL)
     client.client_kill_filter(_type="pubsub")
-    assert _eventually(lambda: not live.membership.watching(), timeout=3)
+    assert _eventually(lambda: not _sender().membership.watching(), timeout=3)
 
     # Meanwhile a join elsewhere is still seen: the host is asked.
     channel = async_to_sync(redis_layer.new_channel)()
     _in_other_process(redis_layer, "group_add", live.run_group(23), channel)
-    assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}
-    assert _eventually(live.membership.watching, timeout=5)
-    assert live.membership.listened([live.run_group(23)]) == {live.run_group(23)}
+    assert _sender().membership.listened([live.run_group(23)]) == {live.run_group(23)}
+    assert _eventually(_sender().membership.watching, timeout=5)
+    assert _sender().membership.listened([live.run_group(23)]) == {live.run_group(23)}
 
 
 def test_when_no_group_has_a_member_nothing_is_built_or_sent_until_someone_joins(
     redis_layer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    live.membership.listened(["runs"])
-    assert _eventually(live.membership.watching)
-    assert live.membership.nobody()
+    _sender().membership.listened(["runs"])
+    assert _eventually(_sender().membership.watching)
+    assert _sender().membership.nobody()
     built: list[Any] = []
     monkeypatch.setattr(live, "messages_for", lambda events: built.append(events) or [])
-    live.send_now(_events(31, run_level=True))
+    _sender().send(_events(31, run_level=True))
     assert built == []  # known locally: no message is even built
 
     channel = async_to_sync(redis_layer.new_channel)()
     _in_other_process(redis_layer, "group_add", live.run_group(31), channel)
-    assert _eventually(lambda: not live.membership.nobody())
+    assert _eventually(lambda: not _sender().membership.nobody())
     monkeypatch.undo()
-    live.send_now(_events(31))
+    _sender().send(_events(31))
     assert _receive(redis_layer, channel)["events"][0]["run_id"] == 31

@@ -14,11 +14,11 @@ from django.db import connection, connections
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
-from orchestration.executor import step_claim, step_execute, step_run
 from orchestration.models import Run, Step
 from orchestration.services import run_cancel, run_send_event, run_submit
 from tests.conftest import ALL_POOLS, wait_until
 from tests.support.agents import GatedAgent, PureEcho, PureEffect
+from tests.support.engine import step_claim, step_execute, step_run
 from tests.support.stub_provider import stub_provider_server
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -30,7 +30,7 @@ if connection.vendor != "postgresql":  # pragma: no cover - the suite runs on Po
 @pytest.fixture(autouse=True)
 def _in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
     GatedAgent.reset()
     PureEcho.starts.clear()
     PureEffect.events.clear()

@@ -11,10 +11,10 @@ from django.conf import settings as django_settings
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration import recovery
-from orchestration.executor import step_execute
 from orchestration.models import Run, Step, Wait
 from orchestration.services import approval_decide, run_submit
 from tests.conftest import wait_for_run, wait_until
+from tests.support.engine import step_execute
 
 
 def run_queued(run_id: int, node: str) -> None:

@@ -186,3 +186,10 @@ pure_map.agent("summary", "test_pure_echo", after="answer", reads=["text"], writ
 early_effect = Workflow("early_effect", input=Loose, max_steps=10)
 early_effect.agent("first", "test_gated", reads=["text"], writes=["text"])
 early_effect.agent("act", "test_pure_effect", after="first", reads=["text"], writes=["acted"])
+
+# The first of two branches wins; the other is cancelled (its step may still be running).
+first_wins = Workflow("first_wins", input=Loose, max_steps=10)
+first_wins.agent("start", "test_echo", reads=["text"], writes=["text"])
+first_wins.agent("fast", "test_echo", after="start", reads=["text"], writes=["fast"])
+first_wins.agent("slow", "test_echo", after="start", reads=["text"], writes=["slow"])
+first_wins.agent("done", "test_echo", after=["fast", "slow"], join="any", reads=["text"], writes=["done"])

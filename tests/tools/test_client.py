@@ -572,7 +572,7 @@ def test_the_step_soft_timeout_ends_a_call_in_flight_without_trying_elsewhere(
     import time
 
     from orchestration.errors import StepTimeout
-    from orchestration.executor import interrupt_after
+    from orchestration.leases import interrupt_after
 
     slow, backup = stubs("slow"), stubs("backup")
     slow.default = StubReply(delay_seconds=3.0)

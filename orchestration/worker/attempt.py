@@ -1,0 +1,190 @@
+"""One attempt of a claimed step: build its input from run state, run its agent outside any
+transaction, check its output against the contracts, then hand the outcome to
+``orchestration.worker.complete``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from django.conf import settings
+from pydantic import BaseModel, ValidationError
+
+from infra.canonical import digest
+from orchestration.advance import node_of, output_contract, step_action, step_input
+from orchestration.agents.base import AgentContext, StateView
+from orchestration.contracts import validation_errors
+from orchestration.errors import Code, ContractViolation, SignalboxError, TransientError
+from orchestration.leases import interrupt_after
+from orchestration.models import Step, StepKind
+from orchestration.registry import agent_instance, workflow_get
+from orchestration.runtime import Runtime
+from orchestration.worker import complete
+from orchestration.worker.chain import Chain, Completion
+
+log = logging.getLogger(__name__)
+
+
+class StepTools:
+    """A step's door to the tool registry: fills in run, step, node key and call index, so a
+    retried or re-claimed step reuses its idempotency keys. The client is made on first use."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.calls = 0
+        self._client: Any = None
+
+    def call(self, capability: str, params: Any) -> Any:
+        from orchestration.tools.client import ToolClient
+
+        if self._client is None:
+            self._client = ToolClient(actor_id=self.step.agent)
+        self.calls += 1
+        run = self.step.run
+        return self._client.call(
+            capability,
+            params,
+            run_id=run.pk,
+            step_id=self.step.pk,
+            node=self.step.key,
+            call_index=self.calls,
+            trace_id=run.trace_id,
+        )
+
+    def take_records(self) -> tuple[list[Any], list[Any]]:
+        """The ToolCall rows and audit entries to write in the step's own transaction."""
+        if self._client is None:
+            return [], []
+        records, entries = self._client.records, self._client.audit_entries
+        self._client.records, self._client.audit_entries = [], []
+        return records, entries
+
+
+def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = None) -> Step | None:
+    """Run a claimed step's agent and commit the outcome; returns the successor this worker
+    claimed for itself, if any. With a ``chain``, ``step`` may have been started ahead of its
+    predecessor's commit, and its own completion may still be in flight when this returns."""
+
+    def settle() -> None:
+        if chain is not None:
+            chain.settle(step)
+
+    def fail(error: SignalboxError, **kwargs: Any) -> None:
+        settle()
+        complete.attempt_fail(step, error, rt=rt, worker_id=worker_id, **kwargs)
+
+    run = step.run
+    wf = workflow_get(run.workflow_name, run.workflow_version)
+    node = node_of(wf, step)
+    agent = agent_instance(step.agent)
+    cls = type(agent)
+    soft, hard = wf.timeouts_of(node)
+    if not cls.pure:
+        settle()  # its effects may begin at once: the commit that made the step ready comes first
+
+    if node.approval is not None and step.kind == StepKind.AGENT:
+        action = step_action(step, node, run)
+        if (step.approved_digest or node.approval.required(run.state)) and digest(
+            action
+        ) != step.approved_digest:
+            settle()
+            complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
+            return None
+
+    raw: Any = None
+    try:
+        raw = step.input = step_input(step, node, run)
+        params = cls.Input.model_validate(raw)
+    except ValidationError as exc:
+        fail(
+            ContractViolation(
+                f"input for {step.agent!r} does not satisfy its contract",
+                code=Code.INPUT_CONTRACT,
+                detail=validation_errors(exc),
+            ),
+            payload=raw,
+        )
+        return None
+    except SignalboxError as exc:
+        fail(exc)
+        return None
+
+    own_state = step.kind in (StepKind.AGENT, StepKind.ROUTE)
+    ctx = AgentContext(
+        run_id=run.pk,
+        step_key=step.key,
+        attempt=step.attempt,
+        state=StateView(
+            run.state if step.kind != StepKind.COMPENSATE else {},
+            reads=node.reads if step.kind != StepKind.COMPENSATE else frozenset(),
+            writes=node.writes if own_state else frozenset(),
+        ),
+        seed=run.seed,
+        trace_id=run.trace_id,
+        time_scale=settings.SIGNALBOX["AGENT_TIME_SCALE"],
+        tools=(tools := StepTools(step)),
+        soft_deadline=time.monotonic() + soft.total_seconds(),
+        before_acting=settle,
+    )
+    result: Any = None
+    keeper = rt.leases(
+        on_hard_timeout=lambda step_id, token, owner: complete.hard_timeout(
+            step_id, token, owner, rt=rt
+        )
+    )
+    with keeper.hold(step.pk, step.attempt, worker_id, hard_after=hard.total_seconds()):
+        try:
+            with interrupt_after(soft.total_seconds()):
+                result = agent.run(params, ctx)
+        except SignalboxError as exc:
+            fail(exc, records=tools.take_records())
+            return None
+        except Exception as exc:  # unknown agent exceptions are retried, then recorded
+            log.warning("agent %s raised", step.agent, exc_info=True)
+            fail(
+                TransientError(f"{type(exc).__name__}: {exc}", code=Code.AGENT_EXCEPTION),
+                records=tools.take_records(),
+            )
+            return None
+
+    output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    contract = output_contract(step, node)
+    try:
+        if contract is not cls.Output:  # a fallback agent: its own contract, then the node's
+            output = cls.Output.model_validate(output).model_dump(mode="json")
+        output = contract.model_validate(output).model_dump(mode="json")
+    except ValidationError as exc:
+        fail(
+            ContractViolation(
+                f"output of {step.agent!r} does not satisfy its contract",
+                code=Code.OUTPUT_CONTRACT,
+                detail=validation_errors(exc),
+            ),
+            payload=output,
+            records=tools.take_records(),
+        )
+        return None
+    size = len(json.dumps(output, separators=(",", ":"), default=str).encode())
+    limit = settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]
+    if size > limit:
+        fail(
+            ContractViolation(
+                f"output of {step.agent!r} is {size} bytes; the limit is {limit}",
+                code=Code.PAYLOAD_TOO_LARGE,
+            ),
+            payload=output,
+            records=tools.take_records(),
+        )
+        return None
+    step.input = raw
+    done = Completion.now_from(
+        step, output, ctx.state.written, ctx.usage.as_dict(), tools.take_records(), ctx.degraded
+    )
+    try:
+        return complete.step_complete(done, rt=rt, worker_id=worker_id, chain=chain)
+    except Exception as exc:  # the commit failed (database gone, a bug): retried, then bounded
+        settle()
+        complete.commit_failed(done, exc, rt=rt, worker_id=worker_id)
+        return None

@@ -1,0 +1,319 @@
+"""A worker's chain of steps, with its commits sent ahead.
+
+One message gives a worker one step; the chain is that step, each successor the worker claimed
+for itself inside the previous completion, and the siblings it handed off in its own pools
+(claimed when the chain stops). With a store that can send a commit without waiting for its
+answer (PostgreSQL), each completion goes out that way and the next step, if its agent is pure,
+starts meanwhile; pure siblings commit together. This module keeps what is in flight; it is
+told how to redo a completion whose commit did not go through (``Chain.recommit``), rather
+than knowing the module that does it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from orchestration import dispatch
+from orchestration.advance import node_of
+from orchestration.changes import Changes
+from orchestration.leases import alarm_blocked
+from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
+from orchestration.registry import agent_class, workflow_get
+from orchestration.runtime import Runtime
+from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken
+from orchestration.store.postgresql import WriteBatch, claimed_from_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """What a step's successful attempt produced, enough to commit it again from scratch."""
+
+    step: Step
+    output: dict[str, Any]
+    written: dict[str, Any]
+    usage: dict[str, Any]
+    tool_calls: list[ToolCall]
+    tool_entries: list[Any]
+    degraded: str
+    now: datetime
+
+    @classmethod
+    def now_from(
+        cls,
+        step: Step,
+        output: dict[str, Any],
+        written: dict[str, Any],
+        usage: dict[str, Any],
+        records: tuple[list[Any], list[Any]],
+        degraded: str,
+    ) -> Completion:
+        return cls(
+            step,
+            output,
+            written,
+            usage,
+            list(records[0]),
+            list(records[1]),
+            degraded,
+            timezone.now(),
+        )
+
+
+#: One completion in a batch: what it produced, the changes that write it, and the handed-off
+#: sibling it is (a pure step run before its claim, claimed and completed in one statement).
+Member = tuple[Completion, Changes, "Step | None"]
+
+#: Commits a completion again from scratch (after a conflict): returns the step to run next.
+Recommit = Callable[[Completion, "Run | None"], "Step | None"]
+#: Records that committing a completion failed for another reason (the database is gone).
+CommitFailed = Callable[[Completion, BaseException], None]
+
+
+class Superseded(BaseException):
+    """A step started ahead of its predecessor's commit, and that commit did not go through as
+    sent: nothing of this step was written, and the worker goes on with ``next_step`` instead
+    (or with nothing). A ``BaseException``, so that an agent's ``except Exception`` lets it by."""
+
+    def __init__(self, next_step: Step | None) -> None:
+        super().__init__("the step was started ahead of a commit that did not go through as sent")
+        self.next_step = next_step
+
+
+class Chain:
+    """The steps one worker runs from one message (see the module docstring).
+
+    The answer of a commit sent ahead is read (:meth:`settle`) before the step started meanwhile
+    does anything that needs the commit to have happened: touching the database, calling a tool,
+    waiting, recording a failure, or starting an agent that is not ``pure``. If the commit did
+    not go through as sent, the early work is dropped (:class:`Superseded`).
+
+    Siblings commit together, as a superstep: when a completion makes nothing ready for this
+    worker and the sibling it would claim next runs a pure agent, the completion is not sent
+    yet; the sibling runs first and its completion, which claims it in the same statement, joins
+    the same transaction (:meth:`hold`)."""
+
+    def __init__(
+        self, worker_id: str, rt: Runtime, *, recommit: Recommit, commit_failed: CommitFailed
+    ) -> None:
+        self.worker_id = worker_id
+        self.rt = rt
+        self.recommit = recommit
+        self.commit_failed = commit_failed
+        #: Steps of this chain's runs handed to the broker in this worker's pools, to claim when
+        #: the chain stops (their wake-up messages are held meanwhile).
+        self.handed_off: list[Step] = []
+        #: The completion in flight, if any.
+        self.committing: Committing | None = None
+        #: Completions not sent yet, waiting for the sibling that runs meanwhile to join them.
+        self.open: OpenBatch | None = None
+
+    @property
+    def pools(self) -> frozenset[str]:
+        return self.rt.pools
+
+    def settle(self, step: Step) -> None:
+        """``step`` is about to need its predecessor's commit: make sure it happened. Raises
+        Superseded when the worker should run something else than ``step`` after all."""
+        if self.open is not None:
+            # ``step`` started ahead of a batch not sent yet: it goes now, with step's claim.
+            self._send_open(claim=True)
+        committing, self.committing = self.committing, None
+        if committing is not None and committing.confirm() is not step:
+            raise Superseded(committing.confirm())
+
+    def finish(self) -> Step | None:
+        """The chain has nothing running: read the completion in flight; returns the step it
+        made ready for this worker (now confirmed), if any."""
+        if self.open is not None:
+            self._send_open(claim=False)
+        committing, self.committing = self.committing, None
+        return committing.confirm() if committing is not None else None
+
+    def may_join(self, sibling: Step, run: Run, now: datetime) -> bool:
+        """Whether ``sibling`` may run before the completion that would claim it is sent: a
+        pure agent's step, due, with no approval to check first."""
+        if sibling.kind not in (StepKind.AGENT, StepKind.ITEM) or sibling.available_at > now:
+            return False
+        if not agent_class(sibling.agent).pure or not self.rt.store.pipelined:
+            return False
+        return (
+            node_of(workflow_get(run.workflow_name, run.workflow_version), sibling).approval is None
+        )
+
+    def hold(self, batch: WriteBatch, members: list[Member], sibling: Step, now: datetime) -> Step:
+        """Keep ``batch`` (the completions of ``members``) unsent and start ``sibling`` now;
+        returns the step to run, as a claim would leave it."""
+        self.handed_off.remove(sibling)
+        ahead = self._as_claimed(sibling, members[-1][1].run, now)
+        self.open = OpenBatch(batch, members, sibling, ahead)
+        return ahead
+
+    def send(self, batch: WriteBatch, members: list[Member], sibling: Step | None) -> Step | None:
+        """Send ``batch`` without waiting; returns the step to start meanwhile: the one the last
+        completion claimed, or ``sibling``, claimed by the batch's last statement."""
+        pending = batch.send()
+        done, changes, _ = members[-1]
+        ahead = changes.local_step
+        if sibling is not None:
+            self.handed_off.remove(sibling)
+            ahead = self._as_claimed(sibling, changes.run, done.now)
+        self.committing = Committing(self, members, pending, sibling, ahead)
+        return ahead
+
+    def close(self) -> None:
+        """The chain ends (or failed on the way): read what is in flight, so its messages and
+        live events go out, and send the held messages of siblings it will not claim."""
+        try:
+            self.finish()
+        except Exception:
+            log.exception("reading the last completion of a chain failed")
+        self.rt.held.send_now([s.pk for s in self.handed_off])
+
+    def note_handoff(self, changes: Changes) -> None:
+        """Keep the steps ``changes`` handed off in this worker's pools, to claim at the end."""
+        self.handed_off.extend(step for step in changes.handed_off() if step.pool in self.pools)
+
+    def _send_open(self, *, claim: bool) -> None:
+        group, self.open = self.open, None
+        assert group is not None
+        sibling: Step | None = None
+        if claim:
+            sibling = group.sibling
+            now = timezone.now()
+            group.batch.claim_last(
+                sibling.pk, self.worker_id, now, now + timedelta(seconds=self.rt.lease_seconds)
+            )
+        else:
+            self.handed_off.insert(0, group.sibling)
+        pending = group.batch.send()
+        self.committing = Committing(
+            self, group.members, pending, sibling, group.ahead if claim else None
+        )
+
+    def _as_claimed(self, sibling: Step, run: Run, now: datetime) -> Step:
+        ahead = copy.copy(sibling)
+        ahead.status, ahead.attempt, ahead.lease_owner = (
+            StepStatus.RUNNING,
+            sibling.attempt + 1,
+            self.worker_id,
+        )
+        ahead.lease_expires_at = now + timedelta(seconds=self.rt.lease_seconds)
+        ahead.started_at = sibling.started_at or now
+        ahead.run = run
+        return ahead
+
+
+class OpenBatch:
+    """Completions written into a batch that is not sent yet, while ``ahead`` (the claimed form
+    of ``sibling``) runs: its completion joins the batch, or the batch goes with its claim."""
+
+    def __init__(
+        self, batch: WriteBatch, members: list[Member], sibling: Step, ahead: Step
+    ) -> None:
+        self.batch, self.members, self.sibling, self.ahead = batch, members, sibling, ahead
+
+
+class Committing:
+    """Completions sent in one batch whose answer the worker has not read yet, and ``ahead``,
+    the step started meanwhile. :meth:`confirm` reads the answer and does what follows a commit
+    (wake-ups, held hand-offs, live events); if the batch did not go through (another
+    transaction wrote the run first, a lease was lost, a sibling was taken, the database
+    failed), it settles the first completion the slow way, drops the rest (their steps are still
+    queued and go back to the chain's hand-offs) and returns what the worker should run next."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        members: list[Member],
+        pending: Pending,
+        sibling: Step | None,
+        ahead: Step | None,
+    ) -> None:
+        self.chain, self.members, self.pending = chain, members, pending
+        self.sibling, self.ahead = sibling, ahead
+        self._confirmed = False
+        self._next: Step | None = None
+
+    def confirm(self) -> Step | None:
+        """The step the worker runs next: ``ahead`` itself when the commit went through as sent."""
+        if not self._confirmed:
+            self._confirmed = True
+            # Not cut short by an agent's soft timeout (SIGALRM): the outcome must be read whole.
+            with alarm_blocked():
+                self._next = self._read()
+        return self._next
+
+    def _read(self) -> Step | None:
+        chain = self.chain
+        rt = chain.rt
+        done = self.members[0][0]
+        try:
+            rows = self.pending.result()
+        except Exception as exc:
+            # The batch rolled back as a whole: its claims too. Steps it would have claimed are
+            # still queued (unless another worker took them, which their claim will find).
+            taken = [grouped for _, _, grouped in self.members[1:] if grouped is not None]
+            chain.handed_off[:0] = [*taken, *([self.sibling] if self.sibling is not None else [])]
+            if isinstance(exc, LeaseLost):
+                log.warning(
+                    "step %s lost its lease (token %s); its result is discarded",
+                    done.step.pk,
+                    done.step.attempt,
+                )
+                return None
+            if isinstance(exc, (RunChanged, StepTaken)):
+                try:
+                    return chain.recommit(done, rt.store.run_get(done.step.run_id))
+                except Exception as again:
+                    exc = again
+            chain.commit_failed(done, exc)
+            return None
+        if len(self.members) > 1:  # one live message for the whole transaction
+            events = [event for _, changes, _ in self.members for event in changes.live]
+            for _, changes, _ in self.members[:-1]:
+                changes.live = []
+            self.members[-1][1].live = events
+        for member, (done, changes, grouped) in enumerate(self.members, start=1):
+            claimed, was_held = None, False
+            if grouped is not None:
+                was_held = rt.held.release(grouped.pk)
+            last = member == len(self.members)
+            if last and self.sibling is not None:
+                was_held = rt.held.release(self.sibling.pk)
+                claimed = changes.local_step = claimed_from_row(rows[0] if rows else None, done.now)
+                if claimed is not None:  # one live message for the whole transaction
+                    changes.live.extend(claim_events(claimed, done.now))
+            dispatch.send(changes, rt)
+            if grouped is not None and not was_held:
+                dispatch.take_back(grouped.pk, rt)
+            if claimed is not None and not was_held:
+                assert self.sibling is not None
+                dispatch.take_back(self.sibling.pk, rt)
+            chain.note_handoff(changes)
+            if last and self.sibling is not None:
+                if claimed is None or self.ahead is None:
+                    return claimed
+                # The early start assumed the claim's token; another attempt in between changes it.
+                return self.ahead if claimed.attempt == self.ahead.attempt else claimed
+        return self.members[-1][1].local_step
+
+
+def claim_events(step: Step, now: Any) -> list[dict[str, Any]]:
+    """The live events of a claim (the step runs; its run too, if this claim started it).
+    Without ``run_id``: events of a Changes get it when sent."""
+    run = step.run
+    events: list[dict[str, Any]] = [
+        {"kind": "step", "change": "running", "step": step, "key": step.key, "status": "running"}
+    ]
+    if run.started_at == now:
+        events.append({"kind": "run", "change": "running", "status": "running"})
+    return events

@@ -60,6 +60,7 @@ demo: install
 test: install
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
 	$(BIN)/ruff check --quiet .
+	$(BIN)/lint-imports --no-cache
 	$(TEST_ENV) $(BIN)/mypy
 	$(TEST_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 

@@ -99,7 +99,7 @@ def test_the_fast_store_and_the_plain_store_leave_the_same_runs(workflow: str, i
         return _drive(rt, run.pk)
 
     fast, plain = _both(work)
-    assert fast["run"][0] in ("succeeded", "failed") and len(fast["steps"]) >= 3
+    assert fast["run"][0] in ("succeeded", "failed") and fast["steps"] and fast["audit"]
     assert fast == plain
 
 

@@ -4,16 +4,18 @@ The hash chain, verification and export come in a later issue; the single write 
 now so every state change already leaves its row, inside the transaction that made it.
 """
 
+from typing import Any
+
 from django.db import models
 
 from audit.verbs import ActorType, Verb
 
 
-class AuditEventQuerySet(models.QuerySet):
-    def update(self, **kwargs):  # type: ignore[no-untyped-def]
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    def update(self, **kwargs: Any) -> int:
         raise TypeError("audit events are append-only")
 
-    def delete(self):  # type: ignore[no-untyped-def]
+    def delete(self) -> tuple[int, dict[str, int]]:
         raise TypeError("audit events are append-only")
 
 
@@ -41,10 +43,10 @@ class AuditEvent(models.Model):
     def __str__(self) -> str:
         return f"{self.get_verb_display()} {self.object_type}:{self.object_id}"
 
-    def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None:
             raise TypeError("audit events are append-only")
         super().save(*args, **kwargs)
 
-    def delete(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise TypeError("audit events are append-only")

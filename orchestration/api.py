@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from django.contrib.auth.models import User
 from django.http import HttpRequest
-from ninja import Header, Path, Query, Router, Status
+from ninja import Header, Query, Router, Status
+from ninja.params import functions as param_functions
 
 from orchestration import selectors, services
 from orchestration.errors import Code, InvalidInput
@@ -46,6 +48,22 @@ router = Router(tags=["orchestration"])
 MAX_ID = 2**63 - 1
 
 
+def id_in_path() -> Any:
+    """A database id as a path parameter: a positive bigint."""
+    return param_functions.Path(..., ge=1, le=MAX_ID)
+
+
+def version_in_query() -> Any:
+    """An optional workflow version in the query string."""
+    return param_functions.Query(None, ge=1, le=2**31 - 1)
+
+
+def authenticated(request: HttpRequest) -> User:
+    """The user ninja's authentication set on the request (every route here requires one)."""
+    user: User = authenticated(request)  # set by ninja; Django's HttpRequest type lacks it
+    return user
+
+
 def errors(*codes: int) -> dict[int, type[ErrorOut]]:
     """Document error responses (raised as exceptions, rendered by the API's handlers). Every
     operation with a body can also answer 400 ``malformed_json``: ``console.api`` adds it."""
@@ -72,7 +90,7 @@ def run_submit(
         StoredText | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
 ) -> Status[dict[str, Any]]:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     selectors.submit_check(user)
     key = payload.idempotency_key
     if idempotency_key and key and idempotency_key != key:
@@ -96,7 +114,7 @@ def run_submit(
 @router.get("/runs", response={200: RunPageOut, **errors(401, 422)}, summary="List runs")
 def run_list(request: HttpRequest, filters: Query[RunListQuery]) -> dict[str, Any]:
     page = selectors.run_list_for_user(
-        request.auth,  # type: ignore[attr-defined]
+        authenticated(request),
         status=list(filters.status) if filters.status else None,
         workflow=filters.workflow,
         created_after=filters.created_after,
@@ -113,8 +131,8 @@ def run_list(request: HttpRequest, filters: Query[RunListQuery]) -> dict[str, An
     by_alias=True,
     summary="A run with its steps, state history, waits and events",
 )
-def run_detail(request: HttpRequest, run_id: int = Path(..., ge=1, le=MAX_ID)) -> dict[str, Any]:
-    run = selectors.run_get_for_user(request.auth, run_id)  # type: ignore[attr-defined]
+def run_detail(request: HttpRequest, run_id: int = id_in_path()) -> dict[str, Any]:
+    run = selectors.run_get_for_user(authenticated(request), run_id)
     return run_detail_out(
         run,
         steps=selectors.run_steps(run),
@@ -131,10 +149,10 @@ def run_detail(request: HttpRequest, run_id: int = Path(..., ge=1, le=MAX_ID)) -
 )
 def run_cancel(
     request: HttpRequest,
-    run_id: int = Path(..., ge=1, le=MAX_ID),
+    run_id: int = id_in_path(),
     payload: RunCancelIn | None = None,
 ) -> Any:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     run = selectors.run_get_for_decision(user, run_id)
     cancelled = services.run_cancel(
         run_id=run.pk, user=user, reason=payload.reason if payload else ""
@@ -149,9 +167,9 @@ def run_cancel(
     description="Sending the same `event_id` again is a no-op answered with `duplicate: true`.",
 )
 def run_event_send(
-    request: HttpRequest, payload: RunEventIn, run_id: int = Path(..., ge=1, le=MAX_ID)
+    request: HttpRequest, payload: RunEventIn, run_id: int = id_in_path()
 ) -> Status[dict[str, Any]]:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     run = selectors.run_get_for_decision(user, run_id)
     delivery = services.run_send_event(
         run_id=run.pk,
@@ -175,7 +193,7 @@ def run_event_send(
     summary="Open approvals on runs you can see, oldest deadline first",
 )
 def approval_list(request: HttpRequest) -> Any:
-    pending = selectors.approvals_pending_for_user(request.auth)  # type: ignore[attr-defined]
+    pending = selectors.approvals_pending_for_user(authenticated(request))
     return [approval_out(wait) for wait in pending]
 
 
@@ -191,9 +209,9 @@ def approval_list(request: HttpRequest) -> Any:
     ),
 )
 def approval_decide(
-    request: HttpRequest, payload: ApprovalDecideIn, approval_id: int = Path(..., ge=1, le=MAX_ID)
+    request: HttpRequest, payload: ApprovalDecideIn, approval_id: int = id_in_path()
 ) -> Any:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     wait = selectors.approval_get_for_decision(user, approval_id)
     decided = services.approval_decide(
         wait_id=wait.pk,
@@ -222,7 +240,7 @@ def approval_decide(
 )
 def escalation_list(request: HttpRequest, filters: Query[EscalationListQuery]) -> dict[str, Any]:
     page = selectors.escalations_for_user(
-        request.auth,  # type: ignore[attr-defined]
+        authenticated(request),
         status=filters.status,
         workflow=filters.workflow,
         cursor=filters.cursor,
@@ -240,9 +258,9 @@ def escalation_list(request: HttpRequest, filters: Query[EscalationListQuery]) -
     summary="One escalated step with its full context",
 )
 def escalation_detail(
-    request: HttpRequest, escalation_id: int = Path(..., ge=1, le=MAX_ID)
+    request: HttpRequest, escalation_id: int = id_in_path()
 ) -> dict[str, Any]:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     return escalation_out(selectors.escalation_get_for_user(user, escalation_id))
 
 
@@ -263,9 +281,9 @@ def escalation_detail(
 def escalation_resolve(
     request: HttpRequest,
     payload: EscalationResolveIn,
-    escalation_id: int = Path(..., ge=1, le=MAX_ID),
+    escalation_id: int = id_in_path(),
 ) -> dict[str, Any]:
-    user = request.auth  # type: ignore[attr-defined]
+    user = authenticated(request)
     wait = selectors.escalation_get_for_resolve(user, escalation_id)
     services.escalation_resolve(
         wait_id=wait.pk,
@@ -300,7 +318,7 @@ def workflow_index(request: HttpRequest) -> list[dict[str, Any]]:
     summary="One workflow's graph and input contract (latest version unless ?version=)",
 )
 def workflow_detail(
-    request: HttpRequest, name: str, version: int | None = Query(None, ge=1, le=2**31 - 1)
+    request: HttpRequest, name: str, version: int | None = version_in_query()
 ) -> dict[str, Any]:
     return _workflow_out(name, version)
 
@@ -314,4 +332,4 @@ def workflow_detail(
     summary="Capabilities and their providers: health, rate-limit headroom, circuit state",
 )
 def capability_index(request: HttpRequest) -> list[dict[str, Any]]:
-    return selectors.capability_status_list_for_user(request.auth)  # type: ignore[attr-defined]
+    return selectors.capability_status_list_for_user(authenticated(request))

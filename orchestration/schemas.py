@@ -44,7 +44,7 @@ from orchestration.payloads import (
 )
 
 RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
-assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]
+assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]  # a Literal alias has __args__ at run time, not in its type
 
 # --- errors -------------------------------------------------------------------------------------
 

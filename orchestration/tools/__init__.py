@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration.tools.classify import Failure, classifier_register, failure_classify
+from orchestration.tools.classify import classifier_register, failure_classify
 from orchestration.tools.providers import (
     BreakerPolicy,
+    Failure,
     FunctionProvider,
     HttpJsonProvider,
     Provider,

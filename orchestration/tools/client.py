@@ -33,7 +33,7 @@ from orchestration.errors import (
     TransientError,
 )
 from orchestration.models import ToolCall, ToolCallStatus
-from orchestration.tools.classify import Failure, failure_classify, provider_unusable, transient
+from orchestration.tools.classify import failure_classify, provider_unusable, transient
 from orchestration.tools.limits import (
     CircuitBreaker,
     CircuitTransition,
@@ -41,7 +41,7 @@ from orchestration.tools.limits import (
 )
 from orchestration.tools.limits import breaker as default_breaker
 from orchestration.tools.limits import rate_limiter as default_rate_limiter
-from orchestration.tools.providers import Provider, ProviderUsage
+from orchestration.tools.providers import Failure, Provider, ProviderUsage
 from orchestration.tools.records import CallLog, Redactor, tool_calls_save
 from orchestration.tools.registry import Capability, RetryPolicy, capability_get
 

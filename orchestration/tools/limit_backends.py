@@ -314,7 +314,7 @@ class MemoryBackend:
     def reset(self, provider: str) -> None:
         with self._lock:
             for store in (self._buckets, self._circuits, self._windows):
-                store.pop(provider, None)  # type: ignore[attr-defined]
+                store.pop(provider, None)
 
 
 def window_totals(counts: dict[str, str]) -> tuple[int, int]:

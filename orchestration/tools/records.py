@@ -21,9 +21,8 @@ from audit.services import Entry, audit_record_many
 from audit.verbs import Verb
 from infra.sql import insert
 from orchestration.models import ToolCall, ToolCallStatus
-from orchestration.tools.classify import Failure
 from orchestration.tools.limits import CLOSED, HALF_OPEN, OPEN, CircuitTransition
-from orchestration.tools.providers import Provider, ProviderUsage
+from orchestration.tools.providers import Failure, Provider, ProviderUsage
 from orchestration.tools.registry import Capability
 
 REDACTED = "[redacted]"

@@ -52,7 +52,7 @@ class RetryPolicy:
 
     def delay_bound(self, attempt: int) -> float:
         """The upper bound of the jittered delay after failed attempt ``attempt`` (1-based)."""
-        return min(self.max_delay_seconds, self.base_seconds * 2 ** (attempt - 1))
+        return float(min(self.max_delay_seconds, self.base_seconds * 2 ** (attempt - 1)))
 
 
 @dataclass(frozen=True, eq=False)

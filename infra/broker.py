@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
@@ -131,6 +132,28 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _shared_client: Any = None
+    _known_connparams: dict[bool, dict[str, Any]] | None = None
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # Works around a kombu bug (seen with kombu 5.7.0, the Redis transport, a worker with
+        # gossip or mingle on): when the broker goes away and the error surfaces first on the
+        # pub/sub connection, the consumer's channel is left half closed (its close raised
+        # reading its own BRPOP), `Connection.collect()` then drops the transport's client,
+        # and the second close restores the unacknowledged messages through a pool rebuilt
+        # from `transport.client`: None. The AttributeError ("'NoneType' object has no
+        # attribute 'hostname'") is not a connection error, so it kills the worker. Rebuilt
+        # from the parameters it had, the pool fails with a ConnectionError while Redis is
+        # down, which Celery handles by reconnecting (the message stays recorded in Redis as
+        # unacknowledged, and the engine's reaper republishes its step in any case).
+        transport = self.connection
+        if transport is not None and transport.client is not None:
+            params = super()._connparams(asynchronous=asynchronous)
+            self._known_connparams = {**(self._known_connparams or {}), asynchronous: params}
+            return params
+        known = (self._known_connparams or {}).get(asynchronous)
+        if known is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        return dict(known)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

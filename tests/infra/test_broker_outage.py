@@ -55,9 +55,21 @@ class PrivateRedis:
         assert self.proc is None
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         wait_until(lambda: self._answers(client), timeout=10, what="the private redis-server")
@@ -96,13 +108,31 @@ class ProductionWorker(WorkerProcess):
             "SIGNALBOX_LIVE_EVENTS": "false",
         }
         cmd = [
-            sys.executable, "-m", "celery", "-A", "console", "worker",
-            "-Q", "pool.default,pool.research", "-n", f"{name}@%h", "-c", str(concurrency),
-            "--prefetch-multiplier", "1", "-l", "info",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "console",
+            "worker",
+            "-Q",
+            "pool.default,pool.research",
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--prefetch-multiplier",
+            "1",
+            "-l",
+            "info",
         ]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait_ready()
 
@@ -181,10 +211,14 @@ def wait_for_all(run_ids: list[int], worker: ProductionWorker, timeout: float = 
     pending = run_ids
     while pending:
         assert worker.alive(), f"the worker died: {worker.log()}"
-        assert time.monotonic() < deadline, f"{len(pending)} of {len(run_ids)} runs unfinished: {worker.log()}"
+        assert time.monotonic() < deadline, (
+            f"{len(pending)} of {len(run_ids)} runs unfinished: {worker.log()}"
+        )
         recovery.engine_tick()
         unfinished = Run.objects.filter(pk__in=pending).exclude(status="succeeded")
-        failed = list(unfinished.filter(status__in=["failed", "cancelled"]).values_list("pk", "error_message"))
+        failed = list(
+            unfinished.filter(status__in=["failed", "cancelled"]).values_list("pk", "error_message")
+        )
         assert not failed, failed
         pending = list(unfinished.values_list("pk", flat=True))
         time.sleep(0.25)
@@ -206,14 +240,20 @@ def test_closing_a_connection_the_broker_dropped_raises_only_connection_errors(
     channel = conn.default_channel
     assert isinstance(channel, Channel)
     received: list[Any] = []
-    Consumer(channel, [Queue("pool.outage", no_declare=True)], callbacks=[lambda body, message: received.append(message)]).consume()
+    Consumer(
+        channel,
+        [Queue("pool.outage", no_declare=True)],
+        callbacks=[lambda body, message: received.append(message)],
+    ).consume()
     conn.Producer(channel).publish({"n": 1}, routing_key="pool.outage", exchange="", declare=[])
     conn.drain_events(timeout=5)
     assert len(received) == 1  # delivered, not acknowledged: to be restored at close
     # A second channel with an automatically deleted fanout queue, as Celery's gossip has;
     # deleting it needs Redis, so closing this channel fails first.
     gossip = Exchange("celeryev.outage", type="fanout")
-    Consumer(conn.channel(), [Queue("gossip.outage", gossip, auto_delete=True)], no_ack=True).consume()
+    Consumer(
+        conn.channel(), [Queue("gossip.outage", gossip, auto_delete=True)], no_ack=True
+    ).consume()
     channel._brpop_start()  # the worker had a free slot: a BRPOP is waiting
 
     private_redis.stop()
@@ -244,8 +284,11 @@ def test_a_worker_survives_redis_outages_and_finishes_work_from_before_during_an
             private_redis.stop()
             time.sleep(4.0)
             private_redis.start()
-            wait_until(lambda n=outage: worker.connections() >= n + 2, timeout=30,
-                       what="the worker to reconnect")
+            wait_until(
+                lambda n=outage: worker.connections() >= n + 2,
+                timeout=30,
+                what="the worker to reconnect",
+            )
             assert worker.alive(), worker.log()
         time.sleep(1.0)
         during = submitter.stop()

@@ -11,20 +11,10 @@ VARIANTS = {v for v in os.environ.get("SIGNALBOX_BENCH_VARIANT", "").split(",") 
 
 
 def _before_django() -> None:
-    if not VARIANTS & {"library-publish", "library-qos", "library-client", "no-withdraw"}:
-        return
-    from kombu.transport import redis as kombu_redis
-
-    import infra.broker as broker
-
     if "library-publish" in VARIANTS:  # apply_async for every wake-up message
-        broker.TaskPublisher.usable = lambda self, task: False  # type: ignore[method-assign]
-    if "library-qos" in VARIANTS:  # kombu's QoS: the unacked record waits for its reply
-        broker.Channel.QoS = kombu_redis.QoS  # type: ignore[misc]
-    if "library-client" in VARIANTS:  # kombu's new redis client per publish and ack
-        broker.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire  # type: ignore[method-assign]
-    if "no-withdraw" in VARIANTS:
-        broker.withdraw = lambda task_id: False
+        import infra.broker
+
+        infra.broker.TaskPublisher.usable = lambda self, task: False  # type: ignore[method-assign]
 
 
 def _after_django() -> None:
@@ -36,6 +26,12 @@ def _after_django() -> None:
         import console.middleware
 
         console.handlers.OneHopASGIHandler = ASGIHandler  # type: ignore[misc]
+        console.middleware.StaticFilesMiddleware = ServeStaticMiddleware  # type: ignore[misc]
+    if "library-static" in VARIANTS:  # servestatic's own middleware, adapted into the sync chain
+        from servestatic.middleware import ServeStaticMiddleware
+
+        import console.middleware
+
         console.middleware.StaticFilesMiddleware = ServeStaticMiddleware  # type: ignore[misc]
     if "library-auth" in VARIANTS:  # the ORM's token lookup, Django's ModelBackend
         from django.contrib.auth.backends import ModelBackend

@@ -7,8 +7,9 @@ from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
 
-# redis:// and rediss:// URLs use kombu's Redis transport with one reused client per pool
-# (infra/broker.py); other schemes (memory:// in embedded mode and tests) are untouched.
+# redis:// and rediss:// URLs use kombu's Redis transport with a workaround that keeps a worker
+# alive through a broker outage (infra/broker.py); other schemes (memory:// in embedded mode and
+# tests) are untouched.
 TRANSPORT_ALIASES.update({"redis": "infra.broker:Transport", "rediss": "infra.broker:Transport"})
 
 app = Celery("signalbox")

@@ -10,6 +10,10 @@ handler loads the chain in synchronous mode, as Django does under WSGI and in it
 and runs it in one hop. What stays asynchronous is the same as Django's: reading the body,
 sending the response, watching for a disconnect; the request's signals run in the same thread
 as the view, so database connections are handled as usual.
+
+Measured against Django's handler in interleaved pairs: 1.7 ms less web CPU per REST submit,
++13% REST submits/s (docs/benchmarks.md). tests/console/test_asgi_matches_django.py pins it
+to Django's handler: the same requests get the same answers, cookies and signals.
 """
 
 from __future__ import annotations

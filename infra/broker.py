@@ -1,159 +1,59 @@
-"""The Redis broker transport, minus three costs.
+"""The Redis broker transport: kombu's, with one workaround, and the engine's task publisher.
 
-- kombu's Redis channel builds a new redis-py client for every message it publishes and every
-  acknowledgement (a client's constructor fills a table of ~170 response callbacks). This
-  channel keeps one client per connection pool; a redis-py client is thread-safe and takes a
-  pooled connection per command. Same commands, same keys, same delivery guarantees.
-- Before a task runs, kombu records its message as unacknowledged (``MULTI; ZADD; HSET;
-  EXEC``) so that it can be restored if the worker dies, and waits for Redis' reply: a round
-  trip between a message and its task. :class:`QoS` sends the same commands and reads the reply
-  before anything else about that message (its ack, a reject, a restore) goes out.
-- A message that became pointless before anybody took it can be withdrawn from its queue
-  (:func:`withdraw`): the channel remembers the last messages it pushed, by task id, exactly
-  as they were pushed, so an ``LREM`` finds the very one. A message already taken by a
-  consumer is not in the list any more and is left alone.
+- :class:`Channel` is kombu's Redis channel, except that it can rebuild its connection pool
+  after its connection was closed (a kombu bug killed workers when Redis went away; see
+  :meth:`Channel._connparams`).
+- :class:`TaskPublisher` pushes the engine's wake-up messages straight onto their Redis queue,
+  in the exact layout ``apply_async`` would push (pinned by tests/console/test_broker.py).
+
+Three other replacements of kombu's own mechanisms lived here (a redis client shared by a
+channel instead of one per publish and ack; kombu's unacknowledged record sent without waiting
+for its reply; the withdrawal of a pushed message): measured interleaved against kombu's own,
+none bought anything on the engine's throughput or latency (docs/benchmarks.md, "Library
+mechanisms replaced for speed"), so kombu's are used again.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import dumps
-
-log = logging.getLogger(__name__)
-
-#: How many recently pushed messages can still be withdrawn, per process.
-REMEMBERED = 1024
-
-
-class _Pushed:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_task: OrderedDict[str, tuple[Any, str, str]] = OrderedDict()
-
-    def remember(self, task_id: str, client: Any, key: str, payload: str) -> None:
-        with self._lock:
-            self._by_task[task_id] = (client, key, payload)
-            while len(self._by_task) > REMEMBERED:
-                self._by_task.popitem(last=False)
-
-    def take(self, task_id: str) -> tuple[Any, str, str] | None:
-        with self._lock:
-            return self._by_task.pop(task_id, None)
-
-
-_pushed = _Pushed()
 
 
 def withdraw(task_id: str) -> bool:
-    """Remove the message of ``task_id`` from its queue if it is still waiting there; ``True``
-    if it was. Only for messages whose purpose is gone (the work was done another way)."""
-    pushed = _pushed.take(task_id)
-    if pushed is None:
-        return False
-    client, key, payload = pushed
-    return bool(client.lrem(key, 1, payload))
-
-
-class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS with the unacknowledged record sent without waiting for its reply.
-
-    The record's commands go out at once, on a connection of their own, so Redis has them
-    before this worker can say anything else; their reply is read (:meth:`settle`) before the
-    message's ack, reject or restore, and before the next record. A failed record is logged:
-    the message is then only as recoverable as a message lost in the broker, which the
-    engine's reaper republishes from the database."""
-
-    _pending: tuple[Any, Any, int] | None = None
-
-    def append(self, message: Any, delivery_tag: str) -> None:
-        self.settle()
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        commands = [
-            ("MULTI",),
-            ("ZADD", self.unacked_index_key, time.time(), delivery_tag),
-            ("HSET", self.unacked_key, delivery_tag, record),
-            ("EXEC",),
-        ]
-        with self.channel.conn_or_acquire() as client:
-            pool = client.connection_pool
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            except BaseException:
-                conn.disconnect()
-                pool.release(conn)
-                raise
-        self._pending = (pool, conn, len(commands))
-        virtual.QoS.append(self, message, delivery_tag)
-
-    def settle(self) -> None:
-        """Read the reply of the last record sent, if not read yet."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        pool, conn, replies = pending
-        try:
-            for _ in range(replies):
-                conn.read_response()
-        except Exception:
-            conn.disconnect()
-            log.warning("recording a message as unacknowledged failed", exc_info=True)
-        finally:
-            pool.release(conn)
-
-    def ack(self, delivery_tag: str) -> None:
-        self.settle()
-        super().ack(delivery_tag)
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        self.settle()
-        super().reject(delivery_tag, requeue=requeue)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        self.settle()
-        super().restore_unacked(client)
-
-    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
-        self.settle()
-        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+    """Messages are no longer withdrawn from their queue (it bought nothing measurable): always
+    ``False``, "not withdrawn", so a caller goes on as when the message was already taken. Kept
+    until the engine stops calling it."""
+    return False
 
 
 class Channel(kombu_redis.Channel):
-    QoS = QoS
-    _shared_client: Any = None
+    _known_connparams: dict[bool, dict[str, Any]] | None = None
 
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        if client:
-            yield client
-            return
-        shared = self._shared_client
-        if shared is None or shared.connection_pool is not self.pool:
-            shared = self._shared_client = self._create_client()
-        yield shared
-
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
-            super()._put(queue, message, **kwargs)
-            return
-        # kombu's own path for a plain message, keeping what was pushed.
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        payload = dumps(message)
-        with self.conn_or_acquire() as client:
-            client.lpush(key, payload)
-        task_id = (message.get("headers") or {}).get("id")
-        if task_id:
-            _pushed.remember(task_id, client, key, payload)
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # Works around a kombu bug (kombu 5.7.0, the Redis transport, a worker with gossip or
+        # mingle on, as `celery worker` starts by default): when the broker goes away and the
+        # error surfaces first on the pub/sub connection, the consumer's channel is left half
+        # closed (its close raised reading its own BRPOP), closing another channel fails on the
+        # dead broker, `Connection.collect()` then drops the transport's client, and the next
+        # close of the first channel restores its unacknowledged messages through a pool
+        # rebuilt from `transport.client`: None. The AttributeError ("'NoneType' object has no
+        # attribute 'hostname'") is not a connection error, so it killed the worker. Rebuilt
+        # from the parameters it had, the pool fails with a ConnectionError while Redis is
+        # down, which Celery handles by reconnecting (the message stays recorded in Redis as
+        # unacknowledged, and the engine's reaper republishes its step in any case). Replayed
+        # by tests/infra/test_broker_outage.py.
+        transport = self.connection
+        if transport is not None and transport.client is not None:
+            params = super()._connparams(asynchronous=asynchronous)
+            self._known_connparams = {**(self._known_connparams or {}), asynchronous: params}
+            return params
+        known = (self._known_connparams or {}).get(asynchronous)
+        if known is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        return dict(known)
 
 
 class Transport(kombu_redis.Transport):
@@ -163,13 +63,14 @@ class Transport(kombu_redis.Transport):
 class TaskPublisher:
     """Celery task messages (protocol 2, JSON) pushed straight onto their Redis queue.
 
-    ``apply_async`` spends ~0.4 ms of CPU per message on routing, option merging, argument
-    reprs, entity declaration and kombu's virtual exchange, all of which resolve to the same
-    LPUSH for a plain message to a named queue on the default exchange. This builds that
+    ``apply_async`` spends ~0.35 ms more CPU per message (0.51 ms against 0.17 measured by
+    tests/bench/micro.py) on routing, option merging, argument reprs, entity declaration and
+    kombu's virtual exchange, all of which resolve to the same LPUSH for a plain message to a
+    named queue on the default exchange: ~1 ms of the web process's CPU per REST submit. This builds that
     message (the exact layout kombu's Redis channel pushes, so any Celery worker consumes it)
     when nothing could make it differ: a redis:// broker without key prefix, JSON, no
-    compression, no priority, no expiry, no countdown, and nobody listening to the publish
-    signals. :meth:`usable` says so; otherwise the caller uses ``apply_async``."""
+    compression, no priority, no declared queues, no expiry, no countdown, and nobody listening
+    to the publish signals. :meth:`usable` says so; otherwise the caller uses ``apply_async``."""
 
     def __init__(self, app: Any) -> None:
         from urllib.parse import urlparse
@@ -187,6 +88,8 @@ class TaskPublisher:
             and not conf.task_compression
             and conf.task_protocol == 2
             and conf.task_default_priority is None
+            and not conf.task_inherit_parent_priority
+            and conf.task_queues is None  # declared queues may route to their own exchange
             and not conf.task_always_eager
             and not conf.task_send_sent_event
         )
@@ -209,8 +112,6 @@ class TaskPublisher:
         import uuid
 
         if self._client is None:
-            import redis
-
             self._client = redis.Redis.from_url(str(self.url))
         task_id = str(uuid.uuid4())
         root_id, parent_id = task_id, None
@@ -256,9 +157,7 @@ class TaskPublisher:
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
-        payload = dumps(message)
-        self._client.lpush(queue, payload)
-        _pushed.remember(task_id, self._client, queue, payload)
+        self._client.lpush(queue, dumps(message))
         return task_id
 
 

@@ -37,7 +37,9 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
 def bench_env(**extra: str) -> dict[str, str]:
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        # The repository first; whatever the caller added after it (tests/bench/mechanisms.py
+        # adds the directory that swaps a mechanism for the library's own, in every process).
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "DJANGO_SETTINGS_MODULE": "console.settings",
         "SIGNALBOX_ENV": "development",
         "DEBUG": "false",

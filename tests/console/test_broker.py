@@ -1,110 +1,135 @@
-"""The broker transport: kombu's Redis transport, publishing through one reused client."""
+"""The broker transport (kombu's Redis transport with one workaround) and the engine's task
+publisher, pinned against Celery: the message it pushes is the message ``apply_async`` pushes
+with the installed Celery and kombu, so an upgrade that changes Celery's message fails here."""
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+import redis
 from django.conf import settings
 from kombu import Connection
 
 from console.celery import app
-from infra.broker import Channel, QoS, Transport
+from infra.broker import Channel, Transport, task_publisher
+from orchestration.tasks import step_execute
+
+QUEUE = "pool.test-publisher"
 
 
-def test_redis_urls_use_the_transport_and_publishing_reuses_one_client() -> None:
+def test_redis_urls_use_the_transport_and_other_schemes_keep_theirs() -> None:
     # tests/console run the app on memory://, so the test broker's URL is given here.
     with Connection(settings.REDIS_URL) as conn:
         assert isinstance(conn.transport, Transport)
-        channel = conn.default_channel
-        assert isinstance(channel, Channel)
-        queue = "pool.test-broker"
-        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
-            assert first is second
-        channel.client.delete(queue)
-        producer = conn.Producer(channel)
-        producer.publish({"n": 1}, routing_key=queue, declare=[], exchange="")
-        producer.publish({"n": 2}, routing_key=queue, declare=[], exchange="")
-        assert channel.client.llen(queue) == 2
-        channel.client.delete(queue)
-
-
-def test_other_schemes_keep_their_transport() -> None:
+        assert isinstance(conn.default_channel, Channel)
     assert not isinstance(Connection("memory://").transport, Transport)
     assert app.conf.broker_url == "memory://"  # tests/console's own broker
 
 
-def test_a_waiting_message_can_be_withdrawn_once_and_a_taken_one_is_left_alone() -> None:
-    from infra.broker import withdraw
-
-    with Connection(settings.REDIS_URL) as conn:
-        channel = conn.default_channel
-        queue = "pool.test-withdraw"
-        channel.client.delete(queue)
-        producer = conn.Producer(channel)
-        for task_id in ("t-1", "t-2", "t-3"):
-            producer.publish({"task": task_id}, routing_key=queue, declare=[], exchange="", headers={"id": task_id})
-
-        assert withdraw("t-2") is True
-        assert withdraw("t-2") is False  # already withdrawn
-        assert withdraw("unknown") is False
-        assert channel.client.llen(queue) == 2
-        channel.client.rpop(queue)  # a consumer takes t-1 (the oldest)
-        assert withdraw("t-1") is False
-        assert channel.client.llen(queue) == 1
-        channel.client.delete(queue)
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(QUEUE)
+    yield client
+    client.delete(QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
 
 
-def test_a_fast_published_task_message_is_the_one_celery_would_push(monkeypatch: Any) -> None:
-    import base64
-    import json
-
-    import redis
-
-    from infra.broker import task_publisher
-    from orchestration.tasks import step_execute
-
+@pytest.fixture
+def on_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The publisher on the test Redis (tests/console's app is on memory://)."""
     monkeypatch.setitem(app.conf, "broker_url", settings.REDIS_URL)
+
+
+def pushed_by_both(client: redis.Redis, args: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The message TaskPublisher pushes and the one ``apply_async`` pushes, for the same task,
+    arguments and queue, from the same app and thread."""
     task = step_execute._get_current_object()
     publisher = task_publisher(app)
     assert publisher.usable(task)
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    queue = "pool.test-fast"
-    client.delete(queue)
+    ours_id = publisher.publish(task, args, QUEUE)
+    with Connection(settings.REDIS_URL) as conn:
+        celery_id = task.apply_async(args=args, queue=QUEUE, connection=conn).id
+    celery_raw, ours_raw = client.lrange(QUEUE, 0, -1)  # LPUSH: the newest first
+    ours, celery = json.loads(ours_raw), json.loads(celery_raw)
+    assert ours["headers"]["id"] == ours_id and celery["headers"]["id"] == celery_id
+    return ours, celery
 
-    fast_id = publisher.publish(task, [41], queue)
-    # Celery's own path, from a separate app on the same settings (this one's producer pool
-    # must stay on the tests' memory broker).
-    from celery import Celery
 
-    other = Celery("signalbox")
-    other.config_from_object("django.conf:settings", namespace="CELERY")
-    other.conf.broker_url = settings.REDIS_URL
+def without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """The message with its unique ids blanked: each message's own id (also its correlation id,
+    and its root id when it has no parent) and kombu's delivery tag."""
+    message = json.loads(json.dumps(message))
+    own_id = message["headers"]["id"]
+    message["headers"]["id"] = message["properties"]["correlation_id"] = "<id>"
+    if message["headers"]["root_id"] == own_id:
+        message["headers"]["root_id"] = "<id>"
+    message["properties"]["delivery_tag"] = "<tag>"
+    return message
+
+
+def test_a_published_message_is_the_one_apply_async_pushes(
+    on_redis: None, client: redis.Redis
+) -> None:
+    ours, celery = pushed_by_both(client, [41])
+    assert without_ids(ours) == without_ids(celery)
+    # Decoded too: the body is base64 of JSON, where key order could hide a difference.
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(
+        base64.b64decode(celery["body"])
+    )
+
+
+def test_a_message_published_from_a_running_task_names_it_as_apply_async_does(
+    on_redis: None, client: redis.Redis
+) -> None:
+    from celery._state import _task_stack
+
+    parent = step_execute._get_current_object()
+    parent.push_request(id="parent-task", root_id="root-task", called_directly=False)
+    _task_stack.push(parent)
     try:
-        other.send_task(task.name, args=[42], queue=queue, ignore_result=task.ignore_result)
+        ours, celery = pushed_by_both(client, [43])
     finally:
-        other.close()
-
-    pushed = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
-    client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
-    celery_msg, fast_msg = pushed  # LPUSH: the newest first
-    assert fast_msg["headers"]["id"] == fast_id
-    for message in (celery_msg, fast_msg):
-        # Unique per message (ids, the argument) or per app (reply_to): the rest is identical.
-        message["headers"].update(id=None, root_id=None, argsrepr=None)
-        message["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
-        message["body"] = json.loads(base64.b64decode(message["body"]))[1:]  # kwargs, embed
-    assert fast_msg == celery_msg
+        _task_stack.pop()
+        parent.pop_request()
+    assert (
+        ours["headers"]["parent_id"] == "parent-task" and ours["headers"]["root_id"] == "root-task"
+    )
+    assert without_ids(ours) == without_ids(celery)
 
 
-def test_the_fast_path_steps_aside_when_it_could_differ(monkeypatch: Any) -> None:
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("task_serializer", "pickle"),
+        ("task_compression", "gzip"),
+        ("task_default_priority", 5),
+        ("task_inherit_parent_priority", True),
+        ("task_queues", []),
+        ("task_always_eager", True),
+        ("task_send_sent_event", True),
+        ("broker_transport_options", {"global_keyprefix": "sbx:"}),
+    ],
+)
+def test_the_publisher_steps_aside_when_celery_would_push_something_else(
+    on_redis: None, monkeypatch: pytest.MonkeyPatch, setting: str, value: Any
+) -> None:
+    task = step_execute._get_current_object()
+    assert task_publisher(app).usable(task)
+    monkeypatch.setitem(app.conf, setting, value)
+    monkeypatch.setitem(app.conf, "broker_url", settings.REDIS_URL + "?changed")  # a new publisher
+    assert not task_publisher(app).usable(task)
+
+
+def test_the_publisher_steps_aside_for_other_brokers_and_publish_signals(
+    on_redis: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from celery import signals
 
-    from infra.broker import task_publisher
-    from orchestration.tasks import step_execute
-
     task = step_execute._get_current_object()
-    assert not task_publisher(app).usable(task)  # memory:// here
-    monkeypatch.setitem(app.conf, "broker_url", settings.REDIS_URL)
     assert task_publisher(app).usable(task)
 
     def listener(**kwargs: Any) -> None:
@@ -115,40 +140,5 @@ def test_the_fast_path_steps_aside_when_it_could_differ(monkeypatch: Any) -> Non
         assert not task_publisher(app).usable(task)
     finally:
         signals.before_task_publish.disconnect(listener)
-
-
-def test_a_delivered_message_is_recorded_unacknowledged_until_its_ack_and_can_be_restored() -> None:
-    from kombu import Consumer, Queue
-
-    with Connection(settings.REDIS_URL) as conn:
-        channel = conn.default_channel
-        queue = "pool.test-unacked"
-        client = channel.client
-        client.delete(queue, channel.unacked_key, channel.unacked_index_key)
-        producer = conn.Producer(channel)
-        producer.publish({"n": 1}, routing_key=queue, declare=[], exchange="")
-        received: list[Any] = []
-        consumer = Consumer(channel, [Queue(queue, no_declare=True)], callbacks=[lambda body, msg: received.append(msg)])
-        consumer.consume()
-        conn.drain_events(timeout=5)
-        (message,) = received
-        assert isinstance(channel.qos, QoS)
-        # The record was sent without waiting; its reply is read before anything else about
-        # the message, here explicitly.
-        channel.qos.settle()
-        tag = message.delivery_tag
-        assert client.hexists(channel.unacked_key, tag)
-        assert client.zscore(channel.unacked_index_key, tag) is not None
-        message.ack()
-        assert not client.hexists(channel.unacked_key, tag)
-        assert client.zscore(channel.unacked_index_key, tag) is None
-
-        # A worker that stops without acking puts its message back in the queue.
-        producer.publish({"n": 2}, routing_key=queue, declare=[], exchange="")
-        conn.drain_events(timeout=5)
-        assert len(received) == 2 and client.llen(queue) == 0
-        channel.qos.restore_unacked()
-        assert client.llen(queue) == 1
-        assert not client.hexists(channel.unacked_key, received[1].delivery_tag)
-        consumer.cancel()
-        client.delete(queue, channel.unacked_key, channel.unacked_index_key)
+    monkeypatch.setitem(app.conf, "broker_url", "memory://")
+    assert not task_publisher(app).usable(task)

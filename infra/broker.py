@@ -22,13 +22,6 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 
-def withdraw(task_id: str) -> bool:
-    """Messages are no longer withdrawn from their queue (it bought nothing measurable): always
-    ``False``, "not withdrawn", so a caller goes on as when the message was already taken. Kept
-    until the engine stops calling it."""
-    return False
-
-
 class Channel(kombu_redis.Channel):
     _known_connparams: dict[bool, dict[str, Any]] | None = None
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from django.conf import settings
 from django.db import transaction
 
-from infra.broker import task_publisher, withdraw
+from infra.broker import task_publisher
 from orchestration.changes import Changes
 from orchestration.runtime import Runtime
 
@@ -73,10 +73,9 @@ def publish(steps: Sequence[tuple[int, str, float]], rt: Runtime) -> None:
                 task.apply_async(args=[step_id], queue=queue_name(pool), countdown=delay)
                 continue
             if fast:
-                task_id = publisher.publish(task, [step_id], queue_name(pool))
+                publisher.publish(task, [step_id], queue_name(pool))
             else:
-                task_id = task.apply_async(args=[step_id], queue=queue_name(pool)).id
-            rt.sent.remember(step_id, task_id)
+                task.apply_async(args=[step_id], queue=queue_name(pool))
         except Exception:
             unsent.append(step_id)
     if unsent:
@@ -91,15 +90,3 @@ def _mark_unsent(rt: Runtime, step_ids: list[int]) -> None:
         rt.store.mark_sent(step_ids, None)
     except Exception:  # the database is gone too: the reaper finds them by their age instead
         log.warning("could not mark steps %s as not woken", step_ids, exc_info=True)
-
-
-def take_back(step_id: int, rt: Runtime) -> None:
-    """This worker claimed ``step_id`` itself after sending its wake-up: withdraw the message
-    if no worker has taken it yet (it would only find the step running)."""
-    task_id = rt.sent.take(step_id)
-    if task_id is None:
-        return
-    try:
-        withdraw(task_id)
-    except Exception:  # the message stays; its claim will simply find the step taken
-        log.debug("could not withdraw the message of step %s", step_id, exc_info=True)

@@ -62,7 +62,7 @@ class HeldMessages:
     def release(self, step_id: int) -> bool:
         """This worker tried to claim the step itself (and took it, or found it taken): drop its
         message. True if the message was still held (nothing was published); False if it went
-        out already (or never was held), in which case the caller may withdraw it."""
+        out already (or never was held)."""
         with self._cond:
             return self._due.pop(step_id, None) is not None
 

@@ -2,8 +2,7 @@
 
 A worker process (or a web process, or the embedded demo) holds a few things that live as long
 as it does and must never cross a fork: its store (with the PostgreSQL store's id blocks), the
-wake-ups it holds back for a moment, the task ids of the messages it sent (to withdraw one it no
-longer needs), its live-event sender (an event loop and a view of group membership), its lease
+wake-ups it holds back for a moment, its live-event sender (an event loop and a view of group membership), its lease
 keeper and the pools it serves. :class:`Runtime` holds them; it is created in the process that
 uses it (a Celery worker's child at ``worker_process_init``, see ``orchestration.signals``; any
 other process on first use, by :func:`current`) and closed at shutdown. Code that runs steps is
@@ -15,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 
 from django.conf import settings
@@ -27,29 +25,6 @@ from orchestration.store import Store, store_create
 
 log = logging.getLogger(__name__)
 
-#: How many sent wake-ups are remembered for withdrawal.
-REMEMBERED_MESSAGES = 1024
-
-
-class SentMessages:
-    """Task ids of the wake-up messages this process sent last, by step id (bounded): a worker
-    that ends up claiming such a step itself takes the message back."""
-
-    def __init__(self) -> None:
-        self._by_step: OrderedDict[int, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, step_id: int, task_id: str) -> None:
-        with self._lock:
-            self._by_step[step_id] = task_id
-            while len(self._by_step) > REMEMBERED_MESSAGES:
-                self._by_step.popitem(last=False)
-
-    def take(self, step_id: int) -> str | None:
-        with self._lock:
-            return self._by_step.pop(step_id, None)
-
-
 class Runtime:
     """The engine state of one process (see the module docstring)."""
 
@@ -59,7 +34,6 @@ class Runtime:
         self.pools: frozenset[str] = frozenset(pools)
         self.store: Store = store_create()
         self.held = HeldMessages()
-        self.sent = SentMessages()
         self.live = LiveSender()
         self._leases: LeaseKeeper | None = None
         self._lock = threading.Lock()

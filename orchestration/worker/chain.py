@@ -283,21 +283,16 @@ class Committing:
                 changes.live = []
             self.members[-1][1].live = events
         for member, (done, changes, grouped) in enumerate(self.members, start=1):
-            claimed, was_held = None, False
+            claimed = None
             if grouped is not None:
-                was_held = rt.held.release(grouped.pk)
+                rt.held.release(grouped.pk)  # claimed by this batch: its wake-up is not needed
             last = member == len(self.members)
             if last and self.sibling is not None:
-                was_held = rt.held.release(self.sibling.pk)
+                rt.held.release(self.sibling.pk)
                 claimed = changes.local_step = claimed_from_row(rows[0] if rows else None, done.now)
                 if claimed is not None:  # one live message for the whole transaction
                     changes.live.extend(claim_events(claimed, done.now))
             dispatch.send(changes, rt)
-            if grouped is not None and not was_held:
-                dispatch.take_back(grouped.pk, rt)
-            if claimed is not None and not was_held:
-                assert self.sibling is not None
-                dispatch.take_back(self.sibling.pk, rt)
             chain.note_handoff(changes)
             if last and self.sibling is not None:
                 if claimed is None or self.ahead is None:

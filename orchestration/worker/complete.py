@@ -197,17 +197,14 @@ def step_complete(
                     "step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt
                 )
                 return None
-            was_held = False
             if sibling is not None:
                 assert handed_off is not None
                 handed_off.remove(sibling)
-                was_held = rt.held.release(sibling.pk)
+                rt.held.release(sibling.pk)
                 changes.local_step = batch.claimed_step(rows, now)
                 if changes.local_step is not None:  # one live message for the whole transaction
                     changes.live.extend(claim_events(changes.local_step, now))
             dispatch.send(changes, rt)
-            if changes.local_step is not None and sibling is not None and not was_held:
-                dispatch.take_back(sibling.pk, rt)
             _note_handoff(rt, changes, handed_off)
             return changes.local_step
     if chain is not None:

@@ -11,7 +11,6 @@ from functools import partial
 
 from django.utils import timezone
 
-from orchestration import dispatch
 from orchestration.models import Step
 from orchestration.runtime import Runtime
 from orchestration.worker import complete
@@ -40,7 +39,7 @@ def step_execute(step_id: int, *, rt: Runtime, worker_id: str) -> int:
     the claim decides, and a step that is not queued is left alone. When the local chain ends,
     steps of the same run that were handed to the broker for this worker's pools are claimed
     here if no other worker has taken them yet. Their wake-up messages are held back meanwhile
-    (``orchestration.held``): one that went out anyway is withdrawn from its queue."""
+    (``orchestration.held``); one that went out anyway finds the step taken."""
     chain = Chain(
         worker_id,
         rt,
@@ -64,9 +63,7 @@ def step_execute(step_id: int, *, rt: Runtime, worker_id: str) -> int:
                 sibling = chain.handed_off.pop(0)
                 step = step_claim(sibling.pk, rt=rt, worker_id=worker_id)
                 # Claimed here, or taken by another worker: either way no message is needed.
-                was_held = rt.held.release(sibling.pk)
-                if step is not None and not was_held:
-                    dispatch.take_back(sibling.pk, rt)
+                rt.held.release(sibling.pk)
             if step is None:
                 return ran
     finally:

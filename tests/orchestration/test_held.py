@@ -53,7 +53,7 @@ def test_a_released_message_is_never_sent() -> None:
     wait_until(lambda: broker.ids() == [2], timeout=5, interval=0.005, what="the other wake-up")
     time.sleep(0.1)
     assert broker.ids() == [2]
-    assert held.release(2) is False  # it went out already: the caller withdraws it instead
+    assert held.release(2) is False  # it went out already: its claim will find the step taken
     assert held.release(99) is False
 
 

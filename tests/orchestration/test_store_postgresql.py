@@ -213,27 +213,6 @@ def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
     assert published == [Step.objects.get(run=run, node="classify").pk]
 
 
-def test_a_sibling_whose_message_went_out_is_withdrawn_when_its_worker_claims_it(
-    drive: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.0}  # no hold: sent at once
-
-    def publish(steps: list[tuple[int, str, float]], rt: Any) -> None:  # as the broker would, minus Redis
-        for step_id, _pool, _delay in steps:
-            rt.sent.remember(step_id, f"task-{step_id}")
-
-    withdrawn: list[str] = []
-    monkeypatch.setattr("orchestration.dispatch.publish", publish)
-    monkeypatch.setattr("orchestration.dispatch.withdraw", lambda task_id: withdrawn.append(task_id) or True)
-
-    run = _run()
-    assert drive(run.pk).status == "succeeded"
-    research_b = Step.objects.get(run=run, node="research_b")
-    # classify's worker ran research_a itself, handed research_b to the broker, then claimed it
-    # when its own chain stopped at the join: that message is taken back.
-    assert withdrawn == [f"task-{research_b.pk}"]
-
-
 def _transactions(run: Run) -> dict[tuple[int, int], str]:
     """(step id, verb) -> the transaction that wrote that audit row (its xmin)."""
     with connection.cursor() as cursor:

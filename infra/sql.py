@@ -34,10 +34,6 @@ def db() -> BaseDatabaseWrapper:
     return connections[DEFAULT_DB_ALIAS]
 
 
-def is_postgres() -> bool:
-    return db().vendor == "postgresql"
-
-
 @contextmanager
 def pipeline() -> Iterator[None]:
     """Batch the statements issued inside into one round trip (PostgreSQL only).

@@ -11,6 +11,7 @@ driver's error.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -87,3 +88,8 @@ def datetime_refusal(value: datetime) -> str | None:
     except OverflowError:
         return "is out of range once converted to UTC"
     return None
+
+
+def payload_size(value: Any) -> int:
+    """How many bytes ``value`` takes as compact JSON: what the payload limit counts."""
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())

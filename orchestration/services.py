@@ -9,7 +9,6 @@ and nothing else to change a run.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from orchestration.models import (
     WaitKind,
     WaitStatus,
 )
-from orchestration.payloads import payload_refusal, text_refusal
+from orchestration.payloads import payload_refusal, payload_size, text_refusal
 from orchestration.registry import agent_class, workflow_get
 
 #: What failing a run reads: its active steps, their open waits and what it may have to undo.
@@ -56,7 +55,7 @@ def _check_payload(payload: Any, what: str) -> None:
     refusal = payload_refusal(payload)
     if refusal is not None:
         raise InvalidInput(f"{what} cannot be stored: {refusal}", code=Code.UNSTORABLE_VALUE)
-    size = len(json.dumps(payload, separators=(",", ":"), default=str).encode())
+    size = payload_size(payload)
     limit = settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]
     if size > limit:
         raise PayloadTooLarge(

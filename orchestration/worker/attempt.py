@@ -4,7 +4,6 @@ transaction, check its output against the contracts, then hand the outcome to
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from orchestration.contracts import validation_errors
 from orchestration.errors import Code, ContractViolation, SignalboxError, TransientError
 from orchestration.leases import interrupt_after
 from orchestration.models import Step, StepKind
+from orchestration.payloads import payload_size
 from orchestration.registry import agent_instance, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.worker import complete
@@ -166,7 +166,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             records=tools.take_records(),
         )
         return None
-    size = len(json.dumps(output, separators=(",", ":"), default=str).encode())
+    size = payload_size(output)
     limit = settings.SIGNALBOX["MAX_PAYLOAD_BYTES"]
     if size > limit:
         fail(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -102,3 +102,10 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None, 
 
 def audit_record(entry: Entry, *, now: datetime | None = None) -> None:
     audit_record_many([entry], now=now)
+
+
+def audit_record_alone(entry: Entry, *, now: datetime | None = None) -> None:
+    """Write one entry in a transaction of its own: for what is recorded although nothing
+    changed (an access refused)."""
+    with transaction.atomic():
+        audit_record_many([entry], now=now)

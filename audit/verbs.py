@@ -48,6 +48,7 @@ class Verb(models.IntegerChoices):
     ESCALATION_RETRIED = 409, "escalation.retried"
     ESCALATION_SKIPPED = 410, "escalation.skipped"
     ESCALATION_ABORTED = 411, "escalation.aborted"
+    APPROVAL_VOTED = 412, "approval.voted"
     # 500-599: tool calls (capabilities, providers, circuit breakers)
     TOOL_CALLED = 500, "tool.called"
     TOOL_CALL_FAILED = 501, "tool.call_failed"
@@ -56,6 +57,8 @@ class Verb(models.IntegerChoices):
     TOOL_CIRCUIT_OPENED = 510, "tool.circuit_opened"
     TOOL_CIRCUIT_HALF_OPENED = 511, "tool.circuit_half_opened"
     TOOL_CIRCUIT_CLOSED = 512, "tool.circuit_closed"
+    # 600-699: access (who was refused what)
+    ACCESS_DENIED = 600, "access.denied"
 
 
 class ActorType(models.TextChoices):

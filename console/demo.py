@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
@@ -22,19 +23,29 @@ from orchestration.errors import SignalboxError
 from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
 from orchestration.selectors import approvals_pending_for_user
 from orchestration.services import approval_decide, escalation_resolve, run_send_event, run_submit
+from policies.models import Tenant
+from policies.roles import TENANT_OPERATOR, TENANT_SUBMITTER, roles_sync, tenant_grant
 
 log = logging.getLogger(__name__)
 
 # --- users ----------------------------------------------------------------------------------------
 
-#: Group -> orchestration permission codenames (None: every orchestration permission).
-DEMO_GROUPS: dict[str, list[str] | None] = {
-    "operators": ["view_run", "add_run", "decide_run"],
-    "admins": None,
-    "auditors": ["view_run"],
+#: Demo username -> its standard role (``policies.roles``), whether it is staff (the Django
+#: admin), and what it does on the demo tenants.
+DEMO_USERS: dict[str, tuple[str, bool, list[str]]] = {
+    "operator": ("Operator tier 2", False, TENANT_OPERATOR),
+    "lead": ("Operator tier 3", False, TENANT_OPERATOR),
+    "admin": ("Policy admin", True, []),
+    "admin2": ("Policy admin", True, []),
+    "auditor": ("Auditor", False, []),
 }
-#: Demo username -> its group.
-DEMO_USERS: dict[str, str] = {"operator": "operators", "admin": "admins", "auditor": "auditors"}
+#: The simulator submits as this service account (never as a person who decides).
+SIMULATOR_USER = "simulator"
+#: Demo tenants: slug -> (name, time zone).
+DEMO_TENANTS: dict[str, tuple[str, str]] = {
+    "acme": ("Acme Retail", "Europe/Berlin"),
+    "globex": ("Globex Outfitters", "America/New_York"),
+}
 
 
 @dataclass
@@ -47,28 +58,35 @@ class DemoSeed:
 
 
 def demo_users_seed() -> DemoSeed:
-    """Create the demo groups and users once. Existing users are left alone (passwords too)."""
+    """Create the standard roles, the demo tenants, users and the simulator's service account,
+    once. Existing users are left alone (passwords too)."""
     seed = DemoSeed()
     user_model = get_user_model()
     with transaction.atomic():
-        groups: dict[str, Group] = {}
-        for name, codenames in DEMO_GROUPS.items():
-            group, created = Group.objects.get_or_create(name=name)
-            if created:
-                seed.groups_created.append(name)
-            perms = Permission.objects.filter(content_type__app_label="orchestration")
-            if codenames is not None:
-                perms = perms.filter(codename__in=codenames)
-            group.permissions.add(*perms)
-            groups[name] = group
-        for username, group_name in DEMO_USERS.items():
+        before = set(Group.objects.values_list("name", flat=True))
+        groups = roles_sync()
+        seed.groups_created = [name for name in groups if name not in before]
+        tenants = [
+            Tenant.objects.get_or_create(slug=slug, defaults={"name": name, "time_zone": zone})[0]
+            for slug, (name, zone) in DEMO_TENANTS.items()
+        ]
+        tenants.append(Tenant.objects.get(slug=settings.SIGNALBOX["DEFAULT_TENANT"]))
+        for username, (role, staff, on_tenants) in DEMO_USERS.items():
             if user_model.objects.filter(username=username).exists():
                 seed.existing.append(username)
                 continue
             password = secrets.token_urlsafe(12)
-            user = user_model.objects.create_user(username=username, password=password)
-            user.groups.add(groups[group_name])
+            user = user_model.objects.create_user(username=username, password=password, is_staff=staff)
+            user.groups.add(groups[role])
+            for tenant in tenants:
+                tenant_grant(user, tenant, on_tenants)
             seed.created[username] = password
+        if not user_model.objects.filter(username=SIMULATOR_USER).exists():
+            # A service account: it cannot log in, and it only submits.
+            service = user_model.objects.create_user(username=SIMULATOR_USER, password=None)
+            service.user_permissions.add(Permission.objects.get(content_type__app_label="orchestration", codename="add_run"))
+            for tenant in tenants:
+                tenant_grant(service, tenant, TENANT_SUBMITTER)
     return seed
 
 
@@ -176,7 +194,8 @@ class DemoSimulator:
         )
         self._workflows_started.add(workflow)
         submitted = run_submit(
-            workflow=workflow, input=self._input_for(workflow), submitted_by=self.user
+            workflow=workflow, input=self._input_for(workflow), submitted_by=self.user,
+            tenant=self.rng.choice(sorted(DEMO_TENANTS)),
         )
         return submitted.run.pk
 

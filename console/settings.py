@@ -212,6 +212,8 @@ SIGNALBOX = {
     "RETRY_MAX_SECONDS": env.float("SIGNALBOX_RETRY_MAX_SECONDS", default=30.0),
     # Demo agents' simulated work is multiplied by this (0 = instant).
     "AGENT_TIME_SCALE": env.float("SIGNALBOX_AGENT_TIME_SCALE", default=1.0),
+    # Runs submitted without a tenant belong to this one (created by the migrations).
+    "DEFAULT_TENANT": env.str("SIGNALBOX_DEFAULT_TENANT", default="default"),
     # Payloads larger than this (bytes of JSON) are refused at the boundary.
     "MAX_PAYLOAD_BYTES": env.int("SIGNALBOX_MAX_PAYLOAD_BYTES", default=256_000),
     # Live events to the channel layer (off in benchmarks that measure the engine alone).

@@ -28,6 +28,7 @@ from orchestration.selectors import (
     run_steps,
     run_waits,
 )
+from policies.tenants import tenant_by_id
 
 PAGE_SIZE = 50
 #: A run page shows at most this many audit events (fan-out runs can have thousands).
@@ -151,6 +152,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     ]
     return {
         "run": run,
+        "tenant": tenant_by_id(run.tenant_id),
         "steps": steps,
         "current_state": current_state,
         "state_history": run_state_history(run),

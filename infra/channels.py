@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+import weakref
 from typing import Any, ClassVar
 
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
@@ -30,16 +30,15 @@ def announcement_channel(layer: Any) -> str:
 class RedisChannelLayer(_RedisChannelLayer):
     """channels-redis' layer; joins and leaves are also announced (see the module docstring)."""
 
-    #: Told of every join made by this process (its live sender's ``Membership.joined``).
-    join_listener: ClassVar[Callable[[Any, str], None] | None] = None
+    #: The membership views of this process (its live senders'), told of every join it makes.
+    memberships: ClassVar[weakref.WeakSet[Membership]] = weakref.WeakSet()
 
     announces = True
 
     async def group_add(self, group: str, channel: str) -> None:
         await super().group_add(group, channel)
-        listener = RedisChannelLayer.join_listener
-        if listener is not None:  # this process knows at once; others by the announcement
-            listener(self, group)
+        for membership in list(RedisChannelLayer.memberships):  # this process knows at once;
+            membership.joined(self, group)  # others by the announcement
         await self._announce(group)
 
     async def group_discard(self, group: str, channel: str) -> None:

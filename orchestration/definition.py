@@ -68,6 +68,8 @@ class Approval:
     """
 
     tier: int = 1
+    #: How many distinct people must approve.
+    quorum: int = 1
     timeout: timedelta = timedelta(hours=24)
     on_timeout: Literal["reject", "approve"] = "reject"
     when: Callable[[Mapping[str, Any]], bool] | None = None

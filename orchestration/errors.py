@@ -92,6 +92,12 @@ class Code(StrEnum):
     SUBMIT_DENIED = "submit_denied"
     DECIDE_DENIED = "decide_denied"
     VIEW_DENIED = "view_denied"
+    TIER_TOO_LOW = "tier_too_low"
+    SELF_APPROVAL = "self_approval"
+    ALREADY_VOTED = "already_voted"
+    EDIT_NEEDS_SINGLE_APPROVAL = "edit_needs_single_approval"
+    UNKNOWN_TENANT = "unknown_tenant"
+    TENANT_DENIED = "tenant_denied"
     # tools: provider failures, as classified (orchestration.tools.classify)
     TOOL_CALL_FAILED = "tool_call_failed"
     TOOL_PARAMS_CONTRACT = "tool_params_contract"

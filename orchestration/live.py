@@ -77,7 +77,7 @@ class LiveSender:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_loop = False
         self._lock = threading.Lock()
-        RedisChannelLayer.join_listener = self.membership.joined
+        RedisChannelLayer.memberships.add(self.membership)
 
     def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Send on ``loop`` (the ASGI server's loop in embedded mode)."""
@@ -112,8 +112,7 @@ class LiveSender:
 
     def close(self) -> None:
         self.membership.close()
-        if RedisChannelLayer.join_listener == self.membership.joined:
-            RedisChannelLayer.join_listener = None
+        RedisChannelLayer.memberships.discard(self.membership)
         loop, self._loop = self._loop, None
         if loop is not None and self._own_loop and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)

@@ -60,7 +60,8 @@ class Run(models.Model):
     workflow_version = models.IntegerField()
     status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.QUEUED)
     priority = models.SmallIntegerField(default=0)
-    tenant = models.CharField(max_length=100, blank=True, default="")
+    #: Whom the run is done for: who may see and decide it follows from permissions on the tenant.
+    tenant = models.ForeignKey("policies.Tenant", on_delete=models.PROTECT, related_name="+")
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -269,6 +270,15 @@ class Wait(models.Model):
     name = models.CharField(max_length=100)
     status = models.CharField(max_length=10, choices=WaitStatus.choices, default=WaitStatus.OPEN)
     tier = models.PositiveSmallIntegerField(default=1)
+    #: How many distinct people must approve (N of M) at the current stage.
+    quorum = models.SmallIntegerField(default=1)
+    #: A multi-stage sign-off: the tier of each stage in order (tier 2, then tier 3); ``tier``
+    #: is the current stage's.
+    stages = models.JSONField(default=list, blank=True)
+    stage = models.SmallIntegerField(default=0)
+    #: The policy version and rule that required this approval (none for a definition's gate).
+    policy_version = models.IntegerField(null=True, blank=True)
+    policy_rule = models.CharField(max_length=100, blank=True, default="")
     reason = models.TextField(blank=True, default="")
     #: The exact action awaiting approval: agent, input and the versions of the state it read.
     action = models.JSONField(null=True, blank=True)
@@ -287,6 +297,11 @@ class Wait(models.Model):
     created_at = models.DateTimeField()
 
     class Meta:
+        permissions = [
+            ("decide_tier_1", "Can decide approvals and escalations that need tier 1"),
+            ("decide_tier_2", "Can decide approvals and escalations that need tier 2"),
+            ("decide_tier_3", "Can decide approvals and escalations that need tier 3"),
+        ]
         indexes = [
             models.Index(fields=["deadline_at"], condition=Q(status="open"), name="wait_open_deadline_idx"),
             models.Index(fields=["kind", "-id"], condition=Q(status="open"), name="wait_open_kind_idx"),
@@ -294,6 +309,38 @@ class Wait(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} wait {self.pk} ({self.status})"
+
+
+class WaitVote(models.Model):
+    """One person's approval of an approval that needs several (a quorum, or several stages).
+    Bound to the digest of the exact action approved: a vote for another action does not count."""
+
+    wait = models.ForeignKey(Wait, on_delete=models.CASCADE, related_name="votes")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    stage = models.SmallIntegerField(default=0)
+    action_digest = models.CharField(max_length=64)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        # Distinct people: one vote per person per approval, whatever the stage.
+        constraints = [models.UniqueConstraint(fields=["wait", "user"], name="wait_vote_once")]
+
+    def __str__(self) -> str:
+        return f"vote on wait {self.wait_id} by user {self.user_id}"
+
+
+class WorkflowRecord(models.Model):
+    """A registered workflow's name as a row, so that permissions can be granted on it (who may
+    decide its items). Created on first use."""
+
+    name = models.CharField(max_length=100, unique=True)
+
+    class Meta:
+        permissions = [("decide_workflow", "Can decide approvals and escalations of this workflow's runs")]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class RunEvent(models.Model):

@@ -42,6 +42,7 @@ from orchestration.payloads import (
     payload_refusal,
     text_refusal,
 )
+from policies.tenants import tenant_by_id
 
 RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
 assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]  # a Literal alias has __args__ at run time, not in its type
@@ -549,7 +550,7 @@ def run_out(run: Run) -> dict[str, Any]:
         "workflow_version": run.workflow_version,
         "status": run.status,
         "priority": run.priority,
-        "tenant": run.tenant,
+        "tenant": tenant_by_id(run.tenant_id).slug,
         "idempotency_key": run.idempotency_key,
         "trace_id": run.trace_id,
         "step_count": run.step_count,

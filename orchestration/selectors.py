@@ -1,13 +1,20 @@
 """Reads of runs, with authorization built in so the API, the pages and websockets agree.
 
-A user sees a run if they hold ``orchestration.view_run`` (operators, admins, auditors), hold it
-on that run (django-guardian object permission), or submitted it. Deciding (approvals,
-escalations, cancelling, sending events) needs ``orchestration.decide_run`` globally or on the
-run; submitting needs ``orchestration.add_run``; the tool registry is for those who may view
-every run. Every permission check of the API, the pages and the websockets is a function here:
+Who may do what (django-guardian; a permission held globally counts for every object):
+
+* **see** a run: ``orchestration.view_run`` (every run), or ``policies.view_runs`` on its tenant,
+  or ``orchestration.view_run`` on the run itself, or having submitted it;
+* **submit**: ``orchestration.add_run`` and ``policies.submit_runs`` on the tenant;
+* **decide** for a run (approvals, escalations, cancelling, sending events):
+  ``orchestration.decide_run`` (or on the run), ``policies.decide_runs`` on its tenant and
+  ``orchestration.decide_workflow`` on its workflow; for an approval or escalation, a tier at
+  least the one it needs (``orchestration.decide_tier_1`` .. ``_3``; a higher tier includes the
+  lower ones), and never an approval of a run one submitted oneself.
+
+Every permission check of the API, the pages and the websockets is a function here:
 ``*_for_user`` reads return only what the user may see (NotFound otherwise), ``*_for_decision``
-reads also refuse a user who may see but not decide (PermissionDenied), ``*_check`` functions
-refuse an action outright.
+reads also refuse a user who may see but not decide (PermissionDenied, recorded in the audit
+log), ``*_check`` functions refuse an action outright.
 """
 
 from __future__ import annotations
@@ -20,24 +27,70 @@ from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 from guardian.shortcuts import get_objects_for_user
 
+from audit.services import Entry, audit_record_alone
+from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
-from orchestration.models import Run, RunEvent, StateVersion, Step, Wait, WaitKind, WaitStatus
+from orchestration.models import (
+    Run,
+    RunEvent,
+    StateVersion,
+    Step,
+    Wait,
+    WaitKind,
+    WaitStatus,
+    WorkflowRecord,
+)
 from orchestration.tools.status import capability_status_list
+from policies.models import Tenant
 
 VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
 SUBMIT = "orchestration.add_run"
+VIEW_FOR_TENANT = "policies.view_runs"
+SUBMIT_FOR_TENANT = "policies.submit_runs"
+DECIDE_FOR_TENANT = "policies.decide_runs"
+DECIDE_WORKFLOW = "orchestration.decide_workflow"
+#: The permission of each approval tier; holding a higher one includes the lower ones.
+TIERS = {1: "orchestration.decide_tier_1", 2: "orchestration.decide_tier_2", 3: "orchestration.decide_tier_3"}
+
+
+def user_tier(user: User) -> int:
+    """The highest approval tier ``user`` holds (0: none)."""
+    if not user.is_authenticated or not user.is_active:
+        return 0
+    return max((tier for tier, perm in TIERS.items() if user.has_perm(perm)), default=0)
+
+
+def tenants_visible_to(user: User) -> QuerySet[Tenant]:
+    """Tenants whose runs ``user`` may see."""
+    if not user.is_authenticated:
+        return Tenant.objects.none()
+    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
+        return Tenant.objects.all()
+    return get_objects_for_user(user, VIEW_FOR_TENANT, klass=Tenant, accept_global_perms=False)
 
 
 def runs_visible_to(user: User) -> QuerySet[Run]:
     if not user.is_authenticated:
         return Run.objects.none()
-    if user.has_perm(VIEW):
+    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
         return Run.objects.all()
-    granted = get_objects_for_user(
-        user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False
+    tenants = get_objects_for_user(user, VIEW_FOR_TENANT, klass=Tenant, accept_global_perms=False)
+    granted = get_objects_for_user(user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False)
+    return Run.objects.filter(
+        Q(tenant__in=tenants.values("pk")) | Q(pk__in=granted.values("pk")) | Q(submitted_by=user)
     )
-    return Run.objects.filter(Q(pk__in=granted.values("pk")) | Q(submitted_by=user))
+
+
+def _refused(user: User, what: str, code: str, *, run: Run | None = None, **detail: Any) -> PermissionDenied:
+    """A refusal: recorded in the audit log (who was refused what), and raised by the caller."""
+    audit_record_alone(Entry(
+        verb=Verb.ACCESS_DENIED, object_type="run" if run is not None else "user",
+        object_id=run.pk if run is not None else user.pk, actor_type=ActorType.HUMAN, actor_id=user.get_username(),
+        run_id=run.pk if run is not None else None, trace_id=run.trace_id if run is not None else "",
+        data={"code": str(code), "what": what, **detail},
+    ))
+    return PermissionDenied(what, code=code, detail=detail or None)
 
 
 def run_get_for_user(user: User, run_id: int) -> Run:
@@ -53,13 +106,55 @@ def run_is_visible(user: User, run_id: int) -> bool:
     return runs_visible_to(user).filter(pk=run_id).exists()
 
 
-def run_check_decide(user: User, run: Run) -> None:
-    """PermissionDenied unless ``user`` may decide for ``run`` (globally or on that run)."""
+def may_decide(user: User, run: Run) -> bool:
+    """Whether ``user`` may decide for ``run``: the deciding permission, on its tenant and on
+    its workflow (tiers and self-approval are the wait's: :func:`wait_check_decide`)."""
+    if not user.is_authenticated or not user.is_active:
+        return False
     if not (user.has_perm(DECIDE) or user.has_perm(DECIDE, run)):
-        raise PermissionDenied(
-            "you may not decide approvals or escalations, cancel, or send events for this run",
-            code=Code.DECIDE_DENIED,
+        return False
+    tenant = Tenant(pk=run.tenant_id)
+    if not (user.has_perm(DECIDE_FOR_TENANT) or user.has_perm(DECIDE_FOR_TENANT, tenant)):
+        return False
+    if user.has_perm(DECIDE_WORKFLOW):
+        return True
+    record = WorkflowRecord.objects.filter(name=run.workflow_name).first()
+    return record is not None and user.has_perm(DECIDE_WORKFLOW, record)
+
+
+def run_check_decide(user: User, run: Run) -> None:
+    """PermissionDenied (audited) unless ``user`` may decide for ``run``."""
+    if not may_decide(user, run):
+        raise _refused(
+            user, "you may not decide approvals or escalations, cancel, or send events for this run",
+            Code.DECIDE_DENIED, run=run,
         )
+
+
+def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | None:
+    """Why ``user`` may not decide ``wait`` (message, code, detail), or None if they may: the
+    run's deciding permissions, a high enough tier, and for an approval not one's own run."""
+    run = wait.run
+    if not may_decide(user, run):
+        return "you may not decide approvals or escalations of this run", Code.DECIDE_DENIED, {}
+    held = user_tier(user)
+    if held < wait.tier:
+        return (
+            f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}. Someone with tier "
+            f"{wait.tier} or above on this tenant and workflow can decide it",
+            Code.TIER_TOO_LOW, {"required_tier": wait.tier, "your_tier": held},
+        )
+    if wait.kind == WaitKind.APPROVAL and run.submitted_by_id is not None and run.submitted_by_id == user.pk:
+        return "you submitted this run: someone else must approve it", Code.SELF_APPROVAL, {}
+    return None
+
+
+def wait_check_decide(user: User, wait: Wait) -> None:
+    """PermissionDenied (audited) unless ``user`` may decide ``wait`` (see :func:`wait_refusal`)."""
+    refusal = wait_refusal(user, wait)
+    if refusal is not None:
+        message, code, detail = refusal
+        raise _refused(user, message, code, run=wait.run, wait=wait.pk, **detail)
 
 
 def run_get_for_decision(user: User, run_id: int) -> Run:
@@ -70,10 +165,13 @@ def run_get_for_decision(user: User, run_id: int) -> Run:
     return run
 
 
-def submit_check(user: User) -> None:
-    """PermissionDenied unless ``user`` may submit runs."""
+def submit_check(user: User, tenant: Tenant | None = None) -> None:
+    """PermissionDenied (audited) unless ``user`` may submit runs (for ``tenant``, if given)."""
     if not user.has_perm(SUBMIT):
-        raise PermissionDenied("you may not submit runs", code=Code.SUBMIT_DENIED)
+        raise _refused(user, "you may not submit runs", Code.SUBMIT_DENIED)
+    if tenant is not None and not (user.has_perm(SUBMIT_FOR_TENANT) or user.has_perm(SUBMIT_FOR_TENANT, tenant)):
+        raise _refused(user, f"you may not submit runs for tenant {tenant.slug!r}", Code.TENANT_DENIED,
+                       tenant=tenant.slug)
 
 
 def capability_status_list_for_user(user: User) -> list[dict[str, Any]]:
@@ -178,7 +276,7 @@ def approval_get_for_decision(user: User, wait_id: int) -> Wait:
     """The approval (with its run), if ``user`` may decide it: NotFound if they may not see its
     run, PermissionDenied if they may see but not decide."""
     wait = approval_get_for_user(user, wait_id)
-    run_check_decide(user, wait.run)
+    wait_check_decide(user, wait)
     return wait
 
 
@@ -202,7 +300,7 @@ class WaitPage:
 
 def _escalations_visible_to(user: User) -> QuerySet[Wait]:
     qs = Wait.objects.filter(kind=WaitKind.ESCALATION)
-    if user.is_authenticated and user.has_perm(VIEW):
+    if user.is_authenticated and (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
         return qs  # every run: no need to join the run list
     return qs.filter(run__in=runs_visible_to(user))
 
@@ -247,7 +345,7 @@ def escalation_get_for_resolve(user: User, wait_id: int) -> Wait:
     """The escalation, if ``user`` may answer it: NotFound if they may not see its run,
     PermissionDenied if they may see but not decide."""
     wait = escalation_get_for_user(user, wait_id)
-    run_check_decide(user, wait.run)
+    wait_check_decide(user, wait)
     return wait
 
 

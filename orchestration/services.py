@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -19,9 +20,10 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
-from audit.verbs import ActorType
+from audit.services import Entry, audit_record_many
+from audit.verbs import ActorType, Verb
 from infra.canonical import digest
-from orchestration import advance, dispatch, runtime
+from orchestration import advance, dispatch, runtime, selectors
 from orchestration.changes import ACTIVE_STEPS, DONE_STEPS, OPEN_WAITS, Changes, Snapshot
 from orchestration.commit import compute_locked, write_and_send
 from orchestration.contracts import validation_errors
@@ -36,9 +38,11 @@ from orchestration.models import (
     Wait,
     WaitKind,
     WaitStatus,
+    WaitVote,
 )
 from orchestration.payloads import payload_refusal, payload_size, text_refusal
 from orchestration.registry import agent_class, workflow_get
+from policies.tenants import UnknownTenant, tenant_by_slug
 
 #: What failing a run reads: its active steps, their open waits and what it may have to undo.
 FAILING = frozenset({ACTIVE_STEPS, OPEN_WAITS, DONE_STEPS})
@@ -103,6 +107,12 @@ def run_submit(
     wf = workflow_get(workflow, version)
     _check_payload(input, "run input")
     _check_text(tenant, "tenant")
+    try:
+        tenant_record = tenant_by_slug(tenant)
+    except UnknownTenant:
+        raise NotFound(f"no tenant {tenant!r}", code=Code.UNKNOWN_TENANT, detail={"tenant": tenant}) from None
+    if submitted_by is not None:
+        selectors.submit_check(submitted_by, tenant_record)
     _check_text(idempotency_key, "idempotency key")
     state = _validated(
         wf.input,
@@ -117,7 +127,7 @@ def run_submit(
             "version": version,
             "input": input,
             "priority": priority,
-            "tenant": tenant,
+            "tenant": tenant_record.slug,
         }
     )
     actor_type, actor_id = _actor(submitted_by)
@@ -127,7 +137,7 @@ def run_submit(
         workflow_version=wf.version,
         status=RunStatus.QUEUED,
         priority=priority,
-        tenant=tenant,
+        tenant=tenant_record,
         submitted_by=submitted_by,
         idempotency_scope=scope,
         idempotency_key=idempotency_key or None,
@@ -264,6 +274,18 @@ def approval_decide(
     decided_step: dict[str, Any] = {}
     with transaction.atomic():
         rt.store.run_get(wait.run_id, lock=True)
+        if user is not None:
+            selectors.wait_check_decide(user, wait)
+        if decision != Decision.REJECT and (wait.quorum > 1 or wait.stage + 1 < len(wait.stages)):
+            if decision == Decision.EDIT:
+                raise Conflict(
+                    f"approval {wait_id} needs {wait.quorum} people at each of its stages: an edit by "
+                    "one of them would bypass the others; reject it with the change you want, or "
+                    "approve it as proposed",
+                    code=Code.EDIT_NEEDS_SINGLE_APPROVAL,
+                )
+            if not _vote(rt, wait, user, reason, now):
+                return wait  # more approvals are needed
         if not rt.store.wait_close(wait_id, **decided):
             raise _already_decided(rt, wait_id, "approval")
         # The row is now what was read before plus what this update wrote: nothing else
@@ -291,6 +313,43 @@ def approval_decide(
         write_and_send(rt, changes)
     wait.run, wait.step = changes.run, decided_step["step"]  # as they are now, for whoever shows it
     return wait
+
+
+def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: datetime) -> bool:
+    """Record ``user``'s approval of ``wait`` (the run is locked): True when it completes the
+    last stage's quorum (the caller then closes the wait), False when more people must approve.
+    A vote counts for the exact action it was cast on; each person votes once."""
+    current = rt.store.wait_get(wait.pk)
+    if current is None or current.status != WaitStatus.OPEN:
+        raise _already_decided(rt, wait.pk, "approval")
+    if user is None:
+        return True  # the system (an expiry's declared outcome) does not need a quorum
+    try:
+        with transaction.atomic():
+            WaitVote.objects.create(wait=current, user=user, stage=current.stage, action_digest=current.action_digest,
+                                    reason=reason, created_at=now)
+    except IntegrityError:
+        raise Conflict(
+            f"you already approved approval {wait.pk}: it needs {current.quorum} different people",
+            code=Code.ALREADY_VOTED,
+        ) from None
+    votes = WaitVote.objects.filter(wait=current, stage=current.stage, action_digest=current.action_digest).count()
+    stages = current.stages or [current.tier]
+    if votes >= current.quorum and current.stage + 1 >= len(stages):
+        return True
+    fields: dict[str, Any] = {}
+    if votes >= current.quorum:  # this stage is signed off: the next stage's tier decides now
+        fields = {"stage": current.stage + 1, "tier": stages[current.stage + 1]}
+        Wait.objects.filter(pk=wait.pk, status=WaitStatus.OPEN).update(**fields)
+    for name, value in fields.items():
+        setattr(wait, name, value)
+    audit_record_many([Entry(
+        verb=Verb.APPROVAL_VOTED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
+        actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
+        data={"stage": current.stage, "votes": votes, "quorum": current.quorum, "reason": reason,
+              "next_stage_tier": fields.get("tier")},
+    )], now=now)
+    return False
 
 
 def _already_decided(rt: runtime.Runtime, wait_id: int, what: str) -> Conflict:
@@ -377,6 +436,8 @@ def escalation_resolve(
     )
     with transaction.atomic():
         rt.store.run_get(wait.run_id, lock=True)
+        if user is not None:
+            selectors.wait_check_decide(user, wait)
         if not rt.store.wait_close(wait_id, **closed):
             raise _already_decided(rt, wait_id, "escalation")
         for field, value in closed.items():

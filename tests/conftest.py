@@ -24,6 +24,16 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _tenants_forgotten() -> Iterator[None]:
+    """Each test starts with no tenant cached: a transactional test's flush removes the rows."""
+    from policies.tenants import tenants_forget
+
+    tenants_forget()
+    yield
+    tenants_forget()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if settings.SIGNALBOX_ENV != "test":
         raise pytest.UsageError("run the tests with SIGNALBOX_ENV=test (use `make test`)")
@@ -126,7 +136,13 @@ def fast_agents(settings: Any) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
 
 
-OPERATOR_PERMISSIONS = ["orchestration.view_run", "orchestration.decide_run", "orchestration.add_run"]
+#: An operator of every tenant and workflow, with the highest tier (tests of tiers and object
+#: permissions build narrower users).
+OPERATOR_PERMISSIONS = [
+    "orchestration.view_run", "orchestration.decide_run", "orchestration.add_run", "orchestration.decide_workflow",
+    "orchestration.decide_tier_1", "orchestration.decide_tier_2", "orchestration.decide_tier_3",
+    "policies.submit_runs", "policies.view_runs", "policies.decide_runs",
+]
 ALL_POOLS = frozenset({"default", "research"})
 
 
@@ -150,7 +166,16 @@ def submitter(db: None) -> Any:
     """May submit runs and sees only their own."""
     from tests.factories import UserFactory
 
-    return UserFactory(username="submitter", permissions=["orchestration.add_run"])
+    return UserFactory(username="submitter", permissions=["orchestration.add_run", "policies.submit_runs"])
+
+
+@pytest.fixture
+def requester(db: None) -> Any:
+    """Submits work for every tenant (the person who asks); may decide nothing. Runs that wait
+    for approval are submitted by them: nobody may approve a run they submitted themselves."""
+    from tests.factories import UserFactory
+
+    return UserFactory(username="requester", permissions=["orchestration.add_run", "policies.submit_runs"])
 
 
 @pytest.fixture

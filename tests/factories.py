@@ -32,3 +32,16 @@ class UserFactory(factory.django.DjangoModelFactory):
             self.user_permissions.add(
                 Permission.objects.get(content_type__app_label=app_label, codename=codename)
             )
+
+
+class TenantFactory(factory.django.DjangoModelFactory):
+    """A tenant (the migrations create the default one)."""
+
+    class Meta:
+        model = "policies.Tenant"
+        django_get_or_create = ("slug",)
+        skip_postgeneration_save = True
+
+    slug = factory.Sequence(lambda n: f"tenant-{n}")
+    name = factory.LazyAttribute(lambda tenant: tenant.slug.replace("-", " ").title())
+    time_zone = "UTC"

@@ -171,6 +171,7 @@ class RunAdvance(Ending):
             kind=WaitKind.APPROVAL,
             name=node.name,
             tier=node.approval.tier,
+            quorum=node.approval.quorum,
             reason=node.approval.reason,
             action=action,
             action_digest=digest(action),

@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 
 from audit.models import AuditEvent
+from audit.verbs import Verb
 from console.models import ApiToken
 from orchestration.models import Run, RunEvent, StateVersion, Step, Wait
 from orchestration.services import run_submit
@@ -39,14 +40,15 @@ def operator_client(operator: Any, client_for: Callable[[Any], Client]) -> Clien
 
 
 @pytest.fixture
-def pending_approval(operator: Any, drive: Callable[[int], None]) -> Callable[..., Wait]:
-    """Submit a run and drive it to its first open approval."""
+def pending_approval(requester: Any, drive: Callable[[int], None]) -> Callable[..., Wait]:
+    """Submit a run (as someone else than the operators who decide it) and drive it to its
+    first open approval."""
 
     def make(workflow: str = "reference_workload", input: dict[str, Any] | None = None) -> Wait:
         run = run_submit(
             workflow=workflow,
             input=input if input is not None else {"needs_approval": True},
-            submitted_by=operator,
+            submitted_by=requester,
         ).run
         drive(run.pk)
         wait = Wait.objects.filter(run=run, kind="approval", status="open").order_by("id").first()
@@ -83,9 +85,9 @@ def row_counts() -> Callable[[], dict[str, int]]:
     """Rows in every table a write could touch: compare before and after a refused request."""
 
     def count() -> dict[str, int]:
-        return {
-            model.__name__: model.objects.count()
-            for model in (Run, Step, Wait, RunEvent, StateVersion, AuditEvent)
-        }
+        counts = {model.__name__: model.objects.count() for model in (Run, Step, Wait, RunEvent, StateVersion)}
+        # A refusal is recorded (who was refused what) but changes nothing else.
+        counts["AuditEvent"] = AuditEvent.objects.exclude(verb=Verb.ACCESS_DENIED).count()
+        return counts
 
     return count

@@ -11,6 +11,7 @@ from django.utils import timezone
 from console.models import ApiToken
 from orchestration.models import Run, RunEvent, Step, Wait
 from orchestration.services import run_cancel, run_submit
+from tests.factories import TenantFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -27,6 +28,7 @@ def submit(client: Client, **body):
 
 
 def test_submit_starts_a_run_and_answers_201(operator_client, operator):
+    TenantFactory(slug="acme")
     response = submit(operator_client, priority=5, tenant="acme")
     assert response.status_code == 201, response.content
     body = response.json()
@@ -106,7 +108,7 @@ def test_run_detail_has_steps_state_history_waits_and_events(operator_client, pe
     body = response.json()
     assert body["id"] == wait.run_id
     assert body["status"] == "waiting"
-    assert body["submitted_by"] == "operator"
+    assert body["submitted_by"] == "requester"
     assert body["input"] == {"needs_approval": True}
     assert body["state"] == {"topic": "bench", "needs_approval": True}
     assert {(v["key"], v["version"], v["writer"]) for v in body["state_versions"]} == {
@@ -397,11 +399,12 @@ def test_token_clients_get_permissions_from_their_groups_too_and_a_change_counts
     client = client_for(stranger)
     body = {"workflow": "reference_workload", "input": {}}
     assert client.post(RUNS, body, content_type="application/json").status_code == 403
+    submit = [Permission.objects.get(codename="add_run"), Permission.objects.get(codename="submit_runs")]
     group = Group.objects.create(name="submitters")
-    group.permissions.add(Permission.objects.get(codename="add_run"))
+    group.permissions.add(*submit)
     stranger.groups.add(group)
     assert client.post(RUNS, body, content_type="application/json").status_code == 201
     stranger.groups.remove(group)
     assert client.post(RUNS, body, content_type="application/json").status_code == 403
-    stranger.user_permissions.add(Permission.objects.get(codename="add_run"))
+    stranger.user_permissions.add(*submit)
     assert client.post(RUNS, body, content_type="application/json").status_code == 201

@@ -140,7 +140,7 @@ def live_objects(operator: Any, drive: Callable[[int], Any], settings: Any) -> I
     approvals, escalations = [], []
     for _ in range(3):
         run = run_submit(
-            workflow="reference_workload", input={"needs_approval": True}, submitted_by=operator
+            workflow="reference_workload", input={"needs_approval": True}, submitted_by=None
         ).run
         drive(run.pk)
         approvals.append(Wait.objects.get(run=run, kind="approval", status="open"))

@@ -17,6 +17,7 @@ from django.utils import timezone
 from console.demo import DemoSimulator, demo_users_seed
 from orchestration.models import Run, Step, Wait, WaitKind, WaitStatus
 from orchestration.services import approval_decide, run_submit
+from policies.models import Tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -25,17 +26,20 @@ def test_seeding_creates_users_and_groups_once() -> None:
     users = get_user_model().objects
     first = demo_users_seed()
 
-    assert set(first.created) == {"operator", "admin", "auditor"}
+    assert set(first.created) == {"operator", "lead", "admin", "admin2", "auditor"}
     assert all(len(password) >= 16 for password in first.created.values())
-    assert len(set(first.created.values())) == 3
-    assert set(first.groups_created) == {"operators", "admins", "auditors"}
+    assert len(set(first.created.values())) == 5
+    assert set(first.groups_created) == {
+        "Operator tier 1", "Operator tier 2", "Operator tier 3", "Policy admin", "Auditor"}
     assert first.existing == []
+    # The simulator's service account exists, and cannot log in.
+    assert not users.get(username="simulator").has_usable_password()
 
     counts = (users.count(), Group.objects.count())
     second = demo_users_seed()
     assert second.created == {}
     assert second.groups_created == []
-    assert set(second.existing) == {"operator", "admin", "auditor"}
+    assert set(second.existing) == {"operator", "lead", "admin", "admin2", "auditor"}
     assert (users.count(), Group.objects.count()) == counts
     # Passwords were left alone.
     for name, password in first.created.items():
@@ -47,15 +51,23 @@ def test_seeded_roles_have_their_permissions() -> None:
     users = get_user_model().objects
     operator, admin, auditor = (users.get(username=n) for n in ("operator", "admin", "auditor"))
 
-    for perm in ("view_run", "add_run", "decide_run"):
+    acme = Tenant.objects.get(slug="acme")
+    # The operator decides up to tier 2, for the demo tenants.
+    for perm in ("decide_run", "decide_tier_1", "decide_tier_2"):
         assert operator.has_perm(f"orchestration.{perm}")
+    assert not operator.has_perm("orchestration.decide_tier_3")
+    assert operator.has_perm("policies.decide_runs", acme) and operator.has_perm("policies.view_runs", acme)
     assert not operator.has_perm("orchestration.delete_run")
-    for perm in ("view_run", "add_run", "decide_run", "change_run", "delete_run"):
-        assert admin.has_perm(f"orchestration.{perm}")
+    # The admin edits and reviews policies, and reaches the Django admin; decides nothing.
+    assert admin.has_perm("policies.edit_policy") and admin.has_perm("policies.review_policy")
+    assert admin.is_staff and not admin.is_superuser
+    assert not admin.has_perm("orchestration.decide_run")
+    # The auditor reads everything and changes nothing.
     assert auditor.has_perm("orchestration.view_run")
     assert not auditor.has_perm("orchestration.decide_run")
     assert not auditor.has_perm("orchestration.add_run")
-    assert not any(u.is_superuser or u.is_staff for u in (operator, admin, auditor))
+    assert not auditor.has_perm("policies.edit_policy")
+    assert not any(u.is_superuser for u in (operator, admin, auditor))
 
 
 def test_demo_refuses_to_run_against_external_services(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,8 +80,8 @@ def test_demo_refuses_to_run_against_external_services(monkeypatch: pytest.Monke
 @pytest.fixture
 def simulator() -> DemoSimulator:
     demo_users_seed()
-    operator = get_user_model().objects.get(username="operator")
-    return DemoSimulator(user=operator, rng=random.Random(3), reject_share=0.0)
+    service = get_user_model().objects.get(username="simulator")
+    return DemoSimulator(user=service, rng=random.Random(3), reject_share=0.0)
 
 
 def test_simulator_submits_one_of_each_workflow_first(simulator: DemoSimulator) -> None:
@@ -80,9 +92,8 @@ def test_simulator_submits_one_of_each_workflow_first(simulator: DemoSimulator) 
     assert len(submitted) == 3
     workflows = {run.workflow_name for run in Run.objects.filter(pk__in=submitted)}
     assert workflows == {"content_pipeline", "refund_desk", "research_brief"}
-    assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {
-        "operator"
-    }
+    # As the simulator's service account, never as a person who decides.
+    assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {"simulator"}
     # Not again before its next turn.
     assert simulator.tick(now + timedelta(seconds=20.5)).submitted == []
 
@@ -98,7 +109,7 @@ def test_simulator_stops_submitting_at_the_active_limit(simulator: DemoSimulator
 def test_simulator_settles_refunds_and_decides_stale_approvals(
     simulator: DemoSimulator, drive: Callable[[int], Run]
 ) -> None:
-    operator = simulator.user
+    service = simulator.user
     refund = run_submit(
         workflow="refund_desk",
         input={
@@ -106,7 +117,7 @@ def test_simulator_settles_refunds_and_decides_stale_approvals(
             "order_id": "ord_1",
             "customer_id": "cus_1",
         },
-        submitted_by=operator,
+        submitted_by=service,
         seed=11,
     ).run
     drive(refund.pk)
@@ -114,12 +125,12 @@ def test_simulator_settles_refunds_and_decides_stale_approvals(
         run=refund, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN
     ).first()
     if approval is not None:  # refunds above the threshold need a person first
-        approval_decide(wait_id=approval.pk, user=operator, decision="approve")
+        approval_decide(wait_id=approval.pk, user=None, decision="approve")
         drive(refund.pk)
     assert Wait.objects.filter(run=refund, kind=WaitKind.EVENT, status=WaitStatus.OPEN).exists()
 
     content = drive(
-        run_submit(workflow="content_pipeline", input={}, submitted_by=operator, seed=5).run.pk
+        run_submit(workflow="content_pipeline", input={}, submitted_by=service, seed=5).run.pk
     )
     assert content.status == "waiting"
 

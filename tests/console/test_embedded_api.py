@@ -22,7 +22,7 @@ from console.models import ApiToken
 users = get_user_model().objects
 submitter = users.create_user("submitter")
 group = Group.objects.create(name="submitters")
-group.permissions.add(Permission.objects.get(codename="add_run"))
+group.permissions.add(Permission.objects.get(codename="add_run"), Permission.objects.get(codename="submit_runs"))
 submitter.groups.add(group)
 _, submitter_token = ApiToken.issue(submitter, "cli")
 _, reader_token = ApiToken.issue(users.create_user("reader"), "cli")

@@ -53,7 +53,7 @@ def panel_of(html: str, wait: Wait) -> str:
 def test_an_escalated_run_shows_the_escalation_with_its_attempts(
     viewer: Any, drive: Callable[[int], Run]
 ) -> None:
-    run = submit(viewer, "escalating", drive, fail_attempts=2)
+    run = submit(None, "escalating", drive, fail_attempts=2)
     assert run.status == "waiting"
     wait = open_escalation(run)
     html = page(viewer, run)
@@ -91,7 +91,7 @@ def test_the_panel_lists_the_failed_tool_calls(
     viewer: Any, drive: Callable[[int], Run], effect_provider: StubProvider
 ) -> None:
     effect_provider.default = StubReply(status=400, body={"error": "card declined"})
-    run = submit(viewer, "refund_once", drive)
+    run = submit(None, "refund_once", drive)
     wait = open_escalation(run)
     panel = panel_of(page(viewer, run), wait)
     calls = wait.action["tool_calls"]
@@ -117,7 +117,7 @@ def test_a_resolved_escalation_leaves_the_panel(operator: Any, drive: Callable[[
 def test_degraded_steps_show_their_reason_and_the_run_lists_them(
     viewer: Any, drive: Callable[[int], Run]
 ) -> None:
-    run = submit(viewer, "with_degraded", drive, permanent=True)
+    run = submit(None, "with_degraded", drive, permanent=True)
     assert run.status == "succeeded" and len(run.degraded) == 2
     html = page(viewer, run)
     assert html.count('<span class="badge badge-degraded"') >= 2
@@ -151,7 +151,7 @@ def test_a_skipped_step_is_shown_degraded_with_who_skipped_it(
 def test_compensations_read_as_undo_and_the_run_shows_compensating(
     viewer: Any, drive: Callable[[int], Run], effect_provider: StubProvider
 ) -> None:
-    run = submit(viewer, "saga", drive, permanent=True, undo_failures=5)
+    run = submit(None, "saga", drive, permanent=True, undo_failures=5)
     assert run.status == "compensating"
     wait = open_escalation(run)
     html = page(viewer, run)

@@ -22,6 +22,7 @@ from orchestration.models import Run, Step, StepStatus
 from orchestration.services import run_submit
 from orchestration.store import LeaseLost
 from orchestration.store.postgresql import PostgresStore, fence_step_checked, refusal
+from policies.tenants import tenant_by_slug
 from tests.conftest import ALL_POOLS
 from tests.support.engine import runtime_for, step_claim, step_run
 
@@ -139,7 +140,7 @@ def test_a_batched_submit_is_all_or_nothing() -> None:
     now = timezone.now()
     copy = Run(
         workflow_name="reference_workload", workflow_version=1, idempotency_scope="system", idempotency_key="k-1",
-        trace_id="t", input={}, created_at=now, updated_at=now, deadline_at=now,
+        trace_id="t", input={}, created_at=now, updated_at=now, deadline_at=now, tenant=tenant_by_slug(""),
     )
     store = runtime.current().store
     changes = advance.run_started(
@@ -417,7 +418,7 @@ def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_a
     now = timezone.now()
     later = Run(
         workflow_name="reference_workload", workflow_version=1, trace_id="t", input={}, created_at=now,
-        updated_at=now, deadline_at=now,
+        updated_at=now, deadline_at=now, tenant=tenant_by_slug(""),
     )
     version = unsaved(StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now)
     assert version.run_id is None

@@ -16,7 +16,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from console.demo import DEMO_USERS, DemoSeed, DemoSimulator, demo_users_seed
+from console.demo import DEMO_USERS, SIMULATOR_USER, DemoSeed, DemoSimulator, demo_users_seed
 from console.embedded import EmbeddedOptions, EmbeddedStack, bind_socket
 from orchestration.registry import pools
 
@@ -71,11 +71,11 @@ class Command(BaseCommand):
 
         simulator = None
         if not options["no_simulator"]:
-            operator = get_user_model().objects.filter(username="operator").first()
-            if operator is None:
-                self.stdout.write("No user named operator to submit demo work as: simulator off.")
+            service = get_user_model().objects.filter(username=SIMULATOR_USER).first()
+            if service is None:
+                self.stdout.write(f"No service account {SIMULATOR_USER!r} to submit demo work as: simulator off.")
             else:
-                simulator = DemoSimulator(user=operator).tick
+                simulator = DemoSimulator(user=service).tick
         stack = EmbeddedStack(
             EmbeddedOptions(
                 host=options["host"],
@@ -107,7 +107,8 @@ class Command(BaseCommand):
                 "",
                 *(f"  {name:<10} {password}" for name, password in seed.created.items()),
                 "",
-                "Roles: operator decides approvals, admin manages everything, auditor reads.",
+                "Roles: operator decides approvals up to tier 2, lead up to tier 3; admin and",
+                "admin2 edit policies (each approves the other's); auditor reads everything.",
                 "Reset a password any time: python manage.py changepassword operator",
             ]
             width = max(len(line) for line in lines) + 2

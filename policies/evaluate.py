@@ -1,0 +1,440 @@
+"""Deciding an action: a pure function of (compiled policy version, facts, now) -> Decision.
+
+``compile_policy(document, version=n)`` turns a validated document into a :class:`CompiledPolicy`
+once (globs to regexes, paths to readers, zones to ``ZoneInfo``); the engine keeps it per version.
+``policy_decide(policy, facts, now)`` then decides an action with no database and no clock but
+``now``. The same compiled policy answers what the engine needs around a decision:
+``ceilings_for``, ``rate_limits_for``, ``bounds_for`` and ``price_cost``.
+
+**How matching rules combine** (the safe choice, and easy to explain):
+
+1. Every rule whose ``action`` (and ``workflow``, ``tenant``, if given) globs match and whose
+   conditions all hold *matches*; a window with ``applies_to`` acts as a rule with the id
+   ``window:<name>`` that matches outside the window. A ``defer`` rule whose window is open now
+   does not match (nothing to wait for).
+2. The strictest outcome wins: **deny > require_approval > defer > allow**. No rule matching:
+   the document's ``default``.
+3. The deciding rule is the one whose outcome won: the first deny in document order; among
+   approvals, the highest tier, then the most stages, then the largest quorum (then the first);
+   among defers, the one that waits longest; among allows, the first.
+4. Approvals are merged so no rule's demand is lost: the quorum is the largest asked for, and an
+   expiry rejects if any matching approval says so. If a defer matched too, the approval carries
+   its ``defer_until``: once approved, the action still waits until then.
+5. At ``defer_until`` the engine decides again: the world (spend, other windows) may have moved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
+from fnmatch import translate
+from typing import Any, Literal
+
+from policies.conditions import (
+    Check,
+    Clock,
+    CompiledWindow,
+    WindowCheck,
+    check_compile,
+    window_compile,
+)
+from policies.document import (
+    Allow,
+    Bounds,
+    Defer,
+    DeferUntilOpen,
+    Deny,
+    PolicyDocument,
+    RateLimit,
+    RequireApproval,
+    zone_get,
+)
+from policies.facts import Facts
+
+__all__ = [
+    "CeilingScope",
+    "CompiledPolicy",
+    "Decision",
+    "Facts",
+    "RateLimitBucket",
+    "bounds_for",
+    "ceilings_for",
+    "compile_policy",
+    "policy_decide",
+    "price_cost",
+    "rate_limits_for",
+]
+
+DecisionOutcome = Literal["allow", "deny", "require_approval", "defer"]
+RANK = {"allow": 0, "defer": 1, "require_approval": 2, "deny": 3}
+#: ``PolicyDecision.outcome`` has 8 characters and calls "require approval" ``approve``.
+RECORDED_OUTCOME = {"allow": "allow", "deny": "deny", "require_approval": "approve", "defer": "defer"}
+# Distinct (action, workflow, tenant) triples are few in practice; a bound keeps a flood of
+# made-up names from growing the cache without limit.
+CANDIDATE_CACHE_SIZE = 8192
+MONEY_QUANTUM = Decimal("0.000001")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy says about one action, why, and with which version and facts."""
+
+    outcome: DecisionOutcome
+    #: The deciding rule's id, ``window:<name>`` for a window that applies to actions, or ``default``.
+    rule: str
+    reason: str
+    facts: Facts
+    version: int | None
+    #: For require_approval: the highest tier that must sign (the last stage), how many distinct
+    #: people at each stage, the stages' tiers in order, how long they have, and what expiry does.
+    tier: int = 0
+    quorum: int = 0
+    stages: tuple[int, ...] = ()
+    sla: timedelta | None = None
+    on_expiry: Literal["reject", "approve"] | None = None
+    #: For defer (and an approval that must also wait): not before this instant (aware, UTC).
+    defer_until: datetime | None = None
+    #: Every rule that matched, in document order (the deciding one among them).
+    matched: tuple[str, ...] = ()
+
+    @property
+    def recorded_outcome(self) -> str:
+        """The outcome as ``PolicyDecision.outcome`` stores it (``approve`` for an approval)."""
+        return RECORDED_OUTCOME[self.outcome]
+
+    def to_json(self) -> dict[str, Any]:
+        """The decision as JSON values (for the API, the audit payload and the run page)."""
+        return {
+            "outcome": self.outcome,
+            "rule": self.rule,
+            "reason": self.reason,
+            "version": self.version,
+            "tier": self.tier,
+            "quorum": self.quorum,
+            "stages": list(self.stages),
+            "sla_seconds": int(self.sla.total_seconds()) if self.sla is not None else None,
+            "on_expiry": self.on_expiry,
+            "defer_until": self.defer_until.isoformat() if self.defer_until is not None else None,
+            "matched": list(self.matched),
+            "facts": self.facts.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CeilingScope:
+    """A ceiling that counts this action's spend: the ledger's scope kind and key, with limits."""
+
+    scope: str
+    #: The run id, workflow, agent or tenant this spend counts against ("" for global_day).
+    key: str
+    limit: Decimal
+    soft_ratio: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitBucket:
+    """A rate limit that counts this action: at most ``limit`` per ``period`` in ``key``'s bucket."""
+
+    id: str
+    #: The counter's name: the limit's id, and the tenant/workflow/agent/run it is counted per.
+    key: str
+    limit: int
+    period: timedelta
+
+
+Outcome = Allow | Deny | RequireApproval | Defer | DeferUntilOpen
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    """A rule (or a governing window) ready to test."""
+
+    id: str
+    description: str
+    rank: int
+    #: Restricting rules (all but allow) match when a fact they test is missing: fail closed.
+    restricts: bool
+    action: re.Pattern[str]
+    workflow: re.Pattern[str] | None
+    tenant: re.Pattern[str] | None
+    checks: tuple[Check, ...]
+    outcome: Outcome
+    #: The window a defer waits for.
+    window: CompiledWindow | None = None
+
+    def covers(self, action: str, workflow: str, tenant: str) -> bool:
+        """Whether the rule's globs match the action, workflow and tenant."""
+        return (
+            self.action.match(action) is not None
+            and (self.workflow is None or self.workflow.match(workflow) is not None)
+            and (self.tenant is None or self.tenant.match(tenant) is not None)
+        )
+
+    def holds(self, facts: Facts, clock: Clock) -> bool:
+        """Whether every condition holds (an undecidable one counts as the rule restricts)."""
+        for check in self.checks:
+            result = check.test(facts, clock)
+            if result is None:
+                result = self.restricts
+            if not result:
+                return False
+        return True
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledPolicy:
+    """A policy version, compiled: decide with :func:`policy_decide`. Immutable apart from
+    a cache of which rules cover which (action, workflow, tenant)."""
+
+    document: PolicyDocument
+    version: int | None
+    default: DecisionOutcome
+    rules: tuple[CompiledRule, ...]
+    windows: Mapping[str, CompiledWindow]
+    #: Each rate limit of the document with its action globs compiled.
+    rate_limits: tuple[tuple[RateLimit, re.Pattern[str]], ...] = ()
+    _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(default_factory=dict, repr=False)
+
+    def candidates(self, facts: Facts) -> tuple[CompiledRule, ...]:
+        """The rules whose globs cover the action, workflow and tenant, in document order."""
+        key = (facts.action, facts.workflow, facts.tenant)
+        found = self._candidates.get(key)
+        if found is None:
+            found = tuple(rule for rule in self.rules if rule.covers(*key))
+            if len(self._candidates) >= CANDIDATE_CACHE_SIZE:
+                self._candidates.clear()
+            self._candidates[key] = found
+        return found
+
+
+def _globs(patterns: list[str] | None) -> re.Pattern[str] | None:
+    if patterns is None:
+        return None
+    return re.compile("|".join(f"(?:{translate(pattern)})" for pattern in patterns))
+
+
+def compile_policy(document: PolicyDocument, *, version: int | None = None) -> CompiledPolicy:
+    """Compile a validated document once, so each decision is fast; ``version`` is the
+    ``PolicyVersion.number`` it came from, carried into every decision."""
+    windows = {name: window_compile(name, window) for name, window in document.time_windows.items()}
+    rules: list[CompiledRule] = []
+    for rule in document.rules:
+        outcome = rule.outcome
+        rules.append(
+            CompiledRule(
+                id=rule.id,
+                description=rule.description,
+                rank=RANK[outcome.decision],
+                restricts=outcome.decision != "allow",
+                action=_globs(rule.action) or re.compile(""),
+                workflow=_globs(rule.workflow),
+                tenant=_globs(rule.tenant),
+                checks=tuple(check_compile(c, windows, document.allowlists) for c in rule.when),
+                outcome=outcome,
+                window=windows[outcome.until] if isinstance(outcome, Defer) else None,
+            )
+        )
+    for name, window in document.time_windows.items():
+        if window.applies_to is None or window.outside is None:
+            continue
+        compiled = windows[name]
+        rules.append(
+            CompiledRule(
+                id=f"window:{name}",
+                description=window.description or f"outside the {name} window",
+                rank=RANK[window.outside.decision],
+                restricts=True,
+                action=_globs(window.applies_to.action) or re.compile(""),
+                workflow=_globs(window.applies_to.workflow),
+                tenant=_globs(window.applies_to.tenant),
+                checks=(WindowCheck(compiled, inside=False),),
+                outcome=window.outside,
+                window=compiled if isinstance(window.outside, DeferUntilOpen) else None,
+            )
+        )
+    rate_limits = tuple(
+        (limit, _globs(limit.action) or re.compile("")) for limit in document.rate_limits
+    )
+    return CompiledPolicy(document, version, document.default, tuple(rules), windows, rate_limits)
+
+
+def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decision:
+    """Decide one action: which rules match, and which outcome wins (see the module's notes).
+    ``now`` must be aware; it is the only clock."""
+    if now.utcoffset() is None:
+        raise ValueError("now must be an aware datetime")
+    tenant_zone = zone_get(facts.tenant_time_zone)
+    assert tenant_zone is not None  # Facts refuse a zone that does not exist
+    clock = Clock(now, tenant_zone)
+    matched: list[CompiledRule] = []
+    for rule in policy.candidates(facts):
+        if rule.holds(facts, clock) and not (rule.window is not None and rule.window.is_open(clock)):
+            matched.append(rule)
+    if not matched:
+        return Decision(
+            outcome=policy.default,
+            rule="default",
+            reason=f"no rule matches {facts.action}; the policy's default is {policy.default}",
+            facts=facts,
+            version=policy.version,
+        )
+    strongest = max(rule.rank for rule in matched)
+    names = tuple(rule.id for rule in matched)
+    if strongest == RANK["require_approval"]:
+        return _approval(policy, facts, clock, matched, names)
+    if strongest == RANK["defer"]:
+        until, deciding = _latest_defer(matched, clock)
+        return Decision(
+            outcome="defer",
+            rule=deciding.id,
+            reason=_reason(deciding, facts, clock, until, deciding.window),
+            facts=facts,
+            version=policy.version,
+            defer_until=until,
+            matched=names,
+        )
+    deciding = next(rule for rule in matched if rule.rank == strongest)
+    return Decision(
+        outcome=deciding.outcome.decision,
+        rule=deciding.id,
+        reason=_reason(deciding, facts, clock, None, None),
+        facts=facts,
+        version=policy.version,
+        matched=names,
+    )
+
+
+def _approval(
+    policy: CompiledPolicy, facts: Facts, clock: Clock, matched: list[CompiledRule], names: tuple[str, ...]
+) -> Decision:
+    approvals = [(rule, rule.outcome) for rule in matched if isinstance(rule.outcome, RequireApproval)]
+    deciding, winner = approvals[0]
+    for rule, outcome in approvals[1:]:
+        if _demand(outcome) > _demand(winner):
+            deciding, winner = rule, outcome
+    stages = winner.stage_tiers
+    rejects = any(outcome.on_expiry == "reject" for _, outcome in approvals)
+    until, waiting_for = None, None
+    if any(rule.window is not None for rule in matched):
+        until, deferring = _latest_defer(matched, clock)
+        waiting_for = deferring.window
+    return Decision(
+        outcome="require_approval",
+        rule=deciding.id,
+        reason=_reason(deciding, facts, clock, until, waiting_for),
+        facts=facts,
+        version=policy.version,
+        tier=stages[-1],
+        quorum=max(outcome.quorum for _, outcome in approvals),
+        stages=stages,
+        sla=winner.sla,
+        on_expiry="reject" if rejects else "approve",
+        defer_until=until,
+        matched=names,
+    )
+
+
+def _demand(outcome: RequireApproval) -> tuple[int, int, int]:
+    stages = outcome.stage_tiers
+    return (stages[-1], len(stages), outcome.quorum)
+
+
+def _latest_defer(matched: list[CompiledRule], clock: Clock) -> tuple[datetime, CompiledRule]:
+    latest: tuple[datetime, CompiledRule] | None = None
+    for rule in matched:
+        if rule.window is None:
+            continue
+        opening = rule.window.next_opening(clock)
+        if latest is None or opening > latest[0]:
+            latest = (opening, rule)
+    assert latest is not None  # callers only ask when a defer matched
+    return latest
+
+
+def _reason(
+    rule: CompiledRule,
+    facts: Facts,
+    clock: Clock,
+    until: datetime | None,
+    waiting_for: CompiledWindow | None,
+) -> str:
+    # Built only for the deciding rule, so a decision pays for one explanation.
+    headline = rule.outcome.reason or rule.description
+    seen = "; ".join(check.explain(facts, clock) for check in rule.checks)
+    text = f"{headline}: {seen}" if seen else headline
+    if until is not None and waiting_for is not None:
+        local = until.astimezone(waiting_for.zone_for(clock))
+        text += f"; not before {local:%a %Y-%m-%d %H:%M} {local.tzname()} ({waiting_for.name} opens)"
+    return text
+
+
+# --- what else the engine asks of a version ----------------------------------------------------
+
+_SCOPE_FACT = {
+    "run": "workflow",
+    "workflow_day": "workflow",
+    "agent_day": "agent",
+    "tenant_month": "tenant",
+}
+
+
+def ceilings_for(policy: CompiledPolicy, facts: Facts) -> tuple[CeilingScope, ...]:
+    """The ceilings this action's spend counts against, one per scope: a ceiling keyed to this
+    workflow, agent or tenant beats the scope's unkeyed one. A scope whose key is unknown (no
+    run id, no tenant) is left out; ``global_day`` never is."""
+    found: dict[str, CeilingScope] = {}
+    keyed: set[str] = set()
+    for ceiling in policy.document.ceilings:
+        scope = ceiling.scope
+        if scope == "global_day":
+            key = ""
+        else:
+            filter_value = getattr(facts, _SCOPE_FACT[scope])
+            if ceiling.key is not None and ceiling.key != filter_value:
+                continue
+            key = (str(facts.run_id) if facts.run_id is not None else "") if scope == "run" else filter_value
+            if not key:
+                continue
+        if scope in keyed:
+            continue
+        if ceiling.key is not None:
+            keyed.add(scope)
+        found[scope] = CeilingScope(scope, key, ceiling.limit, ceiling.soft_ratio)
+    return tuple(found[scope] for scope in ("run", "workflow_day", "agent_day", "tenant_month", "global_day") if scope in found)
+
+
+def rate_limits_for(policy: CompiledPolicy, facts: Facts) -> tuple[RateLimitBucket, ...]:
+    """The rate limits that count this action, each with the bucket it is counted in."""
+    buckets = []
+    for limit, action in policy.rate_limits:
+        if action.match(facts.action) is None:
+            continue
+        if limit.per == "global":
+            key = limit.id
+        else:
+            value = facts.run_id if limit.per == "run" else getattr(facts, limit.per)
+            key = f"{limit.id}:{limit.per}={value if value not in (None, '') else '-'}"
+        buckets.append(RateLimitBucket(limit.id, key, limit.limit, limit.period))
+    return tuple(buckets)
+
+
+def bounds_for(policy: CompiledPolicy, workflow: str) -> Bounds:
+    """The workflow's bounds: its own entry over the ``"*"`` entry, field by field; a field
+    neither sets is None (the workflow's definition applies)."""
+    general = policy.document.bounds.get("*", Bounds())
+    own = policy.document.bounds.get(workflow, Bounds())
+    return Bounds.model_validate({**general.model_dump(exclude_none=True), **own.model_dump(exclude_none=True)})
+
+
+def price_cost(policy: CompiledPolicy, model: str, input_tokens: int, output_tokens: int) -> Decimal | None:
+    """What a call costs in the policy's currency, from its token counts, rounded up to the
+    ledger's six decimal places; None for a model the price table does not know (the caller
+    fails closed)."""
+    price = policy.document.prices.get(model)
+    if price is None:
+        return None
+    cost = (price.input_per_1k * input_tokens + price.output_per_1k * output_tokens) / 1000
+    return cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)

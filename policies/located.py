@@ -90,20 +90,41 @@ def yaml_read(text: str) -> Located:
         mark = exc.problem_mark or exc.context_mark
         where = Position(mark.line + 1, mark.column + 1) if mark else Position(1)
         problem = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise SourceSyntaxError(f"not valid YAML: {problem}", where) from None
+        raise SourceSyntaxError(f"not valid YAML: {_plain_words(problem)}", where) from None
     except yaml.YAMLError as exc:
         raise SourceSyntaxError(f"not valid YAML: {exc}", Position(1)) from None
     if len(documents) > 1:
-        second = documents[1]
+        # Point at the separator that starts the second document, not at its content.
+        lines = text.splitlines()[: documents[1].start_mark.line + 1]
+        separator = max((n for n, line in enumerate(lines) if line.startswith("---")), default=0)
         raise SourceSyntaxError(
             "one document expected, found several (remove the '---' separators)",
-            Position(second.start_mark.line + 1, second.start_mark.column + 1),
+            Position(separator + 1, 1),
         )
     located = Located()
     if documents and documents[0] is not None:
         builder = _YamlBuilder(located)
         located.value = builder.build(documents[0], ())
     return located
+
+
+# PyYAML's wording for the mistakes people make most, in words an admin can act on.
+_YAML_PROBLEMS = (
+    ("'\\t' that cannot start any token", "a tab: indent with spaces"),
+    ("expected <block end>, but found", "the indentation does not line up with the lines above"),
+    ("mapping values are not allowed here", "an unexpected ':' (put quotes around a value that contains ': ')"),
+    ("while parsing a flow sequence", "a '[' list is not closed with ']'"),
+    ("while parsing a flow mapping", "a '{' mapping is not closed with '}'"),
+    ("while scanning a quoted scalar", "a quoted text is not closed"),
+    ("could not find expected ':'", "a line without 'name: value' where one was expected"),
+)
+
+
+def _plain_words(problem: str) -> str:
+    for pyyaml_words, words in _YAML_PROBLEMS:
+        if pyyaml_words in problem:
+            return words
+    return problem
 
 
 def _mark(node: yaml.Node) -> Position:

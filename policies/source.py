@@ -96,7 +96,7 @@ def policy_source_problems(text: str, *, format: Literal["yaml", "json"] | None 
 def _problems(error: ValidationError, located: Located) -> list[SourceProblem]:
     problems: list[SourceProblem] = []
     for item in error.errors(include_url=False):
-        loc = _without_union_tags(tuple(item["loc"]))
+        loc = _as_written(_without_union_tags(tuple(item["loc"])), located.value)
         is_key = bool(loc) and loc[-1] == "[key]"
         if is_key:
             loc = loc[:-1]
@@ -120,12 +120,30 @@ def _without_union_tags(loc: Location) -> Location:
     # pydantic names the branch of a tagged union in the path (outcome.require_approval.tier);
     # the source has no such level, so it is dropped to match the text.
     kept: list[str | int] = []
-    for part in loc:
-        after_outcome = bool(kept) and kept[-1] in ("outcome", "outside") and part in OUTCOME_TAGS
-        after_condition = len(kept) >= 2 and kept[-2] == "when" and isinstance(kept[-1], int) and part in CONDITION_TAGS
+    for index, part in enumerate(loc):
+        previous = loc[index - 1] if index >= 1 else None
+        after_outcome = previous in ("outcome", "outside") and part in OUTCOME_TAGS
+        after_condition = (
+            index >= 2 and loc[index - 2] == "when" and isinstance(previous, int) and part in CONDITION_TAGS
+        )
         if not (after_outcome or after_condition):
             kept.append(part)
     return tuple(kept)
+
+
+def _as_written(loc: Location, value: Any) -> Location:
+    # A single name written without brackets is validated as a list of one: `fact[0]` in the
+    # error path would point at brackets the author never wrote.
+    for index, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        elif isinstance(value, str) and part == 0 and index == len(loc) - 1:
+            return loc[:index]
+        else:
+            break
+    return loc
 
 
 def _message(item: Any, loc: Location, is_key: bool) -> tuple[str, Location]:
@@ -208,7 +226,7 @@ def _simplified(value: Any, loc: Location) -> Any:
             for key, item in value.items()
             # Empty text and empty collections are every field's default: leaving them out
             # keeps the canonical text to what the author actually set.
-            if not ((isinstance(item, list | dict) and not item and loc) or item == "")
+            if not ((isinstance(item, list | dict) and not item) or item == "")
         }
     if isinstance(value, list):
         if loc and loc[-1] in ONE_OR_MANY_KEYS and len(value) == 1:

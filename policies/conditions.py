@@ -11,10 +11,11 @@ as anyone reading the rule expects); ints, Decimals and numeric strings exactly,
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +33,6 @@ from policies.document import (
 from policies.facts import Facts
 from policies.windows import WeeklyWindow
 
-MISSING: Any = object()
 ORDERING: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -41,22 +41,33 @@ ORDERING: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-class Clock:
-    """``now`` for one decision, with local times computed once per zone."""
+#: A fact not read yet in this evaluation (None is taken: it means "missing").
+UNREAD: Any = object()
 
-    __slots__ = ("_local", "now", "tenant_zone")
 
-    def __init__(self, now: datetime, tenant_zone: ZoneInfo) -> None:
+class Evaluation:
+    """One decision in progress: ``now``, the tenant's zone, and what it computed once and
+    reuses (local times per zone; each distinct fact path's value, so ten tier rules on
+    ``params.proposal.amount`` read it once)."""
+
+    __slots__ = ("_local", "now", "tenant_zone", "values")
+
+    def __init__(self, now: datetime, tenant_zone: ZoneInfo, fact_paths: int = 0) -> None:
         self.now = now
         self.tenant_zone = tenant_zone
         self._local: dict[ZoneInfo, datetime] = {}
+        self.values: list[Any] = [UNREAD] * fact_paths
 
     def local(self, zone: ZoneInfo) -> datetime:
-        """``now`` on a wall clock in ``zone``."""
+        """``now`` on a wall evaluation in ``zone``."""
         found = self._local.get(zone)
         if found is None:
             found = self._local[zone] = self.now.astimezone(zone)
         return found
+
+
+# Remembered openings per zone: a handful of closed stretches (one or two a day) cover a week.
+OPENINGS_REMEMBERED = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +78,40 @@ class CompiledWindow:
     schedule: WeeklyWindow
     zone: ZoneInfo | None
     summary: str
+    #: Per zone, stretches [asked, opens) already answered (see :meth:`next_opening`).
+    _openings: dict[ZoneInfo, list[tuple[datetime, datetime]]] = field(default_factory=dict, repr=False, compare=False)
 
-    def zone_for(self, clock: Clock) -> ZoneInfo:
+    def zone_for(self, evaluation: Evaluation) -> ZoneInfo:
         """The zone the window is read in for this decision."""
-        return self.zone if self.zone is not None else clock.tenant_zone
+        return self.zone if self.zone is not None else evaluation.tenant_zone
 
-    def is_open(self, clock: Clock) -> bool:
-        """Whether the window is open at the clock's ``now``."""
-        return self.schedule.is_open_local(clock.local(self.zone_for(clock)))
+    def is_open(self, evaluation: Evaluation) -> bool:
+        """Whether the window is open at the evaluation's ``now``."""
+        return self.schedule.is_open_local(evaluation.local(self.zone_for(evaluation)))
 
-    def next_opening(self, clock: Clock) -> datetime:
-        """When the window next opens (``now`` if it is open)."""
-        return self.schedule.next_opening(clock.now, self.zone_for(clock))
+    def next_opening(self, evaluation: Evaluation) -> datetime:
+        """When the window next opens (``now`` if it is open).
+
+        If the opening after instant ``asked`` is ``opens``, the window is closed all through
+        [asked, opens), so the answer is the same for any ``now`` in it: answers are kept as
+        such stretches (exact, not an approximation), and a stretch is widened back to the
+        earliest ``now`` that found it."""
+        now, zone = evaluation.now, self.zone_for(evaluation)
+        stretches = self._openings.setdefault(zone, [])
+        for asked, opens in stretches:
+            if asked <= now < opens:
+                return opens
+        if self.is_open(evaluation):
+            return now.astimezone(UTC)
+        opens = self.schedule.next_opening(now, zone)
+        for index, (asked, known) in enumerate(stretches):
+            if known == opens:
+                stretches[index] = (min(asked, now), opens)
+                return opens
+        if len(stretches) >= OPENINGS_REMEMBERED:
+            del stretches[0]
+        stretches.append((now, opens))
+        return opens
 
 
 def window_compile(name: str, window: TimeWindow) -> CompiledWindow:
@@ -89,6 +122,12 @@ def window_compile(name: str, window: TimeWindow) -> CompiledWindow:
     where = "the tenant's zone" if zone is None else window.zone
     summary = f"{days_text(window.days)} {window.start}-{window.end}, {where}"
     return CompiledWindow(name, schedule, zone, summary)
+
+
+def wall_text(local: datetime, *, with_date: bool = False) -> str:
+    """``Wed 22:00 CEST`` (or ``Thu 2026-06-18 08:00 CEST``); strftime costs several times more."""
+    day = f" {local.year}-{local.month:02d}-{local.day:02d}" if with_date else ""
+    return f"{DAYS[local.weekday()].capitalize()}{day} {local.hour:02d}:{local.minute:02d} {local.tzname()}"
 
 
 def days_text(days: list[str]) -> str:
@@ -106,35 +145,50 @@ def days_text(days: list[str]) -> str:
 
 
 # --- reading facts ------------------------------------------------------------------------------
+# A reader returns None for a fact that is missing (a null counts as missing: an amount of null
+# is not known either).
+
+
+def _walk(value: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if isinstance(value, Mapping):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+        if value is None:
+            return None
+    return value
 
 
 def _reader(path: str) -> Callable[[Facts], Any]:
     root, _, rest = path.partition(".")
-    if root == "params":
-        keys = tuple(rest.split("."))
-
-        def read_param(facts: Facts) -> Any:
-            value: Any = facts.params
-            for key in keys:
-                if isinstance(value, Mapping):
-                    value = value.get(key, MISSING)
-                elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
-                    value = value[int(key)]
-                else:
-                    return MISSING
-                if value is MISSING or value is None:
-                    return MISSING
-            return value
-
-        return read_param
     if root == "spend":
-        return lambda facts: facts.spend.get(rest, MISSING)
+        return lambda facts: facts.spend.get(rest)
+    if root != "params":
 
-    def read_attribute(facts: Facts) -> Any:
-        value = getattr(facts, root)
-        return MISSING if value is None or value == "" else value
+        def read_attribute(facts: Facts) -> Any:
+            value = getattr(facts, root)
+            return None if value == "" else value
 
-    return read_attribute
+        return read_attribute
+    keys = tuple(rest.split("."))
+    first, more = keys[0], keys[1:]
+    # The common shapes (params.amount, params.proposal.amount) read without a loop.
+    if not more:
+        return lambda facts: facts.params.get(first)
+    if len(more) == 1:
+        second = more[0]
+
+        def read_nested(facts: Facts) -> Any:
+            value = facts.params.get(first)
+            if type(value) is dict:
+                return value.get(second)
+            return None if value is None else _walk(value, more)
+
+        return read_nested
+    return lambda facts: _walk(facts.params, keys)
 
 
 def _first_present(readers: tuple[Callable[[Facts], Any], ...]) -> Callable[[Facts], Any]:
@@ -144,9 +198,9 @@ def _first_present(readers: tuple[Callable[[Facts], Any], ...]) -> Callable[[Fac
     def read(facts: Facts) -> Any:
         for reader in readers:
             value = reader(facts)
-            if value is not MISSING:
+            if value is not None:
                 return value
-        return MISSING
+        return None
 
     return read
 
@@ -155,7 +209,7 @@ def as_number(value: Any) -> float | int | Decimal | None:
     """A fact as a number to compare, or None if it is not one (bools are not numbers)."""
     kind = type(value)
     if kind is float:
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
+        return value if math.isfinite(value) else None
     if kind is int or kind is Decimal:
         return value if kind is int or value.is_finite() else None
     if kind is str:
@@ -169,46 +223,66 @@ def as_number(value: Any) -> float | int | Decimal | None:
 
 # --- checks -------------------------------------------------------------------------------------
 
+Test = Callable[[Facts, Evaluation], "bool | None"]
+
 
 class Check:
-    """One compiled condition."""
+    """One compiled condition: ``test(facts, evaluation)`` answers True, False, or None when it
+    cannot be decided (the rule then fails closed); ``explain`` says what it saw."""
 
-    __slots__ = ()
+    __slots__ = ("test",)
 
-    def test(self, facts: Facts, clock: Clock) -> bool | None:
-        """True, False, or None when it cannot be decided (the rule then fails closed)."""
-        raise NotImplementedError
+    test: Test
 
-    def explain(self, facts: Facts, clock: Clock) -> str:
+    def explain(self, facts: Facts, evaluation: Evaluation) -> str:
         """What the condition saw, in words, for a decision's reason."""
         raise NotImplementedError
 
 
 class FactCheck(Check):
-    """A comparison of one fact with a value, a list of values, or an allowlist."""
+    """A comparison of one fact with a value, a list of values, or an allowlist.
 
-    __slots__ = ("_test", "paths", "read", "text")
+    ``compare`` (a value in, True/False/None out) is the plain definition; ``test`` is the same
+    check with the read folded in, and for ordering the common number types compared inline,
+    because a decision runs many of them (``tests/policies`` checks that the two agree)."""
 
-    def __init__(self, paths: tuple[str, ...], text: str, test: Callable[[Any], bool | None]) -> None:
+    __slots__ = ("compare", "paths", "read", "slot", "text")
+
+    def __init__(
+        self,
+        paths: tuple[str, ...],
+        slot: int,
+        text: str,
+        compare: Callable[[Any], bool | None],
+    ) -> None:
         self.paths = paths
+        self.slot = slot
         self.read = _first_present(tuple(_reader(path) for path in paths))
         self.text = text
-        self._test = test
+        self.compare = compare
+        self.test = _read_then_compare(self.read, slot, compare)
 
-    def test(self, facts: Facts, clock: Clock) -> bool | None:
-        value = self.read(facts)
-        return None if value is MISSING else self._test(value)
-
-    def explain(self, facts: Facts, clock: Clock) -> str:
+    def explain(self, facts: Facts, evaluation: Evaluation) -> str:
         value = self.read(facts)
         name = " or ".join(self.paths)
-        if value is MISSING:
+        if value is None:
             return f"{name} is missing (required: {self.text})"
-        result = self._test(value)
+        result = self.compare(value)
         seen = f"{name} is {value!r}"
         if result is None:
             return f"{seen}, which cannot be compared (required: {self.text})"
         return f"{seen}, {self.text}"
+
+
+def _read_then_compare(read: Callable[[Facts], Any], slot: int, compare: Callable[[Any], bool | None]) -> Test:
+    def test(facts: Facts, evaluation: Evaluation) -> bool | None:
+        values = evaluation.values
+        value = values[slot]
+        if value is UNREAD:
+            value = values[slot] = read(facts)
+        return None if value is None else compare(value)
+
+    return test
 
 
 class WindowCheck(Check):
@@ -219,40 +293,45 @@ class WindowCheck(Check):
     def __init__(self, window: CompiledWindow, inside: bool) -> None:
         self.window = window
         self.inside = inside
+        self.test = lambda facts, evaluation: window.is_open(evaluation) is inside
 
-    def test(self, facts: Facts, clock: Clock) -> bool | None:
-        return self.window.is_open(clock) is self.inside
-
-    def explain(self, facts: Facts, clock: Clock) -> str:
-        local = clock.local(self.window.zone_for(clock))
-        where = "inside" if self.window.is_open(clock) else "outside"
-        return f"it is {local:%a %H:%M} {local.tzname()}, {where} {self.window.name} ({self.window.summary})"
+    def explain(self, facts: Facts, evaluation: Evaluation) -> str:
+        local = evaluation.local(self.window.zone_for(evaluation))
+        where = "inside" if self.window.is_open(evaluation) else "outside"
+        return f"it is {wall_text(local)}, {where} {self.window.name} ({self.window.summary})"
 
 
 def check_compile(
     condition: FactCondition | WindowCondition,
     windows: Mapping[str, CompiledWindow],
     allowlists: Mapping[str, Allowlist],
+    fact_slots: dict[tuple[str, ...], int],
 ) -> Check:
-    """A condition of a validated document, compiled (its references exist)."""
+    """A condition of a validated document, compiled (its references exist). ``fact_slots``
+    numbers each distinct fact path the policy reads (shared by all its conditions)."""
     if isinstance(condition, WindowCondition):
         return WindowCheck(windows[condition.window], condition.op == "inside")
     paths = tuple(condition.fact)
+    slot = fact_slots.setdefault(paths, len(fact_slots))
     op = condition.op
     if condition.allowlist is not None:
         inside = _allowlist_test(allowlists[condition.allowlist])
         if op == "in_allowlist":
-            return FactCheck(paths, f"in allowlist {condition.allowlist}", inside)
-        return FactCheck(paths, f"not in allowlist {condition.allowlist}", _negate(inside))
+            return FactCheck(paths, slot, f"in allowlist {condition.allowlist}", inside)
+        return FactCheck(paths, slot, f"not in allowlist {condition.allowlist}", _negate(inside))
     value = condition.value
     text = f"{op} {_value_text(value)}"
     if op in ORDERING:
-        return FactCheck(paths, text, _ordering_test(ORDERING[op], value))
+        check = FactCheck(paths, slot, text, _ordering_test(ORDERING[op], value))
+        check.test = _ordering_fast(check.read, slot, ORDERING[op], value, check.compare)
+        return check
     if op in ("==", "!="):
         equal = _equality_test(value)
-        return FactCheck(paths, text, equal if op == "==" else _negate(equal))
+        return FactCheck(paths, slot, text, equal if op == "==" else _negate(equal))
     member = _membership_test(value)
-    return FactCheck(paths, text, member if op == "in" else _negate(member))
+    check = FactCheck(paths, slot, text, member if op == "in" else _negate(member))
+    check.test = _membership_fast(check.read, slot, op == "in", value, check.compare)
+    return check
 
 
 def _value_text(value: Any) -> str:
@@ -270,18 +349,66 @@ def _negate(test: Callable[[Any], bool | None]) -> Callable[[Any], bool | None]:
 
 
 def _ordering_test(compare: Callable[[Any, Any], bool], threshold: int | Decimal) -> Callable[[Any], bool | None]:
-    exact = threshold
-    approximate = float(threshold)
+    exact, approximate = threshold, float(threshold)
 
     def ordered(value: Any) -> bool | None:
-        if type(value) is float:
-            if value != value:  # NaN compares false with everything: unknown, not "no"
-                return None
-            return compare(value, approximate)
         number = as_number(value)
-        return None if number is None else compare(number, exact)
+        if number is None:  # NaN compares false with everything: unknown, not "no"
+            return None
+        return compare(number, approximate if type(number) is float else exact)
 
     return ordered
+
+
+def _ordering_fast(
+    read: Callable[[Facts], Any],
+    slot: int,
+    compare: Callable[[Any, Any], bool],
+    threshold: int | Decimal,
+    ordered: Callable[[Any], bool | None],
+) -> Test:
+    # Whole thresholds as ints: comparing an int or a float with an int beats a Decimal.
+    exact: int | Decimal = int(threshold) if threshold == int(threshold) else threshold
+    approximate = float(threshold)
+    isfinite = math.isfinite
+
+    def test(facts: Facts, evaluation: Evaluation) -> bool | None:
+        values = evaluation.values
+        value = values[slot]
+        if value is UNREAD:
+            value = values[slot] = read(facts)
+        kind = type(value)
+        if kind is float:
+            return compare(value, approximate) if isfinite(value) else None
+        if kind is int:
+            return compare(value, exact)
+        if kind is Decimal and value.is_finite():
+            return compare(value, exact)
+        return None if value is None else ordered(value)
+
+    return test
+
+
+def _membership_fast(
+    read: Callable[[Facts], Any],
+    slot: int,
+    wanted: bool,
+    items: list[Any],
+    member: Callable[[Any], bool | None],
+) -> Test:
+    # A string found among the listed strings is the common case (currencies, channels).
+    strings = frozenset(item for item in items if isinstance(item, str))
+
+    def test(facts: Facts, evaluation: Evaluation) -> bool | None:
+        values = evaluation.values
+        value = values[slot]
+        if value is UNREAD:
+            value = values[slot] = read(facts)
+        if type(value) is str and value in strings:
+            return wanted
+        return None if value is None else member(value)
+
+    return test
 
 
 def _equality_test(expected: Any) -> Callable[[Any], bool | None]:
@@ -292,10 +419,10 @@ def _equality_test(expected: Any) -> Callable[[Any], bool | None]:
     exact, approximate = expected, float(expected)
 
     def equal(value: Any) -> bool | None:
-        if type(value) is float:
-            return value == approximate if value == value else None
         number = as_number(value)
-        return None if number is None else number == exact
+        if number is None:
+            return None
+        return number == (approximate if type(number) is float else exact)
 
     return equal
 
@@ -312,13 +439,11 @@ def _membership_test(items: list[Any]) -> Callable[[Any], bool | None]:
             return value in flags
         if isinstance(value, str) and value in strings:
             return True
-        if type(value) is float:
-            return value in approximate if value == value else None
         number = as_number(value)
         if number is None:
             # A string that is no number is simply not in a list of numbers and other strings.
             return False if isinstance(value, str) else None
-        return number in exact
+        return number in (approximate if type(number) is float else exact)
 
     return member
 

@@ -125,7 +125,7 @@ def _rule_changes(old: Rule, new: Rule) -> list[str]:
 
 def _allowlists(old: PolicyDocument, new: PolicyDocument) -> list[str]:
     changes: list[str] = []
-    for name, allowlist in old.allowlists.items():
+    for name in old.allowlists:
         if name not in new.allowlists:
             changes.append(f"allowlist {name} removed")
     for name, allowlist in new.allowlists.items():

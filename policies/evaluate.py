@@ -2,7 +2,7 @@
 
 ``compile_policy(document, version=n)`` turns a validated document into a :class:`CompiledPolicy`
 once (globs to regexes, paths to readers, zones to ``ZoneInfo``); the engine keeps it per version.
-``policy_decide(policy, facts, now)`` then decides an action with no database and no clock but
+``policy_decide(policy, facts, now)`` then decides an action with no database and no evaluation but
 ``now``. The same compiled policy answers what the engine needs around a decision:
 ``ceilings_for``, ``rate_limits_for``, ``bounds_for`` and ``price_cost``.
 
@@ -26,7 +26,7 @@ once (globs to regexes, paths to readers, zones to ``ZoneInfo``); the engine kee
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -35,10 +35,11 @@ from typing import Any, Literal
 
 from policies.conditions import (
     Check,
-    Clock,
     CompiledWindow,
+    Evaluation,
     WindowCheck,
     check_compile,
+    wall_text,
     window_compile,
 )
 from policies.document import (
@@ -161,9 +162,14 @@ class CompiledRule:
     workflow: re.Pattern[str] | None
     tenant: re.Pattern[str] | None
     checks: tuple[Check, ...]
+    #: The checks' test functions, read once (the hot loop calls these).
+    tests: tuple[Callable[[Facts, Evaluation], bool | None], ...]
     outcome: Outcome
     #: The window a defer waits for.
     window: CompiledWindow | None = None
+    #: For an approval: (top tier, number of stages, quorum), compared to pick the deciding one.
+    demand: tuple[int, int, int] = (0, 0, 0)
+    rejects_on_expiry: bool = False
 
     def covers(self, action: str, workflow: str, tenant: str) -> bool:
         """Whether the rule's globs match the action, workflow and tenant."""
@@ -173,10 +179,10 @@ class CompiledRule:
             and (self.tenant is None or self.tenant.match(tenant) is not None)
         )
 
-    def holds(self, facts: Facts, clock: Clock) -> bool:
+    def holds(self, facts: Facts, evaluation: Evaluation) -> bool:
         """Whether every condition holds (an undecidable one counts as the rule restricts)."""
-        for check in self.checks:
-            result = check.test(facts, clock)
+        for test in self.tests:
+            result = test(facts, evaluation)
             if result is None:
                 result = self.restricts
             if not result:
@@ -194,6 +200,8 @@ class CompiledPolicy:
     default: DecisionOutcome
     rules: tuple[CompiledRule, ...]
     windows: Mapping[str, CompiledWindow]
+    #: How many distinct fact paths the rules read (each is read at most once per decision).
+    fact_paths: int = 0
     #: Each rate limit of the document with its action globs compiled.
     rate_limits: tuple[tuple[RateLimit, re.Pattern[str]], ...] = ()
     _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(default_factory=dict, repr=False)
@@ -220,6 +228,7 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
     """Compile a validated document once, so each decision is fast; ``version`` is the
     ``PolicyVersion.number`` it came from, carried into every decision."""
     windows = {name: window_compile(name, window) for name, window in document.time_windows.items()}
+    fact_slots: dict[tuple[str, ...], int] = {}
     rules: list[CompiledRule] = []
     for rule in document.rules:
         outcome = rule.outcome
@@ -232,9 +241,12 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 action=_globs(rule.action) or re.compile(""),
                 workflow=_globs(rule.workflow),
                 tenant=_globs(rule.tenant),
-                checks=tuple(check_compile(c, windows, document.allowlists) for c in rule.when),
+                checks=(checks := tuple(check_compile(c, windows, document.allowlists, fact_slots) for c in rule.when)),
+                tests=tuple(check.test for check in checks),
                 outcome=outcome,
                 window=windows[outcome.until] if isinstance(outcome, Defer) else None,
+                demand=_demand(outcome),
+                rejects_on_expiry=getattr(outcome, "on_expiry", "") == "reject",
             )
         )
     for name, window in document.time_windows.items():
@@ -250,29 +262,41 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 action=_globs(window.applies_to.action) or re.compile(""),
                 workflow=_globs(window.applies_to.workflow),
                 tenant=_globs(window.applies_to.tenant),
-                checks=(WindowCheck(compiled, inside=False),),
+                checks=(outside := (WindowCheck(compiled, inside=False),)),
+                tests=tuple(check.test for check in outside),
                 outcome=window.outside,
                 window=compiled if isinstance(window.outside, DeferUntilOpen) else None,
+                demand=_demand(window.outside),
+                rejects_on_expiry=getattr(window.outside, "on_expiry", "") == "reject",
             )
         )
     rate_limits = tuple(
         (limit, _globs(limit.action) or re.compile("")) for limit in document.rate_limits
     )
-    return CompiledPolicy(document, version, document.default, tuple(rules), windows, rate_limits)
+    return CompiledPolicy(
+        document, version, document.default, tuple(rules), windows, len(fact_slots), rate_limits
+    )
 
 
 def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decision:
     """Decide one action: which rules match, and which outcome wins (see the module's notes).
-    ``now`` must be aware; it is the only clock."""
+    ``now`` must be aware; it is the only evaluation."""
     if now.utcoffset() is None:
         raise ValueError("now must be an aware datetime")
     tenant_zone = zone_get(facts.tenant_time_zone)
     assert tenant_zone is not None  # Facts refuse a zone that does not exist
-    clock = Clock(now, tenant_zone)
+    evaluation = Evaluation(now, tenant_zone, policy.fact_paths)
     matched: list[CompiledRule] = []
+    # CompiledRule.holds, inlined: this loop is where a decision spends its time.
     for rule in policy.candidates(facts):
-        if rule.holds(facts, clock) and not (rule.window is not None and rule.window.is_open(clock)):
-            matched.append(rule)
+        restricts = rule.restricts
+        for test in rule.tests:
+            result = test(facts, evaluation)
+            if not (restricts if result is None else result):
+                break
+        else:
+            if rule.window is None or not rule.window.is_open(evaluation):
+                matched.append(rule)
     if not matched:
         return Decision(
             outcome=policy.default,
@@ -284,13 +308,13 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
     strongest = max(rule.rank for rule in matched)
     names = tuple(rule.id for rule in matched)
     if strongest == RANK["require_approval"]:
-        return _approval(policy, facts, clock, matched, names)
+        return _approval(policy, facts, evaluation, matched, names)
     if strongest == RANK["defer"]:
-        until, deciding = _latest_defer(matched, clock)
+        until, deciding = _latest_defer(matched, evaluation)
         return Decision(
             outcome="defer",
             rule=deciding.id,
-            reason=_reason(deciding, facts, clock, until, deciding.window),
+            reason=_reason(deciding, facts, evaluation, until, deciding.window),
             facts=facts,
             version=policy.version,
             defer_until=until,
@@ -300,7 +324,7 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
     return Decision(
         outcome=deciding.outcome.decision,
         rule=deciding.id,
-        reason=_reason(deciding, facts, clock, None, None),
+        reason=_reason(deciding, facts, evaluation, None, None),
         facts=facts,
         version=policy.version,
         matched=names,
@@ -308,27 +332,32 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
 
 
 def _approval(
-    policy: CompiledPolicy, facts: Facts, clock: Clock, matched: list[CompiledRule], names: tuple[str, ...]
+    policy: CompiledPolicy, facts: Facts, evaluation: Evaluation, matched: list[CompiledRule], names: tuple[str, ...]
 ) -> Decision:
-    approvals = [(rule, rule.outcome) for rule in matched if isinstance(rule.outcome, RequireApproval)]
-    deciding, winner = approvals[0]
-    for rule, outcome in approvals[1:]:
-        if _demand(outcome) > _demand(winner):
-            deciding, winner = rule, outcome
+    deciding: CompiledRule | None = None
+    quorum, rejects, waits = 0, False, False
+    for rule in matched:
+        if rule.demand[0]:
+            if deciding is None or rule.demand > deciding.demand:
+                deciding = rule
+            quorum = max(quorum, rule.demand[2])
+            rejects = rejects or rule.rejects_on_expiry
+        waits = waits or rule.window is not None
+    assert deciding is not None and isinstance(deciding.outcome, RequireApproval)
+    winner = deciding.outcome
     stages = winner.stage_tiers
-    rejects = any(outcome.on_expiry == "reject" for _, outcome in approvals)
     until, waiting_for = None, None
-    if any(rule.window is not None for rule in matched):
-        until, deferring = _latest_defer(matched, clock)
+    if waits:
+        until, deferring = _latest_defer(matched, evaluation)
         waiting_for = deferring.window
     return Decision(
         outcome="require_approval",
         rule=deciding.id,
-        reason=_reason(deciding, facts, clock, until, waiting_for),
+        reason=_reason(deciding, facts, evaluation, until, waiting_for),
         facts=facts,
         version=policy.version,
         tier=stages[-1],
-        quorum=max(outcome.quorum for _, outcome in approvals),
+        quorum=quorum,
         stages=stages,
         sla=winner.sla,
         on_expiry="reject" if rejects else "approve",
@@ -337,17 +366,19 @@ def _approval(
     )
 
 
-def _demand(outcome: RequireApproval) -> tuple[int, int, int]:
+def _demand(outcome: Outcome) -> tuple[int, int, int]:
+    if not isinstance(outcome, RequireApproval):
+        return (0, 0, 0)
     stages = outcome.stage_tiers
     return (stages[-1], len(stages), outcome.quorum)
 
 
-def _latest_defer(matched: list[CompiledRule], clock: Clock) -> tuple[datetime, CompiledRule]:
+def _latest_defer(matched: list[CompiledRule], evaluation: Evaluation) -> tuple[datetime, CompiledRule]:
     latest: tuple[datetime, CompiledRule] | None = None
     for rule in matched:
         if rule.window is None:
             continue
-        opening = rule.window.next_opening(clock)
+        opening = rule.window.next_opening(evaluation)
         if latest is None or opening > latest[0]:
             latest = (opening, rule)
     assert latest is not None  # callers only ask when a defer matched
@@ -357,17 +388,17 @@ def _latest_defer(matched: list[CompiledRule], clock: Clock) -> tuple[datetime, 
 def _reason(
     rule: CompiledRule,
     facts: Facts,
-    clock: Clock,
+    evaluation: Evaluation,
     until: datetime | None,
     waiting_for: CompiledWindow | None,
 ) -> str:
     # Built only for the deciding rule, so a decision pays for one explanation.
     headline = rule.outcome.reason or rule.description
-    seen = "; ".join(check.explain(facts, clock) for check in rule.checks)
+    seen = "; ".join(check.explain(facts, evaluation) for check in rule.checks)
     text = f"{headline}: {seen}" if seen else headline
     if until is not None and waiting_for is not None:
-        local = until.astimezone(waiting_for.zone_for(clock))
-        text += f"; not before {local:%a %Y-%m-%d %H:%M} {local.tzname()} ({waiting_for.name} opens)"
+        local = until.astimezone(waiting_for.zone_for(evaluation))
+        text += f"; not before {wall_text(local, with_date=True)} ({waiting_for.name} opens)"
     return text
 
 

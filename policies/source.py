@@ -137,12 +137,13 @@ def _as_written(loc: Location, value: Any) -> Location:
     for index, part in enumerate(loc):
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            continue
+        if isinstance(value, list) and isinstance(part, int) and part < len(value):
             value = value[part]
-        elif isinstance(value, str) and part == 0 and index == len(loc) - 1:
+            continue
+        if isinstance(value, str) and part == 0 and index == len(loc) - 1:
             return loc[:index]
-        else:
-            break
+        break
     return loc
 
 

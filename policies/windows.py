@@ -49,36 +49,47 @@ class WeeklyWindow:
         itself if it is open already."""
         if self.is_open(moment, zone):
             return moment.astimezone(UTC)
-        local_day = moment.astimezone(zone).date()
-        starts = sorted(
-            instant
-            for offset in range(9)
-            if (local_day + offset * DAY).weekday() in self.days
-            for instant in _instants_at(local_day + offset * DAY, self.start, zone)
-            if instant > moment
-        )
-        # A wall time that exists opens the window at its instant (the first of the two on a
-        # fall-back day); a transition before it may open it earlier (see the module's notes).
-        bound = next(instant for instant in starts if self.is_open(instant, zone))
-        for transition in _transitions(zone, moment, bound):
-            if self.is_open(transition, zone):
-                return transition
+        bound = self._next_start(moment, zone)
+        # A transition before that start may open the window earlier (see the module's notes);
+        # with the same offset at both ends there is none in between (zones change at most
+        # twice a year, never twice within the nine days a search spans).
+        if moment.astimezone(zone).utcoffset() != bound.astimezone(zone).utcoffset():
+            for transition in _transitions(zone, moment, bound):
+                if self.is_open(transition, zone):
+                    return transition
         return bound
+
+    def _next_start(self, moment: datetime, zone: ZoneInfo) -> datetime:
+        # The first instant after ``moment`` whose wall time is the start on an open day (the
+        # first of the two on a fall-back day); days in order, so usually today or tomorrow.
+        local_day = moment.astimezone(zone).date()
+        for offset in range(9):
+            day = local_day + offset * DAY
+            if day.weekday() not in self.days:
+                continue
+            for instant in _instants_at(day, self.start, zone):
+                if instant > moment and self.is_open(instant, zone):
+                    return instant
+        raise AssertionError("a window with at least one day opens within nine days")
 
 
 def _instants_at(day: date, minute: int, zone: ZoneInfo) -> list[datetime]:
-    """Every UTC instant whose wall time in ``zone`` is ``day`` at ``minute`` (two on a
-    fall-back day, none inside a spring-forward gap)."""
+    """Every UTC instant whose wall time in ``zone`` is ``day`` at ``minute``: two on a
+    fall-back day, none inside a spring-forward gap."""
     if minute >= 1440:
         day, minute = day + DAY, minute - 1440
     wall = datetime.combine(day, time(minute // 60, minute % 60))
-    found = []
-    for fold in (0, 1):
-        instant = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
-        # Inside a gap zoneinfo still gives an instant, but it reads back as another wall time.
-        if instant.astimezone(zone).replace(tzinfo=None) == wall and instant not in found:
-            found.append(instant)
-    return found
+    # PEP 495: fold=0 reads a wall time with the offset before a transition, fold=1 with the
+    # one after. Equal offsets: one instant; the earlier offset larger: the hour repeats (two
+    # instants); smaller: the wall time falls in the gap and never happens.
+    before = zone.utcoffset(wall)
+    after = zone.utcoffset(wall.replace(fold=1))
+    assert before is not None and after is not None  # a ZoneInfo always has an offset
+    if before == after:
+        return [(wall - before).replace(tzinfo=UTC)]
+    if before > after:
+        return [(wall - before).replace(tzinfo=UTC), (wall - after).replace(tzinfo=UTC)]
+    return []
 
 
 def _transitions(zone: ZoneInfo, after: datetime, until: datetime) -> list[datetime]:

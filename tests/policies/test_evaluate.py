@@ -453,3 +453,35 @@ def test_price_cost_from_tokens_rounded_up_and_none_for_an_unknown_model() -> No
     assert price_cost(policy, "small", 1000, 1000) == Decimal("0.000750")
     assert price_cost(policy, "small", 1, 0) == Decimal("0.000001")  # 0.00000015, rounded up
     assert price_cost(policy, "large", 10, 10) is None
+
+
+AWKWARD_VALUES: list[Any] = [
+    None, 0, 1, 99, 100, 101, -5, 100.0, 100.1, 99.99, float("nan"), float("inf"), float("-inf"),
+    Decimal("100"), Decimal("100.10"), Decimal("NaN"), "100", "100.5", " 99 ", "1_000", "abc", "",
+    True, False, [100], {"amount": 100}, "EUR", "USD", "GBP",
+]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        {"op": op, "value": value}
+        for op in (">", ">=", "<", "<=")
+        for value in (100, Decimal("100.1"), -5)
+    ]
+    + [{"op": op, "value": value} for op in ("==", "!=") for value in (100, Decimal("100.1"), "EUR", True)]
+    + [{"op": op, "value": [100, Decimal("100.1"), "EUR", "USD", False]} for op in ("in", "not_in")],
+)
+def test_the_fast_checks_agree_with_their_plain_definition(condition: dict[str, Any]) -> None:
+    # The hot path folds the read and the common number types into one function; the plain
+    # `compare` is the definition. Both must answer the same for anything a fact may hold.
+    from policies.conditions import Evaluation, FactCheck, check_compile
+    from policies.document import FactCondition
+
+    check = check_compile(FactCondition.model_validate({"fact": "params.x", **condition}), {}, {}, {})
+    assert isinstance(check, FactCheck)
+    for value in AWKWARD_VALUES:
+        facts = Facts("tool:x", params={"x": value})
+        fast = check.test(facts, Evaluation(WEDNESDAY_NOON, UTC, 1))  # type: ignore[arg-type]
+        plain = None if value is None else check.compare(value)
+        assert fast == plain, (condition, value)

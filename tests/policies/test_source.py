@@ -181,7 +181,7 @@ def test_value_problems_in_every_section() -> None:
 
 def test_a_bad_name_as_a_key() -> None:
     assert problems("default: allow\nallowlists:\n  Bad Name: {kind: values, entries: []}\n") == [
-        f"line 3: allowlists[\"Bad Name\"]: the name 'Bad Name' must be 1-64 characters: lower-case letters, "
+        "line 3: allowlists[\"Bad Name\"]: the name 'Bad Name' must be 1-64 characters: lower-case letters, "
         "digits, '-', '_' or '.', starting with a letter or a digit"
     ]
 

@@ -180,3 +180,23 @@ def test_next_opening_is_the_first_open_minute_around_every_transition(zone_name
         for index in range(0, 2 * 24 * 60, 23):
             expected = minutes[open_at.index(True, index)]
             assert window.next_opening(minutes[index], zone) == expected, minutes[index]
+
+
+@pytest.mark.parametrize("zone_name", [BERLIN, NEW_YORK])
+def test_remembered_openings_agree_with_computing_each_one(zone_name: str) -> None:
+    # A compiled window remembers the stretches it answered; any instant in one gets the same
+    # answer as the schedule computed afresh, in any order of asking.
+    import random
+
+    from policies.conditions import Evaluation, window_compile
+    from policies.document import TimeWindow
+
+    definition = TimeWindow.model_validate({"days": ["mon-fri"], "start": "02:30", "end": "20:00", "zone": "tenant"})
+    compiled = window_compile("office", definition)
+    zone = ZoneInfo(zone_name)
+    rng = random.Random(7)
+    for transition in TRANSITIONS[zone_name]:
+        moments = [transition + timedelta(minutes=rng.randint(-5 * 1440, 5 * 1440)) for _ in range(400)]
+        for moment in moments + sorted(moments):
+            expected = compiled.schedule.next_opening(moment, zone)
+            assert compiled.next_opening(Evaluation(moment, zone)) == expected, moment

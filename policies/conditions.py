@@ -12,15 +12,22 @@ as anyone reading the rule expects); ints, Decimals and numeric strings exactly,
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from policies.comparisons import (
+    ORDERING,
+    allowlist_test,
+    equality_test,
+    membership_test,
+    negate,
+    ordering_test,
+    value_text,
+)
 from policies.document import (
     DAYS,
     Allowlist,
@@ -33,15 +40,6 @@ from policies.document import (
 from policies.facts import Facts
 from policies.windows import WeeklyWindow
 
-ORDERING: dict[str, Callable[[Any, Any], bool]] = {
-    ">": operator.gt,
-    ">=": operator.ge,
-    "<": operator.lt,
-    "<=": operator.le,
-}
-
-
-#: A fact not read yet in this evaluation (None is taken: it means "missing").
 UNREAD: Any = object()
 
 
@@ -59,7 +57,7 @@ class Evaluation:
         self.values: list[Any] = [UNREAD] * fact_paths
 
     def local(self, zone: ZoneInfo) -> datetime:
-        """``now`` on a wall evaluation in ``zone``."""
+        """``now`` on a wall clock in ``zone``."""
         found = self._local.get(zone)
         if found is None:
             found = self._local[zone] = self.now.astimezone(zone)
@@ -79,14 +77,16 @@ class CompiledWindow:
     zone: ZoneInfo | None
     summary: str
     #: Per zone, stretches [asked, opens) already answered (see :meth:`next_opening`).
-    _openings: dict[ZoneInfo, list[tuple[datetime, datetime]]] = field(default_factory=dict, repr=False, compare=False)
+    _openings: dict[ZoneInfo, list[tuple[datetime, datetime]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def zone_for(self, evaluation: Evaluation) -> ZoneInfo:
         """The zone the window is read in for this decision."""
         return self.zone if self.zone is not None else evaluation.tenant_zone
 
     def is_open(self, evaluation: Evaluation) -> bool:
-        """Whether the window is open at the evaluation's ``now``."""
+        """Whether the window is open at the decision's ``now``."""
         return self.schedule.is_open_local(evaluation.local(self.zone_for(evaluation)))
 
     def next_opening(self, evaluation: Evaluation) -> datetime:
@@ -205,22 +205,6 @@ def _first_present(readers: tuple[Callable[[Facts], Any], ...]) -> Callable[[Fac
     return read
 
 
-def as_number(value: Any) -> float | int | Decimal | None:
-    """A fact as a number to compare, or None if it is not one (bools are not numbers)."""
-    kind = type(value)
-    if kind is float:
-        return value if math.isfinite(value) else None
-    if kind is int or kind is Decimal:
-        return value if kind is int or value.is_finite() else None
-    if kind is str:
-        try:
-            number = Decimal(value.strip().replace("_", ""))
-        except InvalidOperation:
-            return None
-        return number if number.is_finite() else None
-    return None
-
-
 # --- checks -------------------------------------------------------------------------------------
 
 Test = Callable[[Facts, Evaluation], "bool | None"]
@@ -274,7 +258,9 @@ class FactCheck(Check):
         return f"{seen}, {self.text}"
 
 
-def _read_then_compare(read: Callable[[Facts], Any], slot: int, compare: Callable[[Any], bool | None]) -> Test:
+def _read_then_compare(
+    read: Callable[[Facts], Any], slot: int, compare: Callable[[Any], bool | None]
+) -> Test:
     def test(facts: Facts, evaluation: Evaluation) -> bool | None:
         values = evaluation.values
         value = values[slot]
@@ -315,49 +301,23 @@ def check_compile(
     slot = fact_slots.setdefault(paths, len(fact_slots))
     op = condition.op
     if condition.allowlist is not None:
-        inside = _allowlist_test(allowlists[condition.allowlist])
+        inside = allowlist_test(allowlists[condition.allowlist])
         if op == "in_allowlist":
             return FactCheck(paths, slot, f"in allowlist {condition.allowlist}", inside)
-        return FactCheck(paths, slot, f"not in allowlist {condition.allowlist}", _negate(inside))
+        return FactCheck(paths, slot, f"not in allowlist {condition.allowlist}", negate(inside))
     value = condition.value
-    text = f"{op} {_value_text(value)}"
+    text = f"{op} {value_text(value)}"
     if op in ORDERING:
-        check = FactCheck(paths, slot, text, _ordering_test(ORDERING[op], value))
+        check = FactCheck(paths, slot, text, ordering_test(ORDERING[op], value))
         check.test = _ordering_fast(check.read, slot, ORDERING[op], value, check.compare)
         return check
     if op in ("==", "!="):
-        equal = _equality_test(value)
-        return FactCheck(paths, slot, text, equal if op == "==" else _negate(equal))
-    member = _membership_test(value)
-    check = FactCheck(paths, slot, text, member if op == "in" else _negate(member))
+        equal = equality_test(value)
+        return FactCheck(paths, slot, text, equal if op == "==" else negate(equal))
+    member = membership_test(value)
+    check = FactCheck(paths, slot, text, member if op == "in" else negate(member))
     check.test = _membership_fast(check.read, slot, op == "in", value, check.compare)
     return check
-
-
-def _value_text(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(str(item) for item in value) + "]"
-    return str(value)
-
-
-def _negate(test: Callable[[Any], bool | None]) -> Callable[[Any], bool | None]:
-    def negated(value: Any) -> bool | None:
-        result = test(value)
-        return None if result is None else not result
-
-    return negated
-
-
-def _ordering_test(compare: Callable[[Any, Any], bool], threshold: int | Decimal) -> Callable[[Any], bool | None]:
-    exact, approximate = threshold, float(threshold)
-
-    def ordered(value: Any) -> bool | None:
-        number = as_number(value)
-        if number is None:  # NaN compares false with everything: unknown, not "no"
-            return None
-        return compare(number, approximate if type(number) is float else exact)
-
-    return ordered
 
 
 def _ordering_fast(
@@ -409,92 +369,3 @@ def _membership_fast(
         return None if value is None else member(value)
 
     return test
-
-
-def _equality_test(expected: Any) -> Callable[[Any], bool | None]:
-    if isinstance(expected, bool):
-        return lambda value: value is expected if isinstance(value, bool) else None
-    if isinstance(expected, str):
-        return lambda value: value == expected if isinstance(value, str) else None
-    exact, approximate = expected, float(expected)
-
-    def equal(value: Any) -> bool | None:
-        number = as_number(value)
-        if number is None:
-            return None
-        return number == (approximate if type(number) is float else exact)
-
-    return equal
-
-
-def _membership_test(items: list[Any]) -> Callable[[Any], bool | None]:
-    strings = frozenset(item for item in items if isinstance(item, str))
-    flags = frozenset(item for item in items if isinstance(item, bool))
-    numbers = [item for item in items if not isinstance(item, bool | str)]
-    exact = frozenset(numbers)
-    approximate = frozenset(float(number) for number in numbers)
-
-    def member(value: Any) -> bool | None:
-        if isinstance(value, bool):
-            return value in flags
-        if isinstance(value, str) and value in strings:
-            return True
-        number = as_number(value)
-        if number is None:
-            # A string that is no number is simply not in a list of numbers and other strings.
-            return False if isinstance(value, str) else None
-        return number in (approximate if type(number) is float else exact)
-
-    return member
-
-
-def domain_of(text: str) -> str | None:
-    """The domain of an address (``Ann <ann@Example.com>``), a URL or a bare domain, lower-case;
-    None if there is none."""
-    value = text.strip().lower()
-    if value.endswith(">") and "<" in value:
-        value = value[value.rfind("<") + 1 : -1]
-    if "@" in value:
-        value = value.rsplit("@", 1)[1]
-    elif "://" in value:
-        value = urlsplit(value).hostname or ""
-    value = value.rstrip(".")
-    if not value or any(char.isspace() or char in "/@:<>" for char in value):
-        return None
-    return value
-
-
-def _allowlist_test(allowlist: Allowlist) -> Callable[[Any], bool | None]:
-    kind = allowlist.kind
-    exact = frozenset(entry for entry in allowlist.entries if not entry.startswith("*."))
-    suffixes = tuple(entry[1:] for entry in allowlist.entries if entry.startswith("*."))
-    if kind == "tools":
-        exact = frozenset(entry.removeprefix("tool:").lower() for entry in allowlist.entries)
-
-    def one(value: Any) -> bool | None:
-        if not isinstance(value, str):
-            return None
-        if kind == "domains":
-            domain = domain_of(value)
-            if domain is None:
-                return None
-            return domain in exact or (bool(suffixes) and domain.endswith(suffixes))
-        if kind == "recipients":
-            address = value.strip().lower()
-            if address.endswith(">") and "<" in address:
-                address = address[address.rfind("<") + 1 : -1]
-            return address in exact if "@" in address else None
-        if kind == "tools":
-            return value.removeprefix("tool:").lower() in exact
-        return value in exact
-
-    def inside(value: Any) -> bool | None:
-        # Several recipients: inside only if every one is.
-        if isinstance(value, list | tuple):
-            results = [one(item) for item in value]
-            if False in results:
-                return False
-            return None if None in results else True
-        return one(value)
-
-    return inside

@@ -40,7 +40,9 @@ class PolicyDiff:
         return not self.changes
 
 
-def policy_diff(old: PolicyDocument, new: PolicyDocument, *, old_label: str = "old", new_label: str = "new") -> PolicyDiff:
+def policy_diff(
+    old: PolicyDocument, new: PolicyDocument, *, old_label: str = "old", new_label: str = "new"
+) -> PolicyDiff:
     """The changes from ``old`` to ``new`` in words, and the unified diff of their sources
     (headed ``old_label`` and ``new_label``, e.g. ``v3`` and ``v4``)."""
     changes: list[str] = []
@@ -60,13 +62,21 @@ def policy_diff(old: PolicyDocument, new: PolicyDocument, *, old_label: str = "o
         {_ceiling_name(ceiling): _dump(ceiling, skip=("scope", "key")) for ceiling in old.ceilings},
         {_ceiling_name(ceiling): _dump(ceiling, skip=("scope", "key")) for ceiling in new.ceilings},
     )
-    changes += _named("price", {n: _dump(p) for n, p in old.prices.items()}, {n: _dump(p) for n, p in new.prices.items()})
+    changes += _named(
+        "price",
+        {n: _dump(p) for n, p in old.prices.items()},
+        {n: _dump(p) for n, p in new.prices.items()},
+    )
     changes += _named(
         "rate limit",
         {limit.id: _dump(limit, skip=("id",)) for limit in old.rate_limits},
         {limit.id: _dump(limit, skip=("id",)) for limit in new.rate_limits},
     )
-    changes += _named("bounds", {n: _dump(b) for n, b in old.bounds.items()}, {n: _dump(b) for n, b in new.bounds.items()})
+    changes += _named(
+        "bounds",
+        {n: _dump(b) for n, b in old.bounds.items()},
+        {n: _dump(b) for n, b in new.bounds.items()},
+    )
     unified = "".join(
         difflib.unified_diff(
             policy_source_render(old).splitlines(keepends=True),
@@ -119,7 +129,9 @@ def _rule_changes(old: Rule, new: Rule) -> list[str]:
     if old.outcome.decision != new.outcome.decision:
         changes.append(f"outcome {outcome_text(old.outcome)} -> {outcome_text(new.outcome)}")
     else:
-        changes += _field_changes(_dump(old.outcome, skip=("decision",)), _dump(new.outcome, skip=("decision",)))
+        changes += _field_changes(
+            _dump(old.outcome, skip=("decision",)), _dump(new.outcome, skip=("decision",))
+        )
     return changes
 
 
@@ -143,7 +155,9 @@ def _allowlists(old: PolicyDocument, new: PolicyDocument) -> list[str]:
         if removed:
             parts.append(f"removed {', '.join(removed)}")
         if previous.description != allowlist.description:
-            parts.append(f"description {_text(previous.description)} -> {_text(allowlist.description)}")
+            parts.append(
+                f"description {_text(previous.description)} -> {_text(allowlist.description)}"
+            )
         if parts:
             changes.append(f"allowlist {name}: {'; '.join(parts)}")
     return changes
@@ -156,7 +170,9 @@ def _named(kind: str, old: dict[str, dict[str, Any]], new: dict[str, dict[str, A
             changes.append(f"{kind} {name} removed")
     for name, fields in new.items():
         if name not in old:
-            changes.append(f"{kind} {name} added: {', '.join(f'{k} {_text(v)}' for k, v in fields.items())}")
+            changes.append(
+                f"{kind} {name} added: {', '.join(f'{k} {_text(v)}' for k, v in fields.items())}"
+            )
             continue
         changes += [f"{kind} {name}: {change}" for change in _field_changes(old[name], fields)]
     return changes
@@ -187,7 +203,13 @@ def _window_dump(window: Any) -> dict[str, Any]:
 
 
 def _ceiling_name(ceiling: Ceiling) -> str:
-    return f"{ceiling.scope} {ceiling.key}" if ceiling.key else f"{ceiling.scope} (each)" if ceiling.scope != "global_day" else ceiling.scope
+    return (
+        f"{ceiling.scope} {ceiling.key}"
+        if ceiling.key
+        else f"{ceiling.scope} (each)"
+        if ceiling.scope != "global_day"
+        else ceiling.scope
+    )
 
 
 def _text(value: Any) -> str:
@@ -214,7 +236,11 @@ def outcome_text(outcome: Any) -> str:
     """An outcome as one phrase: ``require_approval tier 3, quorum 2, sla 1d``."""
     if isinstance(outcome, RequireApproval):
         stages = outcome.stage_tiers
-        text = f"require_approval tier {stages[-1]}" if len(stages) == 1 else f"require_approval stages {' then '.join(map(str, stages))}"
+        text = (
+            f"require_approval tier {stages[-1]}"
+            if len(stages) == 1
+            else f"require_approval stages {' then '.join(map(str, stages))}"
+        )
         if outcome.quorum > 1:
             text += f", quorum {outcome.quorum}"
         dumped = outcome.model_dump(mode="python")

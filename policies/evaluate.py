@@ -2,9 +2,9 @@
 
 ``compile_policy(document, version=n)`` turns a validated document into a :class:`CompiledPolicy`
 once (globs to regexes, paths to readers, zones to ``ZoneInfo``); the engine keeps it per version.
-``policy_decide(policy, facts, now)`` then decides an action with no database and no evaluation but
-``now``. The same compiled policy answers what the engine needs around a decision:
-``ceilings_for``, ``rate_limits_for``, ``bounds_for`` and ``price_cost``.
+``policy_decide(policy, facts, now)`` then decides an action with no database and no clock but
+``now``. What the engine asks of a version around a decision (ceilings, rate limits, bounds,
+prices) is in ``policies.limits``.
 
 **How matching rules combine** (the safe choice, and easy to explain):
 
@@ -29,7 +29,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_CEILING, Decimal
 from fnmatch import translate
 from typing import Any, Literal
 
@@ -44,7 +43,6 @@ from policies.conditions import (
 )
 from policies.document import (
     Allow,
-    Bounds,
     Defer,
     DeferUntilOpen,
     Deny,
@@ -55,28 +53,20 @@ from policies.document import (
 )
 from policies.facts import Facts
 
-__all__ = [
-    "CeilingScope",
-    "CompiledPolicy",
-    "Decision",
-    "Facts",
-    "RateLimitBucket",
-    "bounds_for",
-    "ceilings_for",
-    "compile_policy",
-    "policy_decide",
-    "price_cost",
-    "rate_limits_for",
-]
+__all__ = ["CompiledPolicy", "Decision", "Facts", "compile_policy", "policy_decide"]
 
 DecisionOutcome = Literal["allow", "deny", "require_approval", "defer"]
 RANK = {"allow": 0, "defer": 1, "require_approval": 2, "deny": 3}
 #: ``PolicyDecision.outcome`` has 8 characters and calls "require approval" ``approve``.
-RECORDED_OUTCOME = {"allow": "allow", "deny": "deny", "require_approval": "approve", "defer": "defer"}
+RECORDED_OUTCOME = {
+    "allow": "allow",
+    "deny": "deny",
+    "require_approval": "approve",
+    "defer": "defer",
+}
 # Distinct (action, workflow, tenant) triples are few in practice; a bound keeps a flood of
 # made-up names from growing the cache without limit.
 CANDIDATE_CACHE_SIZE = 8192
-MONEY_QUANTUM = Decimal("0.000001")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,28 +112,6 @@ class Decision:
             "matched": list(self.matched),
             "facts": self.facts.to_json(),
         }
-
-
-@dataclass(frozen=True, slots=True)
-class CeilingScope:
-    """A ceiling that counts this action's spend: the ledger's scope kind and key, with limits."""
-
-    scope: str
-    #: The run id, workflow, agent or tenant this spend counts against ("" for global_day).
-    key: str
-    limit: Decimal
-    soft_ratio: Decimal
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitBucket:
-    """A rate limit that counts this action: at most ``limit`` per ``period`` in ``key``'s bucket."""
-
-    id: str
-    #: The counter's name: the limit's id, and the tenant/workflow/agent/run it is counted per.
-    key: str
-    limit: int
-    period: timedelta
 
 
 Outcome = Allow | Deny | RequireApproval | Defer | DeferUntilOpen
@@ -204,7 +172,9 @@ class CompiledPolicy:
     fact_paths: int = 0
     #: Each rate limit of the document with its action globs compiled.
     rate_limits: tuple[tuple[RateLimit, re.Pattern[str]], ...] = ()
-    _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(default_factory=dict, repr=False)
+    _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     def candidates(self, facts: Facts) -> tuple[CompiledRule, ...]:
         """The rules whose globs cover the action, workflow and tenant, in document order."""
@@ -241,7 +211,12 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 action=_globs(rule.action) or re.compile(""),
                 workflow=_globs(rule.workflow),
                 tenant=_globs(rule.tenant),
-                checks=(checks := tuple(check_compile(c, windows, document.allowlists, fact_slots) for c in rule.when)),
+                checks=(
+                    checks := tuple(
+                        check_compile(c, windows, document.allowlists, fact_slots)
+                        for c in rule.when
+                    )
+                ),
                 tests=tuple(check.test for check in checks),
                 outcome=outcome,
                 window=windows[outcome.until] if isinstance(outcome, Defer) else None,
@@ -280,7 +255,7 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
 
 def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decision:
     """Decide one action: which rules match, and which outcome wins (see the module's notes).
-    ``now`` must be aware; it is the only evaluation."""
+    ``now`` must be aware; it is the only clock."""
     if now.utcoffset() is None:
         raise ValueError("now must be an aware datetime")
     tenant_zone = zone_get(facts.tenant_time_zone)
@@ -332,7 +307,11 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
 
 
 def _approval(
-    policy: CompiledPolicy, facts: Facts, evaluation: Evaluation, matched: list[CompiledRule], names: tuple[str, ...]
+    policy: CompiledPolicy,
+    facts: Facts,
+    evaluation: Evaluation,
+    matched: list[CompiledRule],
+    names: tuple[str, ...],
 ) -> Decision:
     deciding: CompiledRule | None = None
     quorum, rejects, waits = 0, False, False
@@ -373,7 +352,9 @@ def _demand(outcome: Outcome) -> tuple[int, int, int]:
     return (stages[-1], len(stages), outcome.quorum)
 
 
-def _latest_defer(matched: list[CompiledRule], evaluation: Evaluation) -> tuple[datetime, CompiledRule]:
+def _latest_defer(
+    matched: list[CompiledRule], evaluation: Evaluation
+) -> tuple[datetime, CompiledRule]:
     latest: tuple[datetime, CompiledRule] | None = None
     for rule in matched:
         if rule.window is None:
@@ -400,72 +381,3 @@ def _reason(
         local = until.astimezone(waiting_for.zone_for(evaluation))
         text += f"; not before {wall_text(local, with_date=True)} ({waiting_for.name} opens)"
     return text
-
-
-# --- what else the engine asks of a version ----------------------------------------------------
-
-_SCOPE_FACT = {
-    "run": "workflow",
-    "workflow_day": "workflow",
-    "agent_day": "agent",
-    "tenant_month": "tenant",
-}
-
-
-def ceilings_for(policy: CompiledPolicy, facts: Facts) -> tuple[CeilingScope, ...]:
-    """The ceilings this action's spend counts against, one per scope: a ceiling keyed to this
-    workflow, agent or tenant beats the scope's unkeyed one. A scope whose key is unknown (no
-    run id, no tenant) is left out; ``global_day`` never is."""
-    found: dict[str, CeilingScope] = {}
-    keyed: set[str] = set()
-    for ceiling in policy.document.ceilings:
-        scope = ceiling.scope
-        if scope == "global_day":
-            key = ""
-        else:
-            filter_value = getattr(facts, _SCOPE_FACT[scope])
-            if ceiling.key is not None and ceiling.key != filter_value:
-                continue
-            key = (str(facts.run_id) if facts.run_id is not None else "") if scope == "run" else filter_value
-            if not key:
-                continue
-        if scope in keyed:
-            continue
-        if ceiling.key is not None:
-            keyed.add(scope)
-        found[scope] = CeilingScope(scope, key, ceiling.limit, ceiling.soft_ratio)
-    return tuple(found[scope] for scope in ("run", "workflow_day", "agent_day", "tenant_month", "global_day") if scope in found)
-
-
-def rate_limits_for(policy: CompiledPolicy, facts: Facts) -> tuple[RateLimitBucket, ...]:
-    """The rate limits that count this action, each with the bucket it is counted in."""
-    buckets = []
-    for limit, action in policy.rate_limits:
-        if action.match(facts.action) is None:
-            continue
-        if limit.per == "global":
-            key = limit.id
-        else:
-            value = facts.run_id if limit.per == "run" else getattr(facts, limit.per)
-            key = f"{limit.id}:{limit.per}={value if value not in (None, '') else '-'}"
-        buckets.append(RateLimitBucket(limit.id, key, limit.limit, limit.period))
-    return tuple(buckets)
-
-
-def bounds_for(policy: CompiledPolicy, workflow: str) -> Bounds:
-    """The workflow's bounds: its own entry over the ``"*"`` entry, field by field; a field
-    neither sets is None (the workflow's definition applies)."""
-    general = policy.document.bounds.get("*", Bounds())
-    own = policy.document.bounds.get(workflow, Bounds())
-    return Bounds.model_validate({**general.model_dump(exclude_none=True), **own.model_dump(exclude_none=True)})
-
-
-def price_cost(policy: CompiledPolicy, model: str, input_tokens: int, output_tokens: int) -> Decimal | None:
-    """What a call costs in the policy's currency, from its token counts, rounded up to the
-    ledger's six decimal places; None for a model the price table does not know (the caller
-    fails closed)."""
-    price = policy.document.prices.get(model)
-    if price is None:
-        return None
-    cost = (price.input_per_1k * input_tokens + price.output_per_1k * output_tokens) / 1000
-    return cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)

@@ -39,7 +39,9 @@ class Facts:
     def __post_init__(self) -> None:
         kind, colon, name = self.action.partition(":")
         if not colon or kind not in KINDS or not name:
-            raise ValueError(f"action {self.action!r} must be 'agent:<name>' or 'tool:<capability>'")
+            raise ValueError(
+                f"action {self.action!r} must be 'agent:<name>' or 'tool:<capability>'"
+            )
         if not self.kind:
             object.__setattr__(self, "kind", kind)
         elif self.kind != kind:
@@ -48,7 +50,9 @@ class Facts:
             raise ValueError(f"tenant_time_zone {self.tenant_time_zone!r} is not an IANA time zone")
         unknown = set(self.spend) - set(SCOPES)
         if unknown:
-            raise ValueError(f"spend has unknown scopes {sorted(unknown)}; scopes: {', '.join(SCOPES)}")
+            raise ValueError(
+                f"spend has unknown scopes {sorted(unknown)}; scopes: {', '.join(SCOPES)}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """The facts as JSON values (amounts of spend as strings, so they stay exact)."""
@@ -69,7 +73,9 @@ class Facts:
     def from_json(cls, data: Mapping[str, Any]) -> Facts:
         """Facts as :meth:`to_json` wrote them; ValueError if they cannot be read back."""
         try:
-            spend = {scope: Decimal(str(amount)) for scope, amount in (data.get("spend") or {}).items()}
+            spend = {
+                scope: Decimal(str(amount)) for scope, amount in (data.get("spend") or {}).items()
+            }
         except (InvalidOperation, AttributeError) as exc:
             raise ValueError(f"spend cannot be read: {exc}") from None
         params = data.get("params") or {}

@@ -112,7 +112,10 @@ def yaml_read(text: str) -> Located:
 _YAML_PROBLEMS = (
     ("'\\t' that cannot start any token", "a tab: indent with spaces"),
     ("expected <block end>, but found", "the indentation does not line up with the lines above"),
-    ("mapping values are not allowed here", "an unexpected ':' (put quotes around a value that contains ': ')"),
+    (
+        "mapping values are not allowed here",
+        "an unexpected ':' (put quotes around a value that contains ': ')",
+    ),
     ("while parsing a flow sequence", "a '[' list is not closed with ']'"),
     ("while parsing a flow mapping", "a '{' mapping is not closed with '}'"),
     ("while scanning a quoted scalar", "a quoted text is not closed"),
@@ -139,7 +142,9 @@ class _YamlBuilder:
     def build(self, node: yaml.Node, loc: Location) -> Any:
         self.count += 1
         if self.count > MAX_VALUES:
-            raise SourceSyntaxError(f"the document has more than {MAX_VALUES} values", _mark(node), loc)
+            raise SourceSyntaxError(
+                f"the document has more than {MAX_VALUES} values", _mark(node), loc
+            )
         self.located.positions.setdefault(loc, _mark(node))
         if isinstance(node, yaml.ScalarNode):
             # Quoted and block scalars are always strings; only plain ones are resolved.
@@ -150,10 +155,16 @@ class _YamlBuilder:
         mapping: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise SourceSyntaxError("a key must be a plain name, not a list or a mapping", _mark(key_node), loc)
+                raise SourceSyntaxError(
+                    "a key must be a plain name, not a list or a mapping", _mark(key_node), loc
+                )
             key = key_node.value
             if key == "<<":
-                raise SourceSyntaxError("merge keys ('<<') are not supported: write the fields out", _mark(key_node), loc)
+                raise SourceSyntaxError(
+                    "merge keys ('<<') are not supported: write the fields out",
+                    _mark(key_node),
+                    loc,
+                )
             if key in mapping:
                 raise SourceSyntaxError(f"duplicate key {key!r}", _mark(key_node), (*loc, key))
             self.located.key_positions[(*loc, key)] = _mark(key_node)
@@ -176,7 +187,9 @@ def json_read(text: str) -> Located:
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SourceSyntaxError(f"not valid JSON: {exc.msg}", Position(exc.lineno, exc.colno)) from None
+        raise SourceSyntaxError(
+            f"not valid JSON: {exc.msg}", Position(exc.lineno, exc.colno)
+        ) from None
     except RecursionError:
         raise SourceSyntaxError("not valid JSON: nested too deeply", Position(1)) from None
     reader = _JsonReader(text)

@@ -56,7 +56,9 @@ class Verdict:
     def __str__(self) -> str:
         if self.outcome != "require_approval":
             return self.outcome
-        return f"require_approval tier {self.tier}" + (f" quorum {self.quorum}" if self.quorum > 1 else "")
+        return f"require_approval tier {self.tier}" + (
+            f" quorum {self.quorum}" if self.quorum > 1 else ""
+        )
 
     def was(self) -> str:
         """As what happened: ``were allowed``, ``needed a tier-2 approval``."""
@@ -141,7 +143,9 @@ class Simulation:
     def sentences(self) -> list[str]:
         """The headline: one sentence per change, largest first; or that nothing changes."""
         if not self.changed:
-            return [f"No change: the draft decides all {self.total} recorded actions as the current version does."]
+            return [
+                f"No change: the draft decides all {self.total} recorded actions as the current version does."
+            ]
         return [change.sentence() for change in self.changes]
 
 
@@ -160,7 +164,9 @@ def policy_simulate(
     draft_rules: Counter[str] = Counter()
     for position, record in enumerate(history):
         try:
-            facts = record.facts if isinstance(record.facts, Facts) else Facts.from_json(record.facts)
+            facts = (
+                record.facts if isinstance(record.facts, Facts) else Facts.from_json(record.facts)
+            )
             now_current = policy_decide(current, facts, record.decided_at)
             now_draft = policy_decide(draft, facts, record.decided_at)
         except (ValueError, TypeError) as exc:
@@ -173,7 +179,9 @@ def policy_simulate(
         current_rules[now_current.rule] += 1
         draft_rules[now_draft.rule] += 1
         recorded = OUTCOME_NAMES.get(record.outcome, record.outcome)
-        if recorded != now_current.outcome or (recorded == "require_approval" and record.tier != now_current.tier):
+        if recorded != now_current.outcome or (
+            recorded == "require_approval" and record.tier != now_current.tier
+        ):
             result.recorded_differs += 1
         if before == after:
             continue
@@ -186,7 +194,9 @@ def policy_simulate(
         change.by_rule[now_draft.rule] += 1
         if len(change.examples) < examples:
             change.examples.append(SimulatedAction(record, facts, now_current, now_draft))
-    result.changes = sorted(changes.values(), key=lambda change: (-change.count, change.before, change.after))
+    result.changes = sorted(
+        changes.values(), key=lambda change: (-change.count, change.before, change.after)
+    )
     result.rules = {
         rule: RuleCount(current_rules[rule], draft_rules[rule])
         for rule in sorted(set(current_rules) | set(draft_rules))

@@ -47,11 +47,20 @@ class SourceProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.path}: {self.message}" if self.path else f"line {self.line}: {self.message}"
+        return (
+            f"line {self.line}: {self.path}: {self.message}"
+            if self.path
+            else f"line {self.line}: {self.message}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """For the editor: ``{"line", "column", "path", "message"}``."""
-        return {"line": self.line, "column": self.column, "path": self.path, "message": self.message}
+        return {
+            "line": self.line,
+            "column": self.column,
+            "path": self.path,
+            "message": self.message,
+        }
 
 
 class PolicySourceError(ValueError):
@@ -64,27 +73,50 @@ class PolicySourceError(ValueError):
         super().__init__("\n".join(str(problem) for problem in problems))
 
 
-def policy_source_parse(text: str, *, format: Literal["yaml", "json"] | None = None) -> PolicyDocument:
+def policy_source_parse(
+    text: str, *, format: Literal["yaml", "json"] | None = None
+) -> PolicyDocument:
     """The document a YAML or JSON source describes (JSON if it starts with ``{``, unless
     ``format`` says); PolicySourceError with every problem, located, if it has any."""
     if len(text) > MAX_SOURCE_CHARACTERS:
-        raise PolicySourceError([SourceProblem(1, None, "", f"the source is longer than {MAX_SOURCE_CHARACTERS} characters")])
+        raise PolicySourceError(
+            [
+                SourceProblem(
+                    1, None, "", f"the source is longer than {MAX_SOURCE_CHARACTERS} characters"
+                )
+            ]
+        )
     kind = format or ("json" if text.lstrip().startswith("{") else "yaml")
     try:
         located = json_read(text) if kind == "json" else yaml_read(text)
     except SourceSyntaxError as exc:
-        problem = SourceProblem(exc.position.line, exc.position.column, path_text(exc.path), exc.message)
+        problem = SourceProblem(
+            exc.position.line, exc.position.column, path_text(exc.path), exc.message
+        )
         raise PolicySourceError([problem]) from None
     if not isinstance(located.value, dict):
-        what = "empty" if located.value is None else f"a {type(located.value).__name__}, not a mapping"
-        raise PolicySourceError([SourceProblem(1, 1, "", f"the document is {what}: it needs at least 'default: allow' or 'default: deny'")])
+        what = (
+            "empty" if located.value is None else f"a {type(located.value).__name__}, not a mapping"
+        )
+        raise PolicySourceError(
+            [
+                SourceProblem(
+                    1,
+                    1,
+                    "",
+                    f"the document is {what}: it needs at least 'default: allow' or 'default: deny'",
+                )
+            ]
+        )
     try:
         return PolicyDocument.model_validate(located.value)
     except ValidationError as exc:
         raise PolicySourceError(_problems(exc, located)) from None
 
 
-def policy_source_problems(text: str, *, format: Literal["yaml", "json"] | None = None) -> list[SourceProblem]:
+def policy_source_problems(
+    text: str, *, format: Literal["yaml", "json"] | None = None
+) -> list[SourceProblem]:
     """Every problem in a source, located; empty when it is a valid document."""
     try:
         policy_source_parse(text, format=format)
@@ -106,7 +138,9 @@ def _problems(error: ValidationError, located: Located) -> list[SourceProblem]:
                 problems.append(_located(located, (*loc, *sub_loc), message))
             continue
         message, loc = _message(item, loc, is_key)
-        problems.append(_located(located, loc, message, key=is_key or item["type"] == "extra_forbidden"))
+        problems.append(
+            _located(located, loc, message, key=is_key or item["type"] == "extra_forbidden")
+        )
     problems.sort(key=lambda problem: (problem.line, problem.column or 0))
     return problems
 
@@ -124,7 +158,10 @@ def _without_union_tags(loc: Location) -> Location:
         previous = loc[index - 1] if index >= 1 else None
         after_outcome = previous in ("outcome", "outside") and part in OUTCOME_TAGS
         after_condition = (
-            index >= 2 and loc[index - 2] == "when" and isinstance(previous, int) and part in CONDITION_TAGS
+            index >= 2
+            and loc[index - 2] == "when"
+            and isinstance(previous, int)
+            and part in CONDITION_TAGS
         )
         if not (after_outcome or after_condition):
             kept.append(part)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -50,16 +49,36 @@ def cedar_demo(rules: int) -> tuple[str, dict[str, tuple[str, int, int]]]:
 
     def forbid(policy_id: str, outcome: str, tier: int, quorum: int, scope: str, when: str) -> None:
         meta[policy_id] = (outcome, tier, quorum)
-        unless = f"\nunless {{ context.approved_tier >= {tier} }}" if outcome == "require_approval" else ""
+        unless = (
+            f"\nunless {{ context.approved_tier >= {tier} }}"
+            if outcome == "require_approval"
+            else ""
+        )
         policies.append(
             f'@id("{policy_id}") @outcome("{outcome}") @tier("{tier}")\n'
             f"forbid(principal, {scope if 'resource' in scope else scope + ', resource'})\nwhen {{ {when} }}{unless};"
         )
 
     for tier, cents, quorum in ((1, 10_000, 1), (2, 100_000, 1), (3, 1_000_000, 2)):
-        forbid(f"refund-tier-{tier}", "require_approval", tier, quorum, f"action in {REFUNDS}", AMOUNT_OVER.format(cents=cents))
-    business_hours = "context.local_weekday < 5 && context.local_minute >= 540 && context.local_minute < 1080"
-    forbid("refund-after-hours", "require_approval", 2, 1, f"action in {REFUNDS}", f"{AMOUNT_OVER.format(cents=10_000)} && !({business_hours})")
+        forbid(
+            f"refund-tier-{tier}",
+            "require_approval",
+            tier,
+            quorum,
+            f"action in {REFUNDS}",
+            AMOUNT_OVER.format(cents=cents),
+        )
+    business_hours = (
+        "context.local_weekday < 5 && context.local_minute >= 540 && context.local_minute < 1080"
+    )
+    forbid(
+        "refund-after-hours",
+        "require_approval",
+        2,
+        1,
+        f"action in {REFUNDS}",
+        f"{AMOUNT_OVER.format(cents=10_000)} && !({business_hours})",
+    )
     forbid(
         "email-outside-allowlist",
         "require_approval",
@@ -77,7 +96,14 @@ def cedar_demo(rules: int) -> tuple[str, dict[str, tuple[str, int, int]]]:
         f"action in {REFUNDS}",
         '!(context has currency) || !(["EUR", "USD", "GBP"].contains(context.currency))',
     )
-    forbid("window:customer_hours", "defer", 0, 0, f"action in {MESSAGES}", "context.local_minute < 480 || context.local_minute >= 1200")
+    forbid(
+        "window:customer_hours",
+        "defer",
+        0,
+        0,
+        f"action in {MESSAGES}",
+        "context.local_minute < 480 || context.local_minute >= 1200",
+    )
     for index in range(rules - len(meta)):
         kind = index % 4
         if kind == 0:
@@ -90,7 +116,14 @@ def cedar_demo(rules: int) -> tuple[str, dict[str, tuple[str, int, int]]]:
                 AMOUNT_OVER.format(cents=(500 + index) * 100),
             )
         elif kind == 1:
-            forbid(f"tool-{index}", "deny", 0, 0, f'action == Action::"tool:tool_{index}"', f"!(context has size) || context.size >= {index}")
+            forbid(
+                f"tool-{index}",
+                "deny",
+                0,
+                0,
+                f'action == Action::"tool:tool_{index}"',
+                f"!(context has size) || context.size >= {index}",
+            )
         elif kind == 2:
             forbid(
                 f"priority-{index}",
@@ -162,7 +195,9 @@ def cedar_outcome(result: Any, meta: dict[str, tuple[str, int, int]]) -> tuple[s
     """Outcome and tier from a Cedar answer: allow, or the strictest forbidding policy."""
     if result.allowed:
         return ("allow", 0)
-    forbidding = [meta[policy_id] for policy_id in result.diagnostics.id_annotations_by_reason.values()]
+    forbidding = [
+        meta[policy_id] for policy_id in result.diagnostics.id_annotations_by_reason.values()
+    ]
     outcome = max(forbidding, key=lambda item: (RANK[item[0]], item[1]))
     return (outcome[0], outcome[1])
 
@@ -188,15 +223,23 @@ def main() -> None:
         differing = 0
         for facts, now in mix:
             mine = policy_decide(ours, facts, now)
-            theirs = cedar_outcome(cedarpy.is_authorized(cedar_request(facts, now), policy_set, entities), meta)
+            theirs = cedar_outcome(
+                cedarpy.is_authorized(cedar_request(facts, now), policy_set, entities), meta
+            )
             differing += (mine.outcome, mine.tier) != theirs
-        print(f"-- {rules} rules: Cedar decides {len(mix) - differing} of {len(mix)} actions as ours does")
+        print(
+            f"-- {rules} rules: Cedar decides {len(mix) - differing} of {len(mix)} actions as ours does"
+        )
         requests = {id(facts): cedar_request(facts, now) for facts, now in mix}
 
-        def authorize_only(facts: Facts, now: datetime, ps: Any = policy_set) -> object:
-            return cedarpy.is_authorized(requests[id(facts)], ps, entities)
+        def authorize_only(
+            facts: Facts, now: datetime, ps: Any = policy_set, prebuilt: Any = requests
+        ) -> object:
+            return cedarpy.is_authorized(prebuilt[id(facts)], ps, entities)
 
-        def whole_decision(facts: Facts, now: datetime, ps: Any = policy_set, m: Any = meta) -> object:
+        def whole_decision(
+            facts: Facts, now: datetime, ps: Any = policy_set, m: Any = meta
+        ) -> object:
             return cedar_outcome(cedarpy.is_authorized(cedar_request(facts, now), ps, entities), m)
 
         def our_decision(facts: Facts, now: datetime, p: Any = ours) -> object:
@@ -221,7 +264,15 @@ def print_messages(cedarpy: Any) -> None:
         cedarpy.PolicySet.from_str(text.replace("resource);", "resource)", 1))
     except ValueError as exc:
         print(f"cedar: {exc}")
-    print("ours: " + "; ".join(map(str, policy_source_problems("default: allow\nrules:\n  - id: a\n   description: b\n"))))
+    print(
+        "ours: "
+        + "; ".join(
+            map(
+                str,
+                policy_source_problems("default: allow\nrules:\n  - id: a\n   description: b\n"),
+            )
+        )
+    )
     print("\n== a misspelt attribute or field ==")
     schema = (
         "entity Agent; entity Tool; entity Tenant;\n"
@@ -230,7 +281,9 @@ def print_messages(cedarpy: Any) -> None:
         "local_weekday: Long, local_minute: Long, kind: String, workflow: String } };\n"
     )
     refunds_only = "\n\n".join(part for part in text.split("\n\n") if "refund-tier" in part)
-    result = cedarpy.validate_policies(refunds_only.replace("context.amount_cents >", "context.amount_cent >", 1), schema)
+    result = cedarpy.validate_policies(
+        refunds_only.replace("context.amount_cents >", "context.amount_cent >", 1), schema
+    )
     for error in result.errors:
         print(f"cedar: {error}")
     ours_text = "default: allow\nrules:\n  - id: r\n    description: R\n    action: agent:refund_executor\n    when: [{fact: params.proposal.amount, op: '>', valeu: 100}]\n    outcome: {decision: require_approval, tier: 1}\n"
@@ -239,12 +292,18 @@ def print_messages(cedarpy: Any) -> None:
     print("\n== a diff: refund-tier-2 asks tier 3 instead of 2 ==")
     blocks = text.split("\n\n")
     changed = "\n\n".join(
-        block.replace('@tier("2")', '@tier("3")').replace("approved_tier >= 2", "approved_tier >= 3")
+        block.replace('@tier("2")', '@tier("3")').replace(
+            "approved_tier >= 2", "approved_tier >= 3"
+        )
         if '@id("refund-tier-2")' in block
         else block
         for block in blocks
     )
-    sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), changed.splitlines(True), "v1.cedar", "v2.cedar", n=1))
+    sys.stdout.writelines(
+        difflib.unified_diff(
+            text.splitlines(True), changed.splitlines(True), "v1.cedar", "v2.cedar", n=1
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ from policies.source import policy_source_parse
 DEMO_SOURCE = Path(__file__).resolve().parents[2] / "policies" / "demo_policy.yaml"
 ZONES = ("Europe/Berlin", "America/New_York", "Asia/Tokyo", "UTC")
 TENANTS = [f"tenant-{index}" for index in range(20)]
-OTHER_AGENTS = ("classifier", "researcher", "writer", "reviewer", "triage_router", "order_lookup", "refund_proposer")
+OTHER_AGENTS = (
+    "classifier",
+    "researcher",
+    "writer",
+    "reviewer",
+    "triage_router",
+    "order_lookup",
+    "refund_proposer",
+)
 DOMAINS = ("example.com", "example.org", "shop.example.net", "gmail.com", "outlook.com")
 MONDAY = datetime(2026, 6, 15, tzinfo=UTC)
 
@@ -72,7 +80,9 @@ def filler_rule(index: int) -> dict[str, Any]:
         "id": f"run-spend-{index}",
         "description": "Expensive runs need a tier-2 look",
         "action": "agent:*",
-        "when": [{"fact": "spend.run", "op": ">", "value": Decimal("0.04") + Decimal(index) / 1000}],
+        "when": [
+            {"fact": "spend.run", "op": ">", "value": Decimal("0.04") + Decimal(index) / 1000}
+        ],
         "outcome": {"decision": "require_approval", "tier": 2},
     }
 
@@ -119,24 +129,74 @@ def traffic(count: int, seed: int = 18) -> list[tuple[Facts, datetime]]:
             "tenant": tenant,
             "tenant_time_zone": ZONES[TENANTS.index(tenant) % len(ZONES)],
             "run_id": rng.randint(1, 10**6),
-            "spend": {"run": Decimal(rng.randint(0, 60)) / 1000, "workflow_day": Decimal(rng.randint(0, 200)) / 100},
+            "spend": {
+                "run": Decimal(rng.randint(0, 60)) / 1000,
+                "workflow_day": Decimal(rng.randint(0, 200)) / 100,
+            },
         }
         draw = rng.random()
         if draw < 0.30:
             amount = round(10 ** rng.uniform(1, 4.3), 2)
-            proposal = {"order_id": "ord_1", "amount": amount, "currency": rng.choice(("EUR", "EUR", "USD", "JPY")), "reason": "damaged"}
-            facts = Facts("agent:refund_executor", workflow="refund_desk", node="execute_refund", agent="refund_executor", params={"proposal": proposal}, **context)
+            proposal = {
+                "order_id": "ord_1",
+                "amount": amount,
+                "currency": rng.choice(("EUR", "EUR", "USD", "JPY")),
+                "reason": "damaged",
+            }
+            facts = Facts(
+                "agent:refund_executor",
+                workflow="refund_desk",
+                node="execute_refund",
+                agent="refund_executor",
+                params={"proposal": proposal},
+                **context,
+            )
         elif draw < 0.50:
-            params = {"customer_id": "cus_1", "channel": "email", "refund_id": "re_1", "refund_amount": 120.0, "currency": "EUR", "answer": None}
-            facts = Facts("agent:customer_notifier", workflow="refund_desk", node="notify_customer", agent="customer_notifier", params=params, **context)
+            params = {
+                "customer_id": "cus_1",
+                "channel": "email",
+                "refund_id": "re_1",
+                "refund_amount": 120.0,
+                "currency": "EUR",
+                "answer": None,
+            }
+            facts = Facts(
+                "agent:customer_notifier",
+                workflow="refund_desk",
+                node="notify_customer",
+                agent="customer_notifier",
+                params=params,
+                **context,
+            )
         elif draw < 0.65:
-            params = {"to": f"someone@{rng.choice(DOMAINS)}", "subject": "Your refund", "priority": rng.choice(("low", "high"))}
-            facts = Facts("tool:send_email", workflow=f"workflow_{rng.randint(0, 99)}", params=params, **context)
+            params = {
+                "to": f"someone@{rng.choice(DOMAINS)}",
+                "subject": "Your refund",
+                "priority": rng.choice(("low", "high")),
+            }
+            facts = Facts(
+                "tool:send_email",
+                workflow=f"workflow_{rng.randint(0, 99)}",
+                params=params,
+                **context,
+            )
         elif draw < 0.70:
-            facts = Facts("tool:issue_refund", workflow="refund_desk", params={"amount": str(rng.randint(5, 5000)), "currency": "EUR"}, **context)
+            facts = Facts(
+                "tool:issue_refund",
+                workflow="refund_desk",
+                params={"amount": str(rng.randint(5, 5000)), "currency": "EUR"},
+                **context,
+            )
         else:
             agent = rng.choice(OTHER_AGENTS)
-            facts = Facts(f"agent:{agent}", workflow="content_pipeline", node=agent, agent=agent, params={"topic": "durable execution"}, **context)
+            facts = Facts(
+                f"agent:{agent}",
+                workflow="content_pipeline",
+                node=agent,
+                agent=agent,
+                params={"topic": "durable execution"},
+                **context,
+            )
         mix.append((facts, MONDAY + timedelta(seconds=rng.randint(0, 7 * 86400))))
     return mix
 
@@ -183,7 +243,9 @@ def print_row(label: str, rules: int, clock: str, result: dict[str, float]) -> N
 
 
 def print_header(title: str, decisions: int) -> None:
-    print(f"{title}: {decisions:,} decisions per row, Python {platform.python_version()}, one process")
+    print(
+        f"{title}: {decisions:,} decisions per row, Python {platform.python_version()}, one process"
+    )
     print(
         f"{'engine / traffic':<34} {'rules':>5} {'clock':>5} {'p50 µs':>8} {'p95 µs':>8} "
         f"{'p99 µs':>8} {'max µs':>9} {'decisions/s':>12}"
@@ -210,11 +272,25 @@ def main() -> None:
         policy = compile_policy(document, version=1)
         compile_ms[(label, rules)] = (time.perf_counter() - start) * 1000
         assert len(policy.rules) == rules
-        rows = mix if "mix" in label else [pair for pair in mix if pair[0].action == "agent:refund_executor"]
+        rows = (
+            mix
+            if "mix" in label
+            else [pair for pair in mix if pair[0].action == "agent:refund_executor"]
+        )
         for clock, timer in CLOCKS.items():
-            result = measure(lambda facts, now, p=policy: policy_decide(p, facts, now), rows, args.decisions, timer)
+            result = measure(
+                lambda facts, now, p=policy: policy_decide(p, facts, now),
+                rows,
+                args.decisions,
+                timer,
+            )
             print_row(label, rules, clock, result)
-    print("compile: " + ", ".join(f"{label} ({rules} rules) {ms:.1f} ms" for (label, rules), ms in compile_ms.items()))
+    print(
+        "compile: "
+        + ", ".join(
+            f"{label} ({rules} rules) {ms:.1f} ms" for (label, rules), ms in compile_ms.items()
+        )
+    )
 
 
 if __name__ == "__main__":

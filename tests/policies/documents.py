@@ -22,9 +22,22 @@ def compiled(default: str = "allow", version: int | None = 1, **sections: Any) -
     return compile_policy(document(default, **sections), version=version)
 
 
-def rule(rule_id: str, action: str | list[str], outcome: dict[str, Any], *when: dict[str, Any], **match: Any) -> dict[str, Any]:
+def rule(
+    rule_id: str,
+    action: str | list[str],
+    outcome: dict[str, Any],
+    *when: dict[str, Any],
+    **match: Any,
+) -> dict[str, Any]:
     """A rule as a dict: ``rule("r", "tool:x", DENY, {"fact": ..., "op": ..., "value": ...})``."""
-    return {"id": rule_id, "description": f"rule {rule_id}", "action": action, "when": list(when), "outcome": outcome, **match}
+    return {
+        "id": rule_id,
+        "description": f"rule {rule_id}",
+        "action": action,
+        "when": list(when),
+        "outcome": outcome,
+        **match,
+    }
 
 
 DENY = {"decision": "deny", "reason": "not allowed"}

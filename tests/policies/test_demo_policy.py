@@ -15,17 +15,16 @@ from orchestration.registry import BUILTIN_AGENTS
 from policies.evaluate import (
     Decision,
     Facts,
-    bounds_for,
-    ceilings_for,
     compile_policy,
     policy_decide,
-    price_cost,
-    rate_limits_for,
 )
+from policies.limits import bounds_for, ceilings_for, price_cost, rate_limits_for
 from policies.source import policy_source_parse
 
 DEMO = compile_policy(
-    policy_source_parse((Path(__file__).resolve().parents[2] / "policies" / "demo_policy.yaml").read_text()),
+    policy_source_parse(
+        (Path(__file__).resolve().parents[2] / "policies" / "demo_policy.yaml").read_text()
+    ),
     version=1,
 )
 # Tuesday 16 June 2026: 11:00 and 21:30 in Berlin (CEST, UTC+2).
@@ -50,8 +49,17 @@ def agent_step(agent: str, params: dict[str, Any], node: str, now: datetime) -> 
 
 def refund(amount: Any, now: datetime = TUESDAY_MORNING, currency: str = "EUR") -> Decision:
     # Exactly the refund executor's input: {"proposal": {...}} as its contract dumps it.
-    proposal = {"order_id": "ord_demo_5001", "amount": amount, "currency": currency, "reason": "damaged"}
-    params = RefundExecutor.Input.model_validate({"proposal": proposal}).model_dump() if isinstance(amount, float) else {"proposal": proposal}
+    proposal = {
+        "order_id": "ord_demo_5001",
+        "amount": amount,
+        "currency": currency,
+        "reason": "damaged",
+    }
+    params = (
+        RefundExecutor.Input.model_validate({"proposal": proposal}).model_dump()
+        if isinstance(amount, float)
+        else {"proposal": proposal}
+    )
     return agent_step("refund_executor", params, "execute_refund", now)
 
 
@@ -78,7 +86,11 @@ def test_refund_tiers_in_business_hours(amount: float, tier: int, quorum: int, r
 def test_a_refund_above_100_outside_business_hours_needs_tier_2() -> None:
     for now in (TUESDAY_NIGHT, SATURDAY_NOON):
         decision = refund(360.5, now)
-        assert (decision.outcome, decision.tier, decision.rule) == ("require_approval", 2, "refund-after-hours")
+        assert (decision.outcome, decision.tier, decision.rule) == (
+            "require_approval",
+            2,
+            "refund-after-hours",
+        )
         assert decision.sla == timedelta(hours=12)
     assert refund(60.0, TUESDAY_NIGHT).outcome == "allow"
     assert refund(15000.0, TUESDAY_NIGHT).tier == 3
@@ -86,50 +98,90 @@ def test_a_refund_above_100_outside_business_hours_needs_tier_2() -> None:
 
 def test_a_refund_in_another_currency_or_without_an_amount() -> None:
     assert refund(50.0, currency="JPY").outcome == "deny"
-    unreadable = agent_step("refund_executor", {"proposal": {"order_id": "x"}}, "execute_refund", TUESDAY_MORNING)
+    unreadable = agent_step(
+        "refund_executor", {"proposal": {"order_id": "x"}}, "execute_refund", TUESDAY_MORNING
+    )
     # No amount, no currency: every refund rule fails closed and the deny wins.
     assert (unreadable.outcome, unreadable.rule) == ("deny", "refund-currency")
-    no_amount = agent_step("refund_executor", {"proposal": {"currency": "EUR"}}, "execute_refund", TUESDAY_MORNING)
+    no_amount = agent_step(
+        "refund_executor", {"proposal": {"currency": "EUR"}}, "execute_refund", TUESDAY_MORNING
+    )
     assert (no_amount.outcome, no_amount.tier, no_amount.quorum) == ("require_approval", 3, 2)
 
 
 def test_an_issue_refund_tool_call_is_tiered_by_its_amount() -> None:
-    facts = Facts("tool:issue_refund", workflow="refund_desk", tenant="acme", tenant_time_zone="Europe/Berlin", params={"amount": "1500.00", "currency": "EUR"})
+    facts = Facts(
+        "tool:issue_refund",
+        workflow="refund_desk",
+        tenant="acme",
+        tenant_time_zone="Europe/Berlin",
+        params={"amount": "1500.00", "currency": "EUR"},
+    )
     assert policy_decide(DEMO, facts, TUESDAY_MORNING).tier == 2
 
 
 def test_customer_messages_wait_for_the_tenants_daytime() -> None:
-    params = CustomerNotifier.Input(customer_id="cus_1", refund_id="re_1", refund_amount=360.5).model_dump()
-    assert agent_step("customer_notifier", params, "notify_customer", TUESDAY_MORNING).outcome == "allow"
+    params = CustomerNotifier.Input(
+        customer_id="cus_1", refund_id="re_1", refund_amount=360.5
+    ).model_dump()
+    assert (
+        agent_step("customer_notifier", params, "notify_customer", TUESDAY_MORNING).outcome
+        == "allow"
+    )
     decision = agent_step("customer_notifier", params, "notify_customer", TUESDAY_NIGHT)
     assert (decision.outcome, decision.rule) == ("defer", "window:customer_hours")
     assert decision.defer_until == datetime(2026, 6, 17, 6, 0, tzinfo=UTC)  # 08:00 CEST
     # The same moment for a tenant in New York is 15:30: inside its window.
-    new_york = Facts("agent:customer_notifier", tenant="globex", tenant_time_zone="America/New_York", params=params)
+    new_york = Facts(
+        "agent:customer_notifier",
+        tenant="globex",
+        tenant_time_zone="America/New_York",
+        params=params,
+    )
     assert policy_decide(DEMO, new_york, TUESDAY_NIGHT).outcome == "allow"
 
 
 def test_email_outside_the_allowlist_needs_tier_1() -> None:
     def email(to: str, now: datetime = TUESDAY_MORNING) -> Decision:
-        facts = Facts("tool:send_email", tenant="acme", tenant_time_zone="Europe/Berlin", params={"to": to, "subject": "Refund"})
+        facts = Facts(
+            "tool:send_email",
+            tenant="acme",
+            tenant_time_zone="Europe/Berlin",
+            params={"to": to, "subject": "Refund"},
+        )
         return policy_decide(DEMO, facts, now)
 
     assert email("ann@example.com").outcome == "allow"
     assert email("ann@shop.example.net").outcome == "allow"
     outside = email("ann@gmail.com")
-    assert (outside.outcome, outside.tier, outside.rule) == ("require_approval", 1, "email-outside-allowlist")
+    assert (outside.outcome, outside.tier, outside.rule) == (
+        "require_approval",
+        1,
+        "email-outside-allowlist",
+    )
     late = email("ann@gmail.com", TUESDAY_NIGHT)
-    assert (late.outcome, late.defer_until) == ("require_approval", datetime(2026, 6, 17, 6, 0, tzinfo=UTC))
+    assert (late.outcome, late.defer_until) == (
+        "require_approval",
+        datetime(2026, 6, 17, 6, 0, tzinfo=UTC),
+    )
     assert email("ann@example.com", TUESDAY_NIGHT).outcome == "defer"
 
 
 def test_other_agents_fall_to_the_default() -> None:
-    decision = agent_step("triage_router", {"message": "Where is my parcel?"}, "triage", TUESDAY_NIGHT)
+    decision = agent_step(
+        "triage_router", {"message": "Where is my parcel?"}, "triage", TUESDAY_NIGHT
+    )
     assert (decision.outcome, decision.rule) == ("allow", "default")
 
 
 def test_ceilings_prices_rate_limits_and_bounds_of_the_demo() -> None:
-    facts = Facts("agent:refund_proposer", workflow="refund_desk", agent="refund_proposer", tenant="acme", run_id=7)
+    facts = Facts(
+        "agent:refund_proposer",
+        workflow="refund_desk",
+        agent="refund_proposer",
+        tenant="acme",
+        run_id=7,
+    )
     assert {c.scope: (c.key, c.limit) for c in ceilings_for(DEMO, facts)} == {
         "run": ("7", Decimal("0.05")),
         "workflow_day": ("refund_desk", Decimal("1.00")),
@@ -138,7 +190,11 @@ def test_ceilings_prices_rate_limits_and_bounds_of_the_demo() -> None:
     }
     assert price_cost(DEMO, "demo-model", 400, 40) == Decimal("0.000084")
     [bucket] = rate_limits_for(DEMO, Facts("tool:send_email", tenant="acme"))
-    assert (bucket.key, bucket.limit, bucket.period) == ("email-per-tenant:tenant=acme", 30, timedelta(minutes=1))
+    assert (bucket.key, bucket.limit, bucket.period) == (
+        "email-per-tenant:tenant=acme",
+        30,
+        timedelta(minutes=1),
+    )
     assert bounds_for(DEMO, "refund_desk").max_retries == 2
     assert bounds_for(DEMO, "content_pipeline").max_retries == 5
 

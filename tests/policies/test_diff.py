@@ -30,9 +30,15 @@ def test_the_changes_read_in_words() -> None:
     new = policy_source_parse(
         edited(
             ("default: allow", "default: deny"),
-            ("outcome: {decision: require_approval, tier: 2, sla: 8h}", "outcome: {decision: require_approval, tier: 3, sla: 8h}"),
+            (
+                "outcome: {decision: require_approval, tier: 2, sla: 8h}",
+                "outcome: {decision: require_approval, tier: 3, sla: 8h}",
+            ),
             ('op: ">", value: 10000}', 'op: ">", value: 20000}'),
-            ("{decision: require_approval, tier: 1, sla: 4h}", "{decision: deny, reason: no outside email}"),
+            (
+                "{decision: require_approval, tier: 1, sla: 4h}",
+                "{decision: deny, reason: no outside email}",
+            ),
             ('end: "20:00"', 'end: "21:00"'),
             ("entries: [example.com, example.org", "entries: [example.com, example.io"),
             ("key: refund_desk, limit: 1.00", "key: refund_desk, limit: 2.50"),

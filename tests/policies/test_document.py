@@ -35,7 +35,9 @@ def test_the_default_must_be_written_and_is_allow_or_deny() -> None:
 def test_a_stored_document_with_a_dangling_reference_is_refused_too() -> None:
     # Not only the source reader checks references: the model does, so a stored JSON document
     # edited by hand cannot slip through.
-    message = refused(rules=[rule("r", "tool:x", {"decision": "defer", "until": "office"}, {"window": "lunch"})])
+    message = refused(
+        rules=[rule("r", "tool:x", {"decision": "defer", "until": "office"}, {"window": "lunch"})]
+    )
     assert "rules[0].when[0].window: no time window is called 'lunch'" in message
     assert "rules[0].outcome.until: no time window is called 'office'" in message
 
@@ -71,8 +73,14 @@ def test_windows_that_make_no_sense_are_refused(fields: dict[str, Any], message:
     ("condition", "message"),
     [
         ({"fact": "params.to", "op": "not_in_allowlist"}, "needs the name of an allowlist"),
-        ({"fact": "params.to", "op": "not_in_allowlist", "allowlist": "x", "value": 1}, "not a value"),
-        ({"fact": "params.to", "op": "==", "allowlist": "x"}, "use in_allowlist or not_in_allowlist"),
+        (
+            {"fact": "params.to", "op": "not_in_allowlist", "allowlist": "x", "value": 1},
+            "not a value",
+        ),
+        (
+            {"fact": "params.to", "op": "==", "allowlist": "x"},
+            "use in_allowlist or not_in_allowlist",
+        ),
         ({"fact": "params.to", "op": "=="}, "needs a value"),
         ({"fact": "params.to", "op": "in", "value": "EUR"}, "needs a list"),
         ({"fact": "params.to", "op": "==", "value": ["EUR"]}, "use in or not_in"),
@@ -84,12 +92,16 @@ def test_windows_that_make_no_sense_are_refused(fields: dict[str, Any], message:
         ({"fact": "params.x", "op": "~", "value": 1}, "op"),
     ],
 )
-def test_conditions_whose_operands_do_not_fit_are_refused(condition: dict[str, Any], message: str) -> None:
+def test_conditions_whose_operands_do_not_fit_are_refused(
+    condition: dict[str, Any], message: str
+) -> None:
     assert message in refused(rules=[rule("r", "tool:x", DENY, condition)])
 
 
 def test_approvals_deny_reasons_and_ids() -> None:
-    assert "give either tier" in refused(rules=[rule("r", "tool:x", {"decision": "require_approval"})])
+    assert "give either tier" in refused(
+        rules=[rule("r", "tool:x", {"decision": "require_approval"})]
+    )
     assert "quorum" in refused(rules=[rule("r", "tool:x", approval(1, quorum=0))])
     assert "reason" in refused(rules=[rule("r", "tool:x", {"decision": "deny"})])
     assert "sla" in refused(rules=[rule("r", "tool:x", approval(1, sla="0s"))])
@@ -97,7 +109,9 @@ def test_approvals_deny_reasons_and_ids() -> None:
 
 
 def test_ceilings_prices_and_rate_limits() -> None:
-    assert "already ceilings[0]" in refused(ceilings=[{"scope": "run", "limit": 1}, {"scope": "run", "limit": 2}])
+    assert "already ceilings[0]" in refused(
+        ceilings=[{"scope": "run", "limit": 1}, {"scope": "run", "limit": 2}]
+    )
     assert "must be above zero" in refused(ceilings=[{"scope": "run", "limit": 0}])
     assert "at most 6 digits" in refused(ceilings=[{"scope": "run", "limit": "0.0000001"}])
     assert "soft_ratio" in refused(ceilings=[{"scope": "run", "limit": 1, "soft_ratio": 1.5}])
@@ -109,7 +123,11 @@ def test_ceilings_prices_and_rate_limits() -> None:
 
 def test_stored_json_keeps_thresholds_as_numbers_and_money_exact() -> None:
     policy = document(
-        rules=[rule("r", "tool:x", DENY, {"fact": "params.amount", "op": ">", "value": Decimal("100.5")})],
+        rules=[
+            rule(
+                "r", "tool:x", DENY, {"fact": "params.amount", "op": ">", "value": Decimal("100.5")}
+            )
+        ],
         ceilings=[{"scope": "run", "limit": Decimal("0.10")}],
     )
     stored = json.loads(json.dumps(policy.to_json()))
@@ -123,7 +141,16 @@ def test_stored_json_keeps_thresholds_as_numbers_and_money_exact() -> None:
 def test_the_json_schema_is_json_and_names_every_section() -> None:
     schema = PolicyDocument.model_json_schema()
     json.dumps(schema)
-    assert set(schema["properties"]) >= {"default", "rules", "time_windows", "allowlists", "ceilings", "prices", "rate_limits", "bounds"}
+    assert set(schema["properties"]) >= {
+        "default",
+        "rules",
+        "time_windows",
+        "allowlists",
+        "ceilings",
+        "prices",
+        "rate_limits",
+        "bounds",
+    }
     assert schema["required"] == ["default"]
     assert schema["additionalProperties"] is False
 

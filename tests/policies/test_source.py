@@ -62,7 +62,12 @@ def test_the_problem_carries_line_column_and_path_for_an_editor() -> None:
     source = textwrap.dedent(VALID_RULE.replace("tier: 2", "tier: 4")).lstrip("\n")
     [problem] = policy_source_problems(source)
     assert problem == SourceProblem(10, 13, "rules[0].outcome.tier", "must be 1, 2 or 3")
-    assert problem.to_json() == {"line": 10, "column": 13, "path": "rules[0].outcome.tier", "message": "must be 1, 2 or 3"}
+    assert problem.to_json() == {
+        "line": 10,
+        "column": 13,
+        "path": "rules[0].outcome.tier",
+        "message": "must be 1, 2 or 3",
+    }
 
 
 def test_an_unknown_field_is_refused_with_a_suggestion() -> None:
@@ -104,7 +109,9 @@ def test_a_rule_id_used_twice() -> None:
         action: tool:issue_refund
         outcome: {decision: allow}
     """).replace("\n", "\n  ")
-    assert problems(text) == ["line 12: rules[1].id: rule id 'big-refunds' is already used by rules[0]"]
+    assert problems(text) == [
+        "line 12: rules[1].id: rule id 'big-refunds' is already used by rules[0]"
+    ]
 
 
 def test_an_unknown_decision() -> None:
@@ -190,13 +197,21 @@ def test_yaml_syntax_errors_and_duplicate_keys_have_a_line() -> None:
     assert problems("default: allow\nrules:\n  - id: a\n   description: b\n") == [
         "line 4: not valid YAML: the indentation does not line up with the lines above"
     ]
-    assert problems("default: allow\n\tx: 1\n") == ["line 2: not valid YAML: a tab: indent with spaces"]
-    assert problems("default: allow\nrules: [a, b\n") == ["line 3: not valid YAML: a '[' list is not closed with ']'"]
-    assert problems("default: allow\ndefault: deny\n") == ["line 2: default: duplicate key 'default'"]
+    assert problems("default: allow\n\tx: 1\n") == [
+        "line 2: not valid YAML: a tab: indent with spaces"
+    ]
+    assert problems("default: allow\nrules: [a, b\n") == [
+        "line 3: not valid YAML: a '[' list is not closed with ']'"
+    ]
+    assert problems("default: allow\ndefault: deny\n") == [
+        "line 2: default: duplicate key 'default'"
+    ]
     assert problems("default: allow\n---\ndefault: deny\n") == [
         "line 2: one document expected, found several (remove the '---' separators)"
     ]
-    assert problems("") == ["line 1: the document is empty: it needs at least 'default: allow' or 'default: deny'"]
+    assert problems("") == [
+        "line 1: the document is empty: it needs at least 'default: allow' or 'default: deny'"
+    ]
     assert problems("- a\n- b\n")[0].startswith("line 1: the document is a list")
 
 
@@ -232,12 +247,29 @@ def test_yaml_1_1_surprises_are_read_as_an_admin_means_them() -> None:
 
 
 def test_json_errors_have_a_line_and_column() -> None:
-    assert problems('{"default": "allow",\n "rules": [],\n}') == ["line 3: not valid JSON: Expecting property name enclosed in double quotes"]
+    assert problems('{"default": "allow",\n "rules": [],\n}') == [
+        "line 3: not valid JSON: Expecting property name enclosed in double quotes"
+    ]
     [problem] = policy_source_problems('{"default": "allow",\n "rules": [],\n}')
     assert (problem.line, problem.column) == (3, 1)
-    source = json.dumps({"default": "allow", "rules": [{"id": "a", "description": "A", "action": "tool:x", "outcome": {"decision": "require_approval", "tier": 9}}]}, indent=2)
+    source = json.dumps(
+        {
+            "default": "allow",
+            "rules": [
+                {
+                    "id": "a",
+                    "description": "A",
+                    "action": "tool:x",
+                    "outcome": {"decision": "require_approval", "tier": 9},
+                }
+            ],
+        },
+        indent=2,
+    )
     assert problems(source) == ["line 10: rules[0].outcome.tier: must be 1, 2 or 3"]
-    assert problems('{"default": "allow", "default": "deny"}') == ['line 1: default: duplicate key \'default\'']
+    assert problems('{"default": "allow", "default": "deny"}') == [
+        "line 1: default: duplicate key 'default'"
+    ]
     assert problems('{\n  "default": "allow",\n  "bogus": 1\n}') == ["line 3: bogus: unknown field"]
 
 
@@ -249,7 +281,9 @@ def test_json_numbers_stay_exact() -> None:
 
 
 def test_a_json_source_need_not_start_with_a_brace_if_the_format_is_given() -> None:
-    assert problems('  []', format="json") == ["line 1: the document is a list, not a mapping: it needs at least 'default: allow' or 'default: deny'"]
+    assert problems("  []", format="json") == [
+        "line 1: the document is a list, not a mapping: it needs at least 'default: allow' or 'default: deny'"
+    ]
 
 
 def test_the_demo_policy_reads_and_renders_back_to_the_same_document() -> None:
@@ -264,7 +298,8 @@ def test_the_demo_policy_reads_and_renders_back_to_the_same_document() -> None:
 
 
 def test_the_canonical_rendering_quotes_only_what_would_read_back_otherwise() -> None:
-    document = policy_source_parse(textwrap.dedent("""
+    document = policy_source_parse(
+        textwrap.dedent("""
         default: allow
         description: "true"
         rules:
@@ -273,7 +308,8 @@ def test_the_canonical_rendering_quotes_only_what_would_read_back_otherwise() ->
             action: tool:x
             when: [{fact: params.code, op: in, value: ["007", "yes", 7, "1e3", "08:00"]}]
             outcome: {decision: allow}
-    """))
+    """)
+    )
     rendered = policy_source_render(document)
     assert "description: 'true'" in rendered
     assert "description: '10'" in rendered

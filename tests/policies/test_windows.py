@@ -60,7 +60,9 @@ def decide(now: datetime, tenant_zone: str, **window: str):
         (NEW_YORK, utc(2026, 11, 1, 6, 30), utc(2026, 11, 1, 13, 0)),
     ],
 )
-def test_defer_until_is_the_local_opening_after_a_dst_change(zone: str, now: datetime, opens: datetime) -> None:
+def test_defer_until_is_the_local_opening_after_a_dst_change(
+    zone: str, now: datetime, opens: datetime
+) -> None:
     decision = decide(now, zone)
     assert (decision.outcome, decision.rule) == ("defer", "window:daytime")
     assert decision.defer_until == opens
@@ -77,13 +79,20 @@ def test_defer_until_is_the_local_opening_after_a_dst_change(zone: str, now: dat
         (BERLIN, (2026, 3, 29), (6, 0), (18, 0)),  # Sunday, CEST (UTC+2)
         (BERLIN, (2026, 10, 24), (6, 0), (18, 0)),  # Saturday, CEST
         (BERLIN, (2026, 10, 25), (7, 0), (19, 0)),  # Sunday, CET
-        (NEW_YORK, (2026, 3, 7), (13, 0), (1, 0)),  # Saturday, EST (UTC-5): closes 01:00 UTC next day
+        (
+            NEW_YORK,
+            (2026, 3, 7),
+            (13, 0),
+            (1, 0),
+        ),  # Saturday, EST (UTC-5): closes 01:00 UTC next day
         (NEW_YORK, (2026, 3, 8), (12, 0), (0, 0)),  # Sunday, EDT (UTC-4)
         (NEW_YORK, (2026, 10, 31), (12, 0), (0, 0)),  # Saturday, EDT
         (NEW_YORK, (2026, 11, 1), (13, 0), (1, 0)),  # Sunday, EST
     ],
 )
-def test_the_window_boundaries_stay_at_local_08_00_and_20_00(zone: str, day: tuple[int, int, int], open_utc: tuple[int, int], close_utc: tuple[int, int]) -> None:
+def test_the_window_boundaries_stay_at_local_08_00_and_20_00(
+    zone: str, day: tuple[int, int, int], open_utc: tuple[int, int], close_utc: tuple[int, int]
+) -> None:
     opens = utc(*day, *open_utc)
     closes = utc(*day, *close_utc)
     if closes < opens:
@@ -108,7 +117,9 @@ def test_a_fixed_zone_ignores_the_tenants_zone() -> None:
         (NEW_YORK, utc(2026, 3, 8, 6, 30), utc(2026, 3, 8, 7, 0)),
     ],
 )
-def test_a_start_inside_the_spring_forward_gap_opens_at_the_jump(zone: str, now: datetime, opens: datetime) -> None:
+def test_a_start_inside_the_spring_forward_gap_opens_at_the_jump(
+    zone: str, now: datetime, opens: datetime
+) -> None:
     decision = decide(now, zone, start="02:30", end="04:00")
     assert decision.defer_until == opens
     assert decide(opens - timedelta(seconds=1), zone, start="02:30", end="04:00").outcome == "defer"
@@ -147,7 +158,9 @@ def test_a_window_across_midnight_belongs_to_the_day_it_starts() -> None:
     assert night.is_open(utc(2026, 6, 21, 3, 59), zone)  # Sun 05:59, Saturday's night
     assert not night.is_open(utc(2026, 6, 21, 4, 0), zone)  # Sun 06:00
     assert not night.is_open(utc(2026, 6, 21, 21, 0), zone)  # Sun 23:00: not a listed night
-    assert night.next_opening(utc(2026, 6, 21, 4, 0), zone) == utc(2026, 6, 26, 20, 0)  # next Fri 22:00
+    assert night.next_opening(utc(2026, 6, 21, 4, 0), zone) == utc(
+        2026, 6, 26, 20, 0
+    )  # next Fri 22:00
 
 
 WINDOWS = {
@@ -166,7 +179,9 @@ TRANSITIONS = {
 
 @pytest.mark.parametrize("zone_name", [BERLIN, NEW_YORK])
 @pytest.mark.parametrize("window_name", list(WINDOWS))
-def test_next_opening_is_the_first_open_minute_around_every_transition(zone_name: str, window_name: str) -> None:
+def test_next_opening_is_the_first_open_minute_around_every_transition(
+    zone_name: str, window_name: str
+) -> None:
     # Exhaustive against the definition: whether the window is open at every minute from a day
     # before each change to nine days after, then each start's expected opening is the first
     # open minute at or after it.
@@ -191,12 +206,16 @@ def test_remembered_openings_agree_with_computing_each_one(zone_name: str) -> No
     from policies.conditions import Evaluation, window_compile
     from policies.document import TimeWindow
 
-    definition = TimeWindow.model_validate({"days": ["mon-fri"], "start": "02:30", "end": "20:00", "zone": "tenant"})
+    definition = TimeWindow.model_validate(
+        {"days": ["mon-fri"], "start": "02:30", "end": "20:00", "zone": "tenant"}
+    )
     compiled = window_compile("office", definition)
     zone = ZoneInfo(zone_name)
     rng = random.Random(7)
     for transition in TRANSITIONS[zone_name]:
-        moments = [transition + timedelta(minutes=rng.randint(-5 * 1440, 5 * 1440)) for _ in range(400)]
+        moments = [
+            transition + timedelta(minutes=rng.randint(-5 * 1440, 5 * 1440)) for _ in range(400)
+        ]
         for moment in moments + sorted(moments):
             expected = compiled.schedule.next_opening(moment, zone)
             assert compiled.next_opening(Evaluation(moment, zone)) == expected, moment

@@ -147,16 +147,6 @@ class CompiledRule:
             and (self.tenant is None or self.tenant.match(tenant) is not None)
         )
 
-    def holds(self, facts: Facts, evaluation: Evaluation) -> bool:
-        """Whether every condition holds (an undecidable one counts as the rule restricts)."""
-        for test in self.tests:
-            result = test(facts, evaluation)
-            if result is None:
-                result = self.restricts
-            if not result:
-                return False
-        return True
-
 
 @dataclass(frozen=True, eq=False)
 class CompiledPolicy:
@@ -188,10 +178,12 @@ class CompiledPolicy:
         return found
 
 
-def _globs(patterns: list[str] | None) -> re.Pattern[str] | None:
-    if patterns is None:
-        return None
+def _globs(patterns: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{translate(pattern)})" for pattern in patterns))
+
+
+def _optional_globs(patterns: list[str] | None) -> re.Pattern[str] | None:
+    return None if patterns is None else _globs(patterns)
 
 
 def compile_policy(document: PolicyDocument, *, version: int | None = None) -> CompiledPolicy:
@@ -208,9 +200,9 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 description=rule.description,
                 rank=RANK[outcome.decision],
                 restricts=outcome.decision != "allow",
-                action=_globs(rule.action) or re.compile(""),
-                workflow=_globs(rule.workflow),
-                tenant=_globs(rule.tenant),
+                action=_globs(rule.action),
+                workflow=_optional_globs(rule.workflow),
+                tenant=_optional_globs(rule.tenant),
                 checks=(
                     checks := tuple(
                         check_compile(c, windows, document.allowlists, fact_slots)
@@ -234,9 +226,9 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 description=window.description or f"outside the {name} window",
                 rank=RANK[window.outside.decision],
                 restricts=True,
-                action=_globs(window.applies_to.action) or re.compile(""),
-                workflow=_globs(window.applies_to.workflow),
-                tenant=_globs(window.applies_to.tenant),
+                action=_globs(window.applies_to.action),
+                workflow=_optional_globs(window.applies_to.workflow),
+                tenant=_optional_globs(window.applies_to.tenant),
                 checks=(outside := (WindowCheck(compiled, inside=False),)),
                 tests=tuple(check.test for check in outside),
                 outcome=window.outside,
@@ -245,9 +237,7 @@ def compile_policy(document: PolicyDocument, *, version: int | None = None) -> C
                 rejects_on_expiry=getattr(window.outside, "on_expiry", "") == "reject",
             )
         )
-    rate_limits = tuple(
-        (limit, _globs(limit.action) or re.compile("")) for limit in document.rate_limits
-    )
+    rate_limits = tuple((limit, _globs(limit.action)) for limit in document.rate_limits)
     return CompiledPolicy(
         document, version, document.default, tuple(rules), windows, len(fact_slots), rate_limits
     )
@@ -262,7 +252,9 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
     assert tenant_zone is not None  # Facts refuse a zone that does not exist
     evaluation = Evaluation(now, tenant_zone, policy.fact_paths)
     matched: list[CompiledRule] = []
-    # CompiledRule.holds, inlined: this loop is where a decision spends its time.
+    # A rule matches when every test holds; an undecidable one (None) counts as the rule
+    # restricts (fail closed). Written out here, not as a method: this loop is where a decision
+    # spends its time.
     for rule in policy.candidates(facts):
         restricts = rule.restricts
         for test in rule.tests:

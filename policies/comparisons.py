@@ -25,9 +25,6 @@ ORDERING: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-#: A fact not read yet in this evaluation (None is taken: it means "missing").
-
-
 def as_number(value: Any) -> float | int | Decimal | None:
     """A fact as a number to compare, or None if it is not one (bools are not numbers)."""
     kind = type(value)
@@ -45,12 +42,14 @@ def as_number(value: Any) -> float | int | Decimal | None:
 
 
 def value_text(value: Any) -> str:
+    """An operand as a rule is read: ``1000``, ``[EUR, USD]``."""
     if isinstance(value, list):
         return "[" + ", ".join(str(item) for item in value) + "]"
     return str(value)
 
 
 def negate(test: Callable[[Any], bool | None]) -> Callable[[Any], bool | None]:
+    """The opposite test; "cannot be compared" stays so."""
     def negated(value: Any) -> bool | None:
         result = test(value)
         return None if result is None else not result
@@ -61,6 +60,7 @@ def negate(test: Callable[[Any], bool | None]) -> Callable[[Any], bool | None]:
 def ordering_test(
     compare: Callable[[Any, Any], bool], threshold: int | Decimal
 ) -> Callable[[Any], bool | None]:
+    """Whether a value stands in ``compare`` order with ``threshold``."""
     exact, approximate = threshold, float(threshold)
 
     def ordered(value: Any) -> bool | None:
@@ -73,6 +73,7 @@ def ordering_test(
 
 
 def equality_test(expected: Any) -> Callable[[Any], bool | None]:
+    """Whether a value equals ``expected`` (numbers as numbers; strings, booleans exactly)."""
     if isinstance(expected, bool):
         return lambda value: value is expected if isinstance(value, bool) else None
     if isinstance(expected, str):
@@ -89,6 +90,7 @@ def equality_test(expected: Any) -> Callable[[Any], bool | None]:
 
 
 def membership_test(items: list[Any]) -> Callable[[Any], bool | None]:
+    """Whether a value is one of ``items`` (numbers as numbers; strings, booleans exactly)."""
     strings = frozenset(item for item in items if isinstance(item, str))
     flags = frozenset(item for item in items if isinstance(item, bool))
     numbers = [item for item in items if not isinstance(item, bool | str)]
@@ -126,6 +128,7 @@ def domain_of(text: str) -> str | None:
 
 
 def allowlist_test(allowlist: Allowlist) -> Callable[[Any], bool | None]:
+    """Whether a value (or every value of a list) is inside the allowlist, read by its kind."""
     kind = allowlist.kind
     exact = frozenset(entry for entry in allowlist.entries if not entry.startswith("*."))
     suffixes = tuple(entry[1:] for entry in allowlist.entries if entry.startswith("*."))

@@ -40,6 +40,7 @@ from policies.document import (
 from policies.facts import Facts
 from policies.windows import WeeklyWindow
 
+#: A fact not read yet in this evaluation (None is taken: it means "missing").
 UNREAD: Any = object()
 
 

@@ -23,7 +23,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from policies.conditions import domain_of
+from policies.comparisons import domain_of
 from policies.document import zone_get
 from policies.evaluate import Facts, compile_policy, policy_decide
 from policies.source import policy_source_problems

@@ -1,0 +1,1 @@
+"""Tests of the policy language: documents, sources, decisions, windows, diffs, simulation."""

@@ -59,6 +59,13 @@ class Verb(models.IntegerChoices):
     TOOL_CIRCUIT_CLOSED = 512, "tool.circuit_closed"
     # 600-699: access (who was refused what)
     ACCESS_DENIED = 600, "access.denied"
+    # 800-899: policies (versions and their review)
+    POLICY_DRAFTED = 800, "policy.drafted"
+    POLICY_SUBMITTED = 801, "policy.submitted"
+    POLICY_APPROVED = 802, "policy.approved"
+    POLICY_REJECTED = 803, "policy.rejected"
+    POLICY_ACTIVATED = 804, "policy.activated"
+    POLICY_DECIDED = 810, "policy.decided"
 
 
 class ActorType(models.TextChoices):

@@ -11,6 +11,7 @@ import random
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -19,12 +20,14 @@ from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
 from django.utils import timezone
 
+import policies
 from orchestration.errors import SignalboxError
 from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
 from orchestration.selectors import approvals_pending_for_user
 from orchestration.services import approval_decide, escalation_resolve, run_send_event, run_submit
 from policies.models import Tenant
 from policies.roles import TENANT_OPERATOR, TENANT_SUBMITTER, roles_sync, tenant_grant
+from policies.services import Installed, policy_install
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,12 @@ def demo_users_seed() -> DemoSeed:
             for tenant in tenants:
                 tenant_grant(service, tenant, TENANT_SUBMITTER)
     return seed
+
+
+def demo_policy_install() -> Installed:
+    """The demo's policy (``policies/demo_policy.yaml``) in force, if no policy is yet."""
+    source = (Path(policies.__file__).parent / "demo_policy.yaml").read_text()
+    return policy_install(source=source, note="the demo's starting policy")
 
 
 # --- simulated traffic ------------------------------------------------------------------------------

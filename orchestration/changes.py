@@ -22,6 +22,8 @@ from audit.services import Entry
 from audit.verbs import Verb
 from orchestration.graph import MapProgress
 from orchestration.models import Run, RunEvent, StateVersion, Step, ToolCall, Wait
+from policies.active import ActivePolicy
+from policies.models import PolicyDecision, Tenant
 
 # --- what a decision reads ----------------------------------------------------------------------
 
@@ -69,6 +71,10 @@ class Snapshot:
     events: list[RunEvent] = field(default_factory=list)
     focus_tool_calls: list[ToolCall] = field(default_factory=list)
     map_progress: MapProgress | None = None
+    #: The policy in force (compiled) and the run's tenant: what an action is decided with.
+    #: None: no policy is active, nothing is enforced.
+    policy: ActivePolicy | None = None
+    tenant: Tenant | None = None
 
     def _need(self, what: str) -> None:
         if what not in self.loaded:
@@ -187,6 +193,9 @@ class Changes:
     event_updates: list[tuple[RunEvent, dict[str, Any]]] = field(default_factory=list)
     state_versions: list[StateVersion] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    #: Policy decisions made in this change, with the step each is about (ids resolved when
+    #: written).
+    decisions: list[tuple[PolicyDecision, Step | None]] = field(default_factory=list)
     #: Audit entries, in order: ready ones (a tool call's) and records whose ids are resolved
     #: when written.
     audit: list[Entry | Record] = field(default_factory=list)
@@ -214,6 +223,13 @@ class Changes:
     def audit_entries(self) -> list[Entry]:
         """Every audit entry, ids resolved (call after the rows got their ids)."""
         return [e.entry(self.run) if isinstance(e, Record) else e for e in self.audit]
+
+    def decision_rows(self) -> list[PolicyDecision]:
+        """The policy decisions, their run and step ids resolved (call after those have ids)."""
+        for row, step in self.decisions:
+            row.run_id = self.run.pk
+            row.step_id = step.pk if step is not None else None
+        return [row for row, _ in self.decisions]
 
     def live_events(self) -> list[dict[str, Any]]:
         """The live events, ids resolved (call after the rows got their ids)."""

@@ -67,6 +67,9 @@ class Code(StrEnum):
     WAIT_TIMEOUT = "wait_timeout"
     # people's decisions
     APPROVAL_REJECTED = "approval_rejected"
+    POLICY_DENIED = "policy_denied"
+    EDIT_DENIED_BY_POLICY = "edit_denied_by_policy"
+    EDIT_NEEDS_HIGHER_TIER = "edit_needs_higher_tier"
     APPROVAL_EXPIRED = "approval_expired"
     ABORTED = "aborted"
     CANCELLED = "cancelled"
@@ -171,6 +174,13 @@ class StateAccessDenied(ContractViolation):
     """A node read or wrote a run-state key it did not declare."""
 
     code: str = Code.STATE_ACCESS_DENIED
+
+
+class PolicyDenied(SignalboxError):
+    """The policy in force does not allow this action."""
+
+    code: str = Code.POLICY_DENIED
+    error_class = ErrorClass.POLICY
 
 
 class LimitExceeded(SignalboxError):

@@ -27,7 +27,14 @@ from orchestration import advance, dispatch, runtime, selectors
 from orchestration.changes import ACTIVE_STEPS, DONE_STEPS, OPEN_WAITS, Changes, Snapshot
 from orchestration.commit import compute_locked, write_and_send
 from orchestration.contracts import validation_errors
-from orchestration.errors import Code, Conflict, InvalidInput, NotFound, PayloadTooLarge
+from orchestration.errors import (
+    Code,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
 from orchestration.graph import deadline_of
 from orchestration.models import (
     ESCALATION_ACTIONS,
@@ -42,7 +49,10 @@ from orchestration.models import (
 )
 from orchestration.payloads import payload_refusal, payload_size, text_refusal
 from orchestration.registry import agent_class, workflow_get
-from policies.tenants import UnknownTenant, tenant_by_slug
+from policies.active import active_policy
+from policies.evaluate import policy_decide
+from policies.facts import Facts
+from policies.tenants import UnknownTenant, tenant_by_id, tenant_by_slug
 
 #: What failing a run reads: its active steps, their open waits and what it may have to undo.
 FAILING = frozenset({ACTIVE_STEPS, OPEN_WAITS, DONE_STEPS})
@@ -263,6 +273,9 @@ def approval_decide(
         )
     actor_type, actor_id = _actor(user)
     now = timezone.now()
+    if decision == Decision.EDIT and user is not None:
+        assert edited_input is not None
+        _edit_check(wait, user, edited_input, now)
     decided: dict[str, Any] = dict(
         status=WaitStatus.REJECTED if decision == Decision.REJECT else WaitStatus.APPROVED,
         decision=decision,
@@ -313,6 +326,40 @@ def approval_decide(
         write_and_send(rt, changes)
     wait.run, wait.step = changes.run, decided_step["step"]  # as they are now, for whoever shows it
     return wait
+
+
+def _edit_check(wait: Wait, user: User, edited_input: dict[str, Any], now: datetime) -> None:
+    """An edit is checked against the policy as well as the contract: what the edited action
+    would need must be within what this person may approve alone."""
+    active = active_policy()
+    if active is None:
+        return
+    run = wait.run
+    tenant = tenant_by_id(run.tenant_id)
+    node = workflow_get(run.workflow_name, run.workflow_version).node(wait.step.node)
+    facts = Facts(
+        action=f"agent:{node.agent}", workflow=run.workflow_name, node=node.name, tenant=tenant.slug,
+        tenant_time_zone=tenant.time_zone, agent=node.agent, params=edited_input, run_id=run.pk,
+    )
+    verdict = policy_decide(active.compiled, facts, now)
+    if verdict.outcome == "deny":
+        raise Conflict(
+            f"the edited action is not allowed by policy v{active.number} ({verdict.rule}): {verdict.reason}",
+            code=Code.EDIT_DENIED_BY_POLICY, detail={"rule": verdict.rule, "version": active.number},
+        )
+    if verdict.outcome != "require_approval":
+        return
+    needed = max(verdict.stages or (verdict.tier,))
+    held = selectors.user_tier(user)
+    people = max(verdict.quorum or 1, 1) * max(len(verdict.stages), 1)
+    if needed > held or people > 1:
+        who = f"tier {needed}" + (f", {people} different people" if people > 1 else "")
+        raise PermissionDenied(
+            f"the edited action needs {who} under policy v{active.number} ({verdict.rule}: {verdict.reason}); "
+            f"you hold tier {held}. Reject it with the change you want, or ask someone who can approve it",
+            code=Code.EDIT_NEEDS_HIGHER_TIER,
+            detail={"required_tier": needed, "your_tier": held, "people": people, "rule": verdict.rule},
+        )
 
 
 def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: datetime) -> bool:

@@ -40,6 +40,12 @@ def step_input(step: Step, node: Node, run: Run) -> Any:
         return step.input
     if step.input_override is not None:
         return step.input_override
+    return node_input(node, run)
+
+
+def node_input(node: Node, run: Run) -> dict[str, Any]:
+    """The input an agent node's step gets from the run's state (its declared reads, or its
+    ``input`` function over them)."""
     view = StateView(run.state, reads=node.reads, writes=frozenset())
     if node.input is not None:
         return dict(node.input(view))

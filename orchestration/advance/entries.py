@@ -260,7 +260,10 @@ def approval_reopened(
             now_digest=digest(action),
         )
     adv.move(step, StepStatus.WAITING, lease_owner="", lease_expires_at=None, approved_digest="")
-    adv.open_approval(step, node, action)
+    decision = adv.policy_decide(node, action["input"])
+    if decision is not None:
+        adv.note_decision(decision, step)
+    adv.open_approval(step, node, action, decision=decision)
     return adv.finish()
 
 
@@ -293,6 +296,9 @@ def approval_decided(
         if decision == Decision.EDIT:
             assert edited_input is not None
             verb = Verb.APPROVAL_EDITED
+            edited_decision = adv.policy_decide(node, edited_input)
+            if edited_decision is not None:
+                adv.note_decision(edited_decision, step)
             _apply_edit(adv, step, node, edited_input)
         approved = digest(step_action(step, node, adv.run))
         adv.record(

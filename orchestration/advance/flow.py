@@ -4,13 +4,14 @@ and approvals, and what a step's success leads to."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, cast
 
 from audit.verbs import Verb
 from infra.canonical import digest
 from infra.sql import unsaved
 from orchestration import graph
-from orchestration.advance.actions import step_action
+from orchestration.advance.actions import node_input, step_action
 from orchestration.advance.ending import Ending
 from orchestration.agents.base import StateView
 from orchestration.changes import (
@@ -18,6 +19,7 @@ from orchestration.changes import (
     OPEN_WAITS,
 )
 from orchestration.definition import END, FAIL, Node
+from orchestration.errors import Code, PolicyDenied
 from orchestration.models import (
     STEP_ACTIVE,
     RunEvent,
@@ -28,6 +30,10 @@ from orchestration.models import (
     WaitKind,
     WaitStatus,
 )
+from policies.evaluate import Decision
+
+#: How long an approval waits when neither the node nor the policy says.
+DEFAULT_APPROVAL_SLA = timedelta(hours=24)
 
 
 class RunAdvance(Ending):
@@ -102,13 +108,7 @@ class RunAdvance(Ending):
             )
             self.take_route(node, target, step)
         elif node.kind == "agent":
-            if node.approval is not None and node.approval.required(self.run.state):
-                step = self.new_step(
-                    node, kind=StepKind.AGENT, status=StepStatus.WAITING, visit=visit
-                )
-                self.open_approval(step, node, step_action(step, node, self.run))
-                return
-            self.new_step(node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit)
+            self._activate_agent(node, visit)
         elif node.kind == "map":
             self._activate_map(node, visit)
         elif node.kind == "wait":
@@ -162,21 +162,70 @@ class RunAdvance(Ending):
 
     # --- approvals ------------------------------------------------------------------------------
 
-    def open_approval(self, step: Step, node: Node, action: dict[str, Any]) -> Wait:
-        assert node.approval is not None
+    def _activate_agent(self, node: Node, visit: int) -> None:
+        """An agent step becomes ready: the policy decides its action first (allow, deny,
+        require an approval, or defer), and the definition's own approval gate applies too."""
+        decision = self.policy_decide(node, node_input(node, self.run))
+        gate = node.approval is not None and node.approval.required(self.run.state)
+        if decision is not None and decision.outcome == "deny":
+            step = self.new_step(node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit)
+            self.note_decision(decision, step)
+            self.fail_step(step, PolicyDenied(
+                f"policy {decision.rule}: {decision.reason}", code=Code.POLICY_DENIED,
+                detail={"rule": decision.rule, "version": decision.version},
+            ))
+            return
+        if gate or (decision is not None and decision.outcome == "require_approval"):
+            step = self.new_step(node, kind=StepKind.AGENT, status=StepStatus.WAITING, visit=visit)
+            if decision is not None:
+                self.note_decision(decision, step)
+            self.open_approval(step, node, step_action(step, node, self.run), decision=decision)
+            return
+        if decision is not None and decision.outcome == "defer" and decision.defer_until is not None:
+            # Not before its window opens: queued with no wake-up now; the reaper sends it then.
+            step = self.new_step(
+                node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit, deferred_until=decision.defer_until
+            )
+            self.note_decision(decision, step)
+            return
+        step = self.new_step(node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit)
+        if decision is not None:
+            self.note_decision(decision, step)
+
+    def open_approval(
+        self, step: Step, node: Node, action: dict[str, Any], *, decision: Decision | None = None
+    ) -> Wait:
+        """An approval for ``step``'s exact action: as the policy's decision requires (tier,
+        quorum, stages, deadline, expiry), at least what the node's own gate asks."""
+        gate = node.approval
+        tier, quorum, stages = (gate.tier, gate.quorum, []) if gate is not None else (1, 1, [])
+        deadline = graph.approval_deadline(node, self.now) if gate is not None else None
+        on_timeout = gate.on_timeout if gate is not None else "reject"
+        reason = gate.reason if gate is not None else ""
+        if decision is not None and decision.outcome == "require_approval":
+            stages = list(decision.stages) if len(decision.stages) > 1 else []
+            tier = max(tier, decision.stages[0] if stages else decision.tier)
+            quorum = max(quorum, decision.quorum or 1)
+            if decision.sla is not None:
+                deadline = self.now + decision.sla
+            on_timeout = "approve" if decision.on_expiry == "approve" and on_timeout == "approve" else "reject"
+            reason = decision.reason
         wait = unsaved(
             Wait,
             run=self.run,
             step=step,
             kind=WaitKind.APPROVAL,
             name=node.name,
-            tier=node.approval.tier,
-            quorum=node.approval.quorum,
-            reason=node.approval.reason,
+            tier=tier,
+            quorum=quorum,
+            stages=stages,
+            reason=reason or "approval required",
             action=action,
             action_digest=digest(action),
-            deadline_at=graph.approval_deadline(node, self.now),
-            on_timeout=node.approval.on_timeout,
+            deadline_at=deadline or self.now + DEFAULT_APPROVAL_SLA,
+            on_timeout=on_timeout,
+            policy_version=decision.version if decision is not None else None,
+            policy_rule=decision.rule if decision is not None else "",
             created_at=self.now,
         )
         self.changes.new_waits.append(wait)

@@ -30,6 +30,9 @@ from orchestration.models import (
     Wait,
 )
 from orchestration.registry import agent_class, workflow_get
+from policies.evaluate import Decision, policy_decide
+from policies.facts import Facts
+from policies.models import PolicyDecision
 
 
 class AdvanceState:
@@ -163,8 +166,11 @@ class AdvanceState:
         return 1
 
     def new_step(
-        self, node: Node, *, kind: str, status: str, visit: int, item: int = -1, **fields: Any
+        self, node: Node, *, kind: str, status: str, visit: int, item: int = -1,
+        deferred_until: datetime | None = None, **fields: Any,
     ) -> Step:
+        """A new step of ``node``; ``deferred_until``: queued, but not to run (nor be woken)
+        before then."""
         graph.step_bound_check(self.wf, self.run.step_count)
         self.run.step_count += 1
         pool = ""
@@ -181,12 +187,47 @@ class AdvanceState:
             pool=pool,
             status=status,
             max_attempts=node.max_attempts or self._default_attempts(node),
-            available_at=self.now,
+            available_at=deferred_until or self.now,
             created_at=self.now,
             **fields,
         )
+        if deferred_until is not None:
+            self._entered(step.status)
+            self.changes.new_steps.append(step)  # its wake-up is the reaper's, when it is due
+            return step
         self._add_step(step)
         return step
+
+    # --- policy -----------------------------------------------------------------------------
+
+    def policy_decide(self, node: Node, params: Mapping[str, Any]) -> Decision | None:
+        """What the policy in force says about ``node``'s agent acting with ``params`` (None:
+        no policy is in force)."""
+        active = self.snapshot.policy
+        tenant = self.snapshot.tenant
+        if active is None or tenant is None:
+            return None
+        facts = Facts(
+            action=f"agent:{node.agent}", workflow=self.run.workflow_name, node=node.name, tenant=tenant.slug,
+            tenant_time_zone=tenant.time_zone, agent=node.agent, params=params, run_id=self.run.pk,
+        )
+        return policy_decide(active.compiled, facts, self.now)
+
+    def note_decision(self, decision: Decision, step: Step | None) -> None:
+        """Record a policy decision with this change: the facts, the version and rule, and why."""
+        active = self.snapshot.policy
+        row = PolicyDecision(
+            action=decision.facts.action, workflow=decision.facts.workflow, tenant=decision.facts.tenant,
+            facts=decision.facts.to_json(), version_id=active.version_id if active is not None else None,
+            rule=decision.rule, outcome=decision.recorded_outcome, tier=decision.tier,
+            reason=decision.reason[:2000], created_at=self.now,
+        )
+        self.changes.decisions.append((row, step))
+        if decision.outcome != "allow":
+            self.record(
+                Verb.POLICY_DECIDED, "step", step, step=step, outcome=decision.outcome, rule=decision.rule,
+                version=decision.version, tier=decision.tier, reason=decision.reason,
+            )
 
     def _add_step(self, step: Step) -> None:
         if (

@@ -41,6 +41,9 @@ from orchestration.models import (
     Wait,
     WaitStatus,
 )
+from policies.active import active_policy
+from policies.models import PolicyDecision
+from policies.tenants import tenant_by_id
 
 #: The fields of a run row that an advance may change.
 RUN_FIELDS = (
@@ -178,6 +181,7 @@ class Store:
         """What a decision about ``run`` (and its ``focus`` step) needs, read now. With no
         needs, nothing is read."""
         snap = Snapshot(run=run, focus=focus, loaded=frozenset(needs))
+        self._policy(snap)
         if focus is not None:
             focus.run = run
             snap.adopt(focus)
@@ -247,7 +251,16 @@ class Store:
 
     def new_run_snapshot(self, run: Run) -> Snapshot:
         """A run not written yet has no other rows: everything is known to be empty."""
-        return Snapshot(run=run, loaded=NEEDS)
+        snap = Snapshot(run=run, loaded=NEEDS)
+        self._policy(snap)
+        return snap
+
+    def _policy(self, snap: Snapshot) -> None:
+        """What actions are decided with: the policy in force and the run's tenant (both cached
+        per process, so this costs no query in the common case)."""
+        snap.policy = active_policy()
+        if snap.policy is not None:
+            snap.tenant = tenant_by_id(snap.run.tenant_id)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -290,6 +303,7 @@ class Store:
             RunEvent.objects.filter(pk=event.pk).update(**fields)
         insert(StateVersion, changes.state_versions, returning=False)
         insert(ToolCall, changes.tool_calls, returning=False)
+        insert(PolicyDecision, changes.decision_rows(), returning=False)
         audit_record_many(changes.audit_entries(), now=now)
         if changes.claim_after is not None:
             step_id, worker, lease_until = changes.claim_after

@@ -46,6 +46,7 @@ from orchestration.models import (
     Wait,
 )
 from orchestration.store.plain import RUN_FIELDS, LeaseLost, Pending, RunChanged, StepTaken, Store
+from policies.models import PolicyDecision
 
 ID_BLOCK = 200
 
@@ -266,6 +267,7 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> None:
         update(event, tuple(fields), batch=batch)
     insert(StateVersion, changes.state_versions, returning=False, batch=batch)
     insert(ToolCall, changes.tool_calls, returning=False, batch=batch)
+    insert(PolicyDecision, changes.decision_rows(), returning=False, batch=batch)
     audit_record_many(changes.audit_entries(), now=now, batch=batch)
     if changes.claim_after is not None:
         step_id, worker, lease_until = changes.claim_after

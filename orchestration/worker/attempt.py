@@ -84,11 +84,12 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     if not cls.pure:
         settle()  # its effects may begin at once: the commit that made the step ready comes first
 
-    if node.approval is not None and step.kind == StepKind.AGENT:
+    # An approved step executes only the exact action approved (by the node's gate or the
+    # policy); a gated step never executes unapproved.
+    gated = node.approval is not None and node.approval.required(run.state)
+    if step.kind == StepKind.AGENT and (step.approved_digest or gated):
         action = step_action(step, node, run)
-        if (step.approved_digest or node.approval.required(run.state)) and digest(
-            action
-        ) != step.approved_digest:
+        if digest(action) != step.approved_digest:
             settle()
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None

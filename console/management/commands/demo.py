@@ -16,7 +16,14 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from console.demo import DEMO_USERS, SIMULATOR_USER, DemoSeed, DemoSimulator, demo_users_seed
+from console.demo import (
+    DEMO_USERS,
+    SIMULATOR_USER,
+    DemoSeed,
+    DemoSimulator,
+    demo_policy_install,
+    demo_users_seed,
+)
 from console.embedded import EmbeddedOptions, EmbeddedStack, bind_socket
 from orchestration.registry import pools
 
@@ -68,6 +75,12 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"Database {where}: migrated.")
         self._report_seed(demo_users_seed())
+        installed = demo_policy_install()
+        if installed.created:
+            self.stdout.write(
+                f"Demo policy installed as version {installed.version.number} (refund tiers, email allowlist, "
+                "customer hours, daily ceilings): /admin/ shows it; edit a copy, and have the other admin approve it."
+            )
 
         simulator = None
         if not options["no_simulator"]:

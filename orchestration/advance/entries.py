@@ -3,7 +3,7 @@ was loaded (a snapshot) and returns what to write and send (changes), touching n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ from orchestration.models import (
     WaitKind,
 )
 from orchestration.registry import agent_class
+from policies.evaluate import Decision as PolicyVerdict
 
 
 def run_started(
@@ -74,6 +75,7 @@ def step_completed(
     pools: frozenset[str],
     tool_calls: list[ToolCall],
     tool_entries: list[Entry],
+    tool_decisions: Sequence[PolicyVerdict] = (),
     hold_handoffs: bool,
     lease_seconds: float,
     optimistic: bool,
@@ -109,6 +111,8 @@ def step_completed(
         )
     adv.changes.tool_calls.extend(tool_calls)
     adv.changes.audit.extend(tool_entries)
+    for decided in tool_decisions:
+        adv.note_decision(decided, step)
     adv._left(StepStatus.RUNNING)
     adv.step_event(step, "succeeded")
     node = node_of(adv.wf, step)
@@ -138,6 +142,7 @@ def attempt_failed(
     worker_id: str,
     tool_calls: list[ToolCall],
     tool_entries: list[Entry],
+    tool_decisions: Sequence[PolicyVerdict] = (),
     payload: Any,
     delay: float,
 ) -> Changes:
@@ -148,6 +153,8 @@ def attempt_failed(
     )
     adv.changes.tool_calls.extend(tool_calls)
     adv.changes.audit.extend(tool_entries)
+    for decided in tool_decisions:
+        adv.note_decision(decided, step)
     failures_now = step.failures + 1
     attempts_log = [
         *step.attempts_log,

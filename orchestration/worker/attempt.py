@@ -9,20 +9,33 @@ import time
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from infra.canonical import digest
 from orchestration.advance import node_of, output_contract, step_action, step_input
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.contracts import validation_errors
-from orchestration.errors import Code, ContractViolation, SignalboxError, TransientError
+from orchestration.errors import (
+    Code,
+    ContractViolation,
+    PolicyDenied,
+    SignalboxError,
+    TransientError,
+)
 from orchestration.leases import interrupt_after
 from orchestration.models import Step, StepKind
 from orchestration.payloads import payload_size
 from orchestration.registry import agent_instance, workflow_get
 from orchestration.runtime import Runtime
+from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
+from policies.active import ActivePolicy, active_policy
+from policies.evaluate import Decision, policy_decide
+from policies.facts import Facts
+from policies.limits import rate_limits_for
+from policies.tenants import tenant_by_id
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +48,27 @@ class StepTools:
         self.step = step
         self.calls = 0
         self._client: Any = None
+        #: The policy's decisions about this attempt's tool calls, written with its outcome.
+        self.decisions: list[Decision] = []
 
     def call(self, capability: str, params: Any) -> Any:
         from orchestration.tools.client import ToolClient
 
+        as_dict = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
+        found = policy_facts(self.step, f"tool:{capability}", as_dict if isinstance(as_dict, dict) else {})
+        if found is not None:
+            active, facts = found
+            decision = policy_decide(active.compiled, facts, timezone.now())
+            self.decisions.append(decision)
+            if decision.outcome != "allow":
+                # Inside an attempt nothing can pause for a person: the step stops here and
+                # escalates, its context saying what the policy asked (the same action as a
+                # step of its own is what an approval or a window can wait for).
+                raise PolicyDenied(
+                    f"policy {decision.rule} ({decision.outcome.replace('_', ' ')}): {decision.reason}",
+                    code=Code.POLICY_DENIED, detail=decision.to_json(),
+                )
+            rate_limit_check(active, facts)
         if self._client is None:
             self._client = ToolClient(actor_id=self.step.agent)
         self.calls += 1
@@ -53,13 +83,44 @@ class StepTools:
             trace_id=run.trace_id,
         )
 
-    def take_records(self) -> tuple[list[Any], list[Any]]:
-        """The ToolCall rows and audit entries to write in the step's own transaction."""
+    def take_records(self) -> tuple[list[Any], list[Any], list[Decision]]:
+        """The ToolCall rows, audit entries and policy decisions to write in the step's own
+        transaction."""
+        decisions, self.decisions = self.decisions, []
         if self._client is None:
-            return [], []
+            return [], [], decisions
         records, entries = self._client.records, self._client.audit_entries
         self._client.records, self._client.audit_entries = [], []
-        return records, entries
+        return records, entries, decisions
+
+
+def policy_facts(step: Step, action: str, params: dict[str, Any]) -> tuple[ActivePolicy, Facts] | None:
+    """The policy in force and the facts of an action of ``step`` (None: no policy is in force)."""
+    active = active_policy()
+    if active is None:
+        return None
+    run = step.run
+    tenant = tenant_by_id(run.tenant_id)
+    facts = Facts(
+        action=action, workflow=run.workflow_name, node=step.node, tenant=tenant.slug,
+        tenant_time_zone=tenant.time_zone, agent=step.agent, params=params, run_id=run.pk,
+    )
+    return active, facts
+
+
+def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
+    """Take one from each of the policy's rate limits that count this action (buckets shared by
+    every worker through Redis); over one, a transient error: the step is retried after a
+    backoff."""
+    for bucket in rate_limits_for(active.compiled, facts):
+        wait = backend_default().bucket_take(
+            f"policy:{bucket.key}", bucket.limit / bucket.period.total_seconds(), bucket.limit, time.time()
+        )
+        if wait > 0:
+            raise TransientError(
+                f"rate limit {bucket.id}: at most {bucket.limit} per {bucket.period}; next in {wait:.1f} s",
+                code=Code.RATE_LIMITED, detail={"limit": bucket.id, "retry_after": round(wait, 3)},
+            )
 
 
 def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = None) -> Step | None:
@@ -111,6 +172,15 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     except SignalboxError as exc:
         fail(exc)
         return None
+
+    if step.kind in (StepKind.AGENT, StepKind.ITEM):
+        facts = policy_facts(step, f"agent:{step.agent}", raw if isinstance(raw, dict) else {})
+        if facts is not None:
+            try:
+                rate_limit_check(*facts)
+            except SignalboxError as exc:
+                fail(exc)
+                return None
 
     own_state = step.kind in (StepKind.AGENT, StepKind.ROUTE)
     ctx = AgentContext(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken
 from orchestration.store.postgresql import WriteBatch, claimed_from_row
+from policies.evaluate import Decision
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Completion:
     tool_entries: list[Any]
     degraded: str
     now: datetime
+    #: The policy's decisions about the attempt's tool calls.
+    decisions: list[Decision] = field(default_factory=list)
 
     @classmethod
     def now_from(
@@ -53,7 +56,7 @@ class Completion:
         output: dict[str, Any],
         written: dict[str, Any],
         usage: dict[str, Any],
-        records: tuple[list[Any], list[Any]],
+        records: tuple[list[Any], list[Any], list[Decision]],
         degraded: str,
     ) -> Completion:
         return cls(
@@ -65,6 +68,7 @@ class Completion:
             list(records[1]),
             degraded,
             timezone.now(),
+            list(records[2]),
         )
 
 

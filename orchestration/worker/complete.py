@@ -89,6 +89,7 @@ def _compute(
         pools=rt.pools,
         tool_calls=done.tool_calls,
         tool_entries=done.tool_entries,
+        tool_decisions=done.decisions,
         hold_handoffs=hold,
         lease_seconds=rt.lease_seconds,
         optimistic=optimistic,
@@ -262,7 +263,7 @@ def commit_failed(done: Completion, exc: BaseException, *, rt: Runtime, worker_i
         TransientError(f"committing the result failed: {exc!r}", code=Code.COMMIT_FAILED),
         rt=rt,
         worker_id=worker_id,
-        records=(done.tool_calls, done.tool_entries),
+        records=(done.tool_calls, done.tool_entries, done.decisions),
     )
 
 
@@ -273,12 +274,12 @@ def attempt_fail(
     rt: Runtime,
     worker_id: str,
     payload: Any = None,
-    records: tuple[list[Any], list[Any]] | None = None,
+    records: tuple[list[Any], list[Any], list[Any]] | None = None,
 ) -> None:
     """Commit a failed attempt: retry a transient error with backoff, otherwise hand the step to
     the next recovery tier. Nothing is written if the attempt no longer holds the step."""
     now = timezone.now()
-    tool_calls, tool_entries = records if records is not None else ([], [])
+    tool_calls, tool_entries, decisions = records if records is not None else ([], [], [])
     delay = retry_delay(
         step.failures + 1,
         base=settings.SIGNALBOX["RETRY_BASE_SECONDS"],
@@ -303,6 +304,7 @@ def attempt_fail(
             worker_id=worker_id,
             tool_calls=tool_calls,
             tool_entries=tool_entries,
+            tool_decisions=decisions,
             payload=payload,
             delay=delay,
         )

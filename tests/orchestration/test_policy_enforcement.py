@@ -4,6 +4,7 @@ recorded with the version, the rule and the facts, and an edit is checked agains
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,3 +128,66 @@ def test_a_message_outside_the_tenants_daytime_is_deferred_until_the_window_open
     assert notify.status == "queued" and notify.published_at is None
     assert notify.available_at == datetime(2026, 12, 8, 13, 0, tzinfo=UTC)  # 08:00 EST
     assert PolicyDecision.objects.get(run_id=run.pk, action="agent:customer_notifier").outcome == "defer"
+
+
+TOOLS = """
+default: allow
+rules:
+  - id: no-charges
+    description: Nothing is charged through this capability
+    action: tool:test_effect
+    when:
+      - {fact: params.text, op: "==", value: "do charge"}
+    outcome: {decision: deny, reason: "charges are not allowed here"}
+"""
+
+RATE = """
+default: allow
+rate_limits:
+  - id: one-effect-{nonce}
+    description: One effect a minute per run
+    action: tool:test_effect
+    per: run
+    limit: 1
+    period: 1m
+"""
+
+
+@pytest.fixture
+def effects(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from tests.support.stub_provider import stub_provider_server
+
+    with stub_provider_server("test-effect") as stub:
+        monkeypatch.setenv("SIGNALBOX_TEST_ECHO_URL", stub.url)
+        yield stub
+
+
+def test_a_tool_call_the_policy_denies_never_reaches_the_provider_and_is_recorded(
+    effects: Any, drive: Any, fast_agents: None, settings: Any
+) -> None:
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+    policy_install(source=TOOLS)
+    active_forget()
+    run = drive(run_submit(workflow="saga", input={}).run.pk)
+    assert [call.body["text"] for call in effects.requests] == ["do reserve", "undo reserve"]
+    charge = Step.objects.get(run=run, node="charge")
+    assert (charge.status, charge.error_class, charge.error_code) == ("failed", "policy", "policy_denied")
+    assert "charges are not allowed here" in charge.error_message
+    tool_decisions = list(PolicyDecision.objects.filter(run_id=run.pk, action="tool:test_effect").order_by("id")
+                          .values_list("outcome", "rule"))
+    assert tool_decisions == [("allow", "default"), ("deny", "no-charges"), ("allow", "default")]
+    assert run.status == "failed"
+
+
+def test_a_rate_limit_shared_by_workers_holds_back_the_next_call(
+    effects: Any, drive: Any, fast_agents: None, settings: Any
+) -> None:
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+    # Buckets live in Redis, shared by every worker: a limit of its own for this test.
+    policy_install(source=RATE.format(nonce=secrets.token_hex(4)))
+    active_forget()
+    run = drive(run_submit(workflow="saga", input={}).run.pk)
+    assert [call.body["text"] for call in effects.requests][:1] == ["do reserve"]
+    charge = Step.objects.get(run=run, node="charge")
+    assert "rate_limited" in [entry["code"] for entry in charge.attempts_log]
+    assert "do charge" not in [call.body["text"] for call in effects.requests]

@@ -39,7 +39,9 @@ def bench_env(**extra: str) -> dict[str, str]:
         **os.environ,
         # The repository first; whatever the caller added after it (tests/bench/mechanisms.py
         # adds the directory that swaps a mechanism for the library's own, in every process).
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
         "DJANGO_SETTINGS_MODULE": "console.settings",
         "SIGNALBOX_ENV": "development",
         "DEBUG": "false",
@@ -106,22 +108,56 @@ class Processes:
         env = bench_env(SIGNALBOX_LIVE_EVENTS=str(live_events).lower())
         for index in range(workers):
             self._start(
-                [sys.executable, "-m", "celery", "-A", "console", "worker", "-Q", "pool.default,pool.research",
-                 "-n", f"bench{index}@%h", "--pool", "solo", "--prefetch-multiplier", "1",
-                 "--without-mingle", "--without-gossip", "-l", "info"],
-                env, f"worker{index}",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "console",
+                    "worker",
+                    "-Q",
+                    "pool.default,pool.research",
+                    "-n",
+                    f"bench{index}@%h",
+                    "--pool",
+                    "solo",
+                    "--prefetch-multiplier",
+                    "1",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "info",
+                ],
+                env,
+                f"worker{index}",
             )
         self.port = _free_port()
         self._start(
-            [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
-            {**env, "DB_POOL": "true", "DB_CONN_MAX_AGE": "0"}, "web",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "console.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            {**env, "DB_POOL": "true", "DB_CONN_MAX_AGE": "0"},
+            "web",
         )
         self._wait_ready()
 
     def _start(self, cmd: list[str], env: dict[str, str], name: str) -> None:
         log = (self.logdir / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
 
     def _wait_ready(self) -> None:
         import httpx
@@ -130,7 +166,10 @@ class Processes:
         while time.monotonic() < deadline:
             workers_ready = all(" ready." in p.read_text() for p in self.logdir.glob("worker*.log"))
             try:
-                web_ready = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/health", timeout=1).status_code < 500
+                web_ready = (
+                    httpx.get(f"http://127.0.0.1:{self.port}/api/v1/health", timeout=1).status_code
+                    < 500
+                )
             except httpx.HTTPError:
                 web_ready = False
             if workers_ready and web_ready:
@@ -145,12 +184,16 @@ class Processes:
         def cpu(pid: int) -> float:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
+                return (
+                    int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+                ) / tick
             except (OSError, IndexError, ValueError):
                 return 0.0
 
         def named(name: str) -> list[int]:
-            out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                ["pgrep", "-f", name], capture_output=True, text=True
+            ).stdout.split()
             return [int(p) for p in out]
 
         def reaped(pid: int) -> float:
@@ -161,13 +204,22 @@ class Processes:
             except (OSError, IndexError, ValueError):
                 return 0.0
 
-        totals = {"workers": 0.0, "web": 0.0, "postgres": 0.0, "redis": 0.0, "bench": cpu(os.getpid())}
+        totals = {
+            "workers": 0.0,
+            "web": 0.0,
+            "postgres": 0.0,
+            "redis": 0.0,
+            "bench": cpu(os.getpid()),
+        }
         for proc in self.procs[:-1]:
             totals["workers"] += cpu(proc.pid)
         totals["web"] = cpu(self.procs[-1].pid)
         # This benchmark's database only (the machine's PostgreSQL serves other databases too),
         # plus the server's own WAL writer, background writer and checkpointer.
-        shared = ("postgres: .*(walwriter|background writer|checkpointer)", f"postgres: .* {BENCH_DB} ")
+        shared = (
+            "postgres: .*(walwriter|background writer|checkpointer)",
+            f"postgres: .* {BENCH_DB} ",
+        )
         totals["postgres"] = sum(cpu(p) for pattern in shared for p in named(pattern))
         # Backends that exited meanwhile (the web process' pool closes some) are counted by the
         # postmaster, which reaps them (with any other database's that ended, rare during a run).
@@ -236,7 +288,7 @@ def wait_all(run_ids: list[int], status: str, timeout: float = 600) -> float:
             if run_status in ("failed", "cancelled") and run_status != status:
                 raise RuntimeError(f"run {run_id} {run_status}: {code} {message}")
         done = {run_id for run_id, row in rows.items() if row[0] == status}
-        pending = [run_id for run_id in chunk if run_id not in done] + pending[len(chunk):]
+        pending = [run_id for run_id in chunk if run_id not in done] + pending[len(chunk) :]
         if not pending:
             return time.monotonic()
         if done and len(done) == len(chunk):
@@ -253,7 +305,10 @@ def api_client(port: int) -> Any:
     from console.models import ApiToken
 
     user, _ = get_user_model().objects.get_or_create(username="bench")
-    user.user_permissions.set(Permission.objects.filter(content_type__app_label="orchestration"))
+    # Every engine permission, and every tenant's (submitting, seeing and deciding for it).
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label__in=["orchestration", "policies"])
+    )
     _, raw = ApiToken.issue(user, "bench")
     return httpx.Client(
         base_url=f"http://127.0.0.1:{port}/api/v1",
@@ -304,7 +359,10 @@ def bench_resume(n: int, counters: Counters, client: Any) -> Row:
     from orchestration.services import run_submit
 
     row = Row("(b) 300 approvals, resume", n)
-    ids = [run_submit(workflow="reference_workload", input={"needs_approval": True}).run.pk for _ in range(n)]
+    ids = [
+        run_submit(workflow="reference_workload", input={"needs_approval": True}).run.pk
+        for _ in range(n)
+    ]
     wait_all(ids, "waiting")
     waits = list(Wait.objects.filter(run_id__in=ids, status="open").values_list("pk", flat=True))
     assert len(waits) == n, len(waits)
@@ -312,7 +370,9 @@ def bench_resume(n: int, counters: Counters, client: Any) -> Row:
     start = time.monotonic()
 
     def decide(wait_id: int) -> None:
-        response = client.post(f"/approvals/{wait_id}/decide", json={"decision": "approve", "reason": "bench"})
+        response = client.post(
+            f"/approvals/{wait_id}/decide", json={"decision": "approve", "reason": "bench"}
+        )
         response.raise_for_status()
 
     with ThreadPoolExecutor(8) as pool:
@@ -324,7 +384,9 @@ def bench_resume(n: int, counters: Counters, client: Any) -> Row:
     row.write_tx = xid1 - xid0 - 1
     row.broker_msgs = push1 - push0
     decided = dict(Wait.objects.filter(pk__in=waits).values_list("run_id", "decided_at"))
-    started = dict(Step.objects.filter(run_id__in=ids, node="publish").values_list("run_id", "started_at"))
+    started = dict(
+        Step.objects.filter(run_id__in=ids, node="publish").values_list("run_id", "started_at")
+    )
     row.latencies_ms = [(started[r] - decided[r]).total_seconds() * 1000 for r in ids]
     return row
 
@@ -348,16 +410,37 @@ def bench_single(n: int, counters: Counters) -> Row:
     row.broker_msgs = push1 - push0
     row.latencies_ms = [
         (finished - created).total_seconds() * 1000
-        for created, finished in Run.objects.filter(pk__in=ids).values_list("created_at", "finished_at")
+        for created, finished in Run.objects.filter(pk__in=ids).values_list(
+            "created_at", "finished_at"
+        )
     ]
     return row
 
 
 def render(rows: list[Row], markdown: bool) -> str:
-    head = ["workload", "runs", "runs/s", "steps/s", "p50 ms", "p95 ms", "p99 ms", "write tx/run", "broker msgs/run"]
+    head = [
+        "workload",
+        "runs",
+        "runs/s",
+        "steps/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "write tx/run",
+        "broker msgs/run",
+    ]
     body = [
-        [r.name, str(r.runs), r.rate(), r.step_rate(), r.pct(50), r.pct(95), r.pct(99),
-         f"{r.write_tx / r.runs:.1f}", f"{r.broker_msgs / r.runs:.2f}"]
+        [
+            r.name,
+            str(r.runs),
+            r.rate(),
+            r.step_rate(),
+            r.pct(50),
+            r.pct(95),
+            r.pct(99),
+            f"{r.write_tx / r.runs:.1f}",
+            f"{r.broker_msgs / r.runs:.2f}",
+        ]
         for r in rows
     ]
     if markdown:
@@ -366,24 +449,40 @@ def render(rows: list[Row], markdown: bool) -> str:
         return "\n".join(lines)
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+    return "\n".join(
+        [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)]
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--approvals", type=int, default=300)
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--no-live-events", action="store_true", help="measure without channel-layer events")
+    parser.add_argument(
+        "--no-live-events", action="store_true", help="measure without channel-layer events"
+    )
     parser.add_argument("--only", choices=["service", "api", "resume", "single"], action="append")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--policy",
+        choices=["none", "demo"],
+        default="none",
+        help="the policy in force: none, or the demo's (policies/demo_policy.yaml), decided for every action",
+    )
     args = parser.parse_args()
 
     reset_database()
     import django
 
     django.setup()
+    if args.policy == "demo":
+        from console.demo import demo_policy_install
+
+        demo_policy_install()
     procs = Processes(args.workers, live_events=not args.no_live_events)
     rows: list[Row] = []
     cpu_report: list[str] = []
@@ -407,9 +506,21 @@ def main() -> None:
             bench_single(20, counters)  # warm-up: imports, connections, caches
             rows.append(measured("(c)", args.single, lambda: bench_single(args.single, counters)))
         if "service" in only:
-            rows.append(measured("(a) via the service", args.runs, lambda: bench_throughput_service(args.runs, counters)))
+            rows.append(
+                measured(
+                    "(a) via the service",
+                    args.runs,
+                    lambda: bench_throughput_service(args.runs, counters),
+                )
+            )
         if "api" in only:
-            rows.append(measured("(a) via the REST API", args.runs, lambda: bench_throughput_api(args.runs, counters, client)))
+            rows.append(
+                measured(
+                    "(a) via the REST API",
+                    args.runs,
+                    lambda: bench_throughput_api(args.runs, counters, client),
+                )
+            )
         if "resume" in only:
             rows.append(bench_resume(args.approvals, counters, client))
     finally:
@@ -417,7 +528,9 @@ def main() -> None:
     print(render(rows, args.markdown))
     for line in cpu_report:
         print(line)
-    print(f"\nlogs: {procs.logdir}; cores: {os.cpu_count()}; live events: {not args.no_live_events}")
+    print(
+        f"\nlogs: {procs.logdir}; cores: {os.cpu_count()}; live events: {not args.no_live_events}"
+    )
 
 
 if __name__ == "__main__":

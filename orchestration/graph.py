@@ -92,12 +92,17 @@ class LoopBound:
     taken: str
 
 
-def loop_check(router: Node, target: str, visits: Mapping[str, int]) -> LoopBound | None:
+def loop_check(
+    router: Node, target: str, visits: Mapping[str, int], *, cap: int | None = None
+) -> LoopBound | None:
     """Whether following ``router`` to ``target`` passes the loop bound (None: it does not).
-    A target that ran before is a loop; it may run ``loop_limit`` times (default 10)."""
+    A target that ran before is a loop; it may run ``loop_limit`` times (default 10), and never
+    more than ``cap`` (the policy's ``max_loop_iterations``)."""
     if target in (END, FAIL) or visits.get(target, 0) < 1:
         return None
     limit = router.loop_limit or DEFAULT_MAX_VISITS
+    if cap is not None:
+        limit = min(limit, cap)
     if visits[target] < limit:
         return None
     return LoopBound(target=target, limit=limit, taken=router.on_loop_limit)
@@ -133,9 +138,11 @@ def step_bound_check(wf: Workflow, step_count: int) -> None:
         )
 
 
-def run_deadline_error(wf: Workflow) -> LimitExceeded:
+def run_deadline_error(allowed: timedelta) -> LimitExceeded:
+    """The run passed its deadline, ``allowed`` after it was submitted (its workflow's
+    ``max_duration``, or the policy's ``run_deadline``)."""
     return LimitExceeded(
-        f"run stopped by its max_duration bound ({wf.max_duration})",
+        f"run stopped by its deadline ({allowed} after it was submitted)",
         code=Code.RUN_DEADLINE,
         detail={"bound": "max_duration"},
     )
@@ -144,24 +151,22 @@ def run_deadline_error(wf: Workflow) -> LimitExceeded:
 # --- dynamic fan-out (map) --------------------------------------------------------------------
 
 
-def map_items(node: Node, value: Any) -> list[Any]:
-    """The elements a map node fans out to: a list in state, within the node's bound."""
+def map_items(node: Node, value: Any, *, cap: int | None = None) -> list[Any]:
+    """The elements a map node fans out to: a list in state, within the node's bound and
+    ``cap`` (the policy's ``max_fan_out``), whichever is smaller."""
     if not isinstance(value, list):
         raise SignalboxError(
             f"map {node.name!r} needs a list in state key {node.items!r}",
             code=Code.MAP_ITEMS_INVALID,
             detail={"key": node.items, "type": type(value).__name__},
         )
-    if len(value) > node.max_items:
+    limit = node.max_items if cap is None else min(node.max_items, cap)
+    if len(value) > limit:
+        bound = "max_items" if limit == node.max_items else "policy max_fan_out"
         raise LimitExceeded(
-            f"map {node.name!r} got {len(value)} items; its bound is {node.max_items}",
+            f"map {node.name!r} got {len(value)} items; its bound ({bound}) is {limit}",
             code=Code.FANOUT_LIMIT,
-            detail={
-                "bound": "max_items",
-                "node": node.name,
-                "limit": node.max_items,
-                "got": len(value),
-            },
+            detail={"bound": bound, "node": node.name, "limit": limit, "got": len(value)},
         )
     return value
 
@@ -246,9 +251,11 @@ def escalation_deadline(wf: Workflow, node: Node, now: datetime) -> datetime:
     return now + wf.escalation_timeout_of(node)
 
 
-def deadline_of(wf: Workflow, now: datetime) -> datetime:
-    """When a run submitted ``now`` must have finished."""
-    return now + wf.max_duration
+def deadline_of(wf: Workflow, now: datetime, cap: timedelta | None = None) -> datetime:
+    """When a run submitted ``now`` must have finished: its workflow's ``max_duration``, or
+    ``cap`` (the policy's ``run_deadline``) if that is sooner."""
+    duration = wf.max_duration if cap is None else min(wf.max_duration, cap)
+    return now + duration
 
 
 def lease_until(now: datetime, seconds: float) -> datetime:

@@ -142,6 +142,8 @@ def run_submit(
     )
     actor_type, actor_id = _actor(submitted_by)
     now = timezone.now()
+    active = active_policy()
+    deadline_cap = active.bounds(wf.name).run_deadline if active is not None else None
     run = Run(
         workflow_name=wf.name,
         workflow_version=wf.version,
@@ -157,7 +159,7 @@ def run_submit(
         input=input,
         created_at=now,
         updated_at=now,
-        deadline_at=deadline_of(wf, now),
+        deadline_at=deadline_of(wf, now, deadline_cap),
     )
     rt = runtime.current()
     changes = advance.run_started(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from policies.document import PolicyDocument
+from policies.document import Bounds, PolicyDocument
 from policies.evaluate import CompiledPolicy, compile_policy
+from policies.limits import bounds_for
 from policies.models import Policy, PolicyVersion
 
 #: How stale the knowledge of which version is active may get, at most (seconds).
@@ -31,6 +32,14 @@ class ActivePolicy:
     version_id: int
     number: int
     policy: str
+    _bounds: dict[str, Bounds] = field(default_factory=dict, compare=False, repr=False)
+
+    def bounds(self, workflow: str) -> Bounds:
+        """The policy's bounds on ``workflow``'s runs (worked out once per workflow)."""
+        found = self._bounds.get(workflow)
+        if found is None:
+            found = self._bounds[workflow] = bounds_for(self.compiled, workflow)
+        return found
 
 
 _lock = threading.Lock()

@@ -264,7 +264,7 @@ class Ending(AdvanceState):
             agent=agent,
             pool=node.pool or fallback.pool,
             failures=0,
-            max_attempts=fallback.max_attempts or self.wf.default_max_attempts,
+            max_attempts=self.attempts_bound(fallback.max_attempts or self.wf.default_max_attempts),
             lease_owner="",
             lease_expires_at=None,
             available_at=self.now,

@@ -125,7 +125,7 @@ def step_completed(
         if step.degraded:
             adv.note_degraded(step, step.degraded)
         if now > run.deadline_at and run.status != RunStatus.COMPENSATING:
-            raise graph.run_deadline_error(adv.wf)
+            raise graph.run_deadline_error(run.deadline_at - run.created_at)
         adv.step_succeeded(step, node, output, written)
     except SignalboxError as exc:
         adv.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
@@ -419,12 +419,10 @@ def run_cancelled(
 
 def run_past_deadline(snapshot: Snapshot, now: datetime) -> Changes:
     adv = RunAdvance(snapshot, now)
-    adv.record(
-        Verb.RUN_LIMIT_HIT, "run", adv.run, bound="max_duration", limit=str(adv.wf.max_duration)
-    )
-    adv.fail_run(
-        Code.RUN_DEADLINE, f"run stopped by its max_duration bound ({adv.wf.max_duration})"
-    )
+    # The run's own deadline: its workflow's max_duration, or the policy's run_deadline.
+    allowed = adv.run.deadline_at - adv.run.created_at
+    adv.record(Verb.RUN_LIMIT_HIT, "run", adv.run, bound="max_duration", limit=str(allowed))
+    adv.fail_run(Code.RUN_DEADLINE, f"run stopped by its deadline ({allowed} after it was submitted)")
     return adv.finish()
 
 
@@ -485,7 +483,7 @@ def escalation_resolved(
             agent=agent,
             pool=node.pool or agent_class(agent).pool,
             failures=0,
-            max_attempts=budget or adv.wf.default_max_attempts,
+            max_attempts=adv.attempts_bound(budget or adv.wf.default_max_attempts),
             available_at=now,
             published_at=now,
             error_class="",

@@ -66,7 +66,9 @@ class RunAdvance(Ending):
 
     def take_route(self, router: Node, target: str, step: Step | None) -> None:
         """Follow a route (or routing agent) to ``target``, honouring loop bounds."""
-        bound = graph.loop_check(router, target, self.run.node_visits)
+        bounds = self.bounds
+        cap = bounds.max_loop_iterations if bounds is not None else None
+        bound = graph.loop_check(router, target, self.run.node_visits, cap=cap)
         if bound is not None:
             note = f"{router.name}: loop bound reached ({target!r} ran {bound.limit} times); took {bound.taken!r}"
             self.run.notes = [*self.run.notes, note]
@@ -115,7 +117,9 @@ class RunAdvance(Ending):
             self._activate_wait(node, visit)
 
     def _activate_map(self, node: Node, visit: int) -> None:
-        items = graph.map_items(node, self.run.state.get(node.items))
+        bounds = self.bounds
+        cap = bounds.max_fan_out if bounds is not None else None
+        items = graph.map_items(node, self.run.state.get(node.items), cap=cap)
         parent = self.new_step(
             node, kind=StepKind.MAP, status=StepStatus.RUNNING, visit=visit, started_at=self.now
         )

@@ -30,6 +30,7 @@ from orchestration.models import (
     Wait,
 )
 from orchestration.registry import agent_class, workflow_get
+from policies.document import Bounds
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
 from policies.models import PolicyDecision
@@ -165,6 +166,19 @@ class AdvanceState:
             return agent_class(node.agent).max_attempts or self.wf.default_max_attempts
         return 1
 
+    @property
+    def bounds(self) -> Bounds | None:
+        """The policy's bounds on this workflow's runs (None: no policy is in force)."""
+        active = self.snapshot.policy
+        return active.bounds(self.wf.name) if active is not None else None
+
+    def attempts_bound(self, attempts: int) -> int:
+        """``attempts`` within the policy's ``max_retries`` (the stricter of the two wins)."""
+        bounds = self.bounds
+        if bounds is None or bounds.max_retries is None:
+            return attempts
+        return min(attempts, bounds.max_retries + 1)
+
     def new_step(
         self, node: Node, *, kind: str, status: str, visit: int, item: int = -1,
         deferred_until: datetime | None = None, **fields: Any,
@@ -186,7 +200,7 @@ class AdvanceState:
             agent=node.agent,
             pool=pool,
             status=status,
-            max_attempts=node.max_attempts or self._default_attempts(node),
+            max_attempts=self.attempts_bound(node.max_attempts or self._default_attempts(node)),
             available_at=deferred_until or self.now,
             created_at=self.now,
             **fields,

@@ -194,3 +194,30 @@ def test_one_step_more_than_max_steps_stops_the_run() -> None:
     with pytest.raises(LimitExceeded) as stopped:
         graph.step_bound_check(wf, 3)
     assert stopped.value.code == Code.MAX_STEPS
+
+
+def test_the_policys_loop_bound_caps_a_looser_declared_one_but_never_loosens_it() -> None:
+    router = _loop(5, "publish").node("gate")
+    assert graph.loop_check(router, "draft", {"draft": 2}, cap=3) is None
+    bound = graph.loop_check(router, "draft", {"draft": 3}, cap=3)
+    assert bound == graph.LoopBound(target="draft", limit=3, taken="publish")
+    # A looser cap than the workflow's own bound changes nothing.
+    assert graph.loop_check(router, "draft", {"draft": 4}, cap=50) is None
+    assert graph.loop_check(router, "draft", {"draft": 5}, cap=50) is not None
+
+
+def test_the_policys_fan_out_bound_caps_a_map_and_names_itself() -> None:
+    node = _map().node("work")
+    assert graph.map_items(node, [1, 2], cap=2) == [1, 2]
+    with pytest.raises(LimitExceeded) as too_many:
+        graph.map_items(node, [1, 2, 3], cap=2)
+    assert too_many.value.detail == {"bound": "policy max_fan_out", "node": "work", "limit": 2, "got": 3}
+    assert graph.map_items(node, [1, 2, 3, 4], cap=100) == [1, 2, 3, 4]  # the node's own bound holds
+
+
+def test_a_runs_deadline_is_the_sooner_of_its_workflows_and_the_policys() -> None:
+    wf = _map()
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    assert graph.deadline_of(wf, now) == now + wf.max_duration
+    assert graph.deadline_of(wf, now, timedelta(minutes=5)) == now + timedelta(minutes=5)
+    assert graph.deadline_of(wf, now, wf.max_duration * 2) == now + wf.max_duration

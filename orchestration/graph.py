@@ -163,8 +163,9 @@ def map_items(node: Node, value: Any, *, cap: int | None = None) -> list[Any]:
     limit = node.max_items if cap is None else min(node.max_items, cap)
     if len(value) > limit:
         bound = "max_items" if limit == node.max_items else "policy max_fan_out"
+        by_policy = " (the policy's max_fan_out)" if bound != "max_items" else ""
         raise LimitExceeded(
-            f"map {node.name!r} got {len(value)} items; its bound ({bound}) is {limit}",
+            f"map {node.name!r} got {len(value)} items; its bound is {limit}{by_policy}",
             code=Code.FANOUT_LIMIT,
             detail={"bound": bound, "node": node.name, "limit": limit, "got": len(value)},
         )

@@ -13,7 +13,13 @@ The entry points are the functions at the bottom (``run_started``, ``step_comple
 ``attempt_failed``, ...); :class:`RunAdvance` is the working state they share.
 """
 
-from orchestration.advance.actions import node_of, output_contract, step_action, step_input
+from orchestration.advance.actions import (
+    approval_digest,
+    node_of,
+    output_contract,
+    step_action,
+    step_input,
+)
 from orchestration.advance.entries import (
     approval_decided,
     approval_reopened,
@@ -32,6 +38,7 @@ from orchestration.advance.flow import RunAdvance
 __all__ = [
     "RunAdvance",
     "approval_decided",
+    "approval_digest",
     "approval_reopened",
     "attempt_failed",
     "escalation_resolved",

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from infra.canonical import digest
 from orchestration import compensation
 from orchestration.agents.base import StateView
 from orchestration.definition import Node, Workflow
@@ -60,6 +61,15 @@ def step_action(step: Step, node: Node, run: Run) -> dict[str, Any]:
         "input": step_input(step, node, run),
         "state_versions": {k: run.state_versions.get(k, 0) for k in sorted(node.reads)},
     }
+
+
+def approval_digest(action: dict[str, Any], policy_version: int | None) -> str:
+    """What an approval is bound to: the exact action and the policy version in force when it
+    was asked for (none: no policy). A step executes only while both are still the same; a new
+    policy version in between asks again, as a changed action does."""
+    if policy_version is None:
+        return digest(action)
+    return digest({"action": action, "policy_version": policy_version})
 
 
 def tool_call_summary(call: ToolCall) -> dict[str, Any]:

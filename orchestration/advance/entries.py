@@ -11,7 +11,7 @@ from audit.services import Entry
 from audit.verbs import ActorType, Verb
 from infra.canonical import digest
 from orchestration import compensation, failures, graph
-from orchestration.advance.actions import node_of, step_action
+from orchestration.advance.actions import approval_digest, node_of, step_action
 from orchestration.advance.flow import RunAdvance
 from orchestration.changes import (
     Changes,
@@ -307,7 +307,7 @@ def approval_decided(
             if edited_decision is not None:
                 adv.note_decision(edited_decision, step)
             _apply_edit(adv, step, node, edited_input)
-        approved = digest(step_action(step, node, adv.run))
+        approved = approval_digest(step_action(step, node, adv.run), wait.policy_version)
         adv.record(
             verb,
             "wait",
@@ -372,7 +372,7 @@ def _apply_timeout(adv: RunAdvance, wait: Wait, step: Step) -> None:
         return
     if wait.kind == WaitKind.APPROVAL:
         if wait.on_timeout == "approve":
-            approved = digest(step_action(step, node, adv.run))
+            approved = approval_digest(step_action(step, node, adv.run), wait.policy_version)
             adv.move(
                 step,
                 StepStatus.QUEUED,

@@ -12,8 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
-from infra.canonical import digest
-from orchestration.advance import node_of, output_contract, step_action, step_input
+from orchestration.advance import approval_digest, node_of, output_contract, step_action, step_input
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.contracts import validation_errors
 from orchestration.errors import (
@@ -146,11 +145,13 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         settle()  # its effects may begin at once: the commit that made the step ready comes first
 
     # An approved step executes only the exact action approved (by the node's gate or the
-    # policy); a gated step never executes unapproved.
+    # policy), under the policy version that asked for the approval; a gated step never
+    # executes unapproved.
     gated = node.approval is not None and node.approval.required(run.state)
     if step.kind == StepKind.AGENT and (step.approved_digest or gated):
         action = step_action(step, node, run)
-        if digest(action) != step.approved_digest:
+        active = active_policy()
+        if approval_digest(action, active.number if active is not None else None) != step.approved_digest:
             settle()
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None

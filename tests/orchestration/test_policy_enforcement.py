@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from audit.models import AuditEvent
+from audit.verbs import Verb
 from orchestration.errors import Code, PermissionDenied
 from orchestration.models import Step, Wait
 from orchestration.services import approval_decide, run_submit
 from policies.active import active_forget
 from policies.models import PolicyDecision
-from policies.services import policy_install
+from policies.services import policy_activate, policy_draft, policy_install, policy_review, policy_submit
 from tests.factories import TenantFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -191,3 +193,46 @@ def test_a_rate_limit_shared_by_workers_holds_back_the_next_call(
     charge = Step.objects.get(run=run, node="charge")
     assert "rate_limited" in [entry["code"] for entry in charge.attempts_log]
     assert "do charge" not in [call.body["text"] for call in effects.requests]
+
+
+ECHO_NEEDS_APPROVAL = """
+default: allow
+rules:
+  - id: start-needs-a-person
+    description: The first echo of an escalating run needs a tier-1 approval
+    action: agent:test_echo
+    workflow: escalating
+    when:
+      - {fact: node, op: "==", value: start}
+    outcome: {decision: require_approval, tier: 1, sla: 1h}
+"""
+
+
+def test_an_approval_is_bound_to_the_policy_version_that_asked_for_it(
+    drive: Any, fast_agents: None, operator: Any
+) -> None:
+    first = policy_install(source=ECHO_NEEDS_APPROVAL, note="v1").version
+    active_forget()
+    run = drive(run_submit(workflow="escalating", input={"text": "hi", "fail_attempts": 0}).run.pk)
+    asked = Wait.objects.get(run=run, kind="approval", status="open")
+    assert asked.policy_version == first.number
+    approval_decide(wait_id=asked.pk, user=operator, decision="approve", reason="fine")
+
+    # A new version goes live between the decision and the step's execution.
+    author, reviewer = UserFactory(username="author"), UserFactory(username="reviewer")
+    second = policy_draft(source=ECHO_NEEDS_APPROVAL + "# stricter, one day\n", author=author, note="v2")
+    policy_submit(version_id=second.pk, user=author)
+    policy_review(version_id=second.pk, user=reviewer, approve=True, note="ok")
+    policy_activate(version_id=second.pk, user=reviewer, note="v2")
+    active_forget()
+
+    run = drive(run.pk)
+    assert run.status == "waiting"
+    assert Step.objects.get(run=run, node="start").status == "waiting"  # never executed
+    asked_again = Wait.objects.get(run=run, kind="approval", status="open")
+    assert asked_again.pk != asked.pk and asked_again.policy_version == second.number
+    assert AuditEvent.objects.filter(run_id=run.pk, verb=Verb.APPROVAL_STALE).count() == 1
+
+    # Approved under the version in force, it runs.
+    approval_decide(wait_id=asked_again.pk, user=operator, decision="approve", reason="still fine")
+    assert drive(run.pk).status == "succeeded"

@@ -18,7 +18,13 @@ from orchestration.models import Step, Wait
 from orchestration.services import approval_decide, run_submit
 from policies.active import active_forget
 from policies.models import PolicyDecision
-from policies.services import policy_activate, policy_draft, policy_install, policy_review, policy_submit
+from policies.services import (
+    policy_activate,
+    policy_draft,
+    policy_install,
+    policy_review,
+    policy_submit,
+)
 from tests.factories import TenantFactory, UserFactory
 
 pytestmark = pytest.mark.django_db

@@ -15,6 +15,7 @@ class Verb(models.IntegerChoices):
     RUN_LIMIT_HIT = 107, "run.limit_hit"
     RUN_COMPENSATING = 108, "run.compensating"
     RUN_COMPENSATED = 109, "run.compensated"
+    RUN_RETRIED = 110, "run.retried_from_step"
     # 200-299: steps
     STEP_CREATED = 200, "step.created"
     STEP_CLAIMED = 201, "step.claimed"
@@ -49,6 +50,9 @@ class Verb(models.IntegerChoices):
     ESCALATION_SKIPPED = 410, "escalation.skipped"
     ESCALATION_ABORTED = 411, "escalation.aborted"
     APPROVAL_VOTED = 412, "approval.voted"
+    WAIT_CLAIMED = 413, "wait.claimed"
+    WAIT_RELEASED = 414, "wait.released"
+    WAIT_SLA_BREACHED = 415, "wait.sla_breached"
     # 500-599: tool calls (capabilities, providers, circuit breakers)
     TOOL_CALLED = 500, "tool.called"
     TOOL_CALL_FAILED = 501, "tool.call_failed"
@@ -59,6 +63,12 @@ class Verb(models.IntegerChoices):
     TOOL_CIRCUIT_CLOSED = 512, "tool.circuit_closed"
     # 600-699: access (who was refused what)
     ACCESS_DENIED = 600, "access.denied"
+    # 700-799: cost (ceilings, reservations, spend)
+    CEILING_WARNED = 700, "ceiling.warning"
+    CEILING_EXCEEDED = 701, "ceiling.exceeded"
+    CEILING_RAISED = 702, "ceiling.raised"
+    COST_UNKNOWN = 703, "cost.unknown"
+    RESERVATION_RELEASED = 704, "reservation.released"
     # 800-899: policies (versions and their review)
     POLICY_DRAFTED = 800, "policy.drafted"
     POLICY_SUBMITTED = 801, "policy.submitted"
@@ -66,6 +76,16 @@ class Verb(models.IntegerChoices):
     POLICY_REJECTED = 803, "policy.rejected"
     POLICY_ACTIVATED = 804, "policy.activated"
     POLICY_DECIDED = 810, "policy.decided"
+    # 900-949: accounts (tokens, sign-in)
+    TOKEN_ISSUED = 900, "token.issued"
+    TOKEN_REVOKED = 901, "token.revoked"
+    LOGIN_LOCKED_OUT = 902, "login.locked_out"
+    LOGIN_FAILED = 903, "login.failed"
+    # 950-999: notifications and drills
+    NOTIFICATION_SENT = 950, "notification.sent"
+    NOTIFICATION_FAILED = 951, "notification.failed"
+    DRILL_FIRED = 960, "drill.fired"
+    DRILL_ACKNOWLEDGED = 961, "drill.acknowledged"
 
 
 class ActorType(models.TextChoices):

@@ -9,3 +9,8 @@ from audit.models import AuditEvent
 
 def audit_events_for_run(run_id: int) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(run_id=run_id).order_by("id")
+
+
+def audit_events_for_object(object_type: str, object_id: int | str) -> QuerySet[AuditEvent]:
+    """Every event about one object (a policy version's history), oldest first."""
+    return AuditEvent.objects.filter(object_type=object_type, object_id=str(object_id)).order_by("id")

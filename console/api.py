@@ -41,6 +41,17 @@ from orchestration.errors import (
     SignalboxError,
 )
 from orchestration.schemas import ErrorOut
+from policies.api import router as policies_router
+from policies.errors import Code as PolicyCode
+from policies.errors import (
+    CeilingExceeded,
+    PolicyConflict,
+    PolicyDenied,
+    PolicyError,
+    PolicyInvalidQuery,
+    PolicyNotFound,
+)
+from policies.source import PolicySourceError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +136,7 @@ api = SignalboxAPI(
 )
 
 api.add_router("/v1/", orchestration_router)
+api.add_router("/v1/policies/", policies_router)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -349,3 +361,42 @@ def health(request: HttpRequest) -> Any:
         log.exception("health check: database unavailable")
         return 503, error_body(ApiCode.DATABASE_UNAVAILABLE, "the database did not answer")
     return {"status": "ok"}
+
+
+# --- policy errors ------------------------------------------------------------------------------
+
+#: The HTTP status of each policies error class (nearest listed ancestor wins, as above).
+POLICY_ERROR_STATUS: dict[type[PolicyError], int] = {
+    PolicyError: 400,
+    PolicyNotFound: 404,
+    PolicyDenied: 403,
+    PolicyConflict: 409,
+    PolicyInvalidQuery: 422,
+    CeilingExceeded: 409,
+}
+#: Codes whose status is not their class's: a missing reason is a refused body, not a state.
+POLICY_CODE_STATUS = {PolicyCode.REASON_REQUIRED: 422}
+
+
+def policy_error_status(exc: PolicyError) -> int:
+    """The HTTP status for a policies error: by its code where listed, else by its class."""
+    if exc.code in POLICY_CODE_STATUS:
+        return POLICY_CODE_STATUS[PolicyCode(exc.code)]
+    for cls in type(exc).__mro__:
+        if cls in POLICY_ERROR_STATUS:
+            return POLICY_ERROR_STATUS[cls]
+    raise TypeError(f"{type(exc).__name__} is not a PolicyError")  # pragma: no cover
+
+
+@api.exception_handler(PolicyError)
+def _policy_error(request: HttpRequest, exc: PolicyError) -> HttpResponse:
+    return error_response(request, policy_error_status(exc), exc.code, exc.message, exc.detail)
+
+
+@api.exception_handler(PolicySourceError)
+def _policy_source_error(request: HttpRequest, exc: PolicySourceError) -> HttpResponse:
+    problems = [problem.to_json() for problem in exc.problems]
+    return error_response(
+        request, 422, PolicySourceError.code, f"the policy has {len(problems)} problem(s): {exc.problems[0]}",
+        problems,
+    )

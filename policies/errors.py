@@ -44,6 +44,14 @@ class Code(StrEnum):
     RESERVATION_RELEASED = "reservation_released"
     CEILING_NOT_RAISED = "ceiling_not_raised"
     INVALID_RESERVATION = "invalid_reservation"
+    # policy pages and API (policies.selectors, policies.api)
+    POLICY_NOT_FOUND = "policy_not_found"
+    READ_DENIED = "policy_read_denied"
+    EDIT_DENIED = "policy_edit_denied"
+    REVIEW_DENIED = "policy_review_denied"
+    NOT_RETIRED = "policy_not_retired"
+    INVALID_SOURCE = "policy_invalid"
+    INVALID_QUERY = "policy_invalid_query"
 
 
 class PolicyError(Exception):
@@ -164,3 +172,10 @@ class PolicyDenied(PolicyError):
     """You may not do this to this version (four eyes: not to one you wrote)."""
 
     code: str = Code.FOUR_EYES
+
+
+class PolicyInvalidQuery(PolicyError):
+    """A parameter of a policy read that cannot be used (a day count out of range, two versions
+    of different policies compared)."""
+
+    code: str = Code.INVALID_QUERY

@@ -144,3 +144,18 @@ def policy_install(*, source: str, policy_name: str = DEFAULT_POLICY, note: str 
         version.save(update_fields=["status", "reviewed_at", "review_note"])
         _record(Verb.POLICY_APPROVED, version, None, now, note="installed by the system")
     return Installed(policy_activate(version_id=version.pk, user=None, note=note), created=True)
+
+
+def policy_rollback(*, version_id: int, user: User, reason: str) -> PolicyVersion:
+    """Put back in force a version that was active before (``retired``), saying why; four eyes
+    still hold (not a version ``user`` wrote). The audit event says it was a rollback."""
+    if not reason.strip():
+        raise PolicyConflict("say why the policy is rolled back", code=Code.REASON_REQUIRED)
+    with transaction.atomic():
+        version = _locked(version_id)
+        if version.status != PolicyStatus.RETIRED:
+            raise PolicyConflict(
+                f"version {version.number} is {version.status}: only a version that was active before "
+                "can be rolled back to", code=Code.NOT_RETIRED,
+            )
+        return policy_activate(version_id=version.pk, user=user, note=f"rollback: {reason.strip()}")

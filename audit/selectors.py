@@ -13,4 +13,5 @@ def audit_events_for_run(run_id: int) -> QuerySet[AuditEvent]:
 
 def audit_events_for_object(object_type: str, object_id: int | str) -> QuerySet[AuditEvent]:
     """Every event about one object (a policy version's history), oldest first."""
-    return AuditEvent.objects.filter(object_type=object_type, object_id=str(object_id)).order_by("id")
+    events = AuditEvent.objects.filter(object_type=object_type, object_id=str(object_id))
+    return events.order_by("id")

@@ -42,7 +42,6 @@ from orchestration.errors import (
 )
 from orchestration.schemas import ErrorOut
 from policies.api import router as policies_router
-from policies.errors import Code as PolicyCode
 from policies.errors import (
     CeilingExceeded,
     PolicyConflict,
@@ -51,6 +50,7 @@ from policies.errors import (
     PolicyInvalidQuery,
     PolicyNotFound,
 )
+from policies.errors import Code as PolicyCode
 from policies.source import PolicySourceError
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,5 @@ def _policy_error(request: HttpRequest, exc: PolicyError) -> HttpResponse:
 @api.exception_handler(PolicySourceError)
 def _policy_source_error(request: HttpRequest, exc: PolicySourceError) -> HttpResponse:
     problems = [problem.to_json() for problem in exc.problems]
-    return error_response(
-        request, 422, PolicySourceError.code, f"the policy has {len(problems)} problem(s): {exc.problems[0]}",
-        problems,
-    )
+    message = f"the policy has {len(problems)} problem(s): {exc.problems[0]}"
+    return error_response(request, 422, PolicySourceError.code, message, problems)

@@ -63,7 +63,9 @@ def _storable(value: str) -> str:
 class PolicyErrorBody(Schema):
     code: str = Field(description="Stable machine-readable code, e.g. policy_four_eyes.")
     message: str
-    detail: Any = Field(None, description="For policy_invalid: the problems, each with line, column, path, message.")
+    detail: Any = Field(
+        None, description="For policy_invalid: the problems, each with line, column, path, message."
+    )
 
 
 class PolicyErrorOut(Schema):
@@ -163,7 +165,9 @@ class DiffQuery(Schema):
 class DiffOut(Schema):
     from_version: VersionOut
     to_version: VersionOut
-    changes: list[str] = Field(description="One line per change, e.g. `rule refund-tier-2: tier 2 -> 3`.")
+    changes: list[str] = Field(
+        description="One line per change, e.g. `rule refund-tier-2: tier 2 -> 3`."
+    )
     unified: str = Field(description="A unified diff of the two canonical YAML sources.")
 
 
@@ -202,7 +206,9 @@ class RuleCountOut(Schema):
 
 class SimulationOut(Schema):
     version: VersionOut
-    baseline_version: int | None = Field(description="The active version compared with (none: allow all).")
+    baseline_version: int | None = Field(
+        description="The active version compared with (none: allow all)."
+    )
     days: int
     since: datetime
     total: int
@@ -355,7 +361,9 @@ def version_review(request: HttpRequest, payload: ReviewIn, version_id: int = _i
     user = _user(request)
     selectors.policy_review_check(user)
     return version_out(
-        services.policy_review(version_id=version_id, user=user, approve=payload.approve, note=payload.note)
+        services.policy_review(
+            version_id=version_id, user=user, approve=payload.approve, note=payload.note
+        )
     )
 
 
@@ -370,7 +378,9 @@ def version_activate(
     user = _user(request)
     selectors.policy_review_check(user)
     return version_out(
-        services.policy_activate(version_id=version_id, user=user, note=payload.note if payload else "")
+        services.policy_activate(
+            version_id=version_id, user=user, note=payload.note if payload else ""
+        )
     )
 
 
@@ -379,10 +389,14 @@ def version_activate(
     response={200: VersionOut, **_errors(401, 403, 404, 409, 422)},
     summary="Put back in force a version that was active before, saying why",
 )
-def version_rollback(request: HttpRequest, payload: RollbackIn, version_id: int = _id_in_path()) -> Any:
+def version_rollback(
+    request: HttpRequest, payload: RollbackIn, version_id: int = _id_in_path()
+) -> Any:
     user = _user(request)
     selectors.policy_review_check(user)
-    return version_out(services.policy_rollback(version_id=version_id, user=user, reason=payload.reason))
+    return version_out(
+        services.policy_rollback(version_id=version_id, user=user, reason=payload.reason)
+    )
 
 
 @router.get(
@@ -405,7 +419,9 @@ def version_simulate(
     summary="A readable diff between two versions of a policy",
 )
 def version_diff(request: HttpRequest, query: Query[DiffQuery]) -> Any:
-    old, new, diff = selectors.policy_version_diff_for_user(_user(request), query.from_version, query.to_version)
+    old, new, diff = selectors.policy_version_diff_for_user(
+        _user(request), query.from_version, query.to_version
+    )
     return {
         "from_version": version_out(old),
         "to_version": version_out(new),
@@ -419,9 +435,16 @@ def version_diff(request: HttpRequest, query: Query[DiffQuery]) -> Any:
     response={200: VersionPageOut, **_errors(401, 403, 404, 422)},
     summary="A policy's versions, newest first, with who wrote, reviewed and activated each and why",
 )
-def version_list(request: HttpRequest, query: Query[VersionPageQuery], name: str = _name_in_path()) -> Any:
-    page = selectors.policy_version_page_for_user(_user(request), name, before=query.before, limit=query.limit)
-    return {"items": [version_out(version) for version in page.items], "next_before": page.next_before}
+def version_list(
+    request: HttpRequest, query: Query[VersionPageQuery], name: str = _name_in_path()
+) -> Any:
+    page = selectors.policy_version_page_for_user(
+        _user(request), name, before=query.before, limit=query.limit
+    )
+    return {
+        "items": [version_out(version) for version in page.items],
+        "next_before": page.next_before,
+    }
 
 
 @router.post(
@@ -429,8 +452,12 @@ def version_list(request: HttpRequest, query: Query[VersionPageQuery], name: str
     response={201: VersionOut, **_errors(401, 403, 413, 422)},
     summary="Create a draft from a source (422 policy_invalid lists each problem with field, line, column)",
 )
-def version_draft(request: HttpRequest, payload: DraftIn, name: str = _name_in_path()) -> Status[dict[str, Any]]:
+def version_draft(
+    request: HttpRequest, payload: DraftIn, name: str = _name_in_path()
+) -> Status[dict[str, Any]]:
     user = _user(request)
     selectors.policy_edit_check(user)
-    version = services.policy_draft(source=payload.source, author=user, note=payload.note, policy_name=name)
+    version = services.policy_draft(
+        source=payload.source, author=user, note=payload.note, policy_name=name
+    )
     return Status(201, version_out(version))

@@ -31,7 +31,7 @@ from policies.diff import PolicyDiff, policy_diff, rule_summary
 from policies.document import PolicyDocument
 from policies.errors import Code, PolicyDenied, PolicyInvalidQuery, PolicyNotFound
 from policies.evaluate import compile_policy
-from policies.models import Policy, PolicyDecision, PolicyStatus, PolicyVersion
+from policies.models import Policy, PolicyDecision, PolicyVersion
 from policies.simulate import RecordedAction, Simulation, policy_simulate
 
 READ = "policies.view_policyversion"
@@ -65,8 +65,11 @@ def _refused(user: User | AnonymousUser, what: str, code: str) -> PolicyDenied:
     if user.is_authenticated:
         audit_record_alone(
             Entry(
-                verb=Verb.ACCESS_DENIED, object_type="policy", object_id=user.pk,
-                actor_type=ActorType.HUMAN, actor_id=user.get_username(),
+                verb=Verb.ACCESS_DENIED,
+                object_type="policy",
+                object_id=user.pk,
+                actor_type=ActorType.HUMAN,
+                actor_id=user.get_username(),
                 data={"code": str(code), "what": what},
             )
         )
@@ -76,20 +79,26 @@ def _refused(user: User | AnonymousUser, what: str, code: str) -> PolicyDenied:
 def policy_read_check(user: User | AnonymousUser) -> None:
     """Refuse (audited) a user who may not read policies."""
     if not policy_abilities(user).read:
-        raise _refused(user, "you may not read policies (policy admins and auditors may)", Code.READ_DENIED)
+        raise _refused(
+            user, "you may not read policies (policy admins and auditors may)", Code.READ_DENIED
+        )
 
 
 def policy_edit_check(user: User | AnonymousUser) -> None:
     """Refuse (audited) a user who may not draft or submit policy versions."""
     if not policy_abilities(user).edit:
-        raise _refused(user, "only policy admins may draft and submit policy versions", Code.EDIT_DENIED)
+        raise _refused(
+            user, "only policy admins may draft and submit policy versions", Code.EDIT_DENIED
+        )
 
 
 def policy_review_check(user: User | AnonymousUser) -> None:
     """Refuse (audited) a user who may not review, activate or roll back policy versions."""
     if not policy_abilities(user).review:
         raise _refused(
-            user, "only policy admins may review, activate or roll back policy versions", Code.REVIEW_DENIED
+            user,
+            "only policy admins may review, activate or roll back policy versions",
+            Code.REVIEW_DENIED,
         )
 
 
@@ -156,7 +165,11 @@ def policy_version_get_for_user(user: User | AnonymousUser, version_id: int) -> 
 
 def policy_versions_for_choice(policy: Policy) -> QuerySet[PolicyVersion]:
     """Every version of ``policy``, newest first, light (for a picker)."""
-    return PolicyVersion.objects.filter(policy=policy).only("id", "number", "status", "policy_id").order_by("-number")
+    return (
+        PolicyVersion.objects.filter(policy=policy)
+        .only("id", "number", "status", "policy_id")
+        .order_by("-number")
+    )
 
 
 def version_document(version: PolicyVersion) -> PolicyDocument:
@@ -173,7 +186,10 @@ class RuleLine:
 
 def version_rules(version: PolicyVersion) -> list[RuleLine]:
     """Each rule of the version as one readable line."""
-    return [RuleLine(rule.id, rule.description, rule_summary(rule)) for rule in version_document(version).rules]
+    return [
+        RuleLine(rule.id, rule.description, rule_summary(rule))
+        for rule in version_document(version).rules
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +208,25 @@ def policy_version_history(version: PolicyVersion) -> list[HistoryEntry]:
     entries = []
     for event in audit_events_for_object("policy_version", version.pk):
         data = event.data if isinstance(event.data, dict) else {}
-        verb = Verb(event.verb).label.removeprefix("policy.") if event.verb in Verb.values else str(event.verb)
-        entries.append(HistoryEntry(verb, event.actor_id or "system", event.created_at, str(data.get("note") or "")))
+        verb = (
+            Verb(event.verb).label.removeprefix("policy.")
+            if event.verb in Verb.values
+            else str(event.verb)
+        )
+        entries.append(
+            HistoryEntry(
+                verb, event.actor_id or "system", event.created_at, str(data.get("note") or "")
+            )
+        )
     return entries
 
 
 # --- diff -------------------------------------------------------------------------------------
 
 
-def policy_version_diff_for_user(user: User | AnonymousUser, old_id: int, new_id: int) -> tuple[PolicyVersion, PolicyVersion, PolicyDiff]:
+def policy_version_diff_for_user(
+    user: User | AnonymousUser, old_id: int, new_id: int
+) -> tuple[PolicyVersion, PolicyVersion, PolicyDiff]:
     """What changed from one version to another (of the same policy), in words and as a
     unified diff of their canonical sources."""
     old = policy_version_get_for_user(user, old_id)
@@ -208,7 +234,10 @@ def policy_version_diff_for_user(user: User | AnonymousUser, old_id: int, new_id
     if old.policy_id != new.policy_id:
         raise PolicyInvalidQuery("the two versions belong to different policies")
     diff = policy_diff(
-        version_document(old), version_document(new), old_label=f"v{old.number}", new_label=f"v{new.number}"
+        version_document(old),
+        version_document(new),
+        old_label=f"v{old.number}",
+        new_label=f"v{new.number}",
     )
     return old, new, diff
 
@@ -234,7 +263,12 @@ class SimulationResult:
 
 
 def policy_simulation_for_user(
-    user: User | AnonymousUser, version_id: int, *, days: int = 7, examples: int = 5, now: datetime | None = None
+    user: User | AnonymousUser,
+    version_id: int,
+    *,
+    days: int = 7,
+    examples: int = 5,
+    now: datetime | None = None,
 ) -> SimulationResult:
     """Replay the decisions recorded in the last ``days`` days with ``version`` and with the
     policy's active version, and say what would change (``policies.simulate``)."""
@@ -246,7 +280,9 @@ def policy_simulation_for_user(
     now = now or timezone.now()
     since = now - timedelta(days=days)
     baseline = (
-        PolicyVersion.objects.filter(pk=version.policy.active_version_id).select_related("policy").first()
+        PolicyVersion.objects.filter(pk=version.policy.active_version_id)
+        .select_related("policy")
+        .first()
         if version.policy.active_version_id is not None
         else None
     )
@@ -258,7 +294,9 @@ def policy_simulation_for_user(
     rows = list(
         PolicyDecision.objects.filter(created_at__gte=since, created_at__lte=now)
         .order_by("-created_at", "-id")
-        .values_list("id", "run_id", "facts", "outcome", "tier", "rule", "created_at")[: SIMULATION_MAX_DECISIONS + 1]
+        .values_list("id", "run_id", "facts", "outcome", "tier", "rule", "created_at")[
+            : SIMULATION_MAX_DECISIONS + 1
+        ]
     )
     capped = len(rows) > SIMULATION_MAX_DECISIONS
     rows = rows[:SIMULATION_MAX_DECISIONS]
@@ -271,6 +309,10 @@ def policy_simulation_for_user(
 def _recorded(rows: list[tuple[Any, ...]]) -> Iterator[RecordedAction]:
     for decision_id, _run_id, facts, outcome, tier, rule, created_at in rows:
         yield RecordedAction(
-            facts if isinstance(facts, dict) else {}, outcome, created_at, tier=tier, rule=rule, id=decision_id
+            facts if isinstance(facts, dict) else {},
+            outcome,
+            created_at,
+            tier=tier,
+            rule=rule,
+            id=decision_id,
         )
-

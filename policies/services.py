@@ -156,6 +156,7 @@ def policy_rollback(*, version_id: int, user: User, reason: str) -> PolicyVersio
         if version.status != PolicyStatus.RETIRED:
             raise PolicyConflict(
                 f"version {version.number} is {version.status}: only a version that was active before "
-                "can be rolled back to", code=Code.NOT_RETIRED,
+                "can be rolled back to",
+                code=Code.NOT_RETIRED,
             )
         return policy_activate(version_id=version.pk, user=user, note=f"rollback: {reason.strip()}")

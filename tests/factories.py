@@ -8,6 +8,7 @@ from typing import Any
 import factory
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -45,3 +46,20 @@ class TenantFactory(factory.django.DjangoModelFactory):
     slug = factory.Sequence(lambda n: f"tenant-{n}")
     name = factory.LazyAttribute(lambda tenant: tenant.slug.replace("-", " ").title())
     time_zone = "UTC"
+
+
+class PolicyDecisionFactory(factory.django.DjangoModelFactory):
+    """A decision the engine recorded; ``facts`` as ``Facts.to_json()`` writes them (give at
+    least ``action``). What simulation replays a draft against."""
+
+    class Meta:
+        model = "policies.PolicyDecision"
+        skip_postgeneration_save = True
+
+    action = factory.LazyAttribute(lambda decision: decision.facts["action"])
+    facts = factory.LazyFunction(lambda: {"action": "agent:refund_executor", "params": {}})
+    outcome = "allow"
+    tier = 0
+    rule = ""
+    reason = ""
+    created_at = factory.LazyFunction(timezone.now)

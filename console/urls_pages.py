@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views
+from console import views, views_policies
 
 app_name = "console"
 
@@ -11,6 +11,21 @@ urlpatterns = [
     path("", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("tools/", views.tool_list, name="tool_list"),
+    path("policies/", views_policies.policy_list, name="policy_list"),
+    path("policies/versions/<int:version_id>/", views_policies.version_detail, name="policy_version"),
+    path(
+        "policies/versions/<int:version_id>/simulate/",
+        views_policies.version_simulate,
+        name="policy_simulate",
+    ),
+    path(
+        "policies/versions/<int:version_id>/<slug:action>/",
+        views_policies.version_action,
+        name="policy_version_action",
+    ),
+    path("policies/<slug:name>/", views_policies.version_list, name="policy_versions"),
+    path("policies/<slug:name>/edit/", views_policies.policy_edit, name="policy_edit"),
+    path("policies/<slug:name>/diff/", views_policies.policy_diff, name="policy_diff"),
     path(
         "accounts/login/",
         auth_views.LoginView.as_view(redirect_authenticated_user=True),

@@ -22,11 +22,13 @@ from pydantic import field_validator
 from policies import selectors, services
 from policies.models import Policy, PolicyVersion
 from policies.simulate import Change, SimulatedAction, Verdict
-from policies.source import MAX_SOURCE_CHARACTERS
 
 router = Router(tags=["policies"])
 
 MAX_ID = 2**63 - 1
+#: A draft's source, at most: well under the request body limit, so that a longer one is a 422
+#: naming the field rather than a 413 for the whole body.
+MAX_DRAFT_CHARACTERS = 400_000
 StatusName = Literal["draft", "submitted", "approved", "active", "retired", "rejected"]
 
 
@@ -60,20 +62,23 @@ def _storable(value: str) -> str:
 # --- schemas ----------------------------------------------------------------------------------
 
 
-class PolicyErrorBody(Schema):
-    code: str = Field(description="Stable machine-readable code, e.g. policy_four_eyes.")
-    message: str
-    detail: Any = Field(
-        None, description="For policy_invalid: the problems, each with line, column, path, message."
-    )
+# The API's one error shape (``orchestration.schemas.ErrorOut``), declared again here because
+# policies sit below the engine and cannot import it; same names and fields, so the OpenAPI
+# document has one ErrorOut (a test holds the two equal).
+class ErrorBody(Schema):
+    code: str = Field(description="Stable machine-readable code, e.g. run_not_found.")
+    message: str = Field(description="Human-readable explanation.")
+    detail: Any = Field(None, description="Structured detail (field errors, current status).")
 
 
-class PolicyErrorOut(Schema):
-    error: PolicyErrorBody
+class ErrorOut(Schema):
+    """Every 4xx/5xx response of the API has this shape."""
+
+    error: ErrorBody
 
 
 def _errors(*statuses: int) -> dict[int, type[Schema]]:
-    return dict.fromkeys(statuses, PolicyErrorOut)
+    return dict.fromkeys(statuses, ErrorOut)
 
 
 class PolicyOut(Schema):
@@ -127,7 +132,7 @@ class VersionDetailOut(VersionOut):
 
 
 class DraftIn(Schema):
-    source: str = Field(max_length=MAX_SOURCE_CHARACTERS, description="The document, YAML or JSON.")
+    source: str = Field(max_length=MAX_DRAFT_CHARACTERS, description="The document, YAML or JSON.")
     note: str = Field("", max_length=2000, description="Why this version exists.")
 
     _source = field_validator("source", "note")(_storable)

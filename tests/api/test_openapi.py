@@ -26,6 +26,15 @@ PATHS = {
     "/api/v1/workflows": {"get"},
     "/api/v1/workflows/{name}": {"get"},
     "/api/v1/capabilities": {"get"},
+    "/api/v1/policies/": {"get"},
+    "/api/v1/policies/{name}/versions": {"get", "post"},
+    "/api/v1/policies/versions/{version_id}": {"get"},
+    "/api/v1/policies/versions/{version_id}/submit": {"post"},
+    "/api/v1/policies/versions/{version_id}/review": {"post"},
+    "/api/v1/policies/versions/{version_id}/activate": {"post"},
+    "/api/v1/policies/versions/{version_id}/rollback": {"post"},
+    "/api/v1/policies/versions/{version_id}/simulation": {"get"},
+    "/api/v1/policies/diff": {"get"},
 }
 
 
@@ -64,7 +73,7 @@ def test_every_operation_with_a_body_documents_400_malformed_json(schema):
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    assert len(with_body) == 5
+    assert len(with_body) == 9
     for method, path, operation in with_body:
         response = operation["responses"].get("400")
         assert response is not None, (method, path)

@@ -12,6 +12,8 @@ from django.test import Client
 from django.utils import timezone
 
 from console.models import ApiToken
+from orchestration.schemas import ErrorOut as EngineErrorOut
+from policies.api import ErrorOut as PolicyErrorOut
 from policies.facts import Facts
 from policies.models import Policy, PolicyStatus, PolicyVersion
 from policies.roles import roles_sync
@@ -345,3 +347,7 @@ def test_an_unknown_policy_or_version_is_a_404(auditor: Any) -> None:
 def test_a_source_with_a_nul_character_is_refused(ada: Any) -> None:
     response = _post(_client(ada), "/default/versions", {"source": "default: allow\x00"})
     assert response.status_code == 422
+
+
+def test_policy_errors_have_the_api_s_one_error_shape() -> None:
+    assert PolicyErrorOut.model_json_schema() == EngineErrorOut.model_json_schema()

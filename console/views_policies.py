@@ -146,7 +146,18 @@ def _version_context(user: User, version: PolicyVersion) -> dict[str, Any]:
         "can_activate": abilities.review and status == PolicyStatus.APPROVED,
         "can_rollback": abilities.review and status == PolicyStatus.RETIRED,
         "active_id": version.policy.active_version_id,
+        "changes_from_active": _changes_from_active(user, version),
     }
+
+
+def _changes_from_active(user: User, version: PolicyVersion) -> list[str] | None:
+    """What this version changes from the one in force, in words; None for the active one (or
+    when none is active)."""
+    active_id = version.policy.active_version_id
+    if active_id is None or active_id == version.pk:
+        return None
+    _, _, diff = selectors.policy_version_diff_for_user(user, active_id, version.pk)
+    return list(diff.changes)
 
 
 @require_GET

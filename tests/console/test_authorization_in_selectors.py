@@ -11,7 +11,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "module", ["orchestration/api.py", "console/api.py", "console/views.py", "console/consumers.py"]
+    "module",
+    [
+        "orchestration/api.py",
+        "console/api.py",
+        "console/views.py",
+        "console/consumers.py",
+        "policies/api.py",
+        "console/views_policies.py",
+    ],
 )
 def test_no_permission_check_outside_the_selectors(module: str) -> None:
     source = (ROOT / module).read_text()

@@ -251,6 +251,13 @@ def test_rollback_from_the_version_page_needs_a_reason(ada: Any, bob: Any) -> No
     assert Policy.objects.get().active_version_id == first.pk
 
 
+def test_a_version_page_says_what_it_changes_from_the_active_version(ada: Any, bob: Any) -> None:
+    _live(V1, ada, bob)
+    draft = policy_draft(source=V2, author=ada)
+    page = _text(_client(bob).get(reverse("console:policy_version", args=[draft.pk])))
+    assert "What it changes from the active version rule refund-tier-1: tier 1 -> 2" in page
+
+
 def test_the_diff_page_shows_the_changed_rule(ada: Any, bob: Any) -> None:
     first, second = policy_draft(source=V1, author=ada), policy_draft(source=V2, author=ada)
     response = _client(bob).get(

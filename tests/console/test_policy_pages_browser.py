@@ -41,8 +41,16 @@ def browser() -> Iterator[Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         yield browser
         browser.close()
@@ -52,15 +60,22 @@ def _page_as(browser: Any, live_server: Any, user: Any) -> Any:
     client = Client()
     client.force_login(user)
     context = browser.new_context()
-    context.add_cookies([{
-        "name": settings.SESSION_COOKIE_NAME, "value": client.cookies[settings.SESSION_COOKIE_NAME].value,
-        "url": live_server.url,
-    }])
+    context.add_cookies(
+        [
+            {
+                "name": settings.SESSION_COOKIE_NAME,
+                "value": client.cookies[settings.SESSION_COOKIE_NAME].value,
+                "url": live_server.url,
+            }
+        ]
+    )
     page = context.new_page()
     page.refused = []  # CSP refusals and script errors (a 422 answer to "Check" is expected)
     page.on(
         "console",
-        lambda message: "Content Security Policy" in message.text and page.refused.append(message.text),
+        lambda message: (
+            "Content Security Policy" in message.text and page.refused.append(message.text)
+        ),
     )
     page.on("pageerror", lambda error: page.refused.append(str(error)))
     return page
@@ -93,9 +108,15 @@ def test_the_editor_marks_the_problem_line_and_passes_axe(browser: Any, live_ser
     policy_activate(version_id=version.pk, user=bob)
     draft = policy_draft(source=V1.replace("value: 100", "value: 50"), author=ada, note="stricter")
     for n, amount in enumerate((60, 75, 20, 250)):
-        facts = Facts("agent:refund_executor", workflow="refund_desk", params={"amount": amount}).to_json()
-        PolicyDecisionFactory(facts=facts, run_id=100 + n, outcome="approve" if amount > 100 else "allow",
-                              tier=1 if amount > 100 else 0)
+        facts = Facts(
+            "agent:refund_executor", workflow="refund_desk", params={"amount": amount}
+        ).to_json()
+        PolicyDecisionFactory(
+            facts=facts,
+            run_id=100 + n,
+            outcome="approve" if amount > 100 else "allow",
+            tier=1 if amount > 100 else 0,
+        )
 
     page = _page_as(browser, live_server, ada)
     page.goto(f"{live_server.url}/policies/default/edit/")

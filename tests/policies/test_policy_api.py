@@ -11,6 +11,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from audit.models import AuditEvent
+from audit.verbs import Verb
 from console.models import ApiToken
 from orchestration.schemas import ErrorOut as EngineErrorOut
 from policies.api import ErrorOut as PolicyErrorOut
@@ -316,6 +318,8 @@ def test_an_operator_cannot_read_policies() -> None:
     operator = _in_group("Operator tier 3", "otto")
     response = _client(operator).get(f"{BASE}/")
     assert response.status_code == 403 and response.json()["error"]["code"] == "policy_read_denied"
+    denial = AuditEvent.objects.get(verb=Verb.ACCESS_DENIED)
+    assert denial.actor_id == "otto" and denial.data["code"] == "policy_read_denied"
 
 
 def test_the_version_list_pages_with_a_fixed_number_of_queries(

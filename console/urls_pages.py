@@ -11,8 +11,19 @@ urlpatterns = [
     path("", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("tools/", views.tool_list, name="tool_list"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path(
+        "accounts/logout/", auth_views.LogoutView.as_view(next_page="console:login"), name="logout"
+    ),
+    # Policies: versions, a version's actions, the editor, the diff and the simulation.
     path("policies/", views_policies.policy_list, name="policy_list"),
-    path("policies/versions/<int:version_id>/", views_policies.version_detail, name="policy_version"),
+    path(
+        "policies/versions/<int:version_id>/", views_policies.version_detail, name="policy_version"
+    ),
     path(
         "policies/versions/<int:version_id>/simulate/",
         views_policies.version_simulate,
@@ -26,12 +37,4 @@ urlpatterns = [
     path("policies/<slug:name>/", views_policies.version_list, name="policy_versions"),
     path("policies/<slug:name>/edit/", views_policies.policy_edit, name="policy_edit"),
     path("policies/<slug:name>/diff/", views_policies.policy_diff, name="policy_diff"),
-    path(
-        "accounts/login/",
-        auth_views.LoginView.as_view(redirect_authenticated_user=True),
-        name="login",
-    ),
-    path(
-        "accounts/logout/", auth_views.LogoutView.as_view(next_page="console:login"), name="logout"
-    ),
 ]

@@ -27,6 +27,7 @@ from policies.diff import rule_summary
 from policies.document import PolicyDocument
 from policies.edits import DocumentEditError, document_item, document_upsert, item_identities
 from policies.errors import (
+    Code,
     PolicyConflict,
     PolicyDenied,
     PolicyError,
@@ -42,13 +43,17 @@ from policies.source import (
     policy_source_render,
 )
 
-#: Statuses and the HTTP status a refused action's page is answered with.
+#: The HTTP status of a version page re-rendered with a refusal (four eyes, a wrong state).
 REFUSAL_STATUS = {
     PolicyDenied: 403,
     PolicyNotFound: 404,
     PolicyConflict: 409,
     PolicyInvalidQuery: 422,
 }
+
+
+#: Refusals of the role itself (rather than of this action on this version).
+ROLE_REFUSALS = frozenset({Code.READ_DENIED, Code.EDIT_DENIED, Code.REVIEW_DENIED})
 
 
 def _user(request: HttpRequest) -> User:
@@ -201,11 +206,8 @@ def version_action(request: HttpRequest, version_id: int, action: str) -> HttpRe
             services.policy_rollback(version_id=version_id, user=user, reason=note)
             done = "Rolled back: this version is in force again."
     except (PolicyError, PolicySourceError) as exc:
-        if isinstance(exc, PolicyDenied) and exc.code in (
-            "policy_edit_denied",
-            "policy_review_denied",
-            "policy_read_denied",
-        ):
+        if isinstance(exc, PolicyDenied) and exc.code in ROLE_REFUSALS:
+            # Not a policy admin at all: the page to show is the 403 one, not the version's.
             return _forbidden(request, exc.message)
         version = selectors.policy_version_get_for_user(user, version_id)
         context = _version_context(user, version)
@@ -219,7 +221,7 @@ def version_action(request: HttpRequest, version_id: int, action: str) -> HttpRe
 
 
 def _refusal_status(exc: PolicyError | PolicySourceError) -> int:
-    if isinstance(exc, PolicySourceError) or exc.code == "policy_reason_required":
+    if isinstance(exc, PolicySourceError) or exc.code == Code.REASON_REQUIRED:
         return 422
     return next((status for cls, status in REFUSAL_STATUS.items() if isinstance(exc, cls)), 400)
 

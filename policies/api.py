@@ -9,6 +9,7 @@ status, in ``console.api``. Who may do what: ``policies.selectors``' docstring.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Literal
 
@@ -271,13 +272,9 @@ def version_detail_out(version: PolicyVersion) -> dict[str, Any]:
         **version_out(version),
         "source": version.source,
         "document": version.document,
-        "rules": [vars_of(rule) for rule in selectors.version_rules(version)],
-        "history": [vars_of(entry) for entry in selectors.policy_version_history(version)],
+        "rules": [asdict(rule) for rule in selectors.version_rules(version)],
+        "history": [asdict(entry) for entry in selectors.policy_version_history(version)],
     }
-
-
-def vars_of(value: Any) -> dict[str, Any]:
-    return {name: getattr(value, name) for name in value.__slots__}
 
 
 def example_out(example: SimulatedAction, runs: dict[int, int]) -> dict[str, Any]:

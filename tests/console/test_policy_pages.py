@@ -351,3 +351,14 @@ def test_the_version_list_has_a_fixed_number_of_queries(
         large = client.get(url)
     assert _text(small).count("v1") >= 1 and "try 11" in _text(large)
     assert large.content.decode().count('class="status policy-status-rejected"') == 12
+
+
+def test_bad_simulation_days_and_unknown_versions_are_clear_4xx(ada: Any) -> None:
+    draft = policy_draft(source=V1, author=ada)
+    client = _client(ada)
+    too_far = client.get(reverse("console:policy_simulate", args=[draft.pk]), {"days": 500})
+    assert too_far.status_code == 400 and "days must be from 1 to 90" in _text(too_far)
+    assert client.get(reverse("console:policy_version", args=[draft.pk + 1000])).status_code == 404
+    assert client.get(reverse("console:policy_versions", args=["nope"])).status_code == 404
+    action = reverse("console:policy_version_action", args=[draft.pk, "explode"])
+    assert client.post(action).status_code == 404

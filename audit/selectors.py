@@ -9,3 +9,10 @@ from audit.models import AuditEvent
 
 def audit_events_for_run(run_id: int) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(run_id=run_id).order_by("id")
+
+
+def audit_event_exists(verb: int, object_type: str, object_id: object) -> bool:
+    """Whether ``verb`` was ever recorded for this object (a warning given once, say)."""
+    return AuditEvent.objects.filter(
+        verb=verb, object_type=object_type, object_id=str(object_id)
+    ).exists()

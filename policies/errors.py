@@ -44,6 +44,7 @@ class Code(StrEnum):
     RESERVATION_RELEASED = "reservation_released"
     CEILING_NOT_RAISED = "ceiling_not_raised"
     INVALID_RESERVATION = "invalid_reservation"
+    CEILING_TIER_REQUIRED = "ceiling_tier_required"
 
 
 class PolicyError(Exception):

@@ -41,6 +41,9 @@ from orchestration.errors import (
     SignalboxError,
 )
 from orchestration.schemas import ErrorOut
+from policies.errors import Code as PolicyCode
+from policies.errors import PolicyError
+from policies.spend_api import spend_router
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,7 @@ api = SignalboxAPI(
 )
 
 api.add_router("/v1/", orchestration_router)
+api.add_router("/v1/spend/", spend_router(ErrorOut))
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -349,3 +353,17 @@ def health(request: HttpRequest) -> Any:
         log.exception("health check: database unavailable")
         return 503, error_body(ApiCode.DATABASE_UNAVAILABLE, "the database did not answer")
     return {"status": "ok"}
+
+
+#: The HTTP status of each policies error code (others: 400).
+POLICY_ERROR_STATUS: dict[str, int] = {
+    PolicyCode.CEILING_TIER_REQUIRED: 403, PolicyCode.SPEND_NOT_VISIBLE: 403, PolicyCode.FOUR_EYES: 403,
+    PolicyCode.INVALID_SCOPE: 404, PolicyCode.RESERVATION_NOT_FOUND: 404, PolicyCode.VERSION_NOT_FOUND: 404,
+    PolicyCode.CEILING_NOT_RAISED: 409, PolicyCode.RESERVATION_SETTLED: 409, PolicyCode.RESERVATION_RELEASED: 409,
+    PolicyCode.INVALID_AMOUNT: 422, PolicyCode.INVALID_RESERVATION: 422,
+}
+
+
+@api.exception_handler(PolicyError)
+def _policy_error(request: HttpRequest, exc: PolicyError) -> HttpResponse:
+    return error_response(request, POLICY_ERROR_STATUS.get(exc.code, 400), exc.code, exc.message, exc.detail)

@@ -45,6 +45,7 @@ class Code(StrEnum):
     CEILING_NOT_RAISED = "ceiling_not_raised"
     INVALID_RESERVATION = "invalid_reservation"
     CEILING_TIER_REQUIRED = "ceiling_tier_required"
+    SPEND_NOT_VISIBLE = "spend_not_visible"
 
 
 class PolicyError(Exception):
@@ -144,6 +145,12 @@ class CeilingNotRaised(PolicyError):
     """The new limit is not above the scope's limit in force; a ceiling is only ever raised."""
 
     code: str = Code.CEILING_NOT_RAISED
+
+
+class SpendNotVisible(PolicyError):
+    """You may not see this spend."""
+
+    code: str = Code.SPEND_NOT_VISIBLE
 
 
 # --- policy versions ---------------------------------------------------------------------------

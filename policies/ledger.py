@@ -111,6 +111,11 @@ def _table() -> str:
     return connection.ops.quote_name(SpendScope._meta.db_table)
 
 
+def _at(moment: datetime) -> Any:
+    """A datetime as this database stores it (SQLite: naive UTC text), for raw SQL."""
+    return connection.ops.adapt_datetimefield_value(moment)
+
+
 def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
@@ -128,9 +133,9 @@ def _reserve_one(
         f"AND {_q('spent')} + {_q('reserved')} + %s <= {_q('limit')} "
         f"RETURNING {_q('id')}, {_q('spent')}, {_q('reserved')}, {_q('limit')}, {_q('soft_ratio')}"
     )
-    params: list[Any] = [amount, now, scope.scope, scope.key]
+    params: list[Any] = [amount, _at(now), scope.scope, scope.key]
     if period is not None:
-        params.append(period)
+        params.append(_at(period))
     params.append(amount)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -291,7 +296,7 @@ def _move(
     )
     with connection.cursor() as cursor:
         for scope_id in sorted(scope_ids):
-            cursor.execute(sql, [reserved_delta, spent_delta, now, scope_id])
+            cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
 
 
 def _locked(reservation_id: int) -> Reservation:

@@ -6,15 +6,18 @@ Handlers stay thin: authorize and read through ``policies.selectors``, write thr
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from django.contrib.auth.models import User
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Path, Router, Schema
 from pydantic import Field
 
 from policies.ledger import ceiling_raise
 from policies.selectors import ScopeUse, reservations_for_run_for_user, spend_scopes_for_user
+
+ScopeKindName = Literal["run", "workflow_day", "agent_day", "tenant_month", "global_day"]
+RUN_ID: Any = Path(..., ge=1, le=2**63 - 1)
 
 
 class ScopeOut(Schema):
@@ -64,7 +67,9 @@ def spend_router(error_out: type[Schema]) -> Router:
         response={200: list[ScopeOut], **errors},
         summary="Cost ceilings and spend per scope",
     )
-    def spend_scopes(request: HttpRequest, kind: str | None = None) -> list[dict[str, Any]]:
+    def spend_scopes(
+        request: HttpRequest, kind: ScopeKindName | None = None
+    ) -> list[dict[str, Any]]:
         scopes = spend_scopes_for_user(_user(request))
         if kind:
             scopes = scopes.filter(kind=kind)
@@ -75,7 +80,7 @@ def spend_router(error_out: type[Schema]) -> Router:
         response={200: list[ReservationOut], **errors},
         summary="A run's cost reservations",
     )
-    def run_reservations(request: HttpRequest, run_id: int) -> list[dict[str, Any]]:
+    def run_reservations(request: HttpRequest, run_id: int = RUN_ID) -> list[dict[str, Any]]:
         return [
             {
                 "id": r.pk,
@@ -98,7 +103,9 @@ def spend_router(error_out: type[Schema]) -> Router:
         response={200: ScopeOut, **errors},
         summary="Raise a run's cost ceiling (tier 2+)",
     )
-    def run_ceiling_raise(request: HttpRequest, run_id: int, body: RaiseIn) -> dict[str, Any]:
+    def run_ceiling_raise(
+        request: HttpRequest, body: RaiseIn, run_id: int = RUN_ID
+    ) -> dict[str, Any]:
         scope = ceiling_raise(
             run_id=run_id, new_limit=body.new_limit, user=_user(request), reason=body.reason
         )

@@ -10,14 +10,15 @@ from typing import Any, Literal
 
 from django.contrib.auth.models import User
 from django.http import HttpRequest
-from ninja import Path, Router, Schema
+from ninja import Router, Schema
+from ninja.params import functions as param_functions
 from pydantic import Field
 
 from policies.ledger import ceiling_raise
 from policies.selectors import ScopeUse, reservations_for_run_for_user, spend_scopes_for_user
 
 ScopeKindName = Literal["run", "workflow_day", "agent_day", "tenant_month", "global_day"]
-RUN_ID: Any = Path(..., ge=1, le=2**63 - 1)
+RUN_ID: Any = param_functions.Path(..., ge=1, le=2**63 - 1)
 
 
 class ScopeOut(Schema):

@@ -24,8 +24,11 @@ PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 DB = os.environ.get("BENCH_LEDGER_DATABASE", "signalbox_bench_ledger")
 
 os.environ.update(
-    DJANGO_SETTINGS_MODULE="console.settings", SIGNALBOX_ENV=os.environ.get("SIGNALBOX_ENV", "development"),
-    DEBUG="false", DATABASE_URL=f"{PG}/{DB}", LOG_LEVEL="WARNING",
+    DJANGO_SETTINGS_MODULE="console.settings",
+    SIGNALBOX_ENV=os.environ.get("SIGNALBOX_ENV", "development"),
+    DEBUG="false",
+    DATABASE_URL=f"{PG}/{DB}",
+    LOG_LEVEL="WARNING",
 )
 os.environ.setdefault("SECRET_KEY", "signalbox-bench-key-not-a-secret-0123456789abcdefghijklmnop")
 sys.path.insert(0, str(ROOT))
@@ -39,7 +42,9 @@ def _database() -> None:
             conn.execute(f'CREATE DATABASE "{DB}"')
 
 
-def _client(index: int, count: int, start: multiprocessing.synchronize.Event, out: multiprocessing.Queue) -> None:
+def _client(
+    index: int, count: int, start: multiprocessing.synchronize.Event, out: multiprocessing.Queue
+) -> None:
     from datetime import timedelta
     from decimal import Decimal
 
@@ -60,7 +65,12 @@ def _client(index: int, count: int, start: multiprocessing.synchronize.Event, ou
     began = time.perf_counter()
     for _ in range(count):
         held = ceiling_reserve(
-            scopes=scopes, amount=Decimal("0.0009"), run_id=index, step_id=1, action="agent:bench", owner="bench",
+            scopes=scopes,
+            amount=Decimal("0.0009"),
+            run_id=index,
+            step_id=1,
+            action="agent:bench",
+            owner="bench",
             ttl=timedelta(minutes=5),
         )
         ceiling_settle(held.pk, Decimal("0.0004"))
@@ -68,7 +78,9 @@ def _client(index: int, count: int, start: multiprocessing.synchronize.Event, ou
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--per-client", type=int, default=2000)
     args = parser.parse_args()
     _database()
@@ -88,7 +100,10 @@ def main() -> None:
         connections.close_all()
         ctx = multiprocessing.get_context("fork")
         start, out = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_client, args=(i, args.per_client, start, out)) for i in range(clients)]
+        procs = [
+            ctx.Process(target=_client, args=(i, args.per_client, start, out))
+            for i in range(clients)
+        ]
         for proc in procs:
             proc.start()
         time.sleep(1.0)

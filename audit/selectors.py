@@ -15,3 +15,10 @@ def audit_events_for_object(object_type: str, object_id: int | str) -> QuerySet[
     """Every event about one object (a policy version's history), oldest first."""
     events = AuditEvent.objects.filter(object_type=object_type, object_id=str(object_id))
     return events.order_by("id")
+
+
+def audit_event_exists(verb: int, object_type: str, object_id: object) -> bool:
+    """Whether ``verb`` was ever recorded for this object (a warning given once, say)."""
+    return AuditEvent.objects.filter(
+        verb=verb, object_type=object_type, object_id=str(object_id)
+    ).exists()

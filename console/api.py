@@ -52,6 +52,7 @@ from policies.errors import (
 )
 from policies.errors import Code as PolicyCode
 from policies.source import PolicySourceError
+from policies.spend_api import spend_router
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ api = SignalboxAPI(
 
 api.add_router("/v1/", orchestration_router)
 api.add_router("/v1/policies/", policies_router)
+api.add_router("/v1/spend/", spend_router(ErrorOut))
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -375,7 +377,20 @@ POLICY_ERROR_STATUS: dict[type[PolicyError], int] = {
     CeilingExceeded: 409,
 }
 #: Codes whose status is not their class's: a missing reason is a refused body, not a state.
-POLICY_CODE_STATUS = {PolicyCode.REASON_REQUIRED: 422}
+POLICY_CODE_STATUS = {
+    PolicyCode.REASON_REQUIRED: 422,
+    PolicyCode.CEILING_TIER_REQUIRED: 403,
+    PolicyCode.SPEND_NOT_VISIBLE: 403,
+    PolicyCode.FOUR_EYES: 403,
+    PolicyCode.INVALID_SCOPE: 404,
+    PolicyCode.RESERVATION_NOT_FOUND: 404,
+    PolicyCode.VERSION_NOT_FOUND: 404,
+    PolicyCode.CEILING_NOT_RAISED: 409,
+    PolicyCode.RESERVATION_SETTLED: 409,
+    PolicyCode.RESERVATION_RELEASED: 409,
+    PolicyCode.INVALID_AMOUNT: 422,
+    PolicyCode.INVALID_RESERVATION: 422,
+}
 
 
 def policy_error_status(exc: PolicyError) -> int:

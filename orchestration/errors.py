@@ -118,6 +118,9 @@ class Code(StrEnum):
     PROVIDER_REJECTED = "provider_rejected"
     PROVIDER_THROTTLED = "provider_throttled"
     PROVIDER_TIMEOUT = "provider_timeout"
+    # the spend ledger, before an agent calls a model
+    COST_UNKNOWN = "cost_unknown"
+    CEILING_EXCEEDED = "ceiling_exceeded"
 
 
 class SignalboxError(Exception):

@@ -22,6 +22,7 @@ from orchestration import advance, dispatch, runtime
 from orchestration.changes import DONE_STEPS, OPEN_WAITS, TOOL_CALLS, Changes, Snapshot
 from orchestration.commit import compute_locked, write_and_send
 from orchestration.models import RUN_ACTIVE, RunStatus, StepStatus, Wait, WaitStatus
+from policies.ledger import reservations_release_expired
 
 log = logging.getLogger(__name__)
 
@@ -140,4 +141,5 @@ def engine_tick() -> dict[str, int]:
         "expired_waits": expire_waits(),
         "deadlines": enforce_run_deadlines(),
         "republished": republish_queued(),
+        "reservations_released": reservations_release_expired(),
     }

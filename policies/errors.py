@@ -52,6 +52,8 @@ class Code(StrEnum):
     NOT_RETIRED = "policy_not_retired"
     INVALID_SOURCE = "policy_invalid"
     INVALID_QUERY = "policy_invalid_query"
+    CEILING_TIER_REQUIRED = "ceiling_tier_required"
+    SPEND_NOT_VISIBLE = "spend_not_visible"
 
 
 class PolicyError(Exception):
@@ -151,6 +153,12 @@ class CeilingNotRaised(PolicyError):
     """The new limit is not above the scope's limit in force; a ceiling is only ever raised."""
 
     code: str = Code.CEILING_NOT_RAISED
+
+
+class SpendNotVisible(PolicyError):
+    """You may not see this spend."""
+
+    code: str = Code.SPEND_NOT_VISIBLE
 
 
 # --- policy versions ---------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class AgentContext:
     #: a timeout check). A ``pure`` agent may start before the commit that made its step ready
     #: is acknowledged; this is where the engine makes sure it was.
     before_acting: Callable[[], None] | None = None
+    #: The most completion tokens this call may ask for: what its cost reservation covers
+    #: (None: no ceiling is in force, the agent's own ``max_tokens``).
+    max_tokens: int | None = None
 
     def _acting(self) -> None:
         if self.before_acting is not None:
@@ -209,6 +212,12 @@ class Agent:
     #: that commit does not go through. Its first tool call, ``ctx.work`` or timeout check waits
     #: for the commit. An agent that calls an API itself (an LLM client) must leave this False.
     pure: ClassVar[bool] = False
+    #: The model it calls, priced by the policy's price table ("": it calls none, costs nothing).
+    model: ClassVar[str] = ""
+    #: The most completion tokens one call asks for, and the input it is expected to send: the
+    #: worst case reserved against the cost ceilings before it runs.
+    max_tokens: ClassVar[int] = 1024
+    estimated_input_tokens: ClassVar[int] = 2000
     Input: ClassVar[type[BaseModel]]
     Output: ClassVar[type[BaseModel]]
 

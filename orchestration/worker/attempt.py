@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from audit.services import Entry, audit_record_alone
+from audit.verbs import Verb
 from orchestration.advance import approval_digest, node_of, output_contract, step_action, step_input
 from orchestration.agents.base import AgentContext, StateView
 from orchestration.contracts import validation_errors
@@ -31,9 +34,12 @@ from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
 from policies.active import ActivePolicy, active_policy
+from policies.errors import CeilingExceeded
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
-from policies.limits import rate_limits_for
+from policies.ledger import ceiling_release, ceiling_reserve, ceiling_settle
+from policies.limits import ceilings_for, price_cost, rate_limits_for
+from policies.models import Reservation
 from policies.tenants import tenant_by_id
 
 log = logging.getLogger(__name__)
@@ -174,11 +180,13 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         fail(exc)
         return None
 
+    reservation: Reservation | None = None
     if step.kind in (StepKind.AGENT, StepKind.ITEM):
         facts = policy_facts(step, f"agent:{step.agent}", raw if isinstance(raw, dict) else {})
         if facts is not None:
             try:
                 rate_limit_check(*facts)
+                reservation = cost_reserve(*facts, step, cls, worker_id, hard.total_seconds())
             except SignalboxError as exc:
                 fail(exc)
                 return None
@@ -199,6 +207,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         tools=(tools := StepTools(step)),
         soft_deadline=time.monotonic() + soft.total_seconds(),
         before_acting=settle,
+        max_tokens=cls.max_tokens if reservation is not None else None,
     )
     result: Any = None
     keeper = rt.leases(
@@ -208,8 +217,12 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     )
     with keeper.hold(step.pk, step.attempt, worker_id, hard_after=hard.total_seconds()):
         try:
-            with interrupt_after(soft.total_seconds()):
-                result = agent.run(params, ctx)
+            try:
+                with interrupt_after(soft.total_seconds()):
+                    result = agent.run(params, ctx)
+            finally:
+                if reservation is not None:
+                    cost_settle(reservation, ctx, cls)
         except SignalboxError as exc:
             fail(exc, records=tools.take_records())
             return None
@@ -260,3 +273,48 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         settle()
         complete.commit_failed(done, exc, rt=rt, worker_id=worker_id)
         return None
+
+
+def cost_reserve(
+    active: ActivePolicy, facts: Facts, step: Step, cls: type[Any], owner: str, hard_seconds: float
+) -> Reservation | None:
+    """Reserve the worst case of the agent's call (its estimated input, its ``max_tokens`` out)
+    against every ceiling that counts it; None when it calls no model or no ceiling is in force.
+    A model the price table does not know fails closed; a refused reservation stops the step
+    (and escalates: someone with tier 2 raises the ceiling for this run and retries, or aborts)."""
+    if not cls.model:
+        return None
+    scopes = ceilings_for(active.compiled, facts)
+    if not scopes:
+        return None
+    worst = price_cost(active.compiled, cls.model, cls.estimated_input_tokens, cls.max_tokens)
+    if worst is None:
+        audit_record_alone(Entry(
+            verb=Verb.COST_UNKNOWN, object_type="step", object_id=step.pk, run_id=step.run_id, step_id=step.pk,
+            data={"agent": step.agent, "model": cls.model},
+        ))
+        raise PolicyDenied(
+            f"the cost of {step.agent!r} cannot be estimated: model {cls.model!r} is not in the price table",
+            code=Code.COST_UNKNOWN, detail={"model": cls.model},
+        )
+    try:
+        return ceiling_reserve(
+            scopes=scopes, amount=worst, run_id=step.run_id, step_id=step.pk, action=f"agent:{step.agent}",
+            owner=owner[:200], ttl=timedelta(seconds=hard_seconds + 60),
+        )
+    except CeilingExceeded as exc:
+        raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
+
+
+def cost_settle(reservation: Reservation, ctx: AgentContext, cls: type[Any]) -> None:
+    """Charge the call's reported usage (none reported: nothing was spent, the money goes back)."""
+    usage = ctx.usage
+    if not (usage.prompt_tokens or usage.completion_tokens):
+        ceiling_release(reservation.pk)
+        return
+    active = active_policy()
+    actual = (
+        price_cost(active.compiled, usage.model or cls.model, usage.prompt_tokens, usage.completion_tokens)
+        if active is not None else None
+    )
+    ceiling_settle(reservation.pk, actual if actual is not None else reservation.amount)

@@ -13,6 +13,9 @@ from console.api import api
 pytestmark = pytest.mark.django_db
 
 PATHS = {
+    "/api/v1/spend/ceilings": {"get"},
+    "/api/v1/spend/runs/{run_id}/reservations": {"get"},
+    "/api/v1/spend/runs/{run_id}/ceiling": {"post"},
     "/api/v1/health": {"get"},
     "/api/v1/runs": {"get", "post"},
     "/api/v1/runs/{run_id}": {"get"},
@@ -73,7 +76,7 @@ def test_every_operation_with_a_body_documents_400_malformed_json(schema):
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    assert len(with_body) == 9
+    assert len(with_body) == 10
     for method, path, operation in with_body:
         response = operation["responses"].get("400")
         assert response is not None, (method, path)

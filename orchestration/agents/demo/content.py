@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from orchestration.agents.base import Agent, AgentContext
-from orchestration.agents.demo import estimate_tokens, simulate_call
+from orchestration.agents.demo import DEMO_MODEL, estimate_tokens, simulate_call
 
 Category = Literal["engineering", "product", "operations", "research", "general"]
 CATEGORY_KEYWORDS: dict[Category, tuple[str, ...]] = {
@@ -61,6 +61,7 @@ class Classifier(Agent):
     """Puts a topic in a category and extracts keywords for the researchers."""
 
     name = "classifier"
+    model = DEMO_MODEL
     capability = "classify"
 
     class Input(BaseModel):
@@ -99,6 +100,7 @@ class Researcher(Agent):
     """Gathers findings on a topic from one angle; the output field is named for that angle."""
 
     name = "researcher"
+    model = DEMO_MODEL
     capability = "research"
     pool = "research"
 
@@ -143,6 +145,7 @@ class Writer(Agent):
     """Drafts the article from both research angles, revising against review feedback."""
 
     name = "writer"
+    model = DEMO_MODEL
     capability = "draft"
 
     class Input(BaseModel):
@@ -182,6 +185,7 @@ class Reviewer(Agent):
     """Approves a draft or sends it back with feedback; later revisions pass more often."""
 
     name = "reviewer"
+    model = DEMO_MODEL
     capability = "review"
 
     class Input(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from orchestration.agents.base import Agent, AgentContext, CompensationInput
-from orchestration.agents.demo import estimate_tokens, simulate_call
+from orchestration.agents.demo import DEMO_MODEL, estimate_tokens, simulate_call
 
 REFUND_WORDS = (
     "refund",
@@ -54,6 +54,7 @@ class TriageRouter(Agent):
     """Reads a customer message and routes it to the refund path or the question path."""
 
     name = "triage_router"
+    model = DEMO_MODEL
     capability = "route"
 
     class Input(BaseModel):
@@ -112,6 +113,7 @@ class RefundProposer(Agent):
     """Proposes a refund amount for an order from what the customer reports."""
 
     name = "refund_proposer"
+    model = DEMO_MODEL
     capability = "propose_refund"
 
     class Input(BaseModel):
@@ -201,6 +203,7 @@ class QuestionAnswerer(Agent):
     """Answers a customer question that is not a refund request."""
 
     name = "question_answerer"
+    model = DEMO_MODEL
     capability = "answer"
 
     class Input(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from orchestration.agents.base import Agent, AgentContext
-from orchestration.agents.demo import estimate_tokens, simulate_call
+from orchestration.agents.demo import DEMO_MODEL, estimate_tokens, simulate_call
 from orchestration.errors import ContractViolation
 
 MIN_SUBQUESTIONS = 2
@@ -37,6 +37,7 @@ class Planner(Agent):
     """Splits a research question into 2 to 6 numbered sub-questions for the workers."""
 
     name = "planner"
+    model = DEMO_MODEL
     capability = "plan"
 
     class Input(BaseModel):
@@ -67,6 +68,7 @@ class SubquestionWorker(Agent):
     """Answers one sub-question of a plan; many run in parallel, one per item."""
 
     name = "subquestion_worker"
+    model = DEMO_MODEL
     capability = "research"
     pool = "research"
 
@@ -105,6 +107,7 @@ class Merger(Agent):
     """Merges the workers' answers, in plan order, into one brief."""
 
     name = "merger"
+    model = DEMO_MODEL
     capability = "merge"
 
     class Input(BaseModel):

@@ -1,0 +1,480 @@
+"""The spend ledger: money reserved before a call, settled with its actual cost after.
+
+A reservation adds its amount to every scope it counts against (run, workflow per day, agent per
+day, tenant per month, global per day) with one conditional UPDATE per scope,
+``reserved = reserved + amount WHERE spent + reserved + amount <= limit``, all in one
+transaction: the check and the write are the same statement, so a hard ceiling is never passed,
+however many workers reserve at once. If any scope refuses, nothing is reserved
+(``CeilingExceeded`` names the scope). Settling moves the amount out of ``reserved`` and the
+actual cost into ``spent``; releasing moves it out of ``reserved`` only. The reaper releases
+reservations whose holder died (``reservations_release_expired``).
+
+The same SQL runs on PostgreSQL and SQLite (``UPDATE … RETURNING``). Money is ``Decimal``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.models import User
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from audit.selectors import audit_event_exists
+from audit.services import Entry, audit_record_alone, audit_record_many
+from audit.verbs import ActorType, Verb
+from policies.errors import (
+    CeilingExceeded,
+    CeilingNotRaised,
+    Code,
+    InvalidAmount,
+    InvalidReservation,
+    InvalidScope,
+    PolicyDenied,
+    ReservationNotFound,
+    ReservationReleased,
+    ReservationSettled,
+)
+from policies.limits import MONEY_QUANTUM, CeilingScope
+from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
+
+__all__ = [
+    "ScopeSpend",
+    "ceiling_raise",
+    "ceiling_release",
+    "ceiling_reserve",
+    "ceiling_settle",
+    "period_start_for",
+    "reservations_release_expired",
+]
+
+#: The tier that may raise a ceiling.
+RAISE_TIER_PERM = "orchestration.decide_tier_2"
+_MAX_MONEY = Decimal("99999999.999999")
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeSpend:
+    """One scope's state as the ledger saw it."""
+
+    id: int
+    kind: str
+    key: str
+    period_start: datetime | None
+    limit: Decimal
+    spent: Decimal
+    reserved: Decimal
+    soft_ratio: Decimal
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "period_start": self.period_start.isoformat() if self.period_start else None,
+            "limit": str(self.limit),
+            "spent": str(self.spent),
+            "reserved": str(self.reserved),
+        }
+
+
+def _money(value: object, what: str = "amount") -> Decimal:
+    if isinstance(value, float) or not isinstance(value, (Decimal, int)) or isinstance(value, bool):
+        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__}")
+    amount = Decimal(value)
+    if not amount.is_finite() or amount < 0 or amount > _MAX_MONEY:
+        raise InvalidAmount(f"{what} {amount} is out of range")
+    return amount.quantize(MONEY_QUANTUM)
+
+
+def _dec(value: object) -> Decimal:
+    """A number as the database returned it (SQLite may hand back a float or int)."""
+    return (value if isinstance(value, Decimal) else Decimal(str(value))).quantize(MONEY_QUANTUM)
+
+
+def period_start_for(kind: str, now: datetime) -> datetime | None:
+    """The start of ``kind``'s period holding ``now``: None for a run, the UTC day or month."""
+    utc = now.astimezone(UTC)
+    if kind == ScopeKind.RUN:
+        return None
+    if kind == ScopeKind.TENANT_MONTH:
+        return utc.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    if kind in (ScopeKind.WORKFLOW_DAY, ScopeKind.AGENT_DAY, ScopeKind.GLOBAL_DAY):
+        return utc.replace(hour=0, minute=0, second=0, microsecond=0)
+    raise InvalidScope(f"unknown scope kind {kind!r}")
+
+
+def _table() -> str:
+    return connection.ops.quote_name(SpendScope._meta.db_table)
+
+
+def _at(moment: datetime) -> Any:
+    """A datetime as this database stores it (SQLite: naive UTC text), for raw SQL."""
+    return connection.ops.adapt_datetimefield_value(moment)
+
+
+def _q(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def _reserve_one(
+    scope: CeilingScope, period: datetime | None, amount: Decimal, now: datetime
+) -> tuple[Any, ...] | None:
+    """Add ``amount`` to the scope row's ``reserved`` if it fits; its new state, or None."""
+    where_period = (
+        f"{_q('period_start')} IS NULL" if period is None else f"{_q('period_start')} = %s"
+    )
+    sql = (
+        f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} + %s, {_q('updated_at')} = %s "
+        f"WHERE {_q('kind')} = %s AND {_q('key')} = %s AND {where_period} "
+        f"AND {_q('spent')} + {_q('reserved')} + %s <= {_q('limit')} "
+        f"RETURNING {_q('id')}, {_q('spent')}, {_q('reserved')}, {_q('limit')}, {_q('soft_ratio')}"
+    )
+    params: list[Any] = [amount, _at(now), scope.scope, scope.key]
+    if period is not None:
+        params.append(_at(period))
+    params.append(amount)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row: tuple[Any, ...] | None = cursor.fetchone()
+        return row
+
+
+def _scope_row(scope: CeilingScope, period: datetime | None, now: datetime) -> SpendScope:
+    """The scope's row for this period, created with the policy's limit if it is new."""
+    defaults = {
+        "limit": _money(scope.limit, "limit"),
+        "soft_ratio": scope.soft_ratio,
+        "updated_at": now,
+    }
+    try:
+        with transaction.atomic():
+            row, _ = SpendScope.objects.get_or_create(
+                kind=scope.scope, key=scope.key, period_start=period, defaults=defaults
+            )
+    except IntegrityError:
+        row = SpendScope.objects.get(kind=scope.scope, key=scope.key, period_start=period)
+    return row
+
+
+def _spend(row: SpendScope) -> ScopeSpend:
+    return ScopeSpend(
+        row.pk,
+        row.kind,
+        row.key,
+        row.period_start,
+        _dec(row.limit),
+        _dec(row.spent),
+        _dec(row.reserved),
+        Decimal(str(row.soft_ratio)),
+    )
+
+
+def _refused(
+    scope: CeilingScope,
+    period: datetime | None,
+    amount: Decimal,
+    run_id: int | None,
+    step_id: int | None,
+    action: str,
+) -> CeilingExceeded:
+    row = _scope_row(scope, period, timezone.now())
+    state = _spend(row)
+    detail = {**state.as_dict(), "amount": str(amount), "action": action}
+    audit_record_alone(
+        Entry(
+            verb=Verb.CEILING_EXCEEDED,
+            object_type="spend_scope",
+            object_id=row.pk,
+            run_id=run_id,
+            step_id=step_id,
+            data=detail,
+        )
+    )
+    return CeilingExceeded(
+        f"{action or 'the call'} needs {amount}: the {state.kind} ceiling"
+        f"{' ' + state.key if state.key else ''} is {state.limit}, with {state.spent} spent and"
+        f" {state.reserved} reserved",
+        scope=state,
+        amount=amount,
+        detail=detail,
+    )
+
+
+def _warned_already(scope_id: int) -> bool:
+    return audit_event_exists(Verb.CEILING_WARNED, "spend_scope", scope_id)
+
+
+def ceiling_reserve(
+    *,
+    scopes: Sequence[CeilingScope],
+    amount: Decimal,
+    run_id: int | None,
+    step_id: int | None,
+    action: str,
+    owner: str,
+    ttl: timedelta,
+    now: datetime | None = None,
+) -> Reservation:
+    """Set ``amount`` aside in every scope, or in none (``CeilingExceeded``, naming the scope
+    that refused). One conditional UPDATE per scope and one INSERT, in one transaction; a scope
+    row is created the first time its period is seen. Crossing a scope's soft threshold records
+    ``CEILING_WARNED`` once per scope and period."""
+    amount = _money(amount)
+    now = now or timezone.now()
+    if timezone.is_naive(now):
+        raise InvalidReservation("now must carry a time zone")
+    if ttl <= timedelta(0):
+        raise InvalidReservation("a reservation must expire after now")
+    if len(action) > 200 or len(owner) > 200:
+        raise InvalidReservation("action and owner are at most 200 characters")
+    kinds = [s.scope for s in scopes]
+    if len(set(kinds)) != len(kinds):
+        raise InvalidScope("a scope kind may appear once per reservation")
+    periods = [period_start_for(s.scope, now) for s in scopes]
+    warnings: list[Entry] = []
+    with transaction.atomic():
+        ids: list[int] = []
+        for scope, period in zip(scopes, periods, strict=True):
+            row = _reserve_one(scope, period, amount, now)
+            if row is None:
+                _scope_row(scope, period, now)
+                row = _reserve_one(scope, period, amount, now)
+            if row is None:
+                failed = (scope, period)
+                break
+            scope_id, spent, reserved, limit, soft = row
+            ids.append(scope_id)
+            after = _dec(spent) + _dec(reserved)
+            threshold = _dec(limit) * Decimal(str(soft))
+            if after - amount < threshold <= after and not _warned_already(scope_id):
+                warnings.append(
+                    Entry(
+                        verb=Verb.CEILING_WARNED,
+                        object_type="spend_scope",
+                        object_id=scope_id,
+                        run_id=run_id,
+                        step_id=step_id,
+                        data={
+                            "kind": scope.scope,
+                            "key": scope.key,
+                            "limit": str(_dec(limit)),
+                            "committed": str(after),
+                            "soft_ratio": str(soft),
+                        },
+                    )
+                )
+        else:
+            failed = None
+        if failed is None:
+            reservation = Reservation.objects.create(
+                run_id=run_id,
+                step_id=step_id,
+                action=action,
+                amount=amount,
+                scope_ids=ids,
+                status=ReservationStatus.HELD,
+                owner=owner,
+                expires_at=now + ttl,
+                created_at=now,
+            )
+            audit_record_many(warnings, now=now)
+            return reservation
+        transaction.set_rollback(True)
+    raise _refused(failed[0], failed[1], amount, run_id, step_id, action)
+
+
+def _move(
+    scope_ids: Iterable[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
+) -> None:
+    sql = (
+        f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, {_q('spent')} = {_q('spent')} + %s, "
+        f"{_q('updated_at')} = %s WHERE {_q('id')} = %s"
+    )
+    with connection.cursor() as cursor:
+        for scope_id in sorted(scope_ids):
+            cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
+
+
+def _locked(reservation_id: int) -> Reservation:
+    found = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+    if found is None:
+        raise ReservationNotFound(f"no reservation {reservation_id}")
+    return found
+
+
+def ceiling_settle(
+    reservation_id: int, actual: Decimal, *, now: datetime | None = None
+) -> Reservation:
+    """Charge the call's actual cost: the reserved amount leaves ``reserved`` and the actual
+    cost enters ``spent``, in every scope. The actual is recorded as reported; what is charged is
+    at most the amount reserved (the call's max tokens were clamped to it), and an overrun is
+    recorded. Settling twice with the same actual is a no-op; with another, ``ReservationSettled``."""
+    actual = _money(actual, "actual")
+    now = now or timezone.now()
+    with transaction.atomic():
+        reservation = _locked(reservation_id)
+        if reservation.status == ReservationStatus.SETTLED:
+            if _dec(reservation.actual) == actual:
+                return reservation
+            raise ReservationSettled(
+                f"reservation {reservation_id} was settled with {reservation.actual}"
+            )
+        if reservation.status == ReservationStatus.RELEASED:
+            raise ReservationReleased(f"reservation {reservation_id} was released")
+        amount = _dec(reservation.amount)
+        charged = min(actual, amount)
+        _move(reservation.scope_ids, amount, charged, now)
+        reservation.status = ReservationStatus.SETTLED
+        reservation.actual = actual
+        reservation.settled_at = now
+        reservation.save(update_fields=["status", "actual", "settled_at"])
+        if actual > amount:
+            audit_record_many(
+                [
+                    Entry(
+                        verb=Verb.CEILING_EXCEEDED,
+                        object_type="reservation",
+                        object_id=reservation.pk,
+                        run_id=reservation.run_id,
+                        step_id=reservation.step_id,
+                        data={
+                            "amount": str(amount),
+                            "actual": str(actual),
+                            "charged": str(charged),
+                            "overrun": True,
+                        },
+                    )
+                ],
+                now=now,
+            )
+    return reservation
+
+
+def _release(reservation: Reservation, now: datetime) -> None:
+    _move(reservation.scope_ids, _dec(reservation.amount), Decimal(0), now)
+    reservation.status = ReservationStatus.RELEASED
+    reservation.settled_at = now
+    reservation.save(update_fields=["status", "settled_at"])
+
+
+def ceiling_release(reservation_id: int, *, now: datetime | None = None) -> Reservation:
+    """Give the reserved money back (the call failed or was not made). Releasing twice is a
+    no-op; releasing a settled reservation is ``ReservationSettled``."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        reservation = _locked(reservation_id)
+        if reservation.status == ReservationStatus.RELEASED:
+            return reservation
+        if reservation.status == ReservationStatus.SETTLED:
+            raise ReservationSettled(f"reservation {reservation_id} was settled")
+        _release(reservation, now)
+    return reservation
+
+
+def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
+    """Release held reservations past their expiry (their worker died): the reaper's duty."""
+    now = now or timezone.now()
+    released = 0
+    with transaction.atomic():
+        expired = list(
+            Reservation.objects.select_for_update(skip_locked=True)
+            .filter(status=ReservationStatus.HELD, expires_at__lt=now)
+            .order_by("expires_at")[:limit]
+        )
+        entries = []
+        for reservation in expired:
+            _release(reservation, now)
+            entries.append(
+                Entry(
+                    verb=Verb.RESERVATION_RELEASED,
+                    object_type="reservation",
+                    object_id=reservation.pk,
+                    run_id=reservation.run_id,
+                    step_id=reservation.step_id,
+                    data={
+                        "amount": str(_dec(reservation.amount)),
+                        "owner": reservation.owner,
+                        "reason": "expired",
+                    },
+                )
+            )
+            released += 1
+        audit_record_many(entries, now=now)
+    return released
+
+
+def ceiling_raise(
+    *,
+    new_limit: Decimal,
+    user: User,
+    reason: str,
+    scope_id: int | None = None,
+    run_id: int | None = None,
+    now: datetime | None = None,
+) -> SpendScope:
+    """Raise a scope's hard ceiling (``scope_id``, or the run scope of ``run_id``) to
+    ``new_limit``. Only someone with tier 2 or higher may; a reason is required; the limit only
+    ever goes up (``CeilingNotRaised``)."""
+    new_limit = _money(new_limit, "limit")
+    now = now or timezone.now()
+    if not user.is_active or not user.has_perm(RAISE_TIER_PERM):
+        audit_record_alone(
+            Entry(
+                verb=Verb.CEILING_RAISED,
+                object_type="spend_scope",
+                object_id=scope_id or f"run:{run_id}",
+                actor_type=ActorType.HUMAN,
+                actor_id=user.get_username(),
+                run_id=run_id,
+                data={"refused": "tier 2 required", "new_limit": str(new_limit)},
+            )
+        )
+        raise PolicyDenied(
+            "raising a cost ceiling needs tier 2 or higher", code=Code.CEILING_TIER_REQUIRED
+        )
+    if not reason.strip():
+        raise InvalidAmount("a reason is required to raise a ceiling")
+    if (scope_id is None) == (run_id is None):
+        raise InvalidScope("name either a scope or a run")
+    with transaction.atomic():
+        query = SpendScope.objects.select_for_update()
+        scope = (
+            query.filter(pk=scope_id).first()
+            if scope_id is not None
+            else query.filter(
+                kind=ScopeKind.RUN, key=str(run_id), period_start__isnull=True
+            ).first()
+        )
+        if scope is None:
+            raise InvalidScope("no such spend scope")
+        old = _dec(scope.limit)
+        if new_limit <= old:
+            raise CeilingNotRaised(f"the ceiling is {old}; {new_limit} does not raise it")
+        scope.limit = new_limit
+        scope.updated_at = now
+        scope.save(update_fields=["limit", "updated_at"])
+        audit_record_many(
+            [
+                Entry(
+                    verb=Verb.CEILING_RAISED,
+                    object_type="spend_scope",
+                    object_id=scope.pk,
+                    actor_type=ActorType.HUMAN,
+                    actor_id=user.get_username(),
+                    run_id=int(scope.key) if scope.kind == ScopeKind.RUN else None,
+                    data={
+                        "kind": scope.kind,
+                        "key": scope.key,
+                        "from": str(old),
+                        "to": str(new_limit),
+                        "reason": reason,
+                    },
+                )
+            ],
+            now=now,
+        )
+    return scope

@@ -1,0 +1,115 @@
+"""The spend API: ceilings and spend per scope (with percentages), a run's reservations, and
+raising a run's ceiling (tier 2 or higher). Mounted by the console under ``/v1/spend`` (``spend_router(ErrorOut)``).
+Handlers stay thin: authorize and read through ``policies.spend_selectors``, write through
+``policies.ledger``."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from django.contrib.auth.models import User
+from django.http import HttpRequest
+from ninja import Router, Schema
+from ninja.params import functions as param_functions
+from pydantic import Field
+
+from policies.ledger import ceiling_raise
+from policies.spend_selectors import ScopeUse, reservations_for_run_for_user, spend_scopes_for_user
+
+ScopeKindName = Literal["run", "workflow_day", "agent_day", "tenant_month", "global_day"]
+RUN_ID: Any = param_functions.Path(..., ge=1, le=2**63 - 1)
+
+
+class ScopeOut(Schema):
+    id: int
+    kind: str
+    key: str
+    period_start: str | None
+    limit: str
+    spent: str
+    reserved: str
+    spent_percent: float
+    committed_percent: float
+    soft_percent: float
+
+
+class ReservationOut(Schema):
+    id: int
+    run_id: int | None
+    step_id: int | None
+    action: str
+    amount: str
+    actual: str | None
+    status: str
+    scope_ids: list[int]
+    owner: str
+    expires_at: str
+    created_at: str
+
+
+class RaiseIn(Schema):
+    new_limit: Decimal = Field(gt=0, max_digits=14, decimal_places=6)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+def _user(request: HttpRequest) -> User:
+    user: User = request.auth  # type: ignore[attr-defined]  # set by ninja
+    return user
+
+
+def spend_router(error_out: type[Schema]) -> Router:
+    """The router, its errors documented with the console's error shape ``error_out``."""
+    router = Router(tags=["spend"])
+    errors: dict[int, type[Schema]] = {code: error_out for code in (401, 403, 404, 409, 422)}
+
+    @router.get(
+        "/ceilings",
+        response={200: list[ScopeOut], **errors},
+        summary="Cost ceilings and spend per scope",
+    )
+    def spend_scopes(
+        request: HttpRequest, kind: ScopeKindName | None = None
+    ) -> list[dict[str, Any]]:
+        scopes = spend_scopes_for_user(_user(request))
+        if kind:
+            scopes = scopes.filter(kind=kind)
+        return [ScopeUse(scope).as_dict() for scope in scopes[:500]]
+
+    @router.get(
+        "/runs/{run_id}/reservations",
+        response={200: list[ReservationOut], **errors},
+        summary="A run's cost reservations",
+    )
+    def run_reservations(request: HttpRequest, run_id: int = RUN_ID) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": r.pk,
+                "run_id": r.run_id,
+                "step_id": r.step_id,
+                "action": r.action,
+                "amount": str(r.amount),
+                "actual": None if r.actual is None else str(r.actual),
+                "status": r.status,
+                "scope_ids": r.scope_ids,
+                "owner": r.owner,
+                "expires_at": r.expires_at.isoformat(),
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in reservations_for_run_for_user(_user(request), run_id)[:1000]
+        ]
+
+    @router.post(
+        "/runs/{run_id}/ceiling",
+        response={200: ScopeOut, **errors},
+        summary="Raise a run's cost ceiling (tier 2+)",
+    )
+    def run_ceiling_raise(
+        request: HttpRequest, body: RaiseIn, run_id: int = RUN_ID
+    ) -> dict[str, Any]:
+        scope = ceiling_raise(
+            run_id=run_id, new_limit=body.new_limit, user=_user(request), reason=body.reason
+        )
+        return ScopeUse(scope).as_dict()
+
+    return router

@@ -1,0 +1,107 @@
+"""Cost ceilings in the engine (issue 18): an agent step reserves its worst case before it runs
+and settles its reported usage after; an unknown model fails closed; a refused reservation
+escalates, and a tier-2 operator raises the run's ceiling and retries."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from audit.models import AuditEvent
+from audit.verbs import Verb
+from orchestration.errors import Code
+from orchestration.models import Step, Wait
+from orchestration.services import escalation_resolve, run_submit
+from policies.active import active_forget
+from policies.ledger import ceiling_raise
+from policies.models import Reservation, SpendScope
+from policies.services import policy_install
+from tests.support.agents import EchoAgent
+
+pytestmark = pytest.mark.django_db
+
+POLICY = """
+default: allow
+ceilings:
+  - {scope: run, limit: %s}
+  - {scope: tenant_month, limit: 50.00}
+  - {scope: global_day, limit: 10.00}
+prices:
+  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+
+
+def _install(run_limit: str) -> None:
+    policy_install(source=POLICY % run_limit, note="ledger tests")
+    active_forget()
+
+
+@pytest.fixture
+def priced_echo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The echo agent calls ``known-model`` and reports 100 tokens in, 50 out."""
+    original = EchoAgent.run
+
+    def run(self: EchoAgent, input: Any, ctx: Any) -> Any:
+        # with a ceiling in force, the call may ask for what its reservation covers
+        assert ctx.max_tokens in (None, 1024)
+        ctx.report_usage(prompt_tokens=100, completion_tokens=50, model="known-model")
+        return original(self, input, ctx)
+
+    monkeypatch.setattr(EchoAgent, "model", "known-model")
+    monkeypatch.setattr(EchoAgent, "run", run)
+
+
+def test_each_agent_step_is_reserved_then_settled_with_its_usage(
+    priced_echo: None, drive: Any, fast_agents: None
+):
+    _install("1.00")
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    assert run.status == "succeeded"
+    reservations = Reservation.objects.filter(run_id=run.pk)
+    assert [r.status for r in reservations] == ["settled"] * 4
+    # 100 in, 50 out: 0.0001 + 0.0001 per call, four calls
+    scope = SpendScope.objects.get(kind="run", key=str(run.pk))
+    assert (scope.spent, scope.reserved) == (Decimal("0.0008"), Decimal(0))
+    assert SpendScope.objects.get(kind="global_day").spent == Decimal("0.0008")
+
+
+def test_an_unknown_model_fails_closed(
+    priced_echo: None, monkeypatch: pytest.MonkeyPatch, drive: Any, fast_agents: None
+):
+    monkeypatch.setattr(EchoAgent, "model", "mystery-model")
+    _install("1.00")
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    step = Step.objects.get(run=run, node="start")
+    assert step.error_code == Code.COST_UNKNOWN and "mystery-model" in step.error_message
+    assert not Reservation.objects.exists()
+    assert AuditEvent.objects.filter(verb=Verb.COST_UNKNOWN, run_id=run.pk).count() == 1
+
+
+def test_a_call_past_the_run_ceiling_escalates_and_a_raise_lets_it_continue(
+    priced_echo: None, drive: Any, fast_agents: None, operator: Any
+):
+    _install("0.001")  # one call's worst case is 0.004048
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    wait = Wait.objects.get(run=run, kind="escalation", status="open")
+    step = Step.objects.get(run=run, node="start")
+    assert step.error_code == Code.CEILING_EXCEEDED
+    assert "run ceiling" in step.error_message and "0.004048" in step.error_message
+    ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=operator, reason="long ticket")
+    escalation_resolve(wait_id=wait.pk, user=operator, action="retry", reason="ceiling raised")
+    run = drive(run.pk)
+    assert run.status == "succeeded"
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).spent == Decimal("0.0008")
+
+
+def test_no_ceilings_means_no_reservation(priced_echo: None, drive: Any, fast_agents: None):
+    policy_install(
+        source="default: allow\nprices:\n  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}\n"
+    )
+    active_forget()
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    assert run.status == "succeeded", list(
+        Step.objects.filter(run=run).values_list("node", "status", "error_code", "error_message")
+    )
+    assert not Reservation.objects.exists()

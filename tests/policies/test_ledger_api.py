@@ -1,0 +1,105 @@
+"""The spend API: ceilings with percentages, a run's reservations, raising a run's ceiling;
+who may see and do what, and clear 4xx for bad input."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.test import Client
+from guardian.shortcuts import assign_perm
+
+from console.models import ApiToken
+from policies.ledger import ceiling_reserve
+from policies.limits import CeilingScope
+from policies.models import Tenant
+from tests.factories import TenantFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _client(user: Any) -> Client:
+    _, raw = ApiToken.issue(user, "tests")
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+@pytest.fixture
+def spend() -> None:
+    TenantFactory(slug="acme")
+    TenantFactory(slug="other")
+    for tenant in ("acme", "other"):
+        ceiling_reserve(
+            scopes=[
+                CeilingScope("run", "7", Decimal("10"), Decimal("0.8")),
+                CeilingScope("tenant_month", tenant, Decimal("40"), Decimal("0.8")),
+            ],
+            amount=Decimal("4"),
+            run_id=7,
+            step_id=1,
+            action="agent:x",
+            owner="w",
+            ttl=timedelta(minutes=5),
+        )
+
+
+def test_an_operator_sees_every_scope_with_percentages(spend: None, operator: Any) -> None:
+    body = _client(operator).get("/api/v1/spend/ceilings").json()
+    run = next(s for s in body if s["kind"] == "run")
+    assert (run["reserved"], run["committed_percent"], run["soft_percent"]) == (
+        "8.000000",
+        80.0,
+        80.0,
+    )
+    assert sorted(s["key"] for s in body if s["kind"] == "tenant_month") == ["acme", "other"]
+
+
+def test_a_tenant_viewer_sees_only_their_tenants_month(spend: None) -> None:
+    viewer = UserFactory(username="acme-viewer")
+    assign_perm("policies.view_runs", viewer, Tenant.objects.get(slug="acme"))
+    body = _client(viewer).get("/api/v1/spend/ceilings").json()
+    assert [(s["kind"], s["key"]) for s in body] == [("tenant_month", "acme")]
+    assert _client(viewer).get("/api/v1/spend/runs/7/reservations").status_code == 403
+
+
+def test_reservations_of_a_run_and_raising_its_ceiling(spend: None, operator: Any) -> None:
+    client = _client(operator)
+    held = client.get("/api/v1/spend/runs/7/reservations").json()
+    assert [(r["amount"], r["status"]) for r in held] == [("4.000000", "held")] * 2
+    raised = client.post(
+        "/api/v1/spend/runs/7/ceiling",
+        {"new_limit": "25", "reason": "long ticket"},
+        content_type="application/json",
+    )
+    assert raised.status_code == 200 and raised.json()["limit"] == "25.000000"
+    again = client.post(
+        "/api/v1/spend/runs/7/ceiling",
+        {"new_limit": "20", "reason": "x"},
+        content_type="application/json",
+    )
+    assert again.status_code == 409 and again.json()["error"]["code"] == "ceiling_not_raised"
+    missing = client.post(
+        "/api/v1/spend/runs/99/ceiling",
+        {"new_limit": "20", "reason": "x"},
+        content_type="application/json",
+    )
+    assert missing.status_code == 404
+    bad = client.post(
+        "/api/v1/spend/runs/7/ceiling",
+        {"new_limit": "-1", "reason": ""},
+        content_type="application/json",
+    )
+    assert bad.status_code == 422
+
+
+def test_raising_a_ceiling_needs_tier_2(spend: None) -> None:
+    tier1 = UserFactory(
+        username="t1", permissions=["orchestration.view_run", "orchestration.decide_tier_1"]
+    )
+    refused = _client(tier1).post(
+        "/api/v1/spend/runs/7/ceiling",
+        {"new_limit": "25", "reason": "please"},
+        content_type="application/json",
+    )
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "ceiling_tier_required"

@@ -1,0 +1,60 @@
+"""The ledger on the embedded database (SQLite), in a process of its own: the same conditional
+UPDATE reserves, refuses past the ceiling, settles and releases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import json
+from datetime import timedelta
+from decimal import Decimal
+from policies.errors import CeilingExceeded
+from policies.ledger import ceiling_release, ceiling_reserve, ceiling_settle
+from policies.limits import CeilingScope
+from policies.models import SpendScope
+
+scopes = [CeilingScope("run", "1", Decimal("1"), Decimal("0.8")), CeilingScope("global_day", "", Decimal("5"), Decimal("0.8"))]
+def reserve(amount):
+    return ceiling_reserve(scopes=scopes, amount=Decimal(amount), run_id=1, step_id=1, action="agent:x", owner="w",
+                           ttl=timedelta(minutes=5))
+held = [reserve("0.3") for _ in range(3)]
+try:
+    reserve("0.2")
+    refused = None
+except CeilingExceeded as exc:
+    refused = exc.detail["kind"]
+ceiling_settle(held[0].pk, Decimal("0.1"))
+ceiling_release(held[1].pk)
+run = SpendScope.objects.get(kind="run")
+print(json.dumps({"refused": refused, "spent": str(run.spent), "reserved": str(run.reserved)}))
+"""
+
+
+def test_the_ledger_on_the_embedded_database(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SIGNALBOX_ENV")}
+    env.update(SIGNALBOX_VAR_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+
+    def manage(*args: str, stdin: str = "") -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    manage("migrate", "-v0")
+    outcome = json.loads(manage("shell", stdin=SCRIPT).strip().splitlines()[-1])
+    assert outcome["refused"] == "run"
+    assert (outcome["spent"], outcome["reserved"]) in (("0.1", "0.3"), ("0.100000", "0.300000"))

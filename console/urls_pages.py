@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views
+from console import views, views_account
 
 app_name = "console"
 
@@ -19,4 +19,7 @@ urlpatterns = [
     path(
         "accounts/logout/", auth_views.LogoutView.as_view(next_page="console:login"), name="logout"
     ),
+    path("account/", views_account.account, name="account"),
+    path("account/tokens/", views_account.tokens, name="account_tokens"),
+    path("account/tokens/<int:token_id>/revoke/", views_account.token_revoke_view, name="account_token_revoke"),
 ]

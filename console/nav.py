@@ -9,8 +9,6 @@ from typing import Any
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 
-from policies.roles import ROLES
-
 #: (label, URL name or absolute path, who sees it)
 OPERATOR_LINKS = [("Home", "console:home"), ("Inbox", "console:inbox"), ("Runs", "console:run_list")]
 ADMIN_LINKS = [
@@ -21,39 +19,48 @@ ADMIN_LINKS = [
 AUDITOR_LINKS = [("Runs", "console:run_list"), ("Audit", "console:audit")]
 
 
-def group_names(user: Any) -> set[str]:
-    """The user's group names, read once per request (kept on the user object)."""
-    if not hasattr(user, "_sbx_group_names"):
-        user._sbx_group_names = set(user.groups.values_list("name", flat=True))
-    return user._sbx_group_names  # type: ignore[no-any-return]
+#: Permissions that change something: a user with none of them only reads (an auditor).
+ACTING = {
+    "orchestration.add_run", "orchestration.decide_run", "policies.edit_policy", "policies.review_policy",
+    "policies.submit_runs", "policies.decide_runs",
+}
+
+
+def _perms(user: Any) -> set[str]:
+    # The permissions a page has usually loaded already for its own checks (kept on the user for
+    # the request by console.auth.SingleQueryModelBackend): the navigation costs no query then.
+    return set(user.get_all_permissions())
 
 
 def user_role(user: Any) -> str:
-    """The name shown for the user's role: their standard group(s), or staff/superuser."""
-    names = [name for name in group_names(user) if name in ROLES]
-    if names:
-        return ", ".join(sorted(names))
+    """The name shown for the user's role, from what they may do."""
     if user.is_superuser:
         return "Superuser"
-    return "Staff" if user.is_staff else "User"
+    perms = _perms(user)
+    if "policies.edit_policy" in perms:
+        return "Policy admin"
+    for tier in (3, 2, 1):
+        if f"orchestration.decide_tier_{tier}" in perms:
+            return f"Operator tier {tier}"
+    if perms & ACTING:
+        return "Operator"
+    return "Auditor" if "orchestration.view_run" in perms else "User"
 
 
 def is_read_only(user: Any) -> bool:
     """Auditors read and never act: pages hide action buttons for them."""
-    names = group_names(user)
-    return "Auditor" in names and not (names - {"Auditor"}) and not user.is_superuser
+    return not user.is_superuser and not (_perms(user) & ACTING)
 
 
 def nav(request: HttpRequest) -> dict[str, Any]:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return {}
-    groups = group_names(user)
     if is_read_only(user):
         wanted = list(AUDITOR_LINKS)
     else:
         wanted = list(OPERATOR_LINKS)
-        if "Policy admin" in groups or user.is_staff or user.is_superuser:
+        if "policies.edit_policy" in _perms(user) or user.is_staff or user.is_superuser:
             wanted += ADMIN_LINKS
     current = getattr(getattr(request, "resolver_match", None), "view_name", None)
     links = []

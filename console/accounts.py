@@ -8,6 +8,8 @@ from datetime import timedelta
 from typing import Any
 
 from axes.signals import user_locked_out
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.contrib.auth.signals import user_logged_in, user_login_failed
 from django.db import transaction
 from django.dispatch import receiver
@@ -18,6 +20,8 @@ from audit.services import Entry, audit_record, audit_record_alone
 from audit.verbs import ActorType, Verb
 from console.middleware import remember_time_zone
 from console.models import ApiToken, UserProfile
+from policies.roles import TENANT_SUBMITTER, tenant_grant
+from policies.tenants import tenant_by_slug
 
 #: Expiry choices offered on the tokens page, in days (None: never). The default is the first.
 EXPIRY_CHOICES: list[int | None] = [90, 30, 7, 365, None]
@@ -88,6 +92,32 @@ def profile_update(user: Any, *, time_zone: str) -> UserProfile:
         profile.time_zone = time_zone
         profile.save(update_fields=["time_zone"])
     return profile
+
+
+# --- service accounts ----------------------------------------------------------------------------
+
+
+def service_account_ensure(
+    username: str,
+    *,
+    tenants: list[str],
+    token_name: str,
+    expires_days: int | None = DEFAULT_EXPIRY_DAYS,
+) -> tuple[Any, ApiToken, str]:
+    """Create (or update) a user that only submits work, for ``tenants`` (the default tenant if
+    none), and give it a new token. Such a user has no password: it cannot log in to the console."""
+    model = get_user_model()
+    with transaction.atomic():
+        found = [tenant_by_slug(slug) for slug in (tenants or [""])]
+        user, created = model._default_manager.get_or_create(username=username)
+        if created:
+            user.set_unusable_password()
+            user.save()
+        user.user_permissions.add(Permission.objects.get(content_type__app_label="orchestration", codename="add_run"))
+        for tenant in found:
+            tenant_grant(user, tenant, TENANT_SUBMITTER)
+        token, raw = token_issue(user, token_name, expires_days)
+    return user, token, raw
 
 
 # --- logins ------------------------------------------------------------------------------------

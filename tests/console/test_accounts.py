@@ -138,3 +138,27 @@ def test_staff_admin_grants_a_tenant_permission_and_an_operator_cannot(operator:
     assert response.status_code == 302
     assert "submit_runs" in get_perms(operator, tenant)
     assert logged_in(operator).get("/admin/auth/user/").status_code == 302
+
+
+def test_service_account_command_prints_a_token_that_submits_for_its_tenant(db: None) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = StringIO()
+    call_command("service_account", "importer", "--tenant", "default", "--expires-days", "30", stdout=out, stderr=StringIO())
+    raw = out.getvalue().strip()
+    assert raw.startswith("sbx_")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    response = client.post(
+        "/api/v1/runs",
+        {"workflow": "research_brief", "input": {"question": "Q?"}, "tenant": "default"},
+        content_type="application/json",
+    )
+    assert response.status_code in (200, 201), response.content
+    # Run again: the same account, a second token.
+    call_command("service_account", "importer", stdout=StringIO(), stderr=StringIO())
+    assert ApiToken.objects.filter(user__username="importer").count() == 2
+    with pytest.raises(CommandError):
+        call_command("service_account", "importer", "--tenant", "nope", stdout=StringIO(), stderr=StringIO())

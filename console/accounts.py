@@ -33,7 +33,9 @@ class AccountError(ValueError):
     """Input to an account service that cannot be accepted; the message says why."""
 
 
-def token_issue(user: Any, name: str, expires_days: int | None = DEFAULT_EXPIRY_DAYS) -> tuple[ApiToken, str]:
+def token_issue(
+    user: Any, name: str, expires_days: int | None = DEFAULT_EXPIRY_DAYS
+) -> tuple[ApiToken, str]:
     """Make a token for ``user``; returns it with its raw value, which only the caller sees."""
     name = (name or "").strip()
     if not name or len(name) > 100:
@@ -45,10 +47,17 @@ def token_issue(user: Any, name: str, expires_days: int | None = DEFAULT_EXPIRY_
         token, raw = ApiToken.issue(user, name, expires_at=expires_at)
         audit_record(
             Entry(
-                verb=Verb.TOKEN_ISSUED, object_type="api_token", object_id=token.pk,
-                actor_type=ActorType.HUMAN, actor_id=str(user.pk),
-                data={"name": name, "prefix": token.prefix, "user": str(user.pk),
-                      "expires_at": expires_at.isoformat() if expires_at else None},
+                verb=Verb.TOKEN_ISSUED,
+                object_type="api_token",
+                object_id=token.pk,
+                actor_type=ActorType.HUMAN,
+                actor_id=str(user.pk),
+                data={
+                    "name": name,
+                    "prefix": token.prefix,
+                    "user": str(user.pk),
+                    "expires_at": expires_at.isoformat() if expires_at else None,
+                },
             )
         )
     return token, raw
@@ -65,8 +74,11 @@ def token_revoke(user: Any, token_id: int) -> ApiToken:
             token.save(update_fields=["revoked_at"])
             audit_record(
                 Entry(
-                    verb=Verb.TOKEN_REVOKED, object_type="api_token", object_id=token.pk,
-                    actor_type=ActorType.HUMAN, actor_id=str(user.pk),
+                    verb=Verb.TOKEN_REVOKED,
+                    object_type="api_token",
+                    object_id=token.pk,
+                    actor_type=ActorType.HUMAN,
+                    actor_id=str(user.pk),
                     data={"name": token.name, "prefix": token.prefix, "user": str(user.pk)},
                 )
             )
@@ -113,7 +125,9 @@ def service_account_ensure(
         if created:
             user.set_unusable_password()
             user.save()
-        user.user_permissions.add(Permission.objects.get(content_type__app_label="orchestration", codename="add_run"))
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label="orchestration", codename="add_run")
+        )
         for tenant in found:
             tenant_grant(user, tenant, TENANT_SUBMITTER)
         token, raw = token_issue(user, token_name, expires_days)
@@ -124,29 +138,46 @@ def service_account_ensure(
 
 
 def _address(request: HttpRequest | None) -> str:
-    return (getattr(request, "axes_ip_address", None) or (request.META.get("REMOTE_ADDR") if request else "")) or ""
+    return (
+        getattr(request, "axes_ip_address", None)
+        or (request.META.get("REMOTE_ADDR") if request else "")
+    ) or ""
 
 
 @receiver(user_login_failed, dispatch_uid="console.accounts.login_failed")
-def _login_failed(sender: Any, credentials: dict[str, Any], request: HttpRequest | None = None, **kwargs: Any) -> None:
+def _login_failed(
+    sender: Any, credentials: dict[str, Any], request: HttpRequest | None = None, **kwargs: Any
+) -> None:
     """Every failed login is audited (the username tried and the address, never the password)."""
     username = str(credentials.get("username", ""))[:150]
     audit_record_alone(
         Entry(
-            verb=Verb.LOGIN_FAILED, object_type="login", object_id=username,
-            actor_type=ActorType.HUMAN, actor_id=username, data={"username": username, "address": _address(request)},
+            verb=Verb.LOGIN_FAILED,
+            object_type="login",
+            object_id=username,
+            actor_type=ActorType.HUMAN,
+            actor_id=username,
+            data={"username": username, "address": _address(request)},
         )
     )
 
 
 @receiver(user_locked_out, dispatch_uid="console.accounts.locked_out")
-def _locked_out(sender: Any, request: HttpRequest | None = None, username: str | None = None,
-                ip_address: str | None = None, **kwargs: Any) -> None:
+def _locked_out(
+    sender: Any,
+    request: HttpRequest | None = None,
+    username: str | None = None,
+    ip_address: str | None = None,
+    **kwargs: Any,
+) -> None:
     username = (username or "")[:150]
     audit_record_alone(
         Entry(
-            verb=Verb.LOGIN_LOCKED_OUT, object_type="login", object_id=username,
-            actor_type=ActorType.HUMAN, actor_id=username,
+            verb=Verb.LOGIN_LOCKED_OUT,
+            object_type="login",
+            object_id=username,
+            actor_type=ActorType.HUMAN,
+            actor_id=username,
             data={"username": username, "address": ip_address or _address(request)},
         )
     )

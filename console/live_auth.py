@@ -77,7 +77,11 @@ def origin_allowed(scope: dict[str, Any]) -> bool:
     normalized = f"{parts.scheme}://{parts.hostname}:{port}"
     for trusted in settings.CSRF_TRUSTED_ORIGINS:
         t = urlsplit(trusted)
-        if "*" not in trusted and normalized == f"{t.scheme}://{t.hostname}:{t.port or DEFAULT_PORTS.get(t.scheme, '')}":
+        if (
+            "*" not in trusted
+            and normalized
+            == f"{t.scheme}://{t.hostname}:{t.port or DEFAULT_PORTS.get(t.scheme, '')}"
+        ):
             return True
     # What the socket itself was opened on (the proxy's forwarded scheme if it sends one).
     scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"

@@ -32,7 +32,9 @@ class ApiToken(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def issue(cls, user: models.Model, name: str, expires_at: datetime | None = None) -> tuple[ApiToken, str]:
+    def issue(
+        cls, user: models.Model, name: str, expires_at: datetime | None = None
+    ) -> tuple[ApiToken, str]:
         """Create a token and return it with its raw value (never stored)."""
         raw = "sbx_" + secrets.token_urlsafe(32)
         token = cls.objects.create(
@@ -47,7 +49,9 @@ class ApiToken(models.Model):
 class UserProfile(models.Model):
     """A user's own settings, created the first time they are needed."""
 
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile")
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile"
+    )
     #: An IANA zone name (``Europe/Berlin``); times on pages are shown in it.
     time_zone = models.CharField(max_length=64, default="UTC")
 

@@ -10,7 +10,11 @@ from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 
 #: (label, URL name or absolute path, who sees it)
-OPERATOR_LINKS = [("Home", "console:home"), ("Inbox", "console:inbox"), ("Runs", "console:run_list")]
+OPERATOR_LINKS = [
+    ("Home", "console:home"),
+    ("Inbox", "console:inbox"),
+    ("Runs", "console:run_list"),
+]
 ADMIN_LINKS = [
     ("Policies", "console:policy_list"),
     ("Users & grants", "admin:auth_user_changelist"),
@@ -21,8 +25,12 @@ AUDITOR_LINKS = [("Runs", "console:run_list"), ("Audit", "console:audit")]
 
 #: Permissions that change something: a user with none of them only reads (an auditor).
 ACTING = {
-    "orchestration.add_run", "orchestration.decide_run", "policies.edit_policy", "policies.review_policy",
-    "policies.submit_runs", "policies.decide_runs",
+    "orchestration.add_run",
+    "orchestration.decide_run",
+    "policies.edit_policy",
+    "policies.review_policy",
+    "policies.submit_runs",
+    "policies.decide_runs",
 }
 
 

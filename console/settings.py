@@ -261,8 +261,12 @@ CONTENT_SECURITY_POLICY = {
         # 'self' covers same-host websockets in CSP 3; older browsers need them spelt out.
         "connect-src": [
             "'self'",
-            *(f"{scheme}://{host}" for host in ALLOWED_HOSTS if "*" not in host and not host.startswith(".")
-              for scheme in (("wss",) if PRODUCTION else ("ws", "wss"))),
+            *(
+                f"{scheme}://{host}"
+                for host in ALLOWED_HOSTS
+                if "*" not in host and not host.startswith(".")
+                for scheme in (("wss",) if PRODUCTION else ("ws", "wss"))
+            ),
         ],
         "object-src": ["'none'"],
         "base-uri": ["'self'"],

@@ -21,5 +21,9 @@ urlpatterns = [
     ),
     path("account/", views_account.account, name="account"),
     path("account/tokens/", views_account.tokens, name="account_tokens"),
-    path("account/tokens/<int:token_id>/revoke/", views_account.token_revoke_view, name="account_token_revoke"),
+    path(
+        "account/tokens/<int:token_id>/revoke/",
+        views_account.token_revoke_view,
+        name="account_token_revoke",
+    ),
 ]

@@ -43,7 +43,12 @@ def account(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "console/account/settings.html",
-        {"profile": profile, "zones": sorted(zoneinfo.available_timezones()), "error": error, "saved": saved},
+        {
+            "profile": profile,
+            "zones": sorted(zoneinfo.available_timezones()),
+            "error": error,
+            "saved": saved,
+        },
         status=status,
     )
 

@@ -10,7 +10,7 @@ from policies.models import Tenant
 
 
 @admin.register(Tenant)
-class TenantAdmin(GuardedModelAdmin):  # type: ignore[misc]
+class TenantAdmin(GuardedModelAdmin):
     list_display = ["slug", "name", "time_zone", "created_at"]
     search_fields = ["slug", "name"]
     readonly_fields = ["created_at"]

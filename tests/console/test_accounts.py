@@ -72,7 +72,12 @@ def test_a_user_cannot_revoke_someone_elses_token(operator: Any, viewer: Any) ->
 
 
 @pytest.mark.parametrize(
-    "data", [{"name": "", "expires_days": "30"}, {"name": "x", "expires_days": "400"}, {"name": "x", "expires_days": "soon"}]
+    "data",
+    [
+        {"name": "", "expires_days": "30"},
+        {"name": "x", "expires_days": "400"},
+        {"name": "x", "expires_days": "soon"},
+    ],
 )
 def test_tokens_page_refuses_bad_input(operator: Any, data: dict[str, str]) -> None:
     response = logged_in(operator).post("/account/tokens/", data)
@@ -98,7 +103,11 @@ def test_time_zone_setting_changes_how_times_are_shown(operator: Any) -> None:
 def test_pages_send_csp_and_permissions_policy(operator: Any) -> None:
     response = logged_in(operator).get("/account/tokens/")
     csp = response["Content-Security-Policy"]
-    assert "default-src 'self'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert (
+        "default-src 'self'" in csp
+        and "script-src 'self'" in csp
+        and "frame-ancestors 'none'" in csp
+    )
     assert "unsafe-inline" not in csp
     assert "camera=()" in response["Permissions-Policy"]
     assert "<script>" not in response.content.decode()
@@ -147,7 +156,16 @@ def test_service_account_command_prints_a_token_that_submits_for_its_tenant(db: 
     from django.core.management.base import CommandError
 
     out = StringIO()
-    call_command("service_account", "importer", "--tenant", "default", "--expires-days", "30", stdout=out, stderr=StringIO())
+    call_command(
+        "service_account",
+        "importer",
+        "--tenant",
+        "default",
+        "--expires-days",
+        "30",
+        stdout=out,
+        stderr=StringIO(),
+    )
     raw = out.getvalue().strip()
     assert raw.startswith("sbx_")
     client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
@@ -161,4 +179,6 @@ def test_service_account_command_prints_a_token_that_submits_for_its_tenant(db: 
     call_command("service_account", "importer", stdout=StringIO(), stderr=StringIO())
     assert ApiToken.objects.filter(user__username="importer").count() == 2
     with pytest.raises(CommandError):
-        call_command("service_account", "importer", "--tenant", "nope", stdout=StringIO(), stderr=StringIO())
+        call_command(
+            "service_account", "importer", "--tenant", "nope", stdout=StringIO(), stderr=StringIO()
+        )

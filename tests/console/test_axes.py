@@ -23,11 +23,15 @@ def test_five_failed_logins_lock_out_even_the_right_password(operator: Any) -> N
     response = client.post("/accounts/login/", {"username": "operator", "password": "wrong"})
     assert response.status_code == 429
     assert "Too many failed logins" in response.content.decode()
-    response = client.post("/accounts/login/", {"username": "operator", "password": "correct horse battery"})
+    response = client.post(
+        "/accounts/login/", {"username": "operator", "password": "correct horse battery"}
+    )
     assert response.status_code == 429
     assert AuditEvent.objects.filter(verb=Verb.LOGIN_FAILED, object_id="operator").count() >= 5
     assert AuditEvent.objects.filter(verb=Verb.LOGIN_LOCKED_OUT, object_id="operator").exists()
     # Another address is not locked out.
     other = Client(REMOTE_ADDR="10.0.0.9")
-    response = other.post("/accounts/login/", {"username": "operator", "password": "correct horse battery"})
+    response = other.post(
+        "/accounts/login/", {"username": "operator", "password": "correct horse battery"}
+    )
     assert response.status_code == 302

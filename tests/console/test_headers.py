@@ -16,7 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_login_page_sends_the_headers() -> None:
     response = Client().get("/accounts/login/")
     csp = response["Content-Security-Policy"]
-    for directive in ("default-src 'self'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'"):
+    for directive in (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ):
         assert directive in csp
     assert "connect-src 'self'" in csp and "ws://testserver" in csp
     assert "unsafe" not in csp

@@ -32,7 +32,9 @@ def _web_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def run_id(db: None) -> int:
-    return run_submit(workflow="research_brief", input={"question": "What does it cost?"}, submitted_by=None).run.pk
+    return run_submit(
+        workflow="research_brief", input={"question": "What does it cost?"}, submitted_by=None
+    ).run.pk
 
 
 @pytest.fixture
@@ -111,9 +113,13 @@ async def test_a_lost_permission_narrows_the_run_list(run_id: int, watcher: Any)
         (b"null", False),
     ],
 )
-async def test_only_this_sites_pages_may_open_a_socket(watcher: Any, origin: bytes, accepted: bool) -> None:
+async def test_only_this_sites_pages_may_open_a_socket(
+    watcher: Any, origin: bytes, accepted: bool
+) -> None:
     _, cookie = await database_sync_to_async(login)(watcher)
-    communicator = WebsocketCommunicator(application, "/ws/runs/", headers=[(b"origin", origin), cookie])
+    communicator = WebsocketCommunicator(
+        application, "/ws/runs/", headers=[(b"origin", origin), cookie]
+    )
     connected, _ = await communicator.connect(timeout=5)
     await communicator.disconnect()
     assert connected is accepted

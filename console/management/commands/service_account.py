@@ -20,11 +20,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="the account's username")
         parser.add_argument(
-            "--tenant", action="append", default=[], help="a tenant it submits for (repeatable; default tenant if none)"
+            "--tenant",
+            action="append",
+            default=[],
+            help="a tenant it submits for (repeatable; default tenant if none)",
         )
-        parser.add_argument("--token-name", default="", help="a name for the token (default: the account's name)")
         parser.add_argument(
-            "--expires-days", type=int, default=DEFAULT_EXPIRY_DAYS,
+            "--token-name", default="", help="a name for the token (default: the account's name)"
+        )
+        parser.add_argument(
+            "--expires-days",
+            type=int,
+            default=DEFAULT_EXPIRY_DAYS,
             help=f"days until the token expires, 0 for never (default {DEFAULT_EXPIRY_DAYS})",
         )
 
@@ -39,5 +46,7 @@ class Command(BaseCommand):
         except (AccountError, UnknownTenant) as exc:
             raise CommandError(str(exc)) from exc
         expires = token.expires_at.date().isoformat() if token.expires_at else "never"
-        self.stderr.write(f"Token {token.name!r} for {user.username} (expires {expires}); shown only now:")
+        self.stderr.write(
+            f"Token {token.name!r} for {user.username} (expires {expires}); shown only now:"
+        )
         self.stdout.write(raw)

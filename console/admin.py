@@ -3,7 +3,11 @@ Users and groups (roles, tiers) use Django's own admin; tenants are in ``policie
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from guardian.admin import GuardedModelAdmin
@@ -53,3 +57,18 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 class UserProfileAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["user", "time_zone"]
     search_fields = ["user__username"]
+
+
+class ConsoleUserAdmin(UserAdmin):  # type: ignore[type-arg]
+    """Django's user admin, where staff who are not superusers manage people and their groups
+    (roles and tiers) but cannot make anyone a superuser or hand out single permissions."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = list(super().get_readonly_fields(request, obj))
+        if not request.user.is_superuser:
+            fields += ["is_superuser", "user_permissions"]
+        return fields
+
+
+admin.site.unregister(User)
+admin.site.register(User, ConsoleUserAdmin)

@@ -133,8 +133,10 @@ def test_staff_admin_grants_a_tenant_permission_and_an_operator_cannot(operator:
     from guardian.shortcuts import get_perms
 
     from policies.models import Tenant
+    from policies.roles import roles_sync
 
-    admin = UserFactory(username="boss", is_staff=True, is_superuser=True)
+    admin = UserFactory(username="boss", is_staff=True)  # as the demo's admin: staff, not superuser
+    admin.groups.add(roles_sync()["Policy admin"])
     tenant = Tenant.objects.get(slug="default")
     client = logged_in(admin)
     assert client.get("/admin/auth/user/").status_code == 200
@@ -146,6 +148,9 @@ def test_staff_admin_grants_a_tenant_permission_and_an_operator_cannot(operator:
     )
     assert response.status_code == 302
     assert "submit_runs" in get_perms(operator, tenant)
+    # Groups (roles, tiers) yes; superuser status no.
+    page = client.get(f"/admin/auth/user/{operator.pk}/change/").content.decode()
+    assert 'name="groups"' in page and 'name="is_superuser"' not in page
     assert logged_in(operator).get("/admin/auth/user/").status_code == 302
 
 

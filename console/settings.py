@@ -295,6 +295,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        # django-axes logs every login; failures and lockouts are in the audit trail instead.
+        "axes": {"level": env.str("AXES_LOG_LEVEL", default="WARNING")},
         # Celery's "Task ... received" / "succeeded" lines, two per wake-up message: the engine's
         # audit trail records every claim and outcome, and at hundreds of steps a second these
         # lines cost log volume and time on every hop. CELERY_TASK_LOG_LEVEL=INFO shows them.

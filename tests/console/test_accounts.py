@@ -187,3 +187,16 @@ def test_service_account_command_prints_a_token_that_submits_for_its_tenant(db: 
         call_command(
             "service_account", "importer", "--tenant", "nope", stdout=StringIO(), stderr=StringIO()
         )
+
+
+def test_when_tag_shows_relative_time_with_the_exact_time_in_the_users_zone() -> None:
+    from django.template import Context, Template
+
+    now = timezone.now()
+    template = Template("{% load console_time %}{% when value %}")
+    with timezone.override("Europe/Berlin"):
+        html = template.render(Context({"value": now - timedelta(minutes=3)}))
+    assert html.startswith('<time datetime="') and ">3 min ago</time>" in html
+    assert "CET" in html or "CEST" in html
+    assert ">in 2 h<" in template.render(Context({"value": now + timedelta(hours=2, seconds=5)}))
+    assert template.render(Context({"value": None})) == "—"

@@ -75,7 +75,10 @@ ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/Error
 #: What each error status means, in the document; ninja would only say "Bad Request" etc.
 ERROR_DESCRIPTIONS = {
     400: "The body is not JSON (`malformed_json`).",
-    401: "No valid bearer token or console session (`unauthenticated`).",
+    401: (
+        "No valid bearer token or console session (`unauthenticated`; `token_expired` or "
+        "`token_revoked` for a token past its expiry or revoked)."
+    ),
     403: (
         "Authenticated, but not allowed to do this (`submit_denied`, `decide_denied`, "
         "`view_denied`; `csrf_failed` for a session write without the CSRF token)."

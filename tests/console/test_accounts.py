@@ -200,3 +200,13 @@ def test_when_tag_shows_relative_time_with_the_exact_time_in_the_users_zone() ->
     assert "CET" in html or "CEST" in html
     assert ">in 2 h<" in template.render(Context({"value": now + timedelta(hours=2, seconds=5)}))
     assert template.render(Context({"value": None})) == "—"
+
+
+def test_page_times_follow_the_active_zone() -> None:
+    from django.template import Context, Template
+
+    template = Template("{% load console_tags %}{% utc_time value %}")
+    value = timezone.now().replace(hour=12, minute=0, second=0, microsecond=0)
+    assert "12:00:00 UTC</time>" in template.render(Context({"value": value}))
+    with timezone.override("Asia/Tokyo"):
+        assert "21:00:00 JST</time>" in template.render(Context({"value": value}))

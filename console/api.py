@@ -87,7 +87,10 @@ ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/Error
 #: What each error status means, in the document; ninja would only say "Bad Request" etc.
 ERROR_DESCRIPTIONS = {
     400: "The body is not JSON (`malformed_json`).",
-    401: "No valid bearer token or console session (`unauthenticated`).",
+    401: (
+        "No valid bearer token or console session (`unauthenticated`; `token_expired` or "
+        "`token_revoked` for a token past its expiry or revoked)."
+    ),
     403: (
         "Authenticated, but not allowed to do this (`submit_denied`, `decide_denied`, "
         "`view_denied`; `csrf_failed` for a session write without the CSRF token)."
@@ -193,12 +196,22 @@ def _client_loc(loc: list[Any]) -> list[Any]:
 
 @api.exception_handler(AuthenticationError)
 def _authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    refusal = getattr(request, "sbx_auth_refusal", None)  # set by console.auth.ApiTokenAuth
+    if refusal is not None:
+        return error_response(request, 401, refusal, TOKEN_REFUSALS[refusal])
     return error_response(
         request,
         401,
         ApiCode.UNAUTHENTICATED,
         "authenticate with a bearer token or a console session",
     )
+
+
+#: Why a bearer token that exists was refused.
+TOKEN_REFUSALS = {
+    ApiCode.TOKEN_EXPIRED: "this API token has expired; make a new one on your account's tokens page",
+    ApiCode.TOKEN_REVOKED: "this API token was revoked; make a new one on your account's tokens page",
+}
 
 
 #: Codes for ninja's own HttpErrors that have no more specific meaning below.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -14,8 +14,10 @@ from django.db import connection
 from django.db.models import Q
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from ninja.security import HttpBearer, SessionAuth
 
+from console.errors import ApiCode
 from console.models import ApiToken, token_digest
 from infra.sql import Prepared, execute_prepared, from_row
 
@@ -42,7 +44,13 @@ class ApiTokenAuth(HttpBearer):
         found = _token_user(token_digest(token), stale)
         if found is None:
             return None
-        user, token_id, used_long_ago, perms = found
+        user, token_id, used_long_ago, perms, revoked, expires_at = found
+        if revoked:
+            request.sbx_auth_refusal = ApiCode.TOKEN_REVOKED  # type: ignore[attr-defined]
+            return None
+        if expires_at is not None and expires_at <= now:
+            request.sbx_auth_refusal = ApiCode.TOKEN_EXPIRED  # type: ignore[attr-defined]
+            return None
         if not user.is_active:
             return None
         if not user.is_superuser:  # a superuser's checks never look at the cache
@@ -54,9 +62,12 @@ class ApiTokenAuth(HttpBearer):
         return user
 
 
-def _token_user(digest: str, stale: datetime) -> tuple[Any, int, bool, str | None] | None:
-    """The unrevoked token with ``digest``: its user, its id, whether its recorded use is older
-    than ``stale``, and the user's permissions as ``app_label.codename`` separated by spaces."""
+def _token_user(
+    digest: str, stale: datetime
+) -> tuple[Any, int, bool, str | None, bool, datetime | None] | None:
+    """The token with ``digest``: its user, its id, whether its recorded use is older than
+    ``stale``, the user's permissions as ``app_label.codename`` separated by spaces, whether it
+    was revoked and when it expires."""
     if connection.vendor == "postgresql":
         # Prepared once per connection: planning this query costs PostgreSQL more than running it.
         row = execute_prepared(_token_statement(), [stale, digest])
@@ -67,8 +78,13 @@ def _token_user(digest: str, stale: datetime) -> tuple[Any, int, bool, str | Non
             row = cursor.fetchone()
     if row is None:
         return None
-    *user_row, token_id, used_long_ago, perms = row
-    return from_row(get_user_model(), user_row), token_id, bool(used_long_ago), perms
+    *user_row, token_id, used_long_ago, perms, revoked, expires_at = row
+    if isinstance(expires_at, str):  # SQLite returns the text it stored
+        expires_at = parse_datetime(expires_at)
+    if expires_at is not None and timezone.is_naive(expires_at):
+        expires_at = timezone.make_aware(expires_at, UTC)
+    user = from_row(get_user_model(), user_row)
+    return user, token_id, bool(used_long_ago), perms, bool(revoked), expires_at
 
 
 @functools.cache
@@ -100,10 +116,11 @@ def _token_sql(aggregate: str, stale: str, digest: str) -> str:
                                   JOIN {table(granted.m2m_db_table())} gp
                                     ON gp.{granted.m2m_column_name()} = ug.{groups.m2m_reverse_name()}
                                  WHERE ug.{groups.m2m_column_name()} = u.{user.pk.column})
-               ) AS sbx_perms
+               ) AS sbx_perms,
+               (t.revoked_at IS NOT NULL) AS sbx_token_revoked, t.expires_at AS sbx_token_expires
           FROM {table(ApiToken._meta.db_table)} t
           JOIN {table(user.db_table)} u ON u.{user.pk.column} = t.user_id
-         WHERE t.digest = {digest} AND t.revoked_at IS NULL
+         WHERE t.digest = {digest}
     """
 
 

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from console.live_auth import CLOSE_FORBIDDEN, live_user
 from console.views import run_list_fragment, run_live_fragment
 from orchestration.live import RUNS_GROUP, run_group
 from orchestration.selectors import run_is_visible
@@ -59,11 +60,24 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
         while self._dirty:
             await asyncio.sleep(self.debounce)
             self._dirty = False
+            if not await self.still_allowed():
+                return
             html = await database_sync_to_async(self.render)()
             if html is None:  # no longer visible to this user
                 await self.close()
                 return
             await self.send(text_data=html)
+
+    async def still_allowed(self) -> bool:
+        """Re-check the user before a push (console.live_auth); closes the socket if not."""
+        user, code = await live_user(self.scope)
+        if code is None and not await self.allowed(user):
+            code = CLOSE_FORBIDDEN
+        if code is not None:
+            await self.close(code=code)
+            return False
+        self.user = user  # fresh: permissions lost since the last push narrow this render
+        return True
 
     # --- what subclasses define --------------------------------------------------------------------
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from collections.abc import Callable
+from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
+from django.utils import timezone
 from servestatic.middleware import ServeStaticMiddleware
+
+from console.models import UserProfile
 
 
 class StaticFilesMiddleware:
@@ -33,3 +38,75 @@ class StaticFilesMiddleware:
         if request.path_info.startswith(self.prefix):
             return async_to_sync(self.static)(request)
         return self.get_response(request)
+
+
+#: Browser features no page of the console uses, switched off for every response.
+PERMISSIONS_POLICY = ", ".join(
+    f"{feature}=()"
+    for feature in (
+        "accelerometer",
+        "camera",
+        "geolocation",
+        "gyroscope",
+        "magnetometer",
+        "microphone",
+        "payment",
+        "usb",
+        "interest-cohort",
+    )
+)
+
+
+class PermissionsPolicyMiddleware:
+    """Sends ``Permissions-Policy`` turning off camera, microphone, geolocation, payment, …"""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
+        return response
+
+
+#: The session key holding the user's zone name, set at login and when they change it (so pages
+#: cost no query for it).
+SESSION_TIME_ZONE = "sbx_time_zone"
+
+
+class UserTimeZoneMiddleware:
+    """Shows times in the logged-in user's own zone (their account settings), UTC otherwise."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        zone = None
+        session = getattr(request, "session", None)
+        name = session.get(SESSION_TIME_ZONE) if session is not None else None
+        if name and name != "UTC":
+            try:
+                zone = zoneinfo.ZoneInfo(name)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                zone = None
+        if zone is not None:
+            timezone.activate(zone)
+            request.user_time_zone = name  # type: ignore[attr-defined]
+        try:
+            return self.get_response(request)
+        finally:
+            if zone is not None:
+                timezone.deactivate()
+
+
+def remember_time_zone(request: HttpRequest, user: Any) -> None:
+    """Keep the user's zone in their session (at login, and when they change it)."""
+    name = UserProfile.objects.filter(user=user).values_list("time_zone", flat=True).first()
+    if getattr(request, "session", None) is not None:
+        request.session[SESSION_TIME_ZONE] = name or "UTC"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 def token_digest(raw: str) -> str:
@@ -23,13 +25,35 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    #: After this the token is refused (None: it does not expire).
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def issue(cls, user: models.Model, name: str) -> tuple[ApiToken, str]:
+    def issue(
+        cls, user: models.Model, name: str, expires_at: datetime | None = None
+    ) -> tuple[ApiToken, str]:
         """Create a token and return it with its raw value (never stored)."""
         raw = "sbx_" + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, digest=token_digest(raw), prefix=raw[:8])
+        token = cls.objects.create(
+            user=user, name=name, digest=token_digest(raw), prefix=raw[:8], expires_at=expires_at
+        )
         return token, raw
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class UserProfile(models.Model):
+    """A user's own settings, created the first time they are needed."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile"
+    )
+    #: An IANA zone name (``Europe/Berlin``); times on pages are shown in it.
+    time_zone = models.CharField(max_length=64, default="UTC")
+
+    def __str__(self) -> str:
+        return f"{self.user} ({self.time_zone})"

@@ -49,6 +49,8 @@ INSTALLED_APPS = [
     "guardian",
     # Serves django-ninja's docs page assets locally instead of from a CDN.
     "ninja",
+    "axes",
+    "csp",
     "audit",
     "orchestration",
     "policies",
@@ -65,6 +67,11 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "console.middleware.UserTimeZoneMiddleware",
+    "console.middleware.PermissionsPolicyMiddleware",
+    "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: it turns a lockout raised by the backend into its response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "console.urls"
@@ -80,6 +87,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "console.nav.nav",
             ],
         },
     },
@@ -128,6 +136,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- auth ---------------------------------------------------------------------------------------
 AUTHENTICATION_BACKENDS = [
+    # First, as django-axes asks: refuses a locked-out (username, address) before any other.
+    "axes.backends.AxesStandaloneBackend",
     "console.auth.SingleQueryModelBackend",
     "guardian.backends.ObjectPermissionBackend",
 ]
@@ -138,6 +148,16 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+
+# Five failed logins for one username from one address lock that pair out for 15 minutes
+# (django-axes; refusals answer 429 with the lockout page).
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_HOURS", default=0.25)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_VERBOSE = False
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env.str("TIME_ZONE", default="UTC")
@@ -230,6 +250,30 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SAMESITE = "Lax"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp 4): everything from this origin only, no inline scripts or
+# styles, websockets to this host, never framed.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        # 'self' covers same-host websockets in CSP 3; older browsers need them spelt out.
+        "connect-src": [
+            "'self'",
+            *(
+                f"{scheme}://{host}"
+                for host in ALLOWED_HOSTS
+                if "*" not in host and not host.startswith(".")
+                for scheme in (("wss",) if PRODUCTION else ("ws", "wss"))
+            ),
+        ],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
 if PRODUCTION:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
@@ -251,6 +295,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        # django-axes logs every login; failures and lockouts are in the audit trail instead.
+        "axes": {"level": env.str("AXES_LOG_LEVEL", default="WARNING")},
         # Celery's "Task ... received" / "succeeded" lines, two per wake-up message: the engine's
         # audit trail records every claim and outcome, and at hundreds of steps a second these
         # lines cost log volume and time on every hop. CELERY_TASK_LOG_LEVEL=INFO shows them.

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views, views_policies
+from console import views, views_account, views_policies
 
 app_name = "console"
 
@@ -37,4 +37,11 @@ urlpatterns = [
     path("policies/<slug:name>/", views_policies.version_list, name="policy_versions"),
     path("policies/<slug:name>/edit/", views_policies.policy_edit, name="policy_edit"),
     path("policies/<slug:name>/diff/", views_policies.policy_diff, name="policy_diff"),
+    path("account/", views_account.account, name="account"),
+    path("account/tokens/", views_account.tokens, name="account_tokens"),
+    path(
+        "account/tokens/<int:token_id>/revoke/",
+        views_account.token_revoke_view,
+        name="account_token_revoke",
+    ),
 ]

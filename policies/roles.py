@@ -18,6 +18,20 @@ from policies.models import Tenant
 
 OPERATOR = ["orchestration.decide_run", "orchestration.decide_workflow", "orchestration.add_run"]
 
+#: What a policy admin (staff) does in Django's admin: users and their groups (roles, tiers),
+#: tenants and workflows with their object grants. Superuser status stays out of their reach
+#: (console.admin makes it read-only for them).
+ADMIN_SITE = [
+    "auth.view_user",
+    "auth.add_user",
+    "auth.change_user",
+    "auth.view_group",
+    "auth.change_group",
+    "policies.change_tenant",
+    "orchestration.view_workflowrecord",
+    "orchestration.change_workflowrecord",
+]
+
 #: Group name -> "app_label.codename" permissions.
 ROLES: dict[str, list[str]] = {
     "Operator tier 1": [*OPERATOR, "orchestration.decide_tier_1"],
@@ -27,7 +41,7 @@ ROLES: dict[str, list[str]] = {
     ],
     "Policy admin": [
         "policies.edit_policy", "policies.review_policy", "policies.view_policy", "policies.view_policyversion",
-        "policies.view_tenant", "orchestration.view_run", "policies.view_runs",
+        "policies.view_tenant", "orchestration.view_run", "policies.view_runs", *ADMIN_SITE,
     ],
     "Auditor": ["orchestration.view_run", "policies.view_runs", "policies.view_policy", "policies.view_policyversion"],
 }

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django import template
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -17,16 +18,17 @@ PREVIEW_CHARS = 80
 
 @register.simple_tag
 def utc_time(value: datetime | None) -> SafeString | str:
-    """``<time>`` in UTC, with the exact ISO timestamp as its title."""
+    """``<time>`` in the user's zone (UTC unless they chose one), the exact ISO timestamp as its
+    title."""
     if value is None:
         return "—"
-    value = value.astimezone(UTC)
+    value = timezone.localtime(value.astimezone(UTC))
     iso = value.isoformat()
     return format_html(
-        '<time datetime="{}" title="{}">{} UTC</time>',
+        '<time datetime="{}" title="{}">{}</time>',
         iso,
         iso,
-        value.strftime("%Y-%m-%d %H:%M:%S"),
+        value.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
@@ -578,3 +579,44 @@ def run_send_event(
 
 class _Duplicate(Exception):
     """The event id was seen before: nothing is written."""
+
+
+#: The highest tier an SLA breach escalates an item to.
+SLA_MAX_TIER = 3
+
+
+def sla_period() -> timedelta:
+    """How long an open approval or escalation may wait at one tier before it escalates."""
+    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+
+
+def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) -> list[int]:
+    """Escalate every open approval and escalation whose SLA has breached to the next tier (at
+    most tier 3) and restart its SLA. Each row is claimed by a conditional UPDATE on the values
+    read, so two schedulers scanning at once escalate an item once. Returns the waits escalated."""
+    now = now or timezone.now()
+    period = sla_period()
+    breached = (
+        Wait.objects.filter(
+            status=WaitStatus.OPEN, kind__in=[WaitKind.APPROVAL, WaitKind.ESCALATION], tier__lt=SLA_MAX_TIER
+        )
+        .filter(Q(sla_due_at__lte=now) | Q(sla_due_at__isnull=True, created_at__lte=now - period))
+        .order_by("pk")
+        .values_list("pk", "tier", "sla_due_at", "sla_breaches", "run_id", "step_id", "run__trace_id")[:limit]
+    )
+    escalated: list[int] = []
+    for pk, tier, due, breaches, run_id, step_id, trace_id in breached:
+        with transaction.atomic():
+            claimed = Wait.objects.filter(pk=pk, status=WaitStatus.OPEN, tier=tier, sla_breaches=breaches).update(
+                tier=tier + 1, sla_due_at=now + period, sla_breaches=breaches + 1
+            )
+            if not claimed:
+                continue  # decided, or escalated by another scheduler, since it was read
+            audit_record_many([Entry(
+                verb=Verb.WAIT_SLA_BREACHED, object_type="wait", object_id=pk, run_id=run_id, step_id=step_id,
+                trace_id=trace_id,
+                data={"from_tier": tier, "to_tier": tier + 1, "due_at": due.isoformat() if due else None,
+                      "next_due_at": (now + period).isoformat()},
+            )], now=now)
+        escalated.append(pk)
+    return escalated

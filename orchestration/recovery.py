@@ -19,7 +19,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestration import advance, dispatch, runtime
-from orchestration.services import waits_escalate_breached
 from orchestration.changes import DONE_STEPS, OPEN_WAITS, TOOL_CALLS, Changes, Snapshot
 from orchestration.commit import compute_locked, write_and_send
 from orchestration.models import RUN_ACTIVE, RunStatus, StepStatus, Wait, WaitStatus
@@ -141,5 +140,4 @@ def engine_tick() -> dict[str, int]:
         "expired_waits": expire_waits(),
         "deadlines": enforce_run_deadlines(),
         "republished": republish_queued(),
-        "sla_escalated": len(waits_escalate_breached()),
     }

@@ -11,8 +11,13 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Wait, WaitKind, WaitStatus
-from orchestration.recovery import engine_tick
-from orchestration.services import escalation_resolve, run_submit, sla_period, waits_escalate_breached
+from orchestration.services import (
+    escalation_resolve,
+    run_submit,
+    sla_period,
+    waits_escalate_breached,
+)
+from orchestration.tasks import engine_tick
 
 
 def open_escalation(drive) -> Wait:
@@ -22,7 +27,9 @@ def open_escalation(drive) -> Wait:
 
 def breaches_of(wait: Wait) -> list[dict]:
     return list(
-        AuditEvent.objects.filter(verb=Verb.WAIT_SLA_BREACHED, object_id=str(wait.pk)).order_by("id").values_list("data", flat=True)
+        AuditEvent.objects.filter(verb=Verb.WAIT_SLA_BREACHED, object_id=str(wait.pk))
+        .order_by("id")
+        .values_list("data", flat=True)
     )
 
 
@@ -40,7 +47,12 @@ def test_a_breach_escalates_tier_1_to_2_once_and_is_audited(drive, settings):
     assert (wait.tier, wait.sla_breaches) == (2, 1)
     assert wait.sla_due_at == later + timedelta(seconds=600)  # the SLA restarted
     assert breaches_of(wait) == [
-        {"from_tier": 1, "to_tier": 2, "due_at": None, "next_due_at": (later + timedelta(seconds=600)).isoformat()}
+        {
+            "from_tier": 1,
+            "to_tier": 2,
+            "due_at": None,
+            "next_due_at": (later + timedelta(seconds=600)).isoformat(),
+        }
     ]
 
 

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views
+from console import views, views_drills
 
 app_name = "console"
 
@@ -19,4 +19,5 @@ urlpatterns = [
     path(
         "accounts/logout/", auth_views.LogoutView.as_view(next_page="console:login"), name="logout"
     ),
+    path("drills/", views_drills.drill_list, name="drill_list"),
 ]

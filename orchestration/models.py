@@ -139,6 +139,12 @@ class Run(models.Model):
         """A synthetic run fired by an escalation drill (the ``drill`` workflow): show it as DRILL."""
         return self.workflow_name == DRILL_WORKFLOW
 
+    @property
+    def drill_tier(self) -> int:
+        """The tier a drill's escalation opens at (its input's ``tier``, 1 to 3)."""
+        tier = self.input.get("tier", 1) if isinstance(self.input, dict) else 1
+        return min(max(int(tier), 1), 3) if isinstance(tier, int) else 1
+
 
 class Step(models.Model):
     """One activation of a node: (node, visit, item). Its ``attempt`` and ``lease_owner`` are

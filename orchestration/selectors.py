@@ -391,10 +391,10 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
         Run.objects.filter(workflow_name=DRILL_WORKFLOW).select_related("tenant").order_by("-id")[:limit]
     )
     waits: dict[int, Wait] = {}
-    for wait in (
+    for escalation in (
         Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).select_related("decided_by").order_by("id")
     ):
-        waits.setdefault(wait.run_id, wait)
+        waits.setdefault(escalation.run_id, escalation)
     rows = []
     for run in runs:
         wait = waits.get(run.pk)

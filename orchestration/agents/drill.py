@@ -13,6 +13,7 @@ class DrillAlarm(Agent):
     """Raises a permanent error on its first attempt: nothing is called, nothing changes."""
 
     name = "drill_alarm"
+    capability = "drill"
     max_attempts = 1
 
     class Input(BaseModel):

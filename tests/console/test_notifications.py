@@ -16,7 +16,7 @@ from audit.verbs import Verb
 from console.models import Notification, NotificationStatus
 from console.notifications import notifications_scan
 from orchestration.models import Wait, WaitKind, WaitStatus
-from orchestration.services import run_submit, waits_escalate_breached
+from orchestration.services import drill_fire, run_submit, waits_escalate_breached
 from tests.factories import UserFactory
 from tests.support.alert_servers import smtp_server, webhook_server
 
@@ -153,3 +153,19 @@ def test_two_scanners_at_once_notify_once(drive, alerts, settings):
     assert errors == []
     assert (len(mailbox.mails), len(hook.posts)) == (3, 3)
     assert AuditEvent.objects.filter(verb=Verb.NOTIFICATION_SENT).count() == 6
+
+
+@pytest.mark.django_db
+def test_a_drill_is_notified_as_a_drill(drive, alerts, settings):
+    mailbox, hook = alerts
+    settings.SIGNALBOX_NOTIFY_EMAILS = ["oncall@example.com"]
+    run = drive(drill_fire(user=None, tier=2).pk)
+    notifications_scan()
+    assert (
+        mailbox.mails[0]
+        .message["Subject"]
+        .startswith("[DRILL] Escalation needs a decision: drill run")
+    )
+    assert hook.posts[0]["text"].startswith(
+        f"[DRILL] Escalation needs a decision: drill run {run.pk}"
+    )

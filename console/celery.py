@@ -15,3 +15,4 @@ TRANSPORT_ALIASES.update({"redis": "infra.broker:Transport", "rediss": "infra.br
 app = Celery("signalbox")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["orchestration"])
+app.autodiscover_tasks(["console"])

@@ -24,9 +24,14 @@ from typing import Any
 import uvicorn
 from django.db import connections
 
+from console.notifications import notifications_scan
 from orchestration import runtime
 from orchestration.recovery import engine_tick
+from orchestration.services import waits_escalate_breached
 from orchestration.signals import POOL_PREFIX
+
+#: How often the embedded scheduler sends due notifications.
+NOTIFY_SCAN_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,8 @@ class EmbeddedStack:
         self.worker = WorkerThread(self.pools, concurrency=self.options.concurrency)
         self.worker.start()
         self.threads.append(PeriodicThread("scheduler", self.options.tick_seconds, engine_tick))
+        self.threads.append(PeriodicThread("sla", self.options.tick_seconds, waits_escalate_breached))
+        self.threads.append(PeriodicThread("notifications", NOTIFY_SCAN_SECONDS, notifications_scan))
         if self.options.simulator is not None:
             self.threads.append(
                 PeriodicThread("simulator", self.options.simulator_seconds, self.options.simulator)

@@ -57,3 +57,46 @@ class UserProfile(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} ({self.time_zone})"
+
+
+class NotificationChannel(models.TextChoices):
+    EMAIL = "email"
+    WEBHOOK = "webhook"
+
+
+class NotificationStatus(models.TextChoices):
+    PENDING = "pending"  # due at ``next_attempt_at`` (a first try or a retry)
+    SENDING = "sending"  # claimed by a scanner until ``next_attempt_at``; taken over after that
+    SENT = "sent"
+    FAILED = "failed"  # every attempt failed
+
+
+class Notification(models.Model):
+    """One alert about an open approval or escalation on one channel. The unique (wait, channel,
+    reason) row is the claim: a wait is notified once per tier it reaches, however many
+    scanners run."""
+
+    wait = models.ForeignKey("orchestration.Wait", on_delete=models.CASCADE, related_name="+")
+    channel = models.CharField(max_length=10, choices=NotificationChannel.choices)
+    #: ``tier-2``: the item reached tier 2 (opened there, or escalated to it by an SLA breach).
+    reason = models.CharField(max_length=40)
+    status = models.CharField(max_length=10, choices=NotificationStatus.choices, default=NotificationStatus.PENDING)
+    attempts = models.SmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["wait", "channel", "reason"], name="notification_once"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"], condition=models.Q(status__in=["pending", "sending"]),
+                name="notification_due_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} notification for wait {self.wait_id} ({self.status})"

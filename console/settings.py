@@ -216,6 +216,9 @@ CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     "engine-tick": {"task": "orchestration.tasks.engine_tick", "schedule": env.float("SIGNALBOX_TICK_SECONDS", default=2.0)},
+    "notifications-scan": {
+        "task": "console.tasks.notifications_scan", "schedule": env.float("SIGNALBOX_NOTIFY_SCAN_SECONDS", default=10.0)
+    },
 }
 
 # --- engine -------------------------------------------------------------------------------------
@@ -338,3 +341,29 @@ if SIGNALBOX_ENV == "test":
         "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow", "early_chain", "early_branches",
         "early_effect", "siblings", "pure_siblings", "pure_effect_siblings", "pure_map", "first_wins",
     ))]
+
+# --- SLA and notifications ------------------------------------------------------------------------
+#: How long an open approval or escalation may wait at one tier before it escalates a tier.
+SIGNALBOX_SLA_SECONDS = env.int("SIGNALBOX_SLA_SECONDS", default=30 * 60)
+#: Where deep links in notifications point.
+SIGNALBOX_BASE_URL = env.str("SIGNALBOX_BASE_URL", default="http://localhost:8000")
+#: Items at or above this tier send an email and a webhook when they open or escalate.
+SIGNALBOX_NOTIFY_MIN_TIER = env.int("SIGNALBOX_NOTIFY_MIN_TIER", default=2)
+#: A Slack-compatible incoming webhook (none: no webhook is sent).
+SIGNALBOX_NOTIFY_WEBHOOK_URL = env.str("SIGNALBOX_NOTIFY_WEBHOOK_URL", default="")
+#: Addresses that get every email as well as the people who may decide the item.
+SIGNALBOX_NOTIFY_EMAILS = env.list("SIGNALBOX_NOTIFY_EMAILS", default=[])
+SIGNALBOX_NOTIFY_MAX_ATTEMPTS = env.int("SIGNALBOX_NOTIFY_MAX_ATTEMPTS", default=5)
+#: The first retry waits this long; each further one twice as long.
+SIGNALBOX_NOTIFY_BACKOFF_SECONDS = env.float("SIGNALBOX_NOTIFY_BACKOFF_SECONDS", default=30.0)
+EMAIL_BACKEND = env.str(
+    "EMAIL_BACKEND",
+    default="django.core.mail.backends.smtp.EmailBackend" if SIGNALBOX_ENV == "production" else "django.core.mail.backends.console.EmailBackend",
+)
+EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="signalbox@localhost")

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views, views_account, views_policies
+from console import views, views_account, views_drills, views_policies
 
 app_name = "console"
 
@@ -44,4 +44,5 @@ urlpatterns = [
         views_account.token_revoke_view,
         name="account_token_revoke",
     ),
+    path("drills/", views_drills.drill_list, name="drill_list"),
 ]

@@ -50,6 +50,10 @@ class StepKind(models.TextChoices):
     COMPENSATE = "compensate"  # undoes a completed step's side effect (its parent)
 
 
+#: The workflow escalation drills run under.
+DRILL_WORKFLOW = "drill"
+
+
 class Run(models.Model):
     """One piece of work flowing through a workflow."""
 
@@ -129,6 +133,17 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in RUN_TERMINAL
+
+    @property
+    def is_drill(self) -> bool:
+        """A synthetic run fired by an escalation drill (the ``drill`` workflow): show it as DRILL."""
+        return self.workflow_name == DRILL_WORKFLOW
+
+    @property
+    def drill_tier(self) -> int:
+        """The tier a drill's escalation opens at (its input's ``tier``, 1 to 3)."""
+        tier = self.input.get("tier", 1) if isinstance(self.input, dict) else 1
+        return min(max(int(tier), 1), 3) if isinstance(tier, int) else 1
 
 
 class Step(models.Model):
@@ -295,6 +310,11 @@ class Wait(models.Model):
     edited_input = models.JSONField(null=True, blank=True)
     payload = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField()
+    #: When the item's SLA breaches and it escalates a tier (none: ``created_at`` plus the
+    #: default SLA); separate from ``deadline_at``, which is when it expires.
+    sla_due_at = models.DateTimeField(null=True, blank=True)
+    #: How many times its SLA breached (each breach moved it up a tier, at most to tier 3).
+    sla_breaches = models.SmallIntegerField(default=0)
 
     class Meta:
         permissions = [
@@ -309,6 +329,11 @@ class Wait(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} wait {self.pk} ({self.status})"
+
+    @property
+    def is_drill(self) -> bool:
+        """A synthetic item fired by an escalation drill: show it as DRILL."""
+        return self.run.is_drill
 
 
 class WaitVote(models.Model):

@@ -41,6 +41,8 @@ BUILTIN_AGENTS: dict[str, str] = {
     "noop": "orchestration.agents.demo.noop:NoopAgent",
     # any OpenAI-compatible chat-completions endpoint
     "llm_chat": "orchestration.agents.openai_compat:ChatCompletionAgent",
+    # escalation drills: fails at once, so the run escalates
+    "drill_alarm": "orchestration.agents.drill:DrillAlarm",
 }
 
 BUILTIN_WORKFLOWS: list[str] = [
@@ -48,6 +50,7 @@ BUILTIN_WORKFLOWS: list[str] = [
     "orchestration.workflows.refunds:refund_desk",
     "orchestration.workflows.research:research_brief",
     "orchestration.workflows.reference:reference_workload",
+    "orchestration.workflows.drill:drill",
 ]
 
 _lock = threading.Lock()

@@ -31,6 +31,7 @@ from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
 from orchestration.models import (
+    DRILL_WORKFLOW,
     Run,
     RunEvent,
     StateVersion,
@@ -363,3 +364,46 @@ def decode_id_cursor(cursor: str) -> int:
 
 def step_summary(step: Step) -> dict[str, Any]:
     return {"id": step.pk, "key": step.key, "status": step.status}
+
+
+# --- escalation drills ------------------------------------------------------------------------------
+
+
+@dataclass
+class DrillRow:
+    run: Run
+    tier: int
+    tenant: str
+    fired_at: datetime
+    #: The drill's escalation (none until the engine has run its step).
+    wait: Wait | None
+    acknowledged_by: str
+    #: Seconds from the escalation opening to its answer (none while unanswered).
+    seconds_to_acknowledge: float | None
+
+
+def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
+    """Past drills, newest first, with how long each took to be answered. For policy admins
+    (who fire them); two queries whatever the number of drills."""
+    if not user.has_perm("policies.review_policy"):
+        raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
+    runs = list(
+        Run.objects.filter(workflow_name=DRILL_WORKFLOW).select_related("tenant").order_by("-id")[:limit]
+    )
+    waits: dict[int, Wait] = {}
+    for escalation in (
+        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).select_related("decided_by").order_by("id")
+    ):
+        waits.setdefault(escalation.run_id, escalation)
+    rows = []
+    for run in runs:
+        wait = waits.get(run.pk)
+        seconds = None
+        if wait is not None and wait.decided_at is not None:
+            seconds = round((wait.decided_at - wait.created_at).total_seconds(), 1)
+        rows.append(DrillRow(
+            run=run, tier=run.drill_tier, tenant=run.tenant.slug, fired_at=run.created_at, wait=wait,
+            acknowledged_by=wait.decided_by.get_username() if wait is not None and wait.decided_by else "",
+            seconds_to_acknowledge=seconds,
+        ))
+    return rows

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
@@ -37,6 +38,7 @@ from orchestration.errors import (
 )
 from orchestration.graph import deadline_of
 from orchestration.models import (
+    DRILL_WORKFLOW,
     ESCALATION_ACTIONS,
     Decision,
     Run,
@@ -491,6 +493,7 @@ def escalation_resolve(
             raise _already_decided(rt, wait_id, "escalation")
         for field, value in closed.items():
             setattr(wait, field, value)
+        audit_record_many(drill_acknowledged_entries(wait, actor_type, actor_id, now, how=action), now=now)
 
         def compute(snapshot: Snapshot) -> Changes:
             step = snapshot.focus
@@ -578,3 +581,83 @@ def run_send_event(
 
 class _Duplicate(Exception):
     """The event id was seen before: nothing is written."""
+
+
+#: The highest tier an SLA breach escalates an item to.
+SLA_MAX_TIER = 3
+
+
+def sla_period() -> timedelta:
+    """How long an open approval or escalation may wait at one tier before it escalates."""
+    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+
+
+def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) -> list[int]:
+    """Escalate every open approval and escalation whose SLA has breached to the next tier (at
+    most tier 3) and restart its SLA. Each row is claimed by a conditional UPDATE on the values
+    read, so two schedulers scanning at once escalate an item once. Returns the waits escalated."""
+    now = now or timezone.now()
+    period = sla_period()
+    breached = (
+        Wait.objects.filter(
+            status=WaitStatus.OPEN, kind__in=[WaitKind.APPROVAL, WaitKind.ESCALATION], tier__lt=SLA_MAX_TIER
+        )
+        .filter(Q(sla_due_at__lte=now) | Q(sla_due_at__isnull=True, created_at__lte=now - period))
+        .order_by("pk")
+        .values_list("pk", "tier", "sla_due_at", "sla_breaches", "run_id", "step_id", "run__trace_id")[:limit]
+    )
+    escalated: list[int] = []
+    for pk, tier, due, breaches, run_id, step_id, trace_id in breached:
+        with transaction.atomic():
+            claimed = Wait.objects.filter(pk=pk, status=WaitStatus.OPEN, tier=tier, sla_breaches=breaches).update(
+                tier=tier + 1, sla_due_at=now + period, sla_breaches=breaches + 1
+            )
+            if not claimed:
+                continue  # decided, or escalated by another scheduler, since it was read
+            audit_record_many([Entry(
+                verb=Verb.WAIT_SLA_BREACHED, object_type="wait", object_id=pk, run_id=run_id, step_id=step_id,
+                trace_id=trace_id,
+                data={"from_tier": tier, "to_tier": tier + 1, "due_at": due.isoformat() if due else None,
+                      "next_due_at": (now + period).isoformat()},
+            )], now=now)
+        escalated.append(pk)
+    return escalated
+
+
+# --- escalation drills ------------------------------------------------------------------------------
+
+#: Who may fire drills: policy admins.
+FIRE_DRILL = "policies.review_policy"
+
+
+def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = "") -> Run:
+    """Fire an escalation drill: a run of the ``drill`` workflow whose step escalates at once at
+    ``tier`` on ``tenant``, through the real engine (inbox, SLA, notifications). Audited
+    DRILL_FIRED in the submission's transaction."""
+    if user is not None and not user.has_perm(FIRE_DRILL):
+        raise PermissionDenied("only policy admins may fire escalation drills")
+    if not isinstance(tier, int) or isinstance(tier, bool) or not 1 <= tier <= SLA_MAX_TIER:
+        raise InvalidInput("tier must be 1, 2 or 3", code=Code.INPUT_CONTRACT, detail={"tier": tier})
+    _check_text(note, "note")
+    actor_type, actor_id = _actor(user)
+    with transaction.atomic():
+        run = run_submit(workflow=DRILL_WORKFLOW, input={"tier": tier, "note": note}, tenant=tenant).run
+        audit_record_many([Entry(
+            verb=Verb.DRILL_FIRED, object_type="run", object_id=run.pk, actor_type=actor_type, actor_id=actor_id,
+            run_id=run.pk, trace_id=run.trace_id, data={"tier": tier, "tenant": tenant, "note": note},
+        )])
+    return run
+
+
+def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: datetime, *, how: str) -> list[Entry]:
+    """The DRILL_ACKNOWLEDGED event (with the seconds since the drill's item opened) when
+    ``wait`` is a drill's escalation answered or claimed now; nothing for a real item. For the
+    caller's transaction: deciding calls it; so can claiming."""
+    if not wait.run.is_drill:
+        return []
+    seconds = round((now - wait.created_at).total_seconds(), 3)
+    return [Entry(
+        verb=Verb.DRILL_ACKNOWLEDGED, object_type="wait", object_id=wait.pk, actor_type=actor_type,
+        actor_id=actor_id, run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
+        data={"seconds": seconds, "how": how, "tier": wait.tier},
+    )]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import close_old_connections
 
-from orchestration import recovery, runtime
+from orchestration import recovery, runtime, services
 from orchestration.worker.execute import step_execute as execute
 from orchestration.worker.execute import worker_identity
 
@@ -19,4 +19,4 @@ def step_execute(step_id: int) -> int:
 
 @shared_task(name="orchestration.tasks.engine_tick", ignore_result=True)
 def engine_tick() -> dict[str, int]:
-    return recovery.engine_tick()
+    return {**recovery.engine_tick(), "sla_escalated": len(services.waits_escalate_breached())}

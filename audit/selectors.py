@@ -9,3 +9,9 @@ from audit.models import AuditEvent
 
 def audit_events_for_run(run_id: int) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(run_id=run_id).order_by("id")
+
+
+def latest_audit_event_id() -> int:
+    """The newest audit row's id. Every change to a run writes audit rows in its transaction
+    and ids come from one database sequence, so this only grows, whichever process wrote them."""
+    return AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0

@@ -77,19 +77,28 @@ def home_context(user: User, params: Any) -> dict[str, Any]:
     query = {
         k: v
         for k, v in (
-            ("workflow", filters.workflow), ("tenant", filters.tenant), ("status", filters.status),
-            ("agent", filters.agent), ("age", filters.age_hours or ""), ("tier", filters.tier or ""),
+            ("workflow", filters.workflow),
+            ("tenant", filters.tenant),
+            ("status", filters.status),
+            ("agent", filters.agent),
+            ("age", filters.age_hours or ""),
+            ("tier", filters.tier or ""),
         )
         if v
     }
+
     def page_url(n: int) -> str:
         return "?" + urlencode({**query, "page": n})
 
     return {
         "filters": filters,
         "counts": counts,
-        "status_counts": [(value, label, counts.by_status.get(value, 0)) for value, label in RunStatus.choices],
-        "reasons": [(label, counts.escalated_by_reason.get(label, 0)) for label, _ in ESCALATION_REASONS],
+        "status_counts": [
+            (value, label, counts.by_status.get(value, 0)) for value, label in RunStatus.choices
+        ],
+        "reasons": [
+            (label, counts.escalated_by_reason.get(label, 0)) for label, _ in ESCALATION_REASONS
+        ],
         "page": page,
         "prev_url": page_url(page.page - 1) if page.page > 1 else None,
         "next_url": page_url(page.page + 1) if page.page < page.pages else None,
@@ -121,7 +130,9 @@ def inbox_context(user: User) -> dict[str, Any]:
 
 
 def inbox_fragment(user: User) -> str:
-    return render_to_string("console/partials/inbox_list.html", {**inbox_context(user), "oob": True})
+    return render_to_string(
+        "console/partials/inbox_list.html", {**inbox_context(user), "oob": True}
+    )
 
 
 @login_required
@@ -131,32 +142,43 @@ def inbox(request: HttpRequest) -> HttpResponse:
     return render(request, "console/inbox.html", context)
 
 
-def _schema_fields(schema: dict[str, Any], values: dict[str, Any], errors: dict[str, str]) -> list[dict[str, Any]]:
+def _schema_fields(
+    schema: dict[str, Any], values: dict[str, Any], errors: dict[str, str]
+) -> list[dict[str, Any]]:
     """Form fields generated from a JSON Schema's top-level properties."""
     required = set(schema.get("required", []))
     fields = []
     for name, prop in (schema.get("properties") or {}).items():
         kind = prop.get("type") or "json"
         value = values.get(name, prop.get("default", ""))
-        widget = {"string": "text", "integer": "number", "number": "number", "boolean": "checkbox"}.get(kind, "json")
+        widget = {
+            "string": "text",
+            "integer": "number",
+            "number": "number",
+            "boolean": "checkbox",
+        }.get(kind, "json")
         if widget == "text" and "enum" in prop:
             widget = "select"
-        fields.append({
-            "name": name,
-            "label": prop.get("title") or name.replace("_", " "),
-            "help": prop.get("description", ""),
-            "widget": widget,
-            "type": kind,
-            "choices": prop.get("enum", []),
-            "value": json.dumps(value) if widget == "json" else value,
-            "required": name in required,
-            "error": errors.get(name, ""),
-            "step": "any" if kind == "number" else "1",
-        })
+        fields.append(
+            {
+                "name": name,
+                "label": prop.get("title") or name.replace("_", " "),
+                "help": prop.get("description", ""),
+                "widget": widget,
+                "type": kind,
+                "choices": prop.get("enum", []),
+                "value": json.dumps(value) if widget == "json" else value,
+                "required": name in required,
+                "error": errors.get(name, ""),
+                "step": "any" if kind == "number" else "1",
+            }
+        )
     return fields
 
 
-def _field_values(fields_schema: dict[str, Any], post: Any) -> tuple[dict[str, Any], dict[str, str]]:
+def _field_values(
+    fields_schema: dict[str, Any], post: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The posted edit form as the agent's input (types from the schema), and errors for values
     that are not even of the right shape (the contract checks the rest)."""
     values: dict[str, Any] = {}
@@ -192,8 +214,15 @@ def _errors_by_field(detail: Any) -> dict[str, str]:
     return out
 
 
-def item_context(user: User, wait_id: int, *, values: dict[str, Any] | None = None,
-                 errors: dict[str, str] | None = None, message: str = "", skip_value: str = "") -> dict[str, Any]:
+def item_context(
+    user: User,
+    wait_id: int,
+    *,
+    values: dict[str, Any] | None = None,
+    errors: dict[str, str] | None = None,
+    message: str = "",
+    skip_value: str = "",
+) -> dict[str, Any]:
     try:
         item = inbox_item_for_user(user, wait_id)
     except NotFound:
@@ -208,13 +237,19 @@ def item_context(user: User, wait_id: int, *, values: dict[str, Any] | None = No
             schema = {}
         proposed = action.get("input") if isinstance(action.get("input"), dict) else {}
         fields = _schema_fields(schema, values if values is not None else proposed, errors or {})
-    decided_by = wait.decided_by.get_username() if wait.decided_by else ("the system" if wait.decided_at else "")
+    decided_by = (
+        wait.decided_by.get_username()
+        if wait.decided_by
+        else ("the system" if wait.decided_at else "")
+    )
     return {
         "item": item,
         "wait": wait,
         "run": wait.run,
         "action": action,
-        "action_json": json.dumps(action.get("input", action), indent=2, sort_keys=True, default=str),
+        "action_json": json.dumps(
+            action.get("input", action), indent=2, sort_keys=True, default=str
+        ),
         "attempts": action.get("attempts") or [],
         "steps": run_steps(wait.run),
         "spend": run_spend(wait.run),
@@ -250,7 +285,9 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
             schema = agent_class(item.wait.step.agent).Input.model_json_schema()
             values, field_errors = _field_values(schema, request.POST)
             if not field_errors:
-                approval_decide(wait_id=wait_id, user=user, decision=op, reason=reason, edited_input=values)
+                approval_decide(
+                    wait_id=wait_id, user=user, decision=op, reason=reason, edited_input=values
+                )
         elif op in (Decision.RETRY, Decision.ABORT):
             escalation_resolve(wait_id=wait_id, user=user, action=op, reason=reason)
         elif op == Decision.SKIP:
@@ -259,24 +296,47 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
             except json.JSONDecodeError:
                 field_errors["skip_value"] = "not valid JSON"
             else:
-                escalation_resolve(wait_id=wait_id, user=user, action=op, reason=reason,
-                                   output=output if isinstance(output, dict) else {"value": output})
+                escalation_resolve(
+                    wait_id=wait_id,
+                    user=user,
+                    action=op,
+                    reason=reason,
+                    output=output if isinstance(output, dict) else {"value": output},
+                )
         else:
-            return render(request, "console/inbox_item.html",
-                          item_context(user, wait_id, message=f"unknown action {op!r}"), status=400)
+            return render(
+                request,
+                "console/inbox_item.html",
+                item_context(user, wait_id, message=f"unknown action {op!r}"),
+                status=400,
+            )
     except NotFound:
         raise Http404(f"no approval or escalation {wait_id}") from None
     except SignalboxError as exc:
         errors = {**field_errors, **_errors_by_field(exc.detail)}
         if op == Decision.SKIP and exc.detail and isinstance(exc.detail, list):
-            errors["skip_value"] = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in exc.detail)
-        context = item_context(user, wait_id, values=values, errors=errors, message=exc.message, skip_value=skip_value)
+            errors["skip_value"] = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in exc.detail
+            )
+        context = item_context(
+            user, wait_id, values=values, errors=errors, message=exc.message, skip_value=skip_value
+        )
         return render(request, "console/inbox_item.html", context, status=error_status(exc))
     if field_errors:
-        context = item_context(user, wait_id, values=values, errors=field_errors,
-                               message="some fields are not valid", skip_value=skip_value)
+        context = item_context(
+            user,
+            wait_id,
+            values=values,
+            errors=field_errors,
+            message="some fields are not valid",
+            skip_value=skip_value,
+        )
         return render(request, "console/inbox_item.html", context, status=422)
-    target = reverse("console:inbox_item", args=[wait_id]) if op in ("claim", "release") else reverse("console:inbox")
+    target = (
+        reverse("console:inbox_item", args=[wait_id])
+        if op in ("claim", "release")
+        else reverse("console:inbox")
+    )
     return HttpResponseRedirect(target)
 
 
@@ -286,7 +346,9 @@ def inbox_bulk(request: HttpRequest) -> HttpResponse:
     ids = [_int(v) for v in request.POST.getlist("wait") if _int(v) > 0]
     try:
         outcomes = approvals_decide_bulk(
-            wait_ids=ids, user=_user(request), decision=request.POST.get("decision", Decision.APPROVE),
+            wait_ids=ids,
+            user=_user(request),
+            decision=request.POST.get("decision", Decision.APPROVE),
             reason=request.POST.get("reason", ""),
         )
     except SignalboxError as exc:

@@ -28,6 +28,7 @@ from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
 from guardian.shortcuts import get_objects_for_user
 
+from audit.selectors import latest_audit_event_id
 from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
@@ -38,8 +39,8 @@ from orchestration.models import (
     Step,
     StepStatus,
     Wait,
-    WaitKind,
     WaitClaim,
+    WaitKind,
     WaitStatus,
     WorkflowRecord,
 )
@@ -468,7 +469,7 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
     if near:
         visible = set(runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list("pk", flat=True))
         near = [{**r, "run_id": int(r["key"])} for r in near if r["key"].isdigit() and int(r["key"]) in visible]
-    last = RunEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    last = latest_audit_event_id()
     return HomeCounts(
         by_status=by_status,
         waiting_decision=kinds.get(WaitKind.APPROVAL, 0),
@@ -569,14 +570,14 @@ def inbox_item_for_user(user: User, wait_id: int) -> InboxItem:
 
 def run_spend(run: Run) -> dict[str, Any] | None:
     """The run's spend scope (spent, reserved, limit), if the ledger has one."""
-    return (
+    row = (
         SpendScope.objects.filter(kind=ScopeKind.RUN, key=str(run.pk))
         .values("spent", "reserved", "limit", "soft_ratio")
         .first()
     )
+    return dict(row) if row is not None else None
 
 
 def latest_event_id() -> int:
-    """The newest run event's id: ids come from one database sequence, so they only grow,
-    whichever worker wrote them (a live page's catch-up mark)."""
-    return RunEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    """A live page's catch-up mark: the newest audit row's id (every change writes one)."""
+    return latest_audit_event_id()

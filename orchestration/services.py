@@ -44,9 +44,9 @@ from orchestration.models import (
     RunEvent,
     RunStatus,
     Wait,
+    WaitClaim,
     WaitKind,
     WaitStatus,
-    WaitClaim,
     WaitVote,
 )
 from orchestration.payloads import payload_refusal, payload_size, text_refusal

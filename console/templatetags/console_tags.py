@@ -79,5 +79,8 @@ def relative_time(value: datetime | None) -> SafeString | str:
     words = f"{timesince(value, now)} ago" if value <= now else f"in {timeuntil(value, now)}"
     iso = value.isoformat()
     return format_html(
-        '<time datetime="{}" title="{} UTC">{}</time>', iso, value.strftime("%Y-%m-%d %H:%M:%S"), words
+        '<time datetime="{}" title="{} UTC">{}</time>',
+        iso,
+        value.strftime("%Y-%m-%d %H:%M:%S"),
+        words,
     )

@@ -12,26 +12,38 @@ from django.test import Client
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
+from orchestration.errors import Conflict
 from orchestration.models import Run, Wait, WaitClaim
 from orchestration.selectors import inbox_for_user
 from orchestration.services import approvals_decide_bulk, run_submit, wait_claim
-from orchestration.errors import Conflict
 from tests.conftest import OPERATOR_PERMISSIONS
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
-TIER_1 = [p for p in OPERATOR_PERMISSIONS if p not in ("orchestration.decide_tier_2", "orchestration.decide_tier_3")]
+TIER_1 = [
+    p
+    for p in OPERATOR_PERMISSIONS
+    if p not in ("orchestration.decide_tier_2", "orchestration.decide_tier_3")
+]
 
 
-def pending_approval(requester: Any, drive: Callable[[int], Run], topic: str = "Durable queues") -> Wait:
-    run = drive(run_submit(workflow="content_pipeline", input={"topic": topic}, submitted_by=requester).run.pk)
+def pending_approval(
+    requester: Any, drive: Callable[[int], Run], topic: str = "Durable queues"
+) -> Wait:
+    run = drive(
+        run_submit(
+            workflow="content_pipeline", input={"topic": topic}, submitted_by=requester
+        ).run.pk
+    )
     assert run.status == "waiting"
     return Wait.objects.get(run=run, kind="approval", status="open")
 
 
 def escalation(drive: Callable[[int], Run]) -> Wait:
-    run = drive(run_submit(workflow="escalating", input={"fail_attempts": 2}, submitted_by=None).run.pk)
+    run = drive(
+        run_submit(workflow="escalating", input={"fail_attempts": 2}, submitted_by=None).run.pk
+    )
     return Wait.objects.get(run=run, kind="escalation", status="open")
 
 
@@ -116,7 +128,11 @@ def test_a_claim_shows_who_and_until_when_and_conflicts_for_others(
     logged_in(operator).post(f"/inbox/{wait.pk}/", {"op": "release"})
     assert not WaitClaim.objects.filter(wait=wait).exists()
     wait_claim(wait_id=wait.pk, user=other)
-    verbs = list(AuditEvent.objects.filter(object_type="wait", object_id=wait.pk).values_list("verb", flat=True))
+    verbs = list(
+        AuditEvent.objects.filter(object_type="wait", object_id=wait.pk).values_list(
+            "verb", flat=True
+        )
+    )
     assert verbs.count(Verb.WAIT_CLAIMED) == 2 and verbs.count(Verb.WAIT_RELEASED) == 1
 
 
@@ -149,33 +165,55 @@ def test_edit_with_a_contract_error_is_shown_next_to_the_field_then_fixed(
     draft = wait.action["input"]["draft"]
     response = client.post(
         f"/inbox/{wait.pk}/",
-        {"op": "edit", "field_topic": "", "field_draft": draft, "field_category": "ops", "reason": "retitle"},
+        {
+            "op": "edit",
+            "field_topic": "",
+            "field_draft": draft,
+            "field_category": "ops",
+            "reason": "retitle",
+        },
     )
     assert response.status_code == 422
     html = response.content.decode()
     assert re.search(r'id="field_topic"[^>]*aria-invalid="true"', html)
-    assert 'id="error_topic"' in html and "Field required" in html or "at least 1 character" in html
+    assert 'id="error_topic"' in html
+    assert "Field required" in html or "at least 1 character" in html
     assert Wait.objects.get(pk=wait.pk).status == "open"
 
     response = client.post(
         f"/inbox/{wait.pk}/",
-        {"op": "edit", "field_topic": "Queues, revisited", "field_draft": draft, "field_category": "ops", "reason": "retitle"},
+        {
+            "op": "edit",
+            "field_topic": "Queues, revisited",
+            "field_draft": draft,
+            "field_category": "ops",
+            "reason": "retitle",
+        },
     )
     assert response.status_code == 302
     decided = Wait.objects.get(pk=wait.pk)
     assert decided.decision == "edit" and decided.edited_input["topic"] == "Queues, revisited"
 
 
-def test_escalation_retry_skip_with_contract_error_and_abort(operator: Any, drive: Callable[[int], Run]) -> None:
+def test_escalation_retry_skip_with_contract_error_and_abort(
+    operator: Any, drive: Callable[[int], Run]
+) -> None:
     client = logged_in(operator)
     first = escalation(drive)
-    response = client.post(f"/inbox/{first.pk}/", {"op": "skip", "skip_value": '{"text": {"not": "text"}}'})
+    response = client.post(
+        f"/inbox/{first.pk}/", {"op": "skip", "skip_value": '{"text": {"not": "text"}}'}
+    )
     assert response.status_code == 422 and 'id="error_skip_value"' in response.content.decode()
-    assert client.post(f"/inbox/{first.pk}/", {"op": "retry", "reason": "try again"}).status_code == 302
+    assert (
+        client.post(f"/inbox/{first.pk}/", {"op": "retry", "reason": "try again"}).status_code
+        == 302
+    )
     assert Wait.objects.get(pk=first.pk).decision == "retry"
 
     second = escalation(drive)
-    assert client.post(f"/inbox/{second.pk}/", {"op": "abort", "reason": "give up"}).status_code == 302
+    assert (
+        client.post(f"/inbox/{second.pk}/", {"op": "abort", "reason": "give up"}).status_code == 302
+    )
     assert Run.objects.get(pk=second.run_id).status in ("failed", "compensating")
 
 
@@ -198,7 +236,9 @@ def test_bulk_approve_decides_each_and_reports_per_item(
     assert Wait.objects.get(pk=c.pk).status == "approved"
 
 
-def test_bulk_refuses_mixed_tiers(operator: Any, requester: Any, drive: Callable[[int], Run]) -> None:
+def test_bulk_refuses_mixed_tiers(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
     a = pending_approval(requester, drive, "One")
     b = pending_approval(requester, drive, "Two")
     Wait.objects.filter(pk=b.pk).update(tier=2)

@@ -22,3 +22,9 @@ def audit_event_exists(verb: int, object_type: str, object_id: object) -> bool:
     return AuditEvent.objects.filter(
         verb=verb, object_type=object_type, object_id=str(object_id)
     ).exists()
+
+
+def latest_audit_event_id() -> int:
+    """The newest audit row's id. Every change to a run writes audit rows in its transaction
+    and ids come from one database sequence, so this only grows, whichever process wrote them."""
+    return AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0

@@ -17,6 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from console.live_auth import CLOSE_FORBIDDEN, live_user
 from console.views import run_list_fragment, run_live_fragment
+from console.views_inbox import home_fragment, inbox_fragment
 from orchestration.live import RUNS_GROUP, run_group
 from orchestration.selectors import run_is_visible
 
@@ -131,3 +132,35 @@ class RunListConsumer(LiveFragmentConsumer):
     def render(self) -> str | None:
         query = parse_qs(self.scope.get("query_string", b"").decode())
         return run_list_fragment(self.user, status=(query.get("status") or [""])[0])
+
+
+class CatchUpConsumer(LiveFragmentConsumer):
+    """A page that renders from the database on (re)connect and when the client asks for a
+    catch-up (``{"catchup": <last event id>}``), so nothing missed while offline stays stale."""
+
+    debounce = 0.5
+
+    def group_name(self) -> str:
+        return RUNS_GROUP
+
+    async def connect(self) -> None:
+        await super().connect()
+        if self.group is not None:  # accepted
+            await self.run_event({})
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        await self.run_event({})
+
+
+class HomeConsumer(CatchUpConsumer):
+    """``/ws/home/``: the home page's counts and list (its filters in the query string)."""
+
+    def render(self) -> str | None:
+        return home_fragment(self.user, self.scope.get("query_string", b"").decode())
+
+
+class InboxConsumer(CatchUpConsumer):
+    """``/ws/inbox/``: the decisions this user may see (and which of them they may take)."""
+
+    def render(self) -> str | None:
+        return inbox_fragment(self.user)

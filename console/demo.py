@@ -143,9 +143,10 @@ class SimulatorPass:
 class DemoSimulator:
     """Keeps a steady trickle of demo work: submits runs, settles refunds, clears old approvals.
 
-    Approvals and escalations are left for people to decide; only those older than
-    ``auto_decide_after`` are answered (approvals mostly approved, escalations retried) so the
-    queues do not grow forever while nobody is watching.
+    Approvals and escalations are left for people to decide: a new operator always finds
+    something to approve, retry, skip or abort. Only with ``auto_decide`` (``demo
+    --auto-decide``) are those older than ``auto_decide_after`` answered (approvals mostly
+    approved, escalations retried), so the queues do not grow while nobody is watching.
     """
 
     def __init__(
@@ -158,7 +159,9 @@ class DemoSimulator:
         settle_after: timedelta = timedelta(seconds=5),
         auto_decide_after: timedelta = timedelta(minutes=2),
         reject_share: float = 0.2,
+        auto_decide: bool = False,
     ) -> None:
+        self.auto_decide = auto_decide
         self.user = user
         self.rng = rng or random.Random()
         self.submit_every = submit_every
@@ -175,8 +178,9 @@ class DemoSimulator:
         now = now or timezone.now()
         done = SimulatorPass()
         done.settled = self.settle_payments(now)
-        done.decided = self.decide_stale_approvals(now)
-        done.retried = self.retry_stale_escalations(now)
+        if self.auto_decide:
+            done.decided = self.decide_stale_approvals(now)
+            done.retried = self.retry_stale_escalations(now)
         if self._next_submit_at is None or now >= self._next_submit_at:
             run_id = self.submit_one()
             if run_id is not None:

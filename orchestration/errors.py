@@ -101,6 +101,9 @@ class Code(StrEnum):
     EDIT_NEEDS_SINGLE_APPROVAL = "edit_needs_single_approval"
     UNKNOWN_TENANT = "unknown_tenant"
     TENANT_DENIED = "tenant_denied"
+    WAIT_NOT_FOUND = "wait_not_found"
+    CLAIMED_BY_SOMEONE_ELSE = "claimed_by_someone_else"
+    WAIT_NOT_OPEN = "wait_not_open"
     # tools: provider failures, as classified (orchestration.tools.classify)
     TOOL_CALL_FAILED = "tool_call_failed"
     TOOL_PARAMS_CONTRACT = "tool_params_contract"

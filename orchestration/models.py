@@ -429,3 +429,16 @@ class ToolCall(models.Model):
 
     def __str__(self) -> str:
         return f"{self.capability} via {self.provider} #{self.attempt} ({self.status})"
+
+
+class WaitClaim(models.Model):
+    """An operator's claim on an open approval or escalation: others see who is on it and
+    until when. A claim lapses at ``expires_at``; it never stops anyone deciding."""
+
+    wait = models.OneToOneField(Wait, on_delete=models.CASCADE, primary_key=True, related_name="claim")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    claimed_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"claim on wait {self.wait_id} until {self.expires_at:%H:%M:%S}"

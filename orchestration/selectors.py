@@ -20,13 +20,15 @@ log), ``*_check`` functions refuse an action outright.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.contrib.auth.models import User
-from django.db.models import Q, QuerySet
+from django.contrib.auth.models import Group, User
+from django.db.models import Count, F, Q, QuerySet
+from django.db.models.fields.json import KeyTextTransform
 from guardian.shortcuts import get_objects_for_user
 
+from audit.selectors import latest_audit_event_id
 from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
@@ -36,13 +38,15 @@ from orchestration.models import (
     RunEvent,
     StateVersion,
     Step,
+    StepStatus,
     Wait,
+    WaitClaim,
     WaitKind,
     WaitStatus,
     WorkflowRecord,
 )
 from orchestration.tools.status import capability_status_list
-from policies.models import Tenant
+from policies.models import ScopeKind, SpendScope, Tenant
 
 VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
@@ -407,3 +411,217 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
             seconds_to_acknowledge=seconds,
         ))
     return rows
+
+
+# --- home and the decision inbox ---------------------------------------------------------------------
+
+#: Escalation reasons as the home page groups them (``Wait.action["why"]`` starts with one of
+#: these words; anything else is "other").
+ESCALATION_REASONS = (
+    ("retries exhausted", "retries exhausted"),
+    ("contract violation", "contract violation"),
+    ("ceiling hit", "limit reached"),
+    ("policy", "policy"),
+)
+
+
+def _escalation_reason(why: str) -> str:
+    for label, prefix in ESCALATION_REASONS:
+        if (why or "").startswith(prefix):
+            return label
+    return "other"
+
+
+@dataclass
+class HomeFilters:
+    """The home page's filters, as GET parameters (so a link reproduces the view)."""
+
+    workflow: str = ""
+    tenant: str = ""
+    status: str = ""
+    agent: str = ""
+    #: Only runs created within this many hours (0: any age).
+    age_hours: int = 0
+    #: Only runs with an open decision that needs this tier (0: any).
+    tier: int = 0
+
+
+def _home_runs(user: User, filters: HomeFilters) -> QuerySet[Run]:
+    qs = runs_visible_to(user)
+    if filters.workflow:
+        qs = qs.filter(workflow_name=filters.workflow)
+    if filters.tenant:
+        qs = qs.filter(tenant__slug=filters.tenant)
+    if filters.agent:
+        qs = qs.filter(pk__in=Step.objects.filter(agent=filters.agent).values("run_id"))
+    if filters.age_hours:
+        qs = qs.filter(created_at__gte=datetime.now(tz=UTC) - timedelta(hours=filters.age_hours))
+    if filters.tier:
+        qs = qs.filter(pk__in=Wait.objects.filter(status=WaitStatus.OPEN, tier=filters.tier).values("run_id"))
+    return qs
+
+
+@dataclass
+class HomeCounts:
+    by_status: dict[str, int]
+    waiting_decision: int
+    waiting_event: int
+    escalated: int
+    escalated_by_reason: dict[str, int]
+    pools: list[dict[str, Any]]
+    near_ceiling: list[dict[str, Any]]
+    #: The newest live event id when counted: the client's catch-up mark.
+    last_event_id: int
+
+
+def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> HomeCounts:
+    """What needs attention, counted over the runs ``user`` may see (five queries whatever the
+    number of runs): runs by status, open waits by kind and escalation reason, steps queued and
+    running per pool, runs near their cost ceiling, and the newest event id."""
+    filters = filters or HomeFilters()
+    runs = _home_runs(user, filters)
+    by_status = {row["status"]: row["n"] for row in runs.order_by().values("status").annotate(n=Count("id"))}
+    waits = (
+        Wait.objects.filter(status=WaitStatus.OPEN, run__in=runs.values("pk"))
+        .order_by()
+        .values("kind", why=KeyTextTransform("why", "action"))
+        .annotate(n=Count("id"))
+    )
+    kinds: dict[str, int] = {}
+    reasons: dict[str, int] = {label: 0 for label, _ in ESCALATION_REASONS}
+    for row in waits:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0) + row["n"]
+        if row["kind"] == WaitKind.ESCALATION:
+            label = _escalation_reason(row["why"] or "")
+            reasons[label] = reasons.get(label, 0) + row["n"]
+    pools: dict[str, dict[str, Any]] = {}
+    for row in (
+        Step.objects.filter(status__in=(StepStatus.QUEUED, StepStatus.RUNNING), run__in=runs.values("pk"))
+        .order_by()
+        .values("pool", "status")
+        .annotate(n=Count("id"))
+    ):
+        entry = pools.setdefault(row["pool"] or "default", {"pool": row["pool"] or "default", "running": 0, "queued": 0})
+        entry["running" if row["status"] == StepStatus.RUNNING else "queued"] += row["n"]
+    near = list(
+        SpendScope.objects.filter(kind=ScopeKind.RUN, limit__gt=0)
+        .annotate(used=F("reserved") + F("spent"))
+        .filter(used__gte=F("soft_ratio") * F("limit"))
+        .order_by("-updated_at")
+        .values("key", "used", "limit")[:20]
+    )
+    if near:
+        visible = set(runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list("pk", flat=True))
+        near = [{**r, "run_id": int(r["key"])} for r in near if r["key"].isdigit() and int(r["key"]) in visible]
+    last = latest_audit_event_id()
+    return HomeCounts(
+        by_status=by_status,
+        waiting_decision=kinds.get(WaitKind.APPROVAL, 0),
+        waiting_event=kinds.get(WaitKind.EVENT, 0),
+        escalated=kinds.get(WaitKind.ESCALATION, 0),
+        escalated_by_reason=reasons,
+        pools=sorted(pools.values(), key=lambda p: p["pool"]),
+        near_ceiling=near,
+        last_event_id=last,
+    )
+
+
+@dataclass
+class NumberedPage:
+    items: list[Any]
+    total: int
+    page: int
+    pages: int
+
+
+def home_runs_for_user(user: User, filters: HomeFilters | None = None, *, page: int = 1, per_page: int = 25) -> NumberedPage:
+    """The filtered runs, newest first, a page at a time with the honest total."""
+    qs = _home_runs(user, filters or HomeFilters())
+    if filters and filters.status:
+        qs = qs.filter(status=filters.status)
+    total = qs.count()
+    pages = max(1, -(-total // per_page))
+    page = min(max(page, 1), pages)
+    items = list(qs.order_by("-created_at", "-id")[(page - 1) * per_page : page * per_page])
+    return NumberedPage(items=items, total=total, page=page, pages=pages)
+
+
+@dataclass
+class InboxItem:
+    wait: Wait
+    #: Why this user may not act on it (None: they may), in words.
+    refusal: str | None
+    #: Who can act when this user may not, e.g. "tier 3 — lead".
+    who_can_act: str
+    claimed_by: str
+    claimed_until: datetime | None
+
+    @property
+    def actionable(self) -> bool:
+        return self.refusal is None
+
+
+def _tier_holders() -> dict[int, list[str]]:
+    """The groups holding each tier's permission (a role's name says who to ask)."""
+    holders: dict[int, list[str]] = {tier: [] for tier in TIERS}
+    codenames = {perm.split(".", 1)[1]: tier for tier, perm in TIERS.items()}
+    for name, codename in Group.objects.filter(permissions__codename__in=list(codenames)).values_list(
+        "name", "permissions__codename"
+    ):
+        holders[codenames[codename]].append(name)
+    return holders
+
+
+def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: datetime) -> InboxItem:
+    refusal = wait_refusal(user, wait)
+    roles = sorted({name for tier, names in holders.items() if tier >= wait.tier for name in names})
+    who = f"needs tier {wait.tier}" + (f" — {', '.join(roles)}" if roles else "")
+    claim: WaitClaim | None = getattr(wait, "claim", None)  # None when unclaimed
+    live = claim is not None and claim.expires_at > now
+    return InboxItem(
+        wait=wait,
+        refusal=refusal[0] if refusal else None,
+        who_can_act=who,
+        claimed_by=claim.user.get_username() if live and claim is not None else "",
+        claimed_until=claim.expires_at if live and claim is not None else None,
+    )
+
+
+def _inbox_waits(user: User) -> QuerySet[Wait]:
+    qs = Wait.objects.filter(status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION))
+    if not (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
+        qs = qs.filter(run__in=runs_visible_to(user))
+    return qs.select_related("run", "step", "claim__user")
+
+
+def inbox_for_user(user: User, *, limit: int = 200) -> list[InboxItem]:
+    """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
+    they may not decide are included, saying why and who can."""
+    now = datetime.now(tz=UTC)
+    waits = list(_inbox_waits(user).order_by("deadline_at", "id")[:limit])
+    holders = _tier_holders() if waits else {}
+    return [_inbox_item(user, wait, holders, now) for wait in waits]
+
+
+def inbox_item_for_user(user: User, wait_id: int) -> InboxItem:
+    """One approval or escalation (open or decided) on a run ``user`` may see, or NotFound."""
+    qs = Wait.objects.filter(pk=wait_id, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION))
+    wait = qs.filter(run__in=runs_visible_to(user)).select_related("run", "step", "claim__user", "decided_by").first()
+    if wait is None:
+        raise NotFound(f"no approval or escalation {wait_id}", code=Code.WAIT_NOT_FOUND)
+    return _inbox_item(user, wait, _tier_holders(), datetime.now(tz=UTC))
+
+
+def run_spend(run: Run) -> dict[str, Any] | None:
+    """The run's spend scope (spent, reserved, limit), if the ledger has one."""
+    row = (
+        SpendScope.objects.filter(kind=ScopeKind.RUN, key=str(run.pk))
+        .values("spent", "reserved", "limit", "soft_ratio")
+        .first()
+    )
+    return dict(row) if row is not None else None
+
+
+def latest_event_id() -> int:
+    """A live page's catch-up mark: the newest audit row's id (every change writes one)."""
+    return latest_audit_event_id()

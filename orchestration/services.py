@@ -35,6 +35,7 @@ from orchestration.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    SignalboxError,
 )
 from orchestration.graph import deadline_of
 from orchestration.models import (
@@ -45,6 +46,7 @@ from orchestration.models import (
     RunEvent,
     RunStatus,
     Wait,
+    WaitClaim,
     WaitKind,
     WaitStatus,
     WaitVote,
@@ -661,3 +663,98 @@ def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: 
         actor_id=actor_id, run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
         data={"seconds": seconds, "how": how, "tier": wait.tier},
     )]
+
+
+# --- claims and bulk decisions (the inbox) ------------------------------------------------------------
+
+#: How long a claim on an approval or escalation lasts unless renewed or released.
+CLAIM_MINUTES = 15
+
+
+def _decidable_wait(user: User, wait_id: int) -> Wait:
+    wait = (
+        Wait.objects.filter(
+            pk=wait_id, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION),
+            run__in=selectors.runs_visible_to(user),
+        )
+        .select_related("run", "step")
+        .first()
+    )
+    if wait is None:
+        raise NotFound(f"no approval or escalation {wait_id}", code=Code.WAIT_NOT_FOUND)
+    return wait
+
+
+def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> WaitClaim:
+    """Claim an open approval or escalation for ``minutes`` (renewing one's own claim). Someone
+    else's live claim is a Conflict saying who holds it and until when."""
+    wait = _decidable_wait(user, wait_id)
+    selectors.wait_check_decide(user, wait)
+    now = timezone.now()
+    with transaction.atomic():
+        locked = Wait.objects.select_for_update().get(pk=wait.pk)
+        if locked.status != WaitStatus.OPEN:
+            raise Conflict(f"{wait.kind} {wait_id} is already {locked.status}", code=Code.WAIT_NOT_OPEN)
+        current = WaitClaim.objects.filter(wait=locked).select_related("user").first()
+        if current is not None and current.expires_at > now and current.user_id != user.pk:
+            raise Conflict(
+                f"claimed by {current.user.get_username()} until {current.expires_at:%H:%M:%S} UTC",
+                code=Code.CLAIMED_BY_SOMEONE_ELSE,
+                detail={"claimed_by": current.user.get_username(), "until": current.expires_at.isoformat()},
+            )
+        claim, _ = WaitClaim.objects.update_or_create(
+            wait=locked, defaults={"user": user, "claimed_at": now, "expires_at": now + timedelta(minutes=minutes)}
+        )
+        audit_record_many([Entry(
+            verb=Verb.WAIT_CLAIMED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
+            actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
+            data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
+        )], now=now)
+    return claim
+
+
+def wait_release(*, wait_id: int, user: User) -> None:
+    """Give up one's claim (someone else's claim is not theirs to release)."""
+    wait = _decidable_wait(user, wait_id)
+    now = timezone.now()
+    with transaction.atomic():
+        deleted, _ = WaitClaim.objects.filter(wait_id=wait.pk, user=user).delete()
+        if deleted:
+            audit_record_many([Entry(
+                verb=Verb.WAIT_RELEASED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
+                actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
+                data={"kind": wait.kind},
+            )], now=now)
+
+
+@dataclass
+class BulkOutcome:
+    wait_id: int
+    ok: bool
+    message: str = ""
+    code: str = ""
+
+
+def approvals_decide_bulk(
+    *, wait_ids: list[int], user: User, decision: str = Decision.APPROVE, reason: str = ""
+) -> list[BulkOutcome]:
+    """Approve (or reject) several approvals of the same tier with one reason. Each is decided
+    in its own transaction, so one refusal does not undo the others; the outcome of each is
+    reported. Edits are not offered in bulk."""
+    if decision not in (Decision.APPROVE, Decision.REJECT):
+        raise InvalidInput("bulk decisions are approve or reject", code=Code.INVALID_DECISION)
+    if not wait_ids:
+        raise InvalidInput("choose at least one approval", code=Code.INVALID_DECISION)
+    tiers = set(Wait.objects.filter(pk__in=wait_ids).values_list("tier", flat=True))
+    if len(tiers) > 1:
+        raise InvalidInput("bulk decisions are for approvals of one tier", code=Code.INVALID_DECISION,
+                           detail={"tiers": sorted(tiers)})
+    outcomes = []
+    for wait_id in dict.fromkeys(wait_ids):
+        try:
+            approval_decide(wait_id=wait_id, user=user, decision=decision, reason=reason)
+        except SignalboxError as exc:
+            outcomes.append(BulkOutcome(wait_id, False, exc.message, str(exc.code)))
+        else:
+            outcomes.append(BulkOutcome(wait_id, True))
+    return outcomes

@@ -10,6 +10,7 @@ from django import template
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.timesince import timesince, timeuntil
 
 register = template.Library()
 
@@ -68,3 +69,20 @@ def json_preview(value: Any) -> str:
 @register.filter
 def json_compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+@register.simple_tag
+def relative_time(value: datetime | None) -> SafeString | str:
+    """``<time>`` reading "3 minutes ago" (or "in 3 minutes"), the exact UTC time on hover."""
+    if value is None:
+        return "—"
+    value = value.astimezone(UTC)
+    now = datetime.now(tz=UTC)
+    words = f"{timesince(value, now)} ago" if value <= now else f"in {timeuntil(value, now)}"
+    iso = value.isoformat()
+    return format_html(
+        '<time datetime="{}" title="{} UTC">{}</time>',
+        iso,
+        value.strftime("%Y-%m-%d %H:%M:%S"),
+        words,
+    )

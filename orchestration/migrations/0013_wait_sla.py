@@ -2,7 +2,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("orchestration", "0011_run_tenant_record")]
+    dependencies = [("orchestration", "0012_wait_claims")]
 
     operations = [
         migrations.AddField(

@@ -201,3 +201,52 @@ async def test_deactivated_user_is_rejected(
     run_id: int, deactivated_cookie: tuple[bytes, bytes]
 ) -> None:
     assert not await accepted(f"/ws/runs/{run_id}/", ORIGIN, deactivated_cookie)
+
+
+# --- home and inbox -------------------------------------------------------------------------------
+
+
+async def test_home_socket_renders_on_connect_and_after_events(
+    run_id: int, viewer_cookie: tuple[bytes, bytes]
+) -> None:
+    communicator, connected = await connect("/ws/home/", ORIGIN, viewer_cookie)
+    assert connected
+    try:
+        first = await communicator.receive_from(timeout=5)  # the catch-up on connect
+        await get_channel_layer().group_send(
+            RUNS_GROUP, {**RUN_EVENT, "event": {**RUN_EVENT["event"], "run_id": run_id}}
+        )
+        second = await communicator.receive_from(timeout=5)
+        await communicator.send_to(text_data='{"catchup": 0}')
+        third = await communicator.receive_from(timeout=5)
+    finally:
+        await communicator.disconnect()
+    for html in (first, second, third):
+        assert html.startswith('<div id="home-live" data-event-id="')
+        assert f">#{run_id}<" in html
+
+
+async def test_home_socket_counts_only_what_the_user_may_see(
+    run_id: int, submitter_cookie: tuple[bytes, bytes]
+) -> None:
+    communicator, connected = await connect("/ws/home/", ORIGIN, submitter_cookie)
+    assert connected
+    try:
+        html = await communicator.receive_from(timeout=5)
+    finally:
+        await communicator.disconnect()
+    assert f">#{run_id}<" not in html
+    assert '<span class="num" data-count="queued">0</span>' in html
+
+
+async def test_inbox_socket_refuses_anonymous_and_renders_for_users(
+    viewer_cookie: tuple[bytes, bytes]
+) -> None:
+    assert not await accepted("/ws/inbox/", ORIGIN)
+    communicator, connected = await connect("/ws/inbox/", ORIGIN, viewer_cookie)
+    assert connected
+    try:
+        html = await communicator.receive_from(timeout=5)
+    finally:
+        await communicator.disconnect()
+    assert html.startswith('<div id="inbox-list"') and "Nothing waits for a decision." in html

@@ -81,7 +81,7 @@ def test_demo_refuses_to_run_against_external_services(monkeypatch: pytest.Monke
 def simulator() -> DemoSimulator:
     demo_users_seed()
     service = get_user_model().objects.get(username="simulator")
-    return DemoSimulator(user=service, rng=random.Random(3), reject_share=0.0)
+    return DemoSimulator(user=service, rng=random.Random(3), reject_share=0.0, auto_decide=True)
 
 
 def test_simulator_submits_one_of_each_workflow_first(simulator: DemoSimulator) -> None:
@@ -171,3 +171,16 @@ def test_simulator_retries_escalations_nobody_answered(simulator: Any, drive: Ca
     assert "demo simulator" in escalation.decision_reason
     step = Step.objects.get(run=run, node="act")
     assert step.status == "queued"
+
+
+def test_simulator_leaves_decisions_to_people_by_default(drive: Callable[[int], Run]) -> None:
+    demo_users_seed()
+    service = get_user_model().objects.get(username="simulator")
+    quiet = DemoSimulator(user=service, rng=random.Random(3))
+    content = drive(
+        run_submit(workflow="content_pipeline", input={}, submitted_by=service, seed=5).run.pk
+    )
+    assert content.status == "waiting"
+    late = quiet.tick(timezone.now() + timedelta(hours=1))
+    assert late.decided == [] and late.retried == []
+    assert Wait.objects.filter(run=content, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN).exists()

@@ -72,7 +72,7 @@ def test_pages_load_htmx_and_the_stylesheet_locally(viewer: Any) -> None:
 def test_run_list_shows_runs_newest_first_with_utc_times(viewer: Any) -> None:
     older = submit(None)
     newer = submit(None, "content_pipeline", topic="Queues")
-    html = logged_in(viewer).get("/").content.decode()
+    html = logged_in(viewer).get("/runs/").content.decode()
 
     assert html.index(f">#{newer.pk}<") < html.index(f">#{older.pk}<")
     assert "content_pipeline" in html and "research_brief" in html
@@ -84,7 +84,7 @@ def test_run_list_shows_runs_newest_first_with_utc_times(viewer: Any) -> None:
 
 
 def test_run_list_empty_state(viewer: Any) -> None:
-    html = logged_in(viewer).get("/").content.decode()
+    html = logged_in(viewer).get("/runs/").content.decode()
     assert "No runs yet." in html
 
 
@@ -94,11 +94,11 @@ def test_run_list_filters_by_status(viewer: Any, drive: Callable[[int], Run]) ->
     queued = submit(None)
     client = logged_in(viewer)
 
-    html = client.get("/?status=succeeded").content.decode()
+    html = client.get("/runs/?status=succeeded").content.decode()
     assert f">#{done.pk}<" in html and f">#{queued.pk}<" not in html
     assert 'ws-connect="/ws/runs/?status=succeeded"' in html
 
-    html = client.get("/?status=failed").content.decode()
+    html = client.get("/runs/?status=failed").content.decode()
     assert "No failed runs." in html
 
 
@@ -107,7 +107,7 @@ def test_run_list_pages_with_a_cursor(viewer: Any, monkeypatch: pytest.MonkeyPat
     runs = [submit(None) for _ in range(3)]
     client = logged_in(viewer)
 
-    first = client.get("/").content.decode()
+    first = client.get("/runs/").content.decode()
     assert (
         f">#{runs[2].pk}<" in first
         and f">#{runs[1].pk}<" in first
@@ -116,20 +116,20 @@ def test_run_list_pages_with_a_cursor(viewer: Any, monkeypatch: pytest.MonkeyPat
     next_url = re.search(r'<a href="(\?cursor=[^"]+)">Older runs', first)
     assert next_url is not None
 
-    second = client.get("/" + next_url.group(1).replace("&amp;", "&")).content.decode()
+    second = client.get("/runs/" + next_url.group(1).replace("&amp;", "&")).content.decode()
     assert f">#{runs[0].pk}<" in second and f">#{runs[1].pk}<" not in second
     assert "Older runs" not in second
     assert "ws-connect" not in second  # older pages stay still
 
 
 def test_run_list_refuses_a_bad_cursor(viewer: Any) -> None:
-    assert logged_in(viewer).get("/?cursor=nonsense").status_code == 400
+    assert logged_in(viewer).get("/runs/?cursor=nonsense").status_code == 400
 
 
 def test_run_list_shows_only_the_runs_a_user_may_see(viewer: Any, submitter: Any) -> None:
     theirs = submit(None)
     mine = submit(submitter)
-    html = logged_in(submitter).get("/").content.decode()
+    html = logged_in(submitter).get("/runs/").content.decode()
     assert f">#{mine.pk}<" in html
     assert f">#{theirs.pk}<" not in html
 
@@ -142,11 +142,11 @@ def test_run_list_query_count_does_not_grow_with_runs(
         submit(None)
     # session, user, the user's permissions (direct and via groups, one query), the page of runs
     with django_assert_num_queries(4):
-        assert client.get("/").status_code == 200
+        assert client.get("/runs/").status_code == 200
     for _ in range(5):
         submit(None)
     with django_assert_num_queries(4):
-        assert client.get("/").status_code == 200
+        assert client.get("/runs/").status_code == 200
 
 
 # --- run page -----------------------------------------------------------------------------------

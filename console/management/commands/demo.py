@@ -43,12 +43,21 @@ class Command(BaseCommand):
             "--no-simulator", action="store_true", help="do not submit simulated demo work"
         )
         parser.add_argument(
+            "--auto-decide",
+            action="store_true",
+            help="let the simulator answer approvals and escalations left for 2 minutes (default: "
+            "they wait for a person)",
+        )
+        parser.add_argument(
             "--allow-external",
             action="store_true",
             help="run even though DATABASE_URL or REDIS_URL is set (uses those services)",
         )
 
+    _auto_decide = False
+
     def handle(self, *args: Any, **options: Any) -> None:
+        self._auto_decide = bool(options["auto_decide"])
         consequences = {
             "DATABASE_URL": "its data would go to that database",
             "REDIS_URL": "its worker would take tasks from that broker",
@@ -88,7 +97,7 @@ class Command(BaseCommand):
             if service is None:
                 self.stdout.write(f"No service account {SIMULATOR_USER!r} to submit demo work as: simulator off.")
             else:
-                simulator = DemoSimulator(user=service).tick
+                simulator = DemoSimulator(user=service, auto_decide=options["auto_decide"]).tick
         stack = EmbeddedStack(
             EmbeddedOptions(
                 host=options["host"],
@@ -147,7 +156,8 @@ class Command(BaseCommand):
             f"  scheduler  engine tick every {stack.options.tick_seconds:g}s (expired leases, timeouts, deadlines)",
             (
                 "  simulator  submits content_pipeline / refund_desk / research_brief every few seconds, "
-                "settles refunds, decides approvals left over 2 minutes"
+                "settles refunds; approvals and escalations wait for you"
+                + (" (--auto-decide: answered after 2 minutes)" if self._auto_decide else "")
                 if stack.options.simulator
                 else "  simulator  off (--no-simulator)"
             ),

@@ -363,3 +363,18 @@ def decode_id_cursor(cursor: str) -> int:
 
 def step_summary(step: Step) -> dict[str, Any]:
     return {"id": step.pk, "key": step.key, "status": step.status}
+
+
+def run_retry_point(run: Run) -> tuple[Step | None, str]:
+    """The step a failed ``run`` would be retried from (its latest failed agent or map-item
+    step), or None and why it cannot be: only a run that failed at one step, with nothing
+    cancelled by its failure and nothing undone, picks up where it stopped."""
+    steps = run_steps(run)
+    if any(s.kind == "compensate" for s in steps):
+        return None, "its completed steps were undone after it failed"
+    if any(s.status == "cancelled" for s in steps):
+        return None, "steps that ran beside the failed one were cancelled when it failed"
+    failed = [s for s in steps if s.status == "failed" and s.kind in ("agent", "item")]
+    if not failed:
+        return None, "no step failed (the run itself was stopped)"
+    return failed[-1], ""

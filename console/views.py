@@ -16,9 +16,11 @@ from django.template.loader import render_to_string
 from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
+from console.graph_svg import graph_svg, node_states
 from orchestration.compensation import UNDO
-from orchestration.errors import InvalidInput, NotFound, PermissionDenied
+from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
+from orchestration.registry import workflow_get
 from orchestration.selectors import (
     capability_status_list_for_user,
     run_events,
@@ -162,6 +164,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
         "audit": audit[:AUDIT_EVENTS_SHOWN],
         "audit_truncated": len(audit) > AUDIT_EVENTS_SHOWN,
         "is_active": not run.is_terminal,
+        "graph": run_graph(run, steps, {e["wait"].step_id for e in escalations}),
     }
 
 
@@ -193,3 +196,14 @@ def tool_list(request: HttpRequest) -> HttpResponse:
     except PermissionDenied:
         raise DjangoPermissionDenied from None
     return render(request, "console/tool_list.html", {"capabilities": capabilities})
+
+
+def run_graph(run: Run, steps: list[Step], escalated_steps: set[int]) -> str:
+    """The run's workflow graph as inline SVG, each node in its state (empty if the workflow
+    is no longer registered)."""
+    try:
+        wf = workflow_get(run.workflow_name, run.workflow_version)
+    except UnknownWorkflow:  # no longer registered: the page goes on without the graph
+        return ""
+    states, anchors, notes = node_states(steps, escalated_steps)
+    return graph_svg(wf, states, anchors=anchors, notes=notes)

@@ -1,0 +1,94 @@
+"""The run page: the workflow graph in each node's state, and the operator's retry."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from console.graph_svg import layout
+from orchestration.models import Run
+from orchestration.registry import workflow_get
+from orchestration.services import run_submit
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _engine_in_process(settings: Any) -> None:
+    settings.SIGNALBOX = {
+        **settings.SIGNALBOX,
+        "AGENT_TIME_SCALE": 0.0,
+        "LIVE_EVENTS": False,
+        "RETRY_BASE_SECONDS": 0.0,
+    }
+
+
+def logged_in(user: Any) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def node_state(html: str, node: str) -> str:
+    match = re.search(
+        rf'<g class="run-graph-node state-([a-z_]+) kind-\w+" data-node="{node}">', html
+    )
+    assert match, f"no graph node {node!r}"
+    return match.group(1)
+
+
+def test_the_graph_is_laid_out_left_to_right_with_loops_marked() -> None:
+    wf = workflow_get("content_pipeline")
+    placed = layout(wf)
+    assert placed.nodes["research_a"].layer == placed.nodes["research_b"].layer
+    assert placed.nodes["draft"].layer > placed.nodes["research_a"].layer
+    assert any(loop for _, _, loop in placed.edges)  # the review loops back to the draft
+
+
+def test_a_completed_run_shows_every_node_done(viewer: Any, operator: Any, drive: Any) -> None:
+    run = drive(
+        run_submit(workflow="slow_then_echo", input={"seconds": 0}, submitted_by=operator).run.pk
+    )
+    assert run.status == "succeeded"
+    html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
+    assert node_state(html, "slow") == "done" and node_state(html, "echo") == "done"
+    assert 'role="img"' in html and "<title" in html and "✓ done" in html
+    assert 'href="#step-' in html and 'id="step-' in html
+
+
+def test_a_failed_run_shows_its_failed_node_and_what_never_ran(
+    viewer: Any, operator: Any, drive: Any
+) -> None:
+    run = drive(run_submit(workflow="bad_handoff", input={}, submitted_by=operator).run.pk)
+    assert run.status == "failed"
+    html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
+    assert node_state(html, "produce") == "failed"
+    assert node_state(html, "consume") == "not_started"
+    assert "✗ failed" in html
+
+
+def test_an_escalated_step_is_shown_escalated(viewer: Any, operator: Any, drive: Any) -> None:
+    run = drive(
+        run_submit(
+            workflow="escalating", input={"fail_attempts": 2, "text": "hi"}, submitted_by=operator
+        ).run.pk
+    )
+    html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
+    assert node_state(html, "act") == "escalated"
+    assert "! escalated" in html
+
+
+def test_the_run_page_query_count_is_pinned(
+    viewer: Any, operator: Any, drive: Any, django_assert_num_queries: Any
+) -> None:
+    run = drive(
+        run_submit(workflow="slow_then_echo", input={"seconds": 0}, submitted_by=operator).run.pk
+    )
+    client = logged_in(viewer)
+    client.get(f"/runs/{run.pk}/")
+    with django_assert_num_queries(10):
+        assert client.get(f"/runs/{run.pk}/").status_code == 200
+    assert Run.objects.get(pk=run.pk).status == "succeeded"

@@ -3,13 +3,15 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views
+from console import views, views_runs
 
 app_name = "console"
 
 urlpatterns = [
     path("", views.run_list, name="run_list"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
+    path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
     path("tools/", views.tool_list, name="tool_list"),
     path(
         "accounts/login/",

@@ -23,6 +23,7 @@ from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind,
 from orchestration.registry import workflow_get
 from orchestration.selectors import (
     capability_status_list_for_user,
+    may_decide,
     run_events,
     run_get_for_user,
     run_list_for_user,
@@ -185,7 +186,8 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
         run = run_get_for_user(_user(request), run_id)
     except NotFound:
         raise Http404(f"no run {run_id}") from None
-    return render(request, "console/run_detail.html", run_detail_context(run))
+    context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    return render(request, "console/run_detail.html", context)
 
 
 @login_required

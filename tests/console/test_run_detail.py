@@ -89,6 +89,64 @@ def test_the_run_page_query_count_is_pinned(
     )
     client = logged_in(viewer)
     client.get(f"/runs/{run.pk}/")
-    with django_assert_num_queries(10):
+    with django_assert_num_queries(12):
         assert client.get(f"/runs/{run.pk}/").status_code == 200
     assert Run.objects.get(pk=run.pk).status == "succeeded"
+
+
+# --- operator actions -------------------------------------------------------------------------------
+
+
+def failed_run(operator: Any, drive: Any) -> Run:
+    run = drive(
+        run_submit(workflow="flaky_chain", input={"failures": 4}, submitted_by=operator).run.pk
+    )
+    assert run.status == "failed"
+    return run
+
+
+def test_an_operator_retries_a_failed_run_from_its_page(operator: Any, drive: Any) -> None:
+    run = failed_run(operator, drive)
+    client = logged_in(operator)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Retry from the failed step" in page and 'name="csrfmiddlewaretoken"' in page
+    response = client.post(f"/runs/{run.pk}/retry/", {"reason": "provider is back"})
+    assert response.status_code == 303 and response["Location"] == f"/runs/{run.pk}/"
+    assert Run.objects.get(pk=run.pk).status == "running"
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Run retried from its failed step." in page
+    # A second click (a stale page) is refused with a clear message; nothing changes.
+    client.post(f"/runs/{run.pk}/retry/", {"reason": "again"})
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "run_not_failed" in page and "only a failed run can be retried" in page
+    assert drive(run.pk).status == "succeeded"
+
+
+def test_a_retry_without_a_reason_is_refused_on_the_page(operator: Any, drive: Any) -> None:
+    run = failed_run(operator, drive)
+    client = logged_in(operator)
+    client.post(f"/runs/{run.pk}/retry/", {"reason": "  "})
+    assert Run.objects.get(pk=run.pk).status == "failed"
+    assert "a reason is required" in client.get(f"/runs/{run.pk}/").content.decode()
+
+
+def test_a_viewer_sees_no_buttons_and_gets_403_if_they_post(
+    viewer: Any, operator: Any, drive: Any
+) -> None:
+    run = failed_run(operator, drive)
+    client = logged_in(viewer)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Retry from the failed step" not in page and "Cancel this run" not in page
+    assert "You may view this run but not act on it." in page
+    assert client.post(f"/runs/{run.pk}/retry/", {"reason": "let me"}).status_code == 403
+    assert client.post(f"/runs/{run.pk}/cancel/", {"reason": "let me"}).status_code == 403
+    assert Run.objects.get(pk=run.pk).status == "failed"
+
+
+def test_an_operator_cancels_an_active_run_with_a_reason(operator: Any) -> None:
+    run = run_submit(workflow="slow_then_echo", input={"seconds": 60}, submitted_by=operator).run
+    client = logged_in(operator)
+    assert "Cancel this run" in client.get(f"/runs/{run.pk}/").content.decode()
+    assert client.get(f"/runs/{run.pk}/cancel/").status_code == 405
+    client.post(f"/runs/{run.pk}/cancel/", {"reason": "wrong input"})
+    assert Run.objects.get(pk=run.pk).status == "cancelled"

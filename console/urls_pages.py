@@ -12,6 +12,7 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
     path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
+    path("vendor/plotly-<str:version>.min.js", views_runs.plotly_js, name="plotly_js"),
     path("tools/", views.tool_list, name="tool_list"),
     path(
         "accounts/login/",

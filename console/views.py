@@ -13,10 +13,12 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.template.loader import render_to_string
+from django.utils import timezone
 from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
+from console.views_runs import PLOTLY_VERSION, run_timeline
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -187,6 +189,8 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
+    context["plotly_version"] = PLOTLY_VERSION
     return render(request, "console/run_detail.html", context)
 
 

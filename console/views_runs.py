@@ -4,18 +4,22 @@ a run that has not ended. Each is a POST with CSRF and a required reason; the se
 
 from __future__ import annotations
 
-from typing import cast
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
 
+import plotly
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from orchestration import services
 from orchestration.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from orchestration.models import Step, Wait
 from orchestration.selectors import run_get_for_decision
 
 REASON_MAX = 2000
@@ -59,3 +63,70 @@ def run_retry(request: HttpRequest, run_id: int) -> HttpResponse:
 @require_POST
 def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
     return _act(request, run_id, "cancel")
+
+
+# --- the run timeline -------------------------------------------------------------------------------
+
+#: Plotly's bundle, served from the installed package (no CDN, no copy in the repository).
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+PLOTLY_VERSION = plotly.__version__
+
+
+def plotly_js(request: HttpRequest, version: str) -> HttpResponse:
+    """The installed plotly.min.js; its URL names the version, so it is cached for a year."""
+    if version != PLOTLY_VERSION:
+        raise Http404("another plotly version")
+    response = FileResponse(PLOTLY_JS.open("rb"), content_type="text/javascript; charset=utf-8")
+    response["Cache-Control"] = "public, max-age=31536000, immutable"
+    return response
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_timeline(steps: list[Step], waits: list[Wait], now: datetime) -> dict[str, Any]:
+    """What the timeline draws (read by static/console/run_timeline.js): per step its queued,
+    running and waiting spans, and the moments its attempts failed."""
+    bars: list[dict[str, Any]] = []
+    marks: list[dict[str, Any]] = []
+    for step in steps:
+        end = step.finished_at or now
+        if step.started_at and step.started_at > step.created_at:
+            bars.append(
+                {
+                    "step": step.key,
+                    "phase": "queued",
+                    "from": _iso(step.created_at),
+                    "to": _iso(step.started_at),
+                }
+            )
+        if step.started_at:
+            bars.append(
+                {
+                    "step": step.key,
+                    "phase": step.status,
+                    "from": _iso(step.started_at),
+                    "to": _iso(end),
+                }
+            )
+        for entry in step.attempts_log or []:
+            if isinstance(entry, dict) and entry.get("at"):
+                marks.append(
+                    {
+                        "step": step.key,
+                        "at": entry["at"],
+                        "label": f"attempt failed: {entry.get('code', '')}",
+                    }
+                )
+    keys = {step.pk: step.key for step in steps}
+    for wait in waits:
+        bars.append(
+            {
+                "step": keys.get(wait.step_id, ""),
+                "phase": f"waiting ({wait.kind})",
+                "from": _iso(wait.created_at),
+                "to": _iso(wait.decided_at or now),
+            }
+        )
+    return {"bars": bars, "marks": marks}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -150,3 +151,25 @@ def test_an_operator_cancels_an_active_run_with_a_reason(operator: Any) -> None:
     assert client.get(f"/runs/{run.pk}/cancel/").status_code == 405
     client.post(f"/runs/{run.pk}/cancel/", {"reason": "wrong input"})
     assert Run.objects.get(pk=run.pk).status == "cancelled"
+
+
+def test_the_timeline_is_a_json_island_drawn_by_a_static_script(
+    viewer: Any, operator: Any, drive: Any
+) -> None:
+    run = drive(
+        run_submit(workflow="flaky_chain", input={"failures": 1}, submitted_by=operator).run.pk
+    )
+    client = logged_in(viewer)
+    html = client.get(f"/runs/{run.pk}/").content.decode()
+    island = re.search(
+        r'<script id="run-timeline-data" type="application/json">(.*?)</script>', html, re.S
+    )
+    assert island, "no timeline data"
+    data = json.loads(island.group(1))
+    assert {bar["step"] for bar in data["bars"]} == {"flaky"}
+    assert [mark["label"] for mark in data["marks"]] == ["attempt failed: provider_unavailable"]
+    assert "run_timeline.js" in html and "<script>" not in html
+    src = re.search(r'<script src="(/vendor/plotly-[^"]+)"', html).group(1)
+    response = client.get(src)
+    assert response.status_code == 200 and "immutable" in response["Cache-Control"]
+    assert b"plotly" in b"".join(response.streaming_content)[:2000].lower()

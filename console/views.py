@@ -18,7 +18,7 @@ from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
-from console.views_runs import PLOTLY_VERSION, run_timeline
+from console.views_runs import PLOTLY_VERSION, run_timeline, step_details
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -29,10 +29,13 @@ from orchestration.selectors import (
     run_events,
     run_get_for_user,
     run_list_for_user,
+    run_policy_decisions,
     run_state_history,
     run_steps,
+    run_tool_calls,
     run_waits,
 )
+from policies.active import active_policy
 from policies.tenants import tenant_by_id
 
 PAGE_SIZE = 50
@@ -191,6 +194,9 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
+    context["step_details"], context["run_cost"] = step_details(
+        context["steps"], context["waits"], run_tool_calls(run), run_policy_decisions(run), active_policy()
+    )
     return render(request, "console/run_detail.html", context)
 
 

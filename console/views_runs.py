@@ -5,6 +5,7 @@ a run that has not ended. Each is a POST with CSRF and a required reason; the se
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from orchestration import services
 from orchestration.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from orchestration.models import Step, Wait
 from orchestration.selectors import run_get_for_decision
+from policies.limits import price_cost
 
 REASON_MAX = 2000
 
@@ -130,3 +132,84 @@ def run_timeline(steps: list[Step], waits: list[Wait], now: datetime) -> dict[st
             }
         )
     return {"bars": bars, "marks": marks}
+
+
+# --- per step: inputs and outputs, the operator's edit, tool calls, policy decisions, cost ----------
+
+
+def field_diff(before: Any, after: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """A readable field-level diff of two JSON values: one row per changed, added or removed
+    field (nested objects by dotted path)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        rows: list[dict[str, Any]] = []
+        for key in sorted(set(before) | set(after), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in after:
+                rows.append(
+                    {"field": path, "change": "removed", "before": before[key], "after": None}
+                )
+            elif key not in before:
+                rows.append({"field": path, "change": "added", "before": None, "after": after[key]})
+            else:
+                rows.extend(field_diff(before[key], after[key], path))
+        return rows
+    if before != after:
+        return [
+            {"field": prefix or "(value)", "change": "changed", "before": before, "after": after}
+        ]
+    return []
+
+
+def step_cost(usage: Any, policy: Any) -> dict[str, Any]:
+    """A step's usage as money when the active policy prices its model, else token counts."""
+    usage = usage if isinstance(usage, dict) else {}
+    tokens_in = int(usage.get("prompt_tokens") or 0)
+    tokens_out = int(usage.get("completion_tokens") or 0)
+    model = str(usage.get("model") or "")
+    money: Decimal | None = None
+    if policy is not None and model:
+        money = price_cost(policy.compiled, model, tokens_in, tokens_out)
+    return {"model": model, "tokens_in": tokens_in, "tokens_out": tokens_out, "money": money}
+
+
+def step_details(
+    steps: list[Step], waits: list[Wait], tool_calls: list[Any], decisions: list[Any], policy: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per step what the page shows under it, and the run's total cost."""
+    calls: dict[int, list[Any]] = {}
+    for call in tool_calls:
+        calls.setdefault(call.step_id, []).append(call)
+    decided: dict[int, list[Any]] = {}
+    for decision in decisions:
+        decided.setdefault(decision.step_id, []).append(decision)
+    edits: dict[int, list[dict[str, Any]]] = {}
+    for wait in waits:
+        if wait.edited_input is not None and isinstance(wait.action, dict):
+            edits[wait.step_id] = field_diff(wait.action.get("input"), wait.edited_input)
+    details = []
+    total_money = Decimal(0)
+    priced = True
+    tokens_in = tokens_out = 0
+    for step in steps:
+        cost = step_cost(step.usage, policy)
+        tokens_in += cost["tokens_in"]
+        tokens_out += cost["tokens_out"]
+        if cost["money"] is not None:
+            total_money += cost["money"]
+        elif cost["tokens_in"] or cost["tokens_out"]:
+            priced = False
+        details.append(
+            {
+                "step": step,
+                "tool_calls": calls.get(step.pk, []),
+                "decisions": decided.get(step.pk, []),
+                "edit": edits.get(step.pk),
+                "cost": cost,
+            }
+        )
+    total = {
+        "money": total_money if priced and policy is not None else None,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+    }
+    return details, total

@@ -35,13 +35,14 @@ from orchestration.models import (
     RunEvent,
     StateVersion,
     Step,
+    ToolCall,
     Wait,
     WaitKind,
     WaitStatus,
     WorkflowRecord,
 )
 from orchestration.tools.status import capability_status_list
-from policies.models import Tenant
+from policies.models import PolicyDecision, Tenant
 
 VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
@@ -378,3 +379,13 @@ def run_retry_point(run: Run) -> tuple[Step | None, str]:
     if not failed:
         return None, "no step failed (the run itself was stopped)"
     return failed[-1], ""
+
+
+def run_tool_calls(run: Run) -> list[Any]:
+    """The run's tool calls, oldest first (the page shows them per step)."""
+    return list(ToolCall.objects.filter(run=run).order_by("id"))
+
+
+def run_policy_decisions(run: Run) -> list[Any]:
+    """Every policy decision made for the run (rule, version, outcome, tier, reason)."""
+    return list(PolicyDecision.objects.filter(run_id=run.pk).select_related("version").order_by("id"))

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from console.graph_svg import layout
-from orchestration.models import Run
+from orchestration.models import Run, Step, Wait
 from orchestration.registry import workflow_get
-from orchestration.services import run_submit
+from orchestration.services import approval_decide, run_submit
+from policies.models import PolicyDecision
 
 pytestmark = pytest.mark.django_db
 
@@ -90,7 +92,7 @@ def test_the_run_page_query_count_is_pinned(
     )
     client = logged_in(viewer)
     client.get(f"/runs/{run.pk}/")
-    with django_assert_num_queries(12):
+    with django_assert_num_queries(14):
         assert client.get(f"/runs/{run.pk}/").status_code == 200
     assert Run.objects.get(pk=run.pk).status == "succeeded"
 
@@ -173,3 +175,58 @@ def test_the_timeline_is_a_json_island_drawn_by_a_static_script(
     response = client.get(src)
     assert response.status_code == 200 and "immutable" in response["Cache-Control"]
     assert b"plotly" in b"".join(response.streaming_content)[:2000].lower()
+
+
+# --- step details -----------------------------------------------------------------------------------
+
+
+def test_an_edited_approval_shows_a_field_level_diff(
+    viewer: Any, operator: Any, drive: Any, fast_agents: None
+) -> None:
+    message = "My headset arrived damaged. I would like a refund, please."
+    run = drive(run_submit(workflow="refund_desk", input={"message": message}, seed=1).run.pk)
+    wait = Wait.objects.get(run=run, kind="approval", status="open")
+    proposed = run.state["proposal"]
+    approval_decide(
+        wait_id=wait.pk,
+        user=operator,
+        decision="edit",
+        reason="partial refund agreed",
+        edited_input={"proposal": {**proposed, "amount": 99.0}},
+    )
+    html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
+    assert "Edited by the approver" in html
+    row = re.search(
+        r"<tr><td><code>proposal\.amount</code></td><td>changed</td><td><del>(.*?)</del></td><td><ins>(.*?)</ins>",
+        html,
+    )
+    assert row, "no diff row for proposal.amount"
+    assert float(row.group(1)) == proposed["amount"] and float(row.group(2)) == 99.0
+    assert "proposal.currency" not in html  # unchanged fields are not listed
+
+
+def test_policy_decisions_and_token_costs_are_listed_per_step(
+    viewer: Any, operator: Any, drive: Any
+) -> None:
+    run = drive(
+        run_submit(workflow="slow_then_echo", input={"seconds": 0}, submitted_by=operator).run.pk
+    )
+    step = Step.objects.get(run=run, node="echo")
+    Step.objects.filter(pk=step.pk).update(
+        usage={"prompt_tokens": 120, "completion_tokens": 30, "model": "m"}
+    )
+    PolicyDecision.objects.create(
+        run_id=run.pk,
+        step_id=step.pk,
+        action="agent:test_echo",
+        facts={},
+        rule="echo-needs-review",
+        outcome="allow",
+        tier=2,
+        reason="echoes are reviewed",
+        created_at=timezone.now(),
+    )
+    html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
+    assert "echo-needs-review" in html and "echoes are reviewed" in html
+    assert "120+30 tokens" in html and "120 tokens in, 30 out" in html
+    assert f"Trace id: <code>{run.trace_id}</code>" in html

@@ -18,6 +18,8 @@ from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
+from console.history import actor as history_actor
+from console.history import sentence as history_sentence
 from console.views_runs import PLOTLY_VERSION, run_timeline, step_details
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
@@ -154,6 +156,8 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
     for event in audit:
         event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
+        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]
+        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]
     current_state = [
         {"key": key, "version": run.state_versions.get(key, 0), "value": value}
         for key, value in sorted(run.state.items())
@@ -195,7 +199,11 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
     context["step_details"], context["run_cost"] = step_details(
-        context["steps"], context["waits"], run_tool_calls(run), run_policy_decisions(run), active_policy()
+        context["steps"],
+        context["waits"],
+        run_tool_calls(run),
+        run_policy_decisions(run),
+        active_policy(),
     )
     return render(request, "console/run_detail.html", context)
 

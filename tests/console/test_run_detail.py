@@ -230,3 +230,17 @@ def test_policy_decisions_and_token_costs_are_listed_per_step(
     assert "echo-needs-review" in html and "echoes are reviewed" in html
     assert "120+30 tokens" in html and "120 tokens in, 30 out" in html
     assert f"Trace id: <code>{run.trace_id}</code>" in html
+
+
+def test_history_reads_as_sentences_with_people_and_workers(operator: Any, drive: Any) -> None:
+    run = drive(
+        run_submit(workflow="flaky_chain", input={"failures": 4}, submitted_by=operator).run.pk
+    )
+    client = logged_in(operator)
+    client.post(f"/runs/{run.pk}/retry/", {"reason": "provider is back"})
+    html = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Submitted by operator" in html
+    assert "Flaky retried after provider_unavailable" in html
+    assert "Retried from flaky by operator" in html
+    assert 'title="run.retried_from_step"' in html
+    assert ">worker</td>" in html

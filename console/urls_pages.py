@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views, views_account, views_drills, views_inbox, views_policies
+from console import views, views_account, views_drills, views_inbox, views_policies, views_runs
 
 app_name = "console"
 
@@ -14,6 +14,9 @@ urlpatterns = [
     path("inbox/bulk/", views_inbox.inbox_bulk, name="inbox_bulk"),
     path("inbox/<int:wait_id>/", views_inbox.inbox_item, name="inbox_item"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
+    path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
+    path("vendor/plotly-<str:version>.min.js", views_runs.plotly_js, name="plotly_js"),
     path("tools/", views.tool_list, name="tool_list"),
     path(
         "accounts/login/",

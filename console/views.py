@@ -13,21 +13,31 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.template.loader import render_to_string
+from django.utils import timezone
 from django.utils.http import urlencode
 
 from audit.selectors import audit_events_for_run
+from console.graph_svg import graph_svg, node_states
+from console.history import actor as history_actor
+from console.history import sentence as history_sentence
+from console.views_runs import PLOTLY_VERSION, run_timeline, step_details
 from orchestration.compensation import UNDO
-from orchestration.errors import InvalidInput, NotFound, PermissionDenied
+from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
+from orchestration.registry import workflow_get
 from orchestration.selectors import (
     capability_status_list_for_user,
+    may_decide,
     run_events,
     run_get_for_user,
     run_list_for_user,
+    run_policy_decisions,
     run_state_history,
     run_steps,
+    run_tool_calls,
     run_waits,
 )
+from policies.active import active_policy
 from policies.tenants import tenant_by_id
 
 PAGE_SIZE = 50
@@ -146,6 +156,8 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
     for event in audit:
         event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
+        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]
+        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]
     current_state = [
         {"key": key, "version": run.state_versions.get(key, 0), "value": value}
         for key, value in sorted(run.state.items())
@@ -162,6 +174,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
         "audit": audit[:AUDIT_EVENTS_SHOWN],
         "audit_truncated": len(audit) > AUDIT_EVENTS_SHOWN,
         "is_active": not run.is_terminal,
+        "graph": run_graph(run, steps, {e["wait"].step_id for e in escalations}),
     }
 
 
@@ -182,7 +195,17 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
         run = run_get_for_user(_user(request), run_id)
     except NotFound:
         raise Http404(f"no run {run_id}") from None
-    return render(request, "console/run_detail.html", run_detail_context(run))
+    context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
+    context["plotly_version"] = PLOTLY_VERSION
+    context["step_details"], context["run_cost"] = step_details(
+        context["steps"],
+        context["waits"],
+        run_tool_calls(run),
+        run_policy_decisions(run),
+        active_policy(),
+    )
+    return render(request, "console/run_detail.html", context)
 
 
 @login_required
@@ -193,3 +216,14 @@ def tool_list(request: HttpRequest) -> HttpResponse:
     except PermissionDenied:
         raise DjangoPermissionDenied from None
     return render(request, "console/tool_list.html", {"capabilities": capabilities})
+
+
+def run_graph(run: Run, steps: list[Step], escalated_steps: set[int]) -> str:
+    """The run's workflow graph as inline SVG, each node in its state (empty if the workflow
+    is no longer registered)."""
+    try:
+        wf = workflow_get(run.workflow_name, run.workflow_version)
+    except UnknownWorkflow:  # no longer registered: the page goes on without the graph
+        return ""
+    states, anchors, notes = node_states(steps, escalated_steps)
+    return graph_svg(wf, states, anchors=anchors, notes=notes)

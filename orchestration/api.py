@@ -32,6 +32,7 @@ from orchestration.schemas import (
     RunListQuery,
     RunOut,
     RunPageOut,
+    RunRetryIn,
     RunSubmitIn,
     RunSubmitOut,
     StoredText,
@@ -333,3 +334,23 @@ def workflow_detail(
 )
 def capability_index(request: HttpRequest) -> list[dict[str, Any]]:
     return selectors.capability_status_list_for_user(authenticated(request))
+
+
+# --- retrying a failed run ----------------------------------------------------------------------
+
+
+@router.post(
+    "/runs/{run_id}/retry",
+    response={200: RunOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Retry a failed run from its failed step",
+    description=(
+        "The run runs again from the step that failed, with a fresh attempt budget; a reason is "
+        "required. A run that is not failed gets 409 `run_not_failed` (so a second click is "
+        "refused), one whose failure cancelled or undid other steps 409 `run_not_retryable`."
+    ),
+)
+def run_retry(request: HttpRequest, payload: RunRetryIn, run_id: int = id_in_path()) -> Any:
+    user = authenticated(request)
+    run = selectors.run_get_for_decision(user, run_id)
+    retried = services.run_retry(run_id=run.pk, user=user, reason=payload.reason)
+    return run_out(retried)

@@ -79,6 +79,8 @@ class Code(StrEnum):
     ESCALATION_NOT_FOUND = "escalation_not_found"
     RUN_TERMINAL = "run_terminal"
     RUN_COMPENSATING = "run_compensating"
+    RUN_NOT_FAILED = "run_not_failed"
+    RUN_NOT_RETRYABLE = "run_not_retryable"
     ALREADY_DECIDED = "already_decided"
     INVALID_DECISION = "invalid_decision"
     INVALID_ACTION = "invalid_action"

@@ -689,3 +689,7 @@ def escalation_out(wait: Wait) -> dict[str, Any]:
         "output": wait.payload,
         "actions": [str(a) for a in context.get("actions", ESCALATION_ACTIONS)] if is_open else [],
     }
+
+
+class RunRetryIn(BodyIn):
+    reason: StoredText = Field(min_length=1, max_length=2000)

@@ -39,6 +39,9 @@ from orchestration.models import (
     StateVersion,
     Step,
     StepStatus,
+
+
+    ToolCall,
     Wait,
     WaitClaim,
     WaitKind,
@@ -46,7 +49,7 @@ from orchestration.models import (
     WorkflowRecord,
 )
 from orchestration.tools.status import capability_status_list
-from policies.models import ScopeKind, SpendScope, Tenant
+from policies.models import PolicyDecision, ScopeKind, SpendScope, Tenant
 
 VIEW = "orchestration.view_run"
 DECIDE = "orchestration.decide_run"
@@ -625,3 +628,28 @@ def run_spend(run: Run) -> dict[str, Any] | None:
 def latest_event_id() -> int:
     """A live page's catch-up mark: the newest audit row's id (every change writes one)."""
     return latest_audit_event_id()
+
+
+def run_retry_point(run: Run) -> tuple[Step | None, str]:
+    """The step a failed ``run`` would be retried from (its latest failed agent or map-item
+    step), or None and why it cannot be: only a run that failed at one step, with nothing
+    cancelled by its failure and nothing undone, picks up where it stopped."""
+    steps = run_steps(run)
+    if any(s.kind == "compensate" for s in steps):
+        return None, "its completed steps were undone after it failed"
+    if any(s.status == "cancelled" for s in steps):
+        return None, "steps that ran beside the failed one were cancelled when it failed"
+    failed = [s for s in steps if s.status == "failed" and s.kind in ("agent", "item")]
+    if not failed:
+        return None, "no step failed (the run itself was stopped)"
+    return failed[-1], ""
+
+
+def run_tool_calls(run: Run) -> list[Any]:
+    """The run's tool calls, oldest first (the page shows them per step)."""
+    return list(ToolCall.objects.filter(run=run).order_by("id"))
+
+
+def run_policy_decisions(run: Run) -> list[Any]:
+    """Every policy decision made for the run (rule, version, outcome, tier, reason)."""
+    return list(PolicyDecision.objects.filter(run_id=run.pk).select_related("version").order_by("id"))

@@ -758,3 +758,50 @@ def approvals_decide_bulk(
         else:
             outcomes.append(BulkOutcome(wait_id, True))
     return outcomes
+
+
+# --- retrying a failed run --------------------------------------------------------------------------
+
+
+def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
+    """Retry a failed run from its failed step: the run runs again from there, the step with a
+    fresh attempt budget (audited ``run.retried_from_step``). Only a failed run can be retried
+    (409 ``run_not_failed``), and only one that failed at one step with nothing cancelled or
+    undone by its failure (409 ``run_not_retryable``); a second click finds it running."""
+    _check_text(reason, "reason")
+    if not reason.strip():
+        raise InvalidInput("say why the run is retried", code=Code.REASON_REQUIRED)
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    rt = runtime.current()
+    with transaction.atomic():
+        try:
+            run = rt.store.run_get(run_id, lock=True)
+        except Run.DoesNotExist:
+            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
+        if user is not None:
+            selectors.run_check_decide(user, run)
+        if run.status != RunStatus.FAILED:
+            raise Conflict(
+                f"run {run_id} is {run.status}: only a failed run can be retried",
+                code=Code.RUN_NOT_FAILED,
+                detail={"status": run.status},
+            )
+        step, why = selectors.run_retry_point(run)
+        if step is None:
+            raise Conflict(
+                f"run {run_id} cannot be retried from a failed step: {why}",
+                code=Code.RUN_NOT_RETRYABLE,
+                detail={"status": run.status},
+            )
+
+        def compute(snapshot: Snapshot) -> Changes:
+            focus = snapshot.focus
+            assert focus is not None
+            return advance.run_retried(
+                snapshot, now, step=focus, reason=reason, actor_type=actor_type, actor_id=actor_id
+            )
+
+        changes = compute_locked(rt, run_id, compute, focus_id=step.pk)
+        write_and_send(rt, changes)
+    return changes.run

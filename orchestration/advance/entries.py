@@ -525,3 +525,52 @@ def escalation_resolved(
             ),
         )
     return adv.finish()
+
+
+def run_retried(
+    snapshot: Snapshot,
+    now: datetime,
+    *,
+    step: Step,
+    reason: str,
+    actor_type: str,
+    actor_id: str,
+) -> Changes:
+    """An operator retried a failed run from its failed ``step``: the run is running again, the
+    step queued with its node's agent and a fresh attempt budget, and the run's deadline is as
+    long again from now as it was from submission."""
+    adv = RunAdvance(snapshot, now, actor_type=actor_type, actor_id=actor_id)
+    node = node_of(adv.wf, step)
+    run = adv.run
+    budget = node.max_attempts or agent_class(node.agent).max_attempts
+    adv.record(
+        Verb.RUN_RETRIED,
+        "run",
+        run,
+        step=step,
+        reason=reason,
+        code=run.error_code,
+        message=run.error_message,
+    )
+    run.deadline_at = now + (run.deadline_at - run.created_at)
+    run.status = RunStatus.RUNNING
+    run.finished_at = None
+    run.error_code = ""
+    run.error_message = ""
+    adv.move(
+        step,
+        StepStatus.QUEUED,
+        agent=node.agent,
+        pool=node.pool or agent_class(node.agent).pool,
+        failures=0,
+        max_attempts=adv.attempts_bound(budget or adv.wf.default_max_attempts),
+        available_at=now,
+        published_at=now,
+        finished_at=None,
+        error_class="",
+        error_code="",
+        error_message="",
+        error_detail=None,
+    )
+    adv.queue(step)
+    return adv.finish()

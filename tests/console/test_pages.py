@@ -174,7 +174,7 @@ def test_run_page_shows_steps_state_and_history_of_a_finished_run(
     # inputs and outputs, collapsible
     assert "<summary>Run input</summary>" in html and "<summary>Run output" in html
     assert "How do teams run agents in production?" in html
-    # the audit trail, with verb labels and actors
+    # the audit trail, as sentences (the verb on hover) with actors as people or workers
     for verb in (
         "run.submitted",
         "step.claimed",
@@ -182,8 +182,8 @@ def test_run_page_shows_steps_state_and_history_of_a_finished_run(
         "state.written",
         "run.succeeded",
     ):
-        assert f"<code>{verb}</code>" in html
-    assert "human: requester" in html
+        assert f'title="{verb}"' in html
+    assert "Submitted by requester" in html and "Run finished successfully" in html
     # a finished run does not open a websocket
     assert "ws-connect" not in html
 

@@ -39,8 +39,6 @@ from orchestration.models import (
     StateVersion,
     Step,
     StepStatus,
-
-
     ToolCall,
     Wait,
     WaitClaim,

@@ -30,17 +30,16 @@ from audit.verbs import ActorType, Verb
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
-    Code,
     InvalidAmount,
     InvalidReservation,
     InvalidScope,
-    PolicyDenied,
     ReservationNotFound,
     ReservationReleased,
     ReservationSettled,
 )
 from policies.limits import MONEY_QUANTUM, CeilingScope
 from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
+from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
     "ScopeSpend",
@@ -52,8 +51,6 @@ __all__ = [
     "reservations_release_expired",
 ]
 
-#: The tier that may raise a ceiling.
-RAISE_TIER_PERM = "orchestration.decide_tier_2"
 _MAX_MONEY = Decimal("99999999.999999")
 
 
@@ -444,21 +441,7 @@ def ceiling_raise(
     ever goes up (``CeilingNotRaised``)."""
     new_limit = _money(new_limit, "limit")
     now = now or timezone.now()
-    if not user.is_active or not user.has_perm(RAISE_TIER_PERM):
-        audit_record_alone(
-            Entry(
-                verb=Verb.CEILING_RAISED,
-                object_type="spend_scope",
-                object_id=scope_id or f"run:{run_id}",
-                actor_type=ActorType.HUMAN,
-                actor_id=user.get_username(),
-                run_id=run_id,
-                data={"refused": "tier 2 required", "new_limit": str(new_limit)},
-            )
-        )
-        raise PolicyDenied(
-            "raising a cost ceiling needs tier 2 or higher", code=Code.CEILING_TIER_REQUIRED
-        )
+    ceiling_raise_check(user, scope_id=scope_id, run_id=run_id, new_limit=new_limit)
     if not reason.strip():
         raise InvalidAmount("a reason is required to raise a ceiling")
     if (scope_id is None) == (run_id is None):

@@ -27,6 +27,7 @@ from tests.policies.documents import REFUND_TIER_7 as BROKEN
 
 pytestmark = pytest.mark.django_db
 
+
 def _user(group: str | None, username: str) -> Any:
     user = UserFactory(username=username)
     if group is not None:

@@ -27,7 +27,6 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-
 @pytest.fixture
 def browser() -> Iterator[Any]:
     with sync_playwright() as playwright:

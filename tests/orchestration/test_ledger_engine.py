@@ -4,6 +4,7 @@ escalates, and a tier-2 operator raises the run's ceiling and retries."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
+from orchestration.agents.openai_compat import ChatCompletionAgent
 from orchestration.errors import Code
 from orchestration.models import Step, Wait
 from orchestration.services import escalation_resolve, run_submit
@@ -19,6 +21,7 @@ from policies.ledger import ceiling_raise
 from policies.models import Reservation, SpendScope
 from policies.services import policy_install
 from tests.support.agents import EchoAgent
+from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
 
 pytestmark = pytest.mark.django_db
 
@@ -105,3 +108,59 @@ def test_no_ceilings_means_no_reservation(priced_echo: None, drive: Any, fast_ag
         Step.objects.filter(run=run).values_list("node", "status", "error_code", "error_message")
     )
     assert not Reservation.objects.exists()
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubLLM]:
+    """A local chat-completions endpoint; the chat agent asks it for ``known-model``."""
+    with stub_llm_server() as stub:
+        monkeypatch.setenv("SIGNALBOX_LLM_BASE_URL", stub.base_url)
+        monkeypatch.setenv("SIGNALBOX_LLM_MODEL", "known-model")
+        monkeypatch.delenv("SIGNALBOX_LLM_API_KEY", raising=False)
+        yield stub
+
+
+def test_the_chat_agent_is_priced_as_its_model_and_asks_for_what_its_reservation_covers(
+    llm: StubLLM, drive: Any, fast_agents: None
+):
+    _install("1.00")
+    llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Summarise ticket 7"}).run.pk)
+    assert run.status == "succeeded", run.error_message
+    [reservation] = Reservation.objects.filter(run_id=run.pk)
+    # The worst case: the prompt's 18 bytes + 4 tokens in, the agent's 1024 tokens out.
+    assert reservation.amount == Decimal("0.000022") + Decimal("0.002048")
+    [request] = llm.requests
+    assert request.body["model"] == "known-model"
+    assert request.body["max_tokens"] == ChatCompletionAgent.max_tokens == 1024
+    # Settled with what the endpoint reported: 30 in, 200 out.
+    assert (reservation.status, reservation.actual) == ("settled", Decimal("0.00043"))
+    scope = SpendScope.objects.get(kind="run", key=str(run.pk))
+    assert (scope.spent, scope.reserved) == (Decimal("0.00043"), Decimal(0))
+
+
+def test_a_chat_agent_whose_model_has_no_price_fails_closed_before_calling(
+    llm: StubLLM, monkeypatch: pytest.MonkeyPatch, drive: Any, fast_agents: None
+):
+    monkeypatch.delenv("SIGNALBOX_LLM_MODEL")  # the server would pick: nobody knows the price
+    _install("1.00")
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Hi"}).run.pk)
+    step = Step.objects.get(run=run, node="ask")
+    assert step.error_code == Code.COST_UNKNOWN and "endpoint-default" in step.error_message
+    assert llm.requests == [] and not Reservation.objects.exists()
+
+
+def test_usage_reported_under_a_dated_model_name_is_priced_as_the_model_asked_for(
+    llm: StubLLM, drive: Any, fast_agents: None
+):
+    _install("1.00")
+    llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+    llm.queue(
+        StubReply(
+            body=llm.completion({"model": "known-model-2026-06-01", "messages": [{"content": "x"}]})
+        )
+    )
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Hi"}).run.pk)
+    assert run.status == "succeeded", run.error_message
+    [reservation] = Reservation.objects.filter(run_id=run.pk)
+    assert reservation.actual == Decimal("0.00043")  # not the whole reservation

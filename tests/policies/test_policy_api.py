@@ -29,6 +29,7 @@ pytestmark = pytest.mark.django_db
 
 BASE = "/api/v1/policies"
 
+
 def _in_group(name: str, username: str) -> Any:
     groups = roles_sync()
     user = UserFactory(username=username)

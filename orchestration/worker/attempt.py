@@ -34,10 +34,15 @@ from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
 from policies.active import ActivePolicy, active_policy
-from policies.errors import CeilingExceeded
+from policies.errors import CeilingExceeded, ReservationReleased
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
-from policies.ledger import ceiling_release, ceiling_reserve, ceiling_settle
+from policies.ledger import (
+    ceiling_charge_released,
+    ceiling_release,
+    ceiling_reserve,
+    ceiling_settle,
+)
 from policies.limits import ceilings_for, price_cost, rate_limits_for
 from policies.models import Reservation
 from policies.tenants import tenant_by_id
@@ -324,4 +329,10 @@ def cost_settle(reservation: Reservation, ctx: AgentContext, agent: Agent) -> No
             actual = price_cost(active.compiled, model, usage.prompt_tokens, usage.completion_tokens)
             if actual is not None:
                 break
-    ceiling_settle(reservation.pk, actual if actual is not None else reservation.amount)
+    charged = actual if actual is not None else reservation.amount
+    try:
+        ceiling_settle(reservation.pk, charged)
+    except ReservationReleased:
+        # The reaper took this attempt for dead and gave its reservation back, but the call
+        # went through: what it cost is spent all the same.
+        ceiling_charge_released(reservation.pk, charged)

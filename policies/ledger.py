@@ -39,7 +39,7 @@ from policies.errors import (
     ReservationReleased,
     ReservationSettled,
 )
-from policies.limits import MONEY_QUANTUM, CeilingScope
+from policies.limits import CEILING_RAISE_TIER, MONEY_QUANTUM, CeilingScope
 from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
 
 __all__ = [
@@ -54,8 +54,8 @@ __all__ = [
     "reservations_release_for_step",
 ]
 
-#: The tier that may raise a ceiling.
-RAISE_TIER_PERM = "orchestration.decide_tier_2"
+#: The permission of the tier that may raise a ceiling.
+RAISE_TIER_PERM = f"orchestration.decide_tier_{CEILING_RAISE_TIER}"
 _MAX_MONEY = Decimal("99999999.999999")
 
 

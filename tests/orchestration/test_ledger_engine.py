@@ -9,17 +9,23 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
+from console.models import ApiToken
 from orchestration.agents.openai_compat import ChatCompletionAgent
-from orchestration.errors import Code
+from orchestration.errors import Code, PermissionDenied
 from orchestration.models import Step, Wait
 from orchestration.services import escalation_resolve, run_submit
 from policies.active import active_forget
+from policies.errors import PolicyDenied
 from policies.ledger import ceiling_raise
 from policies.models import Reservation, SpendScope
 from policies.services import policy_install
+from tests.conftest import OPERATOR_PERMISSIONS
+from tests.factories import UserFactory
 from tests.support.agents import EchoAgent
 from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
 
@@ -164,3 +170,56 @@ def test_usage_reported_under_a_dated_model_name_is_priced_as_the_model_asked_fo
     assert run.status == "succeeded", run.error_message
     [reservation] = Reservation.objects.filter(run_id=run.pk)
     assert reservation.actual == Decimal("0.00043")  # not the whole reservation
+
+
+TIER_1 = [
+    p
+    for p in OPERATOR_PERMISSIONS
+    if p not in ("orchestration.decide_tier_2", "orchestration.decide_tier_3")
+]
+
+
+def test_a_ceiling_escalation_waits_for_tier_2_and_refuses_a_tier_1_operator_everywhere(
+    priced_echo: None, drive: Any, fast_agents: None
+):
+    """Only someone who may raise the ceiling decides a run stopped at one: a tier-1 operator
+    could only retry into the same ceiling (or skip or abort the work someone meant to fund).
+    Their retry, skip or abort is a 403 from the service, the API and the inbox, each recorded."""
+    _install("0.001")
+    tier1 = UserFactory(username="tier1", permissions=TIER_1)
+    tier2 = UserFactory(username="tier2", permissions=[*TIER_1, "orchestration.decide_tier_2"])
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    wait = Wait.objects.get(run=run, kind="escalation", status="open")
+    assert wait.tier == 2 and wait.action["why"] == "limit reached (cost ceiling)"
+
+    for action, output in (("retry", None), ("skip", {"text": "by hand"}), ("abort", None)):
+        with pytest.raises(PermissionDenied) as refused:
+            escalation_resolve(
+                wait_id=wait.pk, user=tier1, action=action, reason="go", output=output
+            )
+        assert refused.value.code == Code.TIER_TOO_LOW and "cost ceiling" in refused.value.message
+    _, token = ApiToken.issue(tier1, "tests")
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}").post(
+        f"/api/v1/escalations/{wait.pk}/resolve",
+        {"action": "retry", "reason": "go"},
+        content_type="application/json",
+    )
+    assert api.status_code == 403 and api.json()["error"]["code"] == Code.TIER_TOO_LOW
+    page = Client()
+    page.force_login(tier1)
+    inbox = page.post(
+        reverse("console:inbox_item", args=[wait.pk]), {"op": "retry", "reason": "go"}
+    )
+    assert inbox.status_code == 403
+    with pytest.raises(PolicyDenied):
+        ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=tier1, reason="more")
+    refusals = AuditEvent.objects.filter(verb=Verb.ACCESS_DENIED, actor_id="tier1", run_id=run.pk)
+    assert refusals.count() == 5  # three service calls, the API and the inbox
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+    assert not SpendScope.objects.filter(
+        kind="run", key=str(run.pk), limit__gt=Decimal("0.001")
+    ).exists()
+
+    ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=tier2, reason="long ticket")
+    escalation_resolve(wait_id=wait.pk, user=tier2, action="retry", reason="ceiling raised")
+    assert drive(run.pk).status == "succeeded"

@@ -199,3 +199,7 @@ first_wins.agent("done", "test_echo", after=["fast", "slow"], join="any", reads=
 priced_chat = Workflow("priced_chat", input=Loose, max_steps=10)
 priced_chat.agent("ask", "llm_chat", reads=["prompt"])
 priced_chat.agent("after", "test_echo", after="ask", reads=["text"], writes=["echoed"])
+
+# A refund as one step whose ``amount`` the policy's thresholds tier (the tier matrix).
+tiered_refund = Workflow("tiered_refund", input=Loose, max_steps=10)
+tiered_refund.agent("refund", "test_echo", reads=["text", "amount"], writes=["text"])

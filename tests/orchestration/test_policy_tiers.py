@@ -7,15 +7,18 @@ the audit log, and leaves the approval open; an allowed approval lets the run fi
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from guardian.shortcuts import assign_perm
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
-from orchestration.errors import Code, PermissionDenied
+from orchestration.errors import Code, Conflict, PermissionDenied
 from orchestration.models import Wait, WorkflowRecord
+from orchestration.recovery import expire_waits
 from orchestration.services import approval_decide, run_submit
 from policies.services import policy_install
 from tests.factories import TenantFactory, UserFactory
@@ -121,3 +124,34 @@ def test_the_tier_matrix(
     assert Wait.objects.get(pk=wait.pk).status == "open"
     denial = AuditEvent.objects.get(verb=Verb.ACCESS_DENIED, actor_id="decider")
     assert denial.run_id == run.pk and denial.data["code"] == expected
+
+
+@pytest.mark.parametrize(("on_expiry", "status"), [(None, "failed"), ("approve", "succeeded")])
+def test_an_approval_the_policy_asked_for_fails_closed_when_it_expires_unless_the_policy_says_otherwise(
+    on_expiry: str | None, status: str, requester: Any, drive: Any, fast_agents: None
+) -> None:
+    outcome = "{decision: require_approval, tier: 1, sla: 30m}"
+    if on_expiry is not None:
+        outcome = outcome.replace("}", f", on_expiry: {on_expiry}}}")
+    policy_install(
+        source=POLICY.replace("{decision: require_approval, tier: 1}", outcome), note="expiry"
+    )
+    TenantFactory(slug="acme")
+    run = run_submit(
+        workflow="tiered_refund",
+        input={"amount": THRESHOLDS[1], "text": "refund"},
+        submitted_by=requester,
+        tenant="acme",
+    ).run
+    drive(run.pk)
+    wait = Wait.objects.get(run=run, kind="approval", status="open")
+    assert (wait.deadline_at - wait.created_at).total_seconds() == pytest.approx(1800, abs=1)
+    # Nobody answers in time: the deadline has passed when the engine's tick looks.
+    Wait.objects.filter(pk=wait.pk).update(deadline_at=timezone.now() - timedelta(seconds=1))
+    assert expire_waits() == 1
+    run = drive(run.pk)
+    assert run.status == status
+    if status == "failed":
+        assert run.error_code == "approval_expired"
+    with pytest.raises(Conflict):
+        approval_decide(wait_id=wait.pk, user=None, decision="approve", reason="too late")

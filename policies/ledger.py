@@ -236,6 +236,7 @@ def ceiling_reserve(
     kinds = [s.scope for s in scopes]
     if len(set(kinds)) != len(kinds):
         raise InvalidScope("a scope kind may appear once per reservation")
+    scopes = sorted(scopes, key=lambda s: _scope_rank(s.scope))
     periods = [period_start_for(s.scope, now) for s in scopes]
     warnings: list[Entry] = []
     with transaction.atomic():
@@ -289,15 +290,27 @@ def ceiling_reserve(
     raise _refused(failed[0], failed[1], amount, run_id, step_id, action)
 
 
+# Every transaction that touches several scope rows locks them in this order (then by id), so two
+# of them can never wait on each other: a reservation for one step and the settlement of a
+# parallel step of the same run touch the same rows.
+SCOPE_ORDER: tuple[str, ...] = tuple(kind.value for kind in ScopeKind)
+
+
+def _scope_rank(kind: str) -> int:
+    return SCOPE_ORDER.index(kind) if kind in SCOPE_ORDER else len(SCOPE_ORDER)
+
+
 def _move(
     scope_ids: Iterable[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
 ) -> None:
+    """Apply the deltas to each scope row, in the order given (a reservation keeps its scopes in
+    ``SCOPE_ORDER``, the order it locked them in)."""
     sql = (
         f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, {_q('spent')} = {_q('spent')} + %s, "
         f"{_q('updated_at')} = %s WHERE {_q('id')} = %s"
     )
     with connection.cursor() as cursor:
-        for scope_id in sorted(scope_ids):
+        for scope_id in scope_ids:
             cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
 
 
@@ -392,8 +405,29 @@ def _released_entry(reservation: Reservation, reason: str) -> Entry:
     )
 
 
+def _release_all(reservations: list[Reservation], reason: str, now: datetime) -> int:
+    """Release held reservations in the caller's transaction (rows locked by the caller): the
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
+    if not reservations:
+        return 0
+    owed: dict[int, Decimal] = {}
+    for reservation in reservations:
+        for scope_id in reservation.scope_ids:
+            owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
+    kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
+    for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
+        _move([scope_id], owed[scope_id], Decimal(0), now)
+    for reservation in reservations:
+        reservation.status = ReservationStatus.RELEASED
+        reservation.settled_at = now
+    Reservation.objects.bulk_update(reservations, ["status", "settled_at"])
+    audit_record_many([_released_entry(r, reason) for r in reservations], now=now)
+    return len(reservations)
+
+
 def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
-    """Release held reservations past their expiry (their worker died): the reaper's duty."""
+    """Release held reservations past their expiry (their worker died): the reaper's duty. The
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
     now = now or timezone.now()
     with transaction.atomic():
         expired = list(
@@ -401,10 +435,7 @@ def reservations_release_expired(now: datetime | None = None, *, limit: int = 50
             .filter(status=ReservationStatus.HELD, expires_at__lt=now)
             .order_by("expires_at")[:limit]
         )
-        for reservation in expired:
-            _release(reservation, now)
-        audit_record_many([_released_entry(r, "expired") for r in expired], now=now)
-    return len(expired)
+        return _release_all(expired, "expired", now)
 
 
 def reservations_release_for_step(step_id: int, *, now: datetime | None = None) -> int:
@@ -419,10 +450,7 @@ def reservations_release_for_step(step_id: int, *, now: datetime | None = None) 
             .filter(step_id=step_id, status=ReservationStatus.HELD)
             .order_by("pk")
         )
-        for reservation in held:
-            _release(reservation, now)
-        audit_record_many([_released_entry(r, "lease_expired") for r in held], now=now)
-    return len(held)
+        return _release_all(held, "lease_expired", now)
 
 
 def ceiling_charge_released(
@@ -439,7 +467,9 @@ def ceiling_charge_released(
         if reservation.status == ReservationStatus.SETTLED and _dec(reservation.actual) == actual:
             return reservation
         if reservation.status != ReservationStatus.RELEASED:
-            raise InvalidReservation(f"reservation {reservation_id} is {reservation.status}, not released")
+            raise InvalidReservation(
+                f"reservation {reservation_id} is {reservation.status}, not released"
+            )
         _move(reservation.scope_ids, Decimal(0), actual, now)
         reservation.status = ReservationStatus.SETTLED
         reservation.actual = actual

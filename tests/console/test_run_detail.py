@@ -58,7 +58,7 @@ def test_a_completed_run_shows_every_node_done(viewer: Any, operator: Any, drive
     assert run.status == "succeeded"
     html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
     assert node_state(html, "slow") == "done" and node_state(html, "echo") == "done"
-    assert 'role="img"' in html and "<title" in html and "✓ done" in html
+    assert 'role="group"' in html and "<title" in html and "✓ done" in html
     assert 'href="#step-' in html and 'id="step-' in html
 
 

@@ -33,7 +33,7 @@ STATE_LABELS = {
 STATE_MARKS = {
     "not_started": "○",
     "running": "▶",
-    "waiting": "⏸",
+    "waiting": "‖",
     "done": "✓",
     "failed": "✗",
     "escalated": "!",

@@ -193,7 +193,7 @@ def signed_in(context: Any, server: str, user: Any) -> Any:
     return watch(context.new_page())
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, *, full_page: bool = True) -> None:
     """Save docs/screenshots/<name>.png (the README shows them)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)

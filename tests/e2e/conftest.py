@@ -121,6 +121,19 @@ def server(web: WebServer) -> str:
     return web.url
 
 
+@pytest.fixture
+def engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs are driven in this process (the ``drive`` fixture): agents take no time, a failed
+    attempt is retried at once, no task message is left in the broker for a later test's
+    workers; live events go out to the web process as a worker's do."""
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "RETRY_BASE_SECONDS": 0.0}
+    from console.celery import app
+
+    app.conf.broker_url  # noqa: B018  (as tests/console/conftest.py explains)
+    monkeypatch.setitem(app.conf, "broker_url", "memory://")
+    settings.CELERY_BROKER_URL = "memory://"
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api")

@@ -36,18 +36,6 @@ BLOCKING = ("serious", "critical")
 
 
 @pytest.fixture
-def engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs are driven to where the pages need them in this process: agents take no time, a
-    failed attempt is retried at once, and no task message is left behind in the broker."""
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "RETRY_BASE_SECONDS": 0.0}
-    from console.celery import app
-
-    app.conf.broker_url  # noqa: B018  (as tests/console/conftest.py explains)
-    monkeypatch.setitem(app.conf, "broker_url", "memory://")
-    settings.CELERY_BROKER_URL = "memory://"
-
-
-@pytest.fixture
 def site(engine_in_process: None, drive: Callable[[int], Any]) -> dict[str, Any]:
     """Users of each role and something on every page: a finished run, an escalated one (an
     item in the inbox), an active policy with a newer draft, a token."""

@@ -1,7 +1,7 @@
 """The inbox in real Chromium, against a live ASGI server and real worker processes: a new
 escalation appears without a reload, an operator answers it from the keyboard and the run
 completes on screen; an edit with a contract error is shown in place, then fixed; a tier-1
-operator cannot act on a tier-3 item. Screenshots go to docs/screenshots/."""
+operator cannot act on a tier-3 item."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from orchestration.models import Run, Wait
 from orchestration.services import run_submit
 from tests.conftest import OPERATOR_PERMISSIONS, wait_for_run, wait_until
-from tests.e2e.conftest import E2E, login, shot
+from tests.e2e.conftest import E2E, login
 from tests.factories import UserFactory
 
 pytestmark = E2E
@@ -62,12 +62,10 @@ def test_a_new_escalation_appears_live_and_is_answered_by_keyboard(
         what="the escalation",
     )
     page.wait_for_selector(f"#item-{wait.pk}", timeout=15000)  # no reload
-    shot(page, "inbox")
 
     page.keyboard.press("j")
     page.keyboard.press("o")
     page.wait_for_url(f"{server}/inbox/{wait.pk}/")
-    shot(page, "inbox-item")
     page.keyboard.press("a")  # retry
     page.wait_for_url(f"{server}/inbox/")
     assert wait_for_run(run.pk).status == "succeeded"

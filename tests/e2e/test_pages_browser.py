@@ -55,6 +55,14 @@ def site(engine_in_process: None, drive: Callable[[int], Any]) -> dict[str, Any]
         ).run.pk
     )
     wait = Wait.objects.get(run=escalated, kind="escalation", status="open")
+    refund = drive(
+        run_submit(
+            workflow="refund_desk",
+            input={"message": "My headset arrived damaged. I would like a refund, please."},
+            seed=1,
+        ).run.pk
+    )
+    approval = Wait.objects.get(run=refund, kind="approval", status="open")
     version = policy_draft(source=POLICY, author=admin, note="first")
     policy_submit(version_id=version.pk, user=admin)
     policy_review(version_id=version.pk, user=admin2, approve=True)
@@ -62,6 +70,8 @@ def site(engine_in_process: None, drive: Callable[[int], Any]) -> dict[str, Any]
     draft = policy_draft(source=POLICY.replace("100", "50"), author=admin, note="stricter")
     return {
         "users": {"operator": operator, "admin": admin, "auditor": auditor},
+        "escalation": wait,
+        "approval": approval,
         "paths": [
             "/",
             "/runs/",
@@ -69,6 +79,7 @@ def site(engine_in_process: None, drive: Callable[[int], Any]) -> dict[str, Any]
             f"/runs/{escalated.pk}/",
             "/inbox/",
             f"/inbox/{wait.pk}/",
+            f"/inbox/{approval.pk}/",
             "/account/",
             "/account/tokens/",
             "/drills/",
@@ -127,6 +138,26 @@ def test_no_page_has_a_serious_accessibility_violation(
         ]
     assert 200 in statuses.values()
     assert found == [], "\n".join(found)
+
+
+def test_home_and_the_inbox_show_what_waits_for_the_operator(
+    server: str, context: Any, site: dict[str, Any]
+) -> None:
+    escalation, approval = site["escalation"], site["approval"]
+    page = signed_in(context, server, site["users"]["operator"])
+    page.goto(f"{server}/")
+    page.wait_for_selector("[data-live-state].is-live")
+    assert "escalating" in page.inner_text("main") and "refund_desk" in page.inner_text("main")
+    shot(page, "home")
+    page.goto(f"{server}/inbox/")
+    page.wait_for_selector("[data-live-state].is-live")
+    assert page.locator(f"#item-{escalation.pk}").count() == 1
+    assert page.locator(f"#item-{approval.pk}").count() == 1
+    shot(page, "inbox")
+    page.goto(f"{server}/inbox/{approval.pk}/")
+    assert page.locator('button[value="approve"]').count() == 1
+    shot(page, "inbox-item")
+    assert page.refused == []
 
 
 def test_the_run_timeline_renders_under_the_csp(

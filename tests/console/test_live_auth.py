@@ -70,9 +70,7 @@ async def test_logout_closes_the_stream_on_the_next_event(run_id: int, watcher: 
     assert await closed_with(communicator) == 4401
 
 
-async def test_logout_closes_every_stream_of_the_session_at_once(
-    run_id: int, watcher: Any
-) -> None:
+async def test_logout_closes_every_stream_of_the_session_at_once(run_id: int, watcher: Any) -> None:
     client, cookie = await database_sync_to_async(login)(watcher)
     run_page = await open_socket(f"/ws/runs/{run_id}/", ORIGIN, cookie)
     run_list = await open_socket("/ws/runs/", ORIGIN, cookie)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
@@ -556,6 +557,8 @@ class InboxItem:
     who_can_act: str
     claimed_by: str
     claimed_until: datetime | None
+    #: When it breaches its SLA and climbs a tier (at tier 3, or past its expiry: the expiry).
+    sla_due_at: datetime
 
     @property
     def actionable(self) -> bool:
@@ -573,6 +576,25 @@ def _tier_holders() -> dict[int, list[str]]:
     return holders
 
 
+#: The highest tier an SLA breach escalates an item to.
+SLA_MAX_TIER = 3
+
+
+def sla_period() -> timedelta:
+    """How long an open approval or escalation may wait at one tier before it escalates, when
+    nothing (a policy's ``sla``) set its ``sla_due_at``."""
+    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+
+
+def wait_sla_due(wait: Wait) -> datetime:
+    """When ``wait`` next breaches its SLA (``waits_escalate_breached``'s rule), or expires if
+    that comes first or it cannot climb any higher."""
+    if wait.tier >= SLA_MAX_TIER:
+        return wait.deadline_at
+    due = wait.sla_due_at or wait.created_at + sla_period()
+    return min(due, wait.deadline_at)
+
+
 def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: datetime) -> InboxItem:
     refusal = wait_refusal(user, wait)
     roles = sorted({name for tier, names in holders.items() if tier >= wait.tier for name in names})
@@ -585,6 +607,7 @@ def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: date
         who_can_act=who,
         claimed_by=claim.user.get_username() if live and claim is not None else "",
         claimed_until=claim.expires_at if live and claim is not None else None,
+        sla_due_at=wait_sla_due(wait),
     )
 
 

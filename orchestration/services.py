@@ -585,13 +585,8 @@ class _Duplicate(Exception):
     """The event id was seen before: nothing is written."""
 
 
-#: The highest tier an SLA breach escalates an item to.
-SLA_MAX_TIER = 3
-
-
-def sla_period() -> timedelta:
-    """How long an open approval or escalation may wait at one tier before it escalates."""
-    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+SLA_MAX_TIER = selectors.SLA_MAX_TIER
+sla_period = selectors.sla_period
 
 
 def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) -> list[int]:

@@ -29,7 +29,7 @@ from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
 from guardian.shortcuts import get_objects_for_user
 
-from audit.selectors import latest_audit_event_id
+from audit.selectors import audit_first_events, latest_audit_event_id
 from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
@@ -384,13 +384,16 @@ class DrillRow:
     #: The drill's escalation (none until the engine has run its step).
     wait: Wait | None
     acknowledged_by: str
-    #: Seconds from the escalation opening to its answer (none while unanswered).
+    #: Seconds from the escalation opening to its first claim or answer (none until then).
     seconds_to_acknowledge: float | None
+    #: How it was acknowledged: ``claim``, or the answer (``retry``, ``skip``, ``abort``).
+    acknowledged_how: str = ""
 
 
 def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
-    """Past drills, newest first, with how long each took to be answered. For policy admins
-    (who fire them); two queries whatever the number of drills."""
+    """Past drills, newest first, with how long each took to be acknowledged (claimed or
+    answered, whichever came first: its DRILL_ACKNOWLEDGED event). For policy admins (who fire
+    them); three queries whatever the number of drills."""
     if not user.has_perm("policies.review_policy"):
         raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
     runs = list(
@@ -398,19 +401,21 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
     )
     waits: dict[int, Wait] = {}
     for escalation in (
-        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).select_related("decided_by").order_by("id")
+        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).order_by("id")
     ):
         waits.setdefault(escalation.run_id, escalation)
+    acks = audit_first_events(Verb.DRILL_ACKNOWLEDGED, "wait", [str(w.pk) for w in waits.values()])
     rows = []
     for run in runs:
         wait = waits.get(run.pk)
-        seconds = None
-        if wait is not None and wait.decided_at is not None:
-            seconds = round((wait.decided_at - wait.created_at).total_seconds(), 1)
+        ack = acks.get(str(wait.pk)) if wait is not None else None
+        by, data = (ack.actor_id, ack.data or {}) if ack is not None else ("", {})
+        seconds = data.get("seconds")
         rows.append(DrillRow(
             run=run, tier=run.drill_tier, tenant=run.tenant.slug, fired_at=run.created_at, wait=wait,
-            acknowledged_by=wait.decided_by.get_username() if wait is not None and wait.decided_by else "",
-            seconds_to_acknowledge=seconds,
+            acknowledged_by=by,
+            seconds_to_acknowledge=round(float(seconds), 1) if seconds is not None else None,
+            acknowledged_how=str(data.get("how", "")),
         ))
     return rows
 

@@ -21,6 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
 from infra.canonical import digest
@@ -649,8 +650,9 @@ def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = ""
 def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: datetime, *, how: str) -> list[Entry]:
     """The DRILL_ACKNOWLEDGED event (with the seconds since the drill's item opened) when
     ``wait`` is a drill's escalation answered or claimed now; nothing for a real item. For the
-    caller's transaction: deciding calls it; so can claiming."""
-    if not wait.run.is_drill:
+    caller's transaction: deciding calls it, and so does claiming. Only the first counts: a
+    drill claimed, then answered, was acknowledged when it was claimed."""
+    if not wait.run.is_drill or audit_event_exists(Verb.DRILL_ACKNOWLEDGED, "wait", wait.pk):
         return []
     seconds = round((now - wait.created_at).total_seconds(), 3)
     return [Entry(
@@ -704,7 +706,7 @@ def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> Wai
             verb=Verb.WAIT_CLAIMED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
             actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
             data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
-        )], now=now)
+        ), *drill_acknowledged_entries(wait, ActorType.HUMAN, user.get_username(), now, how="claim")], now=now)
     return claim
 
 

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from console.api import error_status
 from orchestration.errors import NotFound, SignalboxError
-from orchestration.models import Decision, RunStatus, WaitKind, WaitStatus
+from orchestration.models import Decision, RunStatus, Wait, WaitKind, WaitStatus
 from orchestration.registry import agent_class
 from orchestration.selectors import (
     ESCALATION_REASONS,
@@ -214,6 +214,12 @@ def _errors_by_field(detail: Any) -> dict[str, str]:
     return out
 
 
+def _decided_by(wait: Wait) -> str:
+    if wait.decided_by:
+        return wait.decided_by.get_username()
+    return "the system" if wait.decided_at else ""
+
+
 def item_context(
     user: User,
     wait_id: int,
@@ -237,11 +243,6 @@ def item_context(
             schema = {}
         proposed = action.get("input") if isinstance(action.get("input"), dict) else {}
         fields = _schema_fields(schema, values if values is not None else proposed, errors or {})
-    decided_by = (
-        wait.decided_by.get_username()
-        if wait.decided_by
-        else ("the system" if wait.decided_at else "")
-    )
     return {
         "item": item,
         "wait": wait,
@@ -258,8 +259,36 @@ def item_context(
         "message": message,
         "skip_value": skip_value,
         "is_open": wait.status == WaitStatus.OPEN,
-        "decided_by": decided_by,
+        "decided_by": _decided_by(wait),
+        "last_event_id": latest_event_id(),
     }
+
+
+def inbox_item_run_id(user: User, wait_id: int) -> int | None:
+    """The run of an item ``user`` may see (its page's live group), or None."""
+    try:
+        return inbox_item_for_user(user, wait_id).wait.run_id
+    except NotFound:
+        return None
+
+
+def inbox_item_fragment(user: User, wait_id: int) -> str | None:
+    """The item page's live part (its claim, and whether it is still open), or None when the
+    user may no longer see it."""
+    try:
+        item = inbox_item_for_user(user, wait_id)
+    except NotFound:
+        return None
+    wait = item.wait
+    context = {
+        "item": item,
+        "wait": wait,
+        "is_open": wait.status == WaitStatus.OPEN,
+        "decided_by": _decided_by(wait),
+        "last_event_id": latest_event_id(),
+        "oob": True,
+    }
+    return render_to_string("console/partials/inbox_item_live.html", context)
 
 
 @login_required

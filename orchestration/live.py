@@ -29,6 +29,8 @@ from infra.channels import Membership, RedisChannelLayer
 log = logging.getLogger(__name__)
 
 RUNS_GROUP = "runs"
+#: The inbox's group: changes that matter to it without changing a run's status (claims).
+INBOX_GROUP = "inbox"
 
 
 def run_group(run_id: int) -> str:
@@ -37,7 +39,8 @@ def run_group(run_id: int) -> str:
 
 def messages_for(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(group, message) pairs: one message per run per transaction (a page re-renders once, not
-    once per change), and one to the run list only when a run's own status changed."""
+    once per change), one to the run list only when a run's own status changed, and one to the
+    inbox when an item's claim changed."""
     by_run: dict[int, list[dict[str, Any]]] = {}
     for event in events:
         by_run.setdefault(event["run_id"], []).append(event)
@@ -53,6 +56,8 @@ def messages_for(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
         out.append((run_group(run_id), message))
         if run_level:
             out.append((RUNS_GROUP, message))
+        if any(e.get("kind") == "claim" for e in run_events):
+            out.append((INBOX_GROUP, message))
     return out
 
 

@@ -682,6 +682,16 @@ def _decidable_wait(user: User, wait_id: int) -> Wait:
     return wait
 
 
+def _send_claim_changed(wait: Wait, *, claimed_by: str, until: datetime | None) -> None:
+    """After commit, tell the inbox and the item's page (the run's group) who holds it now."""
+    event = {
+        "run_id": wait.run_id, "kind": "claim", "wait_id": wait.pk, "claimed_by": claimed_by,
+        "until": until.isoformat() if until is not None else None,
+    }
+    rt = runtime.current()
+    transaction.on_commit(lambda: rt.live.send([event]))
+
+
 def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> WaitClaim:
     """Claim an open approval or escalation for ``minutes`` (renewing one's own claim). Someone
     else's live claim is a Conflict saying who holds it and until when."""
@@ -707,6 +717,7 @@ def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> Wai
             actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
             data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
         ), *drill_acknowledged_entries(wait, ActorType.HUMAN, user.get_username(), now, how="claim")], now=now)
+        _send_claim_changed(wait, claimed_by=user.get_username(), until=claim.expires_at)
     return claim
 
 
@@ -722,6 +733,7 @@ def wait_release(*, wait_id: int, user: User) -> None:
                 actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
                 data={"kind": wait.kind},
             )], now=now)
+            _send_claim_changed(wait, claimed_by="", until=None)
 
 
 @dataclass

@@ -23,6 +23,13 @@
       time.textContent = ms >= 0 ? "in " + text : "overdue by " + text;
       el.classList.toggle("overdue", ms < 0);
     });
+    // A claim lapses by itself (nothing is written when it does): say so when its time is up.
+    document.querySelectorAll("[data-claim-until]").forEach(function (el) {
+      if (Date.parse(el.getAttribute("data-claim-until")) > now) return;
+      el.removeAttribute("data-claim-until");
+      el.classList.add("expired");
+      el.textContent = "claim expired";
+    });
   }
 
   function items() { return Array.prototype.slice.call(document.querySelectorAll("[data-item]")); }

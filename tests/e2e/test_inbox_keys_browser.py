@@ -1,0 +1,84 @@
+"""The inbox list by keyboard in real Chromium: j selects a row, c claims it (and the claim
+appears without a reload), a opens the item's decision form with the reason focused and Enter
+confirms; e opens the edit form at its first field; ? shows the keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from orchestration.models import Run, Wait, WaitClaim
+from orchestration.services import run_submit
+from tests.conftest import OPERATOR_PERMISSIONS
+from tests.e2e.test_inbox_browser import (  # noqa: F401  (fixtures)
+    _sync_orm_beside_playwright,
+    browser,
+    login,
+    server,
+)
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def approvals(drive: Callable[[int], Run], count: int) -> list[Wait]:
+    requester = UserFactory(
+        username="asker", permissions=["orchestration.add_run", "policies.submit_runs"]
+    )
+    out = []
+    for n in range(count):
+        run = drive(
+            run_submit(
+                workflow="content_pipeline", input={"topic": f"Queues {n}"}, submitted_by=requester
+            ).run.pk
+        )
+        out.append(Wait.objects.get(run=run, kind="approval", status="open"))
+    return sorted(out, key=lambda w: (w.deadline_at, w.pk))
+
+
+def test_the_inbox_list_is_worked_by_keyboard(
+    server: str, browser: Any, drive: Callable[[int], Run], settings: Any
+) -> None:
+    # The engine runs in this process: no agent time, a transient failure retried at once.
+    settings.SIGNALBOX = {
+        **settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False, "RETRY_BASE_SECONDS": 0.0
+    }
+    first, second = approvals(drive, 2)
+    UserFactory(username="op", permissions=OPERATOR_PERMISSIONS)
+    page = login(browser, server, "op")
+    page.goto(f"{server}/inbox/")
+    page.wait_for_selector("text=live")
+
+    page.keyboard.press("?")
+    assert page.is_visible("#keys-help") and "Enter" in page.inner_text("#keys-help")
+    page.keyboard.press("Escape")
+    assert not page.is_visible("#keys-help")
+
+    page.keyboard.press("a")  # nothing selected yet: it says what to do
+    assert "Select an item first" in page.inner_text("#keys-status")
+
+    page.keyboard.press("j")
+    page.keyboard.press("c")
+    page.wait_for_selector("#keys-status:has-text('You claimed')")
+    assert WaitClaim.objects.get(wait=first).user.username == "op"
+    page.wait_for_selector(f"#item-{first.pk} .claim:has-text('claimed by op')")  # pushed live
+
+    page.keyboard.press("a")
+    page.wait_for_url(f"{server}/inbox/{first.pk}/")  # ?do=a is dropped from the address
+    page.wait_for_selector("button.armed[value='approve']")
+    assert page.evaluate("document.activeElement.id") == "reason"
+    page.keyboard.type("checked the brief")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{server}/inbox/")
+    decided = Wait.objects.get(pk=first.pk)
+    assert (decided.decision, decided.decision_reason) == ("approve", "checked the brief")
+
+    page.wait_for_selector(f"#item-{second.pk}")
+    page.keyboard.press("j")
+    page.keyboard.press("e")
+    page.wait_for_url(f"{server}/inbox/{second.pk}/")
+    page.wait_for_selector("#edit[open]")
+    assert page.evaluate("document.activeElement.id") == "field_topic"
+    assert Wait.objects.get(pk=second.pk).status == "open"  # opening the form decides nothing

@@ -16,6 +16,7 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
     path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/skip/", views_runs.run_skip, name="run_skip"),
     path("vendor/plotly-<str:version>.min.js", views_runs.plotly_js, name="plotly_js"),
     path("tools/", views.tool_list, name="tool_list"),
     path(

@@ -20,7 +20,7 @@ from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
 from console.history import actor as history_actor
 from console.history import sentence as history_sentence
-from console.views_runs import PLOTLY_VERSION, run_timeline, step_details
+from console.views_runs import PLOTLY_VERSION, run_timeline, skip_refused, step_details
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -196,6 +196,13 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    refused = skip_refused(request)
+    if refused is not None and refused.get("wait") in {
+        e["wait"].pk for e in context["escalations"]
+    }:
+        context["skip_refused"] = refused  # shown beside its value
+    elif refused is not None:
+        context["skip_refused_closed"] = refused.get("error", "")  # its form is gone
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
     context["step_details"], context["run_cost"] = step_details(

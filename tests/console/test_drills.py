@@ -53,7 +53,9 @@ def test_claiming_a_drill_acknowledges_it_once_and_the_drills_page_shows_it(admi
     client.force_login(operator)
     assert client.post(f"/inbox/{wait.pk}/", {"op": "claim"}).status_code == 302
     (ack,) = AuditEvent.objects.filter(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk)
-    assert 30 <= ack.data["seconds"] < 60 and ack.data["how"] == "claim" and ack.actor_id == "operator"
+    assert (
+        30 <= ack.data["seconds"] < 60 and ack.data["how"] == "claim" and ack.actor_id == "operator"
+    )
 
     # Claiming again, then answering, does not acknowledge it a second time (or later).
     wait_claim(wait_id=wait.pk, user=operator)
@@ -65,7 +67,11 @@ def test_claiming_a_drill_acknowledges_it_once_and_the_drills_page_shows_it(admi
     admin_client.force_login(admin)
     page = admin_client.get("/drills/").content.decode()
     row = page[page.index('class="drill-row"') :]
-    assert "operator" in row and f"{round(ack.data['seconds'], 1)} s</td>" in row and "<td>claimed</td>" in row
+    assert (
+        "operator" in row
+        and f"{round(ack.data['seconds'], 1)} s</td>" in row
+        and "<td>claimed</td>" in row
+    )
 
 
 @pytest.mark.django_db

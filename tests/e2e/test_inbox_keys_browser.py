@@ -12,15 +12,16 @@ import pytest
 from orchestration.models import Run, Wait, WaitClaim
 from orchestration.services import run_submit
 from tests.conftest import OPERATOR_PERMISSIONS
-from tests.e2e.test_inbox_browser import (  # noqa: F401  (fixtures)
-    _sync_orm_beside_playwright,
-    browser,
-    login,
-    server,
-)
+from tests.e2e import test_inbox_browser as shared
 from tests.factories import UserFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+# The browser, the server and the login of the inbox's browser tests.
+_sync_orm_beside_playwright = shared._sync_orm_beside_playwright
+server = shared.server
+browser = shared.browser
+login = shared.login
 
 
 def approvals(drive: Callable[[int], Run], count: int) -> list[Wait]:
@@ -43,7 +44,10 @@ def test_the_inbox_list_is_worked_by_keyboard(
 ) -> None:
     # The engine runs in this process: no agent time, a transient failure retried at once.
     settings.SIGNALBOX = {
-        **settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False, "RETRY_BASE_SECONDS": 0.0
+        **settings.SIGNALBOX,
+        "AGENT_TIME_SCALE": 0.0,
+        "LIVE_EVENTS": False,
+        "RETRY_BASE_SECONDS": 0.0,
     }
     first, second = approvals(drive, 2)
     UserFactory(username="op", permissions=OPERATOR_PERMISSIONS)

@@ -119,7 +119,9 @@ def open_policy_approval(drive) -> Wait:
 
 
 @pytest.mark.django_db
-def test_an_approval_opened_by_a_policy_is_due_when_its_sla_says(sla_policy, drive, fast_agents, operator, settings):
+def test_an_approval_opened_by_a_policy_is_due_when_its_sla_says(
+    sla_policy, drive, fast_agents, operator, settings
+):
     settings.SIGNALBOX_SLA_SECONDS = 600  # the default period must not be what applies
     wait = open_policy_approval(drive)
     assert wait.sla_due_at == wait.created_at + timedelta(hours=1)
@@ -139,7 +141,9 @@ def test_an_approval_opened_by_a_policy_is_due_when_its_sla_says(sla_policy, dri
 @pytest.mark.django_db
 def test_an_approval_without_a_policy_sla_keeps_the_default_period(drive, fast_agents):
     run = drive(run_submit(workflow="parallel_approvals", input={"text": "t"}).run.pk)
-    wait = Wait.objects.filter(run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, tier=1).get()
+    wait = Wait.objects.filter(
+        run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, tier=1
+    ).get()
     assert wait.sla_due_at is None
     assert waits_escalate_breached(wait.created_at + sla_period() - timedelta(seconds=1)) == []
     assert wait.pk in waits_escalate_breached(wait.created_at + sla_period() + timedelta(seconds=1))

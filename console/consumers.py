@@ -170,12 +170,13 @@ class HomeConsumer(CatchUpConsumer):
 
 class InboxConsumer(CatchUpConsumer):
     """``/ws/inbox/``: the decisions this user may see (and which of them they may take), and
-    who holds a claim on each (claims are announced to the inbox's own group)."""
+    who holds a claim on each (claims are announced to the inbox's own group); its filters in
+    the query string."""
 
     extra_groups = (INBOX_GROUP,)
 
     def render(self) -> str | None:
-        return inbox_fragment(self.user)
+        return inbox_fragment(self.user, self.scope.get("query_string", b"").decode())
 
 
 class InboxItemConsumer(CatchUpConsumer):

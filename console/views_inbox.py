@@ -124,20 +124,37 @@ def home(request: HttpRequest) -> HttpResponse:
 # --- inbox --------------------------------------------------------------------------------------
 
 
-def inbox_context(user: User) -> dict[str, Any]:
-    items = inbox_for_user(user)
-    return {"items": items, "tier": user_tier(user), "last_event_id": latest_event_id()}
+INBOX_KINDS = ((WaitKind.APPROVAL, "approvals"), (WaitKind.ESCALATION, "escalations"))
 
 
-def inbox_fragment(user: User) -> str:
-    return render_to_string(
-        "console/partials/inbox_list.html", {**inbox_context(user), "oob": True}
-    )
+def inbox_context(user: User, params: Any = None) -> dict[str, Any]:
+    """The inbox, narrowed by its filters (GET parameters ``kind`` and ``tier``)."""
+    params = params if params is not None else QueryDict()
+    kind = params.get("kind") or ""
+    kind = kind if kind in dict(INBOX_KINDS) else ""
+    tier = _int(params.get("tier")) if _int(params.get("tier")) in (1, 2, 3) else 0
+    items = inbox_for_user(user, kind=kind, tier=tier)
+    query = urlencode({k: v for k, v in (("kind", kind), ("tier", tier or "")) if v})
+    return {
+        "items": items,
+        "tier": user_tier(user),
+        "last_event_id": latest_event_id(),
+        "kinds": INBOX_KINDS,
+        "filter_kind": kind,
+        "filter_tier": tier,
+        "query": query,
+        "filtered": bool(query),
+    }
+
+
+def inbox_fragment(user: User, query_string: str = "") -> str:
+    context = inbox_context(user, QueryDict(query_string))
+    return render_to_string("console/partials/inbox_list.html", {**context, "oob": True})
 
 
 @login_required
 def inbox(request: HttpRequest) -> HttpResponse:
-    context = inbox_context(_user(request))
+    context = inbox_context(_user(request), request.GET)
     context["bulk"] = request.session.pop("inbox_bulk", None)
     return render(request, "console/inbox.html", context)
 

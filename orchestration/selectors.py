@@ -623,11 +623,16 @@ def _inbox_waits(user: User) -> QuerySet[Wait]:
     return qs.select_related("run", "step", "claim__user")
 
 
-def inbox_for_user(user: User, *, limit: int = 200) -> list[InboxItem]:
+def inbox_for_user(user: User, *, limit: int = 200, kind: str = "", tier: int = 0) -> list[InboxItem]:
     """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
-    they may not decide are included, saying why and who can."""
+    they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it."""
     now = datetime.now(tz=UTC)
-    waits = list(_inbox_waits(user).order_by("deadline_at", "id")[:limit])
+    qs = _inbox_waits(user)
+    if kind:
+        qs = qs.filter(kind=kind)
+    if tier:
+        qs = qs.filter(tier=tier)
+    waits = list(qs.order_by("deadline_at", "id")[:limit])
     holders = _tier_holders() if waits else {}
     return [_inbox_item(user, wait, holders, now) for wait in waits]
 

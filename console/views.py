@@ -32,6 +32,7 @@ from orchestration.selectors import (
     run_get_for_user,
     run_list_for_user,
     run_policy_decisions,
+    run_retry_point,
     run_state_history,
     run_steps,
     run_tool_calls,
@@ -196,11 +197,14 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    if run.status == RunStatus.FAILED:
+        context["skip_point"], _ = run_retry_point(run, context["steps"])
     refused = skip_refused(request)
-    if refused is not None and refused.get("wait") in {
-        e["wait"].pk for e in context["escalations"]
-    }:
+    open_escalations = {e["wait"].pk for e in context["escalations"]}
+    if refused is not None and refused.get("wait") in open_escalations:
         context["skip_refused"] = refused  # shown beside its value
+    elif refused is not None and refused.get("failed_step") and context.get("skip_point"):
+        context["skip_failed_refused"] = refused
     elif refused is not None:
         context["skip_refused_closed"] = refused.get("error", "")  # its form is gone
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())

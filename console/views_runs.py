@@ -87,7 +87,8 @@ def _contract_errors(detail: Any) -> str:
 @login_required
 @require_POST
 def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
-    """Skip an escalated step of the run with the value it should have produced."""
+    """Skip an escalated step of the run (``wait``), or the failed step of a failed run
+    (``failed_step=1``), with the value it should have produced."""
     user = cast(User, request.user)
     try:
         run = run_get_for_decision(user, run_id)
@@ -97,8 +98,9 @@ def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
         raise DjangoPermissionDenied from None
     back = HttpResponseRedirect(reverse("console:run_detail", args=[run.pk]) + "#run-actions")
     back.status_code = 303
+    failed_step = request.POST.get("failed_step") == "1"
     try:
-        wait_id = int(request.POST.get("wait", ""))
+        wait_id = 0 if failed_step else int(request.POST.get("wait", ""))
     except ValueError:
         messages.error(request, "Not done: say which escalation to skip.")
         return back
@@ -108,6 +110,7 @@ def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
     def refused(error: str) -> HttpResponse:
         request.session[SKIP_REFUSED] = {
             "wait": wait_id,
+            "failed_step": failed_step,
             "value": raw,
             "reason": reason,
             "error": error,
@@ -122,15 +125,19 @@ def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
         return refused(
             f"The value is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
         )
+    output = value if isinstance(value, dict) else {"value": value}
     try:
-        services.escalation_resolve(
-            wait_id=wait_id,
-            user=user,
-            action=Decision.SKIP,
-            reason=reason,
-            output=value if isinstance(value, dict) else {"value": value},
-            run_id=run.pk,
-        )
+        if failed_step:
+            services.run_skip_failed_step(run_id=run.pk, user=user, reason=reason, output=output)
+        else:
+            services.escalation_resolve(
+                wait_id=wait_id,
+                user=user,
+                action=Decision.SKIP,
+                reason=reason,
+                output=output,
+                run_id=run.pk,
+            )
     except NotFound:
         return refused(f"No open escalation {wait_id} on this run.")
     except PermissionDenied as exc:

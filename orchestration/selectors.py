@@ -661,11 +661,12 @@ def latest_event_id() -> int:
     return latest_audit_event_id()
 
 
-def run_retry_point(run: Run) -> tuple[Step | None, str]:
+def run_retry_point(run: Run, steps: list[Step] | None = None) -> tuple[Step | None, str]:
     """The step a failed ``run`` would be retried from (its latest failed agent or map-item
     step), or None and why it cannot be: only a run that failed at one step, with nothing
-    cancelled by its failure and nothing undone, picks up where it stopped."""
-    steps = run_steps(run)
+    cancelled by its failure and nothing undone, picks up where it stopped. ``steps``: the run's
+    steps when the caller has them (no query)."""
+    steps = run_steps(run) if steps is None else steps
     if any(s.kind == "compensate" for s in steps):
         return None, "its completed steps were undone after it failed"
     if any(s.status == "cancelled" for s in steps):

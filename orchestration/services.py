@@ -814,3 +814,57 @@ def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
         changes = compute_locked(rt, run_id, compute, focus_id=step.pk)
         write_and_send(rt, changes)
     return changes.run
+
+
+def run_skip_failed_step(*, run_id: int, user: User | None, reason: str, output: dict[str, Any]) -> Run:
+    """Skip the failed step of a failed run with ``output``, the value it should have produced
+    (checked against its output contract, 422 ``output_contract``): the step succeeds with it,
+    marked degraded, and the run goes on from there (audited ``step.skipped``). The same runs
+    as for a retry: a failed run (409 ``run_not_failed``) that failed at one step with nothing
+    cancelled or undone (409 ``run_not_retryable``)."""
+    _check_text(reason, "reason")
+    if not reason.strip():
+        raise InvalidInput("say why the step is skipped", code=Code.REASON_REQUIRED)
+    _check_payload(output, "skip output")
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    rt = runtime.current()
+    with transaction.atomic():
+        try:
+            run = rt.store.run_get(run_id, lock=True)
+        except Run.DoesNotExist:
+            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
+        if user is not None:
+            selectors.run_check_decide(user, run)
+        if run.status != RunStatus.FAILED:
+            raise Conflict(
+                f"run {run_id} is {run.status}: only a failed run's failed step can be skipped",
+                code=Code.RUN_NOT_FAILED,
+                detail={"status": run.status},
+            )
+        step, why = selectors.run_retry_point(run)
+        if step is None:
+            raise Conflict(
+                f"run {run_id} cannot go on from a failed step: {why}",
+                code=Code.RUN_NOT_RETRYABLE,
+                detail={"status": run.status},
+            )
+        wf = workflow_get(run.workflow_name, run.workflow_version)
+        contract = advance.output_contract(step, advance.node_of(wf, step))
+        checked = _validated(
+            contract,
+            output,
+            code=Code.OUTPUT_CONTRACT,
+            message=f"the skip value does not satisfy {contract.__name__}, the output contract of {step.key!r}",
+        )
+
+        def compute(snapshot: Snapshot) -> Changes:
+            focus = snapshot.focus
+            assert focus is not None
+            return advance.run_step_skipped(
+                snapshot, now, step=focus, output=checked, reason=reason, actor_type=actor_type, actor_id=actor_id
+            )
+
+        changes = compute_locked(rt, run_id, compute, focus_id=step.pk)
+        write_and_send(rt, changes)
+    return changes.run

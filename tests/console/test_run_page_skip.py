@@ -108,3 +108,55 @@ def test_a_viewer_may_not_skip(viewer: Any, escalated: Wait) -> None:
     )
     assert response.status_code == 403
     assert Wait.objects.get(pk=escalated.pk).status == "open"
+
+
+# --- the failed step of a failed run ------------------------------------------------------------------
+
+
+@pytest.fixture
+def failed(operator: Any, drive: Callable[[int], Run]) -> Run:
+    # test_flaky has 3 attempts; failing 4 times fails the step and the run.
+    run = drive(
+        run_submit(workflow="flaky_chain", input={"failures": 4}, submitted_by=operator).run.pk
+    )
+    assert run.status == "failed"
+    return run
+
+
+def skip_failed(client: Client, run: Run, value: str, reason: str = "done by hand") -> Any:
+    return client.post(
+        f"/runs/{run.pk}/skip/",
+        {"failed_step": "1", "value": value, "reason": reason},
+        follow=True,
+    )
+
+
+def test_the_failed_step_of_a_failed_run_is_skipped_and_the_run_completes(
+    operator: Any, failed: Run, drive: Callable[[int], Run]
+) -> None:
+    client = logged_in(operator)
+    html = client.get(f"/runs/{failed.pk}/").content.decode()
+    assert 'id="skip-failed"' in html and "<code>flaky</code>" in html
+
+    html = skip_failed(client, failed, '{"text": "sent by hand"}').content.decode()
+    assert "Step skipped with the value given" in html
+    run = drive(failed.pk)
+    assert run.status == "succeeded" and run.state["text"] == "sent by hand"
+    step = Step.objects.get(run=run)
+    assert step.status == "succeeded" and step.degraded.startswith("skipped by operator")
+    event = AuditEvent.objects.get(verb=Verb.STEP_SKIPPED, run_id=run.pk)
+    assert event.actor_id == "operator" and event.data["reason"] == "done by hand"
+    # A second skip (a stale page) finds the run no longer failed.
+    html = skip_failed(client, failed, '{"text": "again"}').content.decode()
+    assert "only a failed run" in html[html.index('id="skip-refused"') :][:300]
+
+
+def test_a_failed_step_skip_that_breaks_the_contract_is_refused_beside_the_value(
+    operator: Any, failed: Run
+) -> None:
+    html = skip_failed(logged_in(operator), failed, '{"text": 5}').content.decode()
+    assert '<details class="run-action" id="skip-failed" open>' in html
+    error = html[html.index('id="skip-failed-error"') :][:400]
+    assert "output contract" in error and "text" in error
+    assert "{&quot;text&quot;: 5}</textarea>" in html
+    assert Run.objects.get(pk=failed.pk).status == "failed"

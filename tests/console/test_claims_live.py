@@ -19,7 +19,7 @@ from django.test import Client
 
 from console.asgi import application
 from orchestration.models import Run, Wait
-from orchestration.services import run_submit, wait_claim, wait_release
+from orchestration.services import approval_decide, run_submit, wait_claim, wait_release
 from tests.conftest import OPERATOR_PERMISSIONS
 from tests.factories import UserFactory
 
@@ -139,6 +139,13 @@ async def test_the_item_page_shows_who_holds_it_live(
         await database_sync_to_async(wait_release)(wait_id=item.pk, user=claimer)
         html, _ = await first_render_matching(page, lambda h: "Claimed by" not in h)
         assert 'id="already-decided"' not in html
+
+        # Decided by the other operator: the page says so without a reload.
+        await database_sync_to_async(approval_decide)(
+            wait_id=item.pk, user=claimer, decision="approve", reason="fine"
+        )
+        html, _ = await first_render_matching(page, lambda h: 'id="already-decided"' in h)
+        assert "(approve) by claimer" in html
     finally:
         await page.disconnect()
 

@@ -142,7 +142,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     step_keys = {step.pk: step.key for step in steps}
     for step in steps:
         # A compensation reads as what it undoes: "undo: reserve".
-        step.undoes = (  # type: ignore[attr-defined]
+        step.undoes = (  # type: ignore[attr-defined]  # for the template only, not a model field
             step_keys.get(step.parent_id or 0, step.key.removeprefix(UNDO))
             if step.kind == StepKind.COMPENSATE
             else ""
@@ -156,9 +156,9 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     ]
     audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
     for event in audit:
-        event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
-        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]
-        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]
+        event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]  # for the template only, not model fields
+        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]  # as above
+        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]  # as above
     current_state = [
         {"key": key, "version": run.state_versions.get(key, 0), "value": value}
         for key, value in sorted(run.state.items())

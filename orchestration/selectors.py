@@ -390,11 +390,23 @@ class DrillRow:
     acknowledged_how: str = ""
 
 
+#: Who may fire escalation drills and see them: policy admins.
+FIRE_DRILL = "policies.review_policy"
+
+
+def drill_fire_check(user: User) -> None:
+    """PermissionDenied (audited) unless ``user`` may fire escalation drills."""
+    if not user.has_perm(FIRE_DRILL):
+        raise _refused(
+            user, "only policy admins may fire escalation drills", Code.PERMISSION_DENIED
+        )
+
+
 def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
     """Past drills, newest first, with how long each took to be acknowledged (claimed or
     answered, whichever came first: its DRILL_ACKNOWLEDGED event). For policy admins (who fire
     them); three queries whatever the number of drills."""
-    if not user.has_perm("policies.review_policy"):
+    if not user.has_perm(FIRE_DRILL):
         raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
     runs = list(
         Run.objects.filter(workflow_name=DRILL_WORKFLOW).select_related("tenant").order_by("-id")[:limit]

@@ -624,16 +624,12 @@ def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) ->
 
 # --- escalation drills ------------------------------------------------------------------------------
 
-#: Who may fire drills: policy admins.
-FIRE_DRILL = "policies.review_policy"
-
-
 def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = "") -> Run:
     """Fire an escalation drill: a run of the ``drill`` workflow whose step escalates at once at
     ``tier`` on ``tenant``, through the real engine (inbox, SLA, notifications). Audited
     DRILL_FIRED in the submission's transaction."""
-    if user is not None and not user.has_perm(FIRE_DRILL):
-        raise PermissionDenied("only policy admins may fire escalation drills")
+    if user is not None:
+        selectors.drill_fire_check(user)
     if not isinstance(tier, int) or isinstance(tier, bool) or not 1 <= tier <= SLA_MAX_TIER:
         raise InvalidInput("tier must be 1, 2 or 3", code=Code.INPUT_CONTRACT, detail={"tier": tier})
     _check_text(note, "note")

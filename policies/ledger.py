@@ -30,17 +30,16 @@ from audit.verbs import ActorType, Verb
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
-    Code,
     InvalidAmount,
     InvalidReservation,
     InvalidScope,
-    PolicyDenied,
     ReservationNotFound,
     ReservationReleased,
     ReservationSettled,
 )
 from policies.limits import MONEY_QUANTUM, CeilingScope
 from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
+from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
     "ScopeSpend",
@@ -52,8 +51,6 @@ __all__ = [
     "reservations_release_expired",
 ]
 
-#: The tier that may raise a ceiling.
-RAISE_TIER_PERM = "orchestration.decide_tier_2"
 _MAX_MONEY = Decimal("99999999.999999")
 
 
@@ -234,6 +231,7 @@ def ceiling_reserve(
     kinds = [s.scope for s in scopes]
     if len(set(kinds)) != len(kinds):
         raise InvalidScope("a scope kind may appear once per reservation")
+    scopes = sorted(scopes, key=lambda s: _scope_rank(s.scope))
     periods = [period_start_for(s.scope, now) for s in scopes]
     warnings: list[Entry] = []
     with transaction.atomic():
@@ -287,15 +285,27 @@ def ceiling_reserve(
     raise _refused(failed[0], failed[1], amount, run_id, step_id, action)
 
 
+# Every transaction that touches several scope rows locks them in this order (then by id), so two
+# of them can never wait on each other: a reservation for one step and the settlement of a
+# parallel step of the same run touch the same rows.
+SCOPE_ORDER: tuple[str, ...] = tuple(kind.value for kind in ScopeKind)
+
+
+def _scope_rank(kind: str) -> int:
+    return SCOPE_ORDER.index(kind) if kind in SCOPE_ORDER else len(SCOPE_ORDER)
+
+
 def _move(
     scope_ids: Iterable[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
 ) -> None:
+    """Apply the deltas to each scope row, in the order given (a reservation keeps its scopes in
+    ``SCOPE_ORDER``, the order it locked them in)."""
     sql = (
         f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, {_q('spent')} = {_q('spent')} + %s, "
         f"{_q('updated_at')} = %s WHERE {_q('id')} = %s"
     )
     with connection.cursor() as cursor:
-        for scope_id in sorted(scope_ids):
+        for scope_id in scope_ids:
             cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
 
 
@@ -376,18 +386,28 @@ def ceiling_release(reservation_id: int, *, now: datetime | None = None) -> Rese
 
 
 def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
-    """Release held reservations past their expiry (their worker died): the reaper's duty."""
+    """Release held reservations past their expiry (their worker died): the reaper's duty. The
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
     now = now or timezone.now()
-    released = 0
     with transaction.atomic():
         expired = list(
             Reservation.objects.select_for_update(skip_locked=True)
             .filter(status=ReservationStatus.HELD, expires_at__lt=now)
             .order_by("expires_at")[:limit]
         )
+        if not expired:
+            return 0
+        owed: dict[int, Decimal] = {}
+        for reservation in expired:
+            for scope_id in reservation.scope_ids:
+                owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
+        kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
+        for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
+            _move([scope_id], owed[scope_id], Decimal(0), now)
         entries = []
         for reservation in expired:
-            _release(reservation, now)
+            reservation.status = ReservationStatus.RELEASED
+            reservation.settled_at = now
             entries.append(
                 Entry(
                     verb=Verb.RESERVATION_RELEASED,
@@ -402,9 +422,9 @@ def reservations_release_expired(now: datetime | None = None, *, limit: int = 50
                     },
                 )
             )
-            released += 1
+        Reservation.objects.bulk_update(expired, ["status", "settled_at"])
         audit_record_many(entries, now=now)
-    return released
+    return len(expired)
 
 
 def ceiling_raise(
@@ -421,21 +441,7 @@ def ceiling_raise(
     ever goes up (``CeilingNotRaised``)."""
     new_limit = _money(new_limit, "limit")
     now = now or timezone.now()
-    if not user.is_active or not user.has_perm(RAISE_TIER_PERM):
-        audit_record_alone(
-            Entry(
-                verb=Verb.CEILING_RAISED,
-                object_type="spend_scope",
-                object_id=scope_id or f"run:{run_id}",
-                actor_type=ActorType.HUMAN,
-                actor_id=user.get_username(),
-                run_id=run_id,
-                data={"refused": "tier 2 required", "new_limit": str(new_limit)},
-            )
-        )
-        raise PolicyDenied(
-            "raising a cost ceiling needs tier 2 or higher", code=Code.CEILING_TIER_REQUIRED
-        )
+    ceiling_raise_check(user, scope_id=scope_id, run_id=run_id, new_limit=new_limit)
     if not reason.strip():
         raise InvalidAmount("a reason is required to raise a ceiling")
     if (scope_id is None) == (run_id is None):

@@ -255,3 +255,56 @@ def test_two_processes_200_reservations_against_a_ceiling_of_50_exactly_50_succe
     assert run.reserved + run.spent == Decimal(50) <= run.limit
     assert SpendScope.objects.get(kind="global_day").reserved == Decimal(50)
     assert Reservation.objects.filter(status=ReservationStatus.HELD).count() == 50
+
+
+def _reserve_and_settle_many(count: int, results: multiprocessing.Queue) -> None:  # child process
+    """Steps of one run in parallel: each reserves, then settles, against the run and global scopes."""
+    connections.close_all()
+    failures: list[str] = []
+    for _ in range(count):
+        try:
+            held = ceiling_reserve(
+                scopes=[  # the order policies.limits.ceilings_for gives
+                    CeilingScope("run", "43", Decimal("1000"), Decimal("0.8")),
+                    CeilingScope("global_day", "", Decimal("1000"), Decimal("0.8")),
+                ],
+                amount=Decimal(2),
+                run_id=43,
+                step_id=1,
+                action="agent:x",
+                owner="w",
+                ttl=TTL,
+            )
+            ceiling_settle(held.pk, Decimal(1))
+        except Exception as error:  # a deadlock surfaces as an OperationalError
+            failures.append(type(error).__name__)
+    connections.close_all()
+    results.put(failures)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_steps_of_one_run_reserve_and_settle_without_deadlocking():
+    # The global scope's row exists first (lower id) and the run's later: settling must lock the
+    # rows in the same order as reserving does, or two parallel steps of a run deadlock.
+    ceiling_reserve(
+        scopes=[CeilingScope("global_day", "", Decimal("1000"), Decimal("0.8"))],
+        amount=Decimal(0),
+        run_id=None,
+        step_id=None,
+        action="agent:x",
+        owner="w",
+        ttl=TTL,
+    )
+    connections.close_all()
+    ctx = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_reserve_and_settle_many, args=(150, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    failures = [results.get(timeout=180) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert failures == [[], []]
+    run = SpendScope.objects.get(kind="run", key="43")
+    assert (run.reserved, run.spent) == (Decimal(0), Decimal(300))
+    assert SpendScope.objects.get(kind="global_day").spent == Decimal(300)

@@ -1,16 +1,19 @@
 """The inbox list by keyboard in real Chromium: j selects a row, c claims it (and the claim
 appears without a reload), a opens the item's decision form with the reason focused and Enter
-confirms; e opens the edit form at its first field; ? shows the keys."""
+confirms; e opens the edit form at its first field; ? shows the keys; a claim that lapses is
+marked expired on the list when its time is up."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from orchestration.models import Run, Wait, WaitClaim
-from orchestration.services import run_submit
+from orchestration.services import run_submit, wait_claim
 from tests.conftest import OPERATOR_PERMISSIONS
 from tests.e2e import test_inbox_browser as shared
 from tests.factories import UserFactory
@@ -86,3 +89,13 @@ def test_the_inbox_list_is_worked_by_keyboard(
     page.wait_for_selector("#edit[open]")
     assert page.evaluate("document.activeElement.id") == "field_topic"
     assert Wait.objects.get(pk=second.pk).status == "open"  # opening the form decides nothing
+
+    # Someone else's claim lapses by itself: the list says so when its time is up.
+    other = UserFactory(username="other", permissions=OPERATOR_PERMISSIONS)
+    wait_claim(wait_id=second.pk, user=other)
+    WaitClaim.objects.filter(wait=second).update(expires_at=timezone.now() + timedelta(seconds=3))
+    page.goto(f"{server}/inbox/")
+    page.wait_for_selector(f"#item-{second.pk} .claim:has-text('claimed by other')")
+    page.wait_for_selector(
+        f"#item-{second.pk} .claim.expired:has-text('claim expired')", timeout=8000
+    )

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from console.live_auth import CLOSE_FORBIDDEN, live_user
+from console.live_auth import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, live_user, session_group
 from console.views import run_list_fragment, run_live_fragment
 from console.views_inbox import (
     home_fragment,
@@ -36,6 +36,7 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     group: str | None = None
     #: More groups whose events also make this page render (joined and left with ``group``).
     extra_groups: tuple[str, ...] = ()
+    session_group: str | None = None
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
 
@@ -48,6 +49,10 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
         self.group = self.group_name()
         for group in (self.group, *self.extra_groups):
             await self.channel_layer.group_add(group, self.channel_name)
+        key = getattr(self.scope.get("session"), "session_key", None)
+        if key:  # a logout in any tab closes this socket (console.live_auth)
+            self.session_group = session_group(key)
+            await self.channel_layer.group_add(self.session_group, self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -58,6 +63,12 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
         if self.group is not None:
             for group in (self.group, *self.extra_groups):
                 await self.channel_layer.group_discard(group, self.channel_name)
+        if self.session_group is not None:
+            await self.channel_layer.group_discard(self.session_group, self.channel_name)
+
+    async def session_ended(self, message: dict[str, Any]) -> None:
+        """The session this socket was opened with logged out."""
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def run_event(self, message: dict[str, Any]) -> None:
         """A ``run.event`` from ``orchestration.live``: schedule a render."""

@@ -20,7 +20,13 @@ from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
 from console.history import actor as history_actor
 from console.history import sentence as history_sentence
-from console.views_runs import PLOTLY_VERSION, run_timeline, skip_refused, step_details
+from console.views_runs import (
+    PLOTLY_VERSION,
+    plotly_styles,
+    run_timeline,
+    skip_refused,
+    step_details,
+)
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -209,6 +215,7 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
         context["skip_refused_closed"] = refused.get("error", "")  # its form is gone
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
+    context["plotly_style_ids"] = plotly_styles().ids
     context["step_details"], context["run_cost"] = step_details(
         context["steps"],
         context["waits"],

@@ -138,6 +138,11 @@ def run_check_decide(user: User, run: Run) -> None:
         )
 
 
+def _stopped_at_ceiling(wait: Wait) -> bool:
+    error = (wait.action or {}).get("error") if wait.kind == WaitKind.ESCALATION else None
+    return isinstance(error, dict) and error.get("code") == Code.CEILING_EXCEEDED
+
+
 def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | None:
     """Why ``user`` may not decide ``wait`` (message, code, detail), or None if they may: the
     run's deciding permissions, a high enough tier, and for an approval not one's own run."""
@@ -146,8 +151,12 @@ def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | No
         return "you may not decide approvals or escalations of this run", Code.DECIDE_DENIED, {}
     held = user_tier(user)
     if held < wait.tier:
+        why = (
+            " (it stopped at a cost ceiling: only someone who may raise the ceiling decides it)"
+            if _stopped_at_ceiling(wait) else ""
+        )
         return (
-            f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}. Someone with tier "
+            f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}{why}. Someone with tier "
             f"{wait.tier} or above on this tenant and workflow can decide it",
             Code.TIER_TOO_LOW, {"required_tier": wait.tier, "your_tier": held},
         )

@@ -43,12 +43,14 @@ from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
     "ScopeSpend",
+    "ceiling_charge_released",
     "ceiling_raise",
     "ceiling_release",
     "ceiling_reserve",
     "ceiling_settle",
     "period_start_for",
     "reservations_release_expired",
+    "reservations_release_for_step",
 ]
 
 _MAX_MONEY = Decimal("99999999.999999")
@@ -385,6 +387,41 @@ def ceiling_release(reservation_id: int, *, now: datetime | None = None) -> Rese
     return reservation
 
 
+def _released_entry(reservation: Reservation, reason: str) -> Entry:
+    return Entry(
+        verb=Verb.RESERVATION_RELEASED,
+        object_type="reservation",
+        object_id=reservation.pk,
+        run_id=reservation.run_id,
+        step_id=reservation.step_id,
+        data={
+            "amount": str(_dec(reservation.amount)),
+            "owner": reservation.owner,
+            "reason": reason,
+        },
+    )
+
+
+def _release_all(reservations: list[Reservation], reason: str, now: datetime) -> int:
+    """Release held reservations in the caller's transaction (rows locked by the caller): the
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
+    if not reservations:
+        return 0
+    owed: dict[int, Decimal] = {}
+    for reservation in reservations:
+        for scope_id in reservation.scope_ids:
+            owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
+    kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
+    for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
+        _move([scope_id], owed[scope_id], Decimal(0), now)
+    for reservation in reservations:
+        reservation.status = ReservationStatus.RELEASED
+        reservation.settled_at = now
+    Reservation.objects.bulk_update(reservations, ["status", "settled_at"])
+    audit_record_many([_released_entry(r, reason) for r in reservations], now=now)
+    return len(reservations)
+
+
 def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
     """Release held reservations past their expiry (their worker died): the reaper's duty. The
     amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
@@ -395,36 +432,66 @@ def reservations_release_expired(now: datetime | None = None, *, limit: int = 50
             .filter(status=ReservationStatus.HELD, expires_at__lt=now)
             .order_by("expires_at")[:limit]
         )
-        if not expired:
-            return 0
-        owed: dict[int, Decimal] = {}
-        for reservation in expired:
-            for scope_id in reservation.scope_ids:
-                owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
-        kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
-        for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
-            _move([scope_id], owed[scope_id], Decimal(0), now)
-        entries = []
-        for reservation in expired:
-            reservation.status = ReservationStatus.RELEASED
-            reservation.settled_at = now
-            entries.append(
+        return _release_all(expired, "expired", now)
+
+
+def reservations_release_for_step(step_id: int, *, now: datetime | None = None) -> int:
+    """Release what a step's lost attempt still holds: the reaper took the step's lease back
+    from a dead worker, and its next attempt reserves afresh (holding both until the first
+    expired could refuse the retry a ceiling that fits one call). Runs in the caller's
+    transaction, before the step can be claimed again, so every held row is the lost one's."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        held = list(
+            Reservation.objects.select_for_update()
+            .filter(step_id=step_id, status=ReservationStatus.HELD)
+            .order_by("pk")
+        )
+        return _release_all(held, "lease_expired", now)
+
+
+def ceiling_charge_released(
+    reservation_id: int, actual: Decimal, *, now: datetime | None = None
+) -> Reservation:
+    """Charge a call that finished after the reaper released its reservation (its worker was
+    taken for dead, but the call went through): the money was spent, so ``actual`` enters
+    ``spent`` in every scope even past a ceiling, and is recorded as an overrun. Charging twice
+    with the same actual is a no-op."""
+    actual = _money(actual, "actual")
+    now = now or timezone.now()
+    with transaction.atomic():
+        reservation = _locked(reservation_id)
+        if reservation.status == ReservationStatus.SETTLED and _dec(reservation.actual) == actual:
+            return reservation
+        if reservation.status != ReservationStatus.RELEASED:
+            raise InvalidReservation(
+                f"reservation {reservation_id} is {reservation.status}, not released"
+            )
+        _move(reservation.scope_ids, Decimal(0), actual, now)
+        reservation.status = ReservationStatus.SETTLED
+        reservation.actual = actual
+        reservation.settled_at = now
+        reservation.save(update_fields=["status", "actual", "settled_at"])
+        audit_record_many(
+            [
                 Entry(
-                    verb=Verb.RESERVATION_RELEASED,
+                    verb=Verb.CEILING_EXCEEDED,
                     object_type="reservation",
                     object_id=reservation.pk,
                     run_id=reservation.run_id,
                     step_id=reservation.step_id,
                     data={
                         "amount": str(_dec(reservation.amount)),
-                        "owner": reservation.owner,
-                        "reason": "expired",
+                        "actual": str(actual),
+                        "charged": str(actual),
+                        "overrun": True,
+                        "after_release": True,
                     },
                 )
-            )
-        Reservation.objects.bulk_update(expired, ["status", "settled_at"])
-        audit_record_many(entries, now=now)
-    return len(expired)
+            ],
+            now=now,
+        )
+    return reservation
 
 
 def ceiling_raise(

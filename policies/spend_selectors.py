@@ -18,13 +18,13 @@ from guardian.shortcuts import get_objects_for_user
 from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from policies.errors import Code, PolicyDenied, SpendNotVisible
-from policies.limits import MONEY_QUANTUM
+from policies.limits import CEILING_RAISE_TIER, MONEY_QUANTUM
 from policies.models import Reservation, ScopeKind, SpendScope, Tenant
 
 VIEW_ALL = "orchestration.view_run"
 VIEW_FOR_TENANT = "policies.view_runs"
 #: The tier that may raise a ceiling.
-RAISE_TIER_PERM = "orchestration.decide_tier_2"
+RAISE_TIER_PERM = f"orchestration.decide_tier_{CEILING_RAISE_TIER}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,7 +216,9 @@ class RunAdvance(Ending):
                 # The policy's SLA is also when the item breaches and climbs a tier
                 # (services.waits_escalate_breached); set here, so no query when it opens.
                 sla_due_at = deadline
-            on_timeout = "approve" if decision.on_expiry == "approve" and on_timeout == "approve" else "reject"
+            # Expiry approves only when the policy and the node's own gate (if it has one) both say so.
+            lenient = decision.on_expiry == "approve" and (gate is None or gate.on_timeout == "approve")
+            on_timeout = "approve" if lenient else "reject"
             reason = decision.reason
         wait = unsaved(
             Wait,

@@ -22,12 +22,14 @@ from policies.errors import (
     ReservationSettled,
 )
 from policies.ledger import (
+    ceiling_charge_released,
     ceiling_raise,
     ceiling_release,
     ceiling_reserve,
     ceiling_settle,
     period_start_for,
     reservations_release_expired,
+    reservations_release_for_step,
 )
 from policies.limits import CeilingScope
 from policies.models import Reservation, ReservationStatus, SpendScope
@@ -43,12 +45,14 @@ def _scopes(run_limit: str = "10", tenant_limit: str = "100") -> list[CeilingSco
     ]
 
 
-def _reserve(amount: str, scopes: list[CeilingScope] | None = None, **kw: object) -> Reservation:
+def _reserve(
+    amount: str, scopes: list[CeilingScope] | None = None, step_id: int = 1, **kw: object
+) -> Reservation:
     return ceiling_reserve(
         scopes=scopes if scopes is not None else _scopes(),
         amount=Decimal(amount),
         run_id=7,
-        step_id=1,
+        step_id=step_id,
         action="agent:triage",
         owner="w1",
         ttl=TTL,
@@ -190,6 +194,35 @@ def test_expired_reservations_are_released_by_the_reaper():
     assert _scope("run").reserved == Decimal(1)
     assert AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED).count() == 1
     assert reservations_release_expired(later) == 0
+
+
+@pytest.mark.django_db
+def test_a_lost_attempts_reservation_goes_back_with_its_lease_and_no_other():
+    lost = _reserve("4")
+    other = _reserve("1", step_id=2)
+    assert reservations_release_for_step(1) == 1
+    assert Reservation.objects.get(pk=lost.pk).status == ReservationStatus.RELEASED
+    assert Reservation.objects.get(pk=other.pk).status == ReservationStatus.HELD
+    assert (_scope("run").reserved, _scope("run").spent) == (Decimal(1), Decimal(0))
+    [event] = AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED)
+    assert event.step_id == 1 and event.data["reason"] == "lease_expired"
+    assert reservations_release_for_step(1) == 0
+
+
+@pytest.mark.django_db
+def test_a_call_that_finishes_after_its_release_is_charged_anyway():
+    lost = _reserve("4")
+    reservations_release_for_step(1)
+    with pytest.raises(ReservationReleased):
+        ceiling_settle(lost.pk, Decimal(3))
+    ceiling_charge_released(lost.pk, Decimal(3))
+    ceiling_charge_released(lost.pk, Decimal(3))  # a repeat is a no-op
+    assert (_scope("run").spent, _scope("run").reserved) == (Decimal(3), Decimal(0))
+    assert _scope("tenant_month").spent == Decimal(3)
+    settled = Reservation.objects.get(pk=lost.pk)
+    assert (settled.status, settled.actual) == (ReservationStatus.SETTLED, Decimal(3))
+    [event] = AuditEvent.objects.filter(verb=Verb.CEILING_EXCEEDED, object_type="reservation")
+    assert event.data["after_release"] is True and event.data["charged"] == "3.000000"
 
 
 @pytest.mark.django_db

@@ -9,22 +9,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from django.utils import timezone
 
 from orchestration.models import Run, Wait, WaitClaim
 from orchestration.services import run_submit, wait_claim
 from tests.conftest import OPERATOR_PERMISSIONS
-from tests.e2e import test_inbox_browser as shared
+from tests.e2e.conftest import E2E, login
 from tests.factories import UserFactory
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-# The browser, the server and the login of the inbox's browser tests.
-_sync_orm_beside_playwright = shared._sync_orm_beside_playwright
-server = shared.server
-browser = shared.browser
-login = shared.login
+pytestmark = E2E
 
 
 def approvals(drive: Callable[[int], Run], count: int) -> list[Wait]:
@@ -43,18 +36,11 @@ def approvals(drive: Callable[[int], Run], count: int) -> list[Wait]:
 
 
 def test_the_inbox_list_is_worked_by_keyboard(
-    server: str, browser: Any, drive: Callable[[int], Run], settings: Any
+    server: str, context: Any, drive: Callable[[int], Run], engine_in_process: None
 ) -> None:
-    # The engine runs in this process: no agent time, a transient failure retried at once.
-    settings.SIGNALBOX = {
-        **settings.SIGNALBOX,
-        "AGENT_TIME_SCALE": 0.0,
-        "LIVE_EVENTS": False,
-        "RETRY_BASE_SECONDS": 0.0,
-    }
     first, second = approvals(drive, 2)
     UserFactory(username="op", permissions=OPERATOR_PERMISSIONS)
-    page = login(browser, server, "op")
+    page = login(context, server, "op")
     page.goto(f"{server}/inbox/")
     page.wait_for_selector("text=live")
 
@@ -99,3 +85,4 @@ def test_the_inbox_list_is_worked_by_keyboard(
     page.wait_for_selector(
         f"#item-{second.pk} .claim.expired:has-text('claim expired')", timeout=8000
     )
+    assert page.refused == []  # nothing refused by the CSP, no script error

@@ -210,6 +210,9 @@ def escalation_why(error: SignalboxError) -> str:
     """Why a step needs a person, in a few words an operator reads first."""
     if error.code == Code.MAX_ATTEMPTS:
         return "retries exhausted"
+    if error.code == Code.CEILING_EXCEEDED:
+        # A policy's refusal by its class, but a limit to the operator: raise it or stop the run.
+        return f"limit reached ({error.code})"
     if error.error_class == ErrorClass.CONTRACT:
         return "contract violation"
     if error.error_class == ErrorClass.LIMIT:

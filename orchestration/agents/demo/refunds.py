@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from orchestration.agents.base import Agent, AgentContext, CompensationInput
 from orchestration.agents.demo import DEMO_MODEL, estimate_tokens, simulate_call
+from orchestration.agents.demo.orders import OrderArchived, order_for
+from orchestration.errors import TransientError
 
 REFUND_WORDS = (
     "refund",
@@ -18,13 +20,6 @@ REFUND_WORDS = (
     "return",
     "wrong item",
     "charged twice",
-)
-CATALOG = (
-    ("sku-kettle", "Electric kettle", 39.0),
-    ("sku-headset", "Wireless headset", 129.0),
-    ("sku-chair", "Desk chair", 189.0),
-    ("sku-lamp", "Reading lamp", 24.5),
-    ("sku-backpack", "Travel backpack", 74.0),
 )
 # Share of the order total proposed back, by what the customer reports.
 REFUND_SHARE_BY_REASON = {"damaged": 1.0, "wrong_item": 1.0, "late": 0.2, "other": 0.5}
@@ -79,7 +74,8 @@ class TriageRouter(Agent):
 
 
 class OrderLookup(Agent):
-    """Fetches the order the customer writes about from the (simulated) order system."""
+    """Fetches the order the customer writes about from the demo order system
+    (:mod:`orchestration.agents.demo.orders`)."""
 
     name = "order_lookup"
     capability = "lookup"
@@ -92,21 +88,15 @@ class OrderLookup(Agent):
         order: dict[str, Any]
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
-        items: list[dict[str, Any]] = []
-        for sku, title, price in ctx.random.sample(CATALOG, ctx.random.randint(1, 3)):
-            items.append(
-                {"sku": sku, "name": title, "quantity": ctx.random.randint(1, 2), "price": price}
-            )
-        order = OrderRecord(
-            order_id=input.order_id,
-            customer_id=input.customer_id,
-            total=round(sum(item["price"] * item["quantity"] for item in items), 2),
-            currency="EUR",
-            status="delivered",
-            items=items,
-        )
         simulate_call(ctx, seconds=ctx.random.uniform(0.1, 0.3))
-        return self.Output(order=order.model_dump())
+        try:
+            order = order_for(input.order_id, input.customer_id)
+        except OrderArchived as exc:
+            # The archive times out on every attempt: the step runs out of retries and escalates.
+            raise TransientError(str(exc), detail={"order_id": input.order_id}) from None
+        # Returned as the order system sent it: a marketplace order without a currency is
+        # refused by the proposer's input contract, where an operator sees it.
+        return self.Output(order=order)
 
 
 class RefundProposer(Agent):

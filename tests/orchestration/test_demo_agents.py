@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping
 from importlib import import_module
 from typing import Any
@@ -15,6 +16,9 @@ from orchestration.agents.demo import content, noop, orders, refunds, research
 from orchestration.definition import END, FAIL, Workflow
 from orchestration.errors import TransientError
 from orchestration.registry import BUILTIN_AGENTS, BUILTIN_WORKFLOWS
+from orchestration.tools.client import ToolClient
+from orchestration.tools.limit_backends import MemoryBackend
+from orchestration.tools.limits import CircuitBreaker, RateLimiter
 from orchestration.workflows.content import content_pipeline
 from orchestration.workflows.reference import reference_workload
 from orchestration.workflows.refunds import refund_desk, refund_needs_approval
@@ -77,12 +81,42 @@ MODEL_BACKED_AGENTS = [
 WORKFLOWS = [content_pipeline, refund_desk, research_brief, reference_workload]
 
 
+class NoSleepClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        pass
+
+
+class RegistryTools:
+    """An agent's tool calls outside the engine: the real tool client and the registered
+    capabilities, with rate limits and circuits kept in memory and backoffs not slept."""
+
+    def __init__(self, seed: int) -> None:
+        self.client = ToolClient(
+            clock=NoSleepClock(),
+            rng=random.Random(seed),
+            limiter=RateLimiter(MemoryBackend()),
+            breaker=CircuitBreaker(MemoryBackend()),
+        )
+        self.calls = 0
+
+    def call(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel:
+        self.calls += 1
+        return self.client.call(capability, params, run_id=0, node="test", call_index=self.calls)
+
+
 def run_agent(
     agent_class: type[Agent], fields: Mapping[str, Any], *, seed: int = 0, attempt: int = 2
 ):
     """Run an agent as the engine would; attempt 2 by default so no simulated failure interferes."""
     agent = agent_class()
     ctx = AgentContext.for_test(seed=seed, attempt=attempt)
+    ctx.tools = RegistryTools(seed)
     output = agent.run(agent.Input.model_validate(fields), ctx)
     assert isinstance(output, agent_class.Output)
     return output, ctx
@@ -242,7 +276,7 @@ def test_orders_of_each_kind_need_that_refund_tier(kind: orders.OrderKind, low: 
 def test_archived_orders_time_out_on_every_attempt() -> None:
     order_id = orders.order_id_of_kind("archived", random.Random(1))
     for attempt in (1, 2, 3, 4):
-        with pytest.raises(TransientError, match="archived"):
+        with pytest.raises(TransientError, match="provider_timeout"):
             run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"}, attempt=attempt)
 
 
@@ -383,6 +417,7 @@ def execute_node(wf: Workflow, name: str, state: dict[str, Any], seed: int) -> B
     shown = visible(state, node.reads)
     fields = node.input(shown) if node.input else shown
     ctx = AgentContext.for_test(shown, writes=node.writes, seed=seed, attempt=2, step_key=name)
+    ctx.tools = RegistryTools(seed)
     output = agent_class().run(agent_class.Input.model_validate(fields), ctx)
     dumped = agent_class.Output.model_validate(output.model_dump()).model_dump(mode="json")
     state.update({key: value for key, value in dumped.items() if key in node.writes})

@@ -9,8 +9,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from orchestration.agents.base import Agent, AgentContext, CompensationInput
 from orchestration.agents.demo import DEMO_MODEL, estimate_tokens, simulate_call
-from orchestration.agents.demo.orders import OrderArchived, order_for
-from orchestration.errors import TransientError
 
 REFUND_WORDS = (
     "refund",
@@ -74,8 +72,8 @@ class TriageRouter(Agent):
 
 
 class OrderLookup(Agent):
-    """Fetches the order the customer writes about from the demo order system
-    (:mod:`orchestration.agents.demo.orders`)."""
+    """Fetches the order the customer writes about from the order system (the ``lookup_order``
+    capability; in the demo, :mod:`orchestration.agents.demo.orders`)."""
 
     name = "order_lookup"
     capability = "lookup"
@@ -89,14 +87,13 @@ class OrderLookup(Agent):
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
         simulate_call(ctx, seconds=ctx.random.uniform(0.1, 0.3))
-        try:
-            order = order_for(input.order_id, input.customer_id)
-        except OrderArchived as exc:
-            # The archive times out on every attempt: the step runs out of retries and escalates.
-            raise TransientError(str(exc), detail={"order_id": input.order_id}) from None
-        # Returned as the order system sent it: a marketplace order without a currency is
-        # refused by the proposer's input contract, where an operator sees it.
-        return self.Output(order=order)
+        # The archive times out on every attempt: the step runs out of retries and escalates.
+        # A marketplace order comes back without a currency; the proposer's input contract
+        # refuses it, where an operator sees it.
+        found = ctx.call_tool(
+            "lookup_order", {"order_id": input.order_id, "customer_id": input.customer_id}
+        )
+        return self.Output(order=found.model_dump()["order"])
 
 
 class RefundProposer(Agent):
@@ -256,7 +253,15 @@ class CustomerNotifier(Agent):
         else:
             body = input.answer or ""
         simulate_call(ctx, seconds=ctx.random.uniform(0.1, 0.3))
-        # Same on every attempt, so a retried send can be deduplicated by the provider.
-        message_key = f"{ctx.run_id}:{ctx.seed}:{ctx.step_key}:{input.customer_id}"
-        notification_id = "ntf_" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
+        # Sent through the email or SMS capability: the tool registry gives the call an
+        # idempotency key that is the same on every attempt, so a retried send goes out once.
+        if input.channel == "email":
+            sent = ctx.call_tool(
+                "send_email",
+                {"to": f"{input.customer_id}@example.com", "subject": "About your order", "body": body},
+            )
+        else:
+            digits = int(hashlib.sha256(input.customer_id.encode()).hexdigest()[:8], 16) % 10**8
+            sent = ctx.call_tool("send_sms", {"to": f"+4915{digits:08d}", "body": body[:480]})
+        notification_id = "ntf_" + str(sent.model_dump()["message_id"]).split("_", 1)[-1]
         return self.Output(notification_id=notification_id, channel=input.channel, body=body)

@@ -83,7 +83,11 @@ def demo_users_seed() -> DemoSeed:
                 seed.existing.append(username)
                 continue
             password = secrets.token_urlsafe(12)
-            user = user_model.objects.create_user(username=username, password=password, is_staff=staff)
+            # An address, so notifications of the items they may decide reach them (in the
+            # embedded demo, as files under var/mail/).
+            user = user_model.objects.create_user(
+                username=username, email=f"{username}@example.com", password=password, is_staff=staff
+            )
             user.groups.add(groups[role])
             for tenant in tenants:
                 tenant_grant(user, tenant, on_tenants)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django import template
@@ -86,3 +87,17 @@ def relative_time(value: datetime | None) -> SafeString | str:
         value.strftime("%Y-%m-%d %H:%M:%S"),
         words,
     )
+
+
+@register.filter
+def money(value: Any) -> str:
+    """An amount for people: two decimals, or as many as it takes (up to six) below a dollar, so
+    a ceiling of 0.0015 does not read as 0.00."""
+    try:
+        amount = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return str(value)
+    if abs(amount) >= 1 or amount == 0:
+        return f"{amount:,.2f}"
+    text = f"{amount:.6f}".rstrip("0")
+    return text if len(text.split(".")[1]) >= 2 else f"{amount:.2f}"

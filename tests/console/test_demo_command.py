@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -103,7 +104,7 @@ def test_simulator_opens_with_one_of_each_kind_then_slows_down(simulator: DemoSi
     # As the simulator's service account, never as a person who decides.
     assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {"simulator"}
     # Every 3 to 6 seconds during the opening (about a minute), then every 8 to 15.
-    gaps = [later - earlier for earlier, later in zip(at, at[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in pairwise(at)]
     assert all(3 <= gap <= 7 for gap in gaps[: len(OPENING) - 1])
     assert gaps[len(OPENING) :] and all(8 <= gap <= 16 for gap in gaps[len(OPENING) :])
 

@@ -155,13 +155,23 @@ class Command(BaseCommand):
             "  web        ASGI server (uvicorn) with websockets for live updates",
             f"  worker     Celery, {worker.concurrency if worker else '?'} threads, pools: {', '.join(stack.pools)}",
             f"  scheduler  engine tick every {stack.options.tick_seconds:g}s (expired leases, timeouts, deadlines)",
-            (
-                "  simulator  submits content_pipeline / refund_desk / research_brief as its own service "
-                "account: first one of each kind of item (approvals of tiers 1-3, escalations, a "
-                "payment settlement it sends later), then a few a minute; approvals and escalations wait for you"
-                + (" (--auto-decide: answered after 2 minutes)" if self._auto_decide else "")
+            *(
+                [
+                    "  simulator  submits work as its own service account: first one of each kind of item",
+                    "             (approvals at tiers 1-3, escalations, a payment it settles later), then a few a",
+                    "             minute; approvals and escalations wait for you"
+                    + (" (--auto-decide: answered after 2 minutes)" if self._auto_decide else ""),
+                ]
                 if stack.options.simulator
-                else "  simulator  off (--no-simulator)"
+                else ["  simulator  off (--no-simulator)"]
+            ),
+            *(
+                [
+                    f"  mail       notifications of items at tier {settings.SIGNALBOX_NOTIFY_MIN_TIER} and above, "
+                    f"to the people who may decide them, as files in {settings.EMAIL_FILE_PATH}"
+                ]
+                if settings.EMAIL_BACKEND.endswith("filebased.EmailBackend")
+                else []
             ),
             "Press Ctrl-C to stop.",
         ]

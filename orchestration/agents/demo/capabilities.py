@@ -14,7 +14,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from orchestration.agents.demo.orders import OrderArchived, order_for
-from orchestration.tools.providers import FunctionProvider, ProviderHTTPError, RateLimit
+from orchestration.tools.providers import (
+    BreakerPolicy,
+    FunctionProvider,
+    ProviderHTTPError,
+    RateLimit,
+)
 from orchestration.tools.registry import Capability, RetryPolicy
 
 #: Share of messages the primary SMS gateway refuses (by message key, so a retry is refused too).
@@ -39,7 +44,9 @@ class OrderFound(BaseModel):
     order: dict[str, Any]
 
 
-def _orders_lookup(params: dict[str, Any], *, idempotency_key: str | None, timeout: float) -> dict[str, Any]:
+def _orders_lookup(
+    params: dict[str, Any], *, idempotency_key: str | None, timeout: float
+) -> dict[str, Any]:
     try:
         return {"order": order_for(params["order_id"], params["customer_id"])}
     except OrderArchived as exc:
@@ -51,8 +58,20 @@ lookup_order = Capability(
     description="Look an order up in the shop's order system (archived orders time out).",
     Params=OrderQuery,
     Result=OrderFound,
-    providers=(FunctionProvider(name="demo-orders", priority=10, timeout_seconds=5, function=_orders_lookup),),
-    retry=RetryPolicy(max_attempts=2, base_seconds=0.1, max_delay_seconds=0.5, time_budget_seconds=5),
+    providers=(
+        FunctionProvider(
+            name="demo-orders",
+            priority=10,
+            timeout_seconds=5,
+            function=_orders_lookup,
+            # One archived order fails six times (two tries, three step attempts): that alone
+            # must not open the circuit on every other lookup.
+            breaker=BreakerPolicy(failure_rate=0.8, min_calls=30),
+        ),
+    ),
+    retry=RetryPolicy(
+        max_attempts=2, base_seconds=0.1, max_delay_seconds=0.5, time_budget_seconds=5
+    ),
 )
 
 
@@ -75,18 +94,24 @@ class MessageSent(BaseModel):
     gateway: str
 
 
-def _mail_send(params: dict[str, Any], *, idempotency_key: str | None, timeout: float) -> dict[str, Any]:
+def _mail_send(
+    params: dict[str, Any], *, idempotency_key: str | None, timeout: float
+) -> dict[str, Any]:
     return {"message_id": _message_id("eml", idempotency_key, params), "gateway": "demo-mail"}
 
 
-def _sms_primary(params: dict[str, Any], *, idempotency_key: str | None, timeout: float) -> dict[str, Any]:
+def _sms_primary(
+    params: dict[str, Any], *, idempotency_key: str | None, timeout: float
+) -> dict[str, Any]:
     message_id = _message_id("sms", idempotency_key, params)
     if int(message_id[-4:], 16) / 0xFFFF < SMS_PRIMARY_REFUSAL_SHARE:
         raise ProviderHTTPError(503, body="gateway busy, try another route")
     return {"message_id": message_id, "gateway": "demo-sms"}
 
 
-def _sms_backup(params: dict[str, Any], *, idempotency_key: str | None, timeout: float) -> dict[str, Any]:
+def _sms_backup(
+    params: dict[str, Any], *, idempotency_key: str | None, timeout: float
+) -> dict[str, Any]:
     return {"message_id": _message_id("sms", idempotency_key, params), "gateway": "demo-sms-backup"}
 
 
@@ -97,7 +122,10 @@ send_email = Capability(
     Result=MessageSent,
     providers=(
         FunctionProvider(
-            name="demo-mail", priority=10, timeout_seconds=5, rate_limit=RateLimit(per_second=5, burst=10),
+            name="demo-mail",
+            priority=10,
+            timeout_seconds=5,
+            rate_limit=RateLimit(per_second=5, burst=10),
             function=_mail_send,
         ),
     ),
@@ -110,8 +138,12 @@ send_sms = Capability(
     Result=MessageSent,
     providers=(
         FunctionProvider(name="demo-sms", priority=10, timeout_seconds=5, function=_sms_primary),
-        FunctionProvider(name="demo-sms-backup", priority=20, timeout_seconds=5, function=_sms_backup),
+        FunctionProvider(
+            name="demo-sms-backup", priority=20, timeout_seconds=5, function=_sms_backup
+        ),
     ),
     side_effects=True,
-    retry=RetryPolicy(max_attempts=1, base_seconds=0.1, max_delay_seconds=0.5, time_budget_seconds=10),
+    retry=RetryPolicy(
+        max_attempts=1, base_seconds=0.1, max_delay_seconds=0.5, time_budget_seconds=10
+    ),
 )

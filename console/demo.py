@@ -18,6 +18,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 import policies
@@ -26,7 +27,8 @@ from orchestration.errors import SignalboxError
 from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
 from orchestration.selectors import approvals_pending_for_user
 from orchestration.services import approval_decide, escalation_resolve, run_send_event, run_submit
-from policies.models import Tenant
+from policies.ledger import period_start_for
+from policies.models import ScopeKind, SpendScope, Tenant
 from policies.roles import TENANT_OPERATOR, TENANT_SUBMITTER, roles_sync, tenant_grant
 from policies.services import Installed, policy_install
 
@@ -232,7 +234,7 @@ class DemoSimulator:
     """Keeps a steady trickle of demo work: submits runs, settles refunds, clears old approvals.
 
     It opens with one of each scenario (``OPENING``), then submits a weighted mix (``MIX``) at a
-    calmer pace. Approvals and escalations are left for people to decide: a new operator always
+    calmer pace, holding back a workflow whose spend today nears its daily ceiling. Approvals and escalations are left for people to decide: a new operator always
     finds something to approve, retry, skip or abort. Only with ``auto_decide`` (``demo
     --auto-decide``) are those older than ``auto_decide_after`` answered (approvals mostly
     approved, escalations retried), so the queues do not grow while nobody is watching.
@@ -246,7 +248,7 @@ class DemoSimulator:
         submit_every: tuple[float, float] = (3.0, 6.0),
         steady_every: tuple[float, float] = (8.0, 15.0),
         max_active: int = 20,
-        settle_after: timedelta = timedelta(seconds=40),
+        settle_after: timedelta = timedelta(seconds=60),
         auto_decide_after: timedelta = timedelta(minutes=2),
         reject_share: float = 0.2,
         auto_decide: bool = False,
@@ -290,7 +292,10 @@ class DemoSimulator:
         if self._opening:
             name = self._opening.pop(0)
         else:
-            names = sorted(MIX)
+            held = self.workflows_near_daily_ceiling()
+            names = [n for n in sorted(MIX) if SCENARIOS[n].workflow not in held]
+            if not names:
+                return None
             name = self.rng.choices(names, weights=[MIX[n] for n in names])[0]
         scenario = SCENARIOS[name]
         submitted = run_submit(
@@ -301,6 +306,18 @@ class DemoSimulator:
         )
         self.scenarios[submitted.run.pk] = name
         return submitted.run.pk
+
+    def workflows_near_daily_ceiling(self) -> set[str]:
+        """Workflows whose spend today is past their daily ceiling's warning share: the simulator
+        holds their work back, so the traffic approaches the ceiling and does not cross it."""
+        # Demo plumbing reads the ledger directly: no user-facing read wants this list.
+        today = period_start_for(ScopeKind.WORKFLOW_DAY, timezone.now())
+        return set(
+            SpendScope.objects.filter(kind=ScopeKind.WORKFLOW_DAY, period_start=today, limit__gt=0)
+            .annotate(used=F("spent") + F("reserved"))
+            .filter(used__gte=F("soft_ratio") * F("limit"))
+            .values_list("key", flat=True)
+        )
 
     def _input_for(self, name: str, scenario: Scenario) -> dict[str, Any]:
         rng = self.rng

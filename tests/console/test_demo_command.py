@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from itertools import pairwise
 from typing import Any
 
@@ -19,7 +20,7 @@ from console.demo import DEMO_USERS, OPENING, DemoSimulator, demo_policy_install
 from orchestration.models import RUN_ACTIVE, Run, Step, Wait, WaitKind, WaitStatus
 from orchestration.selectors import home_counts_for_user
 from orchestration.services import approval_decide, run_submit
-from policies.models import Tenant
+from policies.models import SpendScope, Tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -255,3 +256,26 @@ def test_demo_traffic_brings_every_kind_of_item_within_two_minutes(drive: Callab
     assert home.escalated_by_reason["contract violation"] >= 1
     assert home.escalated_by_reason["ceiling hit"] >= 1
     assert escalations["refund_long_thread"].run_id in {row["run_id"] for row in home.near_ceiling}
+
+
+def test_simulator_holds_back_a_workflow_near_its_daily_ceiling(simulator: DemoSimulator) -> None:
+    demo_policy_install()
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    SpendScope.objects.create(
+        kind="workflow_day", key="refund_desk", period_start=today, limit=Decimal("0.02"),
+        spent=Decimal("0.0161"), updated_at=timezone.now(),
+    )
+    simulator._opening.clear()
+    simulator.max_active = 1000  # nothing runs here: every submission stays active
+    now = timezone.now()
+    submitted = []
+    for second in range(0, 300, 5):
+        submitted += simulator.tick(now + timedelta(seconds=second)).submitted
+    workflows = set(Run.objects.filter(pk__in=submitted).values_list("workflow_name", flat=True))
+    # Past 80% of the refund desk's 0.02 a day: no refunds until tomorrow; the rest go on.
+    assert workflows == {"content_pipeline", "research_brief"}
+    SpendScope.objects.filter(key="refund_desk").update(spent=Decimal("0.0159"))
+    more = []
+    for second in range(300, 600, 5):
+        more += simulator.tick(now + timedelta(seconds=second)).submitted
+    assert "refund_desk" in set(Run.objects.filter(pk__in=more).values_list("workflow_name", flat=True))

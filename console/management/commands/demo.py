@@ -167,8 +167,9 @@ class Command(BaseCommand):
             ),
             *(
                 [
-                    f"  mail       notifications of items at tier {settings.SIGNALBOX_NOTIFY_MIN_TIER} and above, "
-                    f"to the people who may decide them, as files in {settings.EMAIL_FILE_PATH}"
+                    f"  mail       items at tier {settings.SIGNALBOX_NOTIFY_MIN_TIER} and above notify the people who "
+                    "may decide them, by email written",
+                    f"             as files to {settings.EMAIL_FILE_PATH}",
                 ]
                 if settings.EMAIL_BACKEND.endswith("filebased.EmailBackend")
                 else []

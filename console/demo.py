@@ -247,7 +247,8 @@ class DemoSimulator:
         rng: random.Random | None = None,
         submit_every: tuple[float, float] = (3.0, 6.0),
         steady_every: tuple[float, float] = (8.0, 15.0),
-        max_active: int = 20,
+        max_active: int = 200,
+        max_open_items: int = 20,
         settle_after: timedelta = timedelta(seconds=60),
         auto_decide_after: timedelta = timedelta(minutes=2),
         reject_share: float = 0.2,
@@ -258,7 +259,11 @@ class DemoSimulator:
         self.rng = rng or random.Random()
         self.submit_every = submit_every
         self.steady_every = steady_every
+        #: Active runs of every kind, deferred ones too (customer messages wait for the
+        #: tenant's daytime): a bound on the demo's load.
         self.max_active = max_active
+        #: Approvals and escalations waiting for a person: past this, nothing new comes.
+        self.max_open_items = max_open_items
         self.settle_after = settle_after
         self.auto_decide_after = auto_decide_after
         self.reject_share = reject_share
@@ -285,9 +290,14 @@ class DemoSimulator:
         return done
 
     def submit_one(self) -> int | None:
-        """Submit one demo run unless enough are already active: the next of the opening, then
-        one of the mix."""
+        """Submit one demo run unless enough are already active or waiting for people: the next
+        of the opening, then one of the mix."""
         if Run.objects.filter(status__in=RUN_ACTIVE).count() >= self.max_active:
+            return None
+        open_items = Wait.objects.filter(
+            status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION)
+        )
+        if open_items.count() >= self.max_open_items:
             return None
         if self._opening:
             name = self._opening.pop(0)

@@ -118,6 +118,27 @@ def test_simulator_stops_submitting_at_the_active_limit(simulator: DemoSimulator
     assert Run.objects.count() == 2
 
 
+def test_simulator_stops_submitting_while_enough_items_wait_for_people(
+    drive: Callable[[int], Run],
+) -> None:
+    demo_users_seed()
+    service = get_user_model().objects.get(username="simulator")
+    simulator = DemoSimulator(user=service, rng=random.Random(3), max_open_items=2)
+    open_items = Wait.objects.filter(status=WaitStatus.OPEN, kind__in=("approval", "escalation"))
+    now = timezone.now()
+    runs_when_full = None
+    for second in range(0, 240, 2):
+        simulator.tick(now + timedelta(seconds=second))
+        drive_active(drive)
+        if runs_when_full is None and open_items.count() >= 2:
+            runs_when_full = Run.objects.count()
+    # Once two items wait for a person, nothing new comes however long nobody answers.
+    assert runs_when_full is not None and runs_when_full < len(OPENING)
+    assert Run.objects.count() == runs_when_full
+    open_items.filter(kind="approval").update(status=WaitStatus.CANCELLED)
+    assert simulator.tick(now + timedelta(seconds=300)).submitted
+
+
 def test_simulator_settles_refunds_and_decides_stale_approvals(
     simulator: DemoSimulator, drive: Callable[[int], Run]
 ) -> None:

@@ -315,6 +315,7 @@ class DemoSimulator:
             tenant=self.rng.choice(sorted(DEMO_TENANTS)),
         )
         self.scenarios[submitted.run.pk] = name
+        log.info("demo run %s (%s): %s", submitted.run.pk, scenario.workflow, scenario.shows)
         return submitted.run.pk
 
     def workflows_near_daily_ceiling(self) -> set[str]:

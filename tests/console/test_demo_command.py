@@ -283,8 +283,8 @@ def test_simulator_holds_back_a_workflow_near_its_daily_ceiling(simulator: DemoS
     demo_policy_install()
     today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
     SpendScope.objects.create(
-        kind="workflow_day", key="refund_desk", period_start=today, limit=Decimal("0.02"),
-        spent=Decimal("0.0161"), updated_at=timezone.now(),
+        kind="workflow_day", key="refund_desk", period_start=today, limit=Decimal("0.05"),
+        spent=Decimal("0.0401"), updated_at=timezone.now(),
     )
     simulator._opening.clear()
     simulator.max_active = 1000  # nothing runs here: every submission stays active
@@ -293,9 +293,9 @@ def test_simulator_holds_back_a_workflow_near_its_daily_ceiling(simulator: DemoS
     for second in range(0, 300, 5):
         submitted += simulator.tick(now + timedelta(seconds=second)).submitted
     workflows = set(Run.objects.filter(pk__in=submitted).values_list("workflow_name", flat=True))
-    # Past 80% of the refund desk's 0.02 a day: no refunds until tomorrow; the rest go on.
+    # Past 80% of the refund desk's 0.05 a day: no refunds until tomorrow; the rest go on.
     assert workflows == {"content_pipeline", "research_brief"}
-    SpendScope.objects.filter(key="refund_desk").update(spent=Decimal("0.0159"))
+    SpendScope.objects.filter(key="refund_desk").update(spent=Decimal("0.0399"))
     more = []
     for second in range(300, 600, 5):
         more += simulator.tick(now + timedelta(seconds=second)).submitted

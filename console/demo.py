@@ -24,7 +24,7 @@ from django.utils import timezone
 import policies
 from orchestration.agents.demo.orders import OrderKind, order_id_of_kind
 from orchestration.errors import SignalboxError
-from orchestration.models import RUN_ACTIVE, Run, Wait, WaitKind, WaitStatus
+from orchestration.models import RUN_ACTIVE, Decision, Run, Wait, WaitKind, WaitStatus
 from orchestration.selectors import approvals_pending_for_user
 from orchestration.services import approval_decide, escalation_resolve, run_send_event, run_submit
 from policies.ledger import period_start_for
@@ -398,21 +398,27 @@ class DemoSimulator:
 
     def retry_stale_escalations(self, now: datetime) -> list[int]:
         """Retry escalated steps nobody answered within ``auto_decide_after`` (demo agents fail
-        transiently now and then; a retry usually goes through)."""
+        transiently now and then; a retry usually goes through). A step already retried once
+        is aborted instead: an archived order or a long thread fails the same way every time."""
         retried = []
         stale = Wait.objects.filter(
             kind=WaitKind.ESCALATION, status=WaitStatus.OPEN, created_at__lte=now - self.auto_decide_after
         ).order_by("id")[:50]
         for wait in stale:
+            again = Wait.objects.filter(
+                step_id=wait.step_id, kind=WaitKind.ESCALATION, decision=Decision.RETRY
+            ).exists()
+            action = "abort" if again else "retry"
             try:
                 escalation_resolve(
                     wait_id=wait.pk,
                     user=None,
-                    action="retry",
-                    reason=f"retried by the demo simulator after {self.auto_decide_after.total_seconds():.0f}s unanswered",
+                    action=action,
+                    reason=f"{'aborted' if again else 'retried'} by the demo simulator after "
+                    f"{self.auto_decide_after.total_seconds():.0f}s unanswered",
                 )
             except SignalboxError as exc:  # a person answered it first
-                log.info("escalation %s not auto-retried: %s", wait.pk, exc)
+                log.info("escalation %s not auto-answered: %s", wait.pk, exc)
                 continue
             retried.append(wait.pk)
         return retried

@@ -204,6 +204,14 @@ def test_simulator_retries_escalations_nobody_answered(simulator: Any, drive: Ca
     assert "demo simulator" in escalation.decision_reason
     step = Step.objects.get(run=run, node="act")
     assert step.status == "queued"
+    # The retry fails the same way: the second time, the simulator gives the run up.
+    drive(run.pk)
+    second = Wait.objects.get(run=run, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN)
+    assert simulator.tick(timezone.now() + timedelta(minutes=6)).retried == [second.pk]
+    second.refresh_from_db()
+    assert second.decision == "abort" and "aborted by the demo simulator" in second.decision_reason
+    run.refresh_from_db()
+    assert run.status not in ("queued", "running", "waiting")
 
 
 def test_simulator_leaves_decisions_to_people_by_default(drive: Callable[[int], Run]) -> None:

@@ -16,7 +16,7 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.errors import InvalidInput, PermissionDenied
 from orchestration.models import Run, Wait, WaitKind, WaitStatus
-from orchestration.services import drill_fire, escalation_resolve, run_submit
+from orchestration.services import drill_fire, escalation_resolve, run_submit, wait_claim
 from tests.factories import UserFactory
 
 
@@ -45,6 +45,36 @@ def test_a_fired_drill_escalates_as_a_drill_and_answering_it_acknowledges_it(
 
 
 @pytest.mark.django_db
+def test_claiming_a_drill_acknowledges_it_once_and_the_drills_page_shows_it(admin, operator, drive):
+    run = drive(drill_fire(user=admin, tier=1).pk)
+    wait = Wait.objects.get(run=run, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN)
+    Wait.objects.filter(pk=wait.pk).update(created_at=timezone.now() - timedelta(seconds=30))
+    client = Client()
+    client.force_login(operator)
+    assert client.post(f"/inbox/{wait.pk}/", {"op": "claim"}).status_code == 302
+    (ack,) = AuditEvent.objects.filter(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk)
+    assert (
+        30 <= ack.data["seconds"] < 60 and ack.data["how"] == "claim" and ack.actor_id == "operator"
+    )
+
+    # Claiming again, then answering, does not acknowledge it a second time (or later).
+    wait_claim(wait_id=wait.pk, user=operator)
+    Wait.objects.filter(pk=wait.pk).update(created_at=timezone.now() - timedelta(seconds=600))
+    escalation_resolve(wait_id=wait.pk, user=operator, action="abort", reason="drill seen")
+    assert AuditEvent.objects.filter(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk).count() == 1
+
+    admin_client = Client()
+    admin_client.force_login(admin)
+    page = admin_client.get("/drills/").content.decode()
+    row = page[page.index('class="drill-row"') :]
+    assert (
+        "operator" in row
+        and f"{round(ack.data['seconds'], 1)} s</td>" in row
+        and "<td>claimed</td>" in row
+    )
+
+
+@pytest.mark.django_db
 def test_a_real_escalation_is_not_a_drill(operator, drive):
     run = drive(run_submit(workflow="escalating", input={"permanent": True}).run.pk)
     wait = Wait.objects.get(run=run, kind=WaitKind.ESCALATION)
@@ -57,6 +87,9 @@ def test_a_real_escalation_is_not_a_drill(operator, drive):
 def test_only_policy_admins_fire_drills_and_bad_tiers_are_refused(admin, operator):
     with pytest.raises(PermissionDenied):
         drill_fire(user=operator, tier=1)
+    # Refused in the selectors, as every other refusal: recorded with who was refused.
+    refusal = AuditEvent.objects.get(verb=Verb.ACCESS_DENIED)
+    assert refusal.actor_id == operator.username and "drills" in refusal.data["what"]
     with pytest.raises(InvalidInput):
         drill_fire(user=admin, tier=4)
     assert not Run.objects.filter(workflow_name="drill").exists()

@@ -117,7 +117,7 @@ def test_an_escalation_says_why_in_a_few_words() -> None:
     assert failures.escalation_why(PermanentError("x")) == "permanent error"
     # A cost ceiling is a policy's refusal by class, but the home page counts it as a limit hit.
     ceiling = PolicyDenied("x", code=Code.CEILING_EXCEEDED)
-    assert failures.escalation_why(ceiling) == "limit reached (ceiling_exceeded)"
+    assert failures.escalation_why(ceiling) == "limit reached (cost ceiling)"
     assert failures.escalation_why(PolicyDenied("x")) == "policy error"
 
 

@@ -359,8 +359,14 @@ SIGNALBOX_NOTIFY_MAX_ATTEMPTS = env.int("SIGNALBOX_NOTIFY_MAX_ATTEMPTS", default
 SIGNALBOX_NOTIFY_BACKOFF_SECONDS = env.float("SIGNALBOX_NOTIFY_BACKOFF_SECONDS", default=30.0)
 EMAIL_BACKEND = env.str(
     "EMAIL_BACKEND",
-    default="django.core.mail.backends.smtp.EmailBackend" if SIGNALBOX_ENV == "production" else "django.core.mail.backends.console.EmailBackend",
+    default="django.core.mail.backends.smtp.EmailBackend"
+    if SIGNALBOX_ENV == "production"
+    # The embedded demo keeps its terminal for what it says: its mail goes to files in var/mail/.
+    else "django.core.mail.backends.filebased.EmailBackend"
+    if EMBEDDED
+    else "django.core.mail.backends.console.EmailBackend",
 )
+EMAIL_FILE_PATH = env.str("EMAIL_FILE_PATH", default=str(VAR_DIR / "mail"))
 EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
 EMAIL_PORT = env.int("EMAIL_PORT", default=25)
 EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django import template
@@ -77,3 +78,17 @@ def relative_time(value: datetime | None) -> SafeString | str:
     """``{% when %}`` (console_time) under its older name: "3 min ago" or "just now", not
     "0 minutes ago", with the exact time in the user's zone on hover."""
     return when(value)
+
+
+@register.filter
+def money(value: Any) -> str:
+    """An amount for people: two decimals, or as many as it takes (up to six) below a dollar, so
+    a ceiling of 0.0015 does not read as 0.00."""
+    try:
+        amount = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return str(value)
+    if abs(amount) >= 1 or amount == 0:
+        return f"{amount:,.2f}"
+    text = f"{amount:.6f}".rstrip("0")
+    return text if len(text.split(".")[1]) >= 2 else f"{amount:.2f}"

@@ -19,8 +19,13 @@ from pydantic import BaseModel
 from orchestration.errors import Code, PermanentError
 from orchestration.tools.providers import Provider
 
-#: Capabilities every deployment has. None yet: the demo capabilities arrive with the engine wiring.
-BUILTIN_CAPABILITIES: dict[str, str] = {}
+#: Capabilities every deployment has: the demo's (its order system, email and SMS), which the
+#: built-in refund desk calls.
+BUILTIN_CAPABILITIES: dict[str, str] = {
+    "lookup_order": "orchestration.agents.demo.capabilities:lookup_order",
+    "send_email": "orchestration.agents.demo.capabilities:send_email",
+    "send_sms": "orchestration.agents.demo.capabilities:send_sms",
+}
 
 
 class UnknownCapability(PermanentError):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from console.demo import demo_users_seed
 from console.models import ApiToken
+from orchestration.agents.demo.orders import order_id_of_kind
 from orchestration.models import ToolCall
+from orchestration.services import run_submit
 
 pytestmark = pytest.mark.django_db
 
@@ -54,3 +60,45 @@ def test_tools_page_is_for_logged_in_users_with_view_permission(stranger, client
     assert client.get("/tools/").status_code == 302
     client.force_login(stranger)
     assert client.get("/tools/").status_code == 403
+
+
+def test_an_admin_sees_the_demos_providers_with_their_health_and_an_operator_does_not(client, drive):
+    demo_users_seed()
+    users = get_user_model().objects
+    service = users.get(username="simulator")
+    rng = random.Random(4)
+    # A refund of an order in the archive: its lookups time out; a small one goes through.
+    for kind in ("archived", "small"):
+        run = run_submit(
+            workflow="refund_desk",
+            input={"order_id": order_id_of_kind(kind, rng), "customer_id": "cus_1", "message": "It arrived damaged"},
+            submitted_by=service,
+        ).run
+        drive(run.pk)
+
+    client.force_login(users.get(username="admin"))
+    page = client.get("/tools/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    for capability in ("lookup_order", "send_email", "send_sms"):
+        assert f'id="capability-{capability}"' in html
+    for provider in ("demo-orders", "demo-mail", "demo-sms", "demo-sms-backup"):
+        assert f"<td>{provider} " in html
+    # The order system's health counts the archive's time-outs against it.
+    calls = ToolCall.objects.filter(provider="demo-orders")
+    assert calls.filter(status="failed").exists() and calls.filter(status="succeeded").exists()
+    assert f"{calls.filter(status='succeeded').count()} of {calls.count()} succeeded" in html
+    # The admin's navigation leads there.
+    assert 'href="/tools/"' in client.get("/").content.decode()
+
+    client.force_login(users.get(username="operator"))
+    assert client.get("/tools/").status_code == 403
+    assert 'href="/tools/"' not in client.get("/").content.decode()
+
+
+def test_the_tools_page_says_what_to_do_when_nothing_is_registered(viewer, client, settings, monkeypatch):
+    monkeypatch.setattr("orchestration.tools.registry.BUILTIN_CAPABILITIES", {})
+    settings.SIGNALBOX_CAPABILITIES = {}
+    client.force_login(viewer)
+    html = client.get("/tools/").content.decode()
+    assert "No capability is registered" in html and "SIGNALBOX_CAPABILITIES" in html

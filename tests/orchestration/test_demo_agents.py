@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Mapping
 from importlib import import_module
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from orchestration.agents.base import Agent, AgentContext
-from orchestration.agents.demo import content, noop, refunds, research
+from orchestration.agents.demo import content, noop, orders, refunds, research
 from orchestration.definition import END, FAIL, Workflow
 from orchestration.errors import TransientError
 from orchestration.registry import BUILTIN_AGENTS, BUILTIN_WORKFLOWS
+from orchestration.tools.client import ToolClient
+from orchestration.tools.limit_backends import MemoryBackend
+from orchestration.tools.limits import CircuitBreaker, RateLimiter
 from orchestration.workflows.content import content_pipeline
 from orchestration.workflows.reference import reference_workload
 from orchestration.workflows.refunds import refund_desk, refund_needs_approval
@@ -76,12 +81,42 @@ MODEL_BACKED_AGENTS = [
 WORKFLOWS = [content_pipeline, refund_desk, research_brief, reference_workload]
 
 
+class NoSleepClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        pass
+
+
+class RegistryTools:
+    """An agent's tool calls outside the engine: the real tool client and the registered
+    capabilities, with rate limits and circuits kept in memory and backoffs not slept."""
+
+    def __init__(self, seed: int) -> None:
+        self.client = ToolClient(
+            clock=NoSleepClock(),
+            rng=random.Random(seed),
+            limiter=RateLimiter(MemoryBackend()),
+            breaker=CircuitBreaker(MemoryBackend()),
+        )
+        self.calls = 0
+
+    def call(self, capability: str, params: BaseModel | dict[str, Any]) -> BaseModel:
+        self.calls += 1
+        return self.client.call(capability, params, run_id=0, node="test", call_index=self.calls)
+
+
 def run_agent(
     agent_class: type[Agent], fields: Mapping[str, Any], *, seed: int = 0, attempt: int = 2
 ):
     """Run an agent as the engine would; attempt 2 by default so no simulated failure interferes."""
     agent = agent_class()
     ctx = AgentContext.for_test(seed=seed, attempt=attempt)
+    ctx.tools = RegistryTools(seed)
     output = agent.run(agent.Input.model_validate(fields), ctx)
     assert isinstance(output, agent_class.Output)
     return output, ctx
@@ -117,7 +152,6 @@ def test_agent_output_is_deterministic_for_a_seed(agent_class: type[Agent]) -> N
         content.Researcher,
         content.Writer,
         content.Reviewer,
-        refunds.OrderLookup,
         refunds.RefundExecutor,
         refunds.QuestionAnswerer,
         research.Planner,
@@ -216,6 +250,42 @@ def test_triage_routes_refund_requests_and_questions(message: str, route: str) -
 
     assert output.route == route
     assert output.route in refund_desk.node("triage").routes
+
+
+def test_order_lookup_returns_the_same_order_for_an_id_whatever_the_seed() -> None:
+    fields = {"order_id": "ord_1", "customer_id": "cus_1"}
+    orders = {run_agent(refunds.OrderLookup, fields, seed=seed)[0].model_dump_json() for seed in range(10)}
+    assert len(orders) == 1
+    other = run_agent(refunds.OrderLookup, {**fields, "order_id": "ord_2"})[0]
+    assert other.model_dump_json() not in orders
+
+
+@pytest.mark.parametrize(
+    ("kind", "low", "high"),
+    [("small", 0, 100), ("consumer", 100, 1_000), ("business", 1_000, 10_000), ("enterprise", 10_000, 1e9)],
+)
+def test_orders_of_each_kind_need_that_refund_tier(kind: orders.OrderKind, low: float, high: float) -> None:
+    rng = random.Random(1)
+    for _ in range(20):
+        order_id = orders.order_id_of_kind(kind, rng)
+        order, _ = run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"})
+        proposal, _ = run_agent(refunds.RefundProposer, {"order": order.order, "message": "It arrived damaged"})
+        assert low < proposal.proposal["amount"] <= high
+
+
+def test_archived_orders_time_out_on_every_attempt() -> None:
+    order_id = orders.order_id_of_kind("archived", random.Random(1))
+    for attempt in (1, 2, 3, 4):
+        with pytest.raises(TransientError, match="provider_timeout"):
+            run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"}, attempt=attempt)
+
+
+def test_marketplace_orders_break_the_proposers_input_contract() -> None:
+    order_id = orders.order_id_of_kind("marketplace", random.Random(1))
+    order, _ = run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"})
+    assert order.order["currency"] is None
+    with pytest.raises(ValidationError, match="currency"):
+        refunds.RefundProposer.Input.model_validate({"order": order.order, "message": "damaged"})
 
 
 def test_refund_id_is_the_same_on_every_attempt() -> None:
@@ -349,6 +419,7 @@ def execute_node(wf: Workflow, name: str, state: dict[str, Any], seed: int) -> B
     shown = visible(state, node.reads)
     fields = node.input(shown) if node.input else shown
     ctx = AgentContext.for_test(shown, writes=node.writes, seed=seed, attempt=2, step_key=name)
+    ctx.tools = RegistryTools(seed)
     output = agent_class().run(agent_class.Input.model_validate(fields), ctx)
     dumped = agent_class.Output.model_validate(output.model_dump()).model_dump(mode="json")
     state.update({key: value for key, value in dumped.items() if key in node.writes})

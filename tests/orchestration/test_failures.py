@@ -9,7 +9,14 @@ from pydantic import BaseModel
 
 from orchestration import failures
 from orchestration.definition import Degraded, Failure, Workflow
-from orchestration.errors import Code, ContractViolation, ErrorClass, PermanentError, TransientError
+from orchestration.errors import (
+    Code,
+    ContractViolation,
+    ErrorClass,
+    PermanentError,
+    PolicyDenied,
+    TransientError,
+)
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
@@ -108,6 +115,10 @@ def test_an_escalation_says_why_in_a_few_words() -> None:
     assert failures.escalation_why(TransientError("x", code=Code.MAX_ATTEMPTS)) == "retries exhausted"
     assert failures.escalation_why(ContractViolation("x")) == "contract violation"
     assert failures.escalation_why(PermanentError("x")) == "permanent error"
+    # A cost ceiling is a policy's refusal by class, but the home page counts it as a limit hit.
+    ceiling = PolicyDenied("x", code=Code.CEILING_EXCEEDED)
+    assert failures.escalation_why(ceiling) == "limit reached (cost ceiling)"
+    assert failures.escalation_why(PolicyDenied("x")) == "policy error"
 
 
 def test_the_escalation_context_carries_every_attempt_and_the_skip_contract() -> None:

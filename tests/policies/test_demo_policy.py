@@ -183,11 +183,16 @@ def test_ceilings_prices_rate_limits_and_bounds_of_the_demo() -> None:
         run_id=7,
     )
     assert {c.scope: (c.key, c.limit) for c in ceilings_for(DEMO, facts)} == {
-        "run": ("7", Decimal("0.05")),
-        "workflow_day": ("refund_desk", Decimal("1.00")),
+        # A refund conversation has a run ceiling of its own, far below the others'.
+        "run": ("7", Decimal("0.0015")),
+        "workflow_day": ("refund_desk", Decimal("0.05")),
         "tenant_month": ("acme", Decimal("50.00")),
         "global_day": ("", Decimal("10.00")),
     }
+    content = Facts("agent:writer", workflow="content_pipeline", agent="writer", tenant="acme", run_id=8)
+    others = {c.scope: (c.key, c.limit) for c in ceilings_for(DEMO, content)}
+    assert others["run"] == ("8", Decimal("0.05"))
+    assert others["workflow_day"] == ("content_pipeline", Decimal("0.10"))
     assert price_cost(DEMO, "demo-model", 400, 40) == Decimal("0.000084")
     [bucket] = rate_limits_for(DEMO, Facts("tool:send_email", tenant="acme"))
     assert (bucket.key, bucket.limit, bucket.period) == (

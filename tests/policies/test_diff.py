@@ -41,7 +41,7 @@ def test_the_changes_read_in_words() -> None:
             ),
             ('end: "20:00"', 'end: "21:00"'),
             ("entries: [example.com, example.org", "entries: [example.com, example.io"),
-            ("key: refund_desk, limit: 1.00", "key: refund_desk, limit: 2.50"),
+            ("key: refund_desk, limit: 0.05", "key: refund_desk, limit: 2.50"),
             ("    limit: 30\n", "    limit: 20\n"),
             ("refund_desk: {max_retries: 2}", "refund_desk: {max_retries: 3}"),
             (
@@ -64,7 +64,7 @@ def test_the_changes_read_in_words() -> None:
         "params.proposal.currency or params.currency not_in [EUR, USD, GBP]: deny (refunds are paid in EUR, USD or GBP only)",
         "window customer_hours: end 20:00 -> 21:00",
         "allowlist customer_domains: added example.io; removed example.org",
-        "ceiling workflow_day refund_desk: limit 1.00 -> 2.50",
+        "ceiling workflow_day refund_desk: limit 0.05 -> 2.50",
         "rate limit email-per-tenant: limit 30 -> 20",
         "bounds refund_desk: max_retries 2 -> 3",
     )

@@ -16,7 +16,7 @@ from orchestration.tools import (
     capability_get,
     capability_list,
 )
-from orchestration.tools.registry import RetryPolicy
+from orchestration.tools.registry import BUILTIN_CAPABILITIES, RetryPolicy
 from tests.support.stub_provider import EchoParams, EchoResult, registered_echo
 
 ECHO_PATH = "tests.support.stub_provider:registered_echo"
@@ -34,7 +34,8 @@ def test_a_registered_name_gives_its_capability(settings: Any) -> None:
     settings.SIGNALBOX_CAPABILITIES = {"test_echo": ECHO_PATH}
 
     assert capability_get("test_echo") is registered_echo
-    assert [cap.name for cap in capability_list()] == ["test_echo"]
+    # Beside the built-in (demo) capabilities.
+    assert [cap.name for cap in capability_list()] == sorted([*BUILTIN_CAPABILITIES, "test_echo"])
 
 
 def test_an_unknown_name_is_a_permanent_error_with_a_stable_code(settings: Any) -> None:

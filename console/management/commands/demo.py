@@ -129,8 +129,9 @@ class Command(BaseCommand):
                 "",
                 *(f"  {name:<10} {password}" for name, password in seed.created.items()),
                 "",
-                "Roles: operator decides approvals up to tier 2, lead up to tier 3; admin and",
-                "admin2 edit policies (each approves the other's); auditor reads everything.",
+                "Roles: trainee decides approvals up to tier 1, operator up to tier 2, lead and",
+                "lead2 up to tier 3 (refunds above 10,000 need both); admin and admin2 edit",
+                "policies (each approves the other's); auditor reads everything.",
                 "Reset a password any time: python manage.py changepassword operator",
             ]
             width = max(len(line) for line in lines) + 2
@@ -154,12 +155,24 @@ class Command(BaseCommand):
             "  web        ASGI server (uvicorn) with websockets for live updates",
             f"  worker     Celery, {worker.concurrency if worker else '?'} threads, pools: {', '.join(stack.pools)}",
             f"  scheduler  engine tick every {stack.options.tick_seconds:g}s (expired leases, timeouts, deadlines)",
-            (
-                "  simulator  submits content_pipeline / refund_desk / research_brief every few seconds, "
-                "settles refunds; approvals and escalations wait for you"
-                + (" (--auto-decide: answered after 2 minutes)" if self._auto_decide else "")
+            *(
+                [
+                    "  simulator  submits work as its own service account: first one of each kind of item",
+                    "             (approvals at tiers 1-3, escalations, a payment it settles later), then a few a",
+                    "             minute; approvals and escalations wait for you"
+                    + (" (--auto-decide: answered after 2 minutes)" if self._auto_decide else ""),
+                ]
                 if stack.options.simulator
-                else "  simulator  off (--no-simulator)"
+                else ["  simulator  off (--no-simulator)"]
+            ),
+            *(
+                [
+                    f"  mail       items at tier {settings.SIGNALBOX_NOTIFY_MIN_TIER} and above notify the people who "
+                    "may decide them, by email written",
+                    f"             as files to {settings.EMAIL_FILE_PATH}",
+                ]
+                if settings.EMAIL_BACKEND.endswith("filebased.EmailBackend")
+                else []
             ),
             "Press Ctrl-C to stop.",
         ]

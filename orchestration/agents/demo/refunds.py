@@ -19,13 +19,6 @@ REFUND_WORDS = (
     "wrong item",
     "charged twice",
 )
-CATALOG = (
-    ("sku-kettle", "Electric kettle", 39.0),
-    ("sku-headset", "Wireless headset", 129.0),
-    ("sku-chair", "Desk chair", 189.0),
-    ("sku-lamp", "Reading lamp", 24.5),
-    ("sku-backpack", "Travel backpack", 74.0),
-)
 # Share of the order total proposed back, by what the customer reports.
 REFUND_SHARE_BY_REASON = {"damaged": 1.0, "wrong_item": 1.0, "late": 0.2, "other": 0.5}
 
@@ -79,7 +72,8 @@ class TriageRouter(Agent):
 
 
 class OrderLookup(Agent):
-    """Fetches the order the customer writes about from the (simulated) order system."""
+    """Fetches the order the customer writes about from the order system (the ``lookup_order``
+    capability; in the demo, :mod:`orchestration.agents.demo.orders`)."""
 
     name = "order_lookup"
     capability = "lookup"
@@ -92,21 +86,14 @@ class OrderLookup(Agent):
         order: dict[str, Any]
 
     def run(self, input: Input, ctx: AgentContext) -> Output:
-        items: list[dict[str, Any]] = []
-        for sku, title, price in ctx.random.sample(CATALOG, ctx.random.randint(1, 3)):
-            items.append(
-                {"sku": sku, "name": title, "quantity": ctx.random.randint(1, 2), "price": price}
-            )
-        order = OrderRecord(
-            order_id=input.order_id,
-            customer_id=input.customer_id,
-            total=round(sum(item["price"] * item["quantity"] for item in items), 2),
-            currency="EUR",
-            status="delivered",
-            items=items,
-        )
         simulate_call(ctx, seconds=ctx.random.uniform(0.1, 0.3))
-        return self.Output(order=order.model_dump())
+        # The archive times out on every attempt: the step runs out of retries and escalates.
+        # A marketplace order comes back without a currency; the proposer's input contract
+        # refuses it, where an operator sees it.
+        found = ctx.call_tool(
+            "lookup_order", {"order_id": input.order_id, "customer_id": input.customer_id}
+        )
+        return self.Output(order=found.model_dump()["order"])
 
 
 class RefundProposer(Agent):
@@ -266,7 +253,15 @@ class CustomerNotifier(Agent):
         else:
             body = input.answer or ""
         simulate_call(ctx, seconds=ctx.random.uniform(0.1, 0.3))
-        # Same on every attempt, so a retried send can be deduplicated by the provider.
-        message_key = f"{ctx.run_id}:{ctx.seed}:{ctx.step_key}:{input.customer_id}"
-        notification_id = "ntf_" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
+        # Sent through the email or SMS capability: the tool registry gives the call an
+        # idempotency key that is the same on every attempt, so a retried send goes out once.
+        if input.channel == "email":
+            sent = ctx.call_tool(
+                "send_email",
+                {"to": f"{input.customer_id}@example.com", "subject": "About your order", "body": body},
+            )
+        else:
+            digits = int(hashlib.sha256(input.customer_id.encode()).hexdigest()[:8], 16) % 10**8
+            sent = ctx.call_tool("send_sms", {"to": f"+4915{digits:08d}", "body": body[:480]})
+        notification_id = "ntf_" + str(sent.model_dump()["message_id"]).split("_", 1)[-1]
         return self.Output(notification_id=notification_id, channel=input.channel, body=body)

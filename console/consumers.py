@@ -9,28 +9,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
 
 from console.live_auth import CLOSE_FORBIDDEN, live_user
 from console.views import run_list_fragment, run_live_fragment
 from console.views_inbox import home_fragment, inbox_fragment
 from orchestration.live import RUNS_GROUP, run_group
-from orchestration.selectors import run_is_visible
+from orchestration.selectors import latest_event_id, run_is_visible, visibility_key
+
+#: Fragments rendered lately, by (page, who sees the same runs, filters, time zone): the
+#: newest live event id they show, when they were rendered, and their HTML.
+_RENDERS: dict[tuple[str, ...], tuple[int, float, str]] = {}
+#: How long a fragment is reused while no newer event arrived (its relative times age).
+SHARED_RENDER_SECONDS = 1.0
+
+
+def shared_render(key: tuple[str, ...], render: Callable[[], str]) -> str:
+    """``render()``, or the fragment rendered for ``key`` within the last second if no live
+    event happened since: the consoles of people who see the same runs share one render per
+    change in a web process instead of one each (renders run one at a time in the process's
+    database thread, so the first console's render serves the others)."""
+    key = (*key, timezone.get_current_timezone_name())
+    mark, now = latest_event_id(), time.monotonic()
+    cached = _RENDERS.get(key)
+    if cached is not None and cached[0] == mark and now - cached[1] < SHARED_RENDER_SECONDS:
+        return cached[2]
+    html = render()
+    if len(_RENDERS) > 1000:
+        _RENDERS.clear()
+    _RENDERS[key] = (mark, now, html)
+    return html
 
 
 class LiveFragmentConsumer(AsyncWebsocketConsumer):
     """Joins one channel-layer group and answers its events with re-rendered fragments."""
 
-    #: Seconds to wait after an event for more before rendering (a step often sends several).
+    #: At most one render per this many seconds: the first event after a quiet spell renders at
+    #: once; events during a render or within this interval of the last one share the next.
     debounce = 0.25
 
     group: str | None = None
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
+    _rendered_at = float("-inf")
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -58,9 +86,12 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
             self._render_task = asyncio.create_task(self._render_soon())
 
     async def _render_soon(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._dirty:
-            await asyncio.sleep(self.debounce)
+            if (pause := self._rendered_at + self.debounce - loop.time()) > 0:
+                await asyncio.sleep(pause)
             self._dirty = False
+            self._rendered_at = loop.time()
             if not await self.still_allowed():
                 return
             html = await database_sync_to_async(self.render)()
@@ -138,7 +169,7 @@ class CatchUpConsumer(LiveFragmentConsumer):
     """A page that renders from the database on (re)connect and when the client asks for a
     catch-up (``{"catchup": <last event id>}``), so nothing missed while offline stays stale."""
 
-    debounce = 0.5
+    debounce = 0.1
 
     def group_name(self) -> str:
         return RUNS_GROUP
@@ -156,7 +187,11 @@ class HomeConsumer(CatchUpConsumer):
     """``/ws/home/``: the home page's counts and list (its filters in the query string)."""
 
     def render(self) -> str | None:
-        return home_fragment(self.user, self.scope.get("query_string", b"").decode())
+        query = self.scope.get("query_string", b"").decode()
+        return shared_render(
+            ("home", visibility_key(self.user), query),
+            lambda: home_fragment(self.user, query),
+        )
 
 
 class InboxConsumer(CatchUpConsumer):

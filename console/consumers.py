@@ -22,29 +22,31 @@ from console.live_auth import CLOSE_FORBIDDEN, live_user
 from console.views import run_list_fragment, run_live_fragment
 from console.views_inbox import home_fragment, inbox_fragment
 from orchestration.live import RUNS_GROUP, run_group
-from orchestration.selectors import latest_event_id, run_is_visible, visibility_key
+from orchestration.selectors import run_is_visible, visibility_key
 
-#: Fragments rendered lately, by (page, who sees the same runs, filters, time zone): the
-#: newest live event id they show, when they were rendered, and their HTML.
-_RENDERS: dict[tuple[str, ...], tuple[int, float, str]] = {}
-#: How long a fragment is reused while no newer event arrived (its relative times age).
+#: Fragments rendered lately, by (page, who sees the same runs, filters, time zone): when
+#: their render started (``time.monotonic()``) and their HTML.
+_RENDERS: dict[tuple[str, ...], tuple[float, str]] = {}
+#: How long a fragment may be reused at most (its relative times age).
 SHARED_RENDER_SECONDS = 1.0
 
 
-def shared_render(key: tuple[str, ...], render: Callable[[], str]) -> str:
-    """``render()``, or the fragment rendered for ``key`` within the last second if no live
-    event happened since: the consoles of people who see the same runs share one render per
-    change in a web process instead of one each (renders run one at a time in the process's
-    database thread, so the first console's render serves the others)."""
+def shared_render(key: tuple[str, ...], since: float, render: Callable[[], str]) -> str:
+    """The fragment for ``key`` whose render started after ``since`` (when the caller heard of
+    the newest change it must show: that change was committed before, so such a render read
+    it), if one started within the last second; else ``render()``. The consoles of people who
+    see the same runs share one render per burst of changes in a web process instead of one
+    each (renders run one at a time in the process's database thread, so the first console's
+    render serves the others)."""
     key = (*key, timezone.get_current_timezone_name())
-    mark, now = latest_event_id(), time.monotonic()
+    now = time.monotonic()
     cached = _RENDERS.get(key)
-    if cached is not None and cached[0] == mark and now - cached[1] < SHARED_RENDER_SECONDS:
-        return cached[2]
+    if cached is not None and cached[0] >= since and now - cached[0] < SHARED_RENDER_SECONDS:
+        return cached[1]
     html = render()
     if len(_RENDERS) > 1000:
         _RENDERS.clear()
-    _RENDERS[key] = (mark, now, html)
+    _RENDERS[key] = (now, html)
     return html
 
 
@@ -59,6 +61,8 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
     _rendered_at = float("-inf")
+    #: When the newest event (or catch-up request) reached this consumer (``time.monotonic()``).
+    _event_at = float("-inf")
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -81,6 +85,7 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     async def run_event(self, message: dict[str, Any]) -> None:
         """A ``run.event`` from ``orchestration.live``: schedule a render."""
         self.note_event(message.get("event") or {})
+        self._event_at = time.monotonic()
         self._dirty = True
         if self._render_task is None or self._render_task.done():
             self._render_task = asyncio.create_task(self._render_soon())
@@ -190,6 +195,7 @@ class HomeConsumer(CatchUpConsumer):
         query = self.scope.get("query_string", b"").decode()
         return shared_render(
             ("home", visibility_key(self.user), query),
+            self._event_at,
             lambda: home_fragment(self.user, query),
         )
 

@@ -18,7 +18,7 @@ from orchestration.models import WorkflowRecord
 
 
 @admin.register(WorkflowRecord)
-class WorkflowRecordAdmin(GuardedModelAdmin):  # type: ignore[misc]
+class WorkflowRecordAdmin(GuardedModelAdmin):  # type: ignore[misc]  # guardian ships no types: its base class is Any
     """Who may decide a workflow's items: its "Object permissions" page."""
 
     list_display = ["name"]
@@ -26,7 +26,7 @@ class WorkflowRecordAdmin(GuardedModelAdmin):  # type: ignore[misc]
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic in django-stubs, not subscriptable at run time
     list_display = [
         "name",
         "user",
@@ -54,12 +54,12 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(UserProfile)
-class UserProfileAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class UserProfileAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # as above
     list_display = ["user", "time_zone"]
     search_fields = ["user__username"]
 
 
-class ConsoleUserAdmin(UserAdmin):  # type: ignore[type-arg]
+class ConsoleUserAdmin(UserAdmin):  # type: ignore[type-arg]  # as above
     """Django's user admin, where staff who are not superusers manage people and their groups
     (roles and tiers) but cannot make anyone a superuser or hand out single permissions."""
 

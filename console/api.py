@@ -41,6 +41,7 @@ from orchestration.errors import (
     SignalboxError,
 )
 from orchestration.schemas import ErrorOut
+from orchestration.selectors import run_get_for_decision
 from policies.api import router as policies_router
 from policies.errors import (
     CeilingExceeded,
@@ -141,7 +142,8 @@ api = SignalboxAPI(
 
 api.add_router("/v1/", orchestration_router)
 api.add_router("/v1/policies/", policies_router)
-api.add_router("/v1/spend/", spend_router(ErrorOut))
+# Raising a run's ceiling answers its escalation: the same people may do it, on the run's tenant.
+api.add_router("/v1/spend/", spend_router(ErrorOut, run_get_for_decision))
 
 
 # --- errors -------------------------------------------------------------------------------------

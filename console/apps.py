@@ -6,5 +6,6 @@ class ConsoleConfig(AppConfig):
     verbose_name = "Signalbox console"
 
     def ready(self) -> None:
-        # Receivers of login signals: failed logins and lockouts are audited.
-        from console import accounts  # noqa: F401
+        # Receivers of login signals: failed logins and lockouts are audited; logouts close
+        # that session's websockets in every tab.
+        from console import accounts, live_auth  # noqa: F401

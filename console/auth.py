@@ -46,10 +46,10 @@ class ApiTokenAuth(HttpBearer):
             return None
         user, token_id, used_long_ago, perms, revoked, expires_at = found
         if revoked:
-            request.sbx_auth_refusal = ApiCode.TOKEN_REVOKED  # type: ignore[attr-defined]
+            request.sbx_auth_refusal = ApiCode.TOKEN_REVOKED  # type: ignore[attr-defined]  # read back by console.api's 401 handler
             return None
         if expires_at is not None and expires_at <= now:
-            request.sbx_auth_refusal = ApiCode.TOKEN_EXPIRED  # type: ignore[attr-defined]
+            request.sbx_auth_refusal = ApiCode.TOKEN_EXPIRED  # type: ignore[attr-defined]  # as above
             return None
         if not user.is_active:
             return None
@@ -144,7 +144,7 @@ class SingleQueryModelBackend(ModelBackend):
                     .distinct()
                 )
                 user_obj._perm_cache = {f"{app_label}.{codename}" for app_label, codename in rows}
-        return user_obj._perm_cache  # type: ignore[no-any-return]
+        return user_obj._perm_cache  # type: ignore[no-any-return]  # ModelBackend's own cache attribute, untyped on the user
 
 
 class ConsoleSessionAuth(SessionAuth):

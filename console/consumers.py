@@ -18,7 +18,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from console.live_auth import CLOSE_FORBIDDEN, live_user
+from console.live_auth import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, live_user, session_group
 from console.views import run_list_fragment, run_live_fragment
 from console.views_inbox import home_fragment, inbox_fragment
 from orchestration.live import RUNS_GROUP, run_group
@@ -58,6 +58,7 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     debounce = 0.25
 
     group: str | None = None
+    session_group: str | None = None
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
     _rendered_at = float("-inf")
@@ -72,6 +73,10 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
         self.user = user
         self.group = self.group_name()
         await self.channel_layer.group_add(self.group, self.channel_name)
+        key = getattr(self.scope.get("session"), "session_key", None)
+        if key:  # a logout in any tab closes this socket (console.live_auth)
+            self.session_group = session_group(key)
+            await self.channel_layer.group_add(self.session_group, self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -81,6 +86,12 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
                 await self._render_task
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.session_group is not None:
+            await self.channel_layer.group_discard(self.session_group, self.channel_name)
+
+    async def session_ended(self, message: dict[str, Any]) -> None:
+        """The session this socket was opened with logged out."""
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def run_event(self, message: dict[str, Any]) -> None:
         """A ``run.event`` from ``orchestration.live``: schedule a render."""

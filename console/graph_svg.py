@@ -33,7 +33,7 @@ STATE_LABELS = {
 STATE_MARKS = {
     "not_started": "○",
     "running": "▶",
-    "waiting": "⏸",
+    "waiting": "‖",
     "done": "✓",
     "failed": "✗",
     "escalated": "!",
@@ -143,7 +143,7 @@ def graph_svg(
     notes = notes or {}
     bottom = placed.height - 6
     parts = [
-        f'<svg class="run-graph" role="img" aria-labelledby="run-graph-title run-graph-desc" '
+        f'<svg class="run-graph" role="group" aria-labelledby="run-graph-title run-graph-desc" '
         f'viewBox="0 0 {placed.width} {placed.height}" width="{placed.width}" height="{placed.height}" '
         f'xmlns="http://www.w3.org/2000/svg">',
         f'<title id="run-graph-title">Workflow {escape(wf.name)} v{wf.version}</title>',

@@ -9,16 +9,26 @@ fresh user so a list narrows at once.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from importlib import import_module
 from typing import Any
 from urllib.parse import urlsplit
 
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.auth.signals import user_logged_out
+from django.db import transaction
+from django.dispatch import receiver
+from django.http import HttpRequest
 from django.http.request import split_domain_port, validate_host
 from django.utils.crypto import constant_time_compare
+
+log = logging.getLogger(__name__)
 
 #: Close codes (the 4000s are the application's): log in again / no longer allowed.
 CLOSE_UNAUTHENTICATED = 4401
@@ -49,6 +59,30 @@ async def live_user(scope: dict[str, Any]) -> tuple[Any, int | None]:
     """The socket's user read afresh (session, then user), or None and the close code."""
     session = scope.get("session")
     return await database_sync_to_async(_live_user)(getattr(session, "session_key", None))
+
+
+def session_group(session_key: str) -> str:
+    """The channel-layer group of the sockets opened with one session (a digest: group names
+    are visible in Redis, session keys must not be)."""
+    return "session-" + hashlib.sha256(session_key.encode()).hexdigest()[:40]
+
+
+@receiver(user_logged_out, dispatch_uid="console.live_auth.logged_out")
+def _logged_out(sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any) -> None:
+    """A logout closes the session's sockets in every tab at once, not at their next push."""
+    key = getattr(getattr(request, "session", None), "session_key", None)
+    if key:
+        transaction.on_commit(lambda: _session_sockets_close(key))
+
+
+def _session_sockets_close(session_key: str) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(session_group(session_key), {"type": "session.ended"})
+    except Exception:  # the sockets still close at their next push (live_user)
+        log.warning("logout not sent to the session's sockets", exc_info=True)
 
 
 # --- origins -----------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class UserTimeZoneMiddleware:
                 zone = None
         if zone is not None:
             timezone.activate(zone)
-            request.user_time_zone = name  # type: ignore[attr-defined]
+            request.user_time_zone = name  # type: ignore[attr-defined]  # a per-request attribute HttpRequest does not declare
         try:
             return self.get_response(request)
         finally:

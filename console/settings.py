@@ -347,6 +347,7 @@ if SIGNALBOX_ENV == "test":
         "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
         "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow", "early_chain", "early_branches",
         "early_effect", "siblings", "pure_siblings", "pure_effect_siblings", "pure_map", "first_wins",
+        "priced_chat", "tiered_refund",
     ))]
 
 # --- SLA and notifications ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ urlpatterns = [
     path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
     path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
     path("vendor/plotly-<str:version>.min.js", views_runs.plotly_js, name="plotly_js"),
+    path("vendor/plotly-<str:version>.css", views_runs.plotly_css, name="plotly_css"),
     path("tools/", views.tool_list, name="tool_list"),
     path(
         "accounts/login/",

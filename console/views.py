@@ -20,7 +20,7 @@ from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
 from console.history import actor as history_actor
 from console.history import sentence as history_sentence
-from console.views_runs import PLOTLY_VERSION, run_timeline, step_details
+from console.views_runs import PLOTLY_VERSION, plotly_styles, run_timeline, step_details
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -141,7 +141,7 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     step_keys = {step.pk: step.key for step in steps}
     for step in steps:
         # A compensation reads as what it undoes: "undo: reserve".
-        step.undoes = (  # type: ignore[attr-defined]
+        step.undoes = (  # type: ignore[attr-defined]  # for the template only, not a model field
             step_keys.get(step.parent_id or 0, step.key.removeprefix(UNDO))
             if step.kind == StepKind.COMPENSATE
             else ""
@@ -155,9 +155,9 @@ def run_detail_context(run: Run) -> dict[str, Any]:
     ]
     audit = list(audit_events_for_run(run.pk)[: AUDIT_EVENTS_SHOWN + 1])
     for event in audit:
-        event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]
-        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]
-        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]
+        event.step_key = step_keys.get(event.step_id or 0, "")  # type: ignore[attr-defined]  # for the template only, not model fields
+        event.sentence = history_sentence(event, event.step_key)  # type: ignore[attr-defined]  # as above
+        event.who, event.who_title = history_actor(event)  # type: ignore[attr-defined]  # as above
     current_state = [
         {"key": key, "version": run.state_versions.get(key, 0), "value": value}
         for key, value in sorted(run.state.items())
@@ -198,6 +198,7 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
+    context["plotly_style_ids"] = plotly_styles().ids
     context["step_details"], context["run_cost"] = step_details(
         context["steps"],
         context["waits"],

@@ -36,7 +36,7 @@ def account(request: HttpRequest) -> HttpResponse:
             profile = profile_update(request.user, time_zone=request.POST.get("time_zone", ""))
             request.session[SESSION_TIME_ZONE] = profile.time_zone
             timezone.activate(zoneinfo.ZoneInfo(profile.time_zone))
-            request.user_time_zone = profile.time_zone  # type: ignore[attr-defined]
+            request.user_time_zone = profile.time_zone  # type: ignore[attr-defined]  # a per-request attribute HttpRequest does not declare
             saved = True
         except AccountError as exc:
             error, status = str(exc), 400

@@ -296,7 +296,7 @@ def _editor(
     items = _items(document)
     forms = _forms(bound, initial)
     for form in forms:
-        form.existing = items.get(form.section, [])  # type: ignore[attr-defined]
+        form.existing = items.get(form.section, [])  # type: ignore[attr-defined]  # for the template only, not a form field
     return render(
         request,
         "console/policies/editor.html",

@@ -4,6 +4,9 @@ a run that has not ended. Each is a POST with CSRF and a required reason; the se
 
 from __future__ import annotations
 
+import functools
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -79,6 +82,58 @@ def plotly_js(request: HttpRequest, version: str) -> HttpResponse:
     if version != PLOTLY_VERSION:
         raise Http404("another plotly version")
     response = FileResponse(PLOTLY_JS.open("rb"), content_type="text/javascript; charset=utf-8")
+    response["Cache-Control"] = "public, max-age=31536000, immutable"
+    return response
+
+
+#: A rule of the style sheet plotly.min.js builds at load time: "selector":"declarations", either
+#: quoted either way, or a bare placeholder (X stands for the plot, Y for the notifier).
+_PLOTLY_RULE = re.compile(r"""(?:"([^"]*)"|([A-Z])):(?:"([^"]*)"|'([^']*)')""")
+#: A style sheet the bundle adds as a <style> element unless an element with its id exists.
+_PLOTLY_GUARDED_STYLE = re.compile(
+    r'if\(!document\.getElementById\("([0-9a-f]{16,})"\)\)\{var (\w+)=document\.createElement'
+    r'\("style"\);\2\.id="\1",\2\.textContent=`([^`]*)`'
+)
+
+
+@dataclass(frozen=True)
+class PlotlyStyles:
+    """What plotly.min.js would put in <style> elements, which our CSP refuses (no inline
+    styles): its rules, served as a style sheet, and the ids of the elements whose presence
+    tells the bundle not to add its own (the page carries them)."""
+
+    css: str
+    ids: tuple[str, ...]
+
+
+@functools.cache
+def plotly_styles() -> PlotlyStyles:
+    """Read from the installed bundle, so they always match its version. The page links the
+    sheet with the id and class Plotly looks for ("plotly.js-style-global", "no-inline-styles")
+    and carries an element with each guarded sheet's id."""
+    bundle = PLOTLY_JS.read_text(encoding="utf-8")
+    rules = []
+    start = bundle.find('{"X,X div":')
+    end = bundle.find("};", start)
+    if start >= 0 and end >= 0:
+        for match in _PLOTLY_RULE.finditer(bundle, start + 1, end):
+            selector = (match.group(1) or match.group(2)).removeprefix(",")
+            selector = selector.replace("X", ".js-plotly-plot .plotly")
+            rules.append(
+                f"{selector.replace('Y', '.plotly-notifier')} {{{match.group(3) or match.group(4)}}}\n"
+            )
+    ids = []
+    for match in _PLOTLY_GUARDED_STYLE.finditer(bundle):
+        ids.append(match.group(1))
+        rules.append(match.group(3) + "\n")
+    return PlotlyStyles("".join(rules), tuple(ids))
+
+
+def plotly_css(request: HttpRequest, version: str) -> HttpResponse:
+    """Plotly's style sheets as one file (see :func:`plotly_styles`), cached as the bundle is."""
+    if version != PLOTLY_VERSION:
+        raise Http404("another plotly version")
+    response = HttpResponse(plotly_styles().css, content_type="text/css; charset=utf-8")
     response["Cache-Control"] = "public, max-age=31536000, immutable"
     return response
 

@@ -94,7 +94,7 @@ def _converters(model: type[models.Model]) -> list[tuple[int, Any, list[Any]]]:
         for index, field in enumerate(model._meta.concrete_fields):
             col = field.get_col(model._meta.db_table)
             # Ignored below: django-stubs 5.2 lacks Field.get_db_converters, which Django's Field has.
-            converters = [*db().ops.get_db_converters(col), *field.get_db_converters(db())]  # type: ignore[attr-defined]
+            converters = [*db().ops.get_db_converters(col), *field.get_db_converters(db())]  # type: ignore[attr-defined]  # missing from django-stubs (above)
             if converters:
                 entries.append((index, col, converters))
         _converter_cache[key] = entries
@@ -318,7 +318,7 @@ class InFlight:
         conn, cursor = self._conn, self._cursor
         assert conn is not None
         if getattr(conn, "in_flight", None) is self:
-            conn.in_flight = None  # type: ignore[attr-defined]
+            conn.in_flight = None  # type: ignore[attr-defined]  # infra.postgresql's DatabaseWrapper
         raw = cursor.connection
         try:
             with conn.wrap_database_errors:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestration.definition import Failure, Node, Workflow
 from orchestration.errors import Code, ContractViolation, ErrorClass, LimitExceeded, SignalboxError
+from policies.limits import CEILING_RAISE_TIER
 
 #: At most this many tool calls are copied into an escalation's context (the rest are linked).
 ESCALATION_TOOL_CALLS = 50
@@ -208,6 +209,8 @@ def exhausted(
 
 def escalation_why(error: SignalboxError) -> str:
     """Why a step needs a person, in a few words an operator reads first."""
+    if error.code == Code.CEILING_EXCEEDED:
+        return "limit reached (cost ceiling)"
     if error.code == Code.MAX_ATTEMPTS:
         return "retries exhausted"
     if error.error_class == ErrorClass.CONTRACT:
@@ -215,6 +218,12 @@ def escalation_why(error: SignalboxError) -> str:
     if error.error_class == ErrorClass.LIMIT:
         return f"limit reached ({error.code})"
     return f"{error.error_class} error"
+
+
+def escalation_tier(error: SignalboxError) -> int:
+    """The tier an escalation asks for: a step stopped at a cost ceiling waits for someone who
+    may raise it (a lower tier could only retry into the same ceiling); anything else, tier 1."""
+    return CEILING_RAISE_TIER if error.code == Code.CEILING_EXCEEDED else 1
 
 
 def escalation_context(

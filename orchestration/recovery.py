@@ -1,7 +1,8 @@
 """The periodic safety net (Celery beat, every few seconds): one function per duty, each a
 single pass that a test can call.
 
-* leases that expired (the worker died) go back to the queue;
+* leases that expired (the worker died) go back to the queue, and the cost reservations their
+  attempts held are released;
 * queued steps whose wake-up message was lost, never sent, or failed (a broker outage) are
   published again;
 * approvals, escalations and event waits past their deadline take their declared outcome;
@@ -22,7 +23,7 @@ from orchestration import advance, dispatch, runtime
 from orchestration.changes import DONE_STEPS, OPEN_WAITS, TOOL_CALLS, Changes, Snapshot
 from orchestration.commit import compute_locked, write_and_send
 from orchestration.models import RUN_ACTIVE, RunStatus, StepStatus, Wait, WaitStatus
-from policies.ledger import reservations_release_expired
+from policies.ledger import reservations_release_expired, reservations_release_for_step
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class _Skip(Exception):
 
 
 def reap_expired_leases() -> int:
-    """Re-queue running steps whose lease expired. The next claim bumps the fencing token, so
-    the lost worker can no longer commit."""
+    """Re-queue running steps whose lease expired and release their attempts' reservations.
+    The next claim bumps the fencing token, so the lost worker can no longer commit."""
     rt = runtime.current()
     now = timezone.now()
     reaped = 0
@@ -54,9 +55,11 @@ def reap_expired_leases() -> int:
 
         try:
             with transaction.atomic():
-                write_and_send(
-                    rt, compute_locked(rt, run_id, compute, needs={TOOL_CALLS}, focus_id=step_id)
-                )
+                changes = compute_locked(rt, run_id, compute, needs={TOOL_CALLS}, focus_id=step_id)
+                # The lost attempt's cost reservation goes back with its lease: the retry
+                # reserves its own.
+                reservations_release_for_step(step_id, now=now)
+                write_and_send(rt, changes)
         except _Skip:
             continue
         reaped += 1

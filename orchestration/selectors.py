@@ -145,6 +145,11 @@ def run_check_decide(user: User, run: Run) -> None:
         )
 
 
+def _stopped_at_ceiling(wait: Wait) -> bool:
+    error = (wait.action or {}).get("error") if wait.kind == WaitKind.ESCALATION else None
+    return isinstance(error, dict) and error.get("code") == Code.CEILING_EXCEEDED
+
+
 def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | None:
     """Why ``user`` may not decide ``wait`` (message, code, detail), or None if they may: the
     run's deciding permissions, a high enough tier, and for an approval not one's own run."""
@@ -153,8 +158,12 @@ def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | No
         return "you may not decide approvals or escalations of this run", Code.DECIDE_DENIED, {}
     held = user_tier(user)
     if held < wait.tier:
+        why = (
+            " (it stopped at a cost ceiling: only someone who may raise the ceiling decides it)"
+            if _stopped_at_ceiling(wait) else ""
+        )
         return (
-            f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}. Someone with tier "
+            f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}{why}. Someone with tier "
             f"{wait.tier} or above on this tenant and workflow can decide it",
             Code.TIER_TOO_LOW, {"required_tier": wait.tier, "your_tier": held},
         )
@@ -402,10 +411,22 @@ class DrillRow:
     seconds_to_acknowledge: float | None
 
 
+#: Who may fire escalation drills and see them: policy admins.
+FIRE_DRILL = "policies.review_policy"
+
+
+def drill_fire_check(user: User) -> None:
+    """PermissionDenied (audited) unless ``user`` may fire escalation drills."""
+    if not user.has_perm(FIRE_DRILL):
+        raise _refused(
+            user, "only policy admins may fire escalation drills", Code.PERMISSION_DENIED
+        )
+
+
 def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
     """Past drills, newest first, with how long each took to be answered. For policy admins
     (who fire them); two queries whatever the number of drills."""
-    if not user.has_perm("policies.review_policy"):
+    if not user.has_perm(FIRE_DRILL):
         raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
     runs = list(
         Run.objects.filter(workflow_name=DRILL_WORKFLOW).select_related("tenant").order_by("-id")[:limit]

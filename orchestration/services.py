@@ -297,10 +297,11 @@ def approval_decide(
         edited_input=edited_input,
     )
     decided_step: dict[str, Any] = {}
+    if user is not None:
+        # Before the transaction: a refusal's audit record must not roll back with it.
+        selectors.wait_check_decide(user, wait)
     with transaction.atomic():
         locked = rt.store.run_get(wait.run_id, lock=True)
-        if user is not None:
-            selectors.wait_check_decide(user, wait)
         if decision != Decision.REJECT and (wait.quorum > 1 or wait.stage + 1 < len(wait.stages)):
             if decision == Decision.EDIT:
                 raise Conflict(
@@ -496,10 +497,11 @@ def escalation_resolve(
         decision_reason=reason,
         payload=output,
     )
+    if user is not None:
+        # Before the transaction: a refusal's audit record must not roll back with it.
+        selectors.wait_check_decide(user, wait)
     with transaction.atomic():
         locked = rt.store.run_get(wait.run_id, lock=True)
-        if user is not None:
-            selectors.wait_check_decide(user, wait)
         if not rt.store.wait_close(wait_id, **closed):
             raise _already_decided(rt, wait_id, "escalation")
         for field, value in closed.items():
@@ -640,16 +642,12 @@ def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) ->
 
 # --- escalation drills ------------------------------------------------------------------------------
 
-#: Who may fire drills: policy admins.
-FIRE_DRILL = "policies.review_policy"
-
-
 def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = "") -> Run:
     """Fire an escalation drill: a run of the ``drill`` workflow whose step escalates at once at
     ``tier`` on ``tenant``, through the real engine (inbox, SLA, notifications). Audited
     DRILL_FIRED in the submission's transaction."""
-    if user is not None and not user.has_perm(FIRE_DRILL):
-        raise PermissionDenied("only policy admins may fire escalation drills")
+    if user is not None:
+        selectors.drill_fire_check(user)
     if not isinstance(tier, int) or isinstance(tier, bool) or not 1 <= tier <= SLA_MAX_TIER:
         raise InvalidInput("tier must be 1, 2 or 3", code=Code.INPUT_CONTRACT, detail={"tier": tier})
     _check_text(note, "note")
@@ -792,13 +790,17 @@ def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
     actor_type, actor_id = _actor(user)
     now = timezone.now()
     rt = runtime.current()
+    if user is not None:
+        # Before the transaction: a refusal's audit record must not roll back with it.
+        found = Run.objects.filter(pk=run_id).first()
+        if found is None:
+            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND)
+        selectors.run_check_decide(user, found)
     with transaction.atomic():
         try:
             run = rt.store.run_get(run_id, lock=True)
         except Run.DoesNotExist:
             raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
-        if user is not None:
-            selectors.run_check_decide(user, run)
         if run.status != RunStatus.FAILED:
             raise Conflict(
                 f"run {run_id} is {run.status}: only a failed run can be retried",

@@ -30,30 +30,29 @@ from audit.verbs import ActorType, Verb
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
-    Code,
     InvalidAmount,
     InvalidReservation,
     InvalidScope,
-    PolicyDenied,
     ReservationNotFound,
     ReservationReleased,
     ReservationSettled,
 )
 from policies.limits import MONEY_QUANTUM, CeilingScope
 from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
+from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
     "ScopeSpend",
+    "ceiling_charge_released",
     "ceiling_raise",
     "ceiling_release",
     "ceiling_reserve",
     "ceiling_settle",
     "period_start_for",
     "reservations_release_expired",
+    "reservations_release_for_step",
 ]
 
-#: The tier that may raise a ceiling.
-RAISE_TIER_PERM = "orchestration.decide_tier_2"
 _MAX_MONEY = Decimal("99999999.999999")
 
 
@@ -234,6 +233,7 @@ def ceiling_reserve(
     kinds = [s.scope for s in scopes]
     if len(set(kinds)) != len(kinds):
         raise InvalidScope("a scope kind may appear once per reservation")
+    scopes = sorted(scopes, key=lambda s: _scope_rank(s.scope))
     periods = [period_start_for(s.scope, now) for s in scopes]
     warnings: list[Entry] = []
     with transaction.atomic():
@@ -287,15 +287,27 @@ def ceiling_reserve(
     raise _refused(failed[0], failed[1], amount, run_id, step_id, action)
 
 
+# Every transaction that touches several scope rows locks them in this order (then by id), so two
+# of them can never wait on each other: a reservation for one step and the settlement of a
+# parallel step of the same run touch the same rows.
+SCOPE_ORDER: tuple[str, ...] = tuple(kind.value for kind in ScopeKind)
+
+
+def _scope_rank(kind: str) -> int:
+    return SCOPE_ORDER.index(kind) if kind in SCOPE_ORDER else len(SCOPE_ORDER)
+
+
 def _move(
     scope_ids: Iterable[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
 ) -> None:
+    """Apply the deltas to each scope row, in the order given (a reservation keeps its scopes in
+    ``SCOPE_ORDER``, the order it locked them in)."""
     sql = (
         f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, {_q('spent')} = {_q('spent')} + %s, "
         f"{_q('updated_at')} = %s WHERE {_q('id')} = %s"
     )
     with connection.cursor() as cursor:
-        for scope_id in sorted(scope_ids):
+        for scope_id in scope_ids:
             cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
 
 
@@ -375,36 +387,111 @@ def ceiling_release(reservation_id: int, *, now: datetime | None = None) -> Rese
     return reservation
 
 
+def _released_entry(reservation: Reservation, reason: str) -> Entry:
+    return Entry(
+        verb=Verb.RESERVATION_RELEASED,
+        object_type="reservation",
+        object_id=reservation.pk,
+        run_id=reservation.run_id,
+        step_id=reservation.step_id,
+        data={
+            "amount": str(_dec(reservation.amount)),
+            "owner": reservation.owner,
+            "reason": reason,
+        },
+    )
+
+
+def _release_all(reservations: list[Reservation], reason: str, now: datetime) -> int:
+    """Release held reservations in the caller's transaction (rows locked by the caller): the
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
+    if not reservations:
+        return 0
+    owed: dict[int, Decimal] = {}
+    for reservation in reservations:
+        for scope_id in reservation.scope_ids:
+            owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
+    kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
+    for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
+        _move([scope_id], owed[scope_id], Decimal(0), now)
+    for reservation in reservations:
+        reservation.status = ReservationStatus.RELEASED
+        reservation.settled_at = now
+    Reservation.objects.bulk_update(reservations, ["status", "settled_at"])
+    audit_record_many([_released_entry(r, reason) for r in reservations], now=now)
+    return len(reservations)
+
+
 def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
-    """Release held reservations past their expiry (their worker died): the reaper's duty."""
+    """Release held reservations past their expiry (their worker died): the reaper's duty. The
+    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
     now = now or timezone.now()
-    released = 0
     with transaction.atomic():
         expired = list(
             Reservation.objects.select_for_update(skip_locked=True)
             .filter(status=ReservationStatus.HELD, expires_at__lt=now)
             .order_by("expires_at")[:limit]
         )
-        entries = []
-        for reservation in expired:
-            _release(reservation, now)
-            entries.append(
+        return _release_all(expired, "expired", now)
+
+
+def reservations_release_for_step(step_id: int, *, now: datetime | None = None) -> int:
+    """Release what a step's lost attempt still holds: the reaper took the step's lease back
+    from a dead worker, and its next attempt reserves afresh (holding both until the first
+    expired could refuse the retry a ceiling that fits one call). Runs in the caller's
+    transaction, before the step can be claimed again, so every held row is the lost one's."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        held = list(
+            Reservation.objects.select_for_update()
+            .filter(step_id=step_id, status=ReservationStatus.HELD)
+            .order_by("pk")
+        )
+        return _release_all(held, "lease_expired", now)
+
+
+def ceiling_charge_released(
+    reservation_id: int, actual: Decimal, *, now: datetime | None = None
+) -> Reservation:
+    """Charge a call that finished after the reaper released its reservation (its worker was
+    taken for dead, but the call went through): the money was spent, so ``actual`` enters
+    ``spent`` in every scope even past a ceiling, and is recorded as an overrun. Charging twice
+    with the same actual is a no-op."""
+    actual = _money(actual, "actual")
+    now = now or timezone.now()
+    with transaction.atomic():
+        reservation = _locked(reservation_id)
+        if reservation.status == ReservationStatus.SETTLED and _dec(reservation.actual) == actual:
+            return reservation
+        if reservation.status != ReservationStatus.RELEASED:
+            raise InvalidReservation(
+                f"reservation {reservation_id} is {reservation.status}, not released"
+            )
+        _move(reservation.scope_ids, Decimal(0), actual, now)
+        reservation.status = ReservationStatus.SETTLED
+        reservation.actual = actual
+        reservation.settled_at = now
+        reservation.save(update_fields=["status", "actual", "settled_at"])
+        audit_record_many(
+            [
                 Entry(
-                    verb=Verb.RESERVATION_RELEASED,
+                    verb=Verb.CEILING_EXCEEDED,
                     object_type="reservation",
                     object_id=reservation.pk,
                     run_id=reservation.run_id,
                     step_id=reservation.step_id,
                     data={
                         "amount": str(_dec(reservation.amount)),
-                        "owner": reservation.owner,
-                        "reason": "expired",
+                        "actual": str(actual),
+                        "charged": str(actual),
+                        "overrun": True,
+                        "after_release": True,
                     },
                 )
-            )
-            released += 1
-        audit_record_many(entries, now=now)
-    return released
+            ],
+            now=now,
+        )
+    return reservation
 
 
 def ceiling_raise(
@@ -421,21 +508,7 @@ def ceiling_raise(
     ever goes up (``CeilingNotRaised``)."""
     new_limit = _money(new_limit, "limit")
     now = now or timezone.now()
-    if not user.is_active or not user.has_perm(RAISE_TIER_PERM):
-        audit_record_alone(
-            Entry(
-                verb=Verb.CEILING_RAISED,
-                object_type="spend_scope",
-                object_id=scope_id or f"run:{run_id}",
-                actor_type=ActorType.HUMAN,
-                actor_id=user.get_username(),
-                run_id=run_id,
-                data={"refused": "tier 2 required", "new_limit": str(new_limit)},
-            )
-        )
-        raise PolicyDenied(
-            "raising a cost ceiling needs tier 2 or higher", code=Code.CEILING_TIER_REQUIRED
-        )
+    ceiling_raise_check(user, scope_id=scope_id, run_id=run_id, new_limit=new_limit)
     if not reason.strip():
         raise InvalidAmount("a reason is required to raise a ceiling")
     if (scope_id is None) == (run_id is None):

@@ -13,6 +13,7 @@ from policies.evaluate import CompiledPolicy
 from policies.facts import Facts
 
 __all__ = [
+    "CEILING_RAISE_TIER",
     "CeilingScope",
     "RateLimitBucket",
     "bounds_for",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 MONEY_QUANTUM = Decimal("0.000001")
+#: The approval tier that may raise a cost ceiling: a step stopped at one escalates to it.
+CEILING_RAISE_TIER = 2
 
 
 @dataclass(frozen=True, slots=True)

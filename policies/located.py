@@ -243,7 +243,7 @@ class _JsonReader:
                     return items, index + 1
                 index = self.skip(index + 1)  # the comma
         if char == '"':
-            return json.decoder.scanstring(self.text, index + 1)  # type: ignore[attr-defined, no-any-return]
+            return json.decoder.scanstring(self.text, index + 1)  # type: ignore[attr-defined, no-any-return]  # typeshed does not declare json.decoder.scanstring (the C scanner json itself uses)
         for word, value in (("true", True), ("false", False), ("null", None)):
             if self.text.startswith(word, index):
                 return value, index + len(word)
@@ -260,7 +260,7 @@ class _JsonReader:
             return mapping, index + 1
         while True:
             key_at = self.position(index)
-            key, index = json.decoder.scanstring(self.text, index + 1)  # type: ignore[attr-defined]
+            key, index = json.decoder.scanstring(self.text, index + 1)  # type: ignore[attr-defined]  # as above: undeclared in typeshed
             if key in mapping:
                 raise SourceSyntaxError(f"duplicate key {key!r}", key_at, (*loc, key))
             self.located.key_positions[(*loc, key)] = key_at

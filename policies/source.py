@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from policies.document import DocumentProblems, Location, PolicyDocument, path_text
+from policies.errors import Code
 from policies.located import (
     Located,
     Position,
@@ -66,7 +67,7 @@ class SourceProblem:
 class PolicySourceError(ValueError):
     """A policy source that is not a valid document; ``problems`` lists each problem in order."""
 
-    code = "policy_invalid"
+    code = Code.INVALID_SOURCE
 
     def __init__(self, problems: list[SourceProblem]) -> None:
         self.problems = problems

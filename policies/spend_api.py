@@ -1,10 +1,12 @@
 """The spend API: ceilings and spend per scope (with percentages), a run's reservations, and
-raising a run's ceiling (tier 2 or higher). Mounted by the console under ``/v1/spend`` (``spend_router(ErrorOut)``).
+raising a run's ceiling (tier 2 or higher). Mounted by the console under ``/v1/spend``
+(``spend_router(ErrorOut, run_get_for_decision)``).
 Handlers stay thin: authorize and read through ``policies.spend_selectors``, write through
 ``policies.ledger``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -58,8 +60,14 @@ def _user(request: HttpRequest) -> User:
     return user
 
 
-def spend_router(error_out: type[Schema]) -> Router:
-    """The router, its errors documented with the console's error shape ``error_out``."""
+#: Refuses (raises) unless the user may decide for the run: its tenant, its workflow. The
+#: engine's selector, handed in by the console (this app sits below the engine).
+RunDecideCheck = Callable[[User, int], object]
+
+
+def spend_router(error_out: type[Schema], run_decide_check: RunDecideCheck) -> Router:
+    """The router, its errors documented with the console's error shape ``error_out``; raising
+    a run's ceiling asks ``run_decide_check`` first, as any other answer to its escalation."""
     router = Router(tags=["spend"])
     errors: dict[int, type[Schema]] = {code: error_out for code in (401, 403, 404, 409, 422)}
 
@@ -107,8 +115,10 @@ def spend_router(error_out: type[Schema]) -> Router:
     def run_ceiling_raise(
         request: HttpRequest, body: RaiseIn, run_id: int = RUN_ID
     ) -> dict[str, Any]:
+        user = _user(request)
+        run_decide_check(user, run_id)
         scope = ceiling_raise(
-            run_id=run_id, new_limit=body.new_limit, user=_user(request), reason=body.reason
+            run_id=run_id, new_limit=body.new_limit, user=user, reason=body.reason
         )
         return ScopeUse(scope).as_dict()
 

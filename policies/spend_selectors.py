@@ -15,12 +15,16 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from guardian.shortcuts import get_objects_for_user
 
-from policies.errors import SpendNotVisible
-from policies.limits import MONEY_QUANTUM
+from audit.services import Entry, audit_record_alone
+from audit.verbs import ActorType, Verb
+from policies.errors import Code, PolicyDenied, SpendNotVisible
+from policies.limits import CEILING_RAISE_TIER, MONEY_QUANTUM
 from policies.models import Reservation, ScopeKind, SpendScope, Tenant
 
 VIEW_ALL = "orchestration.view_run"
 VIEW_FOR_TENANT = "policies.view_runs"
+#: The tier that may raise a ceiling.
+RAISE_TIER_PERM = f"orchestration.decide_tier_{CEILING_RAISE_TIER}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +72,26 @@ def reservations_for_run_for_user(user: User, run_id: int) -> QuerySet[Reservati
     if not (user.is_active and user.has_perm(VIEW_ALL)):
         raise SpendNotVisible(f"you may not see the spend of run {run_id}")
     return Reservation.objects.filter(run_id=run_id).order_by("id")
+
+
+def ceiling_raise_check(
+    user: User, *, scope_id: int | None, run_id: int | None, new_limit: Decimal
+) -> None:
+    """``PolicyDenied`` (``ceiling_tier_required``) unless ``user`` holds tier 2 or higher; the
+    refusal is recorded (``ceiling.raised`` with what was refused) before it is raised."""
+    if user.is_active and user.has_perm(RAISE_TIER_PERM):
+        return
+    audit_record_alone(
+        Entry(
+            verb=Verb.CEILING_RAISED,
+            object_type="spend_scope",
+            object_id=scope_id or f"run:{run_id}",
+            actor_type=ActorType.HUMAN,
+            actor_id=user.get_username(),
+            run_id=run_id,
+            data={"refused": "tier 2 required", "new_limit": str(new_limit)},
+        )
+    )
+    raise PolicyDenied(
+        "raising a cost ceiling needs tier 2 or higher", code=Code.CEILING_TIER_REQUIRED
+    )

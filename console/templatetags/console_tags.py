@@ -10,7 +10,8 @@ from django import template
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
-from django.utils.timesince import timesince, timeuntil
+
+from console.templatetags.console_time import when
 
 register = template.Library()
 
@@ -73,16 +74,6 @@ def json_compact(value: Any) -> str:
 
 @register.simple_tag
 def relative_time(value: datetime | None) -> SafeString | str:
-    """``<time>`` reading "3 minutes ago" (or "in 3 minutes"), the exact UTC time on hover."""
-    if value is None:
-        return "—"
-    value = value.astimezone(UTC)
-    now = datetime.now(tz=UTC)
-    words = f"{timesince(value, now)} ago" if value <= now else f"in {timeuntil(value, now)}"
-    iso = value.isoformat()
-    return format_html(
-        '<time datetime="{}" title="{} UTC">{}</time>',
-        iso,
-        value.strftime("%Y-%m-%d %H:%M:%S"),
-        words,
-    )
+    """``{% when %}`` (console_time) under its older name: "3 min ago" or "just now", not
+    "0 minutes ago", with the exact time in the user's zone on hover."""
+    return when(value)

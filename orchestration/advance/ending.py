@@ -348,7 +348,7 @@ class Ending(AdvanceState):
             step=step,
             kind=WaitKind.ESCALATION,
             name=step.key,
-            tier=self.run.drill_tier if self.run.is_drill else 1,
+            tier=self.run.drill_tier if self.run.is_drill else failures.escalation_tier(error),
             reason=f"{context['why']}: {error.message}"[:2000],
             action=context,
             action_digest=digest(context),

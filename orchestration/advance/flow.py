@@ -212,7 +212,9 @@ class RunAdvance(Ending):
             quorum = max(quorum, decision.quorum or 1)
             if decision.sla is not None:
                 deadline = self.now + decision.sla
-            on_timeout = "approve" if decision.on_expiry == "approve" and on_timeout == "approve" else "reject"
+            # Expiry approves only when the policy and the node's own gate (if it has one) both say so.
+            lenient = decision.on_expiry == "approve" and (gate is None or gate.on_timeout == "approve")
+            on_timeout = "approve" if lenient else "reject"
             reason = decision.reason
         wait = unsaved(
             Wait,

@@ -221,5 +221,15 @@ class Agent:
     Input: ClassVar[type[BaseModel]]
     Output: ClassVar[type[BaseModel]]
 
+    def call_model(self) -> str:
+        """The model the next call uses, as the price table names it ("": none, it costs
+        nothing). An agent configured at run time (an endpoint's model from the environment)
+        answers with what it will ask for."""
+        return self.model
+
+    def input_tokens_estimate(self, input: BaseModel) -> int:
+        """The input tokens this call may send, for the worst case reserved before it runs."""
+        return self.estimated_input_tokens
+
     def run(self, input: Any, ctx: AgentContext) -> BaseModel | dict[str, Any]:
         raise NotImplementedError

@@ -3,6 +3,11 @@
 Configured at call time from the environment, so a deployment changes endpoint or model without a
 code change: ``SIGNALBOX_LLM_BASE_URL`` (required), ``SIGNALBOX_LLM_MODEL``,
 ``SIGNALBOX_LLM_API_KEY`` (optional, never logged) and ``SIGNALBOX_LLM_TIMEOUT`` (seconds).
+
+Under a cost ceiling the agent is priced as the model it asks for (``SIGNALBOX_LLM_MODEL``, or
+``ENDPOINT_DEFAULT_MODEL`` when the server picks: a price table that lacks it fails the call
+closed), its worst case counts its messages' bytes, and the request's ``max_tokens`` is what
+the reservation covers.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from orchestration.errors import ContractViolation, PermanentError, TransientErr
 DEFAULT_TIMEOUT_SECONDS = 30.0
 # How much of an error response to keep in the step's error detail; enough to read the reason.
 ERROR_BODY_EXCERPT = 500
+#: The name priced when ``SIGNALBOX_LLM_MODEL`` is unset and the server answers with its own model.
+ENDPOINT_DEFAULT_MODEL = "endpoint-default"
+# Byte-level tokenizers never make more tokens than a text has UTF-8 bytes; each message adds
+# a few tokens of framing. The worst case, not the likely one: settling returns the rest.
+TOKENS_PER_MESSAGE = 4
 
 
 class ChatMessage(BaseModel):
@@ -50,6 +60,15 @@ class ChatCompletionAgent(Agent):
         model: str
         finish_reason: str
 
+    def call_model(self) -> str:
+        return _configured_model() or ENDPOINT_DEFAULT_MODEL
+
+    def input_tokens_estimate(self, input: BaseModel) -> int:
+        if not isinstance(input, ChatCompletionAgent.Input):
+            return super().input_tokens_estimate(input)
+        texts = [m.content for m in input.messages] + ([input.prompt] if input.prompt else [])
+        return sum(len(text.encode()) + TOKENS_PER_MESSAGE for text in texts)
+
     def run(self, input: Input, ctx: AgentContext) -> Output:
         base_url = os.environ.get("SIGNALBOX_LLM_BASE_URL", "").strip().rstrip("/")
         if not base_url:
@@ -57,9 +76,9 @@ class ChatCompletionAgent(Agent):
                 "SIGNALBOX_LLM_BASE_URL is not set; point it at an OpenAI-compatible API, "
                 "e.g. https://api.openai.com/v1"
             )
-        model = os.environ.get("SIGNALBOX_LLM_MODEL", "").strip()
+        model = _configured_model()
         url = f"{base_url}/chat/completions"
-        body = self._request_body(input, model)
+        body = self._request_body(input, model, ctx)
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get("SIGNALBOX_LLM_API_KEY", "").strip()
         if api_key:
@@ -82,7 +101,7 @@ class ChatCompletionAgent(Agent):
         self._raise_for_status(response, url)
         return self._parse(response, model, ctx)
 
-    def _request_body(self, input: Input, model: str) -> dict[str, Any]:
+    def _request_body(self, input: Input, model: str, ctx: AgentContext) -> dict[str, Any]:
         messages = [message.model_dump() for message in input.messages]
         if input.prompt:
             messages.append({"role": "user", "content": input.prompt})
@@ -92,6 +111,9 @@ class ChatCompletionAgent(Agent):
             body["model"] = model
         if input.temperature is not None:
             body["temperature"] = input.temperature
+        # The reply may be no longer than the cost reservation covers (or, with no ceiling in
+        # force, than this agent's own bound).
+        body["max_tokens"] = ctx.max_tokens if ctx.max_tokens is not None else self.max_tokens
         return body
 
     def _raise_for_status(self, response: httpx.Response, url: str) -> None:
@@ -136,6 +158,10 @@ class ChatCompletionAgent(Agent):
             model=used_model,
             finish_reason=str(choice.get("finish_reason") or "unknown"),
         )
+
+
+def _configured_model() -> str:
+    return os.environ.get("SIGNALBOX_LLM_MODEL", "").strip()
 
 
 def _timeout_seconds() -> float:

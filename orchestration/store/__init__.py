@@ -25,6 +25,7 @@ from orchestration.store.plain import (
     RunChanged,
     StepTaken,
     Store,
+    WriteBatch,
     WriteRefused,
 )
 from orchestration.store.postgresql import PostgresStore
@@ -36,6 +37,7 @@ __all__ = [
     "RunChanged",
     "StepTaken",
     "Store",
+    "WriteBatch",
     "WriteRefused",
     "store_create",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import connection, models, transaction
 from django.db.models import F, Q
@@ -97,6 +97,31 @@ class Pending:
         return self._rows
 
 
+class WriteBatch(Protocol):
+    """Several completions' writes committed as one transaction in one round trip: what an
+    optimistic store (``Store.optimistic``) offers through :meth:`Store.batch`."""
+
+    def add(self, changes: Changes) -> None:
+        """Render ``changes`` into the batch (ids are assigned now)."""
+
+    def claim_last(
+        self, step_id: int, worker_id: str, now: datetime, lease_until: datetime
+    ) -> None:
+        """The batch's last statement claims ``step_id`` for the worker."""
+
+    def extend(self, other: WriteBatch) -> None:
+        """Append ``other``'s writes, to commit after this batch's own."""
+
+    def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
+        """The step :meth:`claim_last` claimed, from the rows the batch returned."""
+
+    def run(self) -> Pending:
+        """Commit now and wait for the outcome."""
+
+    def send(self) -> Pending:
+        """Send the batch and return at once; :meth:`Pending.result` waits for the outcome."""
+
+
 class Store:
     """The plain implementation (see the module docstring)."""
 
@@ -104,6 +129,10 @@ class Store:
     optimistic = False
     #: A commit may be sent without waiting for its answer (``WriteBatch.send``).
     pipelined = False
+
+    def batch(self) -> WriteBatch:
+        """A batch of completions in one round trip; only an optimistic store offers one."""
+        raise NotImplementedError("this store writes each transaction as it goes: no batches")
 
     # --- claiming -----------------------------------------------------------------------------
 

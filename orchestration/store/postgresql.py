@@ -45,7 +45,15 @@ from orchestration.models import (
     ToolCall,
     Wait,
 )
-from orchestration.store.plain import RUN_FIELDS, LeaseLost, Pending, RunChanged, StepTaken, Store
+from orchestration.store.plain import (
+    RUN_FIELDS,
+    LeaseLost,
+    Pending,
+    RunChanged,
+    StepTaken,
+    Store,
+    WriteBatch,
+)
 from policies.models import PolicyDecision
 
 ID_BLOCK = 200
@@ -138,8 +146,8 @@ class PostgresStore(Store):
 
     # --- writing ------------------------------------------------------------------------------
 
-    def batch(self) -> WriteBatch:
-        return WriteBatch(self)
+    def batch(self) -> PgWriteBatch:
+        return PgWriteBatch(self)
 
     def write(self, changes: Changes) -> None:
         if not db().in_atomic_block:
@@ -163,7 +171,7 @@ class PostgresStore(Store):
         return batch.run()
 
 
-class WriteBatch:
+class PgWriteBatch:
     """One transaction's writes (the changes of one or more advances, in order) as one
     multi-statement string: run now (:meth:`run`) or sent without waiting (:meth:`send`)."""
 
@@ -187,6 +195,7 @@ class WriteBatch:
 
     def extend(self, other: WriteBatch) -> None:
         """Append ``other``'s writes, to commit in this batch's transaction after its own."""
+        assert isinstance(other, PgWriteBatch), "only batches of the same store join"
         self.batch.extend(other.batch)
         self.members.extend(other.members)
 

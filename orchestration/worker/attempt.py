@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from audit.services import Entry, audit_record_alone
 from audit.verbs import Verb
 from orchestration.advance import approval_digest, node_of, output_contract, step_action, step_input
-from orchestration.agents.base import AgentContext, StateView
+from orchestration.agents.base import Agent, AgentContext, StateView
 from orchestration.contracts import validation_errors
 from orchestration.errors import (
     Code,
@@ -34,10 +34,15 @@ from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
 from policies.active import ActivePolicy, active_policy
-from policies.errors import CeilingExceeded
+from policies.errors import CeilingExceeded, ReservationReleased
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
-from policies.ledger import ceiling_release, ceiling_reserve, ceiling_settle
+from policies.ledger import (
+    ceiling_charge_released,
+    ceiling_release,
+    ceiling_reserve,
+    ceiling_settle,
+)
 from policies.limits import ceilings_for, price_cost, rate_limits_for
 from policies.models import Reservation
 from policies.tenants import tenant_by_id
@@ -186,7 +191,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         if facts is not None:
             try:
                 rate_limit_check(*facts)
-                reservation = cost_reserve(*facts, step, cls, worker_id, hard.total_seconds())
+                reservation = cost_reserve(*facts, step, agent, params, worker_id, hard.total_seconds())
             except SignalboxError as exc:
                 fail(exc)
                 return None
@@ -222,7 +227,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
                     result = agent.run(params, ctx)
             finally:
                 if reservation is not None:
-                    cost_settle(reservation, ctx, cls)
+                    cost_settle(reservation, ctx, agent)
         except SignalboxError as exc:
             fail(exc, records=tools.take_records())
             return None
@@ -276,26 +281,29 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
 
 
 def cost_reserve(
-    active: ActivePolicy, facts: Facts, step: Step, cls: type[Any], owner: str, hard_seconds: float
+    active: ActivePolicy, facts: Facts, step: Step, agent: Agent, params: BaseModel, owner: str,
+    hard_seconds: float,
 ) -> Reservation | None:
     """Reserve the worst case of the agent's call (its estimated input, its ``max_tokens`` out)
     against every ceiling that counts it; None when it calls no model or no ceiling is in force.
     A model the price table does not know fails closed; a refused reservation stops the step
-    (and escalates: someone with tier 2 raises the ceiling for this run and retries, or aborts)."""
-    if not cls.model:
+    (and escalates at the tier that may raise a ceiling: raise it for this run and retry, or
+    abort)."""
+    model = agent.call_model()
+    if not model:
         return None
     scopes = ceilings_for(active.compiled, facts)
     if not scopes:
         return None
-    worst = price_cost(active.compiled, cls.model, cls.estimated_input_tokens, cls.max_tokens)
+    worst = price_cost(active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens)
     if worst is None:
         audit_record_alone(Entry(
             verb=Verb.COST_UNKNOWN, object_type="step", object_id=step.pk, run_id=step.run_id, step_id=step.pk,
-            data={"agent": step.agent, "model": cls.model},
+            data={"agent": step.agent, "model": model},
         ))
         raise PolicyDenied(
-            f"the cost of {step.agent!r} cannot be estimated: model {cls.model!r} is not in the price table",
-            code=Code.COST_UNKNOWN, detail={"model": cls.model},
+            f"the cost of {step.agent!r} cannot be estimated: model {model!r} is not in the price table",
+            code=Code.COST_UNKNOWN, detail={"model": model},
         )
     try:
         return ceiling_reserve(
@@ -306,15 +314,25 @@ def cost_reserve(
         raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
 
 
-def cost_settle(reservation: Reservation, ctx: AgentContext, cls: type[Any]) -> None:
-    """Charge the call's reported usage (none reported: nothing was spent, the money goes back)."""
+def cost_settle(reservation: Reservation, ctx: AgentContext, agent: Agent) -> None:
+    """Charge the call's reported usage (none reported: nothing was spent, the money goes back),
+    priced as the model the endpoint reports or, if the table does not know that name (a dated
+    variant), the model the agent asked for; neither known: the whole reservation is charged."""
     usage = ctx.usage
     if not (usage.prompt_tokens or usage.completion_tokens):
         ceiling_release(reservation.pk)
         return
     active = active_policy()
-    actual = (
-        price_cost(active.compiled, usage.model or cls.model, usage.prompt_tokens, usage.completion_tokens)
-        if active is not None else None
-    )
-    ceiling_settle(reservation.pk, actual if actual is not None else reservation.amount)
+    actual = None
+    if active is not None:
+        for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
+            actual = price_cost(active.compiled, model, usage.prompt_tokens, usage.completion_tokens)
+            if actual is not None:
+                break
+    charged = actual if actual is not None else reservation.amount
+    try:
+        ceiling_settle(reservation.pk, charged)
+    except ReservationReleased:
+        # The reaper took this attempt for dead and gave its reservation back, but the call
+        # went through: what it cost is spent all the same.
+        ceiling_charge_released(reservation.pk, charged)

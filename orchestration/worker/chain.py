@@ -27,8 +27,7 @@ from orchestration.leases import alarm_blocked
 from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
 from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
-from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken
-from orchestration.store.postgresql import WriteBatch, claimed_from_row
+from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
 from policies.evaluate import Decision
 
 log = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ class Chain:
         if sibling is not None:
             self.handed_off.remove(sibling)
             ahead = self._as_claimed(sibling, changes.run, done.now)
-        self.committing = Committing(self, members, pending, sibling, ahead)
+        self.committing = Committing(self, batch, members, pending, sibling, ahead)
         return ahead
 
     def close(self) -> None:
@@ -200,7 +199,7 @@ class Chain:
             self.handed_off.insert(0, group.sibling)
         pending = group.batch.send()
         self.committing = Committing(
-            self, group.members, pending, sibling, group.ahead if claim else None
+            self, group.batch, group.members, pending, sibling, group.ahead if claim else None
         )
 
     def _as_claimed(self, sibling: Step, run: Run, now: datetime) -> Step:
@@ -237,12 +236,13 @@ class Committing:
     def __init__(
         self,
         chain: Chain,
+        batch: WriteBatch,
         members: list[Member],
         pending: Pending,
         sibling: Step | None,
         ahead: Step | None,
     ) -> None:
-        self.chain, self.members, self.pending = chain, members, pending
+        self.chain, self.batch, self.members, self.pending = chain, batch, members, pending
         self.sibling, self.ahead = sibling, ahead
         self._confirmed = False
         self._next: Step | None = None
@@ -293,7 +293,7 @@ class Committing:
             last = member == len(self.members)
             if last and self.sibling is not None:
                 rt.held.release(self.sibling.pk)
-                claimed = changes.local_step = claimed_from_row(rows[0] if rows else None, done.now)
+                claimed = changes.local_step = self.batch.claimed_step(rows, done.now)
                 if claimed is not None:  # one live message for the whole transaction
                     changes.live.extend(claim_events(claimed, done.now))
             dispatch.send(changes, rt)

@@ -155,7 +155,7 @@ def step_complete(
                     chain.settle(step)
                 run = store.run_get(step.run_id)
                 continue
-            batch = store.batch()  # type: ignore[attr-defined]  # an optimistic store batches
+            batch = store.batch()
             batch.add(changes)
             members: list[Member] = [(done, changes, None)]
             if group is not None:

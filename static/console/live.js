@@ -28,9 +28,13 @@
       setState("live", true);
       if (everClosed) catchUp();
     });
-    document.body.addEventListener("htmx:wsClose", function () {
+    document.body.addEventListener("htmx:wsClose", function (evt) {
       everClosed = true;
-      setState("offline — reconnecting", false);
+      // The server's own close codes (console.live_auth) end the stream: htmx does not retry.
+      var code = evt.detail && evt.detail.event ? evt.detail.event.code : 0;
+      if (code === 4401) setState("offline — signed out; log in again", false);
+      else if (code === 4403) setState("offline — no longer allowed", false);
+      else setState("offline — reconnecting", false);
     });
     document.body.addEventListener("htmx:wsError", function () {
       setState("offline — reconnecting", false);

@@ -30,12 +30,18 @@
         x: data.marks.map(function (m) { return m.at; }), y: data.marks.map(function (m) { return m.step; }),
         marker: { symbol: "x", size: 10, color: dark ? "#ff9b90" : "#b42318" }, hoverinfo: "text+y" });
     }
-    var steps = {}; data.bars.forEach(function (b) { steps[b.step] = true; });
+    // Steps top to bottom in the order they were created (as the steps table lists them), not
+    // in the order Plotly first meets them across the traces.
+    var steps = [];
+    data.bars.forEach(function (b) { if (steps.indexOf(b.step) < 0) steps.push(b.step); });
     Plotly.newPlot(chart, traces, {
-      barmode: "overlay", height: 80 + 28 * Object.keys(steps).length,
-      margin: { l: 140, r: 10, t: 10, b: 40 }, xaxis: { type: "date" }, yaxis: { autorange: "reversed" },
+      barmode: "overlay", height: 100 + 28 * steps.length,
+      margin: { l: 140, r: 10, t: 30, b: 50 }, xaxis: { type: "date" },
+      yaxis: { autorange: "reversed", categoryorder: "array", categoryarray: steps },
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
-      font: { color: dark ? "#e4e8ee" : "#1c2430" }, legend: { orientation: "h" }
+      font: { color: dark ? "#e4e8ee" : "#1c2430", family: getComputedStyle(document.body).fontFamily },
+      // Above the plot: below it, the legend sat on the time axis's labels.
+      legend: { orientation: "h", x: 0, y: 1, yanchor: "bottom" }
     }, { displayModeBar: false, responsive: true });
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", draw);

@@ -16,7 +16,7 @@ from django.conf import settings as django_settings
 from console.celery import app
 from orchestration import recovery
 from orchestration.models import Step, StepStatus, Wait
-from orchestration.services import approval_decide
+from orchestration.services import approval_decide, run_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -74,3 +74,22 @@ def test_a_decision_while_the_broker_is_down_is_recorded_and_reported_done(
     step = Step.objects.get(pk=wait.step_id)
     assert step.status == StepStatus.QUEUED and step.published_at is None
     assert Wait.objects.get(pk=wait.pk).status == "approved"
+
+
+def test_an_outside_event_while_the_broker_is_down_is_applied_and_reported_done(
+    operator_client: Any, operator: Any, drive: Any, broker_down: None
+) -> None:
+    app.conf.broker_url = django_settings.REDIS_URL  # up while the run gets to its wait
+    run = run_submit(workflow="event_timeout_continue", input={}, submitted_by=operator).run
+    drive(run.pk)
+    assert Wait.objects.filter(run=run, kind="event", status="open").exists()
+    app.conf.broker_url = DOWN
+    response = operator_client.post(
+        f"/api/v1/runs/{run.pk}/events",
+        {"name": "payment.settled", "event_id": "evt-outage", "payload": {"ok": 1}},
+        content_type="application/json",
+    )
+    assert response.status_code == 202, response.content
+    assert response.json()["applied"] is True
+    step = Step.objects.get(run=run, node="after")
+    assert step.status == StepStatus.QUEUED and step.published_at is None

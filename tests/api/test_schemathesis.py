@@ -5,8 +5,8 @@ WSGI handler (the whole middleware chain, the real token auth) as a real operato
 PostgreSQL test database with real commits: no 5xx, and every response must be one the document
 declares, in the shape it declares. Path ids are drawn half of the time from objects that exist
 (a run waiting on an approval, an open escalation), so bodies reach the services and the
-database rather than stopping at a 404. About 80 s for the 14 operations on two cores; examples
-are random on each run (a failure prints how to reproduce it).
+database rather than stopping at a 404. About 9 minutes for the 28 operations on two busy cores;
+examples are random on each run (a failure prints how to reproduce it).
 """
 
 from __future__ import annotations

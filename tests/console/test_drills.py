@@ -57,6 +57,9 @@ def test_a_real_escalation_is_not_a_drill(operator, drive):
 def test_only_policy_admins_fire_drills_and_bad_tiers_are_refused(admin, operator):
     with pytest.raises(PermissionDenied):
         drill_fire(user=operator, tier=1)
+    # Refused in the selectors, as every other refusal: recorded with who was refused.
+    refusal = AuditEvent.objects.get(verb=Verb.ACCESS_DENIED)
+    assert refusal.actor_id == operator.username and "drills" in refusal.data["what"]
     with pytest.raises(InvalidInput):
         drill_fire(user=admin, tier=4)
     assert not Run.objects.filter(workflow_name="drill").exists()

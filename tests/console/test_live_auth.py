@@ -70,6 +70,15 @@ async def test_logout_closes_the_stream_on_the_next_event(run_id: int, watcher: 
     assert await closed_with(communicator) == 4401
 
 
+async def test_logout_closes_every_stream_of_the_session_at_once(run_id: int, watcher: Any) -> None:
+    client, cookie = await database_sync_to_async(login)(watcher)
+    run_page = await open_socket(f"/ws/runs/{run_id}/", ORIGIN, cookie)
+    run_list = await open_socket("/ws/runs/", ORIGIN, cookie)
+    await database_sync_to_async(client.post)("/accounts/logout/")  # no event follows
+    assert await closed_with(run_page) == 4401
+    assert await closed_with(run_list) == 4401
+
+
 async def test_deactivation_closes_the_stream(run_id: int, watcher: Any) -> None:
     _, cookie = await database_sync_to_async(login)(watcher)
     communicator = await open_socket("/ws/runs/", ORIGIN, cookie)

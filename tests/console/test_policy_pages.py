@@ -21,30 +21,11 @@ from policies.models import Policy, PolicyStatus, PolicyVersion
 from policies.roles import roles_sync
 from policies.services import policy_activate, policy_draft, policy_review, policy_submit
 from tests.factories import PolicyDecisionFactory, UserFactory
+from tests.policies.documents import REFUND_TIER_1 as V1
+from tests.policies.documents import REFUND_TIER_1_RAISED as V2
+from tests.policies.documents import REFUND_TIER_7 as BROKEN
 
 pytestmark = pytest.mark.django_db
-
-V1 = """default: allow
-rules:
-  - id: refund-tier-1
-    description: Refunds above 100 need a tier-1 approval
-    action: agent:refund_executor
-    when:
-      - {fact: params.amount, op: ">", value: 100}
-    outcome: {decision: require_approval, tier: 1}
-"""
-V2 = V1.replace(
-    "value: 100}\n    outcome: {decision: require_approval, tier: 1}",
-    "value: 100}\n    outcome: {decision: require_approval, tier: 2}",
-)
-
-BROKEN = """default: allow
-rules:
-  - id: refunds
-    description: Refunds need a person
-    action: agent:refund_executor
-    outcome: {decision: require_approval, tier: 7}
-"""
 
 
 def _user(group: str | None, username: str) -> Any:
@@ -87,12 +68,12 @@ def test_the_editor_shows_a_yaml_error_at_its_line_and_will_not_save_it(ada: Any
     checked = client.post(url, {"source": BROKEN, "intent": "check"})
     assert checked.status_code == 422
     page_html = checked.content.decode()
-    # The problem is rendered inside line 6's item, next to the text of that line.
-    line = re.search(r'<li id="line-6" class="source-line has-problem">(.*?)</li>', page_html, re.S)
+    # The problem is rendered inside line 8's item, next to the text of that line.
+    line = re.search(r'<li id="line-8" class="source-line has-problem">(.*?)</li>', page_html, re.S)
     assert line is not None
     assert "outcome: {decision: require_approval, tier: 7}" in line.group(1)
-    assert "line 6, column" in line.group(1) and "rules[0].outcome.tier" in line.group(1)
-    assert 'data-problem-lines="6"' in page_html
+    assert "line 8, column" in line.group(1) and "rules[0].outcome.tier" in line.group(1)
+    assert 'data-problem-lines="8"' in page_html
     saved = client.post(url, {"source": BROKEN, "intent": "save", "note": "x"})
     assert saved.status_code == 422 and "The draft was not saved" in _text(saved)
     assert not PolicyVersion.objects.exists()

@@ -18,22 +18,13 @@ from policies.facts import Facts
 from policies.roles import roles_sync
 from policies.services import policy_activate, policy_draft, policy_review, policy_submit
 from tests.factories import PolicyDecisionFactory, UserFactory
+from tests.policies.documents import REFUND_TIER_1 as V1
+from tests.policies.documents import REFUND_TIER_7 as BROKEN
 
 # Sync Playwright runs an event loop in this thread; Django's ORM calls from the test are fine.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-V1 = """default: allow
-rules:
-  - id: refund-tier-1
-    description: Refunds above 100 need a tier-1 approval
-    action: agent:refund_executor
-    when:
-      - {fact: params.amount, op: ">", value: 100}
-    outcome: {decision: require_approval, tier: 1}
-"""
-BROKEN = V1.replace("tier: 1}", "tier: 7}")
 
 
 @pytest.fixture

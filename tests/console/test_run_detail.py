@@ -11,6 +11,7 @@ from django.test import Client
 from django.utils import timezone
 
 from console.graph_svg import layout
+from console.views_runs import plotly_styles
 from orchestration.models import Run, Step, Wait
 from orchestration.registry import workflow_get
 from orchestration.services import approval_decide, run_submit
@@ -58,7 +59,7 @@ def test_a_completed_run_shows_every_node_done(viewer: Any, operator: Any, drive
     assert run.status == "succeeded"
     html = logged_in(viewer).get(f"/runs/{run.pk}/").content.decode()
     assert node_state(html, "slow") == "done" and node_state(html, "echo") == "done"
-    assert 'role="img"' in html and "<title" in html and "✓ done" in html
+    assert 'role="group"' in html and "<title" in html and "✓ done" in html
     assert 'href="#step-' in html and 'id="step-' in html
 
 
@@ -175,6 +176,31 @@ def test_the_timeline_is_a_json_island_drawn_by_a_static_script(
     response = client.get(src)
     assert response.status_code == 200 and "immutable" in response["Cache-Control"]
     assert b"plotly" in b"".join(response.streaming_content)[:2000].lower()
+
+
+def test_plotly_styles_are_a_linked_sheet_the_bundle_will_not_inject_again(
+    viewer: Any, operator: Any, drive: Any
+) -> None:
+    run = drive(
+        run_submit(workflow="slow_then_echo", input={"seconds": 0}, submitted_by=operator).run.pk
+    )
+    client = logged_in(viewer)
+    html = client.get(f"/runs/{run.pk}/").content.decode()
+    link = re.search(
+        r'<link rel="stylesheet" id="plotly.js-style-global" class="no-inline-styles" '
+        r'href="(/vendor/plotly-[^"]+\.css)">',
+        html,
+    )
+    assert link, "no link to Plotly's style sheet with the id and class Plotly looks for"
+    # Each sheet the bundle would add unless its id is on the page has an element with that id.
+    for style_id in plotly_styles().ids:
+        assert f'id="{style_id}"' in html
+    response = client.get(link.group(1))
+    css = response.content.decode()
+    assert response["Content-Type"].startswith("text/css")
+    assert "immutable" in response["Cache-Control"]
+    assert ".js-plotly-plot .plotly .main-svg {position:absolute;" in css
+    assert client.get("/vendor/plotly-0.0.1.css").status_code == 404
 
 
 # --- step details -----------------------------------------------------------------------------------

@@ -250,7 +250,9 @@ def test_noop_agent_returns_a_fixed_size_payload_for_any_input() -> None:
 
     assert len(output.payload) == 200
     assert len(output.model_dump_json()) < 300
-    assert ctx.usage.prompt_tokens == 0
+    # Priced so that a policy with ceilings exercises the ledger on the benchmark's steps.
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (120, 50)
+    assert noop.NoopAgent.model == "demo-model"
 
 
 def test_noop_agent_never_fails_on_a_first_attempt() -> None:

@@ -4,21 +4,30 @@ escalates, and a tier-2 operator raises the run's ceiling and retries."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
-from orchestration.errors import Code
+from console.models import ApiToken
+from orchestration.agents.openai_compat import ChatCompletionAgent
+from orchestration.errors import Code, PermissionDenied
 from orchestration.models import Step, Wait
 from orchestration.services import escalation_resolve, run_submit
 from policies.active import active_forget
+from policies.errors import PolicyDenied
 from policies.ledger import ceiling_raise
 from policies.models import Reservation, SpendScope
 from policies.services import policy_install
+from tests.conftest import OPERATOR_PERMISSIONS
+from tests.factories import UserFactory
 from tests.support.agents import EchoAgent
+from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
 
 pytestmark = pytest.mark.django_db
 
@@ -105,3 +114,112 @@ def test_no_ceilings_means_no_reservation(priced_echo: None, drive: Any, fast_ag
         Step.objects.filter(run=run).values_list("node", "status", "error_code", "error_message")
     )
     assert not Reservation.objects.exists()
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubLLM]:
+    """A local chat-completions endpoint; the chat agent asks it for ``known-model``."""
+    with stub_llm_server() as stub:
+        monkeypatch.setenv("SIGNALBOX_LLM_BASE_URL", stub.base_url)
+        monkeypatch.setenv("SIGNALBOX_LLM_MODEL", "known-model")
+        monkeypatch.delenv("SIGNALBOX_LLM_API_KEY", raising=False)
+        yield stub
+
+
+def test_the_chat_agent_is_priced_as_its_model_and_asks_for_what_its_reservation_covers(
+    llm: StubLLM, drive: Any, fast_agents: None
+):
+    _install("1.00")
+    llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Summarise ticket 7"}).run.pk)
+    assert run.status == "succeeded", run.error_message
+    [reservation] = Reservation.objects.filter(run_id=run.pk)
+    # The worst case: the prompt's 18 bytes + 4 tokens in, the agent's 1024 tokens out.
+    assert reservation.amount == Decimal("0.000022") + Decimal("0.002048")
+    [request] = llm.requests
+    assert request.body["model"] == "known-model"
+    assert request.body["max_tokens"] == ChatCompletionAgent.max_tokens == 1024
+    # Settled with what the endpoint reported: 30 in, 200 out.
+    assert (reservation.status, reservation.actual) == ("settled", Decimal("0.00043"))
+    scope = SpendScope.objects.get(kind="run", key=str(run.pk))
+    assert (scope.spent, scope.reserved) == (Decimal("0.00043"), Decimal(0))
+
+
+def test_a_chat_agent_whose_model_has_no_price_fails_closed_before_calling(
+    llm: StubLLM, monkeypatch: pytest.MonkeyPatch, drive: Any, fast_agents: None
+):
+    monkeypatch.delenv("SIGNALBOX_LLM_MODEL")  # the server would pick: nobody knows the price
+    _install("1.00")
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Hi"}).run.pk)
+    step = Step.objects.get(run=run, node="ask")
+    assert step.error_code == Code.COST_UNKNOWN and "endpoint-default" in step.error_message
+    assert llm.requests == [] and not Reservation.objects.exists()
+
+
+def test_usage_reported_under_a_dated_model_name_is_priced_as_the_model_asked_for(
+    llm: StubLLM, drive: Any, fast_agents: None
+):
+    _install("1.00")
+    llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+    llm.queue(
+        StubReply(
+            body=llm.completion({"model": "known-model-2026-06-01", "messages": [{"content": "x"}]})
+        )
+    )
+    run = drive(run_submit(workflow="priced_chat", input={"prompt": "Hi"}).run.pk)
+    assert run.status == "succeeded", run.error_message
+    [reservation] = Reservation.objects.filter(run_id=run.pk)
+    assert reservation.actual == Decimal("0.00043")  # not the whole reservation
+
+
+TIER_1 = [
+    p
+    for p in OPERATOR_PERMISSIONS
+    if p not in ("orchestration.decide_tier_2", "orchestration.decide_tier_3")
+]
+
+
+def test_a_ceiling_escalation_waits_for_tier_2_and_refuses_a_tier_1_operator_everywhere(
+    priced_echo: None, drive: Any, fast_agents: None
+):
+    """Only someone who may raise the ceiling decides a run stopped at one: a tier-1 operator
+    could only retry into the same ceiling (or skip or abort the work someone meant to fund).
+    Their retry, skip or abort is a 403 from the service, the API and the inbox, each recorded."""
+    _install("0.001")
+    tier1 = UserFactory(username="tier1", permissions=TIER_1)
+    tier2 = UserFactory(username="tier2", permissions=[*TIER_1, "orchestration.decide_tier_2"])
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    wait = Wait.objects.get(run=run, kind="escalation", status="open")
+    assert wait.tier == 2 and wait.action["why"] == "limit reached (cost ceiling)"
+
+    for action, output in (("retry", None), ("skip", {"text": "by hand"}), ("abort", None)):
+        with pytest.raises(PermissionDenied) as refused:
+            escalation_resolve(
+                wait_id=wait.pk, user=tier1, action=action, reason="go", output=output
+            )
+        assert refused.value.code == Code.TIER_TOO_LOW and "cost ceiling" in refused.value.message
+    _, token = ApiToken.issue(tier1, "tests")
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}").post(
+        f"/api/v1/escalations/{wait.pk}/resolve",
+        {"action": "retry", "reason": "go"},
+        content_type="application/json",
+    )
+    assert api.status_code == 403 and api.json()["error"]["code"] == Code.TIER_TOO_LOW
+    page = Client()
+    page.force_login(tier1)
+    inbox = page.post(
+        reverse("console:inbox_item", args=[wait.pk]), {"op": "retry", "reason": "go"}
+    )
+    assert inbox.status_code == 403
+    with pytest.raises(PolicyDenied):
+        ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=tier1, reason="more")
+    refusals = AuditEvent.objects.filter(verb=Verb.ACCESS_DENIED, actor_id="tier1", run_id=run.pk)
+    assert refusals.count() == 5  # three service calls, the API and the inbox
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+    assert not SpendScope.objects.filter(
+        kind="run", key=str(run.pk), limit__gt=Decimal("0.001")
+    ).exists()
+
+    ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=tier2, reason="long ticket")
+    escalation_resolve(wait_id=wait.pk, user=tier2, action="retry", reason="ceiling raised")
+    assert drive(run.pk).status == "succeeded"

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from orchestration.agents.base import AgentContext
-from orchestration.agents.openai_compat import ChatCompletionAgent
+from orchestration.agents.openai_compat import ENDPOINT_DEFAULT_MODEL, ChatCompletionAgent
 from orchestration.errors import ContractViolation, PermanentError, TransientError
 from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
 
@@ -24,9 +24,12 @@ def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubLLM]:
         yield stub
 
 
-def call(**fields: object) -> tuple[ChatCompletionAgent.Output, AgentContext]:
+def call(
+    max_tokens: int | None = None, **fields: object
+) -> tuple[ChatCompletionAgent.Output, AgentContext]:
     agent = ChatCompletionAgent()
     ctx = AgentContext.for_test()
+    ctx.max_tokens = max_tokens
     output = agent.run(agent.Input(**fields), ctx)
     return output, ctx
 
@@ -48,6 +51,7 @@ def test_success_returns_the_reply_and_captures_usage(llm: StubLLM) -> None:
         "model": "test-model",
         "messages": [{"role": "user", "content": "Say hello"}],
         "temperature": 0.2,
+        "max_tokens": ChatCompletionAgent.max_tokens,  # no ceiling in force: its own bound
     }
 
 
@@ -178,3 +182,26 @@ def test_invalid_timeout_setting_is_permanent(
 def test_input_needs_messages_or_a_prompt() -> None:
     with pytest.raises(ValidationError):
         ChatCompletionAgent.Input()
+
+
+def test_the_request_asks_for_no_more_tokens_than_the_reservation_covers(llm: StubLLM) -> None:
+    call(max_tokens=300, prompt="Hi")
+
+    assert llm.requests[-1].body["max_tokens"] == 300
+
+
+def test_the_agent_is_priced_as_the_model_it_asks_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGNALBOX_LLM_MODEL", "gpt-4o-mini")
+    assert ChatCompletionAgent().call_model() == "gpt-4o-mini"
+    # The server's own default model is still a model: priced by that name, or refused.
+    monkeypatch.delenv("SIGNALBOX_LLM_MODEL")
+    assert ChatCompletionAgent().call_model() == ENDPOINT_DEFAULT_MODEL
+
+
+def test_the_input_estimate_bounds_the_messages_bytes() -> None:
+    agent = ChatCompletionAgent()
+    short = agent.Input(prompt="Hi")
+    long = agent.Input(messages=[{"role": "system", "content": "Be brief."}], prompt="é" * 1000)
+
+    assert agent.input_tokens_estimate(short) == 2 + 4
+    assert agent.input_tokens_estimate(long) == (9 + 4) + (2000 + 4)  # "é" is two bytes

@@ -47,3 +47,39 @@ ALLOW = {"decision": "allow"}
 def approval(tier: int = 1, **fields: Any) -> dict[str, Any]:
     """A require_approval outcome."""
     return {"decision": "require_approval", "tier": tier, **fields}
+
+
+# --- the refund policy as an admin writes it (YAML), shared by the API, page and browser tests ---
+
+#: Refunds above 100 need a tier-1 approval.
+REFUND_TIER_1 = """default: allow
+rules:
+  - id: refund-tier-1
+    description: Refunds above 100 need a tier-1 approval
+    action: agent:refund_executor
+    when:
+      - {fact: params.amount, op: ">", value: 100}
+    outcome: {decision: require_approval, tier: 1}
+"""
+
+#: The same rule asking for tier 2: a changed rule.
+REFUND_TIER_1_RAISED = REFUND_TIER_1.replace(
+    "value: 100}\n    outcome: {decision: require_approval, tier: 1}",
+    "value: 100}\n    outcome: {decision: require_approval, tier: 2}",
+)
+
+#: A second rule added: refunds above 50 need tier 2.
+REFUND_TIER_2_ADDED = (
+    REFUND_TIER_1
+    + """  - id: refund-tier-2
+    description: Refunds above 50 need a tier-2 approval
+    action: agent:refund_executor
+    when:
+      - {fact: params.amount, op: ">", value: 50}
+    outcome: {decision: require_approval, tier: 2}
+"""
+)
+
+#: Line 8 asks for tier 7 (tiers are 1 to 3): its problem must name the field and that line.
+REFUND_TIER_7 = REFUND_TIER_1.replace("tier: 1}", "tier: 7}")
+REFUND_TIER_7_LINE = 8

@@ -22,12 +22,14 @@ from policies.errors import (
     ReservationSettled,
 )
 from policies.ledger import (
+    ceiling_charge_released,
     ceiling_raise,
     ceiling_release,
     ceiling_reserve,
     ceiling_settle,
     period_start_for,
     reservations_release_expired,
+    reservations_release_for_step,
 )
 from policies.limits import CeilingScope
 from policies.models import Reservation, ReservationStatus, SpendScope
@@ -43,12 +45,14 @@ def _scopes(run_limit: str = "10", tenant_limit: str = "100") -> list[CeilingSco
     ]
 
 
-def _reserve(amount: str, scopes: list[CeilingScope] | None = None, **kw: object) -> Reservation:
+def _reserve(
+    amount: str, scopes: list[CeilingScope] | None = None, step_id: int = 1, **kw: object
+) -> Reservation:
     return ceiling_reserve(
         scopes=scopes if scopes is not None else _scopes(),
         amount=Decimal(amount),
         run_id=7,
-        step_id=1,
+        step_id=step_id,
         action="agent:triage",
         owner="w1",
         ttl=TTL,
@@ -193,6 +197,35 @@ def test_expired_reservations_are_released_by_the_reaper():
 
 
 @pytest.mark.django_db
+def test_a_lost_attempts_reservation_goes_back_with_its_lease_and_no_other():
+    lost = _reserve("4")
+    other = _reserve("1", step_id=2)
+    assert reservations_release_for_step(1) == 1
+    assert Reservation.objects.get(pk=lost.pk).status == ReservationStatus.RELEASED
+    assert Reservation.objects.get(pk=other.pk).status == ReservationStatus.HELD
+    assert (_scope("run").reserved, _scope("run").spent) == (Decimal(1), Decimal(0))
+    [event] = AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED)
+    assert event.step_id == 1 and event.data["reason"] == "lease_expired"
+    assert reservations_release_for_step(1) == 0
+
+
+@pytest.mark.django_db
+def test_a_call_that_finishes_after_its_release_is_charged_anyway():
+    lost = _reserve("4")
+    reservations_release_for_step(1)
+    with pytest.raises(ReservationReleased):
+        ceiling_settle(lost.pk, Decimal(3))
+    ceiling_charge_released(lost.pk, Decimal(3))
+    ceiling_charge_released(lost.pk, Decimal(3))  # a repeat is a no-op
+    assert (_scope("run").spent, _scope("run").reserved) == (Decimal(3), Decimal(0))
+    assert _scope("tenant_month").spent == Decimal(3)
+    settled = Reservation.objects.get(pk=lost.pk)
+    assert (settled.status, settled.actual) == (ReservationStatus.SETTLED, Decimal(3))
+    [event] = AuditEvent.objects.filter(verb=Verb.CEILING_EXCEEDED, object_type="reservation")
+    assert event.data["after_release"] is True and event.data["charged"] == "3.000000"
+
+
+@pytest.mark.django_db
 def test_a_tier_2_operator_raises_a_run_ceiling_and_the_call_then_fits():
     _reserve("8")
     with pytest.raises(CeilingExceeded):
@@ -255,3 +288,56 @@ def test_two_processes_200_reservations_against_a_ceiling_of_50_exactly_50_succe
     assert run.reserved + run.spent == Decimal(50) <= run.limit
     assert SpendScope.objects.get(kind="global_day").reserved == Decimal(50)
     assert Reservation.objects.filter(status=ReservationStatus.HELD).count() == 50
+
+
+def _reserve_and_settle_many(count: int, results: multiprocessing.Queue) -> None:  # child process
+    """Steps of one run in parallel: each reserves, then settles, against the run and global scopes."""
+    connections.close_all()
+    failures: list[str] = []
+    for _ in range(count):
+        try:
+            held = ceiling_reserve(
+                scopes=[  # the order policies.limits.ceilings_for gives
+                    CeilingScope("run", "43", Decimal("1000"), Decimal("0.8")),
+                    CeilingScope("global_day", "", Decimal("1000"), Decimal("0.8")),
+                ],
+                amount=Decimal(2),
+                run_id=43,
+                step_id=1,
+                action="agent:x",
+                owner="w",
+                ttl=TTL,
+            )
+            ceiling_settle(held.pk, Decimal(1))
+        except Exception as error:  # a deadlock surfaces as an OperationalError
+            failures.append(type(error).__name__)
+    connections.close_all()
+    results.put(failures)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_steps_of_one_run_reserve_and_settle_without_deadlocking():
+    # The global scope's row exists first (lower id) and the run's later: settling must lock the
+    # rows in the same order as reserving does, or two parallel steps of a run deadlock.
+    ceiling_reserve(
+        scopes=[CeilingScope("global_day", "", Decimal("1000"), Decimal("0.8"))],
+        amount=Decimal(0),
+        run_id=None,
+        step_id=None,
+        action="agent:x",
+        owner="w",
+        ttl=TTL,
+    )
+    connections.close_all()
+    ctx = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_reserve_and_settle_many, args=(150, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    failures = [results.get(timeout=180) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert failures == [[], []]
+    run = SpendScope.objects.get(kind="run", key="43")
+    assert (run.reserved, run.spent) == (Decimal(0), Decimal(300))
+    assert SpendScope.objects.get(kind="global_day").spent == Decimal(300)

@@ -12,12 +12,21 @@ from django.test import Client
 from guardian.shortcuts import assign_perm
 
 from console.models import ApiToken
+from orchestration.services import run_submit
 from policies.ledger import ceiling_reserve
 from policies.limits import CeilingScope
-from policies.models import Tenant
+from policies.models import SpendScope, Tenant
 from tests.factories import TenantFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
+
+#: What deciding for any run takes, apart from the tier (the tenant's and the workflow's).
+DECIDER = [
+    "orchestration.view_run",
+    "orchestration.decide_run",
+    "orchestration.decide_workflow",
+    "policies.decide_runs",
+]
 
 
 def _client(user: Any) -> Client:
@@ -26,25 +35,28 @@ def _client(user: Any) -> Client:
 
 
 @pytest.fixture
-def spend() -> None:
+def spend() -> int:
+    """A run of tenant acme with two reservations (8 of its 10 set aside); returns its id."""
     TenantFactory(slug="acme")
     TenantFactory(slug="other")
+    run = run_submit(workflow="reference_workload", input={}, tenant="acme").run
     for tenant in ("acme", "other"):
         ceiling_reserve(
             scopes=[
-                CeilingScope("run", "7", Decimal("10"), Decimal("0.8")),
+                CeilingScope("run", str(run.pk), Decimal("10"), Decimal("0.8")),
                 CeilingScope("tenant_month", tenant, Decimal("40"), Decimal("0.8")),
             ],
             amount=Decimal("4"),
-            run_id=7,
+            run_id=run.pk,
             step_id=1,
             action="agent:x",
             owner="w",
             ttl=timedelta(minutes=5),
         )
+    return run.pk
 
 
-def test_an_operator_sees_every_scope_with_percentages(spend: None, operator: Any) -> None:
+def test_an_operator_sees_every_scope_with_percentages(spend: int, operator: Any) -> None:
     body = _client(operator).get("/api/v1/spend/ceilings").json()
     run = next(s for s in body if s["kind"] == "run")
     assert (run["reserved"], run["committed_percent"], run["soft_percent"]) == (
@@ -55,51 +67,89 @@ def test_an_operator_sees_every_scope_with_percentages(spend: None, operator: An
     assert sorted(s["key"] for s in body if s["kind"] == "tenant_month") == ["acme", "other"]
 
 
-def test_a_tenant_viewer_sees_only_their_tenants_month(spend: None) -> None:
+def test_a_tenant_viewer_sees_only_their_tenants_month(spend: int) -> None:
     viewer = UserFactory(username="acme-viewer")
     assign_perm("policies.view_runs", viewer, Tenant.objects.get(slug="acme"))
     body = _client(viewer).get("/api/v1/spend/ceilings").json()
     assert [(s["kind"], s["key"]) for s in body] == [("tenant_month", "acme")]
-    assert _client(viewer).get("/api/v1/spend/runs/7/reservations").status_code == 403
+    assert _client(viewer).get(f"/api/v1/spend/runs/{spend}/reservations").status_code == 403
 
 
-def test_reservations_of_a_run_and_raising_its_ceiling(spend: None, operator: Any) -> None:
+def test_reservations_of_a_run_and_raising_its_ceiling(spend: int, operator: Any) -> None:
     client = _client(operator)
-    held = client.get("/api/v1/spend/runs/7/reservations").json()
+    held = client.get(f"/api/v1/spend/runs/{spend}/reservations").json()
     assert [(r["amount"], r["status"]) for r in held] == [("4.000000", "held")] * 2
     raised = client.post(
-        "/api/v1/spend/runs/7/ceiling",
+        f"/api/v1/spend/runs/{spend}/ceiling",
         {"new_limit": "25", "reason": "long ticket"},
         content_type="application/json",
     )
     assert raised.status_code == 200 and raised.json()["limit"] == "25.000000"
     again = client.post(
-        "/api/v1/spend/runs/7/ceiling",
+        f"/api/v1/spend/runs/{spend}/ceiling",
         {"new_limit": "20", "reason": "x"},
         content_type="application/json",
     )
     assert again.status_code == 409 and again.json()["error"]["code"] == "ceiling_not_raised"
     missing = client.post(
-        "/api/v1/spend/runs/99/ceiling",
+        f"/api/v1/spend/runs/{spend + 1000}/ceiling",
         {"new_limit": "20", "reason": "x"},
         content_type="application/json",
     )
     assert missing.status_code == 404
     bad = client.post(
-        "/api/v1/spend/runs/7/ceiling",
+        f"/api/v1/spend/runs/{spend}/ceiling",
         {"new_limit": "-1", "reason": ""},
         content_type="application/json",
     )
     assert bad.status_code == 422
 
 
-def test_raising_a_ceiling_needs_tier_2(spend: None) -> None:
-    tier1 = UserFactory(
-        username="t1", permissions=["orchestration.view_run", "orchestration.decide_tier_1"]
-    )
+def test_raising_a_ceiling_needs_tier_2(spend: int) -> None:
+    tier1 = UserFactory(username="t1", permissions=[*DECIDER, "orchestration.decide_tier_1"])
     refused = _client(tier1).post(
-        "/api/v1/spend/runs/7/ceiling",
+        f"/api/v1/spend/runs/{spend}/ceiling",
         {"new_limit": "25", "reason": "please"},
         content_type="application/json",
     )
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "ceiling_tier_required"
+
+
+def test_raising_the_ceiling_of_a_run_needs_the_right_to_decide_for_it(spend: int) -> None:
+    """Tier 2 is not enough: raising a run's ceiling answers its escalation, so it takes the
+    right to decide for that run's tenant, as retrying or aborting it does."""
+    other = Tenant.objects.get(slug="other")
+    elsewhere = UserFactory(
+        username="other-t2",
+        permissions=[
+            "orchestration.decide_run",
+            "orchestration.decide_workflow",
+            "orchestration.decide_tier_1",
+            "orchestration.decide_tier_2",
+        ],
+    )
+    assign_perm("policies.view_runs", elsewhere, other)
+    assign_perm("policies.decide_runs", elsewhere, other)
+    hidden = _client(elsewhere).post(
+        f"/api/v1/spend/runs/{spend}/ceiling",
+        {"new_limit": "25", "reason": "not my tenant"},
+        content_type="application/json",
+    )
+    assert hidden.status_code == 404, hidden.content  # a run one may not see is not there
+    viewer = UserFactory(
+        username="acme-t2-viewer",
+        permissions=[
+            "orchestration.decide_run",
+            "orchestration.decide_workflow",
+            "orchestration.decide_tier_1",
+            "orchestration.decide_tier_2",
+        ],
+    )
+    assign_perm("policies.view_runs", viewer, Tenant.objects.get(slug="acme"))
+    refused = _client(viewer).post(
+        f"/api/v1/spend/runs/{spend}/ceiling",
+        {"new_limit": "25", "reason": "may see, may not decide"},
+        content_type="application/json",
+    )
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "decide_denied"
+    assert SpendScope.objects.get(kind="run", key=str(spend)).limit == Decimal("10")

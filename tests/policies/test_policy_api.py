@@ -20,41 +20,14 @@ from policies.facts import Facts
 from policies.models import Policy, PolicyStatus, PolicyVersion
 from policies.roles import roles_sync
 from tests.factories import PolicyDecisionFactory, UserFactory
+from tests.policies.documents import REFUND_TIER_1 as V1
+from tests.policies.documents import REFUND_TIER_2_ADDED as V2
+from tests.policies.documents import REFUND_TIER_7 as BROKEN
+from tests.policies.documents import REFUND_TIER_7_LINE
 
 pytestmark = pytest.mark.django_db
 
 BASE = "/api/v1/policies"
-
-V1 = """default: allow
-rules:
-  - id: refund-tier-1
-    description: Refunds above 100 need a tier-1 approval
-    action: agent:refund_executor
-    when:
-      - {fact: params.amount, op: ">", value: 100}
-    outcome: {decision: require_approval, tier: 1}
-"""
-
-# The draft adds a tier-2 rule for refunds above 50.
-V2 = (
-    V1
-    + """  - id: refund-tier-2
-    description: Refunds above 50 need a tier-2 approval
-    action: agent:refund_executor
-    when:
-      - {fact: params.amount, op: ">", value: 50}
-    outcome: {decision: require_approval, tier: 2}
-"""
-)
-
-# Line 5 has a tier of 7: the problem must name the field and that line.
-BROKEN = """default: allow
-rules:
-  - id: refunds
-    description: Refunds need a person
-    outcome: {decision: require_approval, tier: 7}
-    action: agent:refund_executor
-"""
 
 
 def _in_group(name: str, username: str) -> Any:
@@ -118,7 +91,7 @@ def test_a_draft_with_an_error_is_refused_with_its_field_line_and_column(ada: An
     error = response.json()["error"]
     assert error["code"] == "policy_invalid"
     [problem] = error["detail"]
-    assert problem["line"] == 5 and problem["path"] == "rules[0].outcome.tier"
+    assert problem["line"] == REFUND_TIER_7_LINE and problem["path"] == "rules[0].outcome.tier"
     assert problem["column"] is not None and "1" in problem["message"]
     assert not PolicyVersion.objects.exists()  # nothing to submit
 

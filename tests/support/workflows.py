@@ -193,3 +193,13 @@ first_wins.agent("start", "test_echo", reads=["text"], writes=["text"])
 first_wins.agent("fast", "test_echo", after="start", reads=["text"], writes=["fast"])
 first_wins.agent("slow", "test_echo", after="start", reads=["text"], writes=["slow"])
 first_wins.agent("done", "test_echo", after=["fast", "slow"], join="any", reads=["text"], writes=["done"])
+
+# One call to an OpenAI-compatible endpoint (the environment's SIGNALBOX_LLM_*: a local stub in
+# tests), priced by the policy's table under its ceilings; then a free step.
+priced_chat = Workflow("priced_chat", input=Loose, max_steps=10)
+priced_chat.agent("ask", "llm_chat", reads=["prompt"])
+priced_chat.agent("after", "test_echo", after="ask", reads=["text"], writes=["echoed"])
+
+# A refund as one step whose ``amount`` the policy's thresholds tier (the tier matrix).
+tiered_refund = Workflow("tiered_refund", input=Loose, max_steps=10)
+tiered_refund.agent("refund", "test_echo", reads=["text", "amount"], writes=["text"])

@@ -1,0 +1,140 @@
+"""Cost reservations with real worker processes (issue 18): a worker SIGKILLed in the middle of
+a priced call gives its reservation back when the reaper takes its lease, the retry on another
+worker fits under a ceiling with room for one call, and the spend is what the calls cost, once.
+
+The agent is the OpenAI-compatible chat agent against a local stub endpoint (the worker
+processes get its address in their environment); the first call hangs until the worker dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from audit.models import AuditEvent
+from audit.verbs import Verb
+from orchestration import recovery
+from orchestration.models import Step
+from orchestration.services import run_submit
+from policies.models import Reservation, ReservationStatus, SpendScope
+from policies.services import policy_install
+from tests.conftest import wait_for_run, wait_until
+from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+# One call's worst case is 0.002070 (22 tokens in, 1024 out): the run's ceiling fits one call,
+# not two, so a retry fits only if the lost attempt's reservation was given back.
+POLICY = """
+default: allow
+ceilings:
+  - {scope: run, limit: 0.003}
+  - {scope: global_day, limit: 10.00}
+prices:
+  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+WORST = Decimal("0.002070")
+# What the endpoint reports for a finished call: 30 tokens in, 200 out.
+ONE_CALL = Decimal("0.00043")
+PROMPT = "Summarise ticket 7"
+
+
+def _llm_env(llm: StubLLM) -> dict[str, str]:
+    return {"SIGNALBOX_LLM_BASE_URL": llm.base_url, "SIGNALBOX_LLM_MODEL": "known-model"}
+
+
+def _hanging(llm: StubLLM, seconds: float) -> None:
+    """The next call gets its reply only after ``seconds``."""
+    body = llm.completion({"model": "known-model", "messages": [{"content": PROMPT}]})
+    llm.queue(StubReply(body=body, delay_seconds=seconds))
+
+
+def _run_scope(run_id: int) -> SpendScope:
+    return SpendScope.objects.get(kind="run", key=str(run_id))
+
+
+def _held(run_id: int) -> Any:
+    return Reservation.objects.filter(run_id=run_id, status=ReservationStatus.HELD).first()
+
+
+def test_a_worker_killed_mid_call_gives_its_reservation_back_and_the_retry_is_charged_once(
+    start_worker: Any,
+) -> None:
+    policy_install(source=POLICY, note="ledger worker tests")
+    with stub_llm_server() as llm:
+        llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+        _hanging(llm, 60)
+        doomed = start_worker("doomed", concurrency=1, **_llm_env(llm))
+        run = run_submit(workflow="priced_chat", input={"prompt": PROMPT}).run
+        wait_until(lambda: llm.requests, what="the first call to reach the endpoint")
+        lost = _held(run.pk)
+        assert lost is not None and lost.amount == WORST
+        assert (_run_scope(run.pk).reserved, _run_scope(run.pk).spent) == (WORST, 0)
+
+        doomed.kill()
+        start_worker("rescuer", concurrency=1, **_llm_env(llm))
+        # The lease (3 s in tests) expires; the engine's tick re-queues the step and releases.
+        wait_until(
+            lambda: recovery.engine_tick()["reaped"],
+            timeout=10,
+            interval=0.2,
+            what="the lease to expire",
+        )
+        run = wait_for_run(run.pk)
+
+    assert run.status == "succeeded", run.error_message
+    assert len(llm.requests) == 2
+    assert Step.objects.get(run=run, node="ask").attempt == 2
+    first, second = Reservation.objects.filter(run_id=run.pk).order_by("pk")
+    assert (first.pk, first.status, first.actual) == (lost.pk, ReservationStatus.RELEASED, None)
+    assert (second.status, second.actual) == (ReservationStatus.SETTLED, ONE_CALL)
+    for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
+        assert (scope.spent, scope.reserved) == (ONE_CALL, 0)
+    [released] = AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED, run_id=run.pk)
+    assert released.object_id == str(lost.pk) and released.data["reason"] == "lease_expired"
+
+
+def test_a_call_that_outlives_its_lost_lease_is_still_charged(start_worker: Any) -> None:
+    """A worker frozen mid-call (SIGSTOP) loses its lease and its reservation; the retry runs
+    elsewhere. When it wakes, its call completes too: both calls were paid for, so both are
+    spent, and only the retry's result counts for the run."""
+    policy_install(source=POLICY.replace("limit: 0.003", "limit: 1.00"), note="ledger worker tests")
+    with stub_llm_server() as llm:
+        llm.usage = {"prompt_tokens": 30, "completion_tokens": 200}
+        _hanging(llm, 6)
+        frozen = start_worker("frozen", concurrency=1, **_llm_env(llm))
+        run = run_submit(workflow="priced_chat", input={"prompt": PROMPT}).run
+        wait_until(lambda: llm.requests, what="the first call to reach the endpoint")
+        lost = _held(run.pk)
+        for pid in frozen.pids():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            start_worker("rescuer", concurrency=1, **_llm_env(llm))
+            wait_until(
+                lambda: recovery.engine_tick()["reaped"],
+                timeout=10,
+                interval=0.2,
+                what="the lease to expire",
+            )
+            run = wait_for_run(run.pk)
+            assert Reservation.objects.get(pk=lost.pk).status == ReservationStatus.RELEASED
+        finally:
+            for pid in frozen.pids():
+                os.kill(pid, signal.SIGCONT)
+        late = wait_until(
+            lambda: Reservation.objects.filter(
+                pk=lost.pk, status=ReservationStatus.SETTLED
+            ).first(),
+            timeout=15,
+            what="the woken worker's call to be charged",
+        )
+
+    assert run.status == "succeeded", run.error_message
+    assert late.actual == ONE_CALL
+    assert (_run_scope(run.pk).spent, _run_scope(run.pk).reserved) == (2 * ONE_CALL, 0)
+    ask = Step.objects.get(run=run, node="ask")
+    assert ask.attempt == 2
+    assert AuditEvent.objects.filter(verb=Verb.STEP_SUCCEEDED, step_id=ask.pk).count() == 1

@@ -24,6 +24,17 @@ def audit_event_exists(verb: int, object_type: str, object_id: object) -> bool:
     ).exists()
 
 
+def audit_first_events(verb: int, object_type: str, object_ids: list[str]) -> dict[str, AuditEvent]:
+    """The first ``verb`` event of each object (by id) that has one, in one query."""
+    first: dict[str, AuditEvent] = {}
+    if not object_ids:
+        return first
+    events = AuditEvent.objects.filter(verb=verb, object_type=object_type, object_id__in=object_ids)
+    for event in events.order_by("id").only("object_id", "actor_id", "data"):
+        first.setdefault(event.object_id, event)
+    return first
+
+
 def latest_audit_event_id() -> int:
     """The newest audit row's id. Every change to a run writes audit rows in its transaction
     and ids come from one database sequence, so this only grows, whichever process wrote them."""

@@ -20,8 +20,13 @@ from django.utils import timezone
 
 from console.live_auth import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, live_user, session_group
 from console.views import run_list_fragment, run_live_fragment
-from console.views_inbox import home_fragment, inbox_fragment
-from orchestration.live import RUNS_GROUP, run_group
+from console.views_inbox import (
+    home_fragment,
+    inbox_fragment,
+    inbox_item_fragment,
+    inbox_item_run_id,
+)
+from orchestration.live import INBOX_GROUP, RUNS_GROUP, run_group
 from orchestration.selectors import run_is_visible, visibility_key
 
 #: Fragments rendered lately, by (page, who sees the same runs, filters, time zone): when
@@ -58,6 +63,8 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     debounce = 0.25
 
     group: str | None = None
+    #: More groups whose events also make this page render (joined and left with ``group``).
+    extra_groups: tuple[str, ...] = ()
     session_group: str | None = None
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
@@ -72,7 +79,8 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.group = self.group_name()
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        for group in (self.group, *self.extra_groups):
+            await self.channel_layer.group_add(group, self.channel_name)
         key = getattr(self.scope.get("session"), "session_key", None)
         if key:  # a logout in any tab closes this socket (console.live_auth)
             self.session_group = session_group(key)
@@ -85,7 +93,8 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._render_task
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            for group in (self.group, *self.extra_groups):
+                await self.channel_layer.group_discard(group, self.channel_name)
         if self.session_group is not None:
             await self.channel_layer.group_discard(self.session_group, self.channel_name)
 
@@ -212,7 +221,33 @@ class HomeConsumer(CatchUpConsumer):
 
 
 class InboxConsumer(CatchUpConsumer):
-    """``/ws/inbox/``: the decisions this user may see (and which of them they may take)."""
+    """``/ws/inbox/``: the decisions this user may see (and which of them they may take), and
+    who holds a claim on each (claims are announced to the inbox's own group); its filters in
+    the query string."""
+
+    extra_groups = (INBOX_GROUP,)
 
     def render(self) -> str | None:
-        return inbox_fragment(self.user)
+        return inbox_fragment(self.user, self.scope.get("query_string", b"").decode())
+
+
+class InboxItemConsumer(CatchUpConsumer):
+    """``/ws/inbox/<wait_id>/``: one item's claim and whether it is still open, for users who
+    may see its run; it hears its run's events (claims included)."""
+
+    run_id: int | None = None
+
+    @property
+    def wait_id(self) -> int:
+        return int(self.scope["url_route"]["kwargs"]["wait_id"])
+
+    async def allowed(self, user: Any) -> bool:
+        self.run_id = await database_sync_to_async(inbox_item_run_id)(user, self.wait_id)
+        return self.run_id is not None
+
+    def group_name(self) -> str:
+        assert self.run_id is not None
+        return run_group(self.run_id)
+
+    def render(self) -> str | None:
+        return inbox_item_fragment(self.user, self.wait_id)

@@ -27,7 +27,7 @@ SENTENCES: dict[int, str] = {
     Verb.STEP_RETRY_SCHEDULED: "{step} retried after {code}",
     Verb.STEP_LEASE_EXPIRED: "{step}: its worker stopped answering; taken back",
     Verb.STEP_CANCELLED: "{step} cancelled",
-    Verb.STEP_SKIPPED: "{step} skipped",
+    Verb.STEP_SKIPPED: "{step} skipped by {who} with a supplied value",
     Verb.STEP_CONTRACT_VIOLATION: "{step} produced output that breaks its contract",
     Verb.STEP_ROUTED: "{step} chose the next step",
     Verb.STEP_FALLBACK: "{step} handed to its fallback agent",

@@ -100,3 +100,31 @@ class Notification(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} notification for wait {self.wait_id} ({self.status})"
+
+
+class SavedViewPage(models.TextChoices):
+    HOME = "home"
+    RUNS = "runs", "run list"
+    INBOX = "inbox"
+
+
+class SavedView(models.Model):
+    """A user's named filters of a list page (home, the run list, the inbox), opened as a link
+    that reproduces them. Saving a name again replaces it."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="saved_views"
+    )
+    page = models.CharField(max_length=10, choices=SavedViewPage.choices)
+    name = models.CharField(max_length=100)
+    #: The page's filters as a query string (``status=failed&tier=2``), known keys only.
+    query = models.CharField(max_length=1000, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "page", "name"], name="saved_view_name_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.page}, {self.user})"

@@ -3,7 +3,15 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import views, views_account, views_drills, views_inbox, views_policies, views_runs
+from console import (
+    views,
+    views_account,
+    views_drills,
+    views_inbox,
+    views_policies,
+    views_runs,
+    views_saved,
+)
 
 app_name = "console"
 
@@ -12,10 +20,17 @@ urlpatterns = [
     path("runs/", views.run_list, name="run_list"),
     path("inbox/", views_inbox.inbox, name="inbox"),
     path("inbox/bulk/", views_inbox.inbox_bulk, name="inbox_bulk"),
+    path("views/", views_saved.saved_views, name="saved_views"),
+    path(
+        "views/<int:view_id>/delete/",
+        views_saved.saved_view_delete_view,
+        name="saved_view_delete",
+    ),
     path("inbox/<int:wait_id>/", views_inbox.inbox_item, name="inbox_item"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/retry/", views_runs.run_retry, name="run_retry"),
     path("runs/<int:run_id>/cancel/", views_runs.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/skip/", views_runs.run_skip, name="run_skip"),
     path("vendor/plotly-<str:version>.min.js", views_runs.plotly_js, name="plotly_js"),
     path("vendor/plotly-<str:version>.css", views_runs.plotly_css, name="plotly_css"),
     path("tools/", views.tool_list, name="tool_list"),

@@ -20,7 +20,13 @@ from audit.selectors import audit_events_for_run
 from console.graph_svg import graph_svg, node_states
 from console.history import actor as history_actor
 from console.history import sentence as history_sentence
-from console.views_runs import PLOTLY_VERSION, plotly_styles, run_timeline, step_details
+from console.views_runs import (
+    PLOTLY_VERSION,
+    plotly_styles,
+    run_timeline,
+    skip_refused,
+    step_details,
+)
 from orchestration.compensation import UNDO
 from orchestration.errors import InvalidInput, NotFound, PermissionDenied, UnknownWorkflow
 from orchestration.models import Run, RunStatus, Step, StepKind, Wait, WaitKind, WaitStatus
@@ -32,6 +38,7 @@ from orchestration.selectors import (
     run_get_for_user,
     run_list_for_user,
     run_policy_decisions,
+    run_retry_point,
     run_state_history,
     run_steps,
     run_tool_calls,
@@ -196,6 +203,16 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     context = {**run_detail_context(run), "may_act": may_decide(_user(request), run)}
+    if run.status == RunStatus.FAILED:
+        context["skip_point"], _ = run_retry_point(run, context["steps"])
+    refused = skip_refused(request)
+    open_escalations = {e["wait"].pk for e in context["escalations"]}
+    if refused is not None and refused.get("wait") in open_escalations:
+        context["skip_refused"] = refused  # shown beside its value
+    elif refused is not None and refused.get("failed_step") and context.get("skip_point"):
+        context["skip_failed_refused"] = refused
+    elif refused is not None:
+        context["skip_refused_closed"] = refused.get("error", "")  # its form is gone
     context["timeline"] = run_timeline(context["steps"], context["waits"], timezone.now())
     context["plotly_version"] = PLOTLY_VERSION
     context["plotly_style_ids"] = plotly_styles().ids

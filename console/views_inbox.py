@@ -18,7 +18,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from console.api import error_status
 from orchestration.errors import NotFound, SignalboxError
-from orchestration.models import Decision, RunStatus, WaitKind, WaitStatus
+from orchestration.models import Decision, RunStatus, Wait, WaitKind, WaitStatus
 from orchestration.registry import agent_class
 from orchestration.selectors import (
     ESCALATION_REASONS,
@@ -124,20 +124,37 @@ def home(request: HttpRequest) -> HttpResponse:
 # --- inbox --------------------------------------------------------------------------------------
 
 
-def inbox_context(user: User) -> dict[str, Any]:
-    items = inbox_for_user(user)
-    return {"items": items, "tier": user_tier(user), "last_event_id": latest_event_id()}
+INBOX_KINDS = ((WaitKind.APPROVAL, "approvals"), (WaitKind.ESCALATION, "escalations"))
 
 
-def inbox_fragment(user: User) -> str:
-    return render_to_string(
-        "console/partials/inbox_list.html", {**inbox_context(user), "oob": True}
-    )
+def inbox_context(user: User, params: Any = None) -> dict[str, Any]:
+    """The inbox, narrowed by its filters (GET parameters ``kind`` and ``tier``)."""
+    params = params if params is not None else QueryDict()
+    kind = params.get("kind") or ""
+    kind = kind if kind in dict(INBOX_KINDS) else ""
+    tier = _int(params.get("tier")) if _int(params.get("tier")) in (1, 2, 3) else 0
+    items = inbox_for_user(user, kind=kind, tier=tier)
+    query = urlencode({k: v for k, v in (("kind", kind), ("tier", tier or "")) if v})
+    return {
+        "items": items,
+        "tier": user_tier(user),
+        "last_event_id": latest_event_id(),
+        "kinds": INBOX_KINDS,
+        "filter_kind": kind,
+        "filter_tier": tier,
+        "query": query,
+        "filtered": bool(query),
+    }
+
+
+def inbox_fragment(user: User, query_string: str = "") -> str:
+    context = inbox_context(user, QueryDict(query_string))
+    return render_to_string("console/partials/inbox_list.html", {**context, "oob": True})
 
 
 @login_required
 def inbox(request: HttpRequest) -> HttpResponse:
-    context = inbox_context(_user(request))
+    context = inbox_context(_user(request), request.GET)
     context["bulk"] = request.session.pop("inbox_bulk", None)
     return render(request, "console/inbox.html", context)
 
@@ -214,6 +231,12 @@ def _errors_by_field(detail: Any) -> dict[str, str]:
     return out
 
 
+def _decided_by(wait: Wait) -> str:
+    if wait.decided_by:
+        return wait.decided_by.get_username()
+    return "the system" if wait.decided_at else ""
+
+
 def item_context(
     user: User,
     wait_id: int,
@@ -237,11 +260,6 @@ def item_context(
             schema = {}
         proposed = action.get("input") if isinstance(action.get("input"), dict) else {}
         fields = _schema_fields(schema, values if values is not None else proposed, errors or {})
-    decided_by = (
-        wait.decided_by.get_username()
-        if wait.decided_by
-        else ("the system" if wait.decided_at else "")
-    )
     return {
         "item": item,
         "wait": wait,
@@ -258,8 +276,36 @@ def item_context(
         "message": message,
         "skip_value": skip_value,
         "is_open": wait.status == WaitStatus.OPEN,
-        "decided_by": decided_by,
+        "decided_by": _decided_by(wait),
+        "last_event_id": latest_event_id(),
     }
+
+
+def inbox_item_run_id(user: User, wait_id: int) -> int | None:
+    """The run of an item ``user`` may see (its page's live group), or None."""
+    try:
+        return inbox_item_for_user(user, wait_id).wait.run_id
+    except NotFound:
+        return None
+
+
+def inbox_item_fragment(user: User, wait_id: int) -> str | None:
+    """The item page's live part (its claim, and whether it is still open), or None when the
+    user may no longer see it."""
+    try:
+        item = inbox_item_for_user(user, wait_id)
+    except NotFound:
+        return None
+    wait = item.wait
+    context = {
+        "item": item,
+        "wait": wait,
+        "is_open": wait.status == WaitStatus.OPEN,
+        "decided_by": _decided_by(wait),
+        "last_event_id": latest_event_id(),
+        "oob": True,
+    }
+    return render_to_string("console/partials/inbox_item_live.html", context)
 
 
 @login_required

@@ -1,10 +1,12 @@
-"""An operator's actions on a run from its page: retry a failed run from its failed step, cancel
-a run that has not ended. Each is a POST with CSRF and a required reason; the service decides
-(and audits) and refuses with a code, shown on the page."""
+"""An operator's actions on a run from its page: retry a failed run from its failed step, skip
+an escalated step with a value checked against its output contract, cancel a run that has not
+ended. Each is a POST with CSRF and a required reason; the service decides (and audits) and
+refuses with a code, shown on the page (a skip's beside its value)."""
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +25,7 @@ from django.views.decorators.http import require_POST
 
 from orchestration import services
 from orchestration.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from orchestration.models import Step, Wait
+from orchestration.models import Decision, Step, Wait
 from orchestration.selectors import run_get_for_decision
 from policies.limits import price_cost
 
@@ -68,6 +70,92 @@ def run_retry(request: HttpRequest, run_id: int) -> HttpResponse:
 @require_POST
 def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
     return _act(request, run_id, "cancel")
+
+
+#: Where a refused skip waits for the page it redirects to (the value typed, and why).
+SKIP_REFUSED = "run_skip_refused"
+
+
+def _contract_errors(detail: Any) -> str:
+    """A contract's refusal (pydantic's errors) as one line per field."""
+    if not isinstance(detail, list):
+        return ""
+    return "; ".join(
+        f"{'.'.join(map(str, e.get('loc', []))) or 'value'}: {e.get('msg', 'invalid')}"
+        for e in detail
+        if isinstance(e, dict)
+    )
+
+
+@login_required
+@require_POST
+def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
+    """Skip an escalated step of the run (``wait``), or the failed step of a failed run
+    (``failed_step=1``), with the value it should have produced."""
+    user = cast(User, request.user)
+    try:
+        run = run_get_for_decision(user, run_id)
+    except NotFound:
+        raise Http404(f"no run {run_id}") from None
+    except PermissionDenied:
+        raise DjangoPermissionDenied from None
+    back = HttpResponseRedirect(reverse("console:run_detail", args=[run.pk]) + "#run-actions")
+    back.status_code = 303
+    failed_step = request.POST.get("failed_step") == "1"
+    try:
+        wait_id = 0 if failed_step else int(request.POST.get("wait", ""))
+    except ValueError:
+        messages.error(request, "Not done: say which escalation to skip.")
+        return back
+    raw = request.POST.get("value", "")
+    reason = request.POST.get("reason", "").strip()[:REASON_MAX]
+
+    def refused(error: str) -> HttpResponse:
+        request.session[SKIP_REFUSED] = {
+            "wait": wait_id,
+            "failed_step": failed_step,
+            "value": raw,
+            "reason": reason,
+            "error": error,
+        }
+        return back
+
+    if not reason:
+        return refused("Say why the step is skipped: a reason is required.")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return refused(
+            f"The value is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+        )
+    output = value if isinstance(value, dict) else {"value": value}
+    try:
+        if failed_step:
+            services.run_skip_failed_step(run_id=run.pk, user=user, reason=reason, output=output)
+        else:
+            services.escalation_resolve(
+                wait_id=wait_id,
+                user=user,
+                action=Decision.SKIP,
+                reason=reason,
+                output=output,
+                run_id=run.pk,
+            )
+    except NotFound:
+        return refused(f"No open escalation {wait_id} on this run.")
+    except PermissionDenied as exc:
+        return refused(exc.message)
+    except (Conflict, InvalidInput) as exc:
+        detail = _contract_errors(exc.detail)
+        return refused(f"{exc.message}" + (f": {detail}" if detail else ""))
+    messages.success(request, "Step skipped with the value given; the run goes on.")
+    return back
+
+
+def skip_refused(request: HttpRequest) -> dict[str, Any] | None:
+    """The refused skip to show on the run page, once."""
+    refused = request.session.pop(SKIP_REFUSED, None)
+    return refused if isinstance(refused, dict) else None
 
 
 # --- the run timeline -------------------------------------------------------------------------------

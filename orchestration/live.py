@@ -29,15 +29,25 @@ from infra.channels import Membership, RedisChannelLayer
 log = logging.getLogger(__name__)
 
 RUNS_GROUP = "runs"
+#: The inbox's group: changes that matter to it without changing a run's status (claims).
+INBOX_GROUP = "inbox"
 
 
 def run_group(run_id: int) -> str:
     return f"run-{run_id}"
 
 
+def _inbox_change(event: dict[str, Any]) -> bool:
+    """A change the inbox shows that may leave the run's status alone: a claim, or a step that
+    started waiting (an approval or escalation opened beside another one)."""
+    kind = event.get("kind")
+    return kind == "claim" or (kind == "step" and event.get("status") == "waiting")
+
+
 def messages_for(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(group, message) pairs: one message per run per transaction (a page re-renders once, not
-    once per change), and one to the run list only when a run's own status changed."""
+    once per change), one to the run list only when a run's own status changed, and one to the
+    inbox when an item opened or its claim changed."""
     by_run: dict[int, list[dict[str, Any]]] = {}
     for event in events:
         by_run.setdefault(event["run_id"], []).append(event)
@@ -53,6 +63,8 @@ def messages_for(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
         out.append((run_group(run_id), message))
         if run_level:
             out.append((RUNS_GROUP, message))
+        if any(_inbox_change(e) for e in run_events):
+            out.append((INBOX_GROUP, message))
     return out
 
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
 from guardian.shortcuts import get_objects_for_user
 
-from audit.selectors import latest_audit_event_id
+from audit.selectors import audit_first_events, latest_audit_event_id
 from audit.services import Entry, audit_record_alone
 from audit.verbs import ActorType, Verb
 from orchestration.errors import Code, InvalidInput, NotFound, PermissionDenied
@@ -407,8 +408,10 @@ class DrillRow:
     #: The drill's escalation (none until the engine has run its step).
     wait: Wait | None
     acknowledged_by: str
-    #: Seconds from the escalation opening to its answer (none while unanswered).
+    #: Seconds from the escalation opening to its first claim or answer (none until then).
     seconds_to_acknowledge: float | None
+    #: How it was acknowledged: ``claim``, or the answer (``retry``, ``skip``, ``abort``).
+    acknowledged_how: str = ""
 
 
 #: Who may fire escalation drills and see them: policy admins.
@@ -424,8 +427,9 @@ def drill_fire_check(user: User) -> None:
 
 
 def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
-    """Past drills, newest first, with how long each took to be answered. For policy admins
-    (who fire them); two queries whatever the number of drills."""
+    """Past drills, newest first, with how long each took to be acknowledged (claimed or
+    answered, whichever came first: its DRILL_ACKNOWLEDGED event). For policy admins (who fire
+    them); three queries whatever the number of drills."""
     if not user.has_perm(FIRE_DRILL):
         raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
     runs = list(
@@ -433,19 +437,21 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
     )
     waits: dict[int, Wait] = {}
     for escalation in (
-        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).select_related("decided_by").order_by("id")
+        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).order_by("id")
     ):
         waits.setdefault(escalation.run_id, escalation)
+    acks = audit_first_events(Verb.DRILL_ACKNOWLEDGED, "wait", [str(w.pk) for w in waits.values()])
     rows = []
     for run in runs:
         wait = waits.get(run.pk)
-        seconds = None
-        if wait is not None and wait.decided_at is not None:
-            seconds = round((wait.decided_at - wait.created_at).total_seconds(), 1)
+        ack = acks.get(str(wait.pk)) if wait is not None else None
+        by, data = (ack.actor_id, ack.data or {}) if ack is not None else ("", {})
+        seconds = data.get("seconds")
         rows.append(DrillRow(
             run=run, tier=run.drill_tier, tenant=run.tenant.slug, fired_at=run.created_at, wait=wait,
-            acknowledged_by=wait.decided_by.get_username() if wait is not None and wait.decided_by else "",
-            seconds_to_acknowledge=seconds,
+            acknowledged_by=by,
+            seconds_to_acknowledge=round(float(seconds), 1) if seconds is not None else None,
+            acknowledged_how=str(data.get("how", "")),
         ))
     return rows
 
@@ -616,6 +622,8 @@ class InboxItem:
     who_can_act: str
     claimed_by: str
     claimed_until: datetime | None
+    #: When it breaches its SLA and climbs a tier (at tier 3, or past its expiry: the expiry).
+    sla_due_at: datetime
 
     @property
     def actionable(self) -> bool:
@@ -633,6 +641,25 @@ def _tier_holders() -> dict[int, list[str]]:
     return holders
 
 
+#: The highest tier an SLA breach escalates an item to.
+SLA_MAX_TIER = 3
+
+
+def sla_period() -> timedelta:
+    """How long an open approval or escalation may wait at one tier before it escalates, when
+    nothing (a policy's ``sla``) set its ``sla_due_at``."""
+    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+
+
+def wait_sla_due(wait: Wait) -> datetime:
+    """When ``wait`` next breaches its SLA (``waits_escalate_breached``'s rule), or expires if
+    that comes first or it cannot climb any higher."""
+    if wait.tier >= SLA_MAX_TIER:
+        return wait.deadline_at
+    due = wait.sla_due_at or wait.created_at + sla_period()
+    return min(due, wait.deadline_at)
+
+
 def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: datetime) -> InboxItem:
     refusal = wait_refusal(user, wait)
     roles = sorted({name for tier, names in holders.items() if tier >= wait.tier for name in names})
@@ -645,6 +672,7 @@ def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: date
         who_can_act=who,
         claimed_by=claim.user.get_username() if live and claim is not None else "",
         claimed_until=claim.expires_at if live and claim is not None else None,
+        sla_due_at=wait_sla_due(wait),
     )
 
 
@@ -669,11 +697,16 @@ _INBOX_UNREAD = (
 )
 
 
-def inbox_for_user(user: User, *, limit: int = 200) -> list[InboxItem]:
+def inbox_for_user(user: User, *, limit: int = 200, kind: str = "", tier: int = 0) -> list[InboxItem]:
     """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
-    they may not decide are included, saying why and who can."""
+    they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it."""
     now = datetime.now(tz=UTC)
-    waits = list(_inbox_waits(user).order_by("deadline_at", "id")[:limit])
+    qs = _inbox_waits(user)
+    if kind:
+        qs = qs.filter(kind=kind)
+    if tier:
+        qs = qs.filter(tier=tier)
+    waits = list(qs.order_by("deadline_at", "id")[:limit])
     holders = _tier_holders() if waits else {}
     return [_inbox_item(user, wait, holders, now) for wait in waits]
 
@@ -702,11 +735,12 @@ def latest_event_id() -> int:
     return latest_audit_event_id()
 
 
-def run_retry_point(run: Run) -> tuple[Step | None, str]:
+def run_retry_point(run: Run, steps: list[Step] | None = None) -> tuple[Step | None, str]:
     """The step a failed ``run`` would be retried from (its latest failed agent or map-item
     step), or None and why it cannot be: only a run that failed at one step, with nothing
-    cancelled by its failure and nothing undone, picks up where it stopped."""
-    steps = run_steps(run)
+    cancelled by its failure and nothing undone, picks up where it stopped. ``steps``: the run's
+    steps when the caller has them (no query)."""
+    steps = run_steps(run) if steps is None else steps
     if any(s.kind == "compensate" for s in steps):
         return None, "its completed steps were undone after it failed"
     if any(s.status == "cancelled" for s in steps):

@@ -21,6 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_many
 from audit.verbs import ActorType, Verb
 from infra.canonical import digest
@@ -599,13 +600,8 @@ class _Duplicate(Exception):
     """The event id was seen before: nothing is written."""
 
 
-#: The highest tier an SLA breach escalates an item to.
-SLA_MAX_TIER = 3
-
-
-def sla_period() -> timedelta:
-    """How long an open approval or escalation may wait at one tier before it escalates."""
-    return timedelta(seconds=getattr(settings, "SIGNALBOX_SLA_SECONDS", 1800))
+SLA_MAX_TIER = selectors.SLA_MAX_TIER
+sla_period = selectors.sla_period
 
 
 def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) -> list[int]:
@@ -664,8 +660,9 @@ def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = ""
 def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: datetime, *, how: str) -> list[Entry]:
     """The DRILL_ACKNOWLEDGED event (with the seconds since the drill's item opened) when
     ``wait`` is a drill's escalation answered or claimed now; nothing for a real item. For the
-    caller's transaction: deciding calls it; so can claiming."""
-    if not wait.run.is_drill:
+    caller's transaction: deciding calls it, and so does claiming. Only the first counts: a
+    drill claimed, then answered, was acknowledged when it was claimed."""
+    if not wait.run.is_drill or audit_event_exists(Verb.DRILL_ACKNOWLEDGED, "wait", wait.pk):
         return []
     seconds = round((now - wait.created_at).total_seconds(), 3)
     return [Entry(
@@ -695,6 +692,16 @@ def _decidable_wait(user: User, wait_id: int) -> Wait:
     return wait
 
 
+def _send_claim_changed(wait: Wait, *, claimed_by: str, until: datetime | None) -> None:
+    """After commit, tell the inbox and the item's page (the run's group) who holds it now."""
+    event = {
+        "run_id": wait.run_id, "kind": "claim", "wait_id": wait.pk, "claimed_by": claimed_by,
+        "until": until.isoformat() if until is not None else None,
+    }
+    rt = runtime.current()
+    transaction.on_commit(lambda: rt.live.send([event]))
+
+
 def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> WaitClaim:
     """Claim an open approval or escalation for ``minutes`` (renewing one's own claim). Someone
     else's live claim is a Conflict saying who holds it and until when."""
@@ -719,7 +726,8 @@ def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> Wai
             verb=Verb.WAIT_CLAIMED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
             actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
             data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
-        )], now=now)
+        ), *drill_acknowledged_entries(wait, ActorType.HUMAN, user.get_username(), now, how="claim")], now=now)
+        _send_claim_changed(wait, claimed_by=user.get_username(), until=claim.expires_at)
     return claim
 
 
@@ -735,6 +743,7 @@ def wait_release(*, wait_id: int, user: User) -> None:
                 actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
                 data={"kind": wait.kind},
             )], now=now)
+            _send_claim_changed(wait, claimed_by="", until=None)
 
 
 @dataclass
@@ -820,6 +829,60 @@ def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
             assert focus is not None
             return advance.run_retried(
                 snapshot, now, step=focus, reason=reason, actor_type=actor_type, actor_id=actor_id
+            )
+
+        changes = compute_locked(rt, run_id, compute, focus_id=step.pk)
+        write_and_send(rt, changes)
+    return changes.run
+
+
+def run_skip_failed_step(*, run_id: int, user: User | None, reason: str, output: dict[str, Any]) -> Run:
+    """Skip the failed step of a failed run with ``output``, the value it should have produced
+    (checked against its output contract, 422 ``output_contract``): the step succeeds with it,
+    marked degraded, and the run goes on from there (audited ``step.skipped``). The same runs
+    as for a retry: a failed run (409 ``run_not_failed``) that failed at one step with nothing
+    cancelled or undone (409 ``run_not_retryable``)."""
+    _check_text(reason, "reason")
+    if not reason.strip():
+        raise InvalidInput("say why the step is skipped", code=Code.REASON_REQUIRED)
+    _check_payload(output, "skip output")
+    actor_type, actor_id = _actor(user)
+    now = timezone.now()
+    rt = runtime.current()
+    with transaction.atomic():
+        try:
+            run = rt.store.run_get(run_id, lock=True)
+        except Run.DoesNotExist:
+            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
+        if user is not None:
+            selectors.run_check_decide(user, run)
+        if run.status != RunStatus.FAILED:
+            raise Conflict(
+                f"run {run_id} is {run.status}: only a failed run's failed step can be skipped",
+                code=Code.RUN_NOT_FAILED,
+                detail={"status": run.status},
+            )
+        step, why = selectors.run_retry_point(run)
+        if step is None:
+            raise Conflict(
+                f"run {run_id} cannot go on from a failed step: {why}",
+                code=Code.RUN_NOT_RETRYABLE,
+                detail={"status": run.status},
+            )
+        wf = workflow_get(run.workflow_name, run.workflow_version)
+        contract = advance.output_contract(step, advance.node_of(wf, step))
+        checked = _validated(
+            contract,
+            output,
+            code=Code.OUTPUT_CONTRACT,
+            message=f"the skip value does not satisfy {contract.__name__}, the output contract of {step.key!r}",
+        )
+
+        def compute(snapshot: Snapshot) -> Changes:
+            focus = snapshot.focus
+            assert focus is not None
+            return advance.run_step_skipped(
+                snapshot, now, step=focus, output=checked, reason=reason, actor_type=actor_type, actor_id=actor_id
             )
 
         changes = compute_locked(rt, run_id, compute, focus_id=step.pk)

@@ -14,7 +14,8 @@ The same SQL runs on PostgreSQL and SQLite (``UPDATE … RETURNING``). Money is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,6 +28,7 @@ from django.utils import timezone
 from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import ActorType, Verb
+from infra.sql import from_row
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
@@ -119,29 +121,6 @@ def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def _reserve_one(
-    scope: CeilingScope, period: datetime | None, amount: Decimal, now: datetime
-) -> tuple[Any, ...] | None:
-    """Add ``amount`` to the scope row's ``reserved`` if it fits; its new state, or None."""
-    where_period = (
-        f"{_q('period_start')} IS NULL" if period is None else f"{_q('period_start')} = %s"
-    )
-    sql = (
-        f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} + %s, {_q('updated_at')} = %s "
-        f"WHERE {_q('kind')} = %s AND {_q('key')} = %s AND {where_period} "
-        f"AND {_q('spent')} + {_q('reserved')} + %s <= {_q('limit')} "
-        f"RETURNING {_q('id')}, {_q('spent')}, {_q('reserved')}, {_q('limit')}, {_q('soft_ratio')}"
-    )
-    params: list[Any] = [amount, _at(now), scope.scope, scope.key]
-    if period is not None:
-        params.append(_at(period))
-    params.append(amount)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row: tuple[Any, ...] | None = cursor.fetchone()
-        return row
-
-
 def _scope_row(scope: CeilingScope, period: datetime | None, now: datetime) -> SpendScope:
     """The scope's row for this period, created with the policy's limit if it is new."""
     defaults = {
@@ -207,6 +186,64 @@ def _warned_already(scope_id: int) -> bool:
     return audit_event_exists(Verb.CEILING_WARNED, "spend_scope", scope_id)
 
 
+#: (kind, key, period start) -> the scope row's id, learnt once per process. A row is never
+#: deleted in use; an id that no longer matches its row (a test emptied the table) is learnt again.
+_scope_ids: dict[tuple[str, str, datetime | None], int] = {}
+
+
+def _scope_id(scope: CeilingScope, period: datetime | None, now: datetime) -> int:
+    key = (scope.scope, scope.key, period)
+    found = _scope_ids.get(key)
+    if found is None:
+        found = _scope_ids[key] = _scope_row(scope, period, now).pk
+    return found
+
+
+def _in_id_order(ids: Sequence[int]) -> str:
+    """``WHERE id IN (…)`` that first locks the rows in ascending id order (on a database with row
+    locks). Every transaction that touches several scope rows locks them this way, all in one
+    statement, so no two of them can wait on each other."""
+    lock = f" ORDER BY {_q('id')} FOR UPDATE" if connection.features.has_select_for_update else ""
+    marks = ", ".join(["%s"] * len(ids))
+    return f"{_q('id')} IN (SELECT {_q('id')} FROM {_table()} WHERE {_q('id')} IN ({marks}){lock})"
+
+
+def _insert_held(
+    cursor: Any,
+    run_id: int | None,
+    step_id: int | None,
+    action: str,
+    amount: Decimal,
+    ids: list[int],
+    owner: str,
+    now: datetime,
+    ttl: timedelta,
+) -> Reservation:
+    """INSERT a held reservation (one statement, no ORM on the agent step's path)."""
+    values = {
+        "run_id": run_id,
+        "step_id": step_id,
+        "action": action,
+        "amount": amount,
+        "actual": None,
+        "scope_ids": json.dumps(ids),
+        "status": ReservationStatus.HELD.value,
+        "owner": owner,
+        "expires_at": _at(now + ttl),
+        "created_at": _at(now),
+        "settled_at": None,
+    }
+    fields = Reservation._meta.concrete_fields
+    columns = ", ".join(_q(f.column) for f in fields)
+    named = [f.column for f in fields if f.column != "id"]
+    cursor.execute(
+        f"INSERT INTO {_q(Reservation._meta.db_table)} ({', '.join(_q(c) for c in named)}) "
+        f"VALUES ({', '.join(['%s'] * len(named))}) RETURNING {columns}",
+        [values[c] for c in named],
+    )
+    return from_row(Reservation, cursor.fetchone())
+
+
 def ceiling_reserve(
     *,
     scopes: Sequence[CeilingScope],
@@ -219,9 +256,11 @@ def ceiling_reserve(
     now: datetime | None = None,
 ) -> Reservation:
     """Set ``amount`` aside in every scope, or in none (``CeilingExceeded``, naming the scope
-    that refused). One conditional UPDATE per scope and one INSERT, in one transaction; a scope
-    row is created the first time its period is seen. Crossing a scope's soft threshold records
-    ``CEILING_WARNED`` once per scope and period."""
+    that refused). In one transaction: the reservation's INSERT, then ONE conditional UPDATE of
+    every scope row (``spent + reserved + amount <= limit``, rows locked in id order), so the
+    shared rows (workflow, tenant, global) stay locked for one statement and the commit only. A
+    scope row is created the first time its period is seen. Crossing a scope's soft threshold
+    records ``CEILING_WARNED`` once per scope and period."""
     amount = _money(amount)
     now = now or timezone.now()
     if timezone.is_naive(now):
@@ -233,82 +272,88 @@ def ceiling_reserve(
     kinds = [s.scope for s in scopes]
     if len(set(kinds)) != len(kinds):
         raise InvalidScope("a scope kind may appear once per reservation")
-    scopes = sorted(scopes, key=lambda s: _scope_rank(s.scope))
     periods = [period_start_for(s.scope, now) for s in scopes]
-    warnings: list[Entry] = []
-    with transaction.atomic():
-        ids: list[int] = []
-        for scope, period in zip(scopes, periods, strict=True):
-            row = _reserve_one(scope, period, amount, now)
-            if row is None:
-                _scope_row(scope, period, now)
-                row = _reserve_one(scope, period, amount, now)
-            if row is None:
-                failed = (scope, period)
-                break
-            scope_id, spent, reserved, limit, soft = row
-            ids.append(scope_id)
-            after = _dec(spent) + _dec(reserved)
-            threshold = _dec(limit) * Decimal(str(soft))
-            if after - amount < threshold <= after and not _warned_already(scope_id):
-                warnings.append(
-                    Entry(
-                        verb=Verb.CEILING_WARNED,
-                        object_type="spend_scope",
-                        object_id=scope_id,
-                        run_id=run_id,
-                        step_id=step_id,
-                        data={
-                            "kind": scope.scope,
-                            "key": scope.key,
-                            "limit": str(_dec(limit)),
-                            "committed": str(after),
-                            "soft_ratio": str(soft),
-                        },
-                    )
+    for _attempt in range(2):
+        ids = [_scope_id(scope, period, now) for scope, period in zip(scopes, periods, strict=True)]
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                reservation = _insert_held(
+                    cursor, run_id, step_id, action, amount, ids, owner, now, ttl
                 )
-        else:
-            failed = None
-        if failed is None:
-            reservation = Reservation.objects.create(
-                run_id=run_id,
-                step_id=step_id,
-                action=action,
-                amount=amount,
-                scope_ids=ids,
-                status=ReservationStatus.HELD,
-                owner=owner,
-                expires_at=now + ttl,
-                created_at=now,
+                cursor.execute(
+                    f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} + %s, "
+                    f"{_q('updated_at')} = %s WHERE {_in_id_order(ids)} "
+                    f"AND {_q('spent')} + {_q('reserved')} + %s <= {_q('limit')} "
+                    f"RETURNING {_q('id')}, {_q('spent')}, {_q('reserved')}, {_q('limit')}, "
+                    f"{_q('soft_ratio')}, {_q('kind')}, {_q('key')}",
+                    [amount, _at(now), *ids, amount],
+                )
+                rows = {row[0]: row for row in cursor.fetchall()}
+            known = all(
+                rows[scope_id][5:] == (scope.scope, scope.key)
+                for scope, scope_id in zip(scopes, ids, strict=True)
+                if scope_id in rows
             )
-            audit_record_many(warnings, now=now)
-            return reservation
-        transaction.set_rollback(True)
-    raise _refused(failed[0], failed[1], amount, run_id, step_id, action)
+            if len(rows) == len(ids) and known:
+                warnings = [
+                    warning
+                    for scope, scope_id in zip(scopes, ids, strict=True)
+                    if (warning := _warning(scope, rows[scope_id], amount, run_id, step_id))
+                ]
+                audit_record_many(warnings, now=now)
+                return reservation
+            transaction.set_rollback(True)
+        missing = not known or SpendScope.objects.filter(pk__in=ids).count() != len(ids)
+        if not missing:
+            failed = next(i for i, scope_id in enumerate(ids) if scope_id not in rows)
+            raise _refused(scopes[failed], periods[failed], amount, run_id, step_id, action)
+        _scope_ids.clear()  # rows this process knew are gone: look them up again
+    raise AssertionError("unreachable: the scope rows were created on the second attempt")
 
 
-# Every transaction that touches several scope rows locks them in this order (then by id), so two
-# of them can never wait on each other: a reservation for one step and the settlement of a
-# parallel step of the same run touch the same rows.
-SCOPE_ORDER: tuple[str, ...] = tuple(kind.value for kind in ScopeKind)
-
-
-def _scope_rank(kind: str) -> int:
-    return SCOPE_ORDER.index(kind) if kind in SCOPE_ORDER else len(SCOPE_ORDER)
+def _warning(
+    scope: CeilingScope,
+    row: tuple[Any, ...],
+    amount: Decimal,
+    run_id: int | None,
+    step_id: int | None,
+) -> Entry | None:
+    """``CEILING_WARNED`` if this reservation took the scope past its soft threshold (once per
+    scope and period)."""
+    scope_id, spent, reserved, limit, soft = row[:5]
+    after = _dec(spent) + _dec(reserved)
+    threshold = _dec(limit) * Decimal(str(soft))
+    if not (after - amount < threshold <= after) or _warned_already(scope_id):
+        return None
+    return Entry(
+        verb=Verb.CEILING_WARNED,
+        object_type="spend_scope",
+        object_id=scope_id,
+        run_id=run_id,
+        step_id=step_id,
+        data={
+            "kind": scope.scope,
+            "key": scope.key,
+            "limit": str(_dec(limit)),
+            "committed": str(after),
+            "soft_ratio": str(soft),
+        },
+    )
 
 
 def _move(
-    scope_ids: Iterable[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
+    scope_ids: Sequence[int], reserved_delta: Decimal, spent_delta: Decimal, now: datetime
 ) -> None:
-    """Apply the deltas to each scope row, in the order given (a reservation keeps its scopes in
-    ``SCOPE_ORDER``, the order it locked them in)."""
-    sql = (
-        f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, {_q('spent')} = {_q('spent')} + %s, "
-        f"{_q('updated_at')} = %s WHERE {_q('id')} = %s"
-    )
+    """Apply the same deltas to every scope row, in one statement (rows locked in id order)."""
+    if not scope_ids:
+        return
     with connection.cursor() as cursor:
-        for scope_id in scope_ids:
-            cursor.execute(sql, [reserved_delta, spent_delta, _at(now), scope_id])
+        cursor.execute(
+            f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, "
+            f"{_q('spent')} = {_q('spent')} + %s, {_q('updated_at')} = %s "
+            f"WHERE {_in_id_order(scope_ids)}",
+            [reserved_delta, spent_delta, _at(now), *scope_ids],
+        )
 
 
 def _locked(reservation_id: int) -> Reservation:
@@ -316,6 +361,28 @@ def _locked(reservation_id: int) -> Reservation:
     if found is None:
         raise ReservationNotFound(f"no reservation {reservation_id}")
     return found
+
+
+def _settle_held(reservation_id: int, actual: Decimal, now: datetime) -> Reservation | None:
+    """Mark a held reservation settled in one statement; the reservation as it is now, or None
+    if it was not held (settled, released or unknown)."""
+    fields = Reservation._meta.concrete_fields
+    columns = ", ".join(_q(f.column) for f in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_q(Reservation._meta.db_table)} SET {_q('status')} = %s, {_q('actual')} = %s, "
+            f"{_q('settled_at')} = %s WHERE {_q('id')} = %s AND {_q('status')} = %s "
+            f"RETURNING {columns}",
+            [
+                ReservationStatus.SETTLED.value,
+                actual,
+                _at(now),
+                reservation_id,
+                ReservationStatus.HELD.value,
+            ],
+        )
+        row = cursor.fetchone()
+    return None if row is None else from_row(Reservation, row)
 
 
 def ceiling_settle(
@@ -328,22 +395,20 @@ def ceiling_settle(
     actual = _money(actual, "actual")
     now = now or timezone.now()
     with transaction.atomic():
-        reservation = _locked(reservation_id)
-        if reservation.status == ReservationStatus.SETTLED:
-            if _dec(reservation.actual) == actual:
-                return reservation
-            raise ReservationSettled(
-                f"reservation {reservation_id} was settled with {reservation.actual}"
-            )
-        if reservation.status == ReservationStatus.RELEASED:
+        settled = _settle_held(reservation_id, actual, now)
+        if settled is None:  # not held: settled already, released, or unknown
+            reservation = _locked(reservation_id)
+            if reservation.status == ReservationStatus.SETTLED:
+                if _dec(reservation.actual) == actual:
+                    return reservation
+                raise ReservationSettled(
+                    f"reservation {reservation_id} was settled with {reservation.actual}"
+                )
             raise ReservationReleased(f"reservation {reservation_id} was released")
+        reservation = settled
         amount = _dec(reservation.amount)
         charged = min(actual, amount)
-        _move(reservation.scope_ids, amount, charged, now)
-        reservation.status = ReservationStatus.SETTLED
-        reservation.actual = actual
-        reservation.settled_at = now
-        reservation.save(update_fields=["status", "actual", "settled_at"])
+        _move(reservation.scope_ids, amount, charged, now)  # the shared rows last: locked briefly
         if actual > amount:
             audit_record_many(
                 [
@@ -404,15 +469,14 @@ def _released_entry(reservation: Reservation, reason: str) -> Entry:
 
 def _release_all(reservations: list[Reservation], reason: str, now: datetime) -> int:
     """Release held reservations in the caller's transaction (rows locked by the caller): the
-    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
+    amounts are summed per scope and each scope row is updated once, in id order."""
     if not reservations:
         return 0
     owed: dict[int, Decimal] = {}
     for reservation in reservations:
         for scope_id in reservation.scope_ids:
             owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
-    kinds = dict(SpendScope.objects.filter(pk__in=owed).values_list("pk", "kind"))
-    for scope_id in sorted(owed, key=lambda pk: (_scope_rank(kinds.get(pk, "")), pk)):
+    for scope_id in sorted(owed):  # ascending ids, as every multi-row statement locks them
         _move([scope_id], owed[scope_id], Decimal(0), now)
     for reservation in reservations:
         reservation.status = ReservationStatus.RELEASED
@@ -424,7 +488,7 @@ def _release_all(reservations: list[Reservation], reason: str, now: datetime) ->
 
 def reservations_release_expired(now: datetime | None = None, *, limit: int = 500) -> int:
     """Release held reservations past their expiry (their worker died): the reaper's duty. The
-    amounts are summed per scope and each scope row is updated once, in ``SCOPE_ORDER``."""
+    amounts are summed per scope and each scope row is updated once, in id order."""
     now = now or timezone.now()
     with transaction.atomic():
         expired = list(

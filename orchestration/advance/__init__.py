@@ -31,6 +31,7 @@ from orchestration.advance.entries import (
     run_past_deadline,
     run_retried,
     run_started,
+    run_step_skipped,
     step_completed,
     wait_expired,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "run_past_deadline",
     "run_retried",
     "run_started",
+    "run_step_skipped",
     "step_action",
     "step_completed",
     "step_input",

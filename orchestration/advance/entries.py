@@ -574,3 +574,56 @@ def run_retried(
     )
     adv.queue(step)
     return adv.finish()
+
+
+def run_step_skipped(
+    snapshot: Snapshot,
+    now: datetime,
+    *,
+    step: Step,
+    output: dict[str, Any],
+    reason: str,
+    actor_type: str,
+    actor_id: str,
+) -> Changes:
+    """An operator skipped the failed ``step`` of a failed run with ``output`` (already checked
+    against the step's contract): the step succeeds with it (marked degraded), the run is
+    running again and goes on from there, its deadline as long again from now as at first."""
+    adv = RunAdvance(snapshot, now, actor_type=actor_type, actor_id=actor_id)
+    node = node_of(adv.wf, step)
+    run = adv.run
+    note = f"{compensation.SKIPPED} {actor_id or 'the system'} with a supplied value" + (
+        f": {reason}" if reason else ""
+    )
+    adv.record(
+        Verb.STEP_SKIPPED,
+        "step",
+        step,
+        step=step,
+        payload=output,
+        reason=reason,
+        code=run.error_code,
+        message=run.error_message,
+    )
+    run.deadline_at = now + (run.deadline_at - run.created_at)
+    run.status = RunStatus.RUNNING
+    run.finished_at = None
+    run.error_code = ""
+    run.error_message = ""
+    adv.move(
+        step,
+        StepStatus.SUCCEEDED,
+        output=output,
+        finished_at=now,
+        degraded=note[:500],
+        error_class="",
+        error_code="",
+        error_message="",
+        error_detail=None,
+    )
+    adv.note_degraded(step, note)
+    try:
+        adv.step_succeeded(step, node, output, {})
+    except SignalboxError as exc:
+        adv.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+    return adv.finish()

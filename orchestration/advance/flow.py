@@ -206,12 +206,16 @@ class RunAdvance(Ending):
         deadline = graph.approval_deadline(node, self.now) if gate is not None else None
         on_timeout = gate.on_timeout if gate is not None else "reject"
         reason = gate.reason if gate is not None else ""
+        sla_due_at = None
         if decision is not None and decision.outcome == "require_approval":
             stages = list(decision.stages) if len(decision.stages) > 1 else []
             tier = max(tier, decision.stages[0] if stages else decision.tier)
             quorum = max(quorum, decision.quorum or 1)
             if decision.sla is not None:
                 deadline = self.now + decision.sla
+                # The policy's SLA is also when the item breaches and climbs a tier
+                # (services.waits_escalate_breached); set here, so no query when it opens.
+                sla_due_at = deadline
             # Expiry approves only when the policy and the node's own gate (if it has one) both say so.
             lenient = decision.on_expiry == "approve" and (gate is None or gate.on_timeout == "approve")
             on_timeout = "approve" if lenient else "reject"
@@ -233,6 +237,7 @@ class RunAdvance(Ending):
             policy_version=decision.version if decision is not None else None,
             policy_rule=decision.rule if decision is not None else "",
             created_at=self.now,
+            sla_due_at=sla_due_at,
         )
         self.changes.new_waits.append(wait)
         return wait

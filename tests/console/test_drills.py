@@ -16,7 +16,7 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.errors import InvalidInput, PermissionDenied
 from orchestration.models import Run, Wait, WaitKind, WaitStatus
-from orchestration.services import drill_fire, escalation_resolve, run_submit
+from orchestration.services import drill_fire, escalation_resolve, run_submit, wait_claim
 from tests.factories import UserFactory
 
 
@@ -42,6 +42,36 @@ def test_a_fired_drill_escalates_as_a_drill_and_answering_it_acknowledges_it(
     ack = AuditEvent.objects.get(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk)
     assert 42 <= ack.data["seconds"] < 60
     assert ack.actor_id == "operator" and ack.data["how"] == "abort"
+
+
+@pytest.mark.django_db
+def test_claiming_a_drill_acknowledges_it_once_and_the_drills_page_shows_it(admin, operator, drive):
+    run = drive(drill_fire(user=admin, tier=1).pk)
+    wait = Wait.objects.get(run=run, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN)
+    Wait.objects.filter(pk=wait.pk).update(created_at=timezone.now() - timedelta(seconds=30))
+    client = Client()
+    client.force_login(operator)
+    assert client.post(f"/inbox/{wait.pk}/", {"op": "claim"}).status_code == 302
+    (ack,) = AuditEvent.objects.filter(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk)
+    assert (
+        30 <= ack.data["seconds"] < 60 and ack.data["how"] == "claim" and ack.actor_id == "operator"
+    )
+
+    # Claiming again, then answering, does not acknowledge it a second time (or later).
+    wait_claim(wait_id=wait.pk, user=operator)
+    Wait.objects.filter(pk=wait.pk).update(created_at=timezone.now() - timedelta(seconds=600))
+    escalation_resolve(wait_id=wait.pk, user=operator, action="abort", reason="drill seen")
+    assert AuditEvent.objects.filter(verb=Verb.DRILL_ACKNOWLEDGED, run_id=run.pk).count() == 1
+
+    admin_client = Client()
+    admin_client.force_login(admin)
+    page = admin_client.get("/drills/").content.decode()
+    row = page[page.index('class="drill-row"') :]
+    assert (
+        "operator" in row
+        and f"{round(ack.data['seconds'], 1)} s</td>" in row
+        and "<td>claimed</td>" in row
+    )
 
 
 @pytest.mark.django_db

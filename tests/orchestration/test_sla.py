@@ -82,3 +82,83 @@ def test_the_engine_tick_runs_the_scan(drive, settings):
     assert engine_tick()["sla_escalated"] == 1
     wait.refresh_from_db()
     assert wait.tier == 2
+
+
+# --- an approval's SLA comes from the policy that required it ----------------------------------------
+
+SLA_POLICY = """
+default: allow
+rules:
+  - id: echo-needs-a-person
+    description: Echoes need a tier-1 approval within an hour
+    action: agent:test_echo
+    outcome: {decision: require_approval, tier: 1, sla: 1h}
+"""
+
+
+@pytest.fixture
+def sla_policy() -> None:
+    from policies.active import active_forget
+    from policies.services import policy_install
+
+    policy_install(source=SLA_POLICY, note="tests")
+    active_forget()
+
+
+def logged_in(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def open_policy_approval(drive) -> Wait:
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    return Wait.objects.get(run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN)
+
+
+@pytest.mark.django_db
+def test_an_approval_opened_by_a_policy_is_due_when_its_sla_says(
+    sla_policy, drive, fast_agents, operator, settings
+):
+    settings.SIGNALBOX_SLA_SECONDS = 600  # the default period must not be what applies
+    wait = open_policy_approval(drive)
+    assert wait.sla_due_at == wait.created_at + timedelta(hours=1)
+
+    # Past the default period, within the policy's hour: it stays at tier 1.
+    assert waits_escalate_breached(wait.created_at + timedelta(minutes=11)) == []
+    assert waits_escalate_breached(wait.created_at + timedelta(minutes=59)) == []
+    page = logged_in(operator).get("/inbox/").content.decode()
+    assert f'data-deadline="{wait.sla_due_at.isoformat()}"' in page  # the countdown to it
+
+    assert waits_escalate_breached(wait.sla_due_at) == [wait.pk]
+    wait.refresh_from_db()
+    assert (wait.tier, wait.sla_breaches) == (2, 1)
+    assert breaches_of(wait)[0]["due_at"] == (wait.created_at + timedelta(hours=1)).isoformat()
+
+
+@pytest.mark.django_db
+def test_an_approval_without_a_policy_sla_keeps_the_default_period(drive, fast_agents):
+    run = drive(run_submit(workflow="parallel_approvals", input={"text": "t"}).run.pk)
+    wait = Wait.objects.filter(
+        run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN, tier=1
+    ).get()
+    assert wait.sla_due_at is None
+    assert waits_escalate_breached(wait.created_at + sla_period() - timedelta(seconds=1)) == []
+    assert wait.pk in waits_escalate_breached(wait.created_at + sla_period() + timedelta(seconds=1))
+
+
+@pytest.mark.django_db
+def test_the_inbox_counts_down_to_the_sla(drive, fast_agents, operator, settings):
+    settings.SIGNALBOX_SLA_SECONDS = 600
+    escalated = open_escalation(drive)
+    client = logged_in(operator)
+    page = client.get("/inbox/").content.decode()
+    # No policy SLA: due after the default period, long before the escalation expires.
+    due = escalated.created_at + timedelta(seconds=600)
+    assert due < escalated.deadline_at
+    assert f'data-deadline="{due.isoformat()}"' in page
+    assert f'data-deadline="{escalated.deadline_at.isoformat()}"' not in page
+    item_page = client.get(f"/inbox/{escalated.pk}/").content.decode()
+    assert f'data-deadline="{due.isoformat()}"' in item_page and "expires" in item_page

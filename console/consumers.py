@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
 
 from console.live_auth import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, live_user, session_group
 from console.views import run_list_fragment, run_live_fragment
@@ -24,13 +27,39 @@ from console.views_inbox import (
     inbox_item_run_id,
 )
 from orchestration.live import INBOX_GROUP, RUNS_GROUP, run_group
-from orchestration.selectors import run_is_visible
+from orchestration.selectors import run_is_visible, visibility_key
+
+#: Fragments rendered lately, by (page, who sees the same runs, filters, time zone): when
+#: their render started (``time.monotonic()``) and their HTML.
+_RENDERS: dict[tuple[str, ...], tuple[float, str]] = {}
+#: How long a fragment may be reused at most (its relative times age).
+SHARED_RENDER_SECONDS = 1.0
+
+
+def shared_render(key: tuple[str, ...], since: float, render: Callable[[], str]) -> str:
+    """The fragment for ``key`` whose render started after ``since`` (when the caller heard of
+    the newest change it must show: that change was committed before, so such a render read
+    it), if one started within the last second; else ``render()``. The consoles of people who
+    see the same runs share one render per burst of changes in a web process instead of one
+    each (renders run one at a time in the process's database thread, so the first console's
+    render serves the others)."""
+    key = (*key, timezone.get_current_timezone_name())
+    now = time.monotonic()
+    cached = _RENDERS.get(key)
+    if cached is not None and cached[0] >= since and now - cached[0] < SHARED_RENDER_SECONDS:
+        return cached[1]
+    html = render()
+    if len(_RENDERS) > 1000:
+        _RENDERS.clear()
+    _RENDERS[key] = (now, html)
+    return html
 
 
 class LiveFragmentConsumer(AsyncWebsocketConsumer):
     """Joins one channel-layer group and answers its events with re-rendered fragments."""
 
-    #: Seconds to wait after an event for more before rendering (a step often sends several).
+    #: At most one render per this many seconds: the first event after a quiet spell renders at
+    #: once; events during a render or within this interval of the last one share the next.
     debounce = 0.25
 
     group: str | None = None
@@ -39,6 +68,9 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     session_group: str | None = None
     _render_task: asyncio.Task[None] | None = None
     _dirty = False
+    _rendered_at = float("-inf")
+    #: When the newest event (or catch-up request) reached this consumer (``time.monotonic()``).
+    _event_at = float("-inf")
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -73,14 +105,18 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
     async def run_event(self, message: dict[str, Any]) -> None:
         """A ``run.event`` from ``orchestration.live``: schedule a render."""
         self.note_event(message.get("event") or {})
+        self._event_at = time.monotonic()
         self._dirty = True
         if self._render_task is None or self._render_task.done():
             self._render_task = asyncio.create_task(self._render_soon())
 
     async def _render_soon(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._dirty:
-            await asyncio.sleep(self.debounce)
+            if (pause := self._rendered_at + self.debounce - loop.time()) > 0:
+                await asyncio.sleep(pause)
             self._dirty = False
+            self._rendered_at = loop.time()
             if not await self.still_allowed():
                 return
             html = await database_sync_to_async(self.render)()
@@ -158,7 +194,7 @@ class CatchUpConsumer(LiveFragmentConsumer):
     """A page that renders from the database on (re)connect and when the client asks for a
     catch-up (``{"catchup": <last event id>}``), so nothing missed while offline stays stale."""
 
-    debounce = 0.5
+    debounce = 0.1
 
     def group_name(self) -> str:
         return RUNS_GROUP
@@ -176,7 +212,12 @@ class HomeConsumer(CatchUpConsumer):
     """``/ws/home/``: the home page's counts and list (its filters in the query string)."""
 
     def render(self) -> str | None:
-        return home_fragment(self.user, self.scope.get("query_string", b"").decode())
+        query = self.scope.get("query_string", b"").decode()
+        return shared_render(
+            ("home", visibility_key(self.user), query),
+            self._event_at,
+            lambda: home_fragment(self.user, query),
+        )
 
 
 class InboxConsumer(CatchUpConsumer):

@@ -181,7 +181,14 @@ if REDIS_URL:
         "default": {
             # channels-redis, announcing joins and leaves (infra/channels.py).
             "BACKEND": "infra.channels.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+            # A socket's read timeout beyond the layer's 5 s blocking read (redis-py 8 defaults
+            # it to 5 s too: an idle console's receive then raced its own timeout and, losing,
+            # closed the websocket).
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "capacity": 1000,
+                "expiry": 30,
+            },
         }
     }
     CELERY_BROKER_URL = REDIS_URL

@@ -73,7 +73,7 @@ def home_filters(params: Any) -> HomeFilters:
 def home_context(user: User, params: Any) -> dict[str, Any]:
     filters = home_filters(params)
     counts = home_counts_for_user(user, filters)
-    page = home_runs_for_user(user, filters, page=_int(params.get("page"), 1))
+    page = home_runs_for_user(user, filters, page=_int(params.get("page"), 1), counts=counts)
     query = {
         k: v
         for k, v in (

@@ -17,6 +17,8 @@ from orchestration import selectors, services
 from orchestration.errors import Code, InvalidInput
 from orchestration.registry import workflow_get, workflow_list
 from orchestration.schemas import (
+    ApprovalBulkDecideIn,
+    ApprovalBulkOutcomeOut,
     ApprovalDecideIn,
     ApprovalOut,
     CapabilityOut,
@@ -221,8 +223,33 @@ def approval_decide(
         decision=payload.decision,
         reason=payload.reason,
         edited_input=payload.edited_input,
+        read=wait,
     )
     return approval_out(decided)
+
+
+@router.post(
+    "/approvals/decide",
+    response={200: list[ApprovalBulkOutcomeOut], **errors(401, 413, 422)},
+    summary="Approve or reject several pending actions of one tier with one reason",
+    description=(
+        "Each approval is decided on its own (one refusal does not undo the others) and the "
+        "answer lists each one's outcome in the order asked: `ok`, or a `code` such as "
+        "`approval_not_found`, `already_decided` or `tier_too_low`. Approvals of different tiers "
+        "are refused as a whole (422 `invalid_decision`); a reason (not blank) is required to "
+        "reject (422 `reason_required`)."
+    ),
+)
+def approvals_decide_bulk(request: HttpRequest, payload: ApprovalBulkDecideIn) -> Any:
+    outcomes = services.approvals_decide_bulk(
+        wait_ids=payload.ids,
+        user=authenticated(request),
+        decision=payload.decision,
+        reason=payload.reason,
+    )
+    return [
+        {"id": o.wait_id, "ok": o.ok, "code": o.code, "message": o.message} for o in outcomes
+    ]
 
 
 # --- escalations (failed steps waiting for an operator) ------------------------------------------

@@ -26,15 +26,17 @@ def compute_locked(
     needs: Collection[str] = (),
     focus_id: int | None = None,
     focus: Step | None = None,
+    locked: Run | None = None,
 ) -> Changes:
     """Inside the caller's transaction: lock the run, read the focus step (``focus_id``; or use
     ``focus``, an object the caller holds), load ``needs`` and
     compute; if the computation asks for more, load it and compute again from fresh rows.
-    Raises ``Run.DoesNotExist`` for an unknown run."""
+    ``locked`` is the run as the caller read it when it locked it in this transaction (not
+    read again the first time). Raises ``Run.DoesNotExist`` for an unknown run."""
     store = rt.store
     wanted = frozenset(needs)
     while True:
-        run = store.run_get(run_id, lock=True)
+        run, locked = locked or store.run_get(run_id, lock=True), None
         if focus_id is not None:
             focus = store.step_get(focus_id)
         try:

@@ -323,7 +323,9 @@ class Wait(models.Model):
             ("decide_tier_3", "Can decide approvals and escalations that need tier 3"),
         ]
         indexes = [
-            models.Index(fields=["deadline_at"], condition=Q(status="open"), name="wait_open_deadline_idx"),
+            # (deadline_at, id): the inbox's order, so its first page is read in order and stops
+            # there (with only deadline_at, PostgreSQL sorted every open wait joined to its run).
+            models.Index(fields=["deadline_at", "id"], condition=Q(status="open"), name="wait_open_due_idx"),
             models.Index(fields=["kind", "-id"], condition=Q(status="open"), name="wait_open_kind_idx"),
         ]
 

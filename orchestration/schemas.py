@@ -407,6 +407,33 @@ class ApprovalDecideIn(BodyIn):
         return value
 
 
+class ApprovalBulkDecideIn(BodyIn):
+    """Approve (or reject) several approvals of one tier with one reason. Each is decided on its
+    own, so one refusal does not undo the others; the answer says what happened to each."""
+
+    model_config = {"json_schema_extra": {"allOf": [when("decision", (Decision.REJECT,), REASON_GIVEN)]}}
+
+    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
+        min_length=1, max_length=100, description="The approvals, at most 100, all of one tier."
+    )
+    decision: Literal["approve", "reject"]
+    reason: StoredText = Field(
+        "", max_length=2000, validate_default=True, description="Why; required (not blank) to reject."
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_required(cls, reason: str, info: ValidationInfo) -> str:
+        return a_reason_is_required((Decision.REJECT,), reason, info.data.get("decision"))
+
+
+class ApprovalBulkOutcomeOut(Schema):
+    id: int
+    ok: bool = Field(description="Decided as asked.")
+    code: str = Field(description="Why not, as a stable error code (empty when ok).")
+    message: str
+
+
 # --- escalations --------------------------------------------------------------------------------
 
 EscalationAction = Literal["retry", "skip", "abort"]

@@ -89,6 +89,14 @@ def runs_visible_to(user: User) -> QuerySet[Run]:
     )
 
 
+def visibility_key(user: User) -> str:
+    """The same for users who see the same runs (a key under which what one of them is shown
+    may be shown to the others): everyone who sees every run, or this user alone."""
+    if user.is_authenticated and (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
+        return "every-run"
+    return f"user-{user.pk}"
+
+
 def _refused(user: User, what: str, code: str, *, run: Run | None = None, **detail: Any) -> PermissionDenied:
     """A refusal: recorded in the audit log (who was refused what), and raised by the caller."""
     audit_record_alone(Entry(
@@ -280,12 +288,19 @@ def approvals_pending_for_user(user: User, *, limit: int = 100) -> list[Wait]:
 def approval_get_for_user(user: User, wait_id: int) -> Wait:
     wait = (
         Wait.objects.filter(pk=wait_id, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user))
-        .select_related("run")
+        .select_related("run", "step")
         .first()
     )
     if wait is None:
         raise NotFound(f"no approval {wait_id}", code=Code.APPROVAL_NOT_FOUND)
     return wait
+
+
+def approvals_visible_to(user: User, wait_ids: list[int]) -> dict[int, Wait]:
+    """Those of ``wait_ids`` that are approvals on runs ``user`` may see, by id, with their run
+    and step (one query)."""
+    rows = Wait.objects.filter(pk__in=wait_ids, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user))
+    return {wait.pk: wait for wait in rows.select_related("run", "step")}
 
 
 def approval_get_for_decision(user: User, wait_id: int) -> Wait:
@@ -489,6 +504,14 @@ def _home_runs(user: User, filters: HomeFilters) -> QuerySet[Run]:
     return qs
 
 
+def _of_runs(rows: QuerySet[Any], runs: QuerySet[Run]) -> QuerySet[Any]:
+    """``rows`` of the runs in ``runs``; of every run when ``runs`` is not narrowed at all (a
+    user who sees every run, no filter), without the join over the whole run table."""
+    if not runs.query.has_filters():
+        return rows
+    return rows.filter(run__in=runs.values("pk"))
+
+
 @dataclass
 class HomeCounts:
     by_status: dict[str, int]
@@ -507,10 +530,13 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
     number of runs): runs by status, open waits by kind and escalation reason, steps queued and
     running per pool, runs near their cost ceiling, and the newest event id."""
     filters = filters or HomeFilters()
+    # Read first: the counts then show at least what this mark promises (a client that has seen
+    # the mark does not ask for a catch-up).
+    last = latest_audit_event_id()
     runs = _home_runs(user, filters)
     by_status = {row["status"]: row["n"] for row in runs.order_by().values("status").annotate(n=Count("id"))}
     waits = (
-        Wait.objects.filter(status=WaitStatus.OPEN, run__in=runs.values("pk"))
+        _of_runs(Wait.objects.filter(status=WaitStatus.OPEN), runs)
         .order_by()
         .values("kind", why=KeyTextTransform("why", "action"))
         .annotate(n=Count("id"))
@@ -524,7 +550,9 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
             reasons[label] = reasons.get(label, 0) + row["n"]
     pools: dict[str, dict[str, Any]] = {}
     for row in (
-        Step.objects.filter(status__in=(StepStatus.QUEUED, StepStatus.RUNNING), run__in=runs.values("pk"))
+        # Two equalities rather than IN: each matches its partial index (``step_queued_idx``,
+        # ``step_running_idx``), so only queued and running steps are read, never the table.
+        _of_runs(Step.objects.filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RUNNING)), runs)
         .order_by()
         .values("pool", "status")
         .annotate(n=Count("id"))
@@ -541,7 +569,6 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
     if near:
         visible = set(runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list("pk", flat=True))
         near = [{**r, "run_id": int(r["key"])} for r in near if r["key"].isdigit() and int(r["key"]) in visible]
-    last = latest_audit_event_id()
     return HomeCounts(
         by_status=by_status,
         waiting_decision=kinds.get(WaitKind.APPROVAL, 0),
@@ -562,12 +589,24 @@ class NumberedPage:
     pages: int
 
 
-def home_runs_for_user(user: User, filters: HomeFilters | None = None, *, page: int = 1, per_page: int = 25) -> NumberedPage:
-    """The filtered runs, newest first, a page at a time with the honest total."""
+def home_runs_for_user(
+    user: User,
+    filters: HomeFilters | None = None,
+    *,
+    page: int = 1,
+    per_page: int = 25,
+    counts: HomeCounts | None = None,
+) -> NumberedPage:
+    """The filtered runs, newest first, a page at a time with the honest total (from
+    ``counts``, the same user's and filters' :func:`home_counts_for_user`, when given)."""
     qs = _home_runs(user, filters or HomeFilters())
     if filters and filters.status:
         qs = qs.filter(status=filters.status)
-    total = qs.count()
+    if counts is not None:
+        by_status = counts.by_status
+        total = by_status.get(filters.status, 0) if filters and filters.status else sum(by_status.values())
+    else:
+        total = qs.count()
     pages = max(1, -(-total // per_page))
     page = min(max(page, 1), pages)
     items = list(qs.order_by("-created_at", "-id")[(page - 1) * per_page : page * per_page])
@@ -641,7 +680,21 @@ def _inbox_waits(user: User) -> QuerySet[Wait]:
     qs = Wait.objects.filter(status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION))
     if not (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
         qs = qs.filter(run__in=runs_visible_to(user))
-    return qs.select_related("run", "step", "claim__user")
+    return qs.select_related("run", "step", "claim__user").defer(*_INBOX_UNREAD)
+
+
+#: What the inbox list never shows of an item's run and step: their payloads, state and logs
+#: (the item's own page reads them), up to 200 rows of JSON read and parsed for nothing.
+_INBOX_UNREAD = (
+    *(f"run__{name}" for name in (
+        "input", "output", "state", "state_versions", "node_visits", "pending_joins", "notes",
+        "degraded", "error_message",
+    )),
+    *(f"step__{name}" for name in (
+        "input", "input_override", "output", "usage", "error_detail", "attempts_log", "error_message",
+    )),
+    "payload", "edited_input",
+)
 
 
 def inbox_for_user(user: User, *, limit: int = 200, kind: str = "", tier: int = 0) -> list[InboxItem]:

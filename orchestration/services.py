@@ -250,10 +250,13 @@ def approval_decide(
     reason: str = "",
     edited_input: dict[str, Any] | None = None,
     run_id: int | None = None,
+    read: Wait | None = None,
 ) -> Wait:
     """Apply an operator's decision to an open approval. Exactly one decision wins; a second
     one (or one on an expired or stale approval) raises Conflict. An edit becomes what the run
-    records: the edited fields are new state versions written by the deciding person."""
+    records: the edited fields are new state versions written by the deciding person.
+    ``read`` is the approval as the caller just read it with its run and step (not read again:
+    the conditional close below is what decides whether it was still open)."""
     if decision not in Decision.values:
         raise InvalidInput(
             f"decision must be one of {', '.join(Decision.values)}", code=Code.INVALID_DECISION
@@ -266,7 +269,10 @@ def approval_decide(
         )
     _check_text(reason, "reason")
     rt = runtime.current()
-    wait = rt.store.wait_get(wait_id, kind=WaitKind.APPROVAL)
+    if read is not None and read.pk == wait_id and read.kind == WaitKind.APPROVAL:
+        wait: Wait | None = read
+    else:
+        wait = rt.store.wait_get(wait_id, kind=WaitKind.APPROVAL)
     if wait is None or (run_id is not None and wait.run_id != run_id):
         raise NotFound(f"no approval {wait_id}", code=Code.APPROVAL_NOT_FOUND)
     if decision == Decision.EDIT:
@@ -296,7 +302,7 @@ def approval_decide(
         # Before the transaction: a refusal's audit record must not roll back with it.
         selectors.wait_check_decide(user, wait)
     with transaction.atomic():
-        rt.store.run_get(wait.run_id, lock=True)
+        locked = rt.store.run_get(wait.run_id, lock=True)
         if decision != Decision.REJECT and (wait.quorum > 1 or wait.stage + 1 < len(wait.stages)):
             if decision == Decision.EDIT:
                 raise Conflict(
@@ -330,7 +336,10 @@ def approval_decide(
             )
 
         needs = FAILING if decision == Decision.REJECT else frozenset()
-        changes = compute_locked(rt, wait.run_id, compute, needs=needs, focus_id=wait.step_id)
+        # The run as locked above: nothing has written it since (a vote writes the wait only).
+        changes = compute_locked(
+            rt, wait.run_id, compute, needs=needs, focus_id=wait.step_id, locked=locked
+        )
         write_and_send(rt, changes)
     wait.run, wait.step = changes.run, decided_step["step"]  # as they are now, for whoever shows it
     return wait
@@ -493,7 +502,7 @@ def escalation_resolve(
         # Before the transaction: a refusal's audit record must not roll back with it.
         selectors.wait_check_decide(user, wait)
     with transaction.atomic():
-        rt.store.run_get(wait.run_id, lock=True)
+        locked = rt.store.run_get(wait.run_id, lock=True)
         if not rt.store.wait_close(wait_id, **closed):
             raise _already_decided(rt, wait_id, "escalation")
         for field, value in closed.items():
@@ -516,7 +525,10 @@ def escalation_resolve(
             )
 
         needs = FAILING if action == Decision.ABORT else frozenset()
-        changes = compute_locked(rt, wait.run_id, compute, needs=needs, focus_id=wait.step_id)
+        # The run as locked above: nothing has written it since (only the wait and audit rows).
+        changes = compute_locked(
+            rt, wait.run_id, compute, needs=needs, focus_id=wait.step_id, locked=locked
+        )
         write_and_send(rt, changes)
     return wait
 
@@ -752,14 +764,20 @@ def approvals_decide_bulk(
         raise InvalidInput("bulk decisions are approve or reject", code=Code.INVALID_DECISION)
     if not wait_ids:
         raise InvalidInput("choose at least one approval", code=Code.INVALID_DECISION)
-    tiers = set(Wait.objects.filter(pk__in=wait_ids).values_list("tier", flat=True))
+    visible = selectors.approvals_visible_to(user, wait_ids)
+    tiers = {wait.tier for wait in visible.values()}
     if len(tiers) > 1:
         raise InvalidInput("bulk decisions are for approvals of one tier", code=Code.INVALID_DECISION,
                            detail={"tiers": sorted(tiers)})
     outcomes = []
     for wait_id in dict.fromkeys(wait_ids):
+        if wait_id not in visible:
+            outcomes.append(BulkOutcome(wait_id, False, f"no approval {wait_id}", str(Code.APPROVAL_NOT_FOUND)))
+            continue
         try:
-            approval_decide(wait_id=wait_id, user=user, decision=decision, reason=reason)
+            approval_decide(
+                wait_id=wait_id, user=user, decision=decision, reason=reason, read=visible[wait_id]
+            )
         except SignalboxError as exc:
             outcomes.append(BulkOutcome(wait_id, False, exc.message, str(exc.code)))
         else:

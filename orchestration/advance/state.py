@@ -72,7 +72,8 @@ class AdvanceState:
             insert_run=insert_run,
             expected_version=run.version if optimistic else None,
         )
-        self._status_before = run.status
+        # A new run's status is news too: the run list and home show it as soon as it is queued.
+        self._status_before = "" if insert_run else run.status
         #: New steps whose "created" record and live event are written (in creation order).
         self._announced = 0
         self._waits_announced = 0

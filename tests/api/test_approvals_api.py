@@ -63,10 +63,10 @@ def test_a_decision_costs_a_bounded_number_of_queries(
 ):
     wait = pending_approval()
     operator_client.get(APPROVALS)  # the token's first use records last_used_at (one UPDATE)
-    # token with user and permissions; the approval with its run; in the service: the approval,
-    # the run locked, the decision, the step, then the step, run and audit writes (one
-    # pipeline), inside a savepoint here; none to show the result (16 queries before)
-    with django_assert_max_num_queries(11):
+    # token with user and permissions; the approval with its run and step; in the service: the
+    # run locked, the decision, the step, then the step, run and audit writes (one pipeline),
+    # inside a savepoint here; none to show the result (16 queries before, then 11)
+    with django_assert_max_num_queries(8):
         response = decide(operator_client, wait.pk, decision="approve", reason="ok")
     body = response.json()
     assert response.status_code == 200, body
@@ -204,3 +204,85 @@ def test_an_approval_on_a_hidden_run_is_not_found(
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "approval_not_found"
     assert row_counts() == before
+
+
+# --- several at once ------------------------------------------------------------------------------
+
+
+def decide_bulk(client, **body):
+    return client.post(f"{APPROVALS}/decide", body, content_type="application/json")
+
+
+def test_bulk_approval_decides_each_and_says_what_happened_to_each(
+    operator_client, pending_approval, drive
+):
+    first, second, decided = pending_approval(), pending_approval(), pending_approval()
+    assert decide(operator_client, decided.pk, decision="approve").status_code == 200
+    response = decide_bulk(
+        operator_client,
+        ids=[second.pk, decided.pk, first.pk, 999_999],
+        decision="approve",
+        reason="batch of the morning",
+    )
+    assert response.status_code == 200, response.content
+    outcomes = {o["id"]: (o["ok"], o["code"]) for o in response.json()}
+    assert [o["id"] for o in response.json()] == [second.pk, decided.pk, first.pk, 999_999]
+    assert outcomes == {
+        first.pk: (True, ""),
+        second.pk: (True, ""),
+        decided.pk: (False, "already_decided"),
+        999_999: (False, "approval_not_found"),
+    }
+    for wait in (first, second):
+        row = Wait.objects.get(pk=wait.pk)
+        assert (row.status, row.decision_reason, row.decided_by.username) == (
+            "approved",
+            "batch of the morning",
+            "operator",
+        )
+        drive(wait.run_id)
+        assert Run.objects.get(pk=wait.run_id).status == "succeeded"
+
+
+def test_bulk_approval_does_not_reach_runs_a_user_cannot_see(
+    stranger, client_for, pending_approval, row_counts
+):
+    wait = pending_approval()
+    before = row_counts()
+    response = decide_bulk(client_for(stranger), ids=[wait.pk], decision="approve")
+    assert response.status_code == 200
+    assert response.json() == [
+        {
+            "id": wait.pk,
+            "ok": False,
+            "code": "approval_not_found",
+            "message": f"no approval {wait.pk}",
+        }
+    ]
+    assert row_counts() == before
+
+
+def test_bulk_rejection_needs_a_reason_and_bulk_edits_are_refused(
+    operator_client, pending_approval
+):
+    wait = pending_approval()
+    response = decide_bulk(operator_client, ids=[wait.pk], decision="reject", reason=" ")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "reason_required"
+    response = decide_bulk(operator_client, ids=[wait.pk], decision="edit", reason="x")
+    assert response.status_code == 422
+    response = decide_bulk(operator_client, ids=[], decision="approve")
+    assert response.status_code == 422
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_bulk_approval_costs_a_bounded_number_of_queries_per_approval(
+    operator_client, pending_approval, django_assert_max_num_queries
+):
+    waits = [pending_approval() for _ in range(3)]
+    operator_client.get(APPROVALS)  # the token's first use records last_used_at (one UPDATE)
+    # token; the approvals with their runs and steps; then for each, in its own transaction
+    # (a savepoint here): the run locked, the decision, the step, the writes
+    with django_assert_max_num_queries(2 + 3 * 6):
+        response = decide_bulk(operator_client, ids=[w.pk for w in waits], decision="approve")
+    assert [o["ok"] for o in response.json()] == [True, True, True]

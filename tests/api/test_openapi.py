@@ -24,6 +24,7 @@ PATHS = {
     "/api/v1/runs/{run_id}/events": {"post"},
     "/api/v1/approvals": {"get"},
     "/api/v1/approvals/{approval_id}/decide": {"post"},
+    "/api/v1/approvals/decide": {"post"},
     "/api/v1/escalations": {"get"},
     "/api/v1/escalations/{escalation_id}": {"get"},
     "/api/v1/escalations/{escalation_id}/resolve": {"post"},
@@ -77,7 +78,7 @@ def test_every_operation_with_a_body_documents_400_malformed_json(schema):
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    assert len(with_body) == 11
+    assert len(with_body) == 12
     for method, path, operation in with_body:
         response = operation["responses"].get("400")
         assert response is not None, (method, path)

@@ -68,6 +68,8 @@ class Row:
     write_tx: int = 0
     broker_msgs: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    #: Printed under the table: what else the row's numbers need to be read right.
+    note: str = ""
 
     def rate(self) -> str:
         return f"{self.runs / self.seconds:,.0f}" if self.seconds else "-"
@@ -102,7 +104,7 @@ def reset_database() -> None:
 class Processes:
     """Two worker processes and one ASGI web process, started for the whole benchmark."""
 
-    def __init__(self, workers: int, live_events: bool) -> None:
+    def __init__(self, workers: int, live_events: bool, web_processes: int = 1) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
         env = bench_env(SIGNALBOX_LIVE_EVENTS=str(live_events).lower())
@@ -132,24 +134,46 @@ class Processes:
                 f"worker{index}",
             )
         self.port = _free_port()
-        self._start(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "console.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            {**env, "DB_POOL": "true", "DB_CONN_MAX_AGE": "0"},
-            "web",
-        )
-        self._wait_ready()
+        web_env = {**env, "DB_POOL": "true", "DB_CONN_MAX_AGE": "0"}
+        if web_processes > 1:
+            # As deployed (deploy/gunicorn.conf.py): gunicorn with uvicorn workers, one per core.
+            self._start(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "deploy/gunicorn.conf.py",
+                    "--bind",
+                    f"127.0.0.1:{self.port}",
+                    "console.asgi:application",
+                ],
+                {**web_env, "WEB_CONCURRENCY": str(web_processes)},
+                "web",
+            )
+        else:
+            self._start(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "console.asgi:application",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+                web_env,
+                "web",
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, cmd: list[str], env: dict[str, str], name: str) -> None:
         log = (self.logdir / f"{name}.log").open("w")
@@ -213,7 +237,8 @@ class Processes:
         }
         for proc in self.procs[:-1]:
             totals["workers"] += cpu(proc.pid)
-        totals["web"] = cpu(self.procs[-1].pid)
+        web = self.procs[-1].pid
+        totals["web"] = cpu(web) + sum(cpu(int(p)) for p in _children(web))
         # This benchmark's database only (the machine's PostgreSQL serves other databases too),
         # plus the server's own WAL writer, background writer and checkpointer.
         shared = (
@@ -236,6 +261,11 @@ class Processes:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return out.stdout.split()
 
 
 def _free_port() -> int:
@@ -463,9 +493,27 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--web-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="web server processes (more than 1: gunicorn with uvicorn workers, as deployed)",
+    )
+    parser.add_argument("--decisions", type=int, default=600, help="approvals per decisions row")
+    parser.add_argument("--bulk-size", type=int, default=10, help="approvals per bulk call")
+    parser.add_argument("--push-rate", type=float, default=100, help="changes per second")
+    parser.add_argument("--push-seconds", type=float, default=10)
+    parser.add_argument("--consoles", type=int, default=20)
+    parser.add_argument("--page-runs", type=int, default=100_000)
+    parser.add_argument("--page-requests", type=int, default=20)
+    parser.add_argument(
         "--no-live-events", action="store_true", help="measure without channel-layer events"
     )
-    parser.add_argument("--only", choices=["service", "api", "resume", "single"], action="append")
+    parser.add_argument(
+        "--only",
+        choices=["service", "api", "resume", "single", "decisions", "push", "pages"],
+        action="append",
+        help="decisions, push and pages are issue 19's targets; without --only, all run",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
         "--policy",
@@ -483,53 +531,119 @@ def main() -> None:
         from console.demo import demo_policy_install
 
         demo_policy_install()
-    procs = Processes(args.workers, live_events=not args.no_live_events)
+    only = set(args.only or ["service", "api", "resume", "single", "decisions", "push", "pages"])
     rows: list[Row] = []
     cpu_report: list[str] = []
-    try:
-        counters = Counters()
-        only = set(args.only or ["service", "api", "resume", "single"])
-        client = api_client(procs.port) if only & {"api", "resume"} else None
+    logdirs: list[str] = []
+    counters = Counters()
 
-        def measured(label: str, runs: int, workload: Any) -> Row:
-            """Run ``workload`` and note the CPU each kind of process spent per run meanwhile."""
-            before = procs.cpu_seconds()
-            row = workload()
-            after = procs.cpu_seconds()
-            cpu_report.append(
-                f"CPU ms per run during {label}: "
-                + ", ".join(f"{k} {(after[k] - before[k]) * 1000 / runs:.1f}" for k in after)
-            )
-            return row
+    def measured(procs: Processes, label: str, runs: int, workload: Any) -> Any:
+        """Run ``workload`` and note the CPU each kind of process spent per run meanwhile,
+        and the machine's load (it is shared)."""
+        before = procs.cpu_seconds()
+        result = workload()
+        after = procs.cpu_seconds()
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        cpu_report.append(
+            f"CPU ms per run during {label}: "
+            + ", ".join(f"{k} {(after[k] - before[k]) * 1000 / runs:.1f}" for k in after)
+            + f"; load average after: {load}"
+        )
+        return result
 
-        if "single" in only:
-            bench_single(20, counters)  # warm-up: imports, connections, caches
-            rows.append(measured("(c)", args.single, lambda: bench_single(args.single, counters)))
-        if "service" in only:
+    engine_parts = only & {"service", "api", "resume", "single", "decisions"}
+    if engine_parts:
+        procs = Processes(
+            args.workers, live_events=not args.no_live_events, web_processes=args.web_processes
+        )
+        logdirs.append(str(procs.logdir))
+        try:
+            client = api_client(procs.port) if only & {"api", "resume", "decisions"} else None
+            if "single" in only:
+                bench_single(20, counters)  # warm-up: imports, connections, caches
+                rows.append(
+                    measured(procs, "(c)", args.single, lambda: bench_single(args.single, counters))
+                )
+            if "service" in only:
+                rows.append(
+                    measured(
+                        procs,
+                        "(a) via the service",
+                        args.runs,
+                        lambda: bench_throughput_service(args.runs, counters),
+                    )
+                )
+            if "api" in only:
+                rows.append(
+                    measured(
+                        procs,
+                        "(a) via the REST API",
+                        args.runs,
+                        lambda: bench_throughput_api(args.runs, counters, client),
+                    )
+                )
+            if "resume" in only:
+                rows.append(bench_resume(args.approvals, counters, client))
+            if "decisions" in only:
+                from tests.bench.decisions import bench_decisions
+
+                bench_decisions(40, counters, client)  # warm-up of every web process
+                for bulk in (0, args.bulk_size):
+                    rows.append(
+                        measured(
+                            procs,
+                            f"decisions (bulk {bulk})",
+                            args.decisions,
+                            lambda bulk=bulk: bench_decisions(
+                                args.decisions, counters, client, bulk_size=bulk
+                            ),
+                        )
+                    )
+        finally:
+            procs.stop()
+    if "push" in only:
+        from tests.bench.live_push import bench_push
+
+        # No workers: the submitted runs stay queued, so the only changes are the driver's.
+        procs = Processes(0, live_events=True, web_processes=args.web_processes)
+        logdirs.append(str(procs.logdir))
+        try:
+            changes = int(args.push_rate * args.push_seconds)
             rows.append(
                 measured(
-                    "(a) via the service",
-                    args.runs,
-                    lambda: bench_throughput_service(args.runs, counters),
+                    procs,
+                    "live push (per change)",
+                    changes,
+                    lambda: bench_push(
+                        procs.port, args.push_rate, args.push_seconds, args.consoles
+                    ),
                 )
             )
-        if "api" in only:
-            rows.append(
-                measured(
-                    "(a) via the REST API",
-                    args.runs,
-                    lambda: bench_throughput_api(args.runs, counters, client),
-                )
-            )
-        if "resume" in only:
-            rows.append(bench_resume(args.approvals, counters, client))
-    finally:
-        procs.stop()
+        finally:
+            procs.stop()
+    if "pages" in only:
+        from tests.bench.pages import bench_pages
+
+        procs = Processes(args.workers, live_events=True, web_processes=args.web_processes)
+        logdirs.append(str(procs.logdir))
+        try:
+            page_rows, counts = bench_pages(procs.port, args.page_runs, args.page_requests)
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            for row in page_rows:
+                row.note = f"load average after: {load}"
+            rows.extend(page_rows)
+            cpu_report.append(f"pages database: {counts}")
+        finally:
+            procs.stop()
     print(render(rows, args.markdown))
+    for row in rows:
+        if row.note:
+            print(f"{row.name}: {row.note}")
     for line in cpu_report:
         print(line)
     print(
-        f"\nlogs: {procs.logdir}; cores: {os.cpu_count()}; live events: {not args.no_live_events}"
+        f"\nlogs: {' '.join(logdirs)}; cores: {os.cpu_count()}; web processes: "
+        f"{args.web_processes}; live events: {not args.no_live_events}"
     )
 
 

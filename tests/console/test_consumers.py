@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -148,7 +150,7 @@ async def test_a_run_status_change_also_sends_inputs_and_outputs(
     assert '<section id="run-io" class="card"' in html
 
 
-async def test_a_burst_of_events_is_sent_as_one_render(
+async def test_a_burst_of_events_is_sent_as_at_most_two_renders(
     run_id: int, viewer_cookie: tuple[bytes, bytes]
 ) -> None:
     communicator, connected = await connect(f"/ws/runs/{run_id}/", ORIGIN, viewer_cookie)
@@ -159,7 +161,10 @@ async def test_a_burst_of_events_is_sent_as_one_render(
             await layer.group_send(
                 run_group(run_id), {**RUN_EVENT, "event": {**RUN_EVENT["event"], "run_id": run_id}}
             )
+        # The first event renders at once; the others, arriving meanwhile, share one more.
         await communicator.receive_from(timeout=5)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await communicator.receive_from(timeout=1)
         assert await communicator.receive_nothing(timeout=0.6)
     finally:
         await communicator.disconnect()

@@ -71,6 +71,19 @@ def test_run_list_members_hear_only_run_level_changes(redis_layer: Any) -> None:
     assert message["event"] == {"run_id": 10, "kind": "run", "change": "succeeded", "status": "succeeded"}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_submitted_run_is_news_for_the_run_list_and_home(redis_layer: Any) -> None:
+    from orchestration.services import run_submit
+
+    channel = async_to_sync(redis_layer.new_channel)()
+    async_to_sync(redis_layer.group_add)(live.RUNS_GROUP, channel)
+
+    run = run_submit(workflow="reference_workload", input={}).run
+
+    message = _receive(redis_layer, channel)
+    assert message["event"] == {"run_id": run.pk, "kind": "run", "change": "queued", "status": "queued"}
+
+
 def test_groups_without_members_send_nothing(redis_layer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[Any] = []
     monkeypatch.setattr(live.asyncio, "run_coroutine_threadsafe", lambda coro, loop: sent.append(coro.close()))

@@ -1,0 +1,99 @@
+"""Decisions through the REST API (issue 19): decisions/s and resume latency, served as deployed.
+
+Runs of the reference workload are brought to their approval by the workers; then 8 client
+threads approve them as fast as they can, either one call per approval
+(``POST /approvals/{id}/decide``) or through the bulk endpoint (``POST /approvals/decide``,
+``--bulk-size`` approvals per call). Resume latency is measured from the moment the client
+started the call that decided an approval to the moment the run's next step (publish) started,
+from the worker's own timestamp: the same clock, one machine.
+
+decisions/s = approvals / (first call started -> last call answered).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from tests.bench.run import Counters, Row, wait_all
+
+CLIENTS = 8
+
+
+def approvals_ready(n: int) -> tuple[list[int], list[int]]:
+    """``n`` runs paused at their approval: (run ids, open approval ids)."""
+    from orchestration.models import Wait
+    from orchestration.services import run_submit
+
+    ids = [
+        run_submit(workflow="reference_workload", input={"needs_approval": True}).run.pk
+        for _ in range(n)
+    ]
+    wait_all(ids, "waiting")
+    waits = list(
+        Wait.objects.filter(run_id__in=ids, status="open")
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    assert len(waits) == n, len(waits)
+    return ids, waits
+
+
+def bench_decisions(
+    n: int, counters: Counters, client: Any, *, bulk_size: int = 0, clients: int = CLIENTS
+) -> Row:
+    """Decide ``n`` approvals from ``clients`` threads; ``bulk_size`` > 0 uses the bulk endpoint."""
+    from orchestration.models import Step, Wait
+
+    how = f"bulk endpoint, {bulk_size} per call" if bulk_size else "one call each"
+    row = Row(f"decisions, {clients} clients, {how}", n)
+    ids, waits = approvals_ready(n)
+    started_at: dict[int, float] = {}
+    if bulk_size:
+        calls = [waits[i : i + bulk_size] for i in range(0, len(waits), bulk_size)]
+    else:
+        calls = [[w] for w in waits]
+
+    def decide(batch: list[int]) -> None:
+        t0 = time.time()
+        for wait_id in batch:
+            started_at[wait_id] = t0
+        if bulk_size:
+            response = client.post(
+                "/approvals/decide", json={"ids": batch, "decision": "approve", "reason": "bench"}
+            )
+            response.raise_for_status()
+            refused = [o for o in response.json() if not o["ok"]]
+            assert not refused, refused
+        else:
+            response = client.post(
+                f"/approvals/{batch[0]}/decide", json={"decision": "approve", "reason": "bench"}
+            )
+            response.raise_for_status()
+
+    xid0, push0 = counters.snapshot()
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(decide, calls))
+    answered = time.monotonic()
+    wait_all(ids, "succeeded")
+    xid1, push1 = counters.snapshot()
+    row.seconds = answered - start
+    row.steps = n
+    row.write_tx = xid1 - xid0 - 1
+    row.broker_msgs = push1 - push0
+    run_of = dict(Wait.objects.filter(pk__in=waits).values_list("pk", "run_id"))
+    publish: dict[int, datetime] = dict(
+        Step.objects.filter(run_id__in=ids, node="publish").values_list("run_id", "started_at")
+    )
+    row.latencies_ms = [(publish[run_of[w]].timestamp() - started_at[w]) * 1000 for w in waits]
+    decided = Wait.objects.filter(pk__in=waits).values_list("decided_at", flat=True)
+    first = min(started_at.values())
+    last_decided = max(d for d in decided if d is not None)
+    row.note = (
+        f"all decided {(last_decided.timestamp() - first) * 1000:.0f} ms after the first call; "
+        f"first call {datetime.fromtimestamp(first, UTC):%H:%M:%S} UTC"
+    )
+    return row

@@ -17,8 +17,17 @@ from infra.sql import Batch, insert, insert_rows
 
 #: The columns of an audit row, in the order :func:`audit_insert_from` takes them.
 AUDIT_COLUMNS = (
-    "created_at", "actor_type", "actor_id", "verb", "object_type", "object_id", "run_id", "step_id",
-    "trace_id", "payload_digest", "data",
+    "created_at",
+    "actor_type",
+    "actor_id",
+    "verb",
+    "object_type",
+    "object_id",
+    "run_id",
+    "step_id",
+    "trace_id",
+    "payload_digest",
+    "data",
 )
 
 
@@ -51,7 +60,9 @@ class Entry:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None, batch: Batch | None = None) -> None:
+def audit_record_many(
+    entries: Iterable[Entry], *, now: datetime | None = None, batch: Batch | None = None
+) -> None:
     """Write the entries in one statement, inside the caller's transaction (or its batch,
     which is one transaction)."""
     rows = list(entries)
@@ -67,9 +78,16 @@ def audit_record_many(entries: Iterable[Entry], *, now: datetime | None = None, 
             AuditEvent,
             [
                 {
-                    "created_at": at, "actor_type": e.actor_type, "actor_id": e.actor_id, "verb": int(e.verb),
-                    "object_type": e.object_type, "object_id": str(e.object_id), "run_id": e.run_id,
-                    "step_id": e.step_id, "trace_id": e.trace_id, "payload_digest": payload_digest(e.payload),
+                    "created_at": at,
+                    "actor_type": e.actor_type,
+                    "actor_id": e.actor_id,
+                    "verb": int(e.verb),
+                    "object_type": e.object_type,
+                    "object_id": str(e.object_id),
+                    "run_id": e.run_id,
+                    "step_id": e.step_id,
+                    "trace_id": e.trace_id,
+                    "payload_digest": payload_digest(e.payload),
                     "data": e.data,
                 }
                 for e in rows

@@ -88,7 +88,10 @@ def demo_users_seed() -> DemoSeed:
             # An address, so notifications of the items they may decide reach them (in the
             # embedded demo, as files under var/mail/).
             user = user_model.objects.create_user(
-                username=username, email=f"{username}@example.com", password=password, is_staff=staff
+                username=username,
+                email=f"{username}@example.com",
+                password=password,
+                is_staff=staff,
             )
             user.groups.add(groups[role])
             for tenant in tenants:
@@ -97,7 +100,9 @@ def demo_users_seed() -> DemoSeed:
         if not user_model.objects.filter(username=SIMULATOR_USER).exists():
             # A service account: it cannot log in, and it only submits.
             service = user_model.objects.create_user(username=SIMULATOR_USER, password=None)
-            service.user_permissions.add(Permission.objects.get(content_type__app_label="orchestration", codename="add_run"))
+            service.user_permissions.add(
+                Permission.objects.get(content_type__app_label="orchestration", codename="add_run")
+            )
             for tenant in tenants:
                 tenant_grant(service, tenant, TENANT_SUBMITTER)
     return seed
@@ -166,7 +171,9 @@ SCENARIOS: dict[str, Scenario] = {
         "small",
     ),
     "refund_tier_1": Scenario(
-        "refund_desk", "a refund above 100: tier-1 approval (tier 2 outside business hours)", "consumer"
+        "refund_desk",
+        "a refund above 100: tier-1 approval (tier 2 outside business hours)",
+        "consumer",
     ),
     "refund_tier_2": Scenario("refund_desk", "a refund above 1,000: tier-2 approval", "business"),
     "refund_tier_3": Scenario(
@@ -336,9 +343,16 @@ class DemoSimulator:
             return {"topic": rng.choice(TOPICS), "audience": rng.choice(AUDIENCES)}
         if scenario.workflow == "research_brief":
             return {"question": rng.choice(QUESTIONS), "max_subquestions": rng.randint(2, 6)}
-        customer = {"customer_id": f"cus_{rng.randint(1000, 9999)}", "channel": rng.choice(("email", "email", "sms"))}
+        customer = {
+            "customer_id": f"cus_{rng.randint(1000, 9999)}",
+            "channel": rng.choice(("email", "email", "sms")),
+        }
         if scenario.order is None:
-            return {**customer, "order_id": f"ord_{rng.randint(10000, 99999)}", "message": rng.choice(QUESTION_MESSAGES)}
+            return {
+                **customer,
+                "order_id": f"ord_{rng.randint(10000, 99999)}",
+                "message": rng.choice(QUESTION_MESSAGES),
+            }
         message = rng.choice(REFUND_MESSAGES)
         if name == "refund_long_thread":
             message = long_thread(message, rng)
@@ -402,7 +416,9 @@ class DemoSimulator:
         is aborted instead: an archived order or a long thread fails the same way every time."""
         retried = []
         stale = Wait.objects.filter(
-            kind=WaitKind.ESCALATION, status=WaitStatus.OPEN, created_at__lte=now - self.auto_decide_after
+            kind=WaitKind.ESCALATION,
+            status=WaitStatus.OPEN,
+            created_at__lte=now - self.auto_decide_after,
         ).order_by("id")[:50]
         for wait in stale:
             again = Wait.objects.filter(

@@ -237,8 +237,12 @@ class EmbeddedStack:
         self.worker = WorkerThread(self.pools, concurrency=self.options.concurrency)
         self.worker.start()
         self.threads.append(PeriodicThread("scheduler", self.options.tick_seconds, engine_tick))
-        self.threads.append(PeriodicThread("sla", self.options.tick_seconds, waits_escalate_breached))
-        self.threads.append(PeriodicThread("notifications", NOTIFY_SCAN_SECONDS, notifications_scan))
+        self.threads.append(
+            PeriodicThread("sla", self.options.tick_seconds, waits_escalate_breached)
+        )
+        self.threads.append(
+            PeriodicThread("notifications", NOTIFY_SCAN_SECONDS, notifications_scan)
+        )
         if self.options.simulator is not None:
             self.threads.append(
                 PeriodicThread("simulator", self.options.simulator_seconds, self.options.simulator)

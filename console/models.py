@@ -18,7 +18,9 @@ def token_digest(raw: str) -> str:
 class ApiToken(models.Model):
     """A bearer token: ``Authorization: Bearer sbx_...``. The raw value is shown once."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
     name = models.CharField(max_length=100)
     digest = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=12)
@@ -80,7 +82,9 @@ class Notification(models.Model):
     channel = models.CharField(max_length=10, choices=NotificationChannel.choices)
     #: ``tier-2``: the item reached tier 2 (opened there, or escalated to it by an SLA breach).
     reason = models.CharField(max_length=40)
-    status = models.CharField(max_length=10, choices=NotificationStatus.choices, default=NotificationStatus.PENDING)
+    status = models.CharField(
+        max_length=10, choices=NotificationStatus.choices, default=NotificationStatus.PENDING
+    )
     attempts = models.SmallIntegerField(default=0)
     next_attempt_at = models.DateTimeField()
     last_error = models.TextField(blank=True, default="")
@@ -93,7 +97,8 @@ class Notification(models.Model):
         ]
         indexes = [
             models.Index(
-                fields=["next_attempt_at"], condition=models.Q(status__in=["pending", "sending"]),
+                fields=["next_attempt_at"],
+                condition=models.Q(status__in=["pending", "sending"]),
                 name="notification_due_idx",
             ),
         ]

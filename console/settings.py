@@ -28,9 +28,13 @@ if PRODUCTION:
     if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
         raise ImproperlyConfigured("SECRET_KEY must be at least 50 random characters in production")
 else:
-    SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-development-only-key-never-in-production")
+    SECRET_KEY = env.str(
+        "SECRET_KEY", default="django-insecure-development-only-key-never-in-production"
+    )
 
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
+ALLOWED_HOSTS = env.list(
+    "ALLOWED_HOSTS", default=[] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"]
+)
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 VAR_DIR = Path(env.str("SIGNALBOX_VAR_DIR", default=str(BASE_DIR / "var")))
@@ -116,7 +120,9 @@ if EMBEDDED:
 else:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
     if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        raise ImproperlyConfigured("DATABASE_URL must be a postgres:// URL (or unset for embedded mode)")
+        raise ImproperlyConfigured(
+            "DATABASE_URL must be a postgres:// URL (or unset for embedded mode)"
+        )
     # Django's backend, plus: a batch a worker left in flight is read before the next statement.
     DATABASES["default"]["ENGINE"] = "infra.postgresql"
     # Workers keep their connection between tasks (a reconnect costs more than a step); the
@@ -127,7 +133,10 @@ else:
     DATABASES["default"]["OPTIONS"]["options"] = "-c idle_in_transaction_session_timeout=60000"
     if env.bool("DB_POOL", default=False):
         DATABASES["default"]["CONN_MAX_AGE"] = 0
-        DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env.int("DB_POOL_MAX", default=10)}
+        DATABASES["default"]["OPTIONS"]["pool"] = {
+            "min_size": 1,
+            "max_size": env.int("DB_POOL_MAX", default=10),
+        }
     test_name = env.str("DATABASE_TEST_NAME", default="")
     if test_name:
         DATABASES["default"]["TEST"] = {"NAME": test_name}
@@ -222,9 +231,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
-    "engine-tick": {"task": "orchestration.tasks.engine_tick", "schedule": env.float("SIGNALBOX_TICK_SECONDS", default=2.0)},
+    "engine-tick": {
+        "task": "orchestration.tasks.engine_tick",
+        "schedule": env.float("SIGNALBOX_TICK_SECONDS", default=2.0),
+    },
     "notifications-scan": {
-        "task": "console.tasks.notifications_scan", "schedule": env.float("SIGNALBOX_NOTIFY_SCAN_SECONDS", default=10.0)
+        "task": "console.tasks.notifications_scan",
+        "schedule": env.float("SIGNALBOX_NOTIFY_SCAN_SECONDS", default=10.0),
     },
 }
 
@@ -341,14 +354,44 @@ if SIGNALBOX_ENV == "test":
         }
     )
     SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
-    SIGNALBOX_WORKFLOWS = [*SIGNALBOX_WORKFLOWS, *(f"tests.support.workflows:{name}" for name in (
-        "slow_then_echo", "bad_handoff", "snooping", "flaky_chain", "event_timeout_continue",
-        "event_timeout_fail", "parallel_approvals", "endless_review", "oversized_fanout",
-        "approval_expiry", "approval_drift", "refund_once", "escalating", "with_fallback", "with_degraded",
-        "sleepy", "retry_storm", "saga", "saga_waiting", "parallel_slow", "early_chain", "early_branches",
-        "early_effect", "siblings", "pure_siblings", "pure_effect_siblings", "pure_map", "first_wins",
-        "priced_chat", "tiered_refund",
-    ))]
+    SIGNALBOX_WORKFLOWS = [
+        *SIGNALBOX_WORKFLOWS,
+        *(
+            f"tests.support.workflows:{name}"
+            for name in (
+                "slow_then_echo",
+                "bad_handoff",
+                "snooping",
+                "flaky_chain",
+                "event_timeout_continue",
+                "event_timeout_fail",
+                "parallel_approvals",
+                "endless_review",
+                "oversized_fanout",
+                "approval_expiry",
+                "approval_drift",
+                "refund_once",
+                "escalating",
+                "with_fallback",
+                "with_degraded",
+                "sleepy",
+                "retry_storm",
+                "saga",
+                "saga_waiting",
+                "parallel_slow",
+                "early_chain",
+                "early_branches",
+                "early_effect",
+                "siblings",
+                "pure_siblings",
+                "pure_effect_siblings",
+                "pure_map",
+                "first_wins",
+                "priced_chat",
+                "tiered_refund",
+            )
+        ),
+    ]
 
 # --- SLA and notifications ------------------------------------------------------------------------
 #: How long an open approval or escalation may wait at one tier before it escalates a tier.

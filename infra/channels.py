@@ -238,5 +238,3 @@ class Membership:
             else:
                 self._pools[index] = redis.ConnectionPool(**host)
         return self._pools[index]
-
-

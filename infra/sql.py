@@ -240,7 +240,9 @@ class Batch:
         with the caller's other writes); returns the rows of its last statement, if any."""
         conn = db()
         if not conn.in_atomic_block:
-            raise RuntimeError("run_in_transaction needs a transaction; use run() to commit by itself")
+            raise RuntimeError(
+                "run_in_transaction needs a transaction; use run() to commit by itself"
+            )
         ensure_prepared(self.prepared)
         with conn.cursor() as cursor:
             raw = cursor.cursor
@@ -254,7 +256,11 @@ class Batch:
             while raw.nextset():
                 pass
             result = raw.pgresult
-            return raw.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else None
+            return (
+                raw.fetchall()
+                if result is not None and result.status == ExecStatus.TUPLES_OK
+                else None
+            )
 
     def run(self) -> list[Any] | None:
         """Run the batch; returns the rows of its last statement if that one returns rows."""

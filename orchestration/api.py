@@ -183,7 +183,11 @@ def run_event_send(
     )
     return Status(
         202,
-        {"applied": delivery.applied, "duplicate": delivery.duplicate, "event_id": delivery.event.event_id},
+        {
+            "applied": delivery.applied,
+            "duplicate": delivery.duplicate,
+            "event_id": delivery.event.event_id,
+        },
     )
 
 
@@ -247,9 +251,7 @@ def approvals_decide_bulk(request: HttpRequest, payload: ApprovalBulkDecideIn) -
         decision=payload.decision,
         reason=payload.reason,
     )
-    return [
-        {"id": o.wait_id, "ok": o.ok, "code": o.code, "message": o.message} for o in outcomes
-    ]
+    return [{"id": o.wait_id, "ok": o.ok, "code": o.code, "message": o.message} for o in outcomes]
 
 
 # --- escalations (failed steps waiting for an operator) ------------------------------------------
@@ -285,9 +287,7 @@ def escalation_list(request: HttpRequest, filters: Query[EscalationListQuery]) -
     response={200: EscalationOut, **errors(401, 404, 422)},
     summary="One escalated step with its full context",
 )
-def escalation_detail(
-    request: HttpRequest, escalation_id: int = id_in_path()
-) -> dict[str, Any]:
+def escalation_detail(request: HttpRequest, escalation_id: int = id_in_path()) -> dict[str, Any]:
     user = authenticated(request)
     return escalation_out(selectors.escalation_get_for_user(user, escalation_id))
 

@@ -205,7 +205,9 @@ class Node:
         if self.kind == "wait":
             out.update(
                 event=self.event,
-                timeout_seconds=int(self.wait_timeout.total_seconds()) if self.wait_timeout else None,
+                timeout_seconds=int(self.wait_timeout.total_seconds())
+                if self.wait_timeout
+                else None,
                 on_timeout=self.on_timeout,
             )
         return out
@@ -461,13 +463,21 @@ class Workflow:
                     raise DefinitionError(f"{self.key}: {node.name!r} names unknown {target!r}")
                 targeted.add(target)
             if node.on_failure not in (None, "escalate", "fail"):
-                raise DefinitionError(f"{self.key}: {node.name!r} on_failure must be 'escalate' or 'fail'")
+                raise DefinitionError(
+                    f"{self.key}: {node.name!r} on_failure must be 'escalate' or 'fail'"
+                )
             if node.fallback and node.fallback == node.agent:
-                raise DefinitionError(f"{self.key}: {node.name!r} cannot fall back to its own agent")
+                raise DefinitionError(
+                    f"{self.key}: {node.name!r} cannot fall back to its own agent"
+                )
             if node.timeout and node.hard_timeout and node.hard_timeout < node.timeout:
-                raise DefinitionError(f"{self.key}: {node.name!r} hard_timeout is shorter than its timeout")
+                raise DefinitionError(
+                    f"{self.key}: {node.name!r} hard_timeout is shorter than its timeout"
+                )
             if isinstance(node.join, int) and not 1 <= node.join <= len(node.after):
-                raise DefinitionError(f"{self.key}: {node.name!r} join must be 1..{len(node.after)}")
+                raise DefinitionError(
+                    f"{self.key}: {node.name!r} join must be 1..{len(node.after)}"
+                )
         for node in self.nodes.values():
             if node.kind in ("route",) or node.routes:
                 continue
@@ -485,7 +495,9 @@ class Workflow:
         return self
 
     def start_nodes(self) -> list[str]:
-        targeted = {t for n in self.nodes.values() for t in (*n.targets, n.on_loop_limit, n.on_timeout)}
+        targeted = {
+            t for n in self.nodes.values() for t in (*n.targets, n.on_loop_limit, n.on_timeout)
+        }
         return [n.name for n in self.nodes.values() if not n.after and n.name not in targeted]
 
     def successors(self, name: str) -> tuple[str, ...]:
@@ -505,7 +517,9 @@ class Workflow:
     def timeouts_of(self, node: Node) -> tuple[timedelta, timedelta]:
         """(soft, hard) for one attempt of the node's agent."""
         soft = node.timeout or self.step_timeout
-        hard = node.hard_timeout or (soft + timedelta(minutes=1) if node.timeout else self.step_hard_timeout)
+        hard = node.hard_timeout or (
+            soft + timedelta(minutes=1) if node.timeout else self.step_hard_timeout
+        )
         return soft, max(hard, soft)
 
     def escalation_timeout_of(self, node: Node) -> timedelta:

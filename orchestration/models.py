@@ -198,11 +198,15 @@ class Step(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["run", "node", "visit", "item"], name="step_activation_unique")
+            models.UniqueConstraint(
+                fields=["run", "node", "visit", "item"], name="step_activation_unique"
+            )
         ]
         indexes = [
             models.Index(fields=["run", "id"], name="step_run_idx"),
-            models.Index(fields=["parent"], condition=Q(parent__isnull=False), name="step_parent_idx"),
+            models.Index(
+                fields=["parent"], condition=Q(parent__isnull=False), name="step_parent_idx"
+            ),
             models.Index(
                 fields=["available_at"], condition=Q(status="queued"), name="step_queued_idx"
             ),
@@ -228,7 +232,9 @@ class StateVersion(models.Model):
     key = models.CharField(max_length=100)
     version = models.IntegerField()
     value = models.JSONField(null=True)
-    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    step = models.ForeignKey(
+        Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     #: Who wrote it: an agent name, "submit", "event:<name>" or "operator:<username>".
     writer = models.CharField(max_length=150)
     created_at = models.DateTimeField()
@@ -325,8 +331,12 @@ class Wait(models.Model):
         indexes = [
             # (deadline_at, id): the inbox's order, so its first page is read in order and stops
             # there (with only deadline_at, PostgreSQL sorted every open wait joined to its run).
-            models.Index(fields=["deadline_at", "id"], condition=Q(status="open"), name="wait_open_due_idx"),
-            models.Index(fields=["kind", "-id"], condition=Q(status="open"), name="wait_open_kind_idx"),
+            models.Index(
+                fields=["deadline_at", "id"], condition=Q(status="open"), name="wait_open_due_idx"
+            ),
+            models.Index(
+                fields=["kind", "-id"], condition=Q(status="open"), name="wait_open_kind_idx"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -364,7 +374,9 @@ class WorkflowRecord(models.Model):
     name = models.CharField(max_length=100, unique=True)
 
     class Meta:
-        permissions = [("decide_workflow", "Can decide approvals and escalations of this workflow's runs")]
+        permissions = [
+            ("decide_workflow", "Can decide approvals and escalations of this workflow's runs")
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -377,7 +389,9 @@ class RunEvent(models.Model):
     name = models.CharField(max_length=100)
     event_id = models.CharField(max_length=200)
     payload = models.JSONField(default=dict)
-    wait = models.ForeignKey(Wait, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    wait = models.ForeignKey(
+        Wait, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     received_at = models.DateTimeField()
     applied_at = models.DateTimeField(null=True, blank=True)
 
@@ -397,8 +411,12 @@ class ToolCallStatus(models.TextChoices):
 class ToolCall(models.Model):
     """One attempt to call a provider for a capability. Secrets are redacted before it is built."""
 
-    run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls")
-    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls")
+    run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls"
+    )
+    step = models.ForeignKey(
+        Step, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls"
+    )
     trace_id = models.CharField(max_length=32, blank=True, default="")
     #: The step key that made the call (``draft#2``, ``answer[3]``) and its call number there.
     node = models.CharField(max_length=200, blank=True, default="")
@@ -437,7 +455,9 @@ class WaitClaim(models.Model):
     """An operator's claim on an open approval or escalation: others see who is on it and
     until when. A claim lapses at ``expires_at``; it never stops anyone deciding."""
 
-    wait = models.OneToOneField(Wait, on_delete=models.CASCADE, primary_key=True, related_name="claim")
+    wait = models.OneToOneField(
+        Wait, on_delete=models.CASCADE, primary_key=True, related_name="claim"
+    )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     claimed_at = models.DateTimeField()
     expires_at = models.DateTimeField()

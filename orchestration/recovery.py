@@ -93,7 +93,9 @@ def expire_waits() -> int:
                 wait = rt.store.wait_get(wait_id)
                 assert wait is not None
                 wait.status, wait.decided_at = WaitStatus.EXPIRED, now
-                write_and_send(rt, compute_locked(rt, run_id, _expired(wait, now), focus_id=wait.step_id))
+                write_and_send(
+                    rt, compute_locked(rt, run_id, _expired(wait, now), focus_id=wait.step_id)
+                )
         except _Skip:
             continue
         expired += 1

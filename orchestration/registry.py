@@ -108,7 +108,9 @@ def workflow_get(name: str, version: int | None = None) -> Workflow:
     if version is None:
         versions = [v for (n, v) in registered if n == name]
         if not versions:
-            raise UnknownWorkflow(f"no workflow is registered as {name!r}", detail={"workflow": name})
+            raise UnknownWorkflow(
+                f"no workflow is registered as {name!r}", detail={"workflow": name}
+            )
         version = max(versions)
     wf = registered.get((name, version))
     if wf is None:

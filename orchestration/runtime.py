@@ -25,6 +25,7 @@ from orchestration.store import Store, store_create
 
 log = logging.getLogger(__name__)
 
+
 class Runtime:
     """The engine state of one process (see the module docstring)."""
 

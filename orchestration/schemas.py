@@ -44,7 +44,9 @@ from orchestration.payloads import (
 )
 from policies.tenants import tenant_by_id
 
-RunStatusName = Literal["queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"]
+RunStatusName = Literal[
+    "queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"
+]
 assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]  # a Literal alias has __args__ at run time, not in its type
 
 # --- errors -------------------------------------------------------------------------------------
@@ -222,12 +224,18 @@ class StepOut(Schema):
     status: str
     attempt: int
     failures: int
-    parent_id: int | None = Field(description="A map item's map step; a compensation's undone step.")
+    parent_id: int | None = Field(
+        description="A map item's map step; a compensation's undone step."
+    )
     input: Any
     output: Any
-    degraded: str = Field(description="Why the output is partial or operator-supplied; empty if it is not.")
+    degraded: str = Field(
+        description="Why the output is partial or operator-supplied; empty if it is not."
+    )
     error: StepError | None
-    attempts: list[dict[str, Any]] = Field(description="Every failed attempt: agent, class, code, message, time.")
+    attempts: list[dict[str, Any]] = Field(
+        description="Every failed attempt: agent, class, code, message, time."
+    )
     usage: dict[str, Any]
     created_at: datetime
     available_at: datetime
@@ -330,7 +338,9 @@ class ApprovalOut(Schema):
     edited_input: Any
 
 
-def when(field: str, values: tuple[str, ...], then: dict[str, Any], otherwise: Any = None) -> dict[str, Any]:
+def when(
+    field: str, values: tuple[str, ...], then: dict[str, Any], otherwise: Any = None
+) -> dict[str, Any]:
     """A JSON Schema rule "if ``field`` is one of ``values`` then ``then`` (else ``otherwise``)",
     so the OpenAPI document states a cross-field rule as well as the description does."""
     rule: dict[str, Any] = {
@@ -366,7 +376,10 @@ class ApprovalDecideIn(BodyIn):
                 when(
                     "decision",
                     (Decision.EDIT,),
-                    {"required": ["edited_input"], "properties": {"edited_input": {"type": "object"}}},
+                    {
+                        "required": ["edited_input"],
+                        "properties": {"edited_input": {"type": "object"}},
+                    },
                     {"properties": {"edited_input": {"type": "null"}}},
                 ),
             ]
@@ -392,14 +405,18 @@ class ApprovalDecideIn(BodyIn):
     @field_validator("reason")
     @classmethod
     def _reason_required(cls, reason: str, info: ValidationInfo) -> str:
-        return a_reason_is_required((Decision.REJECT, Decision.EDIT), reason, info.data.get("decision"))
+        return a_reason_is_required(
+            (Decision.REJECT, Decision.EDIT), reason, info.data.get("decision")
+        )
 
     @field_validator("edited_input")
     @classmethod
     def _edited_input_with_edit_only(cls, value: Any, info: ValidationInfo) -> Any:
         decision = info.data.get("decision")
         if decision == Decision.EDIT and value is None:
-            raise refusal(Code.EDITED_INPUT_MISSING, "edited_input is required with decision 'edit'")
+            raise refusal(
+                Code.EDITED_INPUT_MISSING, "edited_input is required with decision 'edit'"
+            )
         if decision not in (None, Decision.EDIT) and value is not None:
             raise refusal(
                 Code.EDITED_INPUT_UNEXPECTED, "edited_input is only accepted with decision 'edit'"
@@ -411,14 +428,19 @@ class ApprovalBulkDecideIn(BodyIn):
     """Approve (or reject) several approvals of one tier with one reason. Each is decided on its
     own, so one refusal does not undo the others; the answer says what happened to each."""
 
-    model_config = {"json_schema_extra": {"allOf": [when("decision", (Decision.REJECT,), REASON_GIVEN)]}}
+    model_config = {
+        "json_schema_extra": {"allOf": [when("decision", (Decision.REJECT,), REASON_GIVEN)]}
+    }
 
     ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
         min_length=1, max_length=100, description="The approvals, at most 100, all of one tier."
     )
     decision: Literal["approve", "reject"]
     reason: StoredText = Field(
-        "", max_length=2000, validate_default=True, description="Why; required (not blank) to reject."
+        "",
+        max_length=2000,
+        validate_default=True,
+        description="Why; required (not blank) to reject.",
     )
 
     @field_validator("reason")
@@ -525,7 +547,9 @@ class EscalationResolveIn(BodyIn):
     @field_validator("reason")
     @classmethod
     def _reason_required(cls, reason: str, info: ValidationInfo) -> str:
-        return a_reason_is_required((Decision.SKIP, Decision.ABORT), reason, info.data.get("action"))
+        return a_reason_is_required(
+            (Decision.SKIP, Decision.ABORT), reason, info.data.get("action")
+        )
 
     @field_validator("output")
     @classmethod
@@ -533,7 +557,8 @@ class EscalationResolveIn(BodyIn):
         action = info.data.get("action")
         if action == Decision.SKIP and value is None:
             raise refusal(
-                Code.OUTPUT_MISSING, "output is required with action 'skip': what the step should produce"
+                Code.OUTPUT_MISSING,
+                "output is required with action 'skip': what the step should produce",
             )
         if action not in (None, Decision.SKIP) and value is not None:
             raise refusal(Code.OUTPUT_UNEXPECTED, "output is only accepted with action 'skip'")
@@ -558,7 +583,9 @@ class WorkflowOut(Schema):
 class CapabilityOut(Schema):
     name: str
     description: str
-    side_effects: bool = Field(description="Calls carry an idempotency key derived from (run, step, call index).")
+    side_effects: bool = Field(
+        description="Calls carry an idempotency key derived from (run, step, call index)."
+    )
     params_schema: dict[str, Any]
     result_schema: dict[str, Any]
     providers: list[dict[str, Any]] = Field(

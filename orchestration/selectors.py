@@ -58,7 +58,11 @@ SUBMIT_FOR_TENANT = "policies.submit_runs"
 DECIDE_FOR_TENANT = "policies.decide_runs"
 DECIDE_WORKFLOW = "orchestration.decide_workflow"
 #: The permission of each approval tier; holding a higher one includes the lower ones.
-TIERS = {1: "orchestration.decide_tier_1", 2: "orchestration.decide_tier_2", 3: "orchestration.decide_tier_3"}
+TIERS = {
+    1: "orchestration.decide_tier_1",
+    2: "orchestration.decide_tier_2",
+    3: "orchestration.decide_tier_3",
+}
 
 
 def user_tier(user: User) -> int:
@@ -83,7 +87,9 @@ def runs_visible_to(user: User) -> QuerySet[Run]:
     if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
         return Run.objects.all()
     tenants = get_objects_for_user(user, VIEW_FOR_TENANT, klass=Tenant, accept_global_perms=False)
-    granted = get_objects_for_user(user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False)
+    granted = get_objects_for_user(
+        user, VIEW, klass=Run, accept_global_perms=False, with_superuser=False
+    )
     return Run.objects.filter(
         Q(tenant__in=tenants.values("pk")) | Q(pk__in=granted.values("pk")) | Q(submitted_by=user)
     )
@@ -97,14 +103,22 @@ def visibility_key(user: User) -> str:
     return f"user-{user.pk}"
 
 
-def _refused(user: User, what: str, code: str, *, run: Run | None = None, **detail: Any) -> PermissionDenied:
+def _refused(
+    user: User, what: str, code: str, *, run: Run | None = None, **detail: Any
+) -> PermissionDenied:
     """A refusal: recorded in the audit log (who was refused what), and raised by the caller."""
-    audit_record_alone(Entry(
-        verb=Verb.ACCESS_DENIED, object_type="run" if run is not None else "user",
-        object_id=run.pk if run is not None else user.pk, actor_type=ActorType.HUMAN, actor_id=user.get_username(),
-        run_id=run.pk if run is not None else None, trace_id=run.trace_id if run is not None else "",
-        data={"code": str(code), "what": what, **detail},
-    ))
+    audit_record_alone(
+        Entry(
+            verb=Verb.ACCESS_DENIED,
+            object_type="run" if run is not None else "user",
+            object_id=run.pk if run is not None else user.pk,
+            actor_type=ActorType.HUMAN,
+            actor_id=user.get_username(),
+            run_id=run.pk if run is not None else None,
+            trace_id=run.trace_id if run is not None else "",
+            data={"code": str(code), "what": what, **detail},
+        )
+    )
     return PermissionDenied(what, code=code, detail=detail or None)
 
 
@@ -141,8 +155,10 @@ def run_check_decide(user: User, run: Run) -> None:
     """PermissionDenied (audited) unless ``user`` may decide for ``run``."""
     if not may_decide(user, run):
         raise _refused(
-            user, "you may not decide approvals or escalations, cancel, or send events for this run",
-            Code.DECIDE_DENIED, run=run,
+            user,
+            "you may not decide approvals or escalations, cancel, or send events for this run",
+            Code.DECIDE_DENIED,
+            run=run,
         )
 
 
@@ -161,14 +177,20 @@ def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | No
     if held < wait.tier:
         why = (
             " (it stopped at a cost ceiling: only someone who may raise the ceiling decides it)"
-            if _stopped_at_ceiling(wait) else ""
+            if _stopped_at_ceiling(wait)
+            else ""
         )
         return (
             f"this {wait.kind} needs tier {wait.tier}; you hold tier {held}{why}. Someone with tier "
             f"{wait.tier} or above on this tenant and workflow can decide it",
-            Code.TIER_TOO_LOW, {"required_tier": wait.tier, "your_tier": held},
+            Code.TIER_TOO_LOW,
+            {"required_tier": wait.tier, "your_tier": held},
         )
-    if wait.kind == WaitKind.APPROVAL and run.submitted_by_id is not None and run.submitted_by_id == user.pk:
+    if (
+        wait.kind == WaitKind.APPROVAL
+        and run.submitted_by_id is not None
+        and run.submitted_by_id == user.pk
+    ):
         return "you submitted this run: someone else must approve it", Code.SELF_APPROVAL, {}
     return None
 
@@ -193,9 +215,15 @@ def submit_check(user: User, tenant: Tenant | None = None) -> None:
     """PermissionDenied (audited) unless ``user`` may submit runs (for ``tenant``, if given)."""
     if not user.has_perm(SUBMIT):
         raise _refused(user, "you may not submit runs", Code.SUBMIT_DENIED)
-    if tenant is not None and not (user.has_perm(SUBMIT_FOR_TENANT) or user.has_perm(SUBMIT_FOR_TENANT, tenant)):
-        raise _refused(user, f"you may not submit runs for tenant {tenant.slug!r}", Code.TENANT_DENIED,
-                       tenant=tenant.slug)
+    if tenant is not None and not (
+        user.has_perm(SUBMIT_FOR_TENANT) or user.has_perm(SUBMIT_FOR_TENANT, tenant)
+    ):
+        raise _refused(
+            user,
+            f"you may not submit runs for tenant {tenant.slug!r}",
+            Code.TENANT_DENIED,
+            tenant=tenant.slug,
+        )
 
 
 def capability_status_list_for_user(user: User) -> list[dict[str, Any]]:
@@ -299,7 +327,9 @@ def approval_get_for_user(user: User, wait_id: int) -> Wait:
 def approvals_visible_to(user: User, wait_ids: list[int]) -> dict[int, Wait]:
     """Those of ``wait_ids`` that are approvals on runs ``user`` may see, by id, with their run
     and step (one query)."""
-    rows = Wait.objects.filter(pk__in=wait_ids, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user))
+    rows = Wait.objects.filter(
+        pk__in=wait_ids, kind=WaitKind.APPROVAL, run__in=runs_visible_to(user)
+    )
     return {wait.pk: wait for wait in rows.select_related("run", "step")}
 
 
@@ -431,14 +461,16 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
     answered, whichever came first: its DRILL_ACKNOWLEDGED event). For policy admins (who fire
     them); three queries whatever the number of drills."""
     if not user.has_perm(FIRE_DRILL):
-        raise PermissionDenied("only policy admins may see escalation drills", code=Code.PERMISSION_DENIED)
+        raise PermissionDenied(
+            "only policy admins may see escalation drills", code=Code.PERMISSION_DENIED
+        )
     runs = list(
-        Run.objects.filter(workflow_name=DRILL_WORKFLOW).select_related("tenant").order_by("-id")[:limit]
+        Run.objects.filter(workflow_name=DRILL_WORKFLOW)
+        .select_related("tenant")
+        .order_by("-id")[:limit]
     )
     waits: dict[int, Wait] = {}
-    for escalation in (
-        Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).order_by("id")
-    ):
+    for escalation in Wait.objects.filter(run__in=runs, kind=WaitKind.ESCALATION).order_by("id"):
         waits.setdefault(escalation.run_id, escalation)
     acks = audit_first_events(Verb.DRILL_ACKNOWLEDGED, "wait", [str(w.pk) for w in waits.values()])
     rows = []
@@ -447,12 +479,18 @@ def drill_list_for_user(user: User, *, limit: int = 50) -> list[DrillRow]:
         ack = acks.get(str(wait.pk)) if wait is not None else None
         by, data = (ack.actor_id, ack.data or {}) if ack is not None else ("", {})
         seconds = data.get("seconds")
-        rows.append(DrillRow(
-            run=run, tier=run.drill_tier, tenant=run.tenant.slug, fired_at=run.created_at, wait=wait,
-            acknowledged_by=by,
-            seconds_to_acknowledge=round(float(seconds), 1) if seconds is not None else None,
-            acknowledged_how=str(data.get("how", "")),
-        ))
+        rows.append(
+            DrillRow(
+                run=run,
+                tier=run.drill_tier,
+                tenant=run.tenant.slug,
+                fired_at=run.created_at,
+                wait=wait,
+                acknowledged_by=by,
+                seconds_to_acknowledge=round(float(seconds), 1) if seconds is not None else None,
+                acknowledged_how=str(data.get("how", "")),
+            )
+        )
     return rows
 
 
@@ -500,7 +538,9 @@ def _home_runs(user: User, filters: HomeFilters) -> QuerySet[Run]:
     if filters.age_hours:
         qs = qs.filter(created_at__gte=datetime.now(tz=UTC) - timedelta(hours=filters.age_hours))
     if filters.tier:
-        qs = qs.filter(pk__in=Wait.objects.filter(status=WaitStatus.OPEN, tier=filters.tier).values("run_id"))
+        qs = qs.filter(
+            pk__in=Wait.objects.filter(status=WaitStatus.OPEN, tier=filters.tier).values("run_id")
+        )
     return qs
 
 
@@ -534,7 +574,9 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
     # the mark does not ask for a catch-up).
     last = latest_audit_event_id()
     runs = _home_runs(user, filters)
-    by_status = {row["status"]: row["n"] for row in runs.order_by().values("status").annotate(n=Count("id"))}
+    by_status = {
+        row["status"]: row["n"] for row in runs.order_by().values("status").annotate(n=Count("id"))
+    }
     waits = (
         _of_runs(Wait.objects.filter(status=WaitStatus.OPEN), runs)
         .order_by()
@@ -552,12 +594,16 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
     for row in (
         # Two equalities rather than IN: each matches its partial index (``step_queued_idx``,
         # ``step_running_idx``), so only queued and running steps are read, never the table.
-        _of_runs(Step.objects.filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RUNNING)), runs)
+        _of_runs(
+            Step.objects.filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RUNNING)), runs
+        )
         .order_by()
         .values("pool", "status")
         .annotate(n=Count("id"))
     ):
-        entry = pools.setdefault(row["pool"] or "default", {"pool": row["pool"] or "default", "running": 0, "queued": 0})
+        entry = pools.setdefault(
+            row["pool"] or "default", {"pool": row["pool"] or "default", "running": 0, "queued": 0}
+        )
         entry["running" if row["status"] == StepStatus.RUNNING else "queued"] += row["n"]
     near = list(
         SpendScope.objects.filter(kind=ScopeKind.RUN, limit__gt=0)
@@ -567,8 +613,16 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
         .values("key", "used", "limit")[:20]
     )
     if near:
-        visible = set(runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list("pk", flat=True))
-        near = [{**r, "run_id": int(r["key"])} for r in near if r["key"].isdigit() and int(r["key"]) in visible]
+        visible = set(
+            runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list(
+                "pk", flat=True
+            )
+        )
+        near = [
+            {**r, "run_id": int(r["key"])}
+            for r in near
+            if r["key"].isdigit() and int(r["key"]) in visible
+        ]
     return HomeCounts(
         by_status=by_status,
         waiting_decision=kinds.get(WaitKind.APPROVAL, 0),
@@ -604,7 +658,11 @@ def home_runs_for_user(
         qs = qs.filter(status=filters.status)
     if counts is not None:
         by_status = counts.by_status
-        total = by_status.get(filters.status, 0) if filters and filters.status else sum(by_status.values())
+        total = (
+            by_status.get(filters.status, 0)
+            if filters and filters.status
+            else sum(by_status.values())
+        )
     else:
         total = qs.count()
     pages = max(1, -(-total // per_page))
@@ -634,9 +692,9 @@ def _tier_holders() -> dict[int, list[str]]:
     """The groups holding each tier's permission (a role's name says who to ask)."""
     holders: dict[int, list[str]] = {tier: [] for tier in TIERS}
     codenames = {perm.split(".", 1)[1]: tier for tier, perm in TIERS.items()}
-    for name, codename in Group.objects.filter(permissions__codename__in=list(codenames)).values_list(
-        "name", "permissions__codename"
-    ):
+    for name, codename in Group.objects.filter(
+        permissions__codename__in=list(codenames)
+    ).values_list("name", "permissions__codename"):
         holders[codenames[codename]].append(name)
     return holders
 
@@ -677,7 +735,9 @@ def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: date
 
 
 def _inbox_waits(user: User) -> QuerySet[Wait]:
-    qs = Wait.objects.filter(status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION))
+    qs = Wait.objects.filter(
+        status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION)
+    )
     if not (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
         qs = qs.filter(run__in=runs_visible_to(user))
     return qs.select_related("run", "step", "claim__user").defer(*_INBOX_UNREAD)
@@ -686,18 +746,40 @@ def _inbox_waits(user: User) -> QuerySet[Wait]:
 #: What the inbox list never shows of an item's run and step: their payloads, state and logs
 #: (the item's own page reads them), up to 200 rows of JSON read and parsed for nothing.
 _INBOX_UNREAD = (
-    *(f"run__{name}" for name in (
-        "input", "output", "state", "state_versions", "node_visits", "pending_joins", "notes",
-        "degraded", "error_message",
-    )),
-    *(f"step__{name}" for name in (
-        "input", "input_override", "output", "usage", "error_detail", "attempts_log", "error_message",
-    )),
-    "payload", "edited_input",
+    *(
+        f"run__{name}"
+        for name in (
+            "input",
+            "output",
+            "state",
+            "state_versions",
+            "node_visits",
+            "pending_joins",
+            "notes",
+            "degraded",
+            "error_message",
+        )
+    ),
+    *(
+        f"step__{name}"
+        for name in (
+            "input",
+            "input_override",
+            "output",
+            "usage",
+            "error_detail",
+            "attempts_log",
+            "error_message",
+        )
+    ),
+    "payload",
+    "edited_input",
 )
 
 
-def inbox_for_user(user: User, *, limit: int = 200, kind: str = "", tier: int = 0) -> list[InboxItem]:
+def inbox_for_user(
+    user: User, *, limit: int = 200, kind: str = "", tier: int = 0
+) -> list[InboxItem]:
     """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
     they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it."""
     now = datetime.now(tz=UTC)
@@ -714,7 +796,11 @@ def inbox_for_user(user: User, *, limit: int = 200, kind: str = "", tier: int = 
 def inbox_item_for_user(user: User, wait_id: int) -> InboxItem:
     """One approval or escalation (open or decided) on a run ``user`` may see, or NotFound."""
     qs = Wait.objects.filter(pk=wait_id, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION))
-    wait = qs.filter(run__in=runs_visible_to(user)).select_related("run", "step", "claim__user", "decided_by").first()
+    wait = (
+        qs.filter(run__in=runs_visible_to(user))
+        .select_related("run", "step", "claim__user", "decided_by")
+        .first()
+    )
     if wait is None:
         raise NotFound(f"no approval or escalation {wait_id}", code=Code.WAIT_NOT_FOUND)
     return _inbox_item(user, wait, _tier_holders(), datetime.now(tz=UTC))
@@ -758,4 +844,6 @@ def run_tool_calls(run: Run) -> list[Any]:
 
 def run_policy_decisions(run: Run) -> list[Any]:
     """Every policy decision made for the run (rule, version, outcome, tier, reason)."""
-    return list(PolicyDecision.objects.filter(run_id=run.pk).select_related("version").order_by("id"))
+    return list(
+        PolicyDecision.objects.filter(run_id=run.pk).select_related("version").order_by("id")
+    )

@@ -125,7 +125,9 @@ def run_submit(
     try:
         tenant_record = tenant_by_slug(tenant)
     except UnknownTenant:
-        raise NotFound(f"no tenant {tenant!r}", code=Code.UNKNOWN_TENANT, detail={"tenant": tenant}) from None
+        raise NotFound(
+            f"no tenant {tenant!r}", code=Code.UNKNOWN_TENANT, detail={"tenant": tenant}
+        ) from None
     if submitted_by is not None:
         selectors.submit_check(submitted_by, tenant_record)
     _check_text(idempotency_key, "idempotency key")
@@ -355,14 +357,21 @@ def _edit_check(wait: Wait, user: User, edited_input: dict[str, Any], now: datet
     tenant = tenant_by_id(run.tenant_id)
     node = workflow_get(run.workflow_name, run.workflow_version).node(wait.step.node)
     facts = Facts(
-        action=f"agent:{node.agent}", workflow=run.workflow_name, node=node.name, tenant=tenant.slug,
-        tenant_time_zone=tenant.time_zone, agent=node.agent, params=edited_input, run_id=run.pk,
+        action=f"agent:{node.agent}",
+        workflow=run.workflow_name,
+        node=node.name,
+        tenant=tenant.slug,
+        tenant_time_zone=tenant.time_zone,
+        agent=node.agent,
+        params=edited_input,
+        run_id=run.pk,
     )
     verdict = policy_decide(active.compiled, facts, now)
     if verdict.outcome == "deny":
         raise Conflict(
             f"the edited action is not allowed by policy v{active.number} ({verdict.rule}): {verdict.reason}",
-            code=Code.EDIT_DENIED_BY_POLICY, detail={"rule": verdict.rule, "version": active.number},
+            code=Code.EDIT_DENIED_BY_POLICY,
+            detail={"rule": verdict.rule, "version": active.number},
         )
     if verdict.outcome != "require_approval":
         return
@@ -375,7 +384,12 @@ def _edit_check(wait: Wait, user: User, edited_input: dict[str, Any], now: datet
             f"the edited action needs {who} under policy v{active.number} ({verdict.rule}: {verdict.reason}); "
             f"you hold tier {held}. Reject it with the change you want, or ask someone who can approve it",
             code=Code.EDIT_NEEDS_HIGHER_TIER,
-            detail={"required_tier": needed, "your_tier": held, "people": people, "rule": verdict.rule},
+            detail={
+                "required_tier": needed,
+                "your_tier": held,
+                "people": people,
+                "rule": verdict.rule,
+            },
         )
 
 
@@ -390,14 +404,22 @@ def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: 
         return True  # the system (an expiry's declared outcome) does not need a quorum
     try:
         with transaction.atomic():
-            WaitVote.objects.create(wait=current, user=user, stage=current.stage, action_digest=current.action_digest,
-                                    reason=reason, created_at=now)
+            WaitVote.objects.create(
+                wait=current,
+                user=user,
+                stage=current.stage,
+                action_digest=current.action_digest,
+                reason=reason,
+                created_at=now,
+            )
     except IntegrityError:
         raise Conflict(
             f"you already approved approval {wait.pk}: it needs {current.quorum} different people",
             code=Code.ALREADY_VOTED,
         ) from None
-    votes = WaitVote.objects.filter(wait=current, stage=current.stage, action_digest=current.action_digest).count()
+    votes = WaitVote.objects.filter(
+        wait=current, stage=current.stage, action_digest=current.action_digest
+    ).count()
     stages = current.stages or [current.tier]
     if votes >= current.quorum and current.stage + 1 >= len(stages):
         return True
@@ -407,12 +429,28 @@ def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: 
         Wait.objects.filter(pk=wait.pk, status=WaitStatus.OPEN).update(**fields)
     for name, value in fields.items():
         setattr(wait, name, value)
-    audit_record_many([Entry(
-        verb=Verb.APPROVAL_VOTED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
-        actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
-        data={"stage": current.stage, "votes": votes, "quorum": current.quorum, "reason": reason,
-              "next_stage_tier": fields.get("tier")},
-    )], now=now)
+    audit_record_many(
+        [
+            Entry(
+                verb=Verb.APPROVAL_VOTED,
+                object_type="wait",
+                object_id=wait.pk,
+                actor_type=ActorType.HUMAN,
+                actor_id=user.get_username(),
+                run_id=wait.run_id,
+                step_id=wait.step_id,
+                trace_id=wait.run.trace_id,
+                data={
+                    "stage": current.stage,
+                    "votes": votes,
+                    "quorum": current.quorum,
+                    "reason": reason,
+                    "next_stage_tier": fields.get("tier"),
+                },
+            )
+        ],
+        now=now,
+    )
     return False
 
 
@@ -507,7 +545,9 @@ def escalation_resolve(
             raise _already_decided(rt, wait_id, "escalation")
         for field, value in closed.items():
             setattr(wait, field, value)
-        audit_record_many(drill_acknowledged_entries(wait, actor_type, actor_id, now, how=action), now=now)
+        audit_record_many(
+            drill_acknowledged_entries(wait, actor_type, actor_id, now, how=action), now=now
+        )
 
         def compute(snapshot: Snapshot) -> Changes:
             step = snapshot.focus
@@ -612,31 +652,49 @@ def waits_escalate_breached(now: datetime | None = None, *, limit: int = 200) ->
     period = sla_period()
     breached = (
         Wait.objects.filter(
-            status=WaitStatus.OPEN, kind__in=[WaitKind.APPROVAL, WaitKind.ESCALATION], tier__lt=SLA_MAX_TIER
+            status=WaitStatus.OPEN,
+            kind__in=[WaitKind.APPROVAL, WaitKind.ESCALATION],
+            tier__lt=SLA_MAX_TIER,
         )
         .filter(Q(sla_due_at__lte=now) | Q(sla_due_at__isnull=True, created_at__lte=now - period))
         .order_by("pk")
-        .values_list("pk", "tier", "sla_due_at", "sla_breaches", "run_id", "step_id", "run__trace_id")[:limit]
+        .values_list(
+            "pk", "tier", "sla_due_at", "sla_breaches", "run_id", "step_id", "run__trace_id"
+        )[:limit]
     )
     escalated: list[int] = []
     for pk, tier, due, breaches, run_id, step_id, trace_id in breached:
         with transaction.atomic():
-            claimed = Wait.objects.filter(pk=pk, status=WaitStatus.OPEN, tier=tier, sla_breaches=breaches).update(
-                tier=tier + 1, sla_due_at=now + period, sla_breaches=breaches + 1
-            )
+            claimed = Wait.objects.filter(
+                pk=pk, status=WaitStatus.OPEN, tier=tier, sla_breaches=breaches
+            ).update(tier=tier + 1, sla_due_at=now + period, sla_breaches=breaches + 1)
             if not claimed:
                 continue  # decided, or escalated by another scheduler, since it was read
-            audit_record_many([Entry(
-                verb=Verb.WAIT_SLA_BREACHED, object_type="wait", object_id=pk, run_id=run_id, step_id=step_id,
-                trace_id=trace_id,
-                data={"from_tier": tier, "to_tier": tier + 1, "due_at": due.isoformat() if due else None,
-                      "next_due_at": (now + period).isoformat()},
-            )], now=now)
+            audit_record_many(
+                [
+                    Entry(
+                        verb=Verb.WAIT_SLA_BREACHED,
+                        object_type="wait",
+                        object_id=pk,
+                        run_id=run_id,
+                        step_id=step_id,
+                        trace_id=trace_id,
+                        data={
+                            "from_tier": tier,
+                            "to_tier": tier + 1,
+                            "due_at": due.isoformat() if due else None,
+                            "next_due_at": (now + period).isoformat(),
+                        },
+                    )
+                ],
+                now=now,
+            )
         escalated.append(pk)
     return escalated
 
 
 # --- escalation drills ------------------------------------------------------------------------------
+
 
 def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = "") -> Run:
     """Fire an escalation drill: a run of the ``drill`` workflow whose step escalates at once at
@@ -645,19 +703,35 @@ def drill_fire(*, user: User | None, tier: int, tenant: str = "", note: str = ""
     if user is not None:
         selectors.drill_fire_check(user)
     if not isinstance(tier, int) or isinstance(tier, bool) or not 1 <= tier <= SLA_MAX_TIER:
-        raise InvalidInput("tier must be 1, 2 or 3", code=Code.INPUT_CONTRACT, detail={"tier": tier})
+        raise InvalidInput(
+            "tier must be 1, 2 or 3", code=Code.INPUT_CONTRACT, detail={"tier": tier}
+        )
     _check_text(note, "note")
     actor_type, actor_id = _actor(user)
     with transaction.atomic():
-        run = run_submit(workflow=DRILL_WORKFLOW, input={"tier": tier, "note": note}, tenant=tenant).run
-        audit_record_many([Entry(
-            verb=Verb.DRILL_FIRED, object_type="run", object_id=run.pk, actor_type=actor_type, actor_id=actor_id,
-            run_id=run.pk, trace_id=run.trace_id, data={"tier": tier, "tenant": tenant, "note": note},
-        )])
+        run = run_submit(
+            workflow=DRILL_WORKFLOW, input={"tier": tier, "note": note}, tenant=tenant
+        ).run
+        audit_record_many(
+            [
+                Entry(
+                    verb=Verb.DRILL_FIRED,
+                    object_type="run",
+                    object_id=run.pk,
+                    actor_type=actor_type,
+                    actor_id=actor_id,
+                    run_id=run.pk,
+                    trace_id=run.trace_id,
+                    data={"tier": tier, "tenant": tenant, "note": note},
+                )
+            ]
+        )
     return run
 
 
-def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: datetime, *, how: str) -> list[Entry]:
+def drill_acknowledged_entries(
+    wait: Wait, actor_type: str, actor_id: str, now: datetime, *, how: str
+) -> list[Entry]:
     """The DRILL_ACKNOWLEDGED event (with the seconds since the drill's item opened) when
     ``wait`` is a drill's escalation answered or claimed now; nothing for a real item. For the
     caller's transaction: deciding calls it, and so does claiming. Only the first counts: a
@@ -665,11 +739,19 @@ def drill_acknowledged_entries(wait: Wait, actor_type: str, actor_id: str, now: 
     if not wait.run.is_drill or audit_event_exists(Verb.DRILL_ACKNOWLEDGED, "wait", wait.pk):
         return []
     seconds = round((now - wait.created_at).total_seconds(), 3)
-    return [Entry(
-        verb=Verb.DRILL_ACKNOWLEDGED, object_type="wait", object_id=wait.pk, actor_type=actor_type,
-        actor_id=actor_id, run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
-        data={"seconds": seconds, "how": how, "tier": wait.tier},
-    )]
+    return [
+        Entry(
+            verb=Verb.DRILL_ACKNOWLEDGED,
+            object_type="wait",
+            object_id=wait.pk,
+            actor_type=actor_type,
+            actor_id=actor_id,
+            run_id=wait.run_id,
+            step_id=wait.step_id,
+            trace_id=wait.run.trace_id,
+            data={"seconds": seconds, "how": how, "tier": wait.tier},
+        )
+    ]
 
 
 # --- claims and bulk decisions (the inbox) ------------------------------------------------------------
@@ -681,7 +763,8 @@ CLAIM_MINUTES = 15
 def _decidable_wait(user: User, wait_id: int) -> Wait:
     wait = (
         Wait.objects.filter(
-            pk=wait_id, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION),
+            pk=wait_id,
+            kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION),
             run__in=selectors.runs_visible_to(user),
         )
         .select_related("run", "step")
@@ -695,7 +778,10 @@ def _decidable_wait(user: User, wait_id: int) -> Wait:
 def _send_claim_changed(wait: Wait, *, claimed_by: str, until: datetime | None) -> None:
     """After commit, tell the inbox and the item's page (the run's group) who holds it now."""
     event = {
-        "run_id": wait.run_id, "kind": "claim", "wait_id": wait.pk, "claimed_by": claimed_by,
+        "run_id": wait.run_id,
+        "kind": "claim",
+        "wait_id": wait.pk,
+        "claimed_by": claimed_by,
         "until": until.isoformat() if until is not None else None,
     }
     rt = runtime.current()
@@ -711,22 +797,46 @@ def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> Wai
     with transaction.atomic():
         locked = Wait.objects.select_for_update().get(pk=wait.pk)
         if locked.status != WaitStatus.OPEN:
-            raise Conflict(f"{wait.kind} {wait_id} is already {locked.status}", code=Code.WAIT_NOT_OPEN)
+            raise Conflict(
+                f"{wait.kind} {wait_id} is already {locked.status}", code=Code.WAIT_NOT_OPEN
+            )
         current = WaitClaim.objects.filter(wait=locked).select_related("user").first()
         if current is not None and current.expires_at > now and current.user_id != user.pk:
             raise Conflict(
                 f"claimed by {current.user.get_username()} until {current.expires_at:%H:%M:%S} UTC",
                 code=Code.CLAIMED_BY_SOMEONE_ELSE,
-                detail={"claimed_by": current.user.get_username(), "until": current.expires_at.isoformat()},
+                detail={
+                    "claimed_by": current.user.get_username(),
+                    "until": current.expires_at.isoformat(),
+                },
             )
         claim, _ = WaitClaim.objects.update_or_create(
-            wait=locked, defaults={"user": user, "claimed_at": now, "expires_at": now + timedelta(minutes=minutes)}
+            wait=locked,
+            defaults={
+                "user": user,
+                "claimed_at": now,
+                "expires_at": now + timedelta(minutes=minutes),
+            },
         )
-        audit_record_many([Entry(
-            verb=Verb.WAIT_CLAIMED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
-            actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
-            data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
-        ), *drill_acknowledged_entries(wait, ActorType.HUMAN, user.get_username(), now, how="claim")], now=now)
+        audit_record_many(
+            [
+                Entry(
+                    verb=Verb.WAIT_CLAIMED,
+                    object_type="wait",
+                    object_id=wait.pk,
+                    actor_type=ActorType.HUMAN,
+                    actor_id=user.get_username(),
+                    run_id=wait.run_id,
+                    step_id=wait.step_id,
+                    trace_id=wait.run.trace_id,
+                    data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
+                ),
+                *drill_acknowledged_entries(
+                    wait, ActorType.HUMAN, user.get_username(), now, how="claim"
+                ),
+            ],
+            now=now,
+        )
         _send_claim_changed(wait, claimed_by=user.get_username(), until=claim.expires_at)
     return claim
 
@@ -738,11 +848,22 @@ def wait_release(*, wait_id: int, user: User) -> None:
     with transaction.atomic():
         deleted, _ = WaitClaim.objects.filter(wait_id=wait.pk, user=user).delete()
         if deleted:
-            audit_record_many([Entry(
-                verb=Verb.WAIT_RELEASED, object_type="wait", object_id=wait.pk, actor_type=ActorType.HUMAN,
-                actor_id=user.get_username(), run_id=wait.run_id, step_id=wait.step_id, trace_id=wait.run.trace_id,
-                data={"kind": wait.kind},
-            )], now=now)
+            audit_record_many(
+                [
+                    Entry(
+                        verb=Verb.WAIT_RELEASED,
+                        object_type="wait",
+                        object_id=wait.pk,
+                        actor_type=ActorType.HUMAN,
+                        actor_id=user.get_username(),
+                        run_id=wait.run_id,
+                        step_id=wait.step_id,
+                        trace_id=wait.run.trace_id,
+                        data={"kind": wait.kind},
+                    )
+                ],
+                now=now,
+            )
             _send_claim_changed(wait, claimed_by="", until=None)
 
 
@@ -767,12 +888,17 @@ def approvals_decide_bulk(
     visible = selectors.approvals_visible_to(user, wait_ids)
     tiers = {wait.tier for wait in visible.values()}
     if len(tiers) > 1:
-        raise InvalidInput("bulk decisions are for approvals of one tier", code=Code.INVALID_DECISION,
-                           detail={"tiers": sorted(tiers)})
+        raise InvalidInput(
+            "bulk decisions are for approvals of one tier",
+            code=Code.INVALID_DECISION,
+            detail={"tiers": sorted(tiers)},
+        )
     outcomes = []
     for wait_id in dict.fromkeys(wait_ids):
         if wait_id not in visible:
-            outcomes.append(BulkOutcome(wait_id, False, f"no approval {wait_id}", str(Code.APPROVAL_NOT_FOUND)))
+            outcomes.append(
+                BulkOutcome(wait_id, False, f"no approval {wait_id}", str(Code.APPROVAL_NOT_FOUND))
+            )
             continue
         try:
             approval_decide(
@@ -836,7 +962,9 @@ def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
     return changes.run
 
 
-def run_skip_failed_step(*, run_id: int, user: User | None, reason: str, output: dict[str, Any]) -> Run:
+def run_skip_failed_step(
+    *, run_id: int, user: User | None, reason: str, output: dict[str, Any]
+) -> Run:
     """Skip the failed step of a failed run with ``output``, the value it should have produced
     (checked against its output contract, 422 ``output_contract``): the step succeeds with it,
     marked degraded, and the run goes on from there (audited ``step.skipped``). The same runs
@@ -882,7 +1010,13 @@ def run_skip_failed_step(*, run_id: int, user: User | None, reason: str, output:
             focus = snapshot.focus
             assert focus is not None
             return advance.run_step_skipped(
-                snapshot, now, step=focus, output=checked, reason=reason, actor_type=actor_type, actor_id=actor_id
+                snapshot,
+                now,
+                step=focus,
+                output=checked,
+                reason=reason,
+                actor_type=actor_type,
+                actor_id=actor_id,
             )
 
         changes = compute_locked(rt, run_id, compute, focus_id=step.pk)

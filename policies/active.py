@@ -59,15 +59,23 @@ def active_policy() -> ActivePolicy | None:
     now = time.monotonic()
     if now - _checked_at < RECHECK_SECONDS:
         return _current
-    version_id = Policy.objects.filter(name=policy_name()).values_list("active_version_id", flat=True).first()
+    version_id = (
+        Policy.objects.filter(name=policy_name())
+        .values_list("active_version_id", flat=True)
+        .first()
+    )
     found = None
     if version_id is not None:
         found = _compiled.get(version_id)
         if found is None:
             version = PolicyVersion.objects.select_related("policy").get(pk=version_id)
             document = PolicyDocument.model_validate(version.document)
-            found = ActivePolicy(compile_policy(document, version=version.number), version.pk, version.number,
-                                 version.policy.name)
+            found = ActivePolicy(
+                compile_policy(document, version=version.number),
+                version.pk,
+                version.number,
+                version.policy.name,
+            )
             with _lock:
                 _compiled[version_id] = found
     with _lock:

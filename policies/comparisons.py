@@ -50,6 +50,7 @@ def value_text(value: Any) -> str:
 
 def negate(test: Callable[[Any], bool | None]) -> Callable[[Any], bool | None]:
     """The opposite test; "cannot be compared" stays so."""
+
     def negated(value: Any) -> bool | None:
         result = test(value)
         return None if result is None else not result

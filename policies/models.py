@@ -73,7 +73,9 @@ class PolicyVersion(models.Model):
 
     policy = models.ForeignKey(Policy, on_delete=models.CASCADE, related_name="versions")
     number = models.IntegerField()
-    status = models.CharField(max_length=10, choices=PolicyStatus.choices, default=PolicyStatus.DRAFT)
+    status = models.CharField(
+        max_length=10, choices=PolicyStatus.choices, default=PolicyStatus.DRAFT
+    )
     #: The document as its author wrote it (YAML or JSON), for the editor and the diff.
     source = models.TextField()
     #: The validated document (``policies.document.PolicyDocument``), as JSON.
@@ -81,7 +83,9 @@ class PolicyVersion(models.Model):
     digest = models.CharField(max_length=64)
     #: Why this version exists ("refunds above 1,000 need tier 2").
     note = models.TextField(blank=True, default="")
-    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField()
     submitted_at = models.DateTimeField(null=True, blank=True)
     reviewed_by = models.ForeignKey(
@@ -95,7 +99,9 @@ class PolicyVersion(models.Model):
     activated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["policy", "number"], name="policy_version_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["policy", "number"], name="policy_version_unique")
+        ]
         ordering = ["policy", "-number"]
 
     def __str__(self) -> str:
@@ -120,7 +126,9 @@ class PolicyDecision(models.Model):
     workflow = models.CharField(max_length=100, blank=True, default="")
     tenant = models.CharField(max_length=100, blank=True, default="")
     facts = models.JSONField()
-    version = models.ForeignKey(PolicyVersion, null=True, on_delete=models.PROTECT, related_name="+")
+    version = models.ForeignKey(
+        PolicyVersion, null=True, on_delete=models.PROTECT, related_name="+"
+    )
     rule = models.CharField(max_length=100, blank=True, default="")
     outcome = models.CharField(max_length=8, choices=Outcome.choices)
     tier = models.SmallIntegerField(default=0)
@@ -165,11 +173,14 @@ class SpendScope(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["kind", "key", "period_start"], name="spend_scope_unique",
+                fields=["kind", "key", "period_start"],
+                name="spend_scope_unique",
                 condition=Q(period_start__isnull=False),
             ),
             models.UniqueConstraint(
-                fields=["kind", "key"], name="spend_scope_run_unique", condition=Q(period_start__isnull=True),
+                fields=["kind", "key"],
+                name="spend_scope_run_unique",
+                condition=Q(period_start__isnull=True),
             ),
         ]
 
@@ -195,7 +206,9 @@ class Reservation(models.Model):
     actual = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
     #: The SpendScope rows it counts against (all of them, or the reservation is refused).
     scope_ids = models.JSONField(default=list)
-    status = models.CharField(max_length=8, choices=ReservationStatus.choices, default=ReservationStatus.HELD)
+    status = models.CharField(
+        max_length=8, choices=ReservationStatus.choices, default=ReservationStatus.HELD
+    )
     #: The worker holding it, and until when (its step's lease): past that, the reaper releases it.
     owner = models.CharField(max_length=200, blank=True, default="")
     expires_at = models.DateTimeField()
@@ -204,7 +217,9 @@ class Reservation(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["expires_at"], condition=Q(status="held"), name="reservation_held_idx"),
+            models.Index(
+                fields=["expires_at"], condition=Q(status="held"), name="reservation_held_idx"
+            ),
             models.Index(fields=["run_id"], name="reservation_run_idx"),
         ]
 

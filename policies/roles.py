@@ -37,13 +37,27 @@ ROLES: dict[str, list[str]] = {
     "Operator tier 1": [*OPERATOR, "orchestration.decide_tier_1"],
     "Operator tier 2": [*OPERATOR, "orchestration.decide_tier_1", "orchestration.decide_tier_2"],
     "Operator tier 3": [
-        *OPERATOR, "orchestration.decide_tier_1", "orchestration.decide_tier_2", "orchestration.decide_tier_3",
+        *OPERATOR,
+        "orchestration.decide_tier_1",
+        "orchestration.decide_tier_2",
+        "orchestration.decide_tier_3",
     ],
     "Policy admin": [
-        "policies.edit_policy", "policies.review_policy", "policies.view_policy", "policies.view_policyversion",
-        "policies.view_tenant", "orchestration.view_run", "policies.view_runs", *ADMIN_SITE,
+        "policies.edit_policy",
+        "policies.review_policy",
+        "policies.view_policy",
+        "policies.view_policyversion",
+        "policies.view_tenant",
+        "orchestration.view_run",
+        "policies.view_runs",
+        *ADMIN_SITE,
     ],
-    "Auditor": ["orchestration.view_run", "policies.view_runs", "policies.view_policy", "policies.view_policyversion"],
+    "Auditor": [
+        "orchestration.view_run",
+        "policies.view_runs",
+        "policies.view_policy",
+        "policies.view_policyversion",
+    ],
 }
 
 #: What working for a tenant grants on it: seeing its runs, submitting and deciding for it.
@@ -62,7 +76,9 @@ def roles_sync() -> dict[str, Group]:
     return groups
 
 
-def tenant_grant(user_or_group: object, tenant: Tenant, perms: Iterable[str] = TENANT_OPERATOR) -> None:
+def tenant_grant(
+    user_or_group: object, tenant: Tenant, perms: Iterable[str] = TENANT_OPERATOR
+) -> None:
     """Give a user or group ``perms`` on ``tenant`` (object permissions)."""
     for perm in perms:
         assign_perm(perm, user_or_group, tenant)

@@ -30,33 +30,60 @@ def _actor(user: User | None) -> tuple[str, str]:
     return (ActorType.HUMAN, user.get_username()) if user is not None else (ActorType.SYSTEM, "")
 
 
-def _record(verb: Verb, version: PolicyVersion, user: User | None, now: datetime, **data: object) -> None:
+def _record(
+    verb: Verb, version: PolicyVersion, user: User | None, now: datetime, **data: object
+) -> None:
     actor_type, actor_id = _actor(user)
-    audit_record_many([Entry(
-        verb=verb, object_type="policy_version", object_id=version.pk, actor_type=actor_type, actor_id=actor_id,
-        data={"policy": version.policy.name, "number": version.number, **data},
-    )], now=now)
+    audit_record_many(
+        [
+            Entry(
+                verb=verb,
+                object_type="policy_version",
+                object_id=version.pk,
+                actor_type=actor_type,
+                actor_id=actor_id,
+                data={"policy": version.policy.name, "number": version.number, **data},
+            )
+        ],
+        now=now,
+    )
 
 
 def _locked(version_id: int) -> PolicyVersion:
-    version = PolicyVersion.objects.select_for_update().select_related("policy").filter(pk=version_id).first()
+    version = (
+        PolicyVersion.objects.select_for_update()
+        .select_related("policy")
+        .filter(pk=version_id)
+        .first()
+    )
     if version is None:
         raise PolicyNotFound(f"no policy version {version_id}", code=Code.VERSION_NOT_FOUND)
     return version
 
 
-def policy_draft(*, source: str, author: User | None, note: str = "", policy_name: str = DEFAULT_POLICY) -> PolicyVersion:
+def policy_draft(
+    *, source: str, author: User | None, note: str = "", policy_name: str = DEFAULT_POLICY
+) -> PolicyVersion:
     """A new draft version of ``policy_name`` from ``source`` (YAML or JSON). A source with an
     error is refused (``PolicySourceError``: each problem with its field and line)."""
     document = policy_source_parse(source)
     now = timezone.now()
     with transaction.atomic():
         policy, _ = Policy.objects.select_for_update().get_or_create(name=policy_name)
-        number = (PolicyVersion.objects.filter(policy=policy).aggregate(n=Max("number"))["n"] or 0) + 1
+        number = (
+            PolicyVersion.objects.filter(policy=policy).aggregate(n=Max("number"))["n"] or 0
+        ) + 1
         as_json = document.to_json()
         version = PolicyVersion.objects.create(
-            policy=policy, number=number, status=PolicyStatus.DRAFT, source=source, document=as_json,
-            digest=digest(as_json), note=note, author=author, created_at=now,
+            policy=policy,
+            number=number,
+            status=PolicyStatus.DRAFT,
+            source=source,
+            document=as_json,
+            digest=digest(as_json),
+            note=note,
+            author=author,
+            created_at=now,
         )
         _record(Verb.POLICY_DRAFTED, version, author, now, note=note)
     return version
@@ -68,7 +95,9 @@ def policy_submit(*, version_id: int, user: User | None) -> PolicyVersion:
     with transaction.atomic():
         version = _locked(version_id)
         if version.status != PolicyStatus.DRAFT:
-            raise PolicyConflict(f"version {version.number} is {version.status}, not a draft", code=Code.NOT_A_DRAFT)
+            raise PolicyConflict(
+                f"version {version.number} is {version.status}, not a draft", code=Code.NOT_A_DRAFT
+            )
         policy_source_parse(version.source)  # a document with an error can never be submitted
         version.status, version.submitted_at = PolicyStatus.SUBMITTED, now
         version.save(update_fields=["status", "submitted_at"])
@@ -82,16 +111,22 @@ def policy_review(*, version_id: int, user: User, approve: bool, note: str = "")
     with transaction.atomic():
         version = _locked(version_id)
         if version.status != PolicyStatus.SUBMITTED:
-            raise PolicyConflict(f"version {version.number} is {version.status}, not submitted",
-                                 code=Code.NOT_SUBMITTED)
+            raise PolicyConflict(
+                f"version {version.number} is {version.status}, not submitted",
+                code=Code.NOT_SUBMITTED,
+            )
         if version.author_id is not None and version.author_id == user.pk:
-            raise PolicyDenied("you wrote this version: another admin must review it", code=Code.FOUR_EYES)
+            raise PolicyDenied(
+                "you wrote this version: another admin must review it", code=Code.FOUR_EYES
+            )
         if not approve and not note.strip():
             raise PolicyConflict("say why the version is rejected", code=Code.REASON_REQUIRED)
         version.status = PolicyStatus.APPROVED if approve else PolicyStatus.REJECTED
         version.reviewed_by, version.reviewed_at, version.review_note = user, now, note
         version.save(update_fields=["status", "reviewed_by", "reviewed_at", "review_note"])
-        _record(Verb.POLICY_APPROVED if approve else Verb.POLICY_REJECTED, version, user, now, note=note)
+        _record(
+            Verb.POLICY_APPROVED if approve else Verb.POLICY_REJECTED, version, user, now, note=note
+        )
     return version
 
 
@@ -105,10 +140,13 @@ def policy_activate(*, version_id: int, user: User | None, note: str = "") -> Po
         if version.status not in (PolicyStatus.APPROVED, PolicyStatus.RETIRED):
             raise PolicyConflict(
                 f"version {version.number} is {version.status}: only an approved version, or one that was "
-                "active before, can be activated", code=Code.NOT_APPROVED,
+                "active before, can be activated",
+                code=Code.NOT_APPROVED,
             )
         if user is not None and version.author_id is not None and version.author_id == user.pk:
-            raise PolicyDenied("you wrote this version: another admin must activate it", code=Code.FOUR_EYES)
+            raise PolicyDenied(
+                "you wrote this version: another admin must activate it", code=Code.FOUR_EYES
+            )
         policy = Policy.objects.select_for_update().get(pk=version.policy_id)
         previous = policy.active_version_id
         if previous is not None and previous != version.pk:
@@ -132,7 +170,11 @@ def policy_install(*, source: str, policy_name: str = DEFAULT_POLICY, note: str 
     """Make ``source`` the active policy if none is active yet (the demo's first start, a new
     deployment's bootstrap): drafted, submitted, approved and activated by the system, each step
     recorded. An existing active policy is left alone."""
-    existing = Policy.objects.filter(name=policy_name, active_version__isnull=False).select_related("active_version").first()
+    existing = (
+        Policy.objects.filter(name=policy_name, active_version__isnull=False)
+        .select_related("active_version")
+        .first()
+    )
     if existing is not None and existing.active_version is not None:
         return Installed(existing.active_version, created=False)
     version = policy_draft(source=source, author=None, note=note, policy_name=policy_name)
@@ -140,7 +182,11 @@ def policy_install(*, source: str, policy_name: str = DEFAULT_POLICY, note: str 
     now = timezone.now()
     with transaction.atomic():
         version = _locked(version.pk)
-        version.status, version.reviewed_at, version.review_note = PolicyStatus.APPROVED, now, "installed by the system"
+        version.status, version.reviewed_at, version.review_note = (
+            PolicyStatus.APPROVED,
+            now,
+            "installed by the system",
+        )
         version.save(update_fields=["status", "reviewed_at", "review_note"])
         _record(Verb.POLICY_APPROVED, version, None, now, note="installed by the system")
     return Installed(policy_activate(version_id=version.pk, user=None, note=note), created=True)

@@ -53,14 +53,35 @@ class WorkerProcess:
         env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
         env["PYTHONPATH"] = str(ROOT)
         cmd = [
-            sys.executable, "-m", "celery", "-A", "console", "worker",
-            "-Q", ",".join(f"pool.{p}" for p in pools),
-            "-n", f"{name}@%h", "-c", str(concurrency), "--pool", "prefork",
-            "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip", "-l", "info",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "console",
+            "worker",
+            "-Q",
+            ",".join(f"pool.{p}" for p in pools),
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "--prefetch-multiplier",
+            "1",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "info",
         ]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait_ready()
 
@@ -79,7 +100,9 @@ class WorkerProcess:
 
     def pids(self) -> set[int]:
         """The main process and its pool children (their pids appear in step lease owners)."""
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        )
         return {self.proc.pid, *(int(p) for p in out.stdout.split())}
 
     def kill(self) -> None:
@@ -116,7 +139,11 @@ def start_worker(_broker_clean: None) -> Iterator[Callable[..., WorkerProcess]]:
     def start(
         name: str = "w", pools: list[str] | None = None, concurrency: int = 2, **extra_env: str
     ) -> WorkerProcess:
-        env = {"SIGNALBOX_AGENT_TIME_SCALE": "0", "SIGNALBOX_LEASE_SECONDS": "3", "SIGNALBOX_LIVE_EVENTS": "false"}
+        env = {
+            "SIGNALBOX_AGENT_TIME_SCALE": "0",
+            "SIGNALBOX_LEASE_SECONDS": "3",
+            "SIGNALBOX_LIVE_EVENTS": "false",
+        }
         env.update(extra_env)
         worker = WorkerProcess(name, pools or ["default", "research"], concurrency, env)
         started.append(worker)
@@ -142,9 +169,16 @@ def fast_agents(settings: Any) -> None:
 #: An operator of every tenant and workflow, with the highest tier (tests of tiers and object
 #: permissions build narrower users).
 OPERATOR_PERMISSIONS = [
-    "orchestration.view_run", "orchestration.decide_run", "orchestration.add_run", "orchestration.decide_workflow",
-    "orchestration.decide_tier_1", "orchestration.decide_tier_2", "orchestration.decide_tier_3",
-    "policies.submit_runs", "policies.view_runs", "policies.decide_runs",
+    "orchestration.view_run",
+    "orchestration.decide_run",
+    "orchestration.add_run",
+    "orchestration.decide_workflow",
+    "orchestration.decide_tier_1",
+    "orchestration.decide_tier_2",
+    "orchestration.decide_tier_3",
+    "policies.submit_runs",
+    "policies.view_runs",
+    "policies.decide_runs",
 ]
 ALL_POOLS = frozenset({"default", "research"})
 
@@ -169,7 +203,9 @@ def submitter(db: None) -> Any:
     """May submit runs and sees only their own."""
     from tests.factories import UserFactory
 
-    return UserFactory(username="submitter", permissions=["orchestration.add_run", "policies.submit_runs"])
+    return UserFactory(
+        username="submitter", permissions=["orchestration.add_run", "policies.submit_runs"]
+    )
 
 
 @pytest.fixture
@@ -178,7 +214,9 @@ def requester(db: None) -> Any:
     for approval are submitted by them: nobody may approve a run they submitted themselves."""
     from tests.factories import UserFactory
 
-    return UserFactory(username="requester", permissions=["orchestration.add_run", "policies.submit_runs"])
+    return UserFactory(
+        username="requester", permissions=["orchestration.add_run", "policies.submit_runs"]
+    )
 
 
 @pytest.fixture
@@ -202,8 +240,9 @@ def drive() -> Callable[[int], Any]:
         for _ in range(50):
             # Steps not due yet (a retry's backoff, a deferred action) are left for later.
             queued = list(
-                Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED, available_at__lte=timezone.now())
-                .values_list("pk", flat=True)
+                Step.objects.filter(
+                    run_id=run_id, status=StepStatus.QUEUED, available_at__lte=timezone.now()
+                ).values_list("pk", flat=True)
             )
             if not queued:
                 return Run.objects.get(pk=run_id)
@@ -214,7 +253,9 @@ def drive() -> Callable[[int], Any]:
     return run_queued
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -227,7 +268,11 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, interval:
         connection.close()
 
 
-def wait_for_run(run_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 30.0) -> Any:
+def wait_for_run(
+    run_id: int,
+    statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    timeout: float = 30.0,
+) -> Any:
     from orchestration.models import Run
 
     return wait_until(

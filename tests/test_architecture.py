@@ -23,7 +23,8 @@ def test_no_module_outside_the_audit_app_names_the_audit_table_or_model() -> Non
 
 def test_the_audit_app_has_one_module_that_writes() -> None:
     writers = [
-        p.name for p in (ROOT / "audit").glob("*.py")
+        p.name
+        for p in (ROOT / "audit").glob("*.py")
         if re.search(r"\binsert(_rows)?\(|INSERT INTO|objects\.create\(|bulk_create", p.read_text())
     ]
     assert writers == ["services.py"]

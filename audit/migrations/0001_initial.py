@@ -4,31 +4,76 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='AuditEvent',
+            name="AuditEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(db_index=True)),
-                ('actor_type', models.CharField(choices=[('human', 'human'), ('agent', 'agent'), ('system', 'system')], max_length=10)),
-                ('actor_id', models.CharField(blank=True, max_length=150)),
-                ('verb', models.PositiveSmallIntegerField(choices=[(100, 'run.submitted'), (101, 'run.started'), (102, 'run.waiting'), (103, 'run.resumed'), (104, 'run.succeeded'), (105, 'run.failed'), (106, 'run.cancelled'), (107, 'run.limit_hit'), (200, 'step.created'), (201, 'step.claimed'), (202, 'step.succeeded'), (203, 'step.failed'), (204, 'step.retry_scheduled'), (205, 'step.lease_expired'), (206, 'step.cancelled'), (207, 'step.released'), (208, 'step.skipped'), (209, 'step.contract_violation'), (210, 'step.routed'), (211, 'step.requeued'), (300, 'state.written'), (400, 'wait.opened'), (401, 'approval.approved'), (402, 'approval.rejected'), (403, 'approval.edited_and_approved'), (404, 'wait.expired'), (405, 'event.received'), (406, 'event.applied'), (407, 'approval.stale'), (408, 'wait.cancelled')])),
-                ('object_type', models.CharField(max_length=40)),
-                ('object_id', models.CharField(max_length=64)),
-                ('run_id', models.BigIntegerField(blank=True, null=True)),
-                ('step_id', models.BigIntegerField(blank=True, null=True)),
-                ('trace_id', models.CharField(blank=True, max_length=32)),
-                ('payload_digest', models.CharField(blank=True, max_length=64)),
-                ('data', models.JSONField(blank=True, default=dict)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(db_index=True)),
+                (
+                    "actor_type",
+                    models.CharField(
+                        choices=[("human", "human"), ("agent", "agent"), ("system", "system")],
+                        max_length=10,
+                    ),
+                ),
+                ("actor_id", models.CharField(blank=True, max_length=150)),
+                (
+                    "verb",
+                    models.PositiveSmallIntegerField(
+                        choices=[
+                            (100, "run.submitted"),
+                            (101, "run.started"),
+                            (102, "run.waiting"),
+                            (103, "run.resumed"),
+                            (104, "run.succeeded"),
+                            (105, "run.failed"),
+                            (106, "run.cancelled"),
+                            (107, "run.limit_hit"),
+                            (200, "step.created"),
+                            (201, "step.claimed"),
+                            (202, "step.succeeded"),
+                            (203, "step.failed"),
+                            (204, "step.retry_scheduled"),
+                            (205, "step.lease_expired"),
+                            (206, "step.cancelled"),
+                            (207, "step.released"),
+                            (208, "step.skipped"),
+                            (209, "step.contract_violation"),
+                            (210, "step.routed"),
+                            (211, "step.requeued"),
+                            (300, "state.written"),
+                            (400, "wait.opened"),
+                            (401, "approval.approved"),
+                            (402, "approval.rejected"),
+                            (403, "approval.edited_and_approved"),
+                            (404, "wait.expired"),
+                            (405, "event.received"),
+                            (406, "event.applied"),
+                            (407, "approval.stale"),
+                            (408, "wait.cancelled"),
+                        ]
+                    ),
+                ),
+                ("object_type", models.CharField(max_length=40)),
+                ("object_id", models.CharField(max_length=64)),
+                ("run_id", models.BigIntegerField(blank=True, null=True)),
+                ("step_id", models.BigIntegerField(blank=True, null=True)),
+                ("trace_id", models.CharField(blank=True, max_length=32)),
+                ("payload_digest", models.CharField(blank=True, max_length=64)),
+                ("data", models.JSONField(blank=True, default=dict)),
             ],
             options={
-                'indexes': [models.Index(fields=['run_id', 'id'], name='audit_run_idx')],
+                "indexes": [models.Index(fields=["run_id", "id"], name="audit_run_idx")],
             },
         ),
     ]

@@ -4,15 +4,54 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('audit', '0001_initial'),
+        ("audit", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='auditevent',
-            name='verb',
-            field=models.PositiveSmallIntegerField(choices=[(100, 'run.submitted'), (101, 'run.started'), (102, 'run.waiting'), (103, 'run.resumed'), (104, 'run.succeeded'), (105, 'run.failed'), (106, 'run.cancelled'), (107, 'run.limit_hit'), (200, 'step.created'), (201, 'step.claimed'), (202, 'step.succeeded'), (203, 'step.failed'), (204, 'step.retry_scheduled'), (205, 'step.lease_expired'), (206, 'step.cancelled'), (207, 'step.released'), (208, 'step.skipped'), (209, 'step.contract_violation'), (210, 'step.routed'), (211, 'step.requeued'), (300, 'state.written'), (400, 'wait.opened'), (401, 'approval.approved'), (402, 'approval.rejected'), (403, 'approval.edited_and_approved'), (404, 'wait.expired'), (405, 'event.received'), (406, 'event.applied'), (407, 'approval.stale'), (408, 'wait.cancelled'), (500, 'tool.called'), (501, 'tool.call_failed'), (502, 'tool.call_skipped'), (503, 'tool.exhausted'), (510, 'tool.circuit_opened'), (511, 'tool.circuit_half_opened'), (512, 'tool.circuit_closed')]),
+            model_name="auditevent",
+            name="verb",
+            field=models.PositiveSmallIntegerField(
+                choices=[
+                    (100, "run.submitted"),
+                    (101, "run.started"),
+                    (102, "run.waiting"),
+                    (103, "run.resumed"),
+                    (104, "run.succeeded"),
+                    (105, "run.failed"),
+                    (106, "run.cancelled"),
+                    (107, "run.limit_hit"),
+                    (200, "step.created"),
+                    (201, "step.claimed"),
+                    (202, "step.succeeded"),
+                    (203, "step.failed"),
+                    (204, "step.retry_scheduled"),
+                    (205, "step.lease_expired"),
+                    (206, "step.cancelled"),
+                    (207, "step.released"),
+                    (208, "step.skipped"),
+                    (209, "step.contract_violation"),
+                    (210, "step.routed"),
+                    (211, "step.requeued"),
+                    (300, "state.written"),
+                    (400, "wait.opened"),
+                    (401, "approval.approved"),
+                    (402, "approval.rejected"),
+                    (403, "approval.edited_and_approved"),
+                    (404, "wait.expired"),
+                    (405, "event.received"),
+                    (406, "event.applied"),
+                    (407, "approval.stale"),
+                    (408, "wait.cancelled"),
+                    (500, "tool.called"),
+                    (501, "tool.call_failed"),
+                    (502, "tool.call_skipped"),
+                    (503, "tool.exhausted"),
+                    (510, "tool.circuit_opened"),
+                    (511, "tool.circuit_half_opened"),
+                    (512, "tool.circuit_closed"),
+                ]
+            ),
         ),
     ]

@@ -422,7 +422,9 @@ def run_past_deadline(snapshot: Snapshot, now: datetime) -> Changes:
     # The run's own deadline: its workflow's max_duration, or the policy's run_deadline.
     allowed = adv.run.deadline_at - adv.run.created_at
     adv.record(Verb.RUN_LIMIT_HIT, "run", adv.run, bound="max_duration", limit=str(allowed))
-    adv.fail_run(Code.RUN_DEADLINE, f"run stopped by its deadline ({allowed} after it was submitted)")
+    adv.fail_run(
+        Code.RUN_DEADLINE, f"run stopped by its deadline ({allowed} after it was submitted)"
+    )
     return adv.finish()
 
 

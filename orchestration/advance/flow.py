@@ -174,10 +174,14 @@ class RunAdvance(Ending):
         if decision is not None and decision.outcome == "deny":
             step = self.new_step(node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit)
             self.note_decision(decision, step)
-            self.fail_step(step, PolicyDenied(
-                f"policy {decision.rule}: {decision.reason}", code=Code.POLICY_DENIED,
-                detail={"rule": decision.rule, "version": decision.version},
-            ))
+            self.fail_step(
+                step,
+                PolicyDenied(
+                    f"policy {decision.rule}: {decision.reason}",
+                    code=Code.POLICY_DENIED,
+                    detail={"rule": decision.rule, "version": decision.version},
+                ),
+            )
             return
         if gate or (decision is not None and decision.outcome == "require_approval"):
             step = self.new_step(node, kind=StepKind.AGENT, status=StepStatus.WAITING, visit=visit)
@@ -185,10 +189,18 @@ class RunAdvance(Ending):
                 self.note_decision(decision, step)
             self.open_approval(step, node, step_action(step, node, self.run), decision=decision)
             return
-        if decision is not None and decision.outcome == "defer" and decision.defer_until is not None:
+        if (
+            decision is not None
+            and decision.outcome == "defer"
+            and decision.defer_until is not None
+        ):
             # Not before its window opens: queued with no wake-up now; the reaper sends it then.
             step = self.new_step(
-                node, kind=StepKind.AGENT, status=StepStatus.QUEUED, visit=visit, deferred_until=decision.defer_until
+                node,
+                kind=StepKind.AGENT,
+                status=StepStatus.QUEUED,
+                visit=visit,
+                deferred_until=decision.defer_until,
             )
             self.note_decision(decision, step)
             return
@@ -217,7 +229,9 @@ class RunAdvance(Ending):
                 # (services.waits_escalate_breached); set here, so no query when it opens.
                 sla_due_at = deadline
             # Expiry approves only when the policy and the node's own gate (if it has one) both say so.
-            lenient = decision.on_expiry == "approve" and (gate is None or gate.on_timeout == "approve")
+            lenient = decision.on_expiry == "approve" and (
+                gate is None or gate.on_timeout == "approve"
+            )
             on_timeout = "approve" if lenient else "reject"
             reason = decision.reason
         wait = unsaved(

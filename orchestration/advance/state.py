@@ -181,8 +181,15 @@ class AdvanceState:
         return min(attempts, bounds.max_retries + 1)
 
     def new_step(
-        self, node: Node, *, kind: str, status: str, visit: int, item: int = -1,
-        deferred_until: datetime | None = None, **fields: Any,
+        self,
+        node: Node,
+        *,
+        kind: str,
+        status: str,
+        visit: int,
+        item: int = -1,
+        deferred_until: datetime | None = None,
+        **fields: Any,
     ) -> Step:
         """A new step of ``node``; ``deferred_until``: queued, but not to run (nor be woken)
         before then."""
@@ -223,8 +230,14 @@ class AdvanceState:
         if active is None or tenant is None:
             return None
         facts = Facts(
-            action=f"agent:{node.agent}", workflow=self.run.workflow_name, node=node.name, tenant=tenant.slug,
-            tenant_time_zone=tenant.time_zone, agent=node.agent, params=params, run_id=self.run.pk,
+            action=f"agent:{node.agent}",
+            workflow=self.run.workflow_name,
+            node=node.name,
+            tenant=tenant.slug,
+            tenant_time_zone=tenant.time_zone,
+            agent=node.agent,
+            params=params,
+            run_id=self.run.pk,
         )
         return policy_decide(active.compiled, facts, self.now)
 
@@ -232,16 +245,29 @@ class AdvanceState:
         """Record a policy decision with this change: the facts, the version and rule, and why."""
         active = self.snapshot.policy
         row = PolicyDecision(
-            action=decision.facts.action, workflow=decision.facts.workflow, tenant=decision.facts.tenant,
-            facts=decision.facts.to_json(), version_id=active.version_id if active is not None else None,
-            rule=decision.rule, outcome=decision.recorded_outcome, tier=decision.tier,
-            reason=decision.reason[:2000], created_at=self.now,
+            action=decision.facts.action,
+            workflow=decision.facts.workflow,
+            tenant=decision.facts.tenant,
+            facts=decision.facts.to_json(),
+            version_id=active.version_id if active is not None else None,
+            rule=decision.rule,
+            outcome=decision.recorded_outcome,
+            tier=decision.tier,
+            reason=decision.reason[:2000],
+            created_at=self.now,
         )
         self.changes.decisions.append((row, step))
         if decision.outcome != "allow":
             self.record(
-                Verb.POLICY_DECIDED, "step", step, step=step, outcome=decision.outcome, rule=decision.rule,
-                version=decision.version, tier=decision.tier, reason=decision.reason,
+                Verb.POLICY_DECIDED,
+                "step",
+                step,
+                step=step,
+                outcome=decision.outcome,
+                rule=decision.rule,
+                version=decision.version,
+                tier=decision.tier,
+                reason=decision.reason,
             )
 
     def _add_step(self, step: Step) -> None:

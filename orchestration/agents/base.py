@@ -155,7 +155,12 @@ class AgentContext:
             raise StepTimeout("the step ran past its soft timeout", code=Code.STEP_TIMEOUT)
 
     def report_usage(
-        self, *, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0, model: str = ""
+        self,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost_usd: float = 0.0,
+        model: str = "",
     ) -> None:
         self.usage.add(Usage(prompt_tokens, completion_tokens, cost_usd, model))
 

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0001_initial'),
+        ("orchestration", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='version',
+            model_name="run",
+            name="version",
             field=models.PositiveBigIntegerField(default=0),
         ),
     ]

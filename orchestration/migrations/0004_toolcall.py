@@ -5,39 +5,77 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0003_expect_function'),
+        ("orchestration", "0003_expect_function"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ToolCall',
+            name="ToolCall",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('trace_id', models.CharField(blank=True, default='', max_length=32)),
-                ('node', models.CharField(blank=True, default='', max_length=200)),
-                ('call_index', models.PositiveIntegerField(default=0)),
-                ('capability', models.CharField(max_length=100)),
-                ('provider', models.CharField(max_length=100)),
-                ('attempt', models.PositiveSmallIntegerField()),
-                ('status', models.CharField(choices=[('succeeded', 'Succeeded'), ('failed', 'Failed'), ('skipped', 'Skipped')], max_length=10)),
-                ('params', models.JSONField(blank=True, default=dict)),
-                ('result_summary', models.TextField(blank=True, default='')),
-                ('latency_ms', models.PositiveIntegerField(default=0)),
-                ('retry_delay_ms', models.PositiveIntegerField(blank=True, null=True)),
-                ('error_class', models.CharField(blank=True, default='', max_length=12)),
-                ('error_code', models.CharField(blank=True, default='', max_length=64)),
-                ('error_message', models.TextField(blank=True, default='')),
-                ('tokens', models.PositiveIntegerField(blank=True, null=True)),
-                ('cost_usd', models.DecimalField(blank=True, decimal_places=6, max_digits=12, null=True)),
-                ('idempotency_key', models.CharField(blank=True, default='', max_length=64)),
-                ('created_at', models.DateTimeField()),
-                ('run', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='tool_calls', to='orchestration.run')),
-                ('step', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='tool_calls', to='orchestration.step')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("trace_id", models.CharField(blank=True, default="", max_length=32)),
+                ("node", models.CharField(blank=True, default="", max_length=200)),
+                ("call_index", models.PositiveIntegerField(default=0)),
+                ("capability", models.CharField(max_length=100)),
+                ("provider", models.CharField(max_length=100)),
+                ("attempt", models.PositiveSmallIntegerField()),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("skipped", "Skipped"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("params", models.JSONField(blank=True, default=dict)),
+                ("result_summary", models.TextField(blank=True, default="")),
+                ("latency_ms", models.PositiveIntegerField(default=0)),
+                ("retry_delay_ms", models.PositiveIntegerField(blank=True, null=True)),
+                ("error_class", models.CharField(blank=True, default="", max_length=12)),
+                ("error_code", models.CharField(blank=True, default="", max_length=64)),
+                ("error_message", models.TextField(blank=True, default="")),
+                ("tokens", models.PositiveIntegerField(blank=True, null=True)),
+                (
+                    "cost_usd",
+                    models.DecimalField(blank=True, decimal_places=6, max_digits=12, null=True),
+                ),
+                ("idempotency_key", models.CharField(blank=True, default="", max_length=64)),
+                ("created_at", models.DateTimeField()),
+                (
+                    "run",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tool_calls",
+                        to="orchestration.run",
+                    ),
+                ),
+                (
+                    "step",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tool_calls",
+                        to="orchestration.step",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['run', 'id'], name='toolcall_run_idx'), models.Index(fields=['provider', '-created_at'], name='toolcall_provider_idx')],
+                "indexes": [
+                    models.Index(fields=["run", "id"], name="toolcall_run_idx"),
+                    models.Index(fields=["provider", "-created_at"], name="toolcall_provider_idx"),
+                ],
             },
         ),
     ]

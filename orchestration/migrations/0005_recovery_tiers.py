@@ -4,45 +4,98 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0004_toolcall'),
+        ("orchestration", "0004_toolcall"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='degraded',
+            model_name="run",
+            name="degraded",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='step',
-            name='degraded',
-            field=models.CharField(blank=True, default='', max_length=500),
+            model_name="step",
+            name="degraded",
+            field=models.CharField(blank=True, default="", max_length=500),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='status',
-            field=models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('waiting', 'Waiting'), ('compensating', 'Compensating'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='queued', max_length=12),
+            model_name="run",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("queued", "Queued"),
+                    ("running", "Running"),
+                    ("waiting", "Waiting"),
+                    ("compensating", "Compensating"),
+                    ("succeeded", "Succeeded"),
+                    ("failed", "Failed"),
+                    ("cancelled", "Cancelled"),
+                ],
+                default="queued",
+                max_length=12,
+            ),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='kind',
-            field=models.CharField(choices=[('agent', 'Agent'), ('route', 'Route'), ('map', 'Map'), ('item', 'Item'), ('wait', 'Wait'), ('compensate', 'Compensate')], max_length=10),
+            model_name="step",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("agent", "Agent"),
+                    ("route", "Route"),
+                    ("map", "Map"),
+                    ("item", "Item"),
+                    ("wait", "Wait"),
+                    ("compensate", "Compensate"),
+                ],
+                max_length=10,
+            ),
         ),
         migrations.AlterField(
-            model_name='wait',
-            name='decision',
-            field=models.CharField(blank=True, choices=[('approve', 'Approve'), ('reject', 'Reject'), ('edit', 'Edit'), ('retry', 'Retry'), ('skip', 'Skip'), ('abort', 'Abort')], default='', max_length=10),
+            model_name="wait",
+            name="decision",
+            field=models.CharField(
+                blank=True,
+                choices=[
+                    ("approve", "Approve"),
+                    ("reject", "Reject"),
+                    ("edit", "Edit"),
+                    ("retry", "Retry"),
+                    ("skip", "Skip"),
+                    ("abort", "Abort"),
+                ],
+                default="",
+                max_length=10,
+            ),
         ),
         migrations.AlterField(
-            model_name='wait',
-            name='kind',
-            field=models.CharField(choices=[('approval', 'Approval'), ('event', 'Event'), ('escalation', 'Escalation')], max_length=10),
+            model_name="wait",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("approval", "Approval"),
+                    ("event", "Event"),
+                    ("escalation", "Escalation"),
+                ],
+                max_length=10,
+            ),
         ),
         migrations.AlterField(
-            model_name='wait',
-            name='status',
-            field=models.CharField(choices=[('open', 'Open'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('received', 'Received'), ('expired', 'Expired'), ('cancelled', 'Cancelled'), ('stale', 'Stale'), ('resolved', 'Resolved')], default='open', max_length=10),
+            model_name="wait",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("open", "Open"),
+                    ("approved", "Approved"),
+                    ("rejected", "Rejected"),
+                    ("received", "Received"),
+                    ("expired", "Expired"),
+                    ("cancelled", "Cancelled"),
+                    ("stale", "Stale"),
+                    ("resolved", "Resolved"),
+                ],
+                default="open",
+                max_length=10,
+            ),
         ),
     ]

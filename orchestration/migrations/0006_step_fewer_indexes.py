@@ -5,24 +5,39 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0005_recovery_tiers'),
+        ("orchestration", "0005_recovery_tiers"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='step',
-            name='parent',
-            field=models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='orchestration.step'),
+            model_name="step",
+            name="parent",
+            field=models.ForeignKey(
+                blank=True,
+                db_index=False,
+                null=True,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="+",
+                to="orchestration.step",
+            ),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='run',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='steps', to='orchestration.run'),
+            model_name="step",
+            name="run",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="steps",
+                to="orchestration.run",
+            ),
         ),
         migrations.AddIndex(
-            model_name='step',
-            index=models.Index(condition=models.Q(('parent__isnull', False)), fields=['parent'], name='step_parent_idx'),
+            model_name="step",
+            index=models.Index(
+                condition=models.Q(("parent__isnull", False)),
+                fields=["parent"],
+                name="step_parent_idx",
+            ),
         ),
     ]

@@ -4,85 +4,84 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0006_step_fewer_indexes'),
+        ("orchestration", "0006_step_fewer_indexes"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='run',
-            name='active_steps',
+            model_name="run",
+            name="active_steps",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='step_count',
+            model_name="run",
+            name="step_count",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='version',
+            model_name="run",
+            name="version",
             field=models.BigIntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='waiting_steps',
+            model_name="run",
+            name="waiting_steps",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='workflow_version',
+            model_name="run",
+            name="workflow_version",
             field=models.IntegerField(),
         ),
         migrations.AlterField(
-            model_name='stateversion',
-            name='version',
+            model_name="stateversion",
+            name="version",
             field=models.IntegerField(),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='attempt',
+            model_name="step",
+            name="attempt",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='failures',
+            model_name="step",
+            name="failures",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='max_attempts',
+            model_name="step",
+            name="max_attempts",
             field=models.IntegerField(default=3),
         ),
         migrations.AlterField(
-            model_name='step',
-            name='visit',
+            model_name="step",
+            name="visit",
             field=models.IntegerField(default=1),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='attempt',
+            model_name="toolcall",
+            name="attempt",
             field=models.SmallIntegerField(),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='call_index',
+            model_name="toolcall",
+            name="call_index",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='latency_ms',
+            model_name="toolcall",
+            name="latency_ms",
             field=models.IntegerField(default=0),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='retry_delay_ms',
+            model_name="toolcall",
+            name="retry_delay_ms",
             field=models.IntegerField(blank=True, null=True),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='tokens',
+            model_name="toolcall",
+            name="tokens",
             field=models.IntegerField(blank=True, null=True),
         ),
     ]

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0007_no_check_constraints_on_hot_rows'),
+        ("orchestration", "0007_no_check_constraints_on_hot_rows"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='request_digest',
-            field=models.CharField(blank=True, default='', max_length=64),
+            model_name="run",
+            name="request_digest",
+            field=models.CharField(blank=True, default="", max_length=64),
         ),
     ]

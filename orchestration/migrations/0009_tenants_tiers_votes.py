@@ -6,73 +6,114 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orchestration', '0008_run_request_digest'),
-        ('policies', '0001_initial'),
+        ("orchestration", "0008_run_request_digest"),
+        ("policies", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='WorkflowRecord',
+            name="WorkflowRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
             ],
             options={
-                'permissions': [('decide_workflow', "Can decide approvals and escalations of this workflow's runs")],
+                "permissions": [
+                    (
+                        "decide_workflow",
+                        "Can decide approvals and escalations of this workflow's runs",
+                    )
+                ],
             },
         ),
         migrations.AlterModelOptions(
-            name='wait',
-            options={'permissions': [('decide_tier_1', 'Can decide approvals and escalations that need tier 1'), ('decide_tier_2', 'Can decide approvals and escalations that need tier 2'), ('decide_tier_3', 'Can decide approvals and escalations that need tier 3')]},
+            name="wait",
+            options={
+                "permissions": [
+                    ("decide_tier_1", "Can decide approvals and escalations that need tier 1"),
+                    ("decide_tier_2", "Can decide approvals and escalations that need tier 2"),
+                    ("decide_tier_3", "Can decide approvals and escalations that need tier 3"),
+                ]
+            },
         ),
         migrations.AddField(
-            model_name='wait',
-            name='policy_rule',
-            field=models.CharField(blank=True, default='', max_length=100),
+            model_name="wait",
+            name="policy_rule",
+            field=models.CharField(blank=True, default="", max_length=100),
         ),
         migrations.AddField(
-            model_name='wait',
-            name='policy_version',
+            model_name="wait",
+            name="policy_version",
             field=models.IntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='wait',
-            name='quorum',
+            model_name="wait",
+            name="quorum",
             field=models.SmallIntegerField(default=1),
         ),
         migrations.AddField(
-            model_name='wait',
-            name='stage',
+            model_name="wait",
+            name="stage",
             field=models.SmallIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='wait',
-            name='stages',
+            model_name="wait",
+            name="stages",
             field=models.JSONField(blank=True, default=list),
         ),
         # A run's tenant was free text; it becomes a real record. Every text seen becomes a
         # tenant (an empty one: the default tenant), then the column is replaced.
         migrations.AddField(
-            model_name='run',
-            name='tenant_ref',
-            field=models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='policies.tenant'),
+            model_name="run",
+            name="tenant_ref",
+            field=models.ForeignKey(
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to="policies.tenant",
+            ),
         ),
         migrations.CreateModel(
-            name='WaitVote',
+            name="WaitVote",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('stage', models.SmallIntegerField(default=0)),
-                ('action_digest', models.CharField(max_length=64)),
-                ('reason', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField()),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('wait', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='votes', to='orchestration.wait')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("stage", models.SmallIntegerField(default=0)),
+                ("action_digest", models.CharField(max_length=64)),
+                ("reason", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField()),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "wait",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="votes",
+                        to="orchestration.wait",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('wait', 'user'), name='wait_vote_once')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("wait", "user"), name="wait_vote_once")
+                ],
             },
         ),
     ]

@@ -15,11 +15,12 @@ def tenants_from_text(apps, schema_editor):
     by_text = {}
     for text in Run.objects.values_list("tenant", flat=True).distinct():
         slug = slugify(text)[:100] or DEFAULT_TENANT
-        by_text[text] = Tenant.objects.get_or_create(slug=slug, defaults={"name": text or "Default"})[0]
+        by_text[text] = Tenant.objects.get_or_create(
+            slug=slug, defaults={"name": text or "Default"}
+        )[0]
     for text, tenant in by_text.items():
         Run.objects.filter(tenant=text).update(tenant_ref=tenant)
     Run.objects.filter(tenant_ref__isnull=True).update(tenant_ref=default)
-
 
 
 class Migration(migrations.Migration):

@@ -193,7 +193,9 @@ class ToolClient:
             if not admission.allowed:
                 # Fail fast, no request: the next provider (if any) serves the call.
                 failure = replace(
-                    transient(Code.CIRCUIT_OPEN, f"circuit of {provider.name} is {admission.state}"),
+                    transient(
+                        Code.CIRCUIT_OPEN, f"circuit of {provider.name} is {admission.state}"
+                    ),
                     retry=False,
                 )
                 call.log.attempt(provider, attempt, ToolCallStatus.SKIPPED, failure=failure)

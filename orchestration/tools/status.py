@@ -24,12 +24,16 @@ def capability_status_list() -> list[dict[str, Any]]:
         row["provider"]: row
         for row in ToolCall.objects.filter(created_at__gte=since)
         .values("provider")
-        .annotate(attempts=Count("id"), succeeded=Count("id", filter=Q(status=ToolCallStatus.SUCCEEDED)))
+        .annotate(
+            attempts=Count("id"), succeeded=Count("id", filter=Q(status=ToolCallStatus.SUCCEEDED))
+        )
     }
     out = []
     for capability in capability_list():
         described = capability.describe()
-        for provider, entry in zip(capability.providers_in_order(), described["providers"], strict=True):
+        for provider, entry in zip(
+            capability.providers_in_order(), described["providers"], strict=True
+        ):
             counts = recent.get(provider.name, {"attempts": 0, "succeeded": 0})
             room = limits.headroom(provider)
             circuit = limits.breaker.state(provider)
@@ -37,12 +41,24 @@ def capability_status_list() -> list[dict[str, Any]]:
                 "window_seconds": int(HEALTH_WINDOW.total_seconds()),
                 "attempts": counts["attempts"],
                 "succeeded": counts["succeeded"],
-                "success_rate": round(counts["succeeded"] / counts["attempts"], 3) if counts["attempts"] else None,
+                "success_rate": round(counts["succeeded"] / counts["attempts"], 3)
+                if counts["attempts"]
+                else None,
             }
             entry["headroom"] = (
-                {"tokens": round(room.tokens, 2), "burst": room.burst, "per_second": room.per_second} if room else None
+                {
+                    "tokens": round(room.tokens, 2),
+                    "burst": room.burst,
+                    "per_second": room.per_second,
+                }
+                if room
+                else None
             )
-            entry["circuit"] = {"state": circuit.state, "calls": circuit.calls, "failures": circuit.failures,
-                                "probe_after": circuit.probe_after}
+            entry["circuit"] = {
+                "state": circuit.state,
+                "calls": circuit.calls,
+                "failures": circuit.failures,
+                "probe_after": circuit.probe_after,
+            }
         out.append(described)
     return out

@@ -65,7 +65,9 @@ class StepTools:
         from orchestration.tools.client import ToolClient
 
         as_dict = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
-        found = policy_facts(self.step, f"tool:{capability}", as_dict if isinstance(as_dict, dict) else {})
+        found = policy_facts(
+            self.step, f"tool:{capability}", as_dict if isinstance(as_dict, dict) else {}
+        )
         if found is not None:
             active, facts = found
             decision = policy_decide(active.compiled, facts, timezone.now())
@@ -76,7 +78,8 @@ class StepTools:
                 # step of its own is what an approval or a window can wait for).
                 raise PolicyDenied(
                     f"policy {decision.rule} ({decision.outcome.replace('_', ' ')}): {decision.reason}",
-                    code=Code.POLICY_DENIED, detail=decision.to_json(),
+                    code=Code.POLICY_DENIED,
+                    detail=decision.to_json(),
                 )
             rate_limit_check(active, facts)
         if self._client is None:
@@ -104,7 +107,9 @@ class StepTools:
         return records, entries, decisions
 
 
-def policy_facts(step: Step, action: str, params: dict[str, Any]) -> tuple[ActivePolicy, Facts] | None:
+def policy_facts(
+    step: Step, action: str, params: dict[str, Any]
+) -> tuple[ActivePolicy, Facts] | None:
     """The policy in force and the facts of an action of ``step`` (None: no policy is in force)."""
     active = active_policy()
     if active is None:
@@ -112,8 +117,14 @@ def policy_facts(step: Step, action: str, params: dict[str, Any]) -> tuple[Activ
     run = step.run
     tenant = tenant_by_id(run.tenant_id)
     facts = Facts(
-        action=action, workflow=run.workflow_name, node=step.node, tenant=tenant.slug,
-        tenant_time_zone=tenant.time_zone, agent=step.agent, params=params, run_id=run.pk,
+        action=action,
+        workflow=run.workflow_name,
+        node=step.node,
+        tenant=tenant.slug,
+        tenant_time_zone=tenant.time_zone,
+        agent=step.agent,
+        params=params,
+        run_id=run.pk,
     )
     return active, facts
 
@@ -124,12 +135,16 @@ def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
     backoff."""
     for bucket in rate_limits_for(active.compiled, facts):
         wait = backend_default().bucket_take(
-            f"policy:{bucket.key}", bucket.limit / bucket.period.total_seconds(), bucket.limit, time.time()
+            f"policy:{bucket.key}",
+            bucket.limit / bucket.period.total_seconds(),
+            bucket.limit,
+            time.time(),
         )
         if wait > 0:
             raise TransientError(
                 f"rate limit {bucket.id}: at most {bucket.limit} per {bucket.period}; next in {wait:.1f} s",
-                code=Code.RATE_LIMITED, detail={"limit": bucket.id, "retry_after": round(wait, 3)},
+                code=Code.RATE_LIMITED,
+                detail={"limit": bucket.id, "retry_after": round(wait, 3)},
             )
 
 
@@ -162,7 +177,10 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     if step.kind == StepKind.AGENT and (step.approved_digest or gated):
         action = step_action(step, node, run)
         active = active_policy()
-        if approval_digest(action, active.number if active is not None else None) != step.approved_digest:
+        if (
+            approval_digest(action, active.number if active is not None else None)
+            != step.approved_digest
+        ):
             settle()
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None
@@ -191,7 +209,9 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         if facts is not None:
             try:
                 rate_limit_check(*facts)
-                reservation = cost_reserve(*facts, step, agent, params, worker_id, hard.total_seconds())
+                reservation = cost_reserve(
+                    *facts, step, agent, params, worker_id, hard.total_seconds()
+                )
             except SignalboxError as exc:
                 fail(exc)
                 return None
@@ -281,7 +301,12 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
 
 
 def cost_reserve(
-    active: ActivePolicy, facts: Facts, step: Step, agent: Agent, params: BaseModel, owner: str,
+    active: ActivePolicy,
+    facts: Facts,
+    step: Step,
+    agent: Agent,
+    params: BaseModel,
+    owner: str,
     hard_seconds: float,
 ) -> Reservation | None:
     """Reserve the worst case of the agent's call (its estimated input, its ``max_tokens`` out)
@@ -295,20 +320,34 @@ def cost_reserve(
     scopes = ceilings_for(active.compiled, facts)
     if not scopes:
         return None
-    worst = price_cost(active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens)
+    worst = price_cost(
+        active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens
+    )
     if worst is None:
-        audit_record_alone(Entry(
-            verb=Verb.COST_UNKNOWN, object_type="step", object_id=step.pk, run_id=step.run_id, step_id=step.pk,
-            data={"agent": step.agent, "model": model},
-        ))
+        audit_record_alone(
+            Entry(
+                verb=Verb.COST_UNKNOWN,
+                object_type="step",
+                object_id=step.pk,
+                run_id=step.run_id,
+                step_id=step.pk,
+                data={"agent": step.agent, "model": model},
+            )
+        )
         raise PolicyDenied(
             f"the cost of {step.agent!r} cannot be estimated: model {model!r} is not in the price table",
-            code=Code.COST_UNKNOWN, detail={"model": model},
+            code=Code.COST_UNKNOWN,
+            detail={"model": model},
         )
     try:
         return ceiling_reserve(
-            scopes=scopes, amount=worst, run_id=step.run_id, step_id=step.pk, action=f"agent:{step.agent}",
-            owner=owner[:200], ttl=timedelta(seconds=hard_seconds + 60),
+            scopes=scopes,
+            amount=worst,
+            run_id=step.run_id,
+            step_id=step.pk,
+            action=f"agent:{step.agent}",
+            owner=owner[:200],
+            ttl=timedelta(seconds=hard_seconds + 60),
         )
     except CeilingExceeded as exc:
         raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
@@ -326,7 +365,9 @@ def cost_settle(reservation: Reservation, ctx: AgentContext, agent: Agent) -> No
     actual = None
     if active is not None:
         for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
-            actual = price_cost(active.compiled, model, usage.prompt_tokens, usage.completion_tokens)
+            actual = price_cost(
+                active.compiled, model, usage.prompt_tokens, usage.completion_tokens
+            )
             if actual is not None:
                 break
     charged = actual if actual is not None else reservation.amount

@@ -146,7 +146,13 @@ def step_complete(
             try:
                 snapshot = store.snapshot(run, needs, focus=step)
                 changes = _compute(
-                    snapshot, done, rt, worker_id, fence, optimistic=True, hold=handed_off is not None
+                    snapshot,
+                    done,
+                    rt,
+                    worker_id,
+                    fence,
+                    optimistic=True,
+                    hold=handed_off is not None,
                 )
             except Missing as missing:
                 needs |= missing.needs
@@ -195,7 +201,9 @@ def step_complete(
                 continue
             except LeaseLost:
                 log.warning(
-                    "step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt
+                    "step %s lost its lease (token %s); its result is discarded",
+                    step.pk,
+                    step.attempt,
                 )
                 return None
             if sibling is not None:

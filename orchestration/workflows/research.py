@@ -33,6 +33,8 @@ research_brief = Workflow(
 research_brief.agent(
     "plan", "planner", reads=["question", "max_subquestions"], writes=["subquestions"]
 )
+
+
 def unanswered(failure: Failure) -> dict[str, Any]:
     item = failure.input or {}
     return {

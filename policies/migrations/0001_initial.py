@@ -6,7 +6,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -15,124 +14,279 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Policy',
+            name="Policy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=100, unique=True)),
-                ('description', models.TextField(blank=True, default='')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField(max_length=100, unique=True)),
+                ("description", models.TextField(blank=True, default="")),
             ],
             options={
-                'permissions': [('edit_policy', 'Can draft and submit policy versions'), ('review_policy', 'Can approve, reject and activate policy versions')],
+                "permissions": [
+                    ("edit_policy", "Can draft and submit policy versions"),
+                    ("review_policy", "Can approve, reject and activate policy versions"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='Tenant',
+            name="Tenant",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('slug', models.SlugField(max_length=100, unique=True)),
-                ('name', models.CharField(max_length=200)),
-                ('time_zone', models.CharField(default='UTC', max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("slug", models.SlugField(max_length=100, unique=True)),
+                ("name", models.CharField(max_length=200)),
+                ("time_zone", models.CharField(default="UTC", max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['slug'],
-                'permissions': [('submit_runs', 'Can submit runs for this tenant'), ('view_runs', "Can see this tenant's runs"), ('decide_runs', "Can decide approvals and escalations of this tenant's runs")],
+                "ordering": ["slug"],
+                "permissions": [
+                    ("submit_runs", "Can submit runs for this tenant"),
+                    ("view_runs", "Can see this tenant's runs"),
+                    ("decide_runs", "Can decide approvals and escalations of this tenant's runs"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='PolicyVersion',
+            name="PolicyVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.IntegerField()),
-                ('status', models.CharField(choices=[('draft', 'Draft'), ('submitted', 'Submitted'), ('approved', 'Approved'), ('active', 'Active'), ('retired', 'Retired'), ('rejected', 'Rejected')], default='draft', max_length=10)),
-                ('source', models.TextField()),
-                ('document', models.JSONField()),
-                ('digest', models.CharField(max_length=64)),
-                ('note', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField()),
-                ('submitted_at', models.DateTimeField(blank=True, null=True)),
-                ('reviewed_at', models.DateTimeField(blank=True, null=True)),
-                ('review_note', models.TextField(blank=True, default='')),
-                ('activated_at', models.DateTimeField(blank=True, null=True)),
-                ('activated_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('author', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('policy', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='policies.policy')),
-                ('reviewed_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.IntegerField()),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("draft", "Draft"),
+                            ("submitted", "Submitted"),
+                            ("approved", "Approved"),
+                            ("active", "Active"),
+                            ("retired", "Retired"),
+                            ("rejected", "Rejected"),
+                        ],
+                        default="draft",
+                        max_length=10,
+                    ),
+                ),
+                ("source", models.TextField()),
+                ("document", models.JSONField()),
+                ("digest", models.CharField(max_length=64)),
+                ("note", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField()),
+                ("submitted_at", models.DateTimeField(blank=True, null=True)),
+                ("reviewed_at", models.DateTimeField(blank=True, null=True)),
+                ("review_note", models.TextField(blank=True, default="")),
+                ("activated_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "activated_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "author",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "policy",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="policies.policy",
+                    ),
+                ),
+                (
+                    "reviewed_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['policy', '-number'],
+                "ordering": ["policy", "-number"],
             },
         ),
         migrations.CreateModel(
-            name='PolicyDecision',
+            name="PolicyDecision",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('run_id', models.BigIntegerField(blank=True, null=True)),
-                ('step_id', models.BigIntegerField(blank=True, null=True)),
-                ('action', models.CharField(max_length=200)),
-                ('workflow', models.CharField(blank=True, default='', max_length=100)),
-                ('tenant', models.CharField(blank=True, default='', max_length=100)),
-                ('facts', models.JSONField()),
-                ('rule', models.CharField(blank=True, default='', max_length=100)),
-                ('outcome', models.CharField(choices=[('allow', 'Allow'), ('deny', 'Deny'), ('approve', 'Approve'), ('defer', 'Defer')], max_length=8)),
-                ('tier', models.SmallIntegerField(default=0)),
-                ('reason', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField()),
-                ('version', models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='policies.policyversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("run_id", models.BigIntegerField(blank=True, null=True)),
+                ("step_id", models.BigIntegerField(blank=True, null=True)),
+                ("action", models.CharField(max_length=200)),
+                ("workflow", models.CharField(blank=True, default="", max_length=100)),
+                ("tenant", models.CharField(blank=True, default="", max_length=100)),
+                ("facts", models.JSONField()),
+                ("rule", models.CharField(blank=True, default="", max_length=100)),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("allow", "Allow"),
+                            ("deny", "Deny"),
+                            ("approve", "Approve"),
+                            ("defer", "Defer"),
+                        ],
+                        max_length=8,
+                    ),
+                ),
+                ("tier", models.SmallIntegerField(default=0)),
+                ("reason", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField()),
+                (
+                    "version",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="policies.policyversion",
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='policy',
-            name='active_version',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='policies.policyversion'),
+            model_name="policy",
+            name="active_version",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to="policies.policyversion",
+            ),
         ),
         migrations.CreateModel(
-            name='Reservation',
+            name="Reservation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('run_id', models.BigIntegerField(blank=True, null=True)),
-                ('step_id', models.BigIntegerField(blank=True, null=True)),
-                ('action', models.CharField(max_length=200)),
-                ('amount', models.DecimalField(decimal_places=6, max_digits=14)),
-                ('actual', models.DecimalField(blank=True, decimal_places=6, max_digits=14, null=True)),
-                ('scope_ids', models.JSONField(default=list)),
-                ('status', models.CharField(choices=[('held', 'Held'), ('settled', 'Settled'), ('released', 'Released')], default='held', max_length=8)),
-                ('owner', models.CharField(blank=True, default='', max_length=200)),
-                ('expires_at', models.DateTimeField()),
-                ('created_at', models.DateTimeField()),
-                ('settled_at', models.DateTimeField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("run_id", models.BigIntegerField(blank=True, null=True)),
+                ("step_id", models.BigIntegerField(blank=True, null=True)),
+                ("action", models.CharField(max_length=200)),
+                ("amount", models.DecimalField(decimal_places=6, max_digits=14)),
+                (
+                    "actual",
+                    models.DecimalField(blank=True, decimal_places=6, max_digits=14, null=True),
+                ),
+                ("scope_ids", models.JSONField(default=list)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("held", "Held"),
+                            ("settled", "Settled"),
+                            ("released", "Released"),
+                        ],
+                        default="held",
+                        max_length=8,
+                    ),
+                ),
+                ("owner", models.CharField(blank=True, default="", max_length=200)),
+                ("expires_at", models.DateTimeField()),
+                ("created_at", models.DateTimeField()),
+                ("settled_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'indexes': [models.Index(condition=models.Q(('status', 'held')), fields=['expires_at'], name='reservation_held_idx'), models.Index(fields=['run_id'], name='reservation_run_idx')],
+                "indexes": [
+                    models.Index(
+                        condition=models.Q(("status", "held")),
+                        fields=["expires_at"],
+                        name="reservation_held_idx",
+                    ),
+                    models.Index(fields=["run_id"], name="reservation_run_idx"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='SpendScope',
+            name="SpendScope",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('run', 'Run'), ('workflow_day', 'Workflow Day'), ('agent_day', 'Agent Day'), ('tenant_month', 'Tenant Month'), ('global_day', 'Global Day')], max_length=16)),
-                ('key', models.CharField(blank=True, default='', max_length=200)),
-                ('period_start', models.DateTimeField(blank=True, null=True)),
-                ('limit', models.DecimalField(decimal_places=6, max_digits=14)),
-                ('soft_ratio', models.DecimalField(decimal_places=3, default=0.8, max_digits=4)),
-                ('reserved', models.DecimalField(decimal_places=6, default=0, max_digits=14)),
-                ('spent', models.DecimalField(decimal_places=6, default=0, max_digits=14)),
-                ('updated_at', models.DateTimeField()),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("run", "Run"),
+                            ("workflow_day", "Workflow Day"),
+                            ("agent_day", "Agent Day"),
+                            ("tenant_month", "Tenant Month"),
+                            ("global_day", "Global Day"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("key", models.CharField(blank=True, default="", max_length=200)),
+                ("period_start", models.DateTimeField(blank=True, null=True)),
+                ("limit", models.DecimalField(decimal_places=6, max_digits=14)),
+                ("soft_ratio", models.DecimalField(decimal_places=3, default=0.8, max_digits=4)),
+                ("reserved", models.DecimalField(decimal_places=6, default=0, max_digits=14)),
+                ("spent", models.DecimalField(decimal_places=6, default=0, max_digits=14)),
+                ("updated_at", models.DateTimeField()),
             ],
             options={
-                'constraints': [models.UniqueConstraint(condition=models.Q(('period_start__isnull', False)), fields=('kind', 'key', 'period_start'), name='spend_scope_unique'), models.UniqueConstraint(condition=models.Q(('period_start__isnull', True)), fields=('kind', 'key'), name='spend_scope_run_unique')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("period_start__isnull", False)),
+                        fields=("kind", "key", "period_start"),
+                        name="spend_scope_unique",
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(("period_start__isnull", True)),
+                        fields=("kind", "key"),
+                        name="spend_scope_run_unique",
+                    ),
+                ],
             },
         ),
         migrations.AddConstraint(
-            model_name='policyversion',
-            constraint=models.UniqueConstraint(fields=('policy', 'number'), name='policy_version_unique'),
+            model_name="policyversion",
+            constraint=models.UniqueConstraint(
+                fields=("policy", "number"), name="policy_version_unique"
+            ),
         ),
         migrations.AddIndex(
-            model_name='policydecision',
-            index=models.Index(fields=['created_at'], name='decision_created_idx'),
+            model_name="policydecision",
+            index=models.Index(fields=["created_at"], name="decision_created_idx"),
         ),
         migrations.AddIndex(
-            model_name='policydecision',
-            index=models.Index(fields=['run_id', 'id'], name='decision_run_idx'),
+            model_name="policydecision",
+            index=models.Index(fields=["run_id", "id"], name="decision_run_idx"),
         ),
     ]

@@ -85,7 +85,10 @@ def row_counts() -> Callable[[], dict[str, int]]:
     """Rows in every table a write could touch: compare before and after a refused request."""
 
     def count() -> dict[str, int]:
-        counts = {model.__name__: model.objects.count() for model in (Run, Step, Wait, RunEvent, StateVersion)}
+        counts = {
+            model.__name__: model.objects.count()
+            for model in (Run, Step, Wait, RunEvent, StateVersion)
+        }
         # A refusal is recorded (who was refused what) but changes nothing else.
         counts["AuditEvent"] = AuditEvent.objects.exclude(verb=Verb.ACCESS_DENIED).count()
         return counts

@@ -26,7 +26,11 @@ DOWN = "redis://127.0.0.1:1/0"
 
 @pytest.fixture
 def broker_down(settings: Any) -> Iterator[None]:
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "REPUBLISH_AFTER_SECONDS": 3600, "LIVE_EVENTS": False}
+    settings.SIGNALBOX = {
+        **settings.SIGNALBOX,
+        "REPUBLISH_AFTER_SECONDS": 3600,
+        "LIVE_EVENTS": False,
+    }
     real = app.conf.broker_url
     app.conf.broker_url = DOWN
     try:
@@ -38,7 +42,10 @@ def broker_down(settings: Any) -> Iterator[None]:
 def _queued_messages(step_id: int) -> int:
     """Wake-up messages for ``step_id`` waiting in its pool's queue."""
     client = redis.Redis.from_url(django_settings.REDIS_URL)
-    bodies = [base64.b64decode(json.loads(m)["body"]).decode() for m in client.lrange("pool.default", 0, -1)]
+    bodies = [
+        base64.b64decode(json.loads(m)["body"]).decode()
+        for m in client.lrange("pool.default", 0, -1)
+    ]
     return sum(1 for body in bodies if body.startswith(f"[[{step_id}]"))
 
 
@@ -46,7 +53,9 @@ def test_a_submit_while_the_broker_is_down_is_created_and_its_step_is_woken_when
     operator_client: Any, broker_down: None
 ) -> None:
     response = operator_client.post(
-        "/api/v1/runs", {"workflow": "reference_workload", "input": {"topic": "outage"}}, content_type="application/json"
+        "/api/v1/runs",
+        {"workflow": "reference_workload", "input": {"topic": "outage"}},
+        content_type="application/json",
     )
     assert response.status_code == 201, response.content
     step = Step.objects.get(run_id=response.json()["id"], node="classify")

@@ -291,10 +291,16 @@ def test_an_event_sent_twice_is_applied_once(operator_client, operator, drive):
 def test_an_event_id_sent_again_with_another_payload_is_409(operator_client, operator):
     run = run_submit(workflow="event_timeout_continue", input={}, submitted_by=operator).run
     url = f"{RUNS}/{run.pk}/events"
-    first = operator_client.post(url, {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 1}},
-                                 content_type="application/json")
-    again = operator_client.post(url, {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 2}},
-                                 content_type="application/json")
+    first = operator_client.post(
+        url,
+        {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 1}},
+        content_type="application/json",
+    )
+    again = operator_client.post(
+        url,
+        {"name": "payment.settled", "event_id": "evt-2", "payload": {"ok": 2}},
+        content_type="application/json",
+    )
     assert first.status_code == 202, first.content
     assert again.status_code == 409, again.content
     assert again.json()["error"]["code"] == "event_id_reused"
@@ -399,7 +405,10 @@ def test_token_clients_get_permissions_from_their_groups_too_and_a_change_counts
     client = client_for(stranger)
     body = {"workflow": "reference_workload", "input": {}}
     assert client.post(RUNS, body, content_type="application/json").status_code == 403
-    submit = [Permission.objects.get(codename="add_run"), Permission.objects.get(codename="submit_runs")]
+    submit = [
+        Permission.objects.get(codename="add_run"),
+        Permission.objects.get(codename="submit_runs"),
+    ]
     group = Group.objects.create(name="submitters")
     group.permissions.add(*submit)
     stranger.groups.add(group)

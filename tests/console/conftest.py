@@ -25,5 +25,3 @@ def _engine_in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     app.conf.broker_url  # noqa: B018
     monkeypatch.setitem(app.conf, "broker_url", "memory://")
     settings.CELERY_BROKER_URL = "memory://"
-
-

@@ -39,7 +39,9 @@ def client_for(app: Any, **headers: str) -> httpx.AsyncClient:
 @pytest.fixture
 def submitter_token() -> str:
     user = UserFactory()
-    user.user_permissions.add(Permission.objects.get(codename="add_run"), Permission.objects.get(codename="submit_runs"))
+    user.user_permissions.add(
+        Permission.objects.get(codename="add_run"), Permission.objects.get(codename="submit_runs")
+    )
     return ApiToken.issue(user, "cli")[1]
 
 

@@ -245,7 +245,7 @@ async def test_home_socket_counts_only_what_the_user_may_see(
 
 
 async def test_inbox_socket_refuses_anonymous_and_renders_for_users(
-    viewer_cookie: tuple[bytes, bytes]
+    viewer_cookie: tuple[bytes, bytes],
 ) -> None:
     assert not await accepted("/ws/inbox/", ORIGIN)
     communicator, connected = await connect("/ws/inbox/", ORIGIN, viewer_cookie)

@@ -34,7 +34,12 @@ def test_seeding_creates_users_and_groups_once() -> None:
     assert all(len(password) >= 16 for password in first.created.values())
     assert len(set(first.created.values())) == len(DEMO_USERS)
     assert set(first.groups_created) == {
-        "Operator tier 1", "Operator tier 2", "Operator tier 3", "Policy admin", "Auditor"}
+        "Operator tier 1",
+        "Operator tier 2",
+        "Operator tier 3",
+        "Policy admin",
+        "Auditor",
+    }
     assert first.existing == []
     # The simulator's service account exists, and cannot log in.
     assert not users.get(username="simulator").has_usable_password()
@@ -56,7 +61,9 @@ def test_seeded_roles_have_their_permissions() -> None:
     operator, admin, auditor = (users.get(username=n) for n in ("operator", "admin", "auditor"))
     trainee, lead, lead2 = (users.get(username=n) for n in ("trainee", "lead", "lead2"))
     # Tiers 1 to 3, and two people at tier 3: refunds above 10,000 need two approvers.
-    assert trainee.has_perm("orchestration.decide_tier_1") and not trainee.has_perm("orchestration.decide_tier_2")
+    assert trainee.has_perm("orchestration.decide_tier_1") and not trainee.has_perm(
+        "orchestration.decide_tier_2"
+    )
     assert all(u.has_perm("orchestration.decide_tier_3") for u in (lead, lead2))
 
     acme = Tenant.objects.get(slug="acme")
@@ -64,7 +71,9 @@ def test_seeded_roles_have_their_permissions() -> None:
     for perm in ("decide_run", "decide_tier_1", "decide_tier_2"):
         assert operator.has_perm(f"orchestration.{perm}")
     assert not operator.has_perm("orchestration.decide_tier_3")
-    assert operator.has_perm("policies.decide_runs", acme) and operator.has_perm("policies.view_runs", acme)
+    assert operator.has_perm("policies.decide_runs", acme) and operator.has_perm(
+        "policies.view_runs", acme
+    )
     assert not operator.has_perm("orchestration.delete_run")
     # The admin edits and reviews policies, and reaches the Django admin; decides nothing.
     assert admin.has_perm("policies.edit_policy") and admin.has_perm("policies.review_policy")
@@ -103,7 +112,9 @@ def test_simulator_opens_with_one_of_each_kind_then_slows_down(simulator: DemoSi
     workflows = {run.workflow_name for run in Run.objects.filter(pk__in=submitted)}
     assert workflows == {"content_pipeline", "refund_desk", "research_brief"}
     # As the simulator's service account, never as a person who decides.
-    assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {"simulator"}
+    assert {run.submitted_by.username for run in Run.objects.filter(pk__in=submitted)} == {
+        "simulator"
+    }
     # Every 3 to 6 seconds during the opening (about a minute), then every 8 to 15.
     gaps = [later - earlier for earlier, later in pairwise(at)]
     assert all(3 <= gap <= 7 for gap in gaps[: len(OPENING) - 1])
@@ -192,7 +203,9 @@ def test_simulator_pass_is_quiet_when_everything_is_decided(simulator: Any) -> N
     assert simulator.tick().submitted == []
 
 
-def test_simulator_retries_escalations_nobody_answered(simulator: Any, drive: Callable[[int], Run]) -> None:
+def test_simulator_retries_escalations_nobody_answered(
+    simulator: Any, drive: Callable[[int], Run]
+) -> None:
     run = drive(run_submit(workflow="escalating", input={"permanent": True}).run.pk)
     escalation = Wait.objects.get(run=run, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN)
     simulator.max_active = 0
@@ -233,7 +246,9 @@ def drive_active(drive: Callable[[int], Run]) -> None:
         drive(run_id)
 
 
-def test_demo_traffic_brings_every_kind_of_item_within_two_minutes(drive: Callable[[int], Run]) -> None:
+def test_demo_traffic_brings_every_kind_of_item_within_two_minutes(
+    drive: Callable[[int], Run],
+) -> None:
     demo_users_seed()
     demo_policy_install()
     users = get_user_model().objects
@@ -248,7 +263,9 @@ def test_demo_traffic_brings_every_kind_of_item_within_two_minutes(drive: Callab
 
     runs = Run.objects.filter(pk__in=simulator.scenarios)
     # The opening first, then a calmer pace: nobody drowns.
-    assert [simulator.scenarios[pk] for pk in sorted(simulator.scenarios)][: len(OPENING)] == list(OPENING)
+    assert [simulator.scenarios[pk] for pk in sorted(simulator.scenarios)][: len(OPENING)] == list(
+        OPENING
+    )
     assert len(submitted_at) <= len(OPENING) + 150 // 8
     # All of it submitted by the simulator's own service account, never by a person who decides.
     assert set(runs.values_list("submitted_by__username", flat=True)) == {"simulator"}
@@ -270,7 +287,9 @@ def test_demo_traffic_brings_every_kind_of_item_within_two_minutes(drive: Callab
     marketplace = escalations["refund_marketplace"].action
     assert marketplace["why"] == "contract violation" and marketplace["node"] == "propose_refund"
     ceiling = escalations["refund_long_thread"].action
-    assert ceiling["error"]["code"] == "ceiling_exceeded" and ceiling["why"].startswith("limit reached")
+    assert ceiling["error"]["code"] == "ceiling_exceeded" and ceiling["why"].startswith(
+        "limit reached"
+    )
 
     # The small refund waited for the payment provider's settlement, which came later.
     small = runs.get(pk=first["refund_small"])
@@ -291,8 +310,12 @@ def test_simulator_holds_back_a_workflow_near_its_daily_ceiling(simulator: DemoS
     demo_policy_install()
     today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
     SpendScope.objects.create(
-        kind="workflow_day", key="refund_desk", period_start=today, limit=Decimal("0.05"),
-        spent=Decimal("0.0401"), updated_at=timezone.now(),
+        kind="workflow_day",
+        key="refund_desk",
+        period_start=today,
+        limit=Decimal("0.05"),
+        spent=Decimal("0.0401"),
+        updated_at=timezone.now(),
     )
     simulator._opening.clear()
     simulator.max_active = 1000  # nothing runs here: every submission stays active
@@ -307,4 +330,6 @@ def test_simulator_holds_back_a_workflow_near_its_daily_ceiling(simulator: DemoS
     more = []
     for second in range(300, 600, 5):
         more += simulator.tick(now + timedelta(seconds=second)).submitted
-    assert "refund_desk" in set(Run.objects.filter(pk__in=more).values_list("workflow_name", flat=True))
+    assert "refund_desk" in set(
+        Run.objects.filter(pk__in=more).values_list("workflow_name", flat=True)
+    )

@@ -24,7 +24,10 @@ def redis_layer(settings: Any) -> Any:
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "infra.channels.RedisChannelLayer",
-            "CONFIG": {"hosts": [django_settings.REDIS_URL], "prefix": f"live-test-{secrets.token_hex(4)}"},
+            "CONFIG": {
+                "hosts": [django_settings.REDIS_URL],
+                "prefix": f"live-test-{secrets.token_hex(4)}",
+            },
         }
     }
     settings.SIGNALBOX = {**settings.SIGNALBOX, "LIVE_EVENTS": True}
@@ -40,11 +43,27 @@ def _receive(layer: Any, channel: str) -> dict[str, Any]:
 
 def _events(run_id: int, *, run_level: bool = False) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [
-        {"run_id": run_id, "kind": "step", "change": "succeeded", "step_id": 1, "key": "a", "status": "succeeded"},
-        {"run_id": run_id, "kind": "step", "change": "created", "step_id": 2, "key": "b", "status": "running"},
+        {
+            "run_id": run_id,
+            "kind": "step",
+            "change": "succeeded",
+            "step_id": 1,
+            "key": "a",
+            "status": "succeeded",
+        },
+        {
+            "run_id": run_id,
+            "kind": "step",
+            "change": "created",
+            "step_id": 2,
+            "key": "b",
+            "status": "running",
+        },
     ]
     if run_level:
-        events.append({"run_id": run_id, "kind": "run", "change": "succeeded", "status": "succeeded"})
+        events.append(
+            {"run_id": run_id, "kind": "run", "change": "succeeded", "status": "succeeded"}
+        )
     return events
 
 
@@ -68,7 +87,12 @@ def test_run_list_members_hear_only_run_level_changes(redis_layer: Any) -> None:
     _sender().send(_events(10, run_level=True))
 
     message = _receive(redis_layer, channel)
-    assert message["event"] == {"run_id": 10, "kind": "run", "change": "succeeded", "status": "succeeded"}
+    assert message["event"] == {
+        "run_id": 10,
+        "kind": "run",
+        "change": "succeeded",
+        "status": "succeeded",
+    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -81,12 +105,21 @@ def test_a_submitted_run_is_news_for_the_run_list_and_home(redis_layer: Any) -> 
     run = run_submit(workflow="reference_workload", input={}).run
 
     message = _receive(redis_layer, channel)
-    assert message["event"] == {"run_id": run.pk, "kind": "run", "change": "queued", "status": "queued"}
+    assert message["event"] == {
+        "run_id": run.pk,
+        "kind": "run",
+        "change": "queued",
+        "status": "queued",
+    }
 
 
-def test_groups_without_members_send_nothing(redis_layer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_groups_without_members_send_nothing(
+    redis_layer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sent: list[Any] = []
-    monkeypatch.setattr(live.asyncio, "run_coroutine_threadsafe", lambda coro, loop: sent.append(coro.close()))
+    monkeypatch.setattr(
+        live.asyncio, "run_coroutine_threadsafe", lambda coro, loop: sent.append(coro.close())
+    )
 
     _sender().send(_events(11, run_level=True))
     assert sent == []
@@ -129,8 +162,18 @@ def _in_other_process(layer: Any, action: str, group: str, channel: str) -> None
     import sys
 
     subprocess.run(
-        [sys.executable, "-c", _OTHER_PROCESS, django_settings.REDIS_URL, layer.prefix, action, group, channel],
-        check=True, timeout=30,
+        [
+            sys.executable,
+            "-c",
+            _OTHER_PROCESS,
+            django_settings.REDIS_URL,
+            layer.prefix,
+            action,
+            group,
+            channel,
+        ],
+        check=True,
+        timeout=30,
     )
 
 
@@ -145,14 +188,18 @@ def _eventually(predicate: Any, timeout: float = 5.0) -> bool:
     return False
 
 
-def test_joins_and_leaves_in_another_process_are_known_without_asking_redis(redis_layer: Any) -> None:
+def test_joins_and_leaves_in_another_process_are_known_without_asking_redis(
+    redis_layer: Any,
+) -> None:
     group = live.run_group(21)
     assert _sender().membership.listened([group]) == set()
     assert _eventually(_sender().membership.watching), "the membership watcher never subscribed"
 
     channel = async_to_sync(redis_layer.new_channel)()
     _in_other_process(redis_layer, "group_add", group, channel)
-    assert _eventually(lambda: _sender().membership.listened([group, live.run_group(22)]) == {group})
+    assert _eventually(
+        lambda: _sender().membership.listened([group, live.run_group(22)]) == {group}
+    )
 
     _in_other_process(redis_layer, "group_discard", group, channel)
     assert _eventually(lambda: _sender().membership.listened([group]) == set())

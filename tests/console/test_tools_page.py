@@ -19,7 +19,11 @@ pytestmark = pytest.mark.django_db
 
 def record(provider: str, status: str) -> None:
     ToolCall.objects.create(
-        capability="test_effect", provider=provider, attempt=1, status=status, created_at=timezone.now()
+        capability="test_effect",
+        provider=provider,
+        attempt=1,
+        status=status,
+        created_at=timezone.now(),
     )
 
 
@@ -62,7 +66,9 @@ def test_tools_page_is_for_logged_in_users_with_view_permission(stranger, client
     assert client.get("/tools/").status_code == 403
 
 
-def test_an_admin_sees_the_demos_providers_with_their_health_and_an_operator_does_not(client, drive):
+def test_an_admin_sees_the_demos_providers_with_their_health_and_an_operator_does_not(
+    client, drive
+):
     demo_users_seed()
     users = get_user_model().objects
     service = users.get(username="simulator")
@@ -71,7 +77,11 @@ def test_an_admin_sees_the_demos_providers_with_their_health_and_an_operator_doe
     for kind in ("archived", "small"):
         run = run_submit(
             workflow="refund_desk",
-            input={"order_id": order_id_of_kind(kind, rng), "customer_id": "cus_1", "message": "It arrived damaged"},
+            input={
+                "order_id": order_id_of_kind(kind, rng),
+                "customer_id": "cus_1",
+                "message": "It arrived damaged",
+            },
             submitted_by=service,
         ).run
         drive(run.pk)
@@ -96,7 +106,9 @@ def test_an_admin_sees_the_demos_providers_with_their_health_and_an_operator_doe
     assert 'href="/tools/"' not in client.get("/").content.decode()
 
 
-def test_the_tools_page_says_what_to_do_when_nothing_is_registered(viewer, client, settings, monkeypatch):
+def test_the_tools_page_says_what_to_do_when_nothing_is_registered(
+    viewer, client, settings, monkeypatch
+):
     monkeypatch.setattr("orchestration.tools.registry.BUILTIN_CAPABILITIES", {})
     settings.SIGNALBOX_CAPABILITIES = {}
     client.force_login(viewer)

@@ -23,19 +23,31 @@ def test_an_edited_refund_is_what_executes_what_the_run_records_and_what_the_cus
     assert proposed["amount"] > 100  # above the threshold: it waited for a person
 
     approval_decide(
-        wait_id=wait.pk, user=operator, decision="edit", reason="partial refund agreed with the customer",
+        wait_id=wait.pk,
+        user=operator,
+        decision="edit",
+        reason="partial refund agreed with the customer",
         edited_input={"proposal": {**proposed, "amount": 99.0}},
     )
     run = drive(run.pk)
-    run_send_event(run_id=run.pk, name="payment.settled", event_id="settle-1", payload={"ok": True}, user=operator)
+    run_send_event(
+        run_id=run.pk,
+        name="payment.settled",
+        event_id="settle-1",
+        payload={"ok": True},
+        user=operator,
+    )
     run = drive(run.pk)
 
     assert run.status == "succeeded", run.error_message
     executed = Step.objects.get(run=run, node="execute_refund")
     assert executed.input["proposal"]["amount"] == 99.0 and executed.input_override is None
     assert run.state["proposal"]["amount"] == 99.0
-    versions = list(StateVersion.objects.filter(run=run, key="proposal").order_by("version").values_list(
-        "version", "writer"))
+    versions = list(
+        StateVersion.objects.filter(run=run, key="proposal")
+        .order_by("version")
+        .values_list("version", "writer")
+    )
     assert versions == [(1, "refund_proposer"), (2, "operator:operator")]
     body = Step.objects.get(run=run, node="notify_customer").output["body"]
     assert "99.00 EUR" in body and f"{proposed['amount']:.2f}" not in body

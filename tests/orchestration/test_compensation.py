@@ -31,9 +31,16 @@ def _wf() -> Workflow:
 
 
 def test_completed_side_effects_are_undone_newest_first_and_one_at_a_time() -> None:
-    steps = [Done(1, "reserve", T0), Done(2, "lookup", T0 + timedelta(seconds=1)), Done(3, "charge", T0 + timedelta(seconds=2))]
+    steps = [
+        Done(1, "reserve", T0),
+        Done(2, "lookup", T0 + timedelta(seconds=1)),
+        Done(3, "charge", T0 + timedelta(seconds=2)),
+    ]
     plan = compensation.compensations(_wf(), compensation.newest_first(steps, None))
-    assert [(u.original.node, u.agent, u.queued) for u in plan] == [("charge", "refund", True), ("reserve", "unreserve", False)]
+    assert [(u.original.node, u.agent, u.queued) for u in plan] == [
+        ("charge", "refund", True),
+        ("reserve", "unreserve", False),
+    ]
 
 
 def test_the_step_whose_success_failed_the_run_counts_as_the_newest() -> None:
@@ -44,7 +51,10 @@ def test_the_step_whose_success_failed_the_run_counts_as_the_newest() -> None:
 
 
 def test_a_step_an_operator_skipped_has_nothing_to_undo() -> None:
-    steps = [Done(1, "reserve", T0), Done(3, "charge", T0 + timedelta(seconds=1), degraded="skipped by alice")]
+    steps = [
+        Done(1, "reserve", T0),
+        Done(3, "charge", T0 + timedelta(seconds=1), degraded="skipped by alice"),
+    ]
     plan = compensation.compensations(_wf(), compensation.newest_first(steps, None))
     assert [u.original.node for u in plan] == ["reserve"]
 

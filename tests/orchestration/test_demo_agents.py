@@ -49,7 +49,12 @@ SAMPLE_INPUTS: dict[type[Agent], dict[str, Any]] = {
     refunds.RefundReverser: {
         "step": "execute_refund",
         "input": {"proposal": PROPOSAL},
-        "output": {"refund_id": "re_1", "amount": 150.0, "currency": "EUR", "status": "pending_settlement"},
+        "output": {
+            "refund_id": "re_1",
+            "amount": 150.0,
+            "currency": "EUR",
+            "status": "pending_settlement",
+        },
         "reason": "settlement: no 'payment.settled' event before the deadline",
     },
     refunds.QuestionAnswerer: {"message": "When will my order ship?", "order_id": "ord_1"},
@@ -254,7 +259,9 @@ def test_triage_routes_refund_requests_and_questions(message: str, route: str) -
 
 def test_order_lookup_returns_the_same_order_for_an_id_whatever_the_seed() -> None:
     fields = {"order_id": "ord_1", "customer_id": "cus_1"}
-    orders = {run_agent(refunds.OrderLookup, fields, seed=seed)[0].model_dump_json() for seed in range(10)}
+    orders = {
+        run_agent(refunds.OrderLookup, fields, seed=seed)[0].model_dump_json() for seed in range(10)
+    }
     assert len(orders) == 1
     other = run_agent(refunds.OrderLookup, {**fields, "order_id": "ord_2"})[0]
     assert other.model_dump_json() not in orders
@@ -262,14 +269,23 @@ def test_order_lookup_returns_the_same_order_for_an_id_whatever_the_seed() -> No
 
 @pytest.mark.parametrize(
     ("kind", "low", "high"),
-    [("small", 0, 100), ("consumer", 100, 1_000), ("business", 1_000, 10_000), ("enterprise", 10_000, 1e9)],
+    [
+        ("small", 0, 100),
+        ("consumer", 100, 1_000),
+        ("business", 1_000, 10_000),
+        ("enterprise", 10_000, 1e9),
+    ],
 )
-def test_orders_of_each_kind_need_that_refund_tier(kind: orders.OrderKind, low: float, high: float) -> None:
+def test_orders_of_each_kind_need_that_refund_tier(
+    kind: orders.OrderKind, low: float, high: float
+) -> None:
     rng = random.Random(1)
     for _ in range(20):
         order_id = orders.order_id_of_kind(kind, rng)
         order, _ = run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"})
-        proposal, _ = run_agent(refunds.RefundProposer, {"order": order.order, "message": "It arrived damaged"})
+        proposal, _ = run_agent(
+            refunds.RefundProposer, {"order": order.order, "message": "It arrived damaged"}
+        )
         assert low < proposal.proposal["amount"] <= high
 
 
@@ -277,7 +293,9 @@ def test_archived_orders_time_out_on_every_attempt() -> None:
     order_id = orders.order_id_of_kind("archived", random.Random(1))
     for attempt in (1, 2, 3, 4):
         with pytest.raises(TransientError, match="provider_timeout"):
-            run_agent(refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"}, attempt=attempt)
+            run_agent(
+                refunds.OrderLookup, {"order_id": order_id, "customer_id": "cus_1"}, attempt=attempt
+            )
 
 
 def test_marketplace_orders_break_the_proposers_input_contract() -> None:

@@ -52,14 +52,17 @@ def _in_thread(target: Callable[[], Any]) -> threading.Thread:
 
 def _queued(run: Run, node: str) -> Step:
     return wait_until(
-        lambda: Step.objects.filter(run=run, node=node, status="queued").first(), what=f"{node} queued"
+        lambda: Step.objects.filter(run=run, node=node, status="queued").first(),
+        what=f"{node} queued",
     )
 
 
 def _succeeded_once(run: Run) -> dict[str, int]:
     counts: dict[str, int] = {}
     for step in Step.objects.filter(run=run):
-        counts[step.node] = AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_SUCCEEDED).count()
+        counts[step.node] = AuditEvent.objects.filter(
+            step_id=step.pk, verb=Verb.STEP_SUCCEEDED
+        ).count()
     return counts
 
 
@@ -151,7 +154,11 @@ def test_a_step_started_ahead_of_a_commit_that_lost_its_lease_leaves_nothing_beh
 
 
 def _claims(step: Step) -> list[str]:
-    return list(AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_CLAIMED).values_list("actor_id", flat=True))
+    return list(
+        AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_CLAIMED).values_list(
+            "actor_id", flat=True
+        )
+    )
 
 
 def test_a_pure_sibling_another_worker_took_meanwhile_is_dropped_and_the_first_commits_alone():
@@ -209,7 +216,8 @@ def test_a_pure_sibling_that_acts_on_the_world_is_claimed_first(monkeypatch):
     a, b = Step.objects.get(run=run, node="a"), Step.objects.get(run=run, node="b")
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE step_id IN (%s, %s)", [a.pk, b.pk]
+            "SELECT step_id, verb, xmin::text FROM audit_auditevent WHERE step_id IN (%s, %s)",
+            [a.pk, b.pk],
         )
         xmin = {(step_id, verb): x for step_id, verb, x in cursor.fetchall()}
     # b's tool call needed its claim: a's completion went out with it before the call ...

@@ -38,7 +38,10 @@ def test_an_approval_does_not_apply_when_the_action_changed_before_it_ran(fast_a
     second = Wait.objects.get(run=run, status="open")
     assert second.pk != first.pk
     assert second.action["input"] == {"text": "echo:echo:v1"}
-    assert AuditEvent.objects.filter(run_id=run.pk, verb=Verb.APPROVAL_STALE, step_id=act.pk).count() == 1
+    assert (
+        AuditEvent.objects.filter(run_id=run.pk, verb=Verb.APPROVAL_STALE, step_id=act.pk).count()
+        == 1
+    )
 
     approval_decide(wait_id=second.pk, user=None, decision="approve", reason="for the new text")
     run_queued(run.pk, "act")
@@ -52,7 +55,10 @@ def test_an_approval_does_not_apply_when_the_action_changed_before_it_ran(fast_a
 def test_a_step_longer_than_its_lease_keeps_it_by_heartbeats(start_worker):
     start_worker("steady", concurrency=1, SIGNALBOX_LEASE_SECONDS="1.5")
     run = run_submit(workflow="slow_then_echo", input={"seconds": 4}).run
-    wait_until(lambda: Step.objects.filter(run=run, node="slow", status="running").exists(), what="slow running")
+    wait_until(
+        lambda: Step.objects.filter(run=run, node="slow", status="running").exists(),
+        what="slow running",
+    )
     for _ in range(6):  # the reaper looks repeatedly while the step outlives its 1.5 s lease
         assert recovery.reap_expired_leases() == 0
         time.sleep(0.5)
@@ -74,4 +80,3 @@ def test_queued_work_whose_message_was_lost_is_published_again(start_worker, set
     assert recovery.republish_queued() == 1
     run = wait_for_run(run.pk)
     assert run.status == "succeeded"
-

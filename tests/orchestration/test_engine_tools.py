@@ -34,11 +34,15 @@ def test_a_worker_killed_after_a_side_effect_does_not_repeat_it(start_worker):
         wait_until(lambda: stub.count >= 1, what="the refund request")
         doomed.kill()  # after the effect, before the step's result was committed
         start_worker("rescuer", concurrency=1, SIGNALBOX_TEST_ECHO_URL=stub.url)
-        wait_until(lambda: recovery.reap_expired_leases(), timeout=10, interval=0.2, what="lease to expire")
+        wait_until(
+            lambda: recovery.reap_expired_leases(), timeout=10, interval=0.2, what="lease to expire"
+        )
         run = wait_for_run(run.pk)
         assert run.status == "succeeded", run.error_message
         assert stub.count == 2  # the re-claimed step called again ...
         assert stub.effects_applied == 1  # ... with the same key, so the refund happened once
     step = Step.objects.get(run=run, node="refund")
     assert step.attempt == 2
-    assert ToolCall.objects.filter(step=step, status="succeeded").count() == 1  # the dead attempt's record died with it
+    assert (
+        ToolCall.objects.filter(step=step, status="succeeded").count() == 1
+    )  # the dead attempt's record died with it

@@ -46,7 +46,9 @@ def test_content_pipeline_runs_to_completion_after_approval(workers):
     drafts = [k for k in by_key if k.startswith("draft")]
     assert 1 <= len(drafts) <= 3  # the review loop is bounded at three drafts
     # both research branches joined before the first draft started
-    assert by_key["draft"].started_at >= max(by_key["research_a"].finished_at, by_key["research_b"].finished_at)
+    assert by_key["draft"].started_at >= max(
+        by_key["research_a"].finished_at, by_key["research_b"].finished_at
+    )
     assert "published" in str(run.output).lower() or run.state
 
 
@@ -62,7 +64,13 @@ def test_refund_desk_waits_for_settlement_then_notifies(workers):
         if wait and wait.kind == "approval":
             approval_decide(wait_id=wait.pk, user=None, decision="approve", reason="ok")
         elif wait and wait.kind == "event":
-            run_send_event(run_id=run.pk, name=wait.name, event_id="settle-1", payload={"status": "settled"}, user=None)
+            run_send_event(
+                run_id=run.pk,
+                name=wait.name,
+                event_id="settle-1",
+                payload={"status": "settled"},
+                user=None,
+            )
         time.sleep(0.05)
     run = wait_for_run(run.pk)
     assert run.status == "succeeded", run.error_message
@@ -114,12 +122,17 @@ def test_contract_violation_is_recorded_and_never_handed_on(workers):
     produce = Step.objects.get(run=run, node="produce")
     assert produce.error_class == "contract"
     assert produce.error_code == "output_contract"
-    assert produce.error_detail["payload"] == {"summary": "truncated respo", "score": "not-a-number"}
+    assert produce.error_detail["payload"] == {
+        "summary": "truncated respo",
+        "score": "not-a-number",
+    }
     assert produce.attempts_log and produce.attempts_log[0]["class"] == "contract"  # not retried
     assert len(produce.attempts_log) == 1
     assert not Step.objects.filter(run=run, node="consume").exists()
     assert "summary" not in run.state
-    assert AuditEvent.objects.filter(run_id=run.pk, verb=Verb.STEP_CONTRACT_VIOLATION, step_id=produce.pk).exists()
+    assert AuditEvent.objects.filter(
+        run_id=run.pk, verb=Verb.STEP_CONTRACT_VIOLATION, step_id=produce.pk
+    ).exists()
 
 
 def test_state_key_outside_the_declaration_is_refused(workers):
@@ -146,14 +159,17 @@ def test_worker_killed_mid_step_is_reclaimed_and_recorded_once(start_worker):
     doomed = start_worker("doomed", concurrency=1)
     run = run_submit(workflow="slow_then_echo", input={"seconds": 2.5, "text": "payload"}).run
     slow = wait_until(
-        lambda: Step.objects.filter(run=run, node="slow", status="running").first(), what="slow step running"
+        lambda: Step.objects.filter(run=run, node="slow", status="running").first(),
+        what="slow step running",
     )
     owner_pid = int(slow.lease_owner.split(":")[1])
     assert owner_pid in doomed.pids()
     doomed.kill()
     start_worker("rescuer", concurrency=1)
     # The lease (3 s in tests) expires; the reaper puts the step back on the queue.
-    wait_until(lambda: recovery.reap_expired_leases(), timeout=10, interval=0.2, what="lease to expire")
+    wait_until(
+        lambda: recovery.reap_expired_leases(), timeout=10, interval=0.2, what="lease to expire"
+    )
     run = wait_for_run(run.pk)
     assert run.status == "succeeded", run.error_message
     slow.refresh_from_db()
@@ -236,7 +252,10 @@ def test_parallel_waits_each_decision_reaches_its_own_wait(workers):
     right = open_wait(run, name="right")
     assert (left.tier, right.tier) == (1, 2)
     approval_decide(wait_id=right.pk, user=None, decision="approve", reason="right only")
-    wait_until(lambda: Step.objects.filter(run=run, node="right", status="succeeded").exists(), what="right ran")
+    wait_until(
+        lambda: Step.objects.filter(run=run, node="right", status="succeeded").exists(),
+        what="right ran",
+    )
     left.refresh_from_db()
     assert left.status == "open"
     assert not Step.objects.filter(run=run, node="join").exists()
@@ -249,8 +268,12 @@ def test_parallel_waits_each_decision_reaches_its_own_wait(workers):
 def test_event_sent_twice_is_applied_once(workers):
     run = run_submit(workflow="event_timeout_continue", input={}).run
     open_wait(run, "event")
-    first = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
-    again = run_send_event(run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None)
+    first = run_send_event(
+        run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None
+    )
+    again = run_send_event(
+        run_id=run.pk, name="payment.settled", event_id="evt-1", payload={"ok": 1}, user=None
+    )
     assert first.applied and not first.duplicate
     assert again.duplicate and not again.applied and first.event.pk == again.event.pk
     run = wait_for_run(run.pk)
@@ -283,14 +306,21 @@ def test_every_state_change_left_its_event_row_in_the_same_transaction(workers):
     # PostgreSQL stamps every row version with the id of the transaction that wrote it (xmin):
     # the last write of every run, step, wait and state row must share it with an audit row.
     with connection.cursor() as cursor:
-        for table in ("orchestration_run", "orchestration_step", "orchestration_wait", "orchestration_stateversion"):
+        for table in (
+            "orchestration_run",
+            "orchestration_step",
+            "orchestration_wait",
+            "orchestration_stateversion",
+        ):
             cursor.execute(
                 f"SELECT count(*), count(*) FILTER (WHERE NOT EXISTS ("
                 f"  SELECT 1 FROM audit_auditevent a WHERE a.xmin = t.xmin)) FROM {table} t"
             )
             total, orphans = cursor.fetchone()
             assert total > 0, table
-            assert orphans == 0, f"{orphans} of {total} rows in {table} were changed without an audit event"
+            assert orphans == 0, (
+                f"{orphans} of {total} rows in {table} were changed without an audit event"
+            )
 
 
 def test_concurrent_fanouts_never_lose_or_reorder_an_item(workers):
@@ -306,7 +336,9 @@ def test_concurrent_fanouts_never_lose_or_reorder_an_item(workers):
 
 def _ran_on(step: Step) -> str:
     """The worker that took ``step``: its claim, or its creation already claimed (local run)."""
-    rows = AuditEvent.objects.filter(step_id=step.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]).order_by("id")
+    rows = AuditEvent.objects.filter(
+        step_id=step.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]
+    ).order_by("id")
     return next(row.data["worker"] for row in rows if row.data.get("worker"))
 
 
@@ -316,12 +348,16 @@ def test_parallel_branches_run_at_the_same_time_on_two_workers(start_worker):
     start_worker("p1", concurrency=1)
     start_worker("p2", concurrency=1)
     began = time.monotonic()
-    run = wait_for_run(run_submit(workflow="parallel_slow", input={"seconds": 1.5, "text": "x"}).run.pk)
+    run = wait_for_run(
+        run_submit(workflow="parallel_slow", input={"seconds": 1.5, "text": "x"}).run.pk
+    )
     took = time.monotonic() - began
     assert run.status == "succeeded"
     s = steps(run)
     left, right = s["left"], s["right"]
-    assert left.started_at < right.finished_at and right.started_at < left.finished_at  # they overlapped
+    assert (
+        left.started_at < right.finished_at and right.started_at < left.finished_at
+    )  # they overlapped
     assert abs((left.started_at - right.started_at).total_seconds()) < 1.0
     assert _ran_on(left) != _ran_on(right)
     assert took < 3.0  # serially it would take at least 2 x 1.5 s

@@ -29,9 +29,17 @@ def _log(*minutes_ago: float) -> list[dict[str, object]]:
     return [{"at": (NOW - timedelta(minutes=m)).isoformat(), "agent": "a"} for m in minutes_ago]
 
 
-def _failed(error, failures_now: int, log, *, max_attempts: int = 3, within: timedelta = timedelta(hours=1)):
+def _failed(
+    error, failures_now: int, log, *, max_attempts: int = 3, within: timedelta = timedelta(hours=1)
+):
     return failures.attempt_failed(
-        error, failures=failures_now, max_attempts=max_attempts, attempts_log=log, now=NOW, retry_within=within, delay=1.0,
+        error,
+        failures=failures_now,
+        max_attempts=max_attempts,
+        attempts_log=log,
+        now=NOW,
+        retry_within=within,
+        delay=1.0,
     )
 
 
@@ -44,7 +52,11 @@ def test_the_last_attempt_gives_up_naming_the_bound() -> None:
     decision = _failed(TransientError("flaky", code="provider_timeout"), 3, _log(2, 1, 0))
     assert isinstance(decision, failures.GiveUp)
     assert decision.error.code == Code.MAX_ATTEMPTS
-    assert decision.error.detail == {"bound": "max_attempts", "limit": 3, "last_error": "provider_timeout"}
+    assert decision.error.detail == {
+        "bound": "max_attempts",
+        "limit": 3,
+        "last_error": "provider_timeout",
+    }
 
 
 def test_a_retry_past_the_retry_window_gives_up_even_with_attempts_left() -> None:
@@ -63,22 +75,42 @@ def test_permanent_contract_and_policy_failures_are_not_retried() -> None:
 def test_backoff_has_full_jitter_under_a_cap() -> None:
     rng = random.Random(7)
     delays = [failures.retry_delay(n, base=0.5, cap=4.0, rng=rng) for n in range(1, 12)]
-    assert all(0 <= d <= min(4.0, 0.5 * 2 ** (n - 1)) for n, d in zip(range(1, 12), delays, strict=True))
+    assert all(
+        0 <= d <= min(4.0, 0.5 * 2 ** (n - 1)) for n, d in zip(range(1, 12), delays, strict=True)
+    )
     assert len(set(delays)) == len(delays)
 
 
 def _node_wf(**node_kw) -> Workflow:
-    wf = Workflow(f"tiers_{sorted(node_kw)}", input=BaseModel, on_failure=node_kw.pop("wf_on_failure", "escalate"))
+    wf = Workflow(
+        f"tiers_{sorted(node_kw)}",
+        input=BaseModel,
+        on_failure=node_kw.pop("wf_on_failure", "escalate"),
+    )
     wf.agent("work", "primary", **node_kw)
     return wf.seal()
 
 
 def _exhausted(wf: Workflow, *, tried=("primary",), compensation=False, error=None):
     error = error or TransientError("down")
-    failure = Failure(step_key="work", agent=tried[-1], code=error.code, message=error.message,
-                      error_class=str(error.error_class), attempts=3, agents_tried=tuple(tried))
-    return failures.exhausted(wf, wf.node("work"), compensation=compensation, failure=failure, tried=list(tried),
-                              contract=Out, error=error)
+    failure = Failure(
+        step_key="work",
+        agent=tried[-1],
+        code=error.code,
+        message=error.message,
+        error_class=str(error.error_class),
+        attempts=3,
+        agents_tried=tuple(tried),
+    )
+    return failures.exhausted(
+        wf,
+        wf.node("work"),
+        compensation=compensation,
+        failure=failure,
+        tried=list(tried),
+        contract=Out,
+        error=error,
+    )
 
 
 def test_tier_two_is_the_fallback_agent_once() -> None:
@@ -89,9 +121,15 @@ def test_tier_two_is_the_fallback_agent_once() -> None:
 
 
 def test_tier_three_is_the_declared_degraded_result_checked_against_the_contract() -> None:
-    wf = _node_wf(degraded=Degraded(output=lambda f: {"answer": f"unknown after {f.code}"}, reason="no answer"))
+    wf = _node_wf(
+        degraded=Degraded(
+            output=lambda f: {"answer": f"unknown after {f.code}"}, reason="no answer"
+        )
+    )
     decision = _exhausted(wf, error=TransientError("down", code="provider_timeout"))
-    assert decision == failures.Degrade({"answer": "unknown after provider_timeout"}, "no answer (after provider_timeout)")
+    assert decision == failures.Degrade(
+        {"answer": "unknown after provider_timeout"}, "no answer (after provider_timeout)"
+    )
 
 
 def test_a_degraded_result_that_breaks_the_contract_escalates_instead() -> None:
@@ -112,7 +150,9 @@ def test_a_compensation_always_escalates() -> None:
 
 
 def test_an_escalation_says_why_in_a_few_words() -> None:
-    assert failures.escalation_why(TransientError("x", code=Code.MAX_ATTEMPTS)) == "retries exhausted"
+    assert (
+        failures.escalation_why(TransientError("x", code=Code.MAX_ATTEMPTS)) == "retries exhausted"
+    )
     assert failures.escalation_why(ContractViolation("x")) == "contract violation"
     assert failures.escalation_why(PermanentError("x")) == "permanent error"
     # A cost ceiling is a policy's refusal by class, but the home page counts it as a limit hit.
@@ -124,9 +164,18 @@ def test_an_escalation_says_why_in_a_few_words() -> None:
 def test_the_escalation_context_carries_every_attempt_and_the_skip_contract() -> None:
     wf = _node_wf(fallback="backup")
     context = failures.escalation_context(
-        step_key="work", node=wf.node("work"), kind="agent", agent="backup", compensation=False,
-        tried=failures.agents_tried(_log(2, 1), "backup"), error=TransientError("down"), attempts=_log(2, 1),
-        tool_calls=[{"capability": "x"}] * 80, step_input={"q": "x" * 10_000}, payload=None, contract=Out,
+        step_key="work",
+        node=wf.node("work"),
+        kind="agent",
+        agent="backup",
+        compensation=False,
+        tried=failures.agents_tried(_log(2, 1), "backup"),
+        error=TransientError("down"),
+        attempts=_log(2, 1),
+        tool_calls=[{"capability": "x"}] * 80,
+        step_input={"q": "x" * 10_000},
+        payload=None,
+        contract=Out,
     )
     assert context["agents_tried"] == ["a", "backup"]
     assert len(context["tool_calls"]) == failures.ESCALATION_TOOL_CALLS

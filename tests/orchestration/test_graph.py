@@ -56,8 +56,14 @@ def _loop(limit: int | None = None, on_limit: str = FAIL) -> Workflow:
     wf.agent("brief", "noop")
     wf.agent("draft", "noop", after="brief")
     wf.agent("publish", "noop")
-    wf.route("gate", after="draft", choose=lambda s: "draft", targets=["draft", "publish"], loop_limit=limit,
-             on_loop_limit=on_limit)
+    wf.route(
+        "gate",
+        after="draft",
+        choose=lambda s: "draft",
+        targets=["draft", "publish"],
+        loop_limit=limit,
+        on_loop_limit=on_limit,
+    )
     return wf.seal()
 
 
@@ -127,13 +133,18 @@ def test_a_routing_agent_picks_its_path_by_the_field_it_outputs() -> None:
     assert graph.routing_agent_target(node, {"route": "refund"}) == ("refund", "refund")
     with pytest.raises(SignalboxError) as wrong:
         graph.routing_agent_target(node, {"route": "spam"})
-    assert wrong.value.code == Code.ROUTE_INVALID_CHOICE and wrong.value.detail["routes"] == ["question", "refund"]
+    assert wrong.value.code == Code.ROUTE_INVALID_CHOICE and wrong.value.detail["routes"] == [
+        "question",
+        "refund",
+    ]
 
 
 def _map() -> Workflow:
     wf = Workflow("fanout", input=Loose)
     wf.agent("plan", "noop")
-    wf.map("work", "noop", after="plan", items="items", max_items=4, concurrency=2, writes=["results"])
+    wf.map(
+        "work", "noop", after="plan", items="items", max_items=4, concurrency=2, writes=["results"]
+    )
     return wf.seal()
 
 
@@ -143,7 +154,11 @@ def test_a_map_takes_a_list_within_its_bound() -> None:
     with pytest.raises(LimitExceeded) as too_many:
         graph.map_items(node, [1, 2, 3, 4, 5])
     assert too_many.value.code == Code.FANOUT_LIMIT and too_many.value.detail == {
-        "bound": "max_items", "node": "work", "limit": 4, "got": 5}
+        "bound": "max_items",
+        "node": "work",
+        "limit": 4,
+        "got": 5,
+    }
     with pytest.raises(SignalboxError) as not_a_list:
         graph.map_items(node, {"a": 1})
     assert not_a_list.value.code == Code.MAP_ITEMS_INVALID
@@ -159,7 +174,9 @@ def test_map_items_start_queued_up_to_the_concurrency_and_wrap_scalars() -> None
 def test_an_item_success_releases_the_next_pending_then_waits_then_finishes() -> None:
     pending = graph.MapProgress(parent="map", next_pending="item-3", others_active=1)
     busy = graph.MapProgress(parent="map", next_pending=None, others_active=1)
-    last = graph.MapProgress(parent="map", next_pending=None, others_active=0, outputs={0: "a", 2: "c"})
+    last = graph.MapProgress(
+        parent="map", next_pending=None, others_active=0, outputs={0: "a", 2: "c"}
+    )
     assert [graph.map_after_item(p) for p in (pending, busy, last)] == ["release", "wait", "finish"]
 
 
@@ -211,8 +228,18 @@ def test_the_policys_fan_out_bound_caps_a_map_and_names_itself() -> None:
     assert graph.map_items(node, [1, 2], cap=2) == [1, 2]
     with pytest.raises(LimitExceeded) as too_many:
         graph.map_items(node, [1, 2, 3], cap=2)
-    assert too_many.value.detail == {"bound": "policy max_fan_out", "node": "work", "limit": 2, "got": 3}
-    assert graph.map_items(node, [1, 2, 3, 4], cap=100) == [1, 2, 3, 4]  # the node's own bound holds
+    assert too_many.value.detail == {
+        "bound": "policy max_fan_out",
+        "node": "work",
+        "limit": 2,
+        "got": 3,
+    }
+    assert graph.map_items(node, [1, 2, 3, 4], cap=100) == [
+        1,
+        2,
+        3,
+        4,
+    ]  # the node's own bound holds
 
 
 def test_a_runs_deadline_is_the_sooner_of_its_workflows_and_the_policys() -> None:

@@ -76,13 +76,17 @@ def test_an_allowed_action_runs_and_its_decision_is_recorded_with_version_rule_a
     run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
     assert run.status == "succeeded"
     decisions = list(PolicyDecision.objects.filter(run_id=run.pk).order_by("id"))
-    assert [(d.action, d.outcome, d.rule) for d in decisions] == [("agent:test_echo", "allow", "default")] * 4
+    assert [(d.action, d.outcome, d.rule) for d in decisions] == [
+        ("agent:test_echo", "allow", "default")
+    ] * 4
     first = decisions[0]
     assert first.version_id == policy.pk and first.step_id is not None and first.tenant == "default"
     assert first.facts["params"] == {"text": "t"} and first.facts["workflow"] == "siblings"
 
 
-def test_a_denied_action_fails_its_run_saying_which_rule_and_why(policy: Any, drive: Any, fast_agents: None) -> None:
+def test_a_denied_action_fails_its_run_saying_which_rule_and_why(
+    policy: Any, drive: Any, fast_agents: None
+) -> None:
     TenantFactory(slug="closed")
     run = drive(run_submit(workflow="siblings", input={"text": "t"}, tenant="closed").run.pk)
     assert run.status == "failed" and run.error_code == Code.POLICY_DENIED
@@ -97,7 +101,12 @@ def test_a_refund_above_the_threshold_waits_for_the_tier_and_quorum_the_policy_r
 ) -> None:
     run = drive(run_submit(workflow="refund_desk", input={"message": REFUND}, seed=1).run.pk)
     wait = Wait.objects.get(run=run, kind="approval", status="open")
-    assert (wait.tier, wait.quorum, wait.policy_rule, wait.policy_version) == (2, 2, "big-refunds", policy.number)
+    assert (wait.tier, wait.quorum, wait.policy_rule, wait.policy_version) == (
+        2,
+        2,
+        "big-refunds",
+        policy.number,
+    )
     assert (wait.deadline_at - wait.created_at).total_seconds() == pytest.approx(7200, abs=1)
     assert "two people" in wait.reason
     decided = PolicyDecision.objects.get(run_id=run.pk, action="agent:refund_executor")
@@ -109,14 +118,26 @@ def test_an_edit_that_needs_a_higher_tier_than_the_approver_holds_is_refused(
 ) -> None:
     run = drive(run_submit(workflow="refund_desk", input={"message": REFUND}, seed=1).run.pk)
     wait = Wait.objects.get(run=run, kind="approval", status="open")
-    approver = UserFactory(username="tier2", permissions=[
-        "orchestration.decide_run", "orchestration.decide_workflow", "orchestration.decide_tier_1",
-        "orchestration.decide_tier_2", "policies.view_runs", "policies.decide_runs",
-    ])
+    approver = UserFactory(
+        username="tier2",
+        permissions=[
+            "orchestration.decide_run",
+            "orchestration.decide_workflow",
+            "orchestration.decide_tier_1",
+            "orchestration.decide_tier_2",
+            "policies.view_runs",
+            "policies.decide_runs",
+        ],
+    )
     proposal = {**run.state["proposal"], "amount": 987_654_321.0}
     with pytest.raises(PermissionDenied) as refused:
-        approval_decide(wait_id=wait.pk, user=approver, decision="edit", reason="typo?",
-                        edited_input={"proposal": proposal})
+        approval_decide(
+            wait_id=wait.pk,
+            user=approver,
+            decision="edit",
+            reason="typo?",
+            edited_input={"proposal": proposal},
+        )
     assert refused.value.code == Code.EDIT_NEEDS_HIGHER_TIER
     assert "tier 3" in refused.value.message and "huge-refunds" in refused.value.message
     assert Wait.objects.get(pk=wait.pk).status == "open"
@@ -130,12 +151,21 @@ def test_a_message_outside_the_tenants_daytime_is_deferred_until_the_window_open
     night = datetime(2026, 12, 8, 4, 30, tzinfo=UTC)
     monkeypatch.setattr(timezone, "now", lambda: night)
     TenantFactory(slug="globex", time_zone="America/New_York")
-    run = drive(run_submit(workflow="refund_desk", input={"message": "When will my order ship?"},
-                           tenant="globex", seed=2).run.pk)
+    run = drive(
+        run_submit(
+            workflow="refund_desk",
+            input={"message": "When will my order ship?"},
+            tenant="globex",
+            seed=2,
+        ).run.pk
+    )
     notify = Step.objects.get(run=run, node="notify_customer")
     assert notify.status == "queued" and notify.published_at is None
     assert notify.available_at == datetime(2026, 12, 8, 13, 0, tzinfo=UTC)  # 08:00 EST
-    assert PolicyDecision.objects.get(run_id=run.pk, action="agent:customer_notifier").outcome == "defer"
+    assert (
+        PolicyDecision.objects.get(run_id=run.pk, action="agent:customer_notifier").outcome
+        == "defer"
+    )
 
 
 TOOLS = """
@@ -179,10 +209,17 @@ def test_a_tool_call_the_policy_denies_never_reaches_the_provider_and_is_recorde
     run = drive(run_submit(workflow="saga", input={}).run.pk)
     assert [call.body["text"] for call in effects.requests] == ["do reserve", "undo reserve"]
     charge = Step.objects.get(run=run, node="charge")
-    assert (charge.status, charge.error_class, charge.error_code) == ("failed", "policy", "policy_denied")
+    assert (charge.status, charge.error_class, charge.error_code) == (
+        "failed",
+        "policy",
+        "policy_denied",
+    )
     assert "charges are not allowed here" in charge.error_message
-    tool_decisions = list(PolicyDecision.objects.filter(run_id=run.pk, action="tool:test_effect").order_by("id")
-                          .values_list("outcome", "rule"))
+    tool_decisions = list(
+        PolicyDecision.objects.filter(run_id=run.pk, action="tool:test_effect")
+        .order_by("id")
+        .values_list("outcome", "rule")
+    )
     assert tool_decisions == [("allow", "default"), ("deny", "no-charges"), ("allow", "default")]
     assert run.status == "failed"
 
@@ -226,7 +263,9 @@ def test_an_approval_is_bound_to_the_policy_version_that_asked_for_it(
 
     # A new version goes live between the decision and the step's execution.
     author, reviewer = UserFactory(username="author"), UserFactory(username="reviewer")
-    second = policy_draft(source=ECHO_NEEDS_APPROVAL + "# stricter, one day\n", author=author, note="v2")
+    second = policy_draft(
+        source=ECHO_NEEDS_APPROVAL + "# stricter, one day\n", author=author, note="v2"
+    )
     policy_submit(version_id=second.pk, user=author)
     policy_review(version_id=second.pk, user=reviewer, approve=True, note="ok")
     policy_activate(version_id=second.pk, user=reviewer, note="v2")

@@ -28,12 +28,16 @@ from tests.support.stub_provider import stub_provider_server
 
 
 def verbs_of(run: Run) -> list[int]:
-    return list(AuditEvent.objects.filter(run_id=run.pk).order_by("id").values_list("verb", flat=True))
+    return list(
+        AuditEvent.objects.filter(run_id=run.pk).order_by("id").values_list("verb", flat=True)
+    )
 
 
 def open_escalation(run_id: int) -> Wait:
     return wait_until(
-        lambda: Wait.objects.filter(run_id=run_id, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN).first(),
+        lambda: Wait.objects.filter(
+            run_id=run_id, kind=WaitKind.ESCALATION, status=WaitStatus.OPEN
+        ).first(),
         what=f"an escalation on run {run_id}",
     )
 
@@ -52,7 +56,9 @@ def test_a_permanent_failure_escalates_at_once_with_its_full_context(operator, d
     assert context["why"] == "permanent error"
     assert context["error"]["code"] == "refused"
     assert context["agents_tried"] == ["test_fails_until"]
-    assert [(a["agent"], a["code"]) for a in context["attempts"]] == [("test_fails_until", "refused")]
+    assert [(a["agent"], a["code"]) for a in context["attempts"]] == [
+        ("test_fails_until", "refused")
+    ]
     assert context["input"] == {"text": "echo:hello", "fail_attempts": 99, "permanent": True}
     assert context["actions"] == ["retry", "skip", "abort"]
     assert context["skip_schema"]["properties"]["text"]["type"] == "string"
@@ -62,16 +68,26 @@ def test_a_permanent_failure_escalates_at_once_with_its_full_context(operator, d
 
 
 @pytest.mark.django_db
-def test_skip_with_a_value_is_checked_against_the_contract_then_the_run_goes_on_degraded(operator, drive):
+def test_skip_with_a_value_is_checked_against_the_contract_then_the_run_goes_on_degraded(
+    operator, drive
+):
     run = drive(run_submit(workflow="escalating", input={"permanent": True}).run.pk)
     wait = Wait.objects.get(run=run, kind=WaitKind.ESCALATION)
     with pytest.raises(InvalidInput) as bad:
-        escalation_resolve(wait_id=wait.pk, user=operator, action="skip", output={"text": 5}, reason="typed it")
+        escalation_resolve(
+            wait_id=wait.pk, user=operator, action="skip", output={"text": 5}, reason="typed it"
+        )
     assert bad.value.code == "output_contract"
     wait.refresh_from_db()
     assert wait.status == WaitStatus.OPEN  # a rejected value changes nothing
 
-    escalation_resolve(wait_id=wait.pk, user=operator, action="skip", output={"text": "written by hand"}, reason="vendor down")
+    escalation_resolve(
+        wait_id=wait.pk,
+        user=operator,
+        action="skip",
+        output={"text": "written by hand"},
+        reason="vendor down",
+    )
     run = drive(run.pk)
     assert run.status == RunStatus.SUCCEEDED
     assert run.state["final"] == "echo:written by hand"  # the successor got the supplied value
@@ -105,7 +121,10 @@ def test_the_fallback_agent_takes_over_after_the_primary_is_refused(drive):
     assert [(a["agent"], a["code"]) for a in step.attempts_log] == [("test_fails_until", "refused")]
     assert run.state["final"] == "echo:backup:hello"
     fallback = AuditEvent.objects.get(run_id=run.pk, verb=Verb.STEP_FALLBACK)
-    assert fallback.data["from_agent"] == "test_fails_until" and fallback.data["to_agent"] == "test_backup"
+    assert (
+        fallback.data["from_agent"] == "test_fails_until"
+        and fallback.data["to_agent"] == "test_backup"
+    )
 
 
 @pytest.mark.django_db
@@ -127,7 +146,6 @@ def test_degraded_results_are_visible_on_the_run_and_in_its_output(drive):
 
 
 # --- real worker processes ------------------------------------------------------------------------
-
 
 
 @pytest.mark.worker
@@ -161,13 +179,23 @@ def test_a_failure_after_two_side_effects_runs_both_compensations_in_reverse_ord
     assert effects == ["do reserve", "do charge", "undo charge", "undo reserve"]
     assert len({call.idempotency_key for call in stub.requests}) == 4  # each effect its own key
     undo = list(Step.objects.filter(run=run, kind=StepKind.COMPENSATE).order_by("finished_at"))
-    assert [(s.key, s.status) for s in undo] == [("undo:charge", "succeeded"), ("undo:reserve", "succeeded")]
+    assert [(s.key, s.status) for s in undo] == [
+        ("undo:charge", "succeeded"),
+        ("undo:reserve", "succeeded"),
+    ]
     originals = {s.pk: s.node for s in Step.objects.filter(run=run, kind=StepKind.AGENT)}
     assert [originals[s.parent_id] for s in undo] == ["charge", "reserve"]
     verbs = verbs_of(run)
-    assert verbs.index(Verb.RUN_FAILED) < verbs.index(Verb.RUN_COMPENSATING) < verbs.index(Verb.RUN_COMPENSATED)
+    assert (
+        verbs.index(Verb.RUN_FAILED)
+        < verbs.index(Verb.RUN_COMPENSATING)
+        < verbs.index(Verb.RUN_COMPENSATED)
+    )
     assert verbs.count(Verb.STEP_COMPENSATED) == 2
-    assert ToolCall.objects.filter(run=run, step__kind=StepKind.COMPENSATE, status="succeeded").count() == 2
+    assert (
+        ToolCall.objects.filter(run=run, step__kind=StepKind.COMPENSATE, status="succeeded").count()
+        == 2
+    )
 
 
 @pytest.mark.worker
@@ -187,7 +215,9 @@ def test_cancelling_a_run_undoes_its_side_effects_and_ends_cancelled(start_worke
 
 @pytest.mark.worker
 @pytest.mark.django_db(transaction=True)
-def test_a_failing_compensation_is_retried_then_escalated_and_the_run_waits_for_it(start_worker, operator):
+def test_a_failing_compensation_is_retried_then_escalated_and_the_run_waits_for_it(
+    start_worker, operator
+):
     with stub_provider_server("test-effect") as stub:
         start_worker("w", concurrency=1, SIGNALBOX_TEST_ECHO_URL=stub.url)
         run = run_submit(workflow="saga", input={"permanent": True, "undo_failures": 2}).run
@@ -213,7 +243,9 @@ def test_a_failing_compensation_is_retried_then_escalated_and_the_run_waits_for_
 def test_the_soft_timeout_interrupts_the_agent_and_the_retry_succeeds(start_worker):
     start_worker("w", concurrency=1)
     started = time.monotonic()
-    run = wait_for_run(run_submit(workflow="sleepy", input={"seconds": 10, "slow_attempts": 1}).run.pk)
+    run = wait_for_run(
+        run_submit(workflow="sleepy", input={"seconds": 10, "slow_attempts": 1}).run.pk
+    )
     assert run.status == RunStatus.SUCCEEDED, run.error_message
     assert time.monotonic() - started < 8  # not the 10 s the agent wanted to sleep
     step = Step.objects.get(run=run, node="nap")
@@ -225,7 +257,9 @@ def test_the_soft_timeout_interrupts_the_agent_and_the_retry_succeeds(start_work
 @pytest.mark.django_db(transaction=True)
 def test_the_hard_timeout_fences_off_an_agent_that_ignores_the_soft_one(start_worker):
     start_worker("w", concurrency=2)
-    run = run_submit(workflow="sleepy", input={"seconds": 4, "slow_attempts": 1, "stubborn": True}).run
+    run = run_submit(
+        workflow="sleepy", input={"seconds": 4, "slow_attempts": 1, "stubborn": True}
+    ).run
     run = wait_for_run(run.pk)
     assert run.status == RunStatus.SUCCEEDED, run.error_message
     step = Step.objects.get(run=run, node="nap")
@@ -234,7 +268,10 @@ def test_the_hard_timeout_fences_off_an_agent_that_ignores_the_soft_one(start_wo
     time.sleep(4)  # the stuck first attempt wakes up and tries to commit: it is fenced off
     step.refresh_from_db()
     assert step.output == {"text": "awake on attempt 2"} and step.attempt == 2
-    assert AuditEvent.objects.filter(run_id=run.pk, step_id=step.pk, verb=Verb.STEP_SUCCEEDED).count() == 1
+    assert (
+        AuditEvent.objects.filter(run_id=run.pk, step_id=step.pk, verb=Verb.STEP_SUCCEEDED).count()
+        == 1
+    )
 
 
 @pytest.mark.worker
@@ -250,7 +287,9 @@ def test_a_retry_storm_is_stopped_by_the_retry_window_and_the_run_says_so(start_
 
 
 @pytest.mark.django_db
-def test_the_refund_desk_reverses_a_refund_whose_settlement_never_came(drive, fast_agents, operator):
+def test_the_refund_desk_reverses_a_refund_whose_settlement_never_came(
+    drive, fast_agents, operator
+):
     from datetime import timedelta
 
     from django.utils import timezone
@@ -258,7 +297,9 @@ def test_the_refund_desk_reverses_a_refund_whose_settlement_never_came(drive, fa
     from orchestration import recovery
 
     run = run_submit(
-        workflow="refund_desk", input={"message": "The kettle arrived damaged, refund please."}, seed=3
+        workflow="refund_desk",
+        input={"message": "The kettle arrived damaged, refund please."},
+        seed=3,
     ).run
     run = drive(run.pk)
     for approval in Wait.objects.filter(run=run, kind=WaitKind.APPROVAL, status=WaitStatus.OPEN):

@@ -34,8 +34,13 @@ def _effects(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture(autouse=True)
 def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False,
-                          "RETRY_BASE_SECONDS": 0.0, "RETRY_MAX_SECONDS": 0.0}
+    settings.SIGNALBOX = {
+        **settings.SIGNALBOX,
+        "AGENT_TIME_SCALE": 0.0,
+        "LIVE_EVENTS": False,
+        "RETRY_BASE_SECONDS": 0.0,
+        "RETRY_MAX_SECONDS": 0.0,
+    }
     monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
 
 
@@ -47,11 +52,17 @@ def _runtime(store: Store) -> Runtime:
 
 def _drive(rt: Runtime, run_id: int) -> Run:
     for _ in range(50):
-        queued = list(Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list("pk", flat=True))
+        queued = list(
+            Step.objects.filter(run_id=run_id, status=StepStatus.QUEUED).values_list(
+                "pk", flat=True
+            )
+        )
         if not queued:
             break
         for step_id in queued:
-            Step.objects.filter(pk=step_id).update(available_at=Step.objects.get(pk=step_id).created_at)
+            Step.objects.filter(pk=step_id).update(
+                available_at=Step.objects.get(pk=step_id).created_at
+            )
             step_execute(step_id, rt=rt, worker_id="w")
     return Run.objects.get(pk=run_id)
 
@@ -59,14 +70,31 @@ def _drive(rt: Runtime, run_id: int) -> Run:
 def _as_read(run: Run) -> dict[str, Any]:
     steps = {s.pk: s.key for s in Step.objects.filter(run=run)}
     return {
-        "run": (run.status, run.state, run.output, run.error_code, run.step_count, run.active_steps,
-                run.waiting_steps, run.node_visits, run.degraded),
-        "steps": sorted((s.key, s.kind, s.status, s.attempt, s.failures, s.agent, repr(s.output), s.error_code)
-                        for s in Step.objects.filter(run=run)),
-        "state": sorted((v.key, v.version, repr(v.value), v.writer) for v in StateVersion.objects.filter(run=run)),
-        "waits": sorted((w.kind, w.name, w.status, w.decision) for w in Wait.objects.filter(run=run)),
+        "run": (
+            run.status,
+            run.state,
+            run.output,
+            run.error_code,
+            run.step_count,
+            run.active_steps,
+            run.waiting_steps,
+            run.node_visits,
+            run.degraded,
+        ),
+        "steps": sorted(
+            (s.key, s.kind, s.status, s.attempt, s.failures, s.agent, repr(s.output), s.error_code)
+            for s in Step.objects.filter(run=run)
+        ),
+        "state": sorted(
+            (v.key, v.version, repr(v.value), v.writer)
+            for v in StateVersion.objects.filter(run=run)
+        ),
+        "waits": sorted(
+            (w.kind, w.name, w.status, w.decision) for w in Wait.objects.filter(run=run)
+        ),
         "audit": Counter(
-            (Verb(e.verb).label, e.object_type, steps.get(e.step_id or 0, "")) for e in AuditEvent.objects.filter(run_id=run.pk)
+            (Verb(e.verb).label, e.object_type, steps.get(e.step_id or 0, ""))
+            for e in AuditEvent.objects.filter(run_id=run.pk)
         ),
     }
 
@@ -87,13 +115,18 @@ def _both(work: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     [
         ("reference_workload", {"topic": "agreement"}),  # pure agents: supersteps on the fast store
         ("siblings", {"text": "t"}),  # a sibling claimed at the end of a chain
-        ("pure_map", {"text": "t", "items": ["a", "b", "c", "d", "e"]}),  # fan-out, bounded, joined in order
+        (
+            "pure_map",
+            {"text": "t", "items": ["a", "b", "c", "d", "e"]},
+        ),  # fan-out, bounded, joined in order
         ("first_wins", {"text": "t"}),  # an any-join cancels the loser
         ("flaky_chain", {"failures": 2}),  # retries with backoff
         ("saga", {"permanent": True}),  # a failure that compensates completed side effects
     ],
 )
-def test_the_fast_store_and_the_plain_store_leave_the_same_runs(workflow: str, input: dict[str, Any]) -> None:
+def test_the_fast_store_and_the_plain_store_leave_the_same_runs(
+    workflow: str, input: dict[str, Any]
+) -> None:
     def work(rt: Runtime) -> Run:
         run = run_submit(workflow=workflow, input=input, seed=42).run
         return _drive(rt, run.pk)
@@ -107,8 +140,13 @@ def test_both_stores_agree_on_an_escalation_skipped_by_an_operator(operator: Any
     def work(rt: Runtime) -> Run:
         run = _drive(rt, run_submit(workflow="escalating", input={}, seed=7).run.pk)
         wait = Wait.objects.get(run=run, kind="escalation", status="open")
-        escalation_resolve(wait_id=wait.pk, user=operator, action="skip", reason="known issue",
-                           output={"text": "by hand"})
+        escalation_resolve(
+            wait_id=wait.pk,
+            user=operator,
+            action="skip",
+            reason="known issue",
+            output={"text": "by hand"},
+        )
         return _drive(rt, run.pk)
 
     fast, plain = _both(work)

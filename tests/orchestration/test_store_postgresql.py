@@ -50,10 +50,24 @@ def test_a_batched_step_row_is_what_the_orm_writes() -> None:
     run = _run()
     now = timezone.now()
     values: dict[str, Any] = {
-        "run": run, "node": "ünïcode ✓ 'quoted' \\ back", "visit": 2, "item": 3, "kind": "item", "agent": "noop",
-        "pool": "default", "status": StepStatus.QUEUED, "max_attempts": 5, "available_at": now,
-        "published_at": None, "input": {"nested": [1, None, {"x": "y"}], "empty": {}}, "input_override": None,
-        "output": "a JSON string", "usage": {}, "error_detail": None, "attempts_log": [], "created_at": now,
+        "run": run,
+        "node": "ünïcode ✓ 'quoted' \\ back",
+        "visit": 2,
+        "item": 3,
+        "kind": "item",
+        "agent": "noop",
+        "pool": "default",
+        "status": StepStatus.QUEUED,
+        "max_attempts": 5,
+        "available_at": now,
+        "published_at": None,
+        "input": {"nested": [1, None, {"x": "y"}], "empty": {}},
+        "input_override": None,
+        "output": "a JSON string",
+        "usage": {},
+        "error_detail": None,
+        "attempts_log": [],
+        "created_at": now,
         "lease_expires_at": now + timedelta(seconds=30),
     }
     by_orm = Step.objects.create(**values)
@@ -63,22 +77,36 @@ def test_a_batched_step_row_is_what_the_orm_writes() -> None:
     insert(Step, [by_batch], batch=batch)
     batch.run()
 
-    orm_row, batch_row = _fields(Step.objects.get(pk=by_orm.pk)), _fields(Step.objects.get(pk=by_batch.pk))
+    orm_row, batch_row = (
+        _fields(Step.objects.get(pk=by_orm.pk)),
+        _fields(Step.objects.get(pk=by_batch.pk)),
+    )
     for row in (orm_row, batch_row):
         row.pop("id")
         row.pop("visit")
     assert batch_row == orm_row
     # SQL NULL for None in nullable JSON columns, as the ORM writes it (not JSON null).
-    assert Step.objects.filter(pk=by_batch.pk, input_override__isnull=True, error_detail__isnull=True).exists()
+    assert Step.objects.filter(
+        pk=by_batch.pk, input_override__isnull=True, error_detail__isnull=True
+    ).exists()
 
 
 def test_batched_audit_rows_match_the_transactional_writer() -> None:
     run = _run()
     now = timezone.now()
     entries = [
-        Entry(verb=Verb.STEP_SUCCEEDED, object_type="step", object_id=12, actor_type=ActorType.AGENT,
-              actor_id="noop", run_id=run.pk, step_id=12, trace_id=run.trace_id, payload={"b": 1, "a": [2]},
-              data={"key": "x", "attempt": 1}),
+        Entry(
+            verb=Verb.STEP_SUCCEEDED,
+            object_type="step",
+            object_id=12,
+            actor_type=ActorType.AGENT,
+            actor_id="noop",
+            run_id=run.pk,
+            step_id=12,
+            trace_id=run.trace_id,
+            payload={"b": 1, "a": [2]},
+            data={"key": "x", "attempt": 1},
+        ),
         Entry(verb=Verb.RUN_SUCCEEDED, object_type="run", object_id=run.pk, run_id=run.pk),
     ]
     batch = Batch()
@@ -89,7 +117,12 @@ def test_batched_audit_rows_match_the_transactional_writer() -> None:
     with transaction.atomic():
         audit_record_many(entries, now=now)
 
-    rows = [_fields(e) for e in AuditEvent.objects.filter(run_id=run.pk, verb__in=[e.verb for e in entries]).order_by("id")]
+    rows = [
+        _fields(e)
+        for e in AuditEvent.objects.filter(
+            run_id=run.pk, verb__in=[e.verb for e in entries]
+        ).order_by("id")
+    ]
     for row in rows:
         row.pop("id")
     assert rows[:2] == rows[2:]
@@ -99,7 +132,14 @@ def test_batched_audit_rows_match_the_transactional_writer() -> None:
 def test_naive_datetimes_are_taken_in_the_default_zone_as_the_orm_does() -> None:
     run = _run()
     naive = datetime(2026, 1, 2, 3, 4, 5, 678901)
-    step = Step(run=run, node="n", kind="agent", status=StepStatus.QUEUED, available_at=naive, created_at=naive)
+    step = Step(
+        run=run,
+        node="n",
+        kind="agent",
+        status=StepStatus.QUEUED,
+        available_at=naive,
+        created_at=naive,
+    )
     PostgresStore().assign_ids(Step, [step])
     batch = Batch()
     with pytest.warns(RuntimeWarning, match="naive datetime"):
@@ -117,7 +157,9 @@ def test_a_connection_that_lost_its_prepared_statements_carries_on(drive: Any) -
     second = _run()
     assert drive(second.pk).status == "succeeded"
     # Every step succeeded at its first attempt: no commit failed for want of a statement.
-    assert set(Step.objects.filter(run=second).values_list("status", "attempt", "failures")) == {("succeeded", 1, 0)}
+    assert set(Step.objects.filter(run=second).values_list("status", "attempt", "failures")) == {
+        ("succeeded", 1, 0)
+    }
 
 
 def test_a_claim_is_one_prepared_statement_that_still_claims_once() -> None:
@@ -139,12 +181,26 @@ def test_a_batched_submit_is_all_or_nothing() -> None:
     # refuses the run row and nothing of the batch is left behind.
     now = timezone.now()
     copy = Run(
-        workflow_name="reference_workload", workflow_version=1, idempotency_scope="system", idempotency_key="k-1",
-        trace_id="t", input={}, created_at=now, updated_at=now, deadline_at=now, tenant=tenant_by_slug(""),
+        workflow_name="reference_workload",
+        workflow_version=1,
+        idempotency_scope="system",
+        idempotency_key="k-1",
+        trace_id="t",
+        input={},
+        created_at=now,
+        updated_at=now,
+        deadline_at=now,
+        tenant=tenant_by_slug(""),
     )
     store = runtime.current().store
     changes = advance.run_started(
-        store.new_run_snapshot(copy), now, state={}, input={}, idempotency_key="k-1", actor_type="system", actor_id="",
+        store.new_run_snapshot(copy),
+        now,
+        state={},
+        input={},
+        idempotency_key="k-1",
+        actor_type="system",
+        actor_id="",
     )
     with pytest.raises(IntegrityError):
         store.commit(changes).result()
@@ -158,13 +214,17 @@ def test_a_batched_submit_is_all_or_nothing() -> None:
 def test_a_batched_submit_with_a_key_seen_before_returns_the_first_run_and_writes_nothing() -> None:
     first = run_submit(workflow="reference_workload", input={"topic": "a"}, idempotency_key="again")
     counts = (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count())
-    second = run_submit(workflow="reference_workload", input={"topic": "a"}, idempotency_key="again")
+    second = run_submit(
+        workflow="reference_workload", input={"topic": "a"}, idempotency_key="again"
+    )
     assert first.created and not second.created
     assert second.run.pk == first.run.pk and second.run.input == {"topic": "a"}
     assert (Run.objects.count(), Step.objects.count(), AuditEvent.objects.count()) == counts
 
 
-def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_submit_that_fails_at_its_start_still_commits_the_failed_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A start that raises goes the transactional way (failing a run cancels its steps, which a
     # batch cannot do), and is recorded.
     from orchestration.errors import SignalboxError
@@ -184,10 +244,15 @@ def test_who_ran_each_step_is_in_the_audit_trail(drive: Any) -> None:
     run = _run()
     assert drive(run.pk).status == "succeeded"
     steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
-    rows = list(AuditEvent.objects.filter(run_id=run.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]).values_list("step_id", "verb", "data"))
+    rows = list(
+        AuditEvent.objects.filter(
+            run_id=run.pk, verb__in=[Verb.STEP_CREATED, Verb.STEP_CLAIMED]
+        ).values_list("step_id", "verb", "data")
+    )
     # classify was queued at submit and claimed from its message: created, then claimed.
     assert [(v, d.get("worker")) for s, v, d in rows if s == steps["classify"]] == [
-        (Verb.STEP_CREATED, None), (Verb.STEP_CLAIMED, "t"),
+        (Verb.STEP_CREATED, None),
+        (Verb.STEP_CLAIMED, "t"),
     ]
     # research_a was created already claimed by the worker that finished classify: one row
     # says both, with the worker and the attempt.
@@ -203,7 +268,9 @@ def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
 ) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.2}
     published: list[int] = []
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: published.extend(s for s, _, _ in steps))
+    monkeypatch.setattr(
+        "orchestration.dispatch.publish", lambda steps, rt: published.extend(s for s, _, _ in steps)
+    )
     run = _run()
     assert drive(run.pk).status == "succeeded"
     # classify's worker ran research_a itself and held research_b's message; its chain then
@@ -228,7 +295,9 @@ def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction
     drive: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[list[dict[str, Any]]] = []
-    monkeypatch.setattr("orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events)))
+    monkeypatch.setattr(
+        "orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events))
+    )
     run = run_submit(workflow="siblings", input={"text": "t"}).run  # agents that are not pure
     assert drive(run.pk).status == "succeeded"
     steps = {s.node: s.pk for s in Step.objects.filter(run=run)}
@@ -237,8 +306,12 @@ def test_a_chain_that_ends_claims_its_handed_off_sibling_in_the_same_transaction
     assert xmin[(steps["b"], Verb.STEP_CLAIMED)] == xmin[(steps["a"], Verb.STEP_SUCCEEDED)]
     assert xmin[(steps["b"], Verb.STEP_SUCCEEDED)] != xmin[(steps["a"], Verb.STEP_SUCCEEDED)]
     # ...and operators heard of both in one message for that transaction.
-    together = [e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
-        (steps["a"], "succeeded"), (steps["b"], "running")}]
+    together = [
+        e
+        for e in sent
+        if {(x.get("step_id"), x.get("change")) for x in e}
+        >= {(steps["a"], "succeeded"), (steps["b"], "running")}
+    ]
     assert len(together) == 1
 
 
@@ -246,7 +319,9 @@ def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
     drive: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[list[dict[str, Any]]] = []
-    monkeypatch.setattr("orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events)))
+    monkeypatch.setattr(
+        "orchestration.live.LiveSender.send", lambda self, events: sent.append(list(events))
+    )
     run = _run()  # the reference workload: every agent is pure
     assert drive(run.pk).status == "succeeded"
     steps = {s.node: s for s in Step.objects.filter(run=run)}
@@ -254,18 +329,36 @@ def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
     a, b = steps["research_a"].pk, steps["research_b"].pk
     # research_b ran before research_a's completion was sent, and joined its transaction: its
     # claim (by this worker, attempt 1) and its success are written with research_a's.
-    assert xmin[(b, Verb.STEP_CLAIMED)] == xmin[(b, Verb.STEP_SUCCEEDED)] == xmin[(a, Verb.STEP_SUCCEEDED)]
+    assert (
+        xmin[(b, Verb.STEP_CLAIMED)]
+        == xmin[(b, Verb.STEP_SUCCEEDED)]
+        == xmin[(a, Verb.STEP_SUCCEEDED)]
+    )
     claim = AuditEvent.objects.get(step_id=b, verb=Verb.STEP_CLAIMED)
     assert (claim.actor_id, claim.data) == ("t", {"attempt": 1, "worker": "t"})
     assert (steps["research_b"].status, steps["research_b"].attempt) == ("succeeded", 1)
     assert steps["research_b"].started_at is not None and steps["research_b"].lease_owner == ""
     # One message for that transaction tells of both.
-    assert len([e for e in sent if {(x.get("step_id"), x.get("change")) for x in e} >= {
-        (a, "succeeded"), (b, "succeeded")}]) == 1
+    assert (
+        len(
+            [
+                e
+                for e in sent
+                if {(x.get("step_id"), x.get("change")) for x in e}
+                >= {(a, "succeeded"), (b, "succeeded")}
+            ]
+        )
+        == 1
+    )
     # submit, classify's claim, classify, the two research steps, draft, publish.
-    assert len({x for x in AuditEvent.objects.filter(run_id=run.pk).values_list("run_id", flat=True)}) == 1
+    assert (
+        len({x for x in AuditEvent.objects.filter(run_id=run.pk).values_list("run_id", flat=True)})
+        == 1
+    )
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(DISTINCT xmin::text) FROM audit_auditevent WHERE run_id = %s", [run.pk])
+        cursor.execute(
+            "SELECT count(DISTINCT xmin::text) FROM audit_auditevent WHERE run_id = %s", [run.pk]
+        )
         assert cursor.fetchone()[0] == 6
 
 
@@ -276,7 +369,9 @@ def test_a_worker_whose_claim_was_lost_cannot_commit_over_a_new_claim_with_the_s
     assert first is not None and first.attempt == 1
     # A database crash lost w1's claim (claims do not wait for their WAL flush), and w2 claimed
     # the step again: the same token, another owner.
-    Step.objects.filter(pk=classify.pk).update(status="queued", attempt=0, lease_owner="", lease_expires_at=None)
+    Step.objects.filter(pk=classify.pk).update(
+        status="queued", attempt=0, lease_owner="", lease_expires_at=None
+    )
     second = step_claim(classify.pk, "w2")
     assert second is not None and second.attempt == 1
 
@@ -302,17 +397,37 @@ def test_only_the_claim_itself_skips_waiting_for_the_wal_flush() -> None:
 
 
 TRICKY = [
-    "plain", "it's", "''", "back\\slash", "\\'", "E'x'", "$$ dollar $$", "-- comment", "/* c */",
-    "'); DROP TABLE orchestration_step; --", "ünïcode ✓ 🚀", "new\nline\ttab", "%s %(x)s %%", "",
+    "plain",
+    "it's",
+    "''",
+    "back\\slash",
+    "\\'",
+    "E'x'",
+    "$$ dollar $$",
+    "-- comment",
+    "/* c */",
+    "'); DROP TABLE orchestration_step; --",
+    "ünïcode ✓ 🚀",
+    "new\nline\ttab",
+    "%s %(x)s %%",
+    "",
 ]
 
 
 def _echo_statement() -> Any:
     from infra.sql import Prepared
 
-    return Prepared("SELECT $1::text, $2::bigint, $3::timestamptz, $4::boolean, $5::text, $6::numeric", [
-        "text", "bigint", "timestamptz", "boolean", "text", "numeric",
-    ])
+    return Prepared(
+        "SELECT $1::text, $2::bigint, $3::timestamptz, $4::boolean, $5::text, $6::numeric",
+        [
+            "text",
+            "bigint",
+            "timestamptz",
+            "boolean",
+            "text",
+            "numeric",
+        ],
+    )
 
 
 @pytest.mark.parametrize("conforming", ["on", "off"])
@@ -329,7 +444,9 @@ def test_parameters_of_a_batch_arrive_exactly_as_given(conforming: str) -> None:
         for text in TRICKY:
             batch = Batch()
             # A str subclass (a model choice) and a Decimal are rendered by psycopg instead.
-            batch.add_prepared(statement, [text, -(2**62), now, False, Status.RUNNING, Decimal("1.25")])
+            batch.add_prepared(
+                statement, [text, -(2**62), now, False, Status.RUNNING, Decimal("1.25")]
+            )
             assert batch.run() == [(text, -(2**62), now, False, "running", Decimal("1.25"))]
     finally:
         with connection.cursor() as cursor:
@@ -340,7 +457,9 @@ def test_batch_literals_quote_strings_and_leave_other_types_to_psycopg() -> None
     from infra.sql import literal
 
     assert literal("it's") == "'it''s'"
-    assert literal("back\\slash") == "'back\\slash'"  # an ordinary character with conforming strings
+    assert (
+        literal("back\\slash") == "'back\\slash'"
+    )  # an ordinary character with conforming strings
     assert (literal(7), literal(None), literal(True)) == ("7", "NULL", "true")
     assert literal(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "'2026-01-02T03:04:05+00:00'"
     assert literal(datetime(2026, 1, 2)) is None  # naive: psycopg's rules apply
@@ -352,7 +471,9 @@ def test_a_string_with_a_nul_byte_is_refused_and_nothing_is_written() -> None:
     from infra.sql import Prepared
 
     run = _run()
-    statement = Prepared("UPDATE orchestration_run SET error_message = $1 WHERE id = $2", ["text", "bigint"])
+    statement = Prepared(
+        "UPDATE orchestration_run SET error_message = $1 WHERE id = $2", ["text", "bigint"]
+    )
     batch = Batch()
     batch.add_prepared(statement, ["fine", run.pk])
     batch.add_prepared(statement, ["nul\x00byte", run.pk])
@@ -403,7 +524,15 @@ def test_a_batch_sent_after_its_statements_were_forgotten_is_prepared_again_and_
         cursor.execute("DEALLOCATE ALL")
     batch = Batch()
     audit_record_many(
-        [Entry(verb=Verb.RUN_SUBMITTED, object_type="run", object_id=run.pk, run_id=run.pk, actor_type=ActorType.SYSTEM)],
+        [
+            Entry(
+                verb=Verb.RUN_SUBMITTED,
+                object_type="run",
+                object_id=run.pk,
+                run_id=run.pk,
+                actor_type=ActorType.SYSTEM,
+            )
+        ],
         batch=batch,
     )
     before = AuditEvent.objects.filter(run_id=run.pk).count()
@@ -411,16 +540,26 @@ def test_a_batch_sent_after_its_statements_were_forgotten_is_prepared_again_and_
     assert AuditEvent.objects.filter(run_id=run.pk).count() == before + 1
 
 
-def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_and_refuses_an_unsaved_one() -> None:
+def test_a_batched_insert_takes_the_id_of_a_related_row_saved_after_assignment_and_refuses_an_unsaved_one() -> (
+    None
+):
     from orchestration.models import StateVersion
 
     run = _run()
     now = timezone.now()
     later = Run(
-        workflow_name="reference_workload", workflow_version=1, trace_id="t", input={}, created_at=now,
-        updated_at=now, deadline_at=now, tenant=tenant_by_slug(""),
+        workflow_name="reference_workload",
+        workflow_version=1,
+        trace_id="t",
+        input={},
+        created_at=now,
+        updated_at=now,
+        deadline_at=now,
+        tenant=tenant_by_slug(""),
     )
-    version = unsaved(StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now)
+    version = unsaved(
+        StateVersion, run=later, key="k", version=1, value={"v": 1}, writer="test", created_at=now
+    )
     assert version.run_id is None
     with pytest.raises(ValueError, match="unsaved related object"):
         insert(StateVersion, [version], returning=False, batch=Batch())

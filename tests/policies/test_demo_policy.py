@@ -189,7 +189,9 @@ def test_ceilings_prices_rate_limits_and_bounds_of_the_demo() -> None:
         "tenant_month": ("acme", Decimal("50.00")),
         "global_day": ("", Decimal("10.00")),
     }
-    content = Facts("agent:writer", workflow="content_pipeline", agent="writer", tenant="acme", run_id=8)
+    content = Facts(
+        "agent:writer", workflow="content_pipeline", agent="writer", tenant="acme", run_id=8
+    )
     others = {c.scope: (c.key, c.limit) for c in ceilings_for(DEMO, content)}
     assert others["run"] == ("8", Decimal("0.05"))
     assert others["workflow_day"] == ("content_pipeline", Decimal("0.10"))

@@ -41,18 +41,30 @@ def _live(source: str, author: Any, reviewer: Any) -> Any:
     return policy_activate(version_id=version.pk, user=reviewer)
 
 
-def test_a_version_goes_draft_submitted_approved_active_and_is_enforced_at_once(admins: tuple[Any, Any]) -> None:
+def test_a_version_goes_draft_submitted_approved_active_and_is_enforced_at_once(
+    admins: tuple[Any, Any],
+) -> None:
     ada, bob = admins
     version = _live(V2, ada, bob)
     assert version.status == PolicyStatus.ACTIVE and version.number == 1
     active = active_policy()
     assert active is not None and active.number == 1 and active.version_id == version.pk
-    verbs = list(AuditEvent.objects.filter(object_type="policy_version").order_by("id").values_list("verb", "actor_id"))
-    assert verbs == [(Verb.POLICY_DRAFTED, "ada"), (Verb.POLICY_SUBMITTED, "ada"), (Verb.POLICY_APPROVED, "bob"),
-                     (Verb.POLICY_ACTIVATED, "bob")]
+    verbs = list(
+        AuditEvent.objects.filter(object_type="policy_version")
+        .order_by("id")
+        .values_list("verb", "actor_id")
+    )
+    assert verbs == [
+        (Verb.POLICY_DRAFTED, "ada"),
+        (Verb.POLICY_SUBMITTED, "ada"),
+        (Verb.POLICY_APPROVED, "bob"),
+        (Verb.POLICY_ACTIVATED, "bob"),
+    ]
 
 
-def test_four_eyes_an_author_neither_approves_nor_activates_their_version(admins: tuple[Any, Any]) -> None:
+def test_four_eyes_an_author_neither_approves_nor_activates_their_version(
+    admins: tuple[Any, Any],
+) -> None:
     ada, bob = admins
     version = policy_draft(source=V1, author=ada)
     policy_submit(version_id=version.pk, user=ada)
@@ -66,7 +78,9 @@ def test_four_eyes_an_author_neither_approves_nor_activates_their_version(admins
     policy_activate(version_id=version.pk, user=bob)
 
 
-def test_a_rejection_needs_a_reason_and_only_approved_versions_go_live(admins: tuple[Any, Any]) -> None:
+def test_a_rejection_needs_a_reason_and_only_approved_versions_go_live(
+    admins: tuple[Any, Any],
+) -> None:
     ada, bob = admins
     version = policy_draft(source=V1, author=ada)
     with pytest.raises(PolicyConflict):
@@ -75,10 +89,15 @@ def test_a_rejection_needs_a_reason_and_only_approved_versions_go_live(admins: t
     with pytest.raises(PolicyConflict) as no_reason:
         policy_review(version_id=version.pk, user=bob, approve=False)
     assert no_reason.value.code == Code.REASON_REQUIRED
-    assert policy_review(version_id=version.pk, user=bob, approve=False, note="too loose").status == "rejected"
+    assert (
+        policy_review(version_id=version.pk, user=bob, approve=False, note="too loose").status
+        == "rejected"
+    )
 
 
-def test_rolling_back_activates_an_earlier_version_and_retires_the_current(admins: tuple[Any, Any]) -> None:
+def test_rolling_back_activates_an_earlier_version_and_retires_the_current(
+    admins: tuple[Any, Any],
+) -> None:
     ada, bob = admins
     first = _live(V1, ada, bob)
     second = _live(V2, bob, ada)

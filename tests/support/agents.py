@@ -144,7 +144,9 @@ class FailsUntil(Agent):
         if ctx.attempt <= input.fail_attempts:
             if input.permanent:
                 raise PermanentError(f"the service refused (attempt {ctx.attempt})", code="refused")
-            raise TransientError(f"the service is unavailable (attempt {ctx.attempt})", code="unavailable")
+            raise TransientError(
+                f"the service is unavailable (attempt {ctx.attempt})", code="unavailable"
+            )
         return Text(text=f"ok:{input.text} on attempt {ctx.attempt}")
 
 
@@ -222,7 +224,9 @@ class EffectUndo(Agent):
     def run(self, input: CompensationInput, ctx: AgentContext) -> Text:
         failures = int((input.input or {}).get("undo_failures", 0))
         if ctx.attempt <= failures:
-            raise TransientError(f"undo of {input.step} failed (attempt {ctx.attempt})", code="unavailable")
+            raise TransientError(
+                f"undo of {input.step} failed (attempt {ctx.attempt})", code="unavailable"
+            )
         ctx.call_tool("test_effect", {"text": f"undo {input.step}"})
         return Text(text=f"undid {input.step}")
 

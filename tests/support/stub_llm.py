@@ -91,7 +91,6 @@ class StubLLM:
 
 def _handler_for(stub: StubLLM) -> type[BaseHTTPRequestHandler]:
     class ChatCompletionsHandler(JsonReplyHandler):
-
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)

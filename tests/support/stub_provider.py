@@ -124,7 +124,6 @@ class StubProvider:
 
 def _handler_for(stub: StubProvider) -> type[BaseHTTPRequestHandler]:
     class ProviderHandler(JsonReplyHandler):
-
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
@@ -244,6 +243,7 @@ def call_repeatedly_when_told(
         except ToolCallFailed:
             failed += 1
     out.put(("done", succeeded, failed, time.time()))
+
 
 #: A side-effecting capability (a refund): every retry or re-claim carries the same key.
 registered_effect = echo_capability(

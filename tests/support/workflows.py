@@ -30,7 +30,13 @@ slow_then_echo.agent("echo", "test_echo", after="slow", reads=["text"], writes=[
 # These three fail the run instead of escalating (on_failure="fail"), which their tests assert.
 bad_handoff = Workflow("bad_handoff", input=Loose, max_steps=10, on_failure="fail")
 bad_handoff.agent("produce", "test_bad_output", reads=["text"], writes=["summary"])
-bad_handoff.agent("consume", "test_echo", after="produce", reads=["summary"], input=lambda s: {"text": s["summary"]})
+bad_handoff.agent(
+    "consume",
+    "test_echo",
+    after="produce",
+    reads=["summary"],
+    input=lambda s: {"text": s["summary"]},
+)
 
 snooping = Workflow("snooping", input=Loose, max_steps=10, on_failure="fail")
 snooping.agent("snoop", "test_snoop", reads=["text"], writes=["text"])
@@ -41,51 +47,87 @@ flaky_chain.agent("flaky", "test_flaky", reads=["failures"], writes=["text"])
 event_timeout_continue = Workflow("event_timeout_continue", input=Loose, max_steps=10)
 event_timeout_continue.agent("first", "test_echo", reads=["text"], writes=["text"])
 event_timeout_continue.wait(
-    "settle", event="payment.settled", after="first", timeout=timedelta(seconds=1),
-    on_timeout="continue", writes=["settlement"],
+    "settle",
+    event="payment.settled",
+    after="first",
+    timeout=timedelta(seconds=1),
+    on_timeout="continue",
+    writes=["settlement"],
 )
 event_timeout_continue.agent("after", "test_echo", after="settle", reads=["text"], writes=["final"])
 
 event_timeout_fail = Workflow("event_timeout_fail", input=Loose, max_steps=10)
 event_timeout_fail.agent("first", "test_echo", reads=["text"], writes=["text"])
-event_timeout_fail.wait("settle", event="payment.settled", after="first", timeout=timedelta(seconds=1), writes=["settlement"])
+event_timeout_fail.wait(
+    "settle",
+    event="payment.settled",
+    after="first",
+    timeout=timedelta(seconds=1),
+    writes=["settlement"],
+)
 event_timeout_fail.agent("after", "test_echo", after="settle", reads=["text"], writes=["final"])
 
 parallel_approvals = Workflow("parallel_approvals", input=Loose, max_steps=10)
 parallel_approvals.agent("start", "test_echo", reads=["text"], writes=["text"])
-parallel_approvals.agent("left", "test_echo", after="start", reads=["text"], writes=["left"], approval=Approval(tier=1))
-parallel_approvals.agent("right", "test_echo", after="start", reads=["text"], writes=["right"], approval=Approval(tier=2))
 parallel_approvals.agent(
-    "join", "test_echo", after=["left", "right"], reads=["left", "right"],
-    input=lambda s: {"text": f"{s['left']}+{s['right']}"}, writes=["joined"],
+    "left", "test_echo", after="start", reads=["text"], writes=["left"], approval=Approval(tier=1)
+)
+parallel_approvals.agent(
+    "right", "test_echo", after="start", reads=["text"], writes=["right"], approval=Approval(tier=2)
+)
+parallel_approvals.agent(
+    "join",
+    "test_echo",
+    after=["left", "right"],
+    reads=["left", "right"],
+    input=lambda s: {"text": f"{s['left']}+{s['right']}"},
+    writes=["joined"],
 )
 
 # Two slow branches after one quick step: with two free workers they must run at the same time.
 parallel_slow = Workflow("parallel_slow", input=Loose, max_steps=10)
 parallel_slow.agent("start", "test_echo", reads=["text"], writes=["text"])
 parallel_slow.agent("left", "test_slow", after="start", reads=["seconds", "text"], writes=["left"])
-parallel_slow.agent("right", "test_slow", after="start", reads=["seconds", "text"], writes=["right"])
 parallel_slow.agent(
-    "join", "test_echo", after=["left", "right"], reads=["left", "right"],
-    input=lambda s: {"text": f"{s['left']}+{s['right']}"}, writes=["joined"],
+    "right", "test_slow", after="start", reads=["seconds", "text"], writes=["right"]
+)
+parallel_slow.agent(
+    "join",
+    "test_echo",
+    after=["left", "right"],
+    reads=["left", "right"],
+    input=lambda s: {"text": f"{s['left']}+{s['right']}"},
+    writes=["joined"],
 )
 
 endless_review = Workflow("endless_review", input=Loose, max_steps=50)
 endless_review.agent("begin", "test_echo", reads=["text"], writes=["text"])
 endless_review.agent("draft", "test_echo", after="begin", reads=["text"], writes=["text"])
-endless_review.route("gate", after="draft", choose=lambda s: "draft", targets=["draft"], loop_limit=3)
+endless_review.route(
+    "gate", after="draft", choose=lambda s: "draft", targets=["draft"], loop_limit=3
+)
 
 oversized_fanout = Workflow("oversized_fanout", input=Loose, max_steps=50)
 oversized_fanout.agent("plan", "test_many", reads=["count"], writes=["items"])
-oversized_fanout.map("work", "test_echo", after="plan", items="items", max_items=6, concurrency=2, writes=["results"])
+oversized_fanout.map(
+    "work", "test_echo", after="plan", items="items", max_items=6, concurrency=2, writes=["results"]
+)
 
 approval_expiry = Workflow("approval_expiry", input=Loose, max_steps=10)
-approval_expiry.agent("act", "test_echo", reads=["text"], writes=["text"], approval=Approval(timeout=timedelta(seconds=1)))
+approval_expiry.agent(
+    "act",
+    "test_echo",
+    reads=["text"],
+    writes=["text"],
+    approval=Approval(timeout=timedelta(seconds=1)),
+)
 
 # An approved action whose input changes before it runs: the approval must not apply.
 approval_drift = Workflow("approval_drift", input=Loose, max_steps=10)
 approval_drift.agent("start", "test_echo", reads=["text"], writes=["text"])
-approval_drift.agent("act", "test_echo", after="start", reads=["text"], writes=["acted"], approval=Approval())
+approval_drift.agent(
+    "act", "test_echo", after="start", reads=["text"], writes=["acted"], approval=Approval()
+)
 approval_drift.agent("mutate", "test_echo", after="start", reads=["text"], writes=["text"])
 
 refund_once = Workflow("refund_once", input=Loose, max_steps=10)
@@ -97,45 +139,101 @@ refund_once.agent("refund", "test_refund_issuer", reads=["text", "seconds"], wri
 # Tier 4: the middle step fails (transiently by default) and escalates to an operator.
 escalating = Workflow("escalating", input=Loose, max_steps=10)
 escalating.agent("start", "test_echo", reads=["text"], writes=["text"])
-escalating.agent("act", "test_fails_until", after="start", reads=["text", "fail_attempts", "permanent"], writes=["text"])
+escalating.agent(
+    "act",
+    "test_fails_until",
+    after="start",
+    reads=["text", "fail_attempts", "permanent"],
+    writes=["text"],
+)
 escalating.agent("finish", "test_echo", after="act", reads=["text"], writes=["final"])
 
 # Tier 2: the primary is refused for good; the fallback agent answers.
 with_fallback = Workflow("with_fallback", input=Loose, max_steps=10)
 with_fallback.agent(
-    "answer", "test_fails_until", reads=["text", "fail_attempts", "permanent"], writes=["text"], fallback="test_backup",
+    "answer",
+    "test_fails_until",
+    reads=["text", "fail_attempts", "permanent"],
+    writes=["text"],
+    fallback="test_backup",
 )
 with_fallback.agent("finish", "test_echo", after="answer", reads=["text"], writes=["final"])
 
 # Tier 3: a declared degraded result, and an agent that reports a partial one itself.
 with_degraded = Workflow("with_degraded", input=Loose, max_steps=10)
 with_degraded.agent(
-    "answer", "test_fails_until", reads=["text", "fail_attempts", "permanent"], writes=["text"],
-    degraded=Degraded(output=lambda failure: {"text": f"summary only ({failure.code})"}, reason="no sources answered"),
+    "answer",
+    "test_fails_until",
+    reads=["text", "fail_attempts", "permanent"],
+    writes=["text"],
+    degraded=Degraded(
+        output=lambda failure: {"text": f"summary only ({failure.code})"},
+        reason="no sources answered",
+    ),
 )
 with_degraded.agent("gather", "test_partial", after="answer", reads=["text"], writes=["gathered"])
 
 # Soft and hard step timeouts.
 sleepy = Workflow("sleepy", input=Loose, max_steps=10, on_failure="fail")
 sleepy.agent(
-    "nap", "test_sleepy", reads=["seconds", "slow_attempts", "stubborn"], writes=["text"],
-    timeout=timedelta(seconds=0.5), hard_timeout=timedelta(seconds=1.5),
+    "nap",
+    "test_sleepy",
+    reads=["seconds", "slow_attempts", "stubborn"],
+    writes=["text"],
+    timeout=timedelta(seconds=0.5),
+    hard_timeout=timedelta(seconds=1.5),
 )
 
 # The retry window stops a storm of transient failures before max_attempts would.
-retry_storm = Workflow("retry_storm", input=Loose, max_steps=10, on_failure="fail", retry_within=timedelta(seconds=1))
-retry_storm.agent("storm", "test_fails_until", reads=["text", "fail_attempts"], writes=["text"], max_attempts=1000)
+retry_storm = Workflow(
+    "retry_storm", input=Loose, max_steps=10, on_failure="fail", retry_within=timedelta(seconds=1)
+)
+retry_storm.agent(
+    "storm", "test_fails_until", reads=["text", "fail_attempts"], writes=["text"], max_attempts=1000
+)
 
 # A saga: two side effects, each with its compensation, then a step that fails for good.
 saga = Workflow("saga", input=Loose, max_steps=20, on_failure="fail")
-saga.agent("reserve", "test_effect_action", reads=["text", "undo_failures"], writes=["reserved"], compensate="test_effect_undo")
-saga.agent("charge", "test_effect_action", after="reserve", reads=["text"], writes=["charged"], compensate="test_effect_undo")
-saga.agent("ship", "test_fails_until", after="charge", reads=["text", "fail_attempts", "permanent"], writes=["shipped"])
+saga.agent(
+    "reserve",
+    "test_effect_action",
+    reads=["text", "undo_failures"],
+    writes=["reserved"],
+    compensate="test_effect_undo",
+)
+saga.agent(
+    "charge",
+    "test_effect_action",
+    after="reserve",
+    reads=["text"],
+    writes=["charged"],
+    compensate="test_effect_undo",
+)
+saga.agent(
+    "ship",
+    "test_fails_until",
+    after="charge",
+    reads=["text", "fail_attempts", "permanent"],
+    writes=["shipped"],
+)
 
 # The same side effects, then a wait: cancelling the run undoes them.
 saga_waiting = Workflow("saga_waiting", input=Loose, max_steps=20)
-saga_waiting.agent("reserve", "test_effect_action", reads=["text"], writes=["reserved"], compensate="test_effect_undo")
-saga_waiting.agent("charge", "test_effect_action", after="reserve", reads=["text"], writes=["charged"], compensate="test_effect_undo")
+saga_waiting.agent(
+    "reserve",
+    "test_effect_action",
+    reads=["text"],
+    writes=["reserved"],
+    compensate="test_effect_undo",
+)
+saga_waiting.agent(
+    "charge",
+    "test_effect_action",
+    after="reserve",
+    reads=["text"],
+    writes=["charged"],
+    compensate="test_effect_undo",
+)
 saga_waiting.wait("settle", event="payment.settled", after="charge", timeout=timedelta(hours=1))
 
 
@@ -147,19 +245,30 @@ siblings = Workflow("siblings", input=Loose, max_steps=10)
 siblings.agent("start", "test_echo", reads=["text"], writes=["text"])
 siblings.agent("a", "test_echo", after="start", reads=["text"], writes=["a"])
 siblings.agent("b", "test_echo", after="start", reads=["text"], writes=["b"])
-siblings.agent("joined", "test_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+siblings.agent(
+    "joined", "test_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+)
 
 early_chain = Workflow("early_chain", input=Loose, max_steps=10)
 early_chain.agent("first", "test_pure_echo", reads=["text"], writes=["text"])
 early_chain.agent("held", "test_gated", after="first", reads=["text"], writes=["held"])
-early_chain.agent("last", "test_pure_echo", after="held", reads=["held"], writes=["last"], input=lambda s: {"text": s["held"]})
+early_chain.agent(
+    "last",
+    "test_pure_echo",
+    after="held",
+    reads=["held"],
+    writes=["last"],
+    input=lambda s: {"text": s["held"]},
+)
 
 # While "a" is held, another worker completes "b" (the run row changes under a's completion).
 early_branches = Workflow("early_branches", input=Loose, max_steps=10)
 early_branches.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
 early_branches.agent("a", "test_gated", after="start", reads=["text"], writes=["a"])
 early_branches.agent("b", "test_pure_echo", after="start", reads=["text"], writes=["b"])
-early_branches.agent("c", "test_pure_echo", after="a", reads=["a"], writes=["c"], input=lambda s: {"text": s["a"]})
+early_branches.agent(
+    "c", "test_pure_echo", after="a", reads=["a"], writes=["c"], input=lambda s: {"text": s["a"]}
+)
 
 
 def _pure_siblings(name: str, b_agent: str) -> Workflow:
@@ -167,7 +276,9 @@ def _pure_siblings(name: str, b_agent: str) -> Workflow:
     wf.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
     wf.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
     wf.agent("b", b_agent, after="start", reads=["text"], writes=["b"])
-    wf.agent("joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"])
+    wf.agent(
+        "joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+    )
     return wf
 
 
@@ -180,7 +291,15 @@ pure_effect_siblings = _pure_siblings("pure_effect_siblings", "test_pure_effect"
 # would hide; such a completion sends that batch first.
 pure_map = Workflow("pure_map", input=Loose, max_steps=20)
 pure_map.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
-pure_map.map("answer", "test_pure_echo", after="start", items="items", max_items=6, concurrency=3, writes=["answers"])
+pure_map.map(
+    "answer",
+    "test_pure_echo",
+    after="start",
+    items="items",
+    max_items=6,
+    concurrency=3,
+    writes=["answers"],
+)
 pure_map.agent("summary", "test_pure_echo", after="answer", reads=["text"], writes=["summary"])
 
 early_effect = Workflow("early_effect", input=Loose, max_steps=10)
@@ -192,7 +311,9 @@ first_wins = Workflow("first_wins", input=Loose, max_steps=10)
 first_wins.agent("start", "test_echo", reads=["text"], writes=["text"])
 first_wins.agent("fast", "test_echo", after="start", reads=["text"], writes=["fast"])
 first_wins.agent("slow", "test_echo", after="start", reads=["text"], writes=["slow"])
-first_wins.agent("done", "test_echo", after=["fast", "slow"], join="any", reads=["text"], writes=["done"])
+first_wins.agent(
+    "done", "test_echo", after=["fast", "slow"], join="any", reads=["text"], writes=["done"]
+)
 
 # One call to an OpenAI-compatible endpoint (the environment's SIGNALBOX_LLM_*: a local stub in
 # tests), priced by the policy's table under its ceilings; then a free step.

@@ -95,7 +95,9 @@ class Command(BaseCommand):
         if not options["no_simulator"]:
             service = get_user_model().objects.filter(username=SIMULATOR_USER).first()
             if service is None:
-                self.stdout.write(f"No service account {SIMULATOR_USER!r} to submit demo work as: simulator off.")
+                self.stdout.write(
+                    f"No service account {SIMULATOR_USER!r} to submit demo work as: simulator off."
+                )
             else:
                 simulator = DemoSimulator(user=service, auto_decide=options["auto_decide"]).tick
         stack = EmbeddedStack(

@@ -258,7 +258,11 @@ class CustomerNotifier(Agent):
         if input.channel == "email":
             sent = ctx.call_tool(
                 "send_email",
-                {"to": f"{input.customer_id}@example.com", "subject": "About your order", "body": body},
+                {
+                    "to": f"{input.customer_id}@example.com",
+                    "subject": "About your order",
+                    "body": body,
+                },
             )
         else:
             digits = int(hashlib.sha256(input.customer_id.encode()).hexdigest()[:8], 16) % 10**8

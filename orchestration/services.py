@@ -46,6 +46,7 @@ from orchestration.models import (
     Run,
     RunEvent,
     RunStatus,
+    Step,
     Wait,
     WaitClaim,
     WaitKind,
@@ -914,6 +915,41 @@ def approvals_decide_bulk(
 # --- retrying a failed run --------------------------------------------------------------------------
 
 
+def _decide_check_first(user: User | None, run_id: int) -> None:
+    """May ``user`` act on the run? Checked before the transaction, so that a refusal's audit
+    record does not roll back with it."""
+    if user is None:
+        return
+    found = Run.objects.filter(pk=run_id).first()
+    if found is None:
+        raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND)
+    selectors.run_check_decide(user, found)
+
+
+def _failed_step_locked(rt: runtime.Runtime, run_id: int, *, only: str, cannot: str) -> Step:
+    """The failed step of a failed run (its run locked, as ``step.run``): 409
+    ``run_not_failed`` (``only`` says why) or ``run_not_retryable`` (``cannot`` says why)."""
+    try:
+        run = rt.store.run_get(run_id, lock=True)
+    except Run.DoesNotExist:
+        raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
+    if run.status != RunStatus.FAILED:
+        raise Conflict(
+            f"run {run_id} is {run.status}: {only}",
+            code=Code.RUN_NOT_FAILED,
+            detail={"status": run.status},
+        )
+    step, why = selectors.run_retry_point(run)
+    if step is None:
+        raise Conflict(
+            f"run {run_id} {cannot}: {why}",
+            code=Code.RUN_NOT_RETRYABLE,
+            detail={"status": run.status},
+        )
+    step.run = run
+    return step
+
+
 def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
     """Retry a failed run from its failed step: the run runs again from there, the step with a
     fresh attempt budget (audited ``run.retried_from_step``). Only a failed run can be retried
@@ -925,30 +961,14 @@ def run_retry(*, run_id: int, user: User | None, reason: str) -> Run:
     actor_type, actor_id = _actor(user)
     now = timezone.now()
     rt = runtime.current()
-    if user is not None:
-        # Before the transaction: a refusal's audit record must not roll back with it.
-        found = Run.objects.filter(pk=run_id).first()
-        if found is None:
-            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND)
-        selectors.run_check_decide(user, found)
+    _decide_check_first(user, run_id)
     with transaction.atomic():
-        try:
-            run = rt.store.run_get(run_id, lock=True)
-        except Run.DoesNotExist:
-            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
-        if run.status != RunStatus.FAILED:
-            raise Conflict(
-                f"run {run_id} is {run.status}: only a failed run can be retried",
-                code=Code.RUN_NOT_FAILED,
-                detail={"status": run.status},
-            )
-        step, why = selectors.run_retry_point(run)
-        if step is None:
-            raise Conflict(
-                f"run {run_id} cannot be retried from a failed step: {why}",
-                code=Code.RUN_NOT_RETRYABLE,
-                detail={"status": run.status},
-            )
+        step = _failed_step_locked(
+            rt,
+            run_id,
+            only="only a failed run can be retried",
+            cannot="cannot be retried from a failed step",
+        )
 
         def compute(snapshot: Snapshot) -> Changes:
             focus = snapshot.focus
@@ -977,26 +997,15 @@ def run_skip_failed_step(
     actor_type, actor_id = _actor(user)
     now = timezone.now()
     rt = runtime.current()
+    _decide_check_first(user, run_id)
     with transaction.atomic():
-        try:
-            run = rt.store.run_get(run_id, lock=True)
-        except Run.DoesNotExist:
-            raise NotFound(f"no run {run_id}", code=Code.RUN_NOT_FOUND) from None
-        if user is not None:
-            selectors.run_check_decide(user, run)
-        if run.status != RunStatus.FAILED:
-            raise Conflict(
-                f"run {run_id} is {run.status}: only a failed run's failed step can be skipped",
-                code=Code.RUN_NOT_FAILED,
-                detail={"status": run.status},
-            )
-        step, why = selectors.run_retry_point(run)
-        if step is None:
-            raise Conflict(
-                f"run {run_id} cannot go on from a failed step: {why}",
-                code=Code.RUN_NOT_RETRYABLE,
-                detail={"status": run.status},
-            )
+        step = _failed_step_locked(
+            rt,
+            run_id,
+            only="only a failed run's failed step can be skipped",
+            cannot="cannot go on from a failed step",
+        )
+        run = step.run
         wf = workflow_get(run.workflow_name, run.workflow_version)
         contract = advance.output_contract(step, advance.node_of(wf, step))
         checked = _validated(

@@ -160,3 +160,15 @@ def test_a_failed_step_skip_that_breaks_the_contract_is_refused_beside_the_value
     assert "output contract" in error and "text" in error
     assert "{&quot;text&quot;: 5}</textarea>" in html
     assert Run.objects.get(pk=failed.pk).status == "failed"
+
+
+def test_a_viewer_may_not_skip_a_failed_step_and_the_refusal_is_audited(
+    viewer: Any, failed: Run
+) -> None:
+    response = logged_in(viewer).post(
+        f"/runs/{failed.pk}/skip/", {"failed_step": "1", "value": '{"text": "x"}', "reason": "x"}
+    )
+    assert response.status_code == 403
+    assert Run.objects.get(pk=failed.pk).status == "failed"
+    # Checked before the transaction: the refusal's audit record is not rolled back with it.
+    assert AuditEvent.objects.filter(verb=Verb.ACCESS_DENIED, run_id=failed.pk).exists()

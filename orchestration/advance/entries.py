@@ -501,22 +501,7 @@ def escalation_resolved(
         )
         adv.record(Verb.ESCALATION_SKIPPED, "wait", wait, step=step, payload=output, reason=reason)
         # The failure that led here stays in the escalation's context and the attempts log.
-        adv.move(
-            step,
-            StepStatus.SUCCEEDED,
-            output=output,
-            finished_at=now,
-            degraded=note[:500],
-            error_class="",
-            error_code="",
-            error_message="",
-            error_detail=None,
-        )
-        adv.note_degraded(step, note)
-        try:
-            adv.step_succeeded(step, node, output, {})
-        except SignalboxError as exc:
-            adv.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+        _succeed_with(adv, step, node, output, note, now)
     else:
         adv.record(Verb.ESCALATION_ABORTED, "wait", wait, step=step, reason=reason)
         adv.fail_step(
@@ -612,6 +597,15 @@ def run_step_skipped(
     run.finished_at = None
     run.error_code = ""
     run.error_message = ""
+    _succeed_with(adv, step, node, output, note, now)
+    return adv.finish()
+
+
+def _succeed_with(
+    adv: RunAdvance, step: Step, node: Node, output: dict[str, Any], note: str, now: datetime
+) -> None:
+    """A skipped step succeeds with the value a person supplied, marked degraded, and the run
+    goes on from it (or fails, if that value cannot be taken further)."""
     adv.move(
         step,
         StepStatus.SUCCEEDED,
@@ -628,4 +622,3 @@ def run_step_skipped(
         adv.step_succeeded(step, node, output, {})
     except SignalboxError as exc:
         adv.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
-    return adv.finish()

@@ -23,6 +23,7 @@ from audit.verbs import Verb
 from orchestration.graph import MapProgress
 from orchestration.models import Run, RunEvent, StateVersion, Step, ToolCall, Wait
 from policies.active import ActivePolicy
+from policies.ledger import Settlement
 from policies.models import PolicyDecision, Tenant
 
 # --- what a decision reads ----------------------------------------------------------------------
@@ -202,6 +203,8 @@ class Changes:
     #: Claim this queued step for the worker as the transaction's last statement (a handed-off
     #: sibling the worker takes at the end of its chain): (step id, worker, lease until).
     claim_after: tuple[int, str, datetime] | None = None
+    #: Reservations the completed attempt settles, written in this same transaction.
+    settlements: list[Settlement] = field(default_factory=list)
 
     # after commit
     wakeups: list[Wakeup] = field(default_factory=list)

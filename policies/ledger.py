@@ -45,6 +45,7 @@ from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
     "ScopeSpend",
+    "Settlement",
     "ceiling_charge_released",
     "ceiling_raise",
     "ceiling_release",
@@ -53,6 +54,9 @@ __all__ = [
     "period_start_for",
     "reservations_release_expired",
     "reservations_release_for_step",
+    "settlement_apply",
+    "settlement_entries",
+    "settlement_statements",
 ]
 
 _MAX_MONEY = Decimal("99999999.999999")
@@ -615,3 +619,113 @@ def ceiling_raise(
             now=now,
         )
     return scope
+
+
+# --- a settlement written with the step's completion -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Settling one held reservation, computed in memory: written by the engine in the same
+    transaction as the step's completion (:func:`settlement_statements`), or on its own when
+    that completion is not written (:func:`settlement_apply`)."""
+
+    reservation_id: int
+    amount: Decimal
+    #: What the call cost; None when it reported no usage (nothing spent: the money goes back).
+    actual: Decimal | None
+    scope_ids: tuple[int, ...]
+    run_id: int | None
+    step_id: int | None
+
+    @classmethod
+    def of(cls, reservation: Reservation, actual: Decimal | None) -> Settlement:
+        return cls(
+            reservation.pk,
+            _dec(reservation.amount),
+            None if actual is None else _money(actual, "actual"),
+            tuple(reservation.scope_ids),
+            reservation.run_id,
+            reservation.step_id,
+        )
+
+    @property
+    def charged(self) -> Decimal:
+        """What enters ``spent``: at most the amount reserved (an overrun is recorded)."""
+        return Decimal(0) if self.actual is None else min(self.actual, self.amount)
+
+
+def settlement_statements(settlement: Settlement, now: datetime) -> list[tuple[str, list[Any]]]:
+    """Two statements for the caller's transaction: the reservation leaves ``held``, then its
+    scope rows move (locked in id order, as every multi-row statement here locks them), only
+    if that first statement did settle it."""
+    table = _q(Reservation._meta.db_table)
+    released = settlement.actual is None
+    status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
+    at = _at(now)
+    ids = list(settlement.scope_ids)
+    mark_sql = (
+        f"UPDATE {table} SET {_q('status')} = %s, {_q('actual')} = %s, {_q('settled_at')} = %s "
+        f"WHERE {_q('id')} = %s AND {_q('status')} = %s"
+    )
+    mark_params: list[Any] = [
+        status,
+        settlement.actual,
+        at,
+        settlement.reservation_id,
+        ReservationStatus.HELD.value,
+    ]
+    if not ids:
+        return [(mark_sql, mark_params)]
+    move_sql = (
+        f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} - %s, "
+        f"{_q('spent')} = {_q('spent')} + %s, {_q('updated_at')} = %s "
+        f"WHERE {_in_id_order(ids)} AND EXISTS (SELECT 1 FROM {table} WHERE {_q('id')} = %s "
+        f"AND {_q('status')} = %s AND {_q('settled_at')} = %s)"
+    )
+    move_params: list[Any] = [
+        settlement.amount,
+        settlement.charged,
+        at,
+        *ids,
+        settlement.reservation_id,
+        status,
+        at,
+    ]
+    return [(mark_sql, mark_params), (move_sql, move_params)]
+
+
+def settlement_entries(settlement: Settlement) -> list[Entry]:
+    """The audit entries a settlement records: an overrun, when the call cost more than was set
+    aside (only the reserved amount is charged)."""
+    actual = settlement.actual
+    if actual is None or actual <= settlement.amount:
+        return []
+    return [
+        Entry(
+            verb=Verb.CEILING_EXCEEDED,
+            object_type="reservation",
+            object_id=settlement.reservation_id,
+            run_id=settlement.run_id,
+            step_id=settlement.step_id,
+            data={
+                "amount": str(settlement.amount),
+                "actual": str(actual),
+                "charged": str(settlement.charged),
+                "overrun": True,
+            },
+        )
+    ]
+
+
+def settlement_apply(settlement: Settlement) -> None:
+    """Settle on its own (the step's completion was not written): release what was not spent,
+    or charge the actual; a reservation the reaper released meanwhile (its attempt was taken
+    for dead, but the call went through) is charged all the same."""
+    if settlement.actual is None:
+        ceiling_release(settlement.reservation_id)
+        return
+    try:
+        ceiling_settle(settlement.reservation_id, settlement.actual)
+    except ReservationReleased:
+        ceiling_charge_released(settlement.reservation_id, settlement.actual)

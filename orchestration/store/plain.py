@@ -42,6 +42,7 @@ from orchestration.models import (
     WaitStatus,
 )
 from policies.active import active_policy
+from policies.ledger import settlement_statements
 from policies.models import PolicyDecision
 from policies.tenants import tenant_by_id
 
@@ -333,6 +334,10 @@ class Store:
         insert(StateVersion, changes.state_versions, returning=False)
         insert(ToolCall, changes.tool_calls, returning=False)
         insert(PolicyDecision, changes.decision_rows(), returning=False)
+        with connection.cursor() as cursor:
+            for settlement in changes.settlements:
+                for sql, params in settlement_statements(settlement, now):
+                    cursor.execute(sql, params)
         audit_record_many(changes.audit_entries(), now=now)
         if changes.claim_after is not None:
             step_id, worker, lease_until = changes.claim_after

@@ -54,6 +54,7 @@ from orchestration.store.plain import (
     Store,
     WriteBatch,
 )
+from policies.ledger import settlement_statements
 from policies.models import PolicyDecision
 
 ID_BLOCK = 200
@@ -277,6 +278,9 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> None:
     insert(StateVersion, changes.state_versions, returning=False, batch=batch)
     insert(ToolCall, changes.tool_calls, returning=False, batch=batch)
     insert(PolicyDecision, changes.decision_rows(), returning=False, batch=batch)
+    for settlement in changes.settlements:
+        for sql, params in settlement_statements(settlement, now):
+            batch.add(sql, params)
     audit_record_many(changes.audit_entries(), now=now, batch=batch)
     if changes.claim_after is not None:
         step_id, worker, lease_until = changes.claim_after

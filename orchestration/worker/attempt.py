@@ -34,15 +34,10 @@ from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
 from policies.active import ActivePolicy, active_policy
-from policies.errors import CeilingExceeded, ReservationReleased
+from policies.errors import CeilingExceeded
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
-from policies.ledger import (
-    ceiling_charge_released,
-    ceiling_release,
-    ceiling_reserve,
-    ceiling_settle,
-)
+from policies.ledger import Settlement, ceiling_reserve, settlement_apply
 from policies.limits import ceilings_for, price_cost, rate_limits_for
 from policies.models import Reservation
 from policies.tenants import tenant_by_id
@@ -157,8 +152,13 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         if chain is not None:
             chain.settle(step)
 
+    #: The call's reservation, to settle: with the completion, or on its own if the attempt fails.
+    unsettled: list[Settlement] = []
+
     def fail(error: SignalboxError, **kwargs: Any) -> None:
         settle()
+        while unsettled:
+            settlement_apply(unsettled.pop())
         complete.attempt_fail(step, error, rt=rt, worker_id=worker_id, **kwargs)
 
     run = step.run
@@ -247,7 +247,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
                     result = agent.run(params, ctx)
             finally:
                 if reservation is not None:
-                    cost_settle(reservation, ctx, agent)
+                    unsettled.append(cost_settlement(reservation, ctx, agent))
         except SignalboxError as exc:
             fail(exc, records=tools.take_records())
             return None
@@ -290,7 +290,13 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         return None
     step.input = raw
     done = Completion.now_from(
-        step, output, ctx.state.written, ctx.usage.as_dict(), tools.take_records(), ctx.degraded
+        step,
+        output,
+        ctx.state.written,
+        ctx.usage.as_dict(),
+        tools.take_records(),
+        ctx.degraded,
+        settlement=unsettled.pop() if unsettled else None,  # written with the completion
     )
     try:
         return complete.step_complete(done, rt=rt, worker_id=worker_id, chain=chain)
@@ -353,14 +359,14 @@ def cost_reserve(
         raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
 
 
-def cost_settle(reservation: Reservation, ctx: AgentContext, agent: Agent) -> None:
-    """Charge the call's reported usage (none reported: nothing was spent, the money goes back),
-    priced as the model the endpoint reports or, if the table does not know that name (a dated
-    variant), the model the agent asked for; neither known: the whole reservation is charged."""
+def cost_settlement(reservation: Reservation, ctx: AgentContext, agent: Agent) -> Settlement:
+    """What settling the call's reservation writes: its reported usage priced as the model the
+    endpoint reports or, if the table does not know that name (a dated variant), the model the
+    agent asked for; neither known, the whole reservation is charged; no usage reported, nothing
+    was spent and the money goes back. Written with the step's completion, or on its own."""
     usage = ctx.usage
     if not (usage.prompt_tokens or usage.completion_tokens):
-        ceiling_release(reservation.pk)
-        return
+        return Settlement.of(reservation, None)
     active = active_policy()
     actual = None
     if active is not None:
@@ -370,10 +376,4 @@ def cost_settle(reservation: Reservation, ctx: AgentContext, agent: Agent) -> No
             )
             if actual is not None:
                 break
-    charged = actual if actual is not None else reservation.amount
-    try:
-        ceiling_settle(reservation.pk, charged)
-    except ReservationReleased:
-        # The reaper took this attempt for dead and gave its reservation back, but the call
-        # went through: what it cost is spent all the same.
-        ceiling_charge_released(reservation.pk, charged)
+    return Settlement.of(reservation, actual if actual is not None else reservation.amount)

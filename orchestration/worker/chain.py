@@ -29,6 +29,7 @@ from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
 from policies.evaluate import Decision
+from policies.ledger import Settlement, settlement_apply
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Completion:
     now: datetime
     #: The policy's decisions about the attempt's tool calls.
     decisions: list[Decision] = field(default_factory=list)
+    #: The attempt's reservation, settled in the completion's own transaction.
+    settlement: Settlement | None = None
 
     @classmethod
     def now_from(
@@ -57,6 +60,7 @@ class Completion:
         usage: dict[str, Any],
         records: tuple[list[Any], list[Any], list[Decision]],
         degraded: str,
+        settlement: Settlement | None = None,
     ) -> Completion:
         return cls(
             step,
@@ -68,7 +72,19 @@ class Completion:
             degraded,
             timezone.now(),
             list(records[2]),
+            settlement,
         )
+
+
+def settle_apart(done: Completion) -> None:
+    """The completion will not be written (its lease was lost, or committing it failed): its
+    reservation is settled on its own, so what the call cost is counted either way."""
+    if done.settlement is None:
+        return
+    try:
+        settlement_apply(done.settlement)
+    except Exception:
+        log.exception("settling the reservation of step %s failed", done.step.pk)
 
 
 #: One completion in a batch: what it produced, the changes that write it, and the handed-off
@@ -267,12 +283,15 @@ class Committing:
             # still queued (unless another worker took them, which their claim will find).
             taken = [grouped for _, _, grouped in self.members[1:] if grouped is not None]
             chain.handed_off[:0] = [*taken, *([self.sibling] if self.sibling is not None else [])]
+            for dropped, _, _ in self.members[1:]:  # run again later: what they cost counts now
+                settle_apart(dropped)
             if isinstance(exc, LeaseLost):
                 log.warning(
                     "step %s lost its lease (token %s); its result is discarded",
                     done.step.pk,
                     done.step.attempt,
                 )
+                settle_apart(done)
                 return None
             if isinstance(exc, (RunChanged, StepTaken)):
                 try:

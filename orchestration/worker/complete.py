@@ -34,7 +34,8 @@ from orchestration.failures import retry_delay
 from orchestration.models import Run, Step, StepKind, StepStatus
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, RunChanged
-from orchestration.worker.chain import Chain, Completion, Member, claim_events
+from orchestration.worker.chain import Chain, Completion, Member, claim_events, settle_apart
+from policies.ledger import settlement_entries
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _compute(
     optimistic: bool,
     hold: bool,
 ) -> Changes:
-    return advance.step_completed(
+    changes = advance.step_completed(
         snapshot,
         done.now,
         step=done.step,
@@ -95,6 +96,10 @@ def _compute(
         optimistic=optimistic,
         fence=fence,
     )
+    if done.settlement is not None:
+        changes.settlements.append(done.settlement)
+        changes.audit.extend(settlement_entries(done.settlement))
+    return changes
 
 
 def step_complete(
@@ -205,6 +210,7 @@ def step_complete(
                     step.pk,
                     step.attempt,
                 )
+                settle_apart(done)
                 return None
             if sibling is not None:
                 assert handed_off is not None
@@ -248,6 +254,7 @@ def _complete_locked(
         log.warning(
             "step %s lost its lease (token %s); its result is discarded", step.pk, step.attempt
         )
+        settle_apart(done)
         return None
     _note_handoff(rt, changes, handed_off)
     return changes.local_step
@@ -266,6 +273,7 @@ def commit_failed(done: Completion, exc: BaseException, *, rt: Runtime, worker_i
     recorded as a transient failure, so it is retried, then bounded by its limits."""
     log.error("committing step %s failed", done.step.pk, exc_info=exc)
     close_old_connections()
+    settle_apart(done)
     attempt_fail(
         done.step,
         TransientError(f"committing the result failed: {exc!r}", code=Code.COMMIT_FAILED),

@@ -341,3 +341,47 @@ def test_parallel_steps_of_one_run_reserve_and_settle_without_deadlocking():
     run = SpendScope.objects.get(kind="run", key="43")
     assert (run.reserved, run.spent) == (Decimal(0), Decimal(300))
     assert SpendScope.objects.get(kind="global_day").spent == Decimal(300)
+
+
+def _write(statements: list[tuple[str, list[object]]]) -> None:
+    from django.db import connection, transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        for sql, params in statements:
+            cursor.execute(sql, params)
+
+
+@pytest.mark.django_db
+def test_a_settlement_written_with_a_completion_moves_the_money_once():
+    from policies.ledger import Settlement, settlement_entries, settlement_statements
+
+    held = _reserve("4")
+    settlement = Settlement.of(held, Decimal("1.5"))
+    now = datetime.now(UTC)
+    _write(settlement_statements(settlement, now))
+    assert (_scope("run").reserved, _scope("run").spent) == (Decimal(0), Decimal("1.5"))
+    assert Reservation.objects.get(pk=held.pk).status == ReservationStatus.SETTLED
+    # Written again (a completion committed twice cannot be, but its statements guard it): no-op.
+    _write(settlement_statements(settlement, now + timedelta(seconds=1)))
+    assert (_scope("run").reserved, _scope("run").spent) == (Decimal(0), Decimal("1.5"))
+    assert settlement_entries(settlement) == []
+    # Nothing reported: the money goes back, the reservation is released.
+    nothing = _reserve("2")
+    _write(settlement_statements(Settlement.of(nothing, None), now))
+    assert Reservation.objects.get(pk=nothing.pk).status == ReservationStatus.RELEASED
+    assert (_scope("tenant_month").reserved, _scope("tenant_month").spent) == (0, Decimal("1.5"))
+
+
+@pytest.mark.django_db
+def test_a_settlement_of_a_reservation_the_reaper_released_moves_nothing():
+    from policies.ledger import Settlement, settlement_apply, settlement_statements
+
+    held = _reserve("4")
+    ceiling_release(held.pk)  # the reaper took the attempt for dead
+    settlement = Settlement.of(held, Decimal(3))
+    _write(settlement_statements(settlement, datetime.now(UTC)))
+    assert (_scope("run").reserved, _scope("run").spent) == (Decimal(0), Decimal(0))
+    # Settled on its own instead (the completion was refused): the call's cost is charged.
+    settlement_apply(settlement)
+    assert _scope("run").spent == Decimal(3)
+    assert Reservation.objects.get(pk=held.pk).status == ReservationStatus.SETTLED

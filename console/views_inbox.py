@@ -25,6 +25,7 @@ from orchestration.selectors import (
     HomeFilters,
     home_counts_for_user,
     home_runs_for_user,
+    inbox_count_for_user,
     inbox_for_user,
     inbox_item_for_user,
     latest_event_id,
@@ -127,16 +128,43 @@ def home(request: HttpRequest) -> HttpResponse:
 INBOX_KINDS = ((WaitKind.APPROVAL, "approvals"), (WaitKind.ESCALATION, "escalations"))
 
 
+#: Items per inbox page: a shift's worth at a glance, and quick to render with 100k runs.
+INBOX_PAGE = 50
+
+
 def inbox_context(user: User, params: Any = None) -> dict[str, Any]:
     """The inbox, narrowed by its filters (GET parameters ``kind`` and ``tier``)."""
     params = params if params is not None else QueryDict()
     kind = params.get("kind") or ""
     kind = kind if kind in dict(INBOX_KINDS) else ""
     tier = _int(params.get("tier")) if _int(params.get("tier")) in (1, 2, 3) else 0
-    items = inbox_for_user(user, kind=kind, tier=tier)
+    page = max(1, min(_int(params.get("page")) or 1, 10_000))
+    offset = (page - 1) * INBOX_PAGE
+    items = inbox_for_user(user, kind=kind, tier=tier, offset=offset, limit=INBOX_PAGE + 1)
+    more = len(items) > INBOX_PAGE
+    items = items[:INBOX_PAGE]
+    # One page and nothing before it: its length is the count (no query for it).
+    total = inbox_count_for_user(user, kind=kind, tier=tier) if more or page > 1 else len(items)
     query = urlencode({k: v for k, v in (("kind", kind), ("tier", tier or "")) if v})
     return {
         "items": items,
+        "page": page,
+        "total": total,
+        "first_shown": offset + 1 if items else 0,
+        "last_shown": offset + len(items),
+        "next_page": page + 1 if more else None,
+        "previous_page": page - 1 if page > 1 else None,
+        "live_query": urlencode(
+            {
+                k: v
+                for k, v in (
+                    ("kind", kind),
+                    ("tier", tier or ""),
+                    ("page", page if page > 1 else ""),
+                )
+                if v
+            }
+        ),
         "tier": user_tier(user),
         "last_event_id": latest_event_id(),
         "kinds": INBOX_KINDS,

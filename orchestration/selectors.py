@@ -778,19 +778,31 @@ _INBOX_UNREAD = (
 
 
 def inbox_for_user(
-    user: User, *, limit: int = 200, kind: str = "", tier: int = 0
+    user: User, *, limit: int = 200, kind: str = "", tier: int = 0, offset: int = 0
 ) -> list[InboxItem]:
     """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
-    they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it."""
+    they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it;
+    ``offset`` and ``limit`` page it."""
     now = datetime.now(tz=UTC)
+    waits = list(
+        _inbox_filtered(user, kind, tier).order_by("deadline_at", "id")[offset : offset + limit]
+    )
+    holders = _tier_holders() if waits else {}
+    return [_inbox_item(user, wait, holders, now) for wait in waits]
+
+
+def inbox_count_for_user(user: User, *, kind: str = "", tier: int = 0) -> int:
+    """How many open items :func:`inbox_for_user` pages through."""
+    return _inbox_filtered(user, kind, tier).count()
+
+
+def _inbox_filtered(user: User, kind: str, tier: int) -> QuerySet[Wait]:
     qs = _inbox_waits(user)
     if kind:
         qs = qs.filter(kind=kind)
     if tier:
         qs = qs.filter(tier=tier)
-    waits = list(qs.order_by("deadline_at", "id")[:limit])
-    holders = _tier_holders() if waits else {}
-    return [_inbox_item(user, wait, holders, now) for wait in waits]
+    return qs
 
 
 def inbox_item_for_user(user: User, wait_id: int) -> InboxItem:

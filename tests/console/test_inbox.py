@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -260,3 +261,26 @@ def test_inbox_query_count_does_not_grow_with_items(
     escalation(drive)
     with django_assert_num_queries(6):
         assert client.get("/inbox/").status_code == 200
+
+
+def test_a_long_inbox_is_paged_with_honest_counts(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    first = pending_approval(requester, drive, "One")
+    # 59 more open items on the same run, each due a minute later than the one before.
+    for minutes in range(1, 60):
+        copy = Wait.objects.get(pk=first.pk)
+        copy.pk = None
+        copy.deadline_at = first.deadline_at + timedelta(minutes=minutes)
+        copy.save()
+    client = logged_in(operator)
+    html = client.get("/inbox/").content.decode()
+    assert html.count('class="inbox-item') == 50
+    assert "1\u201350 of 60, soonest deadline first" in html and "page=2" in html
+    assert f'id="item-{first.pk}"' in html  # the soonest deadline leads
+    html = client.get("/inbox/?page=2").content.decode()
+    assert html.count('class="inbox-item') == 10
+    assert "51\u201360 of 60" in html and "page=1" in html and "page=3" not in html
+    assert 'ws-connect="/ws/inbox/?page=2"' in html  # live updates keep the page
+    # A page past the end is empty, not an error.
+    assert client.get("/inbox/?page=99").status_code == 200

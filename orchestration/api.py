@@ -35,6 +35,7 @@ from orchestration.schemas import (
     RunOut,
     RunPageOut,
     RunRetryIn,
+    RunSkipIn,
     RunSubmitIn,
     RunSubmitOut,
     StoredText,
@@ -381,3 +382,25 @@ def run_retry(request: HttpRequest, payload: RunRetryIn, run_id: int = id_in_pat
     run = selectors.run_get_for_decision(user, run_id)
     retried = services.run_retry(run_id=run.pk, user=user, reason=payload.reason)
     return run_out(retried)
+
+
+@router.post(
+    "/runs/{run_id}/skip",
+    response={200: RunOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Skip a failed run's failed step with a value",
+    description=(
+        "The step that failed succeeds with `output` (checked against its output contract, 422 "
+        "`output_contract`), marked degraded, and the run goes on from it; a reason is required. "
+        "A run that is not failed gets 409 `run_not_failed` (so a second click is refused), one "
+        "whose failure cancelled or undid other steps 409 `run_not_retryable`."
+    ),
+)
+def run_skip(request: HttpRequest, payload: RunSkipIn, run_id: int = id_in_path()) -> Any:
+    user = authenticated(request)
+    run = selectors.run_get_for_decision(user, run_id)
+    if not isinstance(payload.output, dict):
+        raise InvalidInput("output must be a JSON object", code=Code.OUTPUT_CONTRACT)
+    skipped = services.run_skip_failed_step(
+        run_id=run.pk, user=user, reason=payload.reason, output=payload.output
+    )
+    return run_out(skipped)

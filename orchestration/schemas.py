@@ -747,3 +747,15 @@ def escalation_out(wait: Wait) -> dict[str, Any]:
 
 class RunRetryIn(BodyIn):
     reason: StoredText = Field(min_length=1, max_length=2000)
+
+
+class RunSkipIn(BodyIn):
+    """Skip a failed run's failed step with the value it should have produced."""
+
+    reason: StoredText = Field(min_length=1, max_length=2000, description="Why (not blank).")
+    output: StoredJson = Field(
+        description=(
+            "The step's output, checked against its output contract (422 `output_contract`). "
+            f"{JSON_RULES}"
+        ),
+    )

@@ -21,6 +21,7 @@ PATHS = {
     "/api/v1/runs/{run_id}": {"get"},
     "/api/v1/runs/{run_id}/cancel": {"post"},
     "/api/v1/runs/{run_id}/retry": {"post"},
+    "/api/v1/runs/{run_id}/skip": {"post"},
     "/api/v1/runs/{run_id}/events": {"post"},
     "/api/v1/approvals": {"get"},
     "/api/v1/approvals/{approval_id}/decide": {"post"},
@@ -78,7 +79,7 @@ def test_every_operation_with_a_body_documents_400_malformed_json(schema):
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    assert len(with_body) == 12
+    assert len(with_body) == 13
     for method, path, operation in with_body:
         response = operation["responses"].get("400")
         assert response is not None, (method, path)
@@ -191,6 +192,11 @@ def test_every_authenticated_operation_documents_401_with_the_error_shape(schema
         (
             "post",
             "/api/v1/runs/{run_id}/retry",
+            {"200", "400", "401", "403", "404", "409", "413", "422"},
+        ),
+        (
+            "post",
+            "/api/v1/runs/{run_id}/skip",
             {"200", "400", "401", "403", "404", "409", "413", "422"},
         ),
     ],

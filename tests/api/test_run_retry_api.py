@@ -60,3 +60,41 @@ def test_retry_of_an_unknown_run_is_404(operator_client):
     )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "run_not_found"
+
+
+# --- skipping the failed step instead -------------------------------------------------------------
+
+
+def test_skip_gives_the_failed_step_a_value_and_the_run_completes(
+    operator_client, failed_run, drive
+):
+    url = f"/api/v1/runs/{failed_run.pk}/skip"
+    wrong = operator_client.post(
+        url, {"reason": "sent by hand", "output": {"text": 5}}, content_type="application/json"
+    )
+    assert wrong.status_code == 422 and wrong.json()["error"]["code"] == "output_contract"
+    assert Run.objects.get(pk=failed_run.pk).status == "failed"
+    response = operator_client.post(
+        url,
+        {"reason": "sent by hand", "output": {"text": "by hand"}},
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.content
+    again = operator_client.post(
+        url, {"reason": "twice", "output": {"text": "x"}}, content_type="application/json"
+    )
+    assert again.status_code == 409 and again.json()["error"]["code"] == "run_not_failed"
+    run = drive(failed_run.pk)
+    assert run.status == "succeeded" and run.state["text"] == "by hand"
+    assert Step.objects.get(run=run).degraded.startswith("skipped by operator")
+
+
+def test_skip_needs_a_reason_and_a_viewer_may_not(operator_client, viewer, client_for, failed_run):
+    url = f"/api/v1/runs/{failed_run.pk}/skip"
+    body = {"output": {"text": "x"}}
+    assert operator_client.post(url, body, content_type="application/json").status_code == 422
+    refused = client_for(viewer).post(
+        url, {**body, "reason": "let me"}, content_type="application/json"
+    )
+    assert refused.status_code == 403
+    assert Run.objects.get(pk=failed_run.pk).status == "failed"

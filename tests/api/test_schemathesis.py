@@ -5,7 +5,7 @@ WSGI handler (the whole middleware chain, the real token auth) as a real operato
 PostgreSQL test database with real commits: no 5xx, and every response must be one the document
 declares, in the shape it declares. Path ids are drawn half of the time from objects that exist
 (a run waiting on an approval, an open escalation), so bodies reach the services and the
-database rather than stopping at a 404. About 9 minutes for the 29 operations on two busy cores;
+database rather than stopping at a 404. About 9 minutes for the 30 operations on two busy cores;
 examples are random on each run (a failure prints how to reproduce it).
 """
 

@@ -17,6 +17,8 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/signalbox
 REDIS_URL ?= redis://127.0.0.1:6379/0
 # The test suite empties its Redis database at start: never the one a dev worker uses.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+API_TEST_REDIS_URL ?= redis://127.0.0.1:6379/13
+SCHEMATHESIS_TESTS := tests/api/test_schemathesis.py
 # Not a secret: only ever used by the test suite.
 TEST_SECRET_KEY ?= signalbox-test-suite-key-not-a-secret-0123456789abcdefghij
 
@@ -62,7 +64,14 @@ test: install
 	$(BIN)/ruff check --quiet .
 	$(BIN)/lint-imports --no-cache
 	$(TEST_ENV) $(BIN)/mypy
-	$(TEST_ENV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+	# The schemathesis run (CPU-bound, about 9 minutes) goes beside the rest of the suite (mostly
+	# waiting on real workers), on a test database and a Redis database of its own.
+	@mkdir -p var; \
+	$(TEST_ENV) REDIS_URL='$(API_TEST_REDIS_URL)' DATABASE_TEST_NAME=test_signalbox_schemathesis \
+	  $(BIN)/pytest -m "not e2e" $(SCHEMATHESIS_TESTS) $(PYTEST_ARGS) > var/schemathesis.log 2>&1 & api=$$!; \
+	$(TEST_ENV) $(BIN)/pytest -m "not e2e" --ignore=$(SCHEMATHESIS_TESTS) $(PYTEST_ARGS); rest=$$?; \
+	wait $$api; apis=$$?; echo "---- $(SCHEMATHESIS_TESTS) ----"; cat var/schemathesis.log; \
+	[ $$rest -eq 0 ] && [ $$apis -eq 0 ]
 	# Browser tests run on their own: sync Playwright breaks asyncio tests that follow it.
 	$(TEST_ENV) $(BIN)/pytest -m e2e $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

@@ -413,25 +413,8 @@ def ceiling_settle(
         amount = _dec(reservation.amount)
         charged = min(actual, amount)
         _move(reservation.scope_ids, amount, charged, now)  # the shared rows last: locked briefly
-        if actual > amount:
-            audit_record_many(
-                [
-                    Entry(
-                        verb=Verb.CEILING_EXCEEDED,
-                        object_type="reservation",
-                        object_id=reservation.pk,
-                        run_id=reservation.run_id,
-                        step_id=reservation.step_id,
-                        data={
-                            "amount": str(amount),
-                            "actual": str(actual),
-                            "charged": str(charged),
-                            "overrun": True,
-                        },
-                    )
-                ],
-                now=now,
-            )
+        # An overrun (the call cost more than was set aside) is recorded.
+        audit_record_many(settlement_entries(Settlement.of(reservation, actual)), now=now)
     return reservation
 
 

@@ -22,6 +22,7 @@ from orchestration.definition import Node
 from orchestration.errors import Code, LimitExceeded, SignalboxError
 from orchestration.models import (
     Decision,
+    Run,
     RunEvent,
     RunStatus,
     Step,
@@ -539,11 +540,7 @@ def run_retried(
         code=run.error_code,
         message=run.error_message,
     )
-    run.deadline_at = now + (run.deadline_at - run.created_at)
-    run.status = RunStatus.RUNNING
-    run.finished_at = None
-    run.error_code = ""
-    run.error_message = ""
+    _run_reopened(run, now)
     adv.move(
         step,
         StepStatus.QUEUED,
@@ -592,11 +589,7 @@ def run_step_skipped(
         code=run.error_code,
         message=run.error_message,
     )
-    run.deadline_at = now + (run.deadline_at - run.created_at)
-    run.status = RunStatus.RUNNING
-    run.finished_at = None
-    run.error_code = ""
-    run.error_message = ""
+    _run_reopened(run, now)
     _succeed_with(adv, step, node, output, note, now)
     return adv.finish()
 
@@ -622,3 +615,13 @@ def _succeed_with(
         adv.step_succeeded(step, node, output, {})
     except SignalboxError as exc:
         adv.fail_run(exc.code, f"{step.key}: {exc.message}", step=step)
+
+
+def _run_reopened(run: Run, now: datetime) -> None:
+    """A failed run runs again from its failed step: its deadline counts from now, as long as it
+    was; its error is cleared."""
+    run.deadline_at = now + (run.deadline_at - run.created_at)
+    run.status = RunStatus.RUNNING
+    run.finished_at = None
+    run.error_code = ""
+    run.error_message = ""

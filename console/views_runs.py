@@ -25,21 +25,26 @@ from django.views.decorators.http import require_POST
 
 from orchestration import services
 from orchestration.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from orchestration.models import Decision, Step, Wait
+from orchestration.models import Decision, Run, Step, Wait
 from orchestration.selectors import run_get_for_decision
 from policies.limits import price_cost
 
 REASON_MAX = 2000
 
 
-def _act(request: HttpRequest, run_id: int, what: str) -> HttpResponse:
-    user = cast(User, request.user)
+def _run_for_decision(user: User, run_id: int) -> Run:
+    """The run ``user`` may act on, as a page sees it: 404 unseen, 403 seen but not theirs."""
     try:
-        run = run_get_for_decision(user, run_id)
+        return run_get_for_decision(user, run_id)
     except NotFound:
         raise Http404(f"no run {run_id}") from None
     except PermissionDenied:
         raise DjangoPermissionDenied from None
+
+
+def _act(request: HttpRequest, run_id: int, what: str) -> HttpResponse:
+    user = cast(User, request.user)
+    run = _run_for_decision(user, run_id)
     reason = request.POST.get("reason", "").strip()[:REASON_MAX]
     back = HttpResponseRedirect(reverse("console:run_detail", args=[run.pk]))
     back.status_code = 303
@@ -93,12 +98,7 @@ def run_skip(request: HttpRequest, run_id: int) -> HttpResponse:
     """Skip an escalated step of the run (``wait``), or the failed step of a failed run
     (``failed_step=1``), with the value it should have produced."""
     user = cast(User, request.user)
-    try:
-        run = run_get_for_decision(user, run_id)
-    except NotFound:
-        raise Http404(f"no run {run_id}") from None
-    except PermissionDenied:
-        raise DjangoPermissionDenied from None
+    run = _run_for_decision(user, run_id)
     back = HttpResponseRedirect(reverse("console:run_detail", args=[run.pk]) + "#run-actions")
     back.status_code = 303
     failed_step = request.POST.get("failed_step") == "1"

@@ -394,6 +394,23 @@ def _edit_check(wait: Wait, user: User, edited_input: dict[str, Any], now: datet
         )
 
 
+def _wait_entry(
+    verb: Verb, wait: Wait, actor_type: str, actor_id: str, data: dict[str, Any]
+) -> Entry:
+    """An audit entry about ``wait`` (its run, step and trace) by an actor."""
+    return Entry(
+        verb=verb,
+        object_type="wait",
+        object_id=wait.pk,
+        actor_type=actor_type,
+        actor_id=actor_id,
+        run_id=wait.run_id,
+        step_id=wait.step_id,
+        trace_id=wait.run.trace_id,
+        data=data,
+    )
+
+
 def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: datetime) -> bool:
     """Record ``user``'s approval of ``wait`` (the run is locked): True when it completes the
     last stage's quorum (the caller then closes the wait), False when more people must approve.
@@ -432,16 +449,12 @@ def _vote(rt: runtime.Runtime, wait: Wait, user: User | None, reason: str, now: 
         setattr(wait, name, value)
     audit_record_many(
         [
-            Entry(
-                verb=Verb.APPROVAL_VOTED,
-                object_type="wait",
-                object_id=wait.pk,
-                actor_type=ActorType.HUMAN,
-                actor_id=user.get_username(),
-                run_id=wait.run_id,
-                step_id=wait.step_id,
-                trace_id=wait.run.trace_id,
-                data={
+            _wait_entry(
+                Verb.APPROVAL_VOTED,
+                wait,
+                ActorType.HUMAN,
+                user.get_username(),
+                {
                     "stage": current.stage,
                     "votes": votes,
                     "quorum": current.quorum,
@@ -741,16 +754,12 @@ def drill_acknowledged_entries(
         return []
     seconds = round((now - wait.created_at).total_seconds(), 3)
     return [
-        Entry(
-            verb=Verb.DRILL_ACKNOWLEDGED,
-            object_type="wait",
-            object_id=wait.pk,
-            actor_type=actor_type,
-            actor_id=actor_id,
-            run_id=wait.run_id,
-            step_id=wait.step_id,
-            trace_id=wait.run.trace_id,
-            data={"seconds": seconds, "how": how, "tier": wait.tier},
+        _wait_entry(
+            Verb.DRILL_ACKNOWLEDGED,
+            wait,
+            actor_type,
+            actor_id,
+            {"seconds": seconds, "how": how, "tier": wait.tier},
         )
     ]
 
@@ -821,16 +830,12 @@ def wait_claim(*, wait_id: int, user: User, minutes: int = CLAIM_MINUTES) -> Wai
         )
         audit_record_many(
             [
-                Entry(
-                    verb=Verb.WAIT_CLAIMED,
-                    object_type="wait",
-                    object_id=wait.pk,
-                    actor_type=ActorType.HUMAN,
-                    actor_id=user.get_username(),
-                    run_id=wait.run_id,
-                    step_id=wait.step_id,
-                    trace_id=wait.run.trace_id,
-                    data={"until": claim.expires_at.isoformat(), "kind": wait.kind},
+                _wait_entry(
+                    Verb.WAIT_CLAIMED,
+                    wait,
+                    ActorType.HUMAN,
+                    user.get_username(),
+                    {"until": claim.expires_at.isoformat(), "kind": wait.kind},
                 ),
                 *drill_acknowledged_entries(
                     wait, ActorType.HUMAN, user.get_username(), now, how="claim"
@@ -851,16 +856,12 @@ def wait_release(*, wait_id: int, user: User) -> None:
         if deleted:
             audit_record_many(
                 [
-                    Entry(
-                        verb=Verb.WAIT_RELEASED,
-                        object_type="wait",
-                        object_id=wait.pk,
-                        actor_type=ActorType.HUMAN,
-                        actor_id=user.get_username(),
-                        run_id=wait.run_id,
-                        step_id=wait.step_id,
-                        trace_id=wait.run.trace_id,
-                        data={"kind": wait.kind},
+                    _wait_entry(
+                        Verb.WAIT_RELEASED,
+                        wait,
+                        ActorType.HUMAN,
+                        user.get_username(),
+                        {"kind": wait.kind},
                     )
                 ],
                 now=now,

@@ -351,6 +351,7 @@ if SIGNALBOX_ENV == "test":
             "test_pure_echo": "tests.support.agents:PureEcho",
             "test_gated": "tests.support.agents:GatedAgent",
             "test_pure_effect": "tests.support.agents:PureEffect",
+            "test_priced_pure": "tests.support.agents:PricedPureEcho",
         }
     )
     SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
@@ -360,6 +361,7 @@ if SIGNALBOX_ENV == "test":
             f"tests.support.workflows:{name}"
             for name in (
                 "slow_then_echo",
+                "priced_chain",
                 "bad_handoff",
                 "snooping",
                 "flaky_chain",

@@ -179,18 +179,36 @@ class Batch:
         #: (sql with %s placeholders, params, the prepared statement it executes or None)
         self.statements: list[tuple[str, Sequence[Any], Prepared | None]] = []
         self.prepared: list[Prepared] = []
+        #: Statements (by position) whose rows are kept when the batch runs, besides the last.
+        self.keep: set[int] = set()
+        #: The rows of the statements in ``keep``, once the batch has run (position -> rows).
+        self.kept: dict[int, list[Any]] = {}
 
-    def add(self, sql: str, params: Sequence[Any]) -> None:
+    def add(self, sql: str, params: Sequence[Any], *, keep: bool = False) -> int:
+        """Add a statement; with ``keep``, its rows are kept (:attr:`kept`). Returns its position."""
         self.statements.append((sql, params, None))
+        return self._kept(keep)
 
-    def add_prepared(self, statement: Prepared, params: Sequence[Any]) -> None:
+    def add_prepared(
+        self, statement: Prepared, params: Sequence[Any], *, keep: bool = False
+    ) -> int:
         self.prepared.append(statement)
         self.statements.append((statement.execute, params, statement))
+        return self._kept(keep)
+
+    def _kept(self, keep: bool) -> int:
+        position = len(self.statements) - 1
+        if keep:
+            self.keep.add(position)
+        return position
 
     def extend(self, other: Batch) -> None:
         """Append ``other``'s statements, to run in this batch's transaction after its own."""
+        offset = len(self.statements)
         self.statements.extend(other.statements)
         self.prepared.extend(other.prepared)
+        self.keep.update(offset + position for position in other.keep)
+        other.keep = set()  # its positions are this batch's now
 
     def render(self, cursor: Any) -> str:
         """The batch as one SQL string, for ``cursor`` (a psycopg client-side binding cursor)."""
@@ -253,14 +271,25 @@ class Batch:
             else:
                 with conn.wrap_database_errors:
                     raw.execute(text, prepare=False)
-            while raw.nextset():
-                pass
-            result = raw.pgresult
-            return (
-                raw.fetchall()
+            return self._read(raw)
+
+    def _read(self, cursor: Any) -> list[Any] | None:
+        """Walk ``cursor``'s result sets (one per statement): keep the rows of the statements
+        in :attr:`keep`; return the rows of the last one, if it returns rows."""
+        self.kept = {}
+        position = 0
+        while True:
+            result = cursor.pgresult
+            rows = (
+                cursor.fetchall()
                 if result is not None and result.status == ExecStatus.TUPLES_OK
                 else None
             )
+            if position in self.keep and rows is not None:
+                self.kept[position] = rows
+            if not cursor.nextset():
+                return rows
+            position += 1
 
     def run(self) -> list[Any] | None:
         """Run the batch; returns the rows of its last statement if that one returns rows."""
@@ -280,14 +309,7 @@ class Batch:
                         with conn.wrap_database_errors:
                             # A one-off string: psycopg's own statement preparation is no use.
                             raw.execute(text, prepare=False)
-                    while raw.nextset():
-                        pass
-                    result = raw.pgresult
-                    return (
-                        raw.fetchall()
-                        if result is not None and result.status == ExecStatus.TUPLES_OK
-                        else None
-                    )
+                    return self._read(raw)
             except DatabaseError as exc:
                 # Nothing was written (the implicit transaction rolled back): prepare again.
                 if attempt == 2 or not lost_prepared(exc):
@@ -332,14 +354,7 @@ class InFlight:
                     results = raw.wait(generators.fetch_many(raw.pgconn))
                 cursor._check_results(results)
                 cursor._set_results(results)
-            while cursor.nextset():
-                pass
-            result = cursor.pgresult
-            self._rows = (
-                cursor.fetchall()
-                if result is not None and result.status == ExecStatus.TUPLES_OK
-                else None
-            )
+            self._rows = self._batch._read(cursor)
         except Exception as exc:  # kept for result(): the caller decides what a failure means
             self._error = exc
 

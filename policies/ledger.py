@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -28,7 +29,7 @@ from django.utils import timezone
 from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import ActorType, Verb
-from infra.sql import from_row
+from infra.sql import Batch, Prepared, from_row
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
@@ -44,6 +45,8 @@ from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScop
 from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
+    "Held",
+    "HoldRequest",
     "ScopeSpend",
     "Settlement",
     "ceiling_charge_released",
@@ -51,11 +54,16 @@ __all__ = [
     "ceiling_release",
     "ceiling_reserve",
     "ceiling_settle",
+    "hold_answer",
+    "hold_request",
+    "hold_scope_ids",
+    "hold_statements",
     "period_start_for",
     "reservations_release_expired",
     "reservations_release_for_step",
     "settlement_apply",
     "settlement_entries",
+    "settlement_prepared",
     "settlement_statements",
 ]
 
@@ -248,6 +256,296 @@ def _insert_held(
     return from_row(Reservation, cursor.fetchone())
 
 
+# --- a reservation as statements of a batch (PostgreSQL) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """A reservation to make with SQL statements of a caller's batch (:func:`hold_statements`),
+    its answer read from the batch's rows later (:func:`hold_answer`). The engine asks for one in
+    the transaction that claims a step, so the step's reservation costs no round trip of its own;
+    :func:`ceiling_reserve` runs one on its own."""
+
+    scopes: tuple[CeilingScope, ...]
+    periods: tuple[datetime | None, ...]
+    amount: Decimal
+    run_id: int | None
+    step_id: int | None
+    action: str
+    owner: str
+    expires_at: datetime
+    now: datetime
+    #: An SQL condition the reservation is made under (the engine's: the step is still running
+    #: under this owner when the statement runs), its parameters' places as ``{0}``, ``{1}``…,
+    #: their values and PostgreSQL types; "": unconditionally.
+    guard: str = ""
+    guard_params: tuple[Any, ...] = ()
+    guard_types: tuple[str, ...] = ()
+
+
+def hold_request(
+    *,
+    scopes: Sequence[CeilingScope],
+    amount: Decimal,
+    run_id: int | None,
+    step_id: int | None,
+    action: str,
+    owner: str,
+    ttl: timedelta,
+    now: datetime | None = None,
+    guard: str = "",
+    guard_params: Sequence[Any] = (),
+    guard_types: Sequence[str] = (),
+) -> HoldRequest:
+    """A checked :class:`HoldRequest` (the same rules as :func:`ceiling_reserve`)."""
+    amount = _money(amount)
+    now = now or timezone.now()
+    if timezone.is_naive(now):
+        raise InvalidReservation("now must carry a time zone")
+    if ttl <= timedelta(0):
+        raise InvalidReservation("a reservation must expire after now")
+    if len(action) > 200 or len(owner) > 200:
+        raise InvalidReservation("action and owner are at most 200 characters")
+    kinds = [s.scope for s in scopes]
+    if len(set(kinds)) != len(kinds):
+        raise InvalidScope("a scope kind may appear once per reservation")
+    if not scopes:
+        raise InvalidScope("a reservation counts against at least one scope")
+    periods = tuple(period_start_for(s.scope, now) for s in scopes)
+    return HoldRequest(
+        tuple(scopes),
+        periods,
+        amount,
+        run_id,
+        step_id,
+        action,
+        owner,
+        now + ttl,
+        now,
+        guard,
+        tuple(guard_params),
+        tuple(guard_types),
+    )
+
+
+def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any]]]:
+    """The statements that make ``request``'s reservation, for a PostgreSQL batch: the scope
+    rows this process does not know yet, created if missing (``ON CONFLICT DO NOTHING``), then
+    ONE statement that locks every scope row in id order, checks that the amount fits under
+    every limit, and only then adds it to every row and inserts the held reservation. It never
+    fails the batch: a refusal writes nothing, and the statement's one row says what happened
+    (:func:`hold_answer`). When the process knows every scope row (the common case), that one
+    statement is prepared: no parsing or planning per call."""
+    statements: list[tuple[str | Prepared, list[Any]]] = []
+    ids = hold_scope_ids(request)
+    tail = [
+        len(request.scopes),
+        str(request.amount),
+        request.now,
+        request.run_id,
+        request.step_id,
+        request.action,
+        request.owner,
+        request.expires_at,
+        *request.guard_params,
+    ]
+    if ids is not None:
+        array = "{" + ",".join(str(i) for i in sorted(ids)) + "}"
+        return [(_hold_prepared(request.guard, request.guard_types), [array, *tail])]
+    # Some rows are new to this process: looked up by kind, key and period (named parameters,
+    # since the statement uses some of them more than once).
+    match: list[str] = []
+    named: dict[str, Any] = {}
+    new_rows: list[str] = []
+    new_params: list[Any] = []
+    for n, (scope, period) in enumerate(zip(request.scopes, request.periods, strict=True)):
+        known = _scope_ids.get((scope.scope, scope.key, period))
+        if known is not None:
+            match.append(f"{_q('id')} = %(id{n})s")
+            named[f"id{n}"] = known
+            continue
+        when = (
+            f"{_q('period_start')} IS NULL"
+            if period is None
+            else f"{_q('period_start')} = %(p{n})s"
+        )
+        match.append(f"({_q('kind')} = %(k{n})s AND {_q('key')} = %(key{n})s AND {when})")
+        named.update({f"k{n}": scope.scope, f"key{n}": scope.key, f"p{n}": period})
+        new_rows.append("(%s, %s, %s, %s, %s, 0, 0, %s)")
+        new_params.extend(
+            [
+                scope.scope,
+                scope.key,
+                period,
+                _money(scope.limit, "limit"),
+                scope.soft_ratio,
+                request.now,
+            ]
+        )
+    statements.append(
+        (
+            f"INSERT INTO {_table()} ({_q('kind')}, {_q('key')}, {_q('period_start')}, "
+            f"{_q('limit')}, {_q('soft_ratio')}, {_q('reserved')}, {_q('spent')}, "
+            f"{_q('updated_at')}) VALUES {', '.join(new_rows)} ON CONFLICT DO NOTHING",
+            new_params,
+        )
+    )
+    marks = [f"%(t{n})s" for n in range(len(tail))]
+    named.update({f"t{n}": value for n, value in enumerate(tail)})
+    sql = _hold_sql(f"({' OR '.join(match)})", request.guard, marks)
+    statements.append((sql, named))  # type: ignore[arg-type]  # psycopg takes named parameters as a dict
+    return statements
+
+
+def _hold_sql(where: str, guard: str, marks: Sequence[str]) -> str:
+    """The hold's one statement: scope rows matching ``where`` locked in id order, then the
+    check, the update and the insert. ``marks``: the placeholders of (count, amount, now, run,
+    step, action, owner, expiry, then the guard's own)."""
+    table, reservations = _table(), _q(Reservation._meta.db_table)
+    n, amount, now, run, step, action, owner, expires = marks[:8]
+    running = f" AND {guard.format(*marks[8:])}" if guard else ""
+    held = ReservationStatus.HELD.value
+    return f"""WITH locked AS (
+        SELECT id, kind, key, spent, reserved, "limit", soft_ratio FROM {table}
+        WHERE {where}{running} ORDER BY id FOR UPDATE
+    ), ok AS (
+        SELECT count(*) = {n} AND coalesce(bool_and(spent + reserved + {amount} <= "limit"), false)
+               AS fits, jsonb_agg(id ORDER BY id) AS ids
+        FROM locked
+    ), moved AS (
+        UPDATE {table} s SET reserved = s.reserved + {amount}, updated_at = {now}
+        FROM ok WHERE ok.fits AND s.id IN (SELECT id FROM locked)
+        RETURNING s.id
+    ), held AS (
+        INSERT INTO {reservations} (run_id, step_id, action, amount, actual, scope_ids,
+            status, owner, expires_at, created_at, settled_at)
+        SELECT {run}, {step}, {action}, {amount}, NULL, ok.ids, '{held}', {owner}, {expires},
+               {now}, NULL
+        FROM ok WHERE ok.fits
+        RETURNING id, scope_ids
+    )
+    SELECT (SELECT id FROM held), (SELECT scope_ids FROM held), (SELECT count(*) FROM moved),
+           (SELECT jsonb_agg(jsonb_build_array(id, kind, key, spent::text, reserved::text,
+                "limit"::text, soft_ratio::text) ORDER BY id) FROM locked)"""
+
+
+@cache
+def _hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+    types = ["bigint[]", "integer", "numeric", "timestamptz", "bigint", "bigint", "text", "text"]
+    types += ["timestamptz", *guard_types]
+    marks = [f"${i}" for i in range(2, len(types) + 1)]
+    return Prepared(_hold_sql("id = ANY($1)", guard, marks), types)
+
+
+def hold_scope_ids(request: HoldRequest) -> frozenset[int] | None:
+    """The scope rows ``request`` would lock, if this process knows them all (else None)."""
+    ids = []
+    for scope, period in zip(request.scopes, request.periods, strict=True):
+        known = _scope_ids.get((scope.scope, scope.key, period))
+        if known is None:
+            return None
+        ids.append(known)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The answer to a :class:`HoldRequest`: the reservation made, or why none was."""
+
+    request: HoldRequest
+    #: The held reservation (built from the answer, not read back); None: none was made.
+    reservation: Reservation | None
+    #: Every scope row as the statement locked it, before this hold's amount.
+    states: tuple[ScopeSpend, ...]
+    #: Whether the locked rows are exactly the request's scopes.
+    matched: bool = False
+
+    @property
+    def missing(self) -> bool:
+        """Not every scope row was found (a row this process knew is gone, or the step was not
+        this worker's): nothing was reserved, and asking again on its own will tell."""
+        return self.reservation is None and not self.matched
+
+    def refused(self) -> int | None:
+        """The position (in the request's scopes) of the first scope the amount does not fit."""
+        if self.reservation is not None or self.missing:
+            return None
+        by_kind = {state.kind: state for state in self.states}
+        for position, scope in enumerate(self.request.scopes):
+            state = by_kind.get(scope.scope)
+            if state is None or state.spent + state.reserved + self.request.amount > state.limit:
+                return position
+        return None
+
+    def warnings(self) -> list[Entry]:
+        """``CEILING_WARNED`` for every scope this hold took past its soft threshold (once per
+        scope and period: reads the audit trail only when a threshold was crossed)."""
+        if self.reservation is None:
+            return []
+        by_kind = {state.kind: state for state in self.states}
+        request = self.request
+        found = []
+        for scope in request.scopes:
+            state = by_kind[scope.scope]
+            row = (
+                state.id,
+                state.spent,
+                state.reserved + request.amount,
+                state.limit,
+                state.soft_ratio,
+            )
+            warning = _warning(scope, row, request.amount, request.run_id, request.step_id)
+            if warning is not None:
+                found.append(warning)
+        return found
+
+
+def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
+    """Read the answer of :func:`hold_statements`' last statement (its one row)."""
+    if row is None:
+        return Held(request, None, ())
+    reservation_id, scope_ids, _moved, locked = row
+    states = tuple(
+        ScopeSpend(
+            int(item[0]),
+            item[1],
+            item[2],
+            None,
+            _dec(item[5]),
+            _dec(item[3]),
+            _dec(item[4]),
+            Decimal(item[6]),
+        )
+        for item in (json.loads(locked) if isinstance(locked, str) else locked or [])
+    )
+    by_kind = {state.kind: state for state in states}
+    matched = len(states) == len(request.scopes) and all(
+        by_kind.get(scope.scope) is not None and by_kind[scope.scope].key == scope.key
+        for scope in request.scopes
+    )
+    if matched:  # learnt for the next hold: addressed by id, no lookup by name
+        for scope, period in zip(request.scopes, request.periods, strict=True):
+            _scope_ids[(scope.scope, scope.key, period)] = by_kind[scope.scope].id
+    if reservation_id is None:
+        return Held(request, None, states, matched)
+    ids = json.loads(scope_ids) if isinstance(scope_ids, str) else list(scope_ids)
+    reservation = Reservation(
+        id=reservation_id,
+        run_id=request.run_id,
+        step_id=request.step_id,
+        action=request.action,
+        amount=request.amount,
+        actual=None,
+        scope_ids=ids,
+        status=ReservationStatus.HELD,
+        owner=request.owner,
+        expires_at=request.expires_at,
+        created_at=request.now,
+        settled_at=None,
+    )
+    return Held(request, reservation, states, matched)
+
+
 def ceiling_reserve(
     *,
     scopes: Sequence[CeilingScope],
@@ -264,19 +562,21 @@ def ceiling_reserve(
     every scope row (``spent + reserved + amount <= limit``, rows locked in id order), so the
     shared rows (workflow, tenant, global) stay locked for one statement and the commit only. A
     scope row is created the first time its period is seen. Crossing a scope's soft threshold
-    records ``CEILING_WARNED`` once per scope and period."""
-    amount = _money(amount)
-    now = now or timezone.now()
-    if timezone.is_naive(now):
-        raise InvalidReservation("now must carry a time zone")
-    if ttl <= timedelta(0):
-        raise InvalidReservation("a reservation must expire after now")
-    if len(action) > 200 or len(owner) > 200:
-        raise InvalidReservation("action and owner are at most 200 characters")
-    kinds = [s.scope for s in scopes]
-    if len(set(kinds)) != len(kinds):
-        raise InvalidScope("a scope kind may appear once per reservation")
-    periods = [period_start_for(s.scope, now) for s in scopes]
+    records ``CEILING_WARNED`` once per scope and period. On PostgreSQL all of it is one
+    round trip (:func:`hold_statements`)."""
+    request = hold_request(
+        scopes=scopes,
+        amount=amount,
+        run_id=run_id,
+        step_id=step_id,
+        action=action,
+        owner=owner,
+        ttl=ttl,
+        now=now,
+    )
+    if connection.vendor == "postgresql":
+        return _reserve_held(request)
+    amount, now, periods = request.amount, request.now, list(request.periods)
     for _attempt in range(2):
         ids = [_scope_id(scope, period, now) for scope, period in zip(scopes, periods, strict=True)]
         with transaction.atomic():
@@ -311,6 +611,37 @@ def ceiling_reserve(
         if not missing:
             failed = next(i for i, scope_id in enumerate(ids) if scope_id not in rows)
             raise _refused(scopes[failed], periods[failed], amount, run_id, step_id, action)
+        _scope_ids.clear()  # rows this process knew are gone: look them up again
+    raise AssertionError("unreachable: the scope rows were created on the second attempt")
+
+
+def _reserve_held(request: HoldRequest) -> Reservation:
+    """:func:`ceiling_reserve` on PostgreSQL: the hold's statements as one batch of their own."""
+    for _attempt in range(2):
+        batch = Batch()
+        for sql, params in hold_statements(request):
+            if isinstance(sql, Prepared):
+                batch.add_prepared(sql, params)
+            else:
+                batch.add(sql, params)
+        rows = batch.run_in_transaction() if connection.in_atomic_block else batch.run()
+        held = hold_answer(request, rows[0] if rows else None)
+        if held.reservation is not None:
+            warnings = held.warnings()
+            if warnings:  # rare: once per scope and period
+                with transaction.atomic():
+                    audit_record_many(warnings, now=request.now)
+            return held.reservation
+        failed = held.refused()
+        if failed is not None:
+            raise _refused(
+                request.scopes[failed],
+                request.periods[failed],
+                request.amount,
+                request.run_id,
+                request.step_id,
+                request.action,
+            )
         _scope_ids.clear()  # rows this process knew are gone: look them up again
     raise AssertionError("unreachable: the scope rows were created on the second attempt")
 
@@ -676,6 +1007,41 @@ def settlement_statements(settlement: Settlement, now: datetime) -> list[tuple[s
         at,
     ]
     return [(mark_sql, mark_params), (move_sql, move_params)]
+
+
+def settlement_prepared(settlement: Settlement, now: datetime) -> tuple[Prepared, list[Any]]:
+    """:func:`settlement_statements` as ONE prepared statement, for a PostgreSQL batch: the
+    reservation leaves ``held`` and, only if it did, its scope rows move (locked in id order)."""
+    released = settlement.actual is None
+    status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
+    ids = "{" + ",".join(str(i) for i in sorted(settlement.scope_ids)) + "}"
+    return _settle_prepared(), [
+        settlement.reservation_id,
+        status,
+        None if settlement.actual is None else str(settlement.actual),
+        now,
+        ids,
+        str(settlement.amount),
+        str(settlement.charged),
+    ]
+
+
+@cache
+def _settle_prepared() -> Prepared:
+    table, reservations = _table(), _q(Reservation._meta.db_table)
+    held = ReservationStatus.HELD.value
+    sql = f"""WITH mark AS (
+        UPDATE {reservations} SET status = $2, actual = $3, settled_at = $4
+        WHERE id = $1 AND status = '{held}' RETURNING id
+    ), locked AS (
+        SELECT id FROM {table} WHERE id = ANY($5) AND EXISTS (SELECT 1 FROM mark)
+        ORDER BY id FOR UPDATE
+    )
+    UPDATE {table} s SET reserved = s.reserved - $6, spent = s.spent + $7, updated_at = $4
+    WHERE s.id IN (SELECT id FROM locked)"""
+    return Prepared(
+        sql, ["bigint", "text", "numeric", "timestamptz", "bigint[]", "numeric", "numeric"]
+    )
 
 
 def settlement_entries(settlement: Settlement) -> list[Entry]:

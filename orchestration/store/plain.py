@@ -42,7 +42,7 @@ from orchestration.models import (
     WaitStatus,
 )
 from policies.active import active_policy
-from policies.ledger import settlement_statements
+from policies.ledger import Held, HoldRequest, settlement_statements
 from policies.models import PolicyDecision
 from policies.tenants import tenant_by_id
 
@@ -115,6 +115,13 @@ class WriteBatch(Protocol):
 
     def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
         """The step :meth:`claim_last` claimed, from the rows the batch returned."""
+
+    def hold(self, step_id: int, request: HoldRequest) -> None:
+        """Make ``request``'s reservation for ``step_id`` in this batch, after its other writes
+        (a refusal writes nothing and does not fail the batch)."""
+
+    def held(self, step_id: int) -> Held | None:
+        """The answer to :meth:`hold` for ``step_id``, once the batch was read (None: not asked)."""
 
     def run(self) -> Pending:
         """Commit now and wait for the outcome."""

@@ -54,7 +54,7 @@ from orchestration.store.plain import (
     Store,
     WriteBatch,
 )
-from policies.ledger import settlement_statements
+from policies.ledger import Held, HoldRequest, hold_answer, hold_statements, settlement_prepared
 from policies.models import PolicyDecision
 
 ID_BLOCK = 200
@@ -181,6 +181,10 @@ class PgWriteBatch:
         self.batch = Batch()
         self.members: list[Changes] = []
         self._claims_last = False
+        #: Where the claim of :meth:`claim_last` is in the batch (its rows are kept).
+        self._claim_at: int | None = None
+        #: step id -> (a reservation asked for it, the position of the statement that answers)
+        self.holds: dict[int, tuple[HoldRequest, int]] = {}
 
     def add(self, changes: Changes) -> None:
         """Render ``changes`` into the batch (ids are assigned now)."""
@@ -190,20 +194,47 @@ class PgWriteBatch:
     def claim_last(
         self, step_id: int, worker_id: str, now: datetime, lease_until: datetime
     ) -> None:
-        """The batch's last statement claims ``step_id`` for the worker (its row is the batch's)."""
-        claim_in_batch(self.batch, step_id, worker_id, now, lease_until)
+        """The batch claims ``step_id`` for the worker after its writes (only a hold for that
+        step may follow); its row is kept for :meth:`claimed_step`."""
+        self._claim_at = claim_in_batch(self.batch, step_id, worker_id, now, lease_until, keep=True)
         self._claims_last = True
 
     def extend(self, other: WriteBatch) -> None:
         """Append ``other``'s writes, to commit in this batch's transaction after its own."""
         assert isinstance(other, PgWriteBatch), "only batches of the same store join"
+        offset = len(self.batch.statements)
         self.batch.extend(other.batch)
         self.members.extend(other.members)
+        self.holds.update(
+            {step_id: (request, at + offset) for step_id, (request, at) in other.holds.items()}
+        )
+        if other._claim_at is not None:
+            self._claim_at = other._claim_at + offset
 
     def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
-        """The step :meth:`claim_last` claimed, from the rows the batch returned (``None``:
-        another worker had it)."""
+        """The step :meth:`claim_last` claimed, from the batch's answer (``None``: another
+        worker had it)."""
+        if self._claim_at is not None:
+            rows = self.batch.kept.get(self._claim_at)
         return claimed_from_row(rows[0] if rows else None, now)
+
+    def hold(self, step_id: int, request: HoldRequest) -> None:
+        at = -1
+        for sql, params in hold_statements(request):
+            if isinstance(sql, Prepared):
+                at = self.batch.add_prepared(sql, params)
+            else:
+                at = self.batch.add(sql, params)
+        self.batch.keep.add(at)
+        self.holds[step_id] = (request, at)
+
+    def held(self, step_id: int) -> Held | None:
+        found = self.holds.get(step_id)
+        if found is None:
+            return None
+        request, at = found
+        rows = self.batch.kept.get(at)  # none: the batch failed, and nothing was reserved
+        return hold_answer(request, rows[0] if rows else None)
 
     def claimed(self, rows: list[Any] | None, changes: Changes) -> None:
         if changes.claim_after is not None:
@@ -279,8 +310,7 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> None:
     insert(ToolCall, changes.tool_calls, returning=False, batch=batch)
     insert(PolicyDecision, changes.decision_rows(), returning=False, batch=batch)
     for settlement in changes.settlements:
-        for sql, params in settlement_statements(settlement, now):
-            batch.add(sql, params)
+        batch.add_prepared(*settlement_prepared(settlement, now))
     audit_record_many(changes.audit_entries(), now=now, batch=batch)
     if changes.claim_after is not None:
         step_id, worker, lease_until = changes.claim_after
@@ -336,11 +366,18 @@ def _claim_statement() -> Prepared:
 
 
 def claim_in_batch(
-    batch: Batch, step_id: int, worker_id: str, now: datetime, lease_until: datetime
-) -> None:
-    """Make the claim of ``step_id`` the last statement of ``batch`` (same transaction): the
-    batch's rows are then the claim's, for :func:`claimed_from_row`."""
-    batch.add_prepared(_claim_statement(), [step_id, worker_id, lease_until, now])
+    batch: Batch,
+    step_id: int,
+    worker_id: str,
+    now: datetime,
+    lease_until: datetime,
+    *,
+    keep: bool = False,
+) -> int:
+    """Add the claim of ``step_id`` to ``batch`` (same transaction); its rows are the batch's
+    when it is the last statement (or kept, with ``keep``), for :func:`claimed_from_row`.
+    Returns its position."""
+    return batch.add_prepared(_claim_statement(), [step_id, worker_id, lease_until, now], keep=keep)
 
 
 def claimed_from_row(row: Any, now: datetime) -> Step | None:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
-from audit.services import Entry, audit_record_alone
-from audit.verbs import Verb
 from orchestration.advance import approval_digest, node_of, output_contract, step_action, step_input
-from orchestration.agents.base import Agent, AgentContext, StateView
+from orchestration.agents.base import AgentContext, StateView
 from orchestration.contracts import validation_errors
 from orchestration.errors import (
     Code,
@@ -30,17 +27,18 @@ from orchestration.models import Step, StepKind
 from orchestration.payloads import payload_size
 from orchestration.registry import agent_instance, workflow_get
 from orchestration.runtime import Runtime
-from orchestration.tools.limit_backends import backend_default
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
-from policies.active import ActivePolicy, active_policy
-from policies.errors import CeilingExceeded
+from orchestration.worker.costs import (
+    cost_reserve,
+    cost_settlement,
+    policy_facts,
+    rate_limit_check,
+)
+from policies.active import active_policy
 from policies.evaluate import Decision, policy_decide
-from policies.facts import Facts
-from policies.ledger import Settlement, ceiling_reserve, settlement_apply
-from policies.limits import ceilings_for, price_cost, rate_limits_for
+from policies.ledger import Settlement, ceiling_release, settlement_apply
 from policies.models import Reservation
-from policies.tenants import tenant_by_id
 
 log = logging.getLogger(__name__)
 
@@ -102,47 +100,6 @@ class StepTools:
         return records, entries, decisions
 
 
-def policy_facts(
-    step: Step, action: str, params: dict[str, Any]
-) -> tuple[ActivePolicy, Facts] | None:
-    """The policy in force and the facts of an action of ``step`` (None: no policy is in force)."""
-    active = active_policy()
-    if active is None:
-        return None
-    run = step.run
-    tenant = tenant_by_id(run.tenant_id)
-    facts = Facts(
-        action=action,
-        workflow=run.workflow_name,
-        node=step.node,
-        tenant=tenant.slug,
-        tenant_time_zone=tenant.time_zone,
-        agent=step.agent,
-        params=params,
-        run_id=run.pk,
-    )
-    return active, facts
-
-
-def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
-    """Take one from each of the policy's rate limits that count this action (buckets shared by
-    every worker through Redis); over one, a transient error: the step is retried after a
-    backoff."""
-    for bucket in rate_limits_for(active.compiled, facts):
-        wait = backend_default().bucket_take(
-            f"policy:{bucket.key}",
-            bucket.limit / bucket.period.total_seconds(),
-            bucket.limit,
-            time.time(),
-        )
-        if wait > 0:
-            raise TransientError(
-                f"rate limit {bucket.id}: at most {bucket.limit} per {bucket.period}; next in {wait:.1f} s",
-                code=Code.RATE_LIMITED,
-                detail={"limit": bucket.id, "retry_after": round(wait, 3)},
-            )
-
-
 def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = None) -> Step | None:
     """Run a claimed step's agent and commit the outcome; returns the successor this worker
     claimed for itself, if any. With a ``chain``, ``step`` may have been started ahead of its
@@ -155,8 +112,16 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     #: The call's reservation, to settle: with the completion, or on its own if the attempt fails.
     unsettled: list[Settlement] = []
 
+    def held() -> Any:
+        """The answer to the reservation asked for in the batch that claimed this step (read
+        after ``settle``), taken once; None if none was asked."""
+        return chain.take_held(step) if chain is not None else None
+
     def fail(error: SignalboxError, **kwargs: Any) -> None:
         settle()
+        unused = held()
+        if unused is not None and unused.reservation is not None:
+            ceiling_release(unused.reservation.pk)
         while unsettled:
             settlement_apply(unsettled.pop())
         complete.attempt_fail(step, error, rt=rt, worker_id=worker_id, **kwargs)
@@ -182,6 +147,9 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             != step.approved_digest
         ):
             settle()
+            unused = held()
+            if unused is not None and unused.reservation is not None:
+                ceiling_release(unused.reservation.pk)
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None
 
@@ -204,14 +172,20 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         return None
 
     reservation: Reservation | None = None
+    #: A pure agent whose reservation was asked for in the batch still in flight runs at once;
+    #: the answer is read after it (before its completion), and a refusal drops its result.
+    deferred = None
     if step.kind in (StepKind.AGENT, StepKind.ITEM):
         facts = policy_facts(step, f"agent:{step.agent}", raw if isinstance(raw, dict) else {})
         if facts is not None:
             try:
                 rate_limit_check(*facts)
-                reservation = cost_reserve(
-                    *facts, step, agent, params, worker_id, hard.total_seconds()
-                )
+                if cls.pure and chain is not None and chain.hold_in_flight(step):
+                    deferred = facts
+                else:
+                    reservation = cost_reserve(
+                        *facts, step, agent, params, worker_id, hard.total_seconds(), held()
+                    )
             except SignalboxError as exc:
                 fail(exc)
                 return None
@@ -232,7 +206,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         tools=(tools := StepTools(step)),
         soft_deadline=time.monotonic() + soft.total_seconds(),
         before_acting=settle,
-        max_tokens=cls.max_tokens if reservation is not None else None,
+        max_tokens=cls.max_tokens if reservation is not None or deferred is not None else None,
     )
     result: Any = None
     keeper = rt.leases(
@@ -259,6 +233,17 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             )
             return None
 
+    if deferred is not None:
+        settle()  # the batch that asked for the reservation: read now
+        try:
+            reservation = cost_reserve(
+                *deferred, step, agent, params, worker_id, hard.total_seconds(), held()
+            )
+        except SignalboxError as exc:
+            fail(exc, records=tools.take_records())
+            return None
+        if reservation is not None:
+            unsettled.append(cost_settlement(reservation, ctx, agent))
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
     contract = output_contract(step, node)
     try:
@@ -304,76 +289,3 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         settle()
         complete.commit_failed(done, exc, rt=rt, worker_id=worker_id)
         return None
-
-
-def cost_reserve(
-    active: ActivePolicy,
-    facts: Facts,
-    step: Step,
-    agent: Agent,
-    params: BaseModel,
-    owner: str,
-    hard_seconds: float,
-) -> Reservation | None:
-    """Reserve the worst case of the agent's call (its estimated input, its ``max_tokens`` out)
-    against every ceiling that counts it; None when it calls no model or no ceiling is in force.
-    A model the price table does not know fails closed; a refused reservation stops the step
-    (and escalates at the tier that may raise a ceiling: raise it for this run and retry, or
-    abort)."""
-    model = agent.call_model()
-    if not model:
-        return None
-    scopes = ceilings_for(active.compiled, facts)
-    if not scopes:
-        return None
-    worst = price_cost(
-        active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens
-    )
-    if worst is None:
-        audit_record_alone(
-            Entry(
-                verb=Verb.COST_UNKNOWN,
-                object_type="step",
-                object_id=step.pk,
-                run_id=step.run_id,
-                step_id=step.pk,
-                data={"agent": step.agent, "model": model},
-            )
-        )
-        raise PolicyDenied(
-            f"the cost of {step.agent!r} cannot be estimated: model {model!r} is not in the price table",
-            code=Code.COST_UNKNOWN,
-            detail={"model": model},
-        )
-    try:
-        return ceiling_reserve(
-            scopes=scopes,
-            amount=worst,
-            run_id=step.run_id,
-            step_id=step.pk,
-            action=f"agent:{step.agent}",
-            owner=owner[:200],
-            ttl=timedelta(seconds=hard_seconds + 60),
-        )
-    except CeilingExceeded as exc:
-        raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
-
-
-def cost_settlement(reservation: Reservation, ctx: AgentContext, agent: Agent) -> Settlement:
-    """What settling the call's reservation writes: its reported usage priced as the model the
-    endpoint reports or, if the table does not know that name (a dated variant), the model the
-    agent asked for; neither known, the whole reservation is charged; no usage reported, nothing
-    was spent and the money goes back. Written with the step's completion, or on its own."""
-    usage = ctx.usage
-    if not (usage.prompt_tokens or usage.completion_tokens):
-        return Settlement.of(reservation, None)
-    active = active_policy()
-    actual = None
-    if active is not None:
-        for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
-            actual = price_cost(
-                active.compiled, model, usage.prompt_tokens, usage.completion_tokens
-            )
-            if actual is not None:
-                break
-    return Settlement.of(reservation, actual if actual is not None else reservation.amount)

@@ -28,8 +28,9 @@ from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
 from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
+from orchestration.worker.costs import hold_for
 from policies.evaluate import Decision
-from policies.ledger import Settlement, settlement_apply
+from policies.ledger import Held, Settlement, hold_scope_ids, settlement_apply
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class Chain:
         self.committing: Committing | None = None
         #: Completions not sent yet, waiting for the sibling that runs meanwhile to join them.
         self.open: OpenBatch | None = None
+        #: Steps whose reservation was asked for in the batch that claims them, and that batch.
+        self.holds: dict[int, WriteBatch] = {}
 
     @property
     def pools(self) -> frozenset[str]:
@@ -148,6 +151,38 @@ class Chain:
         committing, self.committing = self.committing, None
         if committing is not None and committing.confirm() is not step:
             raise Superseded(committing.confirm())
+
+    def ask_hold(
+        self, batch: WriteBatch, step: Step, settling: list[Settlement], now: datetime
+    ) -> None:
+        """Reserve for ``step`` (claimed by ``batch``) in ``batch`` itself, if its call has a
+        worst case known now and a ceiling counts it (``orchestration.worker.costs.hold_for``).
+
+        Every statement that locks scope rows locks them in id order; two statements of one
+        transaction keep that order only if they lock the same rows. So a batch that settles
+        calls (``settling``) asks only if it settles one, against exactly the rows this
+        reservation would lock (the same run, workflow, tenant, and agent where a ceiling is
+        kept per agent); otherwise the step reserves on its own when it runs."""
+        request = hold_for(step, self.worker_id, now)
+        if request is None:
+            return
+        if settling and (
+            len(settling) > 1 or hold_scope_ids(request) != frozenset(settling[0].scope_ids)
+        ):
+            return
+        batch.hold(step.pk, request)
+        self.holds[step.pk] = batch
+
+    def hold_in_flight(self, step: Step) -> bool:
+        """Whether ``step``'s reservation was asked for in the batch still in flight."""
+        batch = self.holds.get(step.pk)
+        return batch is not None and self.committing is not None and self.committing.batch is batch
+
+    def take_held(self, step: Step) -> Held | None:
+        """The answer to ``step``'s reservation asked for in its claiming batch (that batch has
+        been read: call after :meth:`settle`), once; None if none was asked."""
+        batch = self.holds.pop(step.pk, None)
+        return batch.held(step.pk) if batch is not None else None
 
     def finish(self) -> Step | None:
         """The chain has nothing running: read the completion in flight; returns the step it

@@ -198,6 +198,12 @@ def step_complete(
                     sibling.pk, worker_id, now, now + timedelta(seconds=rt.lease_seconds)
                 )
             if chain is not None:
+                # The step this batch claims for the worker reserves in it too: no round trip
+                # of its own (and none to wait for before a pure agent starts).
+                claimed = changes.local_step or sibling
+                if claimed is not None:
+                    settling = [d.settlement for d, _, _ in members if d.settlement is not None]
+                    chain.ask_hold(batch, claimed, settling, now)
                 return chain.send(batch, members, sibling)
             try:
                 rows = batch.run().result()

@@ -17,7 +17,8 @@ import pytest
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration import recovery
-from orchestration.models import Step
+from orchestration.errors import Code
+from orchestration.models import Step, Wait
 from orchestration.services import run_submit
 from policies.models import Reservation, ReservationStatus, SpendScope
 from policies.services import policy_install
@@ -138,3 +139,67 @@ def test_a_call_that_outlives_its_lost_lease_is_still_charged(start_worker: Any)
     ask = Step.objects.get(run=run, node="ask")
     assert ask.attempt == 2
     assert AuditEvent.objects.filter(verb=Verb.STEP_SUCCEEDED, step_id=ask.pk).count() == 1
+
+
+# --- a chained step's reservation, made in the transaction that claims it ------------------------
+
+PRICED_CHAIN = """
+default: allow
+ceilings:
+  - {scope: run, limit: %s}
+  - {scope: global_day, limit: 10.00}
+prices:
+  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+# test_priced_pure: a worst case of 100 tokens in and out (0.0003), reports 50 and 50 (0.00015).
+CHAIN_WORST, CHAIN_CALL = Decimal("0.0003"), Decimal("0.00015")
+
+
+def _steps(run_id: int) -> dict[str, Step]:
+    return {step.node: step for step in Step.objects.filter(run_id=run_id)}
+
+
+def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: Any) -> None:
+    policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
+    start_worker("solo", concurrency=1)
+    run = wait_for_run(run_submit(workflow="priced_chain", input={"text": "t"}).run.pk)
+
+    assert run.status == "succeeded", run.error_message
+    steps = _steps(run.pk)
+    held = {
+        r.step_id: r for r in Reservation.objects.filter(run_id=run.pk).order_by("created_at")
+    }
+    assert [held[steps[n].pk].status for n in ("one", "two", "three")] == ["settled"] * 3
+    assert all(r.amount == CHAIN_WORST and r.actual == CHAIN_CALL for r in held.values())
+    # "two" and "three" were reserved in the transaction that completed their predecessor and
+    # claimed them (no transaction of their own): at that commit's time, to the microsecond.
+    assert held[steps["two"].pk].created_at == steps["one"].finished_at
+    assert held[steps["three"].pk].created_at == steps["two"].finished_at
+    # "one" came from the broker and reserved on its own, after its claim.
+    assert held[steps["one"].pk].created_at > steps["one"].started_at
+    for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
+        assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
+
+
+def test_a_chained_step_past_the_ceiling_is_refused_in_its_claim_and_escalates(
+    start_worker: Any,
+) -> None:
+    # Room for "one" and "two" (0.00015 spent, 0.0003 asked: 0.00045), not for "three" (0.0003
+    # spent, 0.0003 asked: 0.0006). "three" is pure, so it starts before the answer to its
+    # reservation is read; that answer is a refusal, and its result is dropped.
+    policy_install(source=PRICED_CHAIN % "0.0005", note="ledger worker tests")
+    start_worker("solo", concurrency=1)
+    run = run_submit(workflow="priced_chain", input={"text": "t"}).run
+    wait_until(
+        lambda: Wait.objects.filter(run_id=run.pk, kind="escalation", status="open").exists(),
+        what="the ceiling's escalation",
+    )
+
+    steps = _steps(run.pk)
+    assert (steps["one"].status, steps["two"].status) == ("succeeded", "succeeded")
+    three = steps["three"]
+    assert three.error_code == Code.CEILING_EXCEEDED and three.output is None
+    assert "run ceiling" in three.error_message and str(CHAIN_WORST) in three.error_message
+    assert not Reservation.objects.filter(run_id=run.pk, step_id=three.pk).exists()
+    assert not Reservation.objects.filter(run_id=run.pk, status=ReservationStatus.HELD).exists()
+    assert (_run_scope(run.pk).spent, _run_scope(run.pk).reserved) == (2 * CHAIN_CALL, 0)

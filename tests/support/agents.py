@@ -247,6 +247,21 @@ class PureEcho(EchoAgent):
         return super().run(input, ctx)
 
 
+class PricedPureEcho(EchoAgent):
+    """``test_echo``, declared pure and priced: it calls ``known-model`` (a worst case of 100
+    tokens in, 100 out) and reports 50 in, 50 out."""
+
+    name = "test_priced_pure"
+    pure = True
+    model = "known-model"
+    estimated_input_tokens = 100
+    max_tokens = 100
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        ctx.report_usage(prompt_tokens=50, completion_tokens=50, model="known-model")
+        return super().run(input, ctx)
+
+
 class GatedAgent(Agent):
     """A pure agent that says it started (``entered``) and waits for the test to open ``gate``."""
 

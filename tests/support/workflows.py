@@ -261,6 +261,13 @@ early_chain.agent(
     input=lambda s: {"text": s["held"]},
 )
 
+# Three priced pure steps in a row: each successor is claimed (and reserved) by its
+# predecessor's completion.
+priced_chain = Workflow("priced_chain", input=Loose, max_steps=10)
+priced_chain.agent("one", "test_priced_pure", reads=["text"], writes=["text"])
+priced_chain.agent("two", "test_priced_pure", after="one", reads=["text"], writes=["text"])
+priced_chain.agent("three", "test_priced_pure", after="two", reads=["text"], writes=["text"])
+
 # While "a" is held, another worker completes "b" (the run row changes under a's completion).
 early_branches = Workflow("early_branches", input=Loose, max_steps=10)
 early_branches.agent("start", "test_pure_echo", reads=["text"], writes=["text"])

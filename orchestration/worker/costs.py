@@ -1,0 +1,212 @@
+"""What an agent step's call may cost, decided at the policy's boundary: the facts of an
+action, the policy's rate limits, and the reservation against the cost ceilings before the call
+(asked for in the transaction that claims the step where its worst case is known then, so it
+costs no round trip of its own) and its settlement after."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
+
+from django.db import connection, transaction
+from pydantic import BaseModel
+
+from audit.services import Entry, audit_record_alone, audit_record_many
+from audit.verbs import Verb
+from orchestration.advance import node_of
+from orchestration.agents.base import Agent, AgentContext
+from orchestration.errors import Code, PolicyDenied, TransientError
+from orchestration.models import Step, StepKind, StepStatus
+from orchestration.registry import agent_class, agent_instance, workflow_get
+from orchestration.tools.limit_backends import backend_default
+from policies.active import ActivePolicy, active_policy
+from policies.errors import CeilingExceeded
+from policies.facts import Facts
+from policies.ledger import (
+    Held,
+    HoldRequest,
+    Settlement,
+    ceiling_release,
+    ceiling_reserve,
+    hold_request,
+)
+from policies.limits import ceilings_for, price_cost, rate_limits_for
+from policies.models import Reservation
+from policies.tenants import tenant_by_id
+
+
+def policy_facts(
+    step: Step, action: str, params: dict[str, Any]
+) -> tuple[ActivePolicy, Facts] | None:
+    """The policy in force and the facts of an action of ``step`` (None: no policy is in force)."""
+    active = active_policy()
+    if active is None:
+        return None
+    run = step.run
+    tenant = tenant_by_id(run.tenant_id)
+    facts = Facts(
+        action=action,
+        workflow=run.workflow_name,
+        node=step.node,
+        tenant=tenant.slug,
+        tenant_time_zone=tenant.time_zone,
+        agent=step.agent,
+        params=params,
+        run_id=run.pk,
+    )
+    return active, facts
+
+
+def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
+    """Take one from each of the policy's rate limits that count this action (buckets shared by
+    every worker through Redis); over one, a transient error: the step is retried after a
+    backoff."""
+    for bucket in rate_limits_for(active.compiled, facts):
+        wait = backend_default().bucket_take(
+            f"policy:{bucket.key}",
+            bucket.limit / bucket.period.total_seconds(),
+            bucket.limit,
+            time.time(),
+        )
+        if wait > 0:
+            raise TransientError(
+                f"rate limit {bucket.id}: at most {bucket.limit} per {bucket.period}; next in {wait:.1f} s",
+                code=Code.RATE_LIMITED,
+                detail={"limit": bucket.id, "retry_after": round(wait, 3)},
+            )
+
+
+def cost_reserve(
+    active: ActivePolicy,
+    facts: Facts,
+    step: Step,
+    agent: Agent,
+    params: BaseModel,
+    owner: str,
+    hard_seconds: float,
+    held: Held | None = None,
+) -> Reservation | None:
+    """Reserve the worst case of the agent's call (its estimated input, its ``max_tokens`` out)
+    against every ceiling that counts it; None when it calls no model or no ceiling is in force.
+    A model the price table does not know fails closed; a refused reservation stops the step
+    (and escalates at the tier that may raise a ceiling: raise it for this run and retry, or
+    abort). ``held``: the answer to the reservation asked for in the batch that claimed the
+    step (:func:`hold_for`), used when it covers this call; otherwise it is given back and the
+    call reserves on its own."""
+    model = agent.call_model()
+    if not model:
+        return None
+    scopes = ceilings_for(active.compiled, facts)
+    if not scopes:
+        return None
+    worst = price_cost(
+        active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens
+    )
+    if worst is None:
+        audit_record_alone(
+            Entry(
+                verb=Verb.COST_UNKNOWN,
+                object_type="step",
+                object_id=step.pk,
+                run_id=step.run_id,
+                step_id=step.pk,
+                data={"agent": step.agent, "model": model},
+            )
+        )
+        raise PolicyDenied(
+            f"the cost of {step.agent!r} cannot be estimated: model {model!r} is not in the price table",
+            code=Code.COST_UNKNOWN,
+            detail={"model": model},
+        )
+    if held is not None and held.reservation is not None:
+        if held.request.scopes == scopes and held.request.amount >= worst:
+            warnings = held.warnings()
+            if warnings:  # rare: once per scope and period
+                with transaction.atomic():
+                    audit_record_many(warnings, now=held.request.now)
+            return held.reservation
+        ceiling_release(held.reservation.pk)  # the policy changed meanwhile: asked again below
+    try:
+        return ceiling_reserve(
+            scopes=scopes,
+            amount=worst,
+            run_id=step.run_id,
+            step_id=step.pk,
+            action=f"agent:{step.agent}",
+            owner=owner[:200],
+            ttl=timedelta(seconds=hard_seconds + 60),
+        )
+    except CeilingExceeded as exc:
+        raise PolicyDenied(exc.message, code=Code.CEILING_EXCEEDED, detail=exc.detail) from exc
+
+
+def cost_settlement(reservation: Reservation, ctx: AgentContext, agent: Agent) -> Settlement:
+    """What settling the call's reservation writes: its reported usage priced as the model the
+    endpoint reports or, if the table does not know that name (a dated variant), the model the
+    agent asked for; neither known, the whole reservation is charged; no usage reported, nothing
+    was spent and the money goes back. Written with the step's completion, or on its own."""
+    usage = ctx.usage
+    if not (usage.prompt_tokens or usage.completion_tokens):
+        return Settlement.of(reservation, None)
+    active = active_policy()
+    actual = None
+    if active is not None:
+        for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
+            actual = price_cost(
+                active.compiled, model, usage.prompt_tokens, usage.completion_tokens
+            )
+            if actual is not None:
+                break
+    return Settlement.of(reservation, actual if actual is not None else reservation.amount)
+
+
+def hold_for(step: Step, worker_id: str, now: datetime) -> HoldRequest | None:
+    """The reservation to ask for in the transaction that claims ``step`` for ``worker_id``
+    (None: nothing to reserve, or not knowable before its input): the same worst case the step
+    would reserve when it runs, for an agent whose estimate does not depend on its input. The
+    batch makes it only if the step is then running under this worker; the step takes it when
+    it runs (:func:`cost_reserve`), or it is given back."""
+    if step.kind not in (StepKind.AGENT, StepKind.ITEM):
+        return None
+    cls = agent_class(step.agent)
+    if cls.input_tokens_estimate is not Agent.input_tokens_estimate:
+        return None  # its estimate reads its input, which its claim does not know yet
+    found = policy_facts(step, f"agent:{step.agent}", {})
+    if found is None:
+        return None
+    active, facts = found
+    model = agent_instance(step.agent).call_model()
+    scopes = ceilings_for(active.compiled, facts) if model else ()
+    if not scopes:
+        return None
+    worst = price_cost(active.compiled, model, cls.estimated_input_tokens, cls.max_tokens)
+    if worst is None:
+        return None  # the step fails closed when it runs
+    run = step.run
+    wf = workflow_get(run.workflow_name, run.workflow_version)
+    _, hard = wf.timeouts_of(node_of(wf, step))
+    return hold_request(
+        scopes=scopes,
+        amount=worst,
+        run_id=step.run_id,
+        step_id=step.pk,
+        action=f"agent:{step.agent}",
+        owner=worker_id[:200],
+        ttl=timedelta(seconds=hard.total_seconds() + 60),
+        now=now,
+        guard=_running_guard(),
+        guard_params=(step.pk, StepStatus.RUNNING.value, worker_id),
+        guard_types=("bigint", "text", "text"),
+    )
+
+
+@cache
+def _running_guard() -> str:
+    """The hold's condition: the step is running under the worker that asked."""
+    qn = connection.ops.quote_name
+    return (
+        f"EXISTS (SELECT 1 FROM {qn(Step._meta.db_table)} WHERE {qn('id')} = {{0}} "
+        f"AND {qn('status')} = {{1}} AND {qn('lease_owner')} = {{2}})"
+    )

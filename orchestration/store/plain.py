@@ -142,6 +142,12 @@ class Store:
         """A batch of completions in one round trip; only an optimistic store offers one."""
         raise NotImplementedError("this store writes each transaction as it goes: no batches")
 
+    def hold_send(self, step_id: int, request: HoldRequest) -> tuple[WriteBatch, Pending]:
+        """Send ``request``'s reservation for ``step_id`` as a transaction of its own without
+        waiting for it (a pipelined store only): its answer is :meth:`WriteBatch.held` once
+        the returned :class:`Pending` was read."""
+        raise NotImplementedError("only a pipelined store sends without waiting")
+
     # --- claiming -----------------------------------------------------------------------------
 
     def claim(

@@ -150,6 +150,15 @@ class PostgresStore(Store):
     def batch(self) -> PgWriteBatch:
         return PgWriteBatch(self)
 
+    def hold_send(self, step_id: int, request: HoldRequest) -> tuple[PgWriteBatch, Pending]:
+        # Committed without waiting for its WAL flush, as a claim is (see ``claim``): a
+        # reservation lost in a database crash went with the claim before it, and the step's
+        # completion, a later synchronous commit, makes it durable.
+        batch = self.batch()
+        batch.batch.add("SET LOCAL synchronous_commit TO off", [])
+        batch.hold(step_id, request)
+        return batch, batch.send()
+
     def write(self, changes: Changes) -> None:
         if not db().in_atomic_block:
             raise RuntimeError("Store.write runs inside the caller's transaction")

@@ -180,6 +180,8 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         if facts is not None:
             try:
                 rate_limit_check(*facts)
+                if cls.pure and chain is not None:
+                    chain.hold_ahead(step)
                 if cls.pure and chain is not None and chain.hold_in_flight(step):
                     deferred = facts
                 else:

@@ -137,6 +137,8 @@ class Chain:
         self.open: OpenBatch | None = None
         #: Steps whose reservation was asked for in the batch that claims them, and that batch.
         self.holds: dict[int, WriteBatch] = {}
+        #: Reservations sent on their own (``hold_ahead``) whose answer was not read yet.
+        self.holds_sent: dict[int, Pending] = {}
 
     @property
     def pools(self) -> frozenset[str]:
@@ -173,15 +175,41 @@ class Chain:
         batch.hold(step.pk, request)
         self.holds[step.pk] = batch
 
+    def hold_ahead(self, step: Step) -> None:
+        """A pure step claimed on its own (from the broker) whose reservation was not asked for
+        with its claim: send the reservation without waiting, so the agent runs meanwhile and
+        the answer is read before its completion (:meth:`take_held`)."""
+        if (
+            step.pk in self.holds
+            or not self.rt.store.pipelined
+            or self.committing is not None
+            or self.open is not None
+        ):
+            return
+        request = hold_for(step, self.worker_id, timezone.now())
+        if request is None:
+            return
+        self.holds[step.pk], self.holds_sent[step.pk] = self.rt.store.hold_send(step.pk, request)
+
     def hold_in_flight(self, step: Step) -> bool:
-        """Whether ``step``'s reservation was asked for in the batch still in flight."""
+        """Whether the answer to ``step``'s reservation is still on its way."""
         batch = self.holds.get(step.pk)
-        return batch is not None and self.committing is not None and self.committing.batch is batch
+        if batch is None:
+            return False
+        committing = self.committing
+        return step.pk in self.holds_sent or (committing is not None and committing.batch is batch)
 
     def take_held(self, step: Step) -> Held | None:
         """The answer to ``step``'s reservation asked for in its claiming batch (that batch has
-        been read: call after :meth:`settle`), once; None if none was asked."""
+        been read: call after :meth:`settle`) or sent on its own, once; None if none was asked.
+        A batch that failed made none."""
         batch = self.holds.pop(step.pk, None)
+        sent = self.holds_sent.pop(step.pk, None)
+        if sent is not None:
+            try:
+                sent.result()
+            except Exception:
+                log.warning("the reservation of step %s was not made", step.pk, exc_info=True)
         return batch.held(step.pk) if batch is not None else None
 
     def finish(self) -> Step | None:

@@ -61,6 +61,7 @@ __all__ = [
     "period_start_for",
     "reservations_release_expired",
     "reservations_release_for_step",
+    "settle_hold_prepared",
     "settlement_apply",
     "settlement_entries",
     "settlement_prepared",
@@ -1042,6 +1043,78 @@ def _settle_prepared() -> Prepared:
     return Prepared(
         sql, ["bigint", "text", "numeric", "timestamptz", "bigint[]", "numeric", "numeric"]
     )
+
+
+def settle_hold_prepared(
+    settlement: Settlement, request: HoldRequest
+) -> tuple[Prepared, list[Any]]:
+    """ONE prepared statement that settles ``settlement`` and makes ``request``'s reservation,
+    for a step's completion that claims its successor when both count against the same scope
+    rows: each row is locked and updated once (the freed and charged amounts and the new one
+    together), the successor's amount added only if it fits after the settlement. Its one row
+    answers the hold as :func:`hold_statements`' does (:func:`hold_answer`); the settlement is
+    made whatever the answer."""
+    released = settlement.actual is None
+    status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
+    ids = "{" + ",".join(str(i) for i in sorted(settlement.scope_ids)) + "}"
+    return _settle_hold_prepared(request.guard, request.guard_types), [
+        settlement.reservation_id,
+        status,
+        None if settlement.actual is None else str(settlement.actual),
+        request.now,
+        ids,
+        str(settlement.amount),
+        str(settlement.charged),
+        len(request.scopes),
+        str(request.amount),
+        request.run_id,
+        request.step_id,
+        request.action,
+        request.owner,
+        request.expires_at,
+        *request.guard_params,
+    ]
+
+
+@cache
+def _settle_hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+    table, reservations = _table(), _q(Reservation._meta.db_table)
+    held = ReservationStatus.HELD.value
+    types = ["bigint", "text", "numeric", "timestamptz", "bigint[]", "numeric", "numeric"]
+    types += ["integer", "numeric", "bigint", "bigint", "text", "text", "timestamptz", *guard_types]
+    fits_guard = (
+        f" AND {guard.format(*(f'${i}' for i in range(15, len(types) + 1)))}" if guard else ""
+    )
+    sql = f"""WITH mark AS (
+        UPDATE {reservations} SET status = $2, actual = $3, settled_at = $4
+        WHERE id = $1 AND status = '{held}' RETURNING id
+    ), d AS (
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM mark) THEN $6 ELSE 0 END AS freed,
+               CASE WHEN EXISTS (SELECT 1 FROM mark) THEN $7 ELSE 0 END AS charged
+    ), locked AS (
+        SELECT t.id, t.kind, t.key, t.spent + d.charged AS spent, t.reserved - d.freed AS reserved,
+               t."limit", t.soft_ratio
+        FROM {table} t, d WHERE t.id = ANY($5) ORDER BY t.id FOR UPDATE OF t
+    ), ok AS (
+        SELECT count(*) = $8 AND coalesce(bool_and(spent + reserved + $9 <= "limit"), false)
+               {fits_guard} AS fits, jsonb_agg(id ORDER BY id) AS ids
+        FROM locked
+    ), moved AS (
+        UPDATE {table} s SET reserved = s.reserved - d.freed + CASE WHEN ok.fits THEN $9 ELSE 0 END,
+               spent = s.spent + d.charged, updated_at = $4
+        FROM ok, d WHERE s.id IN (SELECT id FROM locked) AND (ok.fits OR EXISTS (SELECT 1 FROM mark))
+        RETURNING s.id
+    ), held AS (
+        INSERT INTO {reservations} (run_id, step_id, action, amount, actual, scope_ids,
+            status, owner, expires_at, created_at, settled_at)
+        SELECT $10, $11, $12, $9, NULL, ok.ids, '{held}', $13, $14, $4, NULL
+        FROM ok WHERE ok.fits
+        RETURNING id, scope_ids
+    )
+    SELECT (SELECT id FROM held), (SELECT scope_ids FROM held), (SELECT count(*) FROM moved),
+           (SELECT jsonb_agg(jsonb_build_array(id, kind, key, spent::text, reserved::text,
+                "limit"::text, soft_ratio::text) ORDER BY id) FROM locked)"""
+    return Prepared(sql, types)
 
 
 def settlement_entries(settlement: Settlement) -> list[Entry]:

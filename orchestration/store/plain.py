@@ -116,9 +116,11 @@ class WriteBatch(Protocol):
     def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
         """The step :meth:`claim_last` claimed, from the rows the batch returned."""
 
-    def hold(self, step_id: int, request: HoldRequest) -> None:
+    def hold(self, step_id: int, request: HoldRequest, *, with_settlement: bool = False) -> None:
         """Make ``request``'s reservation for ``step_id`` in this batch, after its other writes
-        (a refusal writes nothing and does not fail the batch)."""
+        (a refusal writes nothing and does not fail the batch). ``with_settlement``: the step
+        is inserted by the batch's own writes, and the batch's one settlement, if it counts
+        against the same scope rows, is written in the same statement."""
 
     def held(self, step_id: int) -> Held | None:
         """The answer to :meth:`hold` for ``step_id``, once the batch was read (None: not asked)."""

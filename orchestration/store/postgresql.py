@@ -54,7 +54,16 @@ from orchestration.store.plain import (
     Store,
     WriteBatch,
 )
-from policies.ledger import Held, HoldRequest, hold_answer, hold_statements, settlement_prepared
+from policies.ledger import (
+    Held,
+    HoldRequest,
+    Settlement,
+    hold_answer,
+    hold_scope_ids,
+    hold_statements,
+    settle_hold_prepared,
+    settlement_prepared,
+)
 from policies.models import PolicyDecision
 
 ID_BLOCK = 200
@@ -194,10 +203,12 @@ class PgWriteBatch:
         self._claim_at: int | None = None
         #: step id -> (a reservation asked for it, the position of the statement that answers)
         self.holds: dict[int, tuple[HoldRequest, int]] = {}
+        #: The settlements written in the batch, with the position of their statement.
+        self.settled: list[tuple[Settlement, int]] = []
 
     def add(self, changes: Changes) -> None:
         """Render ``changes`` into the batch (ids are assigned now)."""
-        render(self.store, self.batch, changes)
+        self.settled.extend(render(self.store, self.batch, changes))
         self.members.append(changes)
 
     def claim_last(
@@ -219,6 +230,7 @@ class PgWriteBatch:
         )
         if other._claim_at is not None:
             self._claim_at = other._claim_at + offset
+        self.settled.extend((settlement, at + offset) for settlement, at in other.settled)
 
     def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
         """The step :meth:`claim_last` claimed, from the batch's answer (``None``: another
@@ -227,7 +239,19 @@ class PgWriteBatch:
             rows = self.batch.kept.get(self._claim_at)
         return claimed_from_row(rows[0] if rows else None, now)
 
-    def hold(self, step_id: int, request: HoldRequest) -> None:
+    def hold(self, step_id: int, request: HoldRequest, *, with_settlement: bool = False) -> None:
+        if with_settlement and len(self.settled) == 1:
+            settlement, at = self.settled[0]
+            if hold_scope_ids(request) == frozenset(settlement.scope_ids):
+                # The one settlement's statement becomes settle-and-reserve: each scope row is
+                # locked and written once. Its place is after the step's INSERT (the guard
+                # reads it) and before any claim.
+                statement, params = settle_hold_prepared(settlement, request)
+                self.batch.prepared.append(statement)
+                self.batch.statements[at] = (statement.execute, params, statement)
+                self.batch.keep.add(at)
+                self.holds[step_id] = (request, at)
+                return
         at = -1
         for sql, params in hold_statements(request):
             if isinstance(sql, Prepared):
@@ -281,9 +305,10 @@ class InFlightPending(Pending):
             raise
 
 
-def render(store: PostgresStore, batch: Batch, changes: Changes) -> None:
+def render(store: PostgresStore, batch: Batch, changes: Changes) -> list[tuple[Settlement, int]]:
     """The statements that write ``changes``, in the order every writer of a run uses: the run
-    row first (it is what serialises them), then the fenced step, then the rest."""
+    row first (it is what serialises them), then the fenced step, then the rest. Returns the
+    settlements written, with their statements' positions."""
     run, now = changes.run, changes.now
     if changes.insert_run:
         store.assign_ids(Run, [run])
@@ -318,12 +343,15 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> None:
     insert(StateVersion, changes.state_versions, returning=False, batch=batch)
     insert(ToolCall, changes.tool_calls, returning=False, batch=batch)
     insert(PolicyDecision, changes.decision_rows(), returning=False, batch=batch)
-    for settlement in changes.settlements:
-        batch.add_prepared(*settlement_prepared(settlement, now))
+    settled = [
+        (settlement, batch.add_prepared(*settlement_prepared(settlement, now)))
+        for settlement in changes.settlements
+    ]
     audit_record_many(changes.audit_entries(), now=now, batch=batch)
     if changes.claim_after is not None:
         step_id, worker, lease_until = changes.claim_after
         claim_in_batch(batch, step_id, worker, now, lease_until)
+    return settled
 
 
 # --- statements ---------------------------------------------------------------------------------

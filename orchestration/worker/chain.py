@@ -155,7 +155,13 @@ class Chain:
             raise Superseded(committing.confirm())
 
     def ask_hold(
-        self, batch: WriteBatch, step: Step, settling: list[Settlement], now: datetime
+        self,
+        batch: WriteBatch,
+        step: Step,
+        settling: list[Settlement],
+        now: datetime,
+        *,
+        inserted: bool,
     ) -> None:
         """Reserve for ``step`` (claimed by ``batch``) in ``batch`` itself, if its call has a
         worst case known now and a ceiling counts it (``orchestration.worker.costs.hold_for``).
@@ -164,7 +170,9 @@ class Chain:
         transaction keep that order only if they lock the same rows. So a batch that settles
         calls (``settling``) asks only if it settles one, against exactly the rows this
         reservation would lock (the same run, workflow, tenant, and agent where a ceiling is
-        kept per agent); otherwise the step reserves on its own when it runs."""
+        kept per agent); otherwise the step reserves on its own when it runs. ``inserted``: the
+        batch inserts ``step`` (a successor it created claimed), so that settlement and this
+        reservation can be one statement."""
         request = hold_for(step, self.worker_id, now)
         if request is None:
             return
@@ -172,7 +180,7 @@ class Chain:
             len(settling) > 1 or hold_scope_ids(request) != frozenset(settling[0].scope_ids)
         ):
             return
-        batch.hold(step.pk, request)
+        batch.hold(step.pk, request, with_settlement=inserted)
         self.holds[step.pk] = batch
 
     def hold_ahead(self, step: Step) -> None:

@@ -203,7 +203,9 @@ def step_complete(
                 claimed = changes.local_step or sibling
                 if claimed is not None:
                     settling = [d.settlement for d, _, _ in members if d.settlement is not None]
-                    chain.ask_hold(batch, claimed, settling, now)
+                    chain.ask_hold(
+                        batch, claimed, settling, now, inserted=claimed is changes.local_step
+                    )
                 return chain.send(batch, members, sibling)
             try:
                 rows = batch.run().result()

@@ -240,12 +240,13 @@ class PgWriteBatch:
         return claimed_from_row(rows[0] if rows else None, now)
 
     def hold(self, step_id: int, request: HoldRequest, *, with_settlement: bool = False) -> None:
-        if with_settlement and len(self.settled) == 1:
-            settlement, at = self.settled[0]
-            if hold_scope_ids(request) == frozenset(settlement.scope_ids):
-                # The one settlement's statement becomes settle-and-reserve: each scope row is
-                # locked and written once. Its place is after the step's INSERT (the guard
-                # reads it) and before any claim.
+        if with_settlement and self.settled:
+            settlement, at = self.settled[-1]
+            ids = hold_scope_ids(request)
+            if all(ids == frozenset(s.scope_ids) for s, _ in self.settled):
+                # The last settlement's statement becomes settle-and-reserve: each scope row is
+                # written once for both. Its place is after the INSERT of the step (the last
+                # member's, whose guard reads it) and before any claim.
                 statement, params = settle_hold_prepared(settlement, request)
                 self.batch.prepared.append(statement)
                 self.batch.statements[at] = (statement.execute, params, statement)

@@ -168,7 +168,7 @@ class Chain:
 
         Every statement that locks scope rows locks them in id order; two statements of one
         transaction keep that order only if they lock the same rows. So a batch that settles
-        calls (``settling``) asks only if it settles one, against exactly the rows this
+        calls (``settling``) asks only if each of them counts against exactly the rows this
         reservation would lock (the same run, workflow, tenant, and agent where a ceiling is
         kept per agent); otherwise the step reserves on its own when it runs. ``inserted``: the
         batch inserts ``step`` (a successor it created claimed), so that settlement and this
@@ -176,10 +176,10 @@ class Chain:
         request = hold_for(step, self.worker_id, now)
         if request is None:
             return
-        if settling and (
-            len(settling) > 1 or hold_scope_ids(request) != frozenset(settling[0].scope_ids)
-        ):
-            return
+        if settling:
+            ids = hold_scope_ids(request)
+            if any(ids != frozenset(settlement.scope_ids) for settlement in settling):
+                return
         batch.hold(step.pk, request, with_settlement=inserted)
         self.holds[step.pk] = batch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,9 @@ class WebServer:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    # An open console's websocket must not hold a stop up.
+                    "--timeout-graceful-shutdown",
+                    "3",
                 ],
                 cwd=ROOT,
                 env=env,
@@ -96,9 +100,16 @@ class WebServer:
         raise RuntimeError(f"uvicorn not listening after {timeout}s: {self.log()}")
 
     def stop(self) -> None:
+        """Stops the server as a deploy does (SIGTERM, connections closed within the graceful
+        shutdown's time); a server that has not exited 15 s later is killed with its group, so a
+        stuck shutdown fails no test and leaves no process behind."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(15)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
         self.proc = None
 
     def log(self) -> str:

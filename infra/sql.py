@@ -101,6 +101,17 @@ def _converters(model: type[models.Model]) -> list[tuple[int, Any, list[Any]]]:
     return _converter_cache[key]
 
 
+#: Follows the status in a prepared statement that finds its row by primary key and checks its
+#: status (``WHERE id = $1 AND status = 'queued' COLLATE "C"``), so that the status is no access
+#: path. A partial index of every row in one status (``step_queued_idx``, ``step_running_idx``,
+#: ``reservation_held_idx``) matches the plain comparison, and a plan made while the table was
+#: new (a worker keeps its generic plan for the connection's life) read that whole index, dead
+#: entries and all, and filtered on the id: thousands of entries per claim, fence or settlement.
+#: A comparison in another collation proves nothing about the index's predicate, and equality
+#: of these ASCII values is the same in every collation.
+BY_KEY = ' COLLATE "C"'
+
+
 class Prepared:
     """A statement prepared once per connection and then executed by name (PostgreSQL).
 

@@ -24,6 +24,7 @@ from django.db import DatabaseError, models
 from audit.services import audit_insert_from, audit_record_many
 from audit.verbs import ActorType, Verb
 from infra.sql import (
+    BY_KEY,
     Batch,
     InFlight,
     Prepared,
@@ -388,7 +389,7 @@ def _claim_statement() -> Prepared:
     WITH c AS (
         UPDATE {step_t} s SET status = {running}, attempt = s.attempt + 1, lease_owner = $2,
                lease_expires_at = $3, started_at = COALESCE(s.started_at, $4)
-        WHERE s.id = $1 AND s.status = {queued} AND s.available_at <= $4
+        WHERE s.id = $1 AND s.status = {queued}{BY_KEY} AND s.available_at <= $4
         RETURNING {_step_columns()}
     ), started AS (
         UPDATE {run_t} r SET status = {running}, started_at = $4, updated_at = $4,
@@ -448,7 +449,7 @@ def fence_step_checked(
     statement, columns = _checked_update(
         Step,
         tuple(values),
-        f"t.status = '{StepStatus.RUNNING}' AND t.attempt = $3 AND t.lease_owner = $4",
+        f"t.status = '{StepStatus.RUNNING}'{BY_KEY} AND t.attempt = $3 AND t.lease_owner = $4",
         LEASE_LOST,
         ("text",),
     )
@@ -468,7 +469,7 @@ def claim_completed_checked(
     statement, columns = _checked_update(
         Step,
         tuple(values),
-        f"t.status = '{StepStatus.QUEUED}' AND t.attempt = $3 AND t.available_at <= $4",
+        f"t.status = '{StepStatus.QUEUED}'{BY_KEY} AND t.attempt = $3 AND t.available_at <= $4",
         STEP_TAKEN,
         ("timestamptz",),
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import Verb
+from infra.sql import BY_KEY
 from orchestration.advance import node_of
 from orchestration.agents.base import Agent, AgentContext
 from orchestration.errors import Code, PolicyDenied, TransientError
@@ -208,5 +209,5 @@ def _running_guard() -> str:
     qn = connection.ops.quote_name
     return (
         f"EXISTS (SELECT 1 FROM {qn(Step._meta.db_table)} WHERE {qn('id')} = {{0}} "
-        f"AND {qn('status')} = {{1}} AND {qn('lease_owner')} = {{2}})"
+        f"AND {qn('status')} = {{1}}{BY_KEY} AND {qn('lease_owner')} = {{2}})"
     )

@@ -484,10 +484,11 @@ def render(rows: list[Row], markdown: bool) -> str:
     )
 
 
-def bench_policy_install() -> None:
+def bench_policy_install(*, ceilings: bool = True) -> None:
     """The demo's policy in force, every rule and ceiling of it, with its ceilings' limits
     raised so that a benchmark's thousands of runs reserve and settle against them without
-    reaching one (the demo's daily limits are sized for an hour of demo traffic)."""
+    reaching one (the demo's daily limits are sized for an hour of demo traffic); without
+    ``ceilings``, its rules alone (every action decided and recorded, nothing reserved)."""
     from pathlib import Path
 
     import yaml
@@ -498,6 +499,8 @@ def bench_policy_install() -> None:
     document = yaml.safe_load((Path(policies.__file__).parent / "demo_policy.yaml").read_text())
     for ceiling in document.get("ceilings", []):
         ceiling["limit"] = max(float(ceiling["limit"]), 1_000_000.0)
+    if not ceilings:
+        document.pop("ceilings", None)
     policy_install(source=yaml.safe_dump(document, sort_keys=False), note="benchmark")
 
 
@@ -534,9 +537,12 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
         "--policy",
-        choices=["none", "demo"],
+        choices=["none", "rules", "demo"],
         default="none",
-        help="the policy in force: none, or the demo's (policies/demo_policy.yaml), decided for every action",
+        help=(
+            "the policy in force: none; the demo's (policies/demo_policy.yaml), decided for"
+            " every action; or its rules without its ceilings"
+        ),
     )
     args = parser.parse_args()
 
@@ -544,8 +550,8 @@ def main() -> None:
     import django
 
     django.setup()
-    if args.policy == "demo":
-        bench_policy_install()
+    if args.policy != "none":
+        bench_policy_install(ceilings=args.policy == "demo")
     only = set(args.only or ["service", "api", "resume", "single", "decisions", "push", "pages"])
     rows: list[Row] = []
     cpu_report: list[str] = []

@@ -18,7 +18,12 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from console.live_auth import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, live_user, session_group
+from console.live_auth import (
+    CLOSE_FORBIDDEN,
+    CLOSE_UNAUTHENTICATED,
+    live_user_now,
+    session_group,
+)
 from console.views import run_list_fragment, run_live_fragment
 from console.views_inbox import (
     home_fragment,
@@ -117,28 +122,35 @@ class LiveFragmentConsumer(AsyncWebsocketConsumer):
                 await asyncio.sleep(pause)
             self._dirty = False
             self._rendered_at = loop.time()
-            if not await self.still_allowed():
+            code, html = await database_sync_to_async(self._recheck_and_render)()
+            if code is not None:
+                await self.close(code=code)
                 return
-            html = await database_sync_to_async(self.render)()
             if html is None:  # no longer visible to this user
                 await self.close()
                 return
             await self.send(text_data=html)
 
-    async def still_allowed(self) -> bool:
-        """Re-check the user before a push (console.live_auth); closes the socket if not."""
-        user, code = await live_user(self.scope)
-        if code is None and not await self.allowed(user):
+    def _recheck_and_render(self) -> tuple[int | None, str | None]:
+        """Re-check the user (console.live_auth), then render for them: one trip to the
+        database thread per push (the consoles of a web process queue on that one thread).
+        Returns the close code if the user may no longer have this socket, else the HTML."""
+        session = self.scope.get("session")
+        user, code = live_user_now(getattr(session, "session_key", None))
+        if code is None and not self.allowed_now(user):
             code = CLOSE_FORBIDDEN
         if code is not None:
-            await self.close(code=code)
-            return False
+            return code, None
         self.user = user  # fresh: permissions lost since the last push narrow this render
-        return True
+        return None, self.render()
+
+    async def allowed(self, user: Any) -> bool:
+        return await database_sync_to_async(self.allowed_now)(user)
 
     # --- what subclasses define --------------------------------------------------------------------
 
-    async def allowed(self, user: Any) -> bool:
+    def allowed_now(self, user: Any) -> bool:
+        """Whether ``user`` may have this socket (called in the database thread)."""
         return True
 
     def group_name(self) -> str:
@@ -160,8 +172,8 @@ class RunConsumer(LiveFragmentConsumer):
     def run_id(self) -> int:
         return int(self.scope["url_route"]["kwargs"]["run_id"])
 
-    async def allowed(self, user: Any) -> bool:
-        return await database_sync_to_async(run_is_visible)(user, self.run_id)
+    def allowed_now(self, user: Any) -> bool:
+        return run_is_visible(user, self.run_id)
 
     def group_name(self) -> str:
         return run_group(self.run_id)
@@ -241,8 +253,8 @@ class InboxItemConsumer(CatchUpConsumer):
     def wait_id(self) -> int:
         return int(self.scope["url_route"]["kwargs"]["wait_id"])
 
-    async def allowed(self, user: Any) -> bool:
-        self.run_id = await database_sync_to_async(inbox_item_run_id)(user, self.wait_id)
+    def allowed_now(self, user: Any) -> bool:
+        self.run_id = inbox_item_run_id(user, self.wait_id)
         return self.run_id is not None
 
     def group_name(self) -> str:

@@ -2,7 +2,7 @@
 
 A websocket outlives the request that opened it: the user may log out (which deletes the
 session), be deactivated, change their password or lose a permission while it is open. Before
-each render the consumer asks :func:`live_user` for the user afresh; it closes the socket with
+each render the consumer asks :func:`live_user_now` for the user afresh; it closes the socket with
 :data:`CLOSE_UNAUTHENTICATED` (4401) or :data:`CLOSE_FORBIDDEN` (4403), or renders with the
 fresh user so a list narrows at once.
 """
@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
@@ -37,7 +36,9 @@ CLOSE_FORBIDDEN = 4403
 DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
-def _live_user(session_key: str | None) -> tuple[Any, int | None]:
+def live_user_now(session_key: str | None) -> tuple[Any, int | None]:
+    """The user of the session ``session_key`` read afresh (session, then user), or None and the
+    close code. Called in the database thread, with the render it guards."""
     if not session_key:
         return None, CLOSE_UNAUTHENTICATED
     store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
@@ -53,12 +54,6 @@ def _live_user(session_key: str | None) -> tuple[Any, int | None]:
     if not constant_time_compare(data.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash()):
         return None, CLOSE_UNAUTHENTICATED
     return user, None
-
-
-async def live_user(scope: dict[str, Any]) -> tuple[Any, int | None]:
-    """The socket's user read afresh (session, then user), or None and the close code."""
-    session = scope.get("session")
-    return await database_sync_to_async(_live_user)(getattr(session, "session_key", None))
 
 
 def session_group(session_key: str) -> str:
@@ -81,7 +76,7 @@ def _session_sockets_close(session_key: str) -> None:
         return
     try:
         async_to_sync(layer.group_send)(session_group(session_key), {"type": "session.ended"})
-    except Exception:  # the sockets still close at their next push (live_user)
+    except Exception:  # the sockets still close at their next push (live_user_now)
         log.warning("logout not sent to the session's sockets", exc_info=True)
 
 

@@ -62,7 +62,9 @@ def _generic_plans() -> dict[str, str]:
     """Each statement prepared on this connection, as a worker's generic plan of it."""
     plans = {}
     with connection.cursor() as cursor:
-        cursor.execute("SELECT name, statement, cardinality(parameter_types) FROM pg_prepared_statements")
+        cursor.execute(
+            "SELECT name, statement, cardinality(parameter_types) FROM pg_prepared_statements"
+        )
         prepared = cursor.fetchall()
         cursor.execute("SET plan_cache_mode = force_generic_plan")
         try:

@@ -64,7 +64,7 @@ test: install
 	$(BIN)/ruff check --quiet .
 	$(BIN)/lint-imports --no-cache
 	$(TEST_ENV) $(BIN)/mypy
-	# The schemathesis run (CPU-bound, about 9 minutes) goes beside the rest of the suite (mostly
+	# The schemathesis run (CPU-bound, about 5 minutes) goes beside the rest of the suite (mostly
 	# waiting on real workers), on a test database and a Redis database of its own.
 	@mkdir -p var; \
 	$(TEST_ENV) REDIS_URL='$(API_TEST_REDIS_URL)' DATABASE_TEST_NAME=test_signalbox_schemathesis \

@@ -29,6 +29,7 @@ from orchestration.selectors import (
     inbox_for_user,
     inbox_item_for_user,
     latest_event_id,
+    run_scope,
     run_spend,
     run_steps,
     user_tier,
@@ -140,11 +141,18 @@ def inbox_context(user: User, params: Any = None) -> dict[str, Any]:
     tier = _int(params.get("tier")) if _int(params.get("tier")) in (1, 2, 3) else 0
     page = max(1, min(_int(params.get("page")) or 1, 10_000))
     offset = (page - 1) * INBOX_PAGE
-    items = inbox_for_user(user, kind=kind, tier=tier, offset=offset, limit=INBOX_PAGE + 1)
+    scope = run_scope(user)  # read once for the list and its count
+    items = inbox_for_user(
+        user, kind=kind, tier=tier, offset=offset, limit=INBOX_PAGE + 1, scope=scope
+    )
     more = len(items) > INBOX_PAGE
     items = items[:INBOX_PAGE]
     # One page and nothing before it: its length is the count (no query for it).
-    total = inbox_count_for_user(user, kind=kind, tier=tier) if more or page > 1 else len(items)
+    total = (
+        inbox_count_for_user(user, kind=kind, tier=tier, scope=scope)
+        if more or page > 1
+        else len(items)
+    )
     query = urlencode({k: v for k, v in (("kind", kind), ("tier", tier or "")) if v})
     return {
         "items": items,

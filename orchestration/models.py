@@ -65,7 +65,10 @@ class Run(models.Model):
     status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.QUEUED)
     priority = models.SmallIntegerField(default=0)
     #: Whom the run is done for: who may see and decide it follows from permissions on the tenant.
-    tenant = models.ForeignKey("policies.Tenant", on_delete=models.PROTECT, related_name="+")
+    #: Indexed by ``run_tenant_status_idx``, which serves a lookup by tenant alone as well.
+    tenant = models.ForeignKey(
+        "policies.Tenant", on_delete=models.PROTECT, related_name="+", db_index=False
+    )
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -118,6 +121,8 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["-created_at", "-id"], name="run_created_idx"),
             models.Index(fields=["status", "-id"], name="run_status_idx"),
+            # A tenant-scoped user's runs counted by status: an index-only scan of their tenants.
+            models.Index(fields=["tenant", "status"], name="run_tenant_status_idx"),
             models.Index(fields=["workflow_name", "-id"], name="run_workflow_idx"),
             models.Index(
                 fields=["deadline_at"],
@@ -286,6 +291,13 @@ class Wait(models.Model):
     context (every attempt, error, provider and fallback tried) and ``reason`` says why."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="waits")
+    #: The run's tenant, copied when the wait opens: who may see a wait follows from its tenant,
+    #: so a tenant's open waits are counted and listed without reading its runs. Not indexed:
+    #: the pages read open waits through the partial indexes below, and a tenant's waits are
+    #: always asked for together with the runs a user submitted (``OR``), which no index serves.
+    tenant = models.ForeignKey(
+        "policies.Tenant", on_delete=models.PROTECT, related_name="+", db_index=False
+    )
     step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="waits")
     kind = models.CharField(max_length=10, choices=WaitKind.choices)
     name = models.CharField(max_length=100)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
+from guardian.models import GroupObjectPermission, UserObjectPermission
 from guardian.shortcuts import get_objects_for_user
 
 from audit.selectors import audit_first_events, latest_audit_event_id
@@ -93,6 +97,147 @@ def runs_visible_to(user: User) -> QuerySet[Run]:
     return Run.objects.filter(
         Q(tenant__in=tenants.values("pk")) | Q(pk__in=granted.values("pk")) | Q(submitted_by=user)
     )
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """Which runs a user may see, read once (:func:`run_scope`): every run, or the runs of some
+    tenants, the runs granted to the user one by one and the runs they submitted. The same runs
+    as :func:`runs_visible_to`, held as values, so that waits and steps are narrowed by them
+    directly rather than by a subquery that reads every run of the user's tenants."""
+
+    every: bool = False
+    tenant_ids: frozenset[int] = frozenset()
+    run_ids: frozenset[int] = frozenset()
+    #: The user, for the runs they submitted (None: anonymous).
+    submitter_id: int | None = None
+
+    def runs(self) -> Q:
+        """The visible runs, as a filter of runs."""
+        if self.every:
+            return Q()
+        return self._any(
+            Q(tenant_id__in=self.tenant_ids),
+            Q(pk__in=self.run_ids),
+            Q(submitted_by_id=self.submitter_id),
+        )
+
+    def runs_apart(self) -> list[Q]:
+        """The visible runs as filters no run matches more than one of: the tenants' runs, and
+        the other runs granted or submitted. Counted apart, each is one index scan (index-only,
+        by tenant and status, for the tenants); counted with their ``OR``, every run is read."""
+        if self.every or not self.tenant_ids:
+            return [self.runs()]
+        tenants = Q(tenant_id__in=self.tenant_ids)
+        others = RunScope(run_ids=self.run_ids, submitter_id=self.submitter_id).runs()
+        return [tenants, others & ~tenants]
+
+    def waits(self) -> Q:
+        """Waits of the visible runs (by their own tenant: no join of the runs)."""
+        if self.every:
+            return Q()
+        return self._any(
+            Q(tenant_id__in=self.tenant_ids),
+            Q(run_id__in=self.run_ids),
+            # A subquery, not a join: only the runs this user submitted are read.
+            Q(run_id__in=Run.objects.filter(submitted_by_id=self.submitter_id).values("pk")),
+        )
+
+    def steps(self) -> Q:
+        """Steps of the visible runs, through their run (a step has no tenant of its own; for
+        the few queued or running steps home counts, a join by primary key)."""
+        if self.every:
+            return Q()
+        return self._any(
+            Q(run__tenant_id__in=self.tenant_ids),
+            Q(run_id__in=self.run_ids),
+            Q(run__submitted_by_id=self.submitter_id),
+        )
+
+    def _any(self, tenants: Q, granted: Q, submitted: Q) -> Q:
+        parts = [
+            part
+            for part, present in (
+                (tenants, bool(self.tenant_ids)),
+                (granted, bool(self.run_ids)),
+                (submitted, self.submitter_id is not None),
+            )
+            if present
+        ]
+        if not parts:
+            return Q(pk__in=[])  # nothing (Django answers it without a query)
+        combined = parts[0]
+        for part in parts[1:]:
+            combined |= part
+        return combined
+
+
+EVERY_RUN = RunScope(every=True)
+NO_RUN = RunScope()
+
+
+def run_scope(user: User) -> RunScope:
+    """The runs ``user`` may see (:func:`runs_visible_to`) as a :class:`RunScope`: at most one
+    query, for the user's object permissions (their own and their groups'), once their model
+    permissions are loaded."""
+    if not user.is_authenticated:
+        return NO_RUN
+    # guardian gives a superuser every tenant, even an inactive one (whose has_perm is False),
+    # and every run has a tenant.
+    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT) or user.is_superuser:
+        return EVERY_RUN
+    tenant_ids: set[int] = set()
+    run_ids: set[int] = set()
+    for_tenant = VIEW_FOR_TENANT.partition(".")[2]
+    for codename, object_pk in _view_grants(user):
+        pk = _object_pk(object_pk)
+        if pk is not None:
+            (tenant_ids if codename == for_tenant else run_ids).add(pk)
+    return RunScope(
+        tenant_ids=frozenset(tenant_ids), run_ids=frozenset(run_ids), submitter_id=user.pk
+    )
+
+
+def _view_grants(user: User) -> list[tuple[str, str]]:
+    """(codename, object pk) of every object permission ``user`` holds, directly or through a
+    group, to see a tenant's runs or one run: one query."""
+    wanted = [
+        value
+        for perm, model in ((VIEW_FOR_TENANT, Tenant), (VIEW, Run))
+        for value in (perm.partition(".")[0], model._meta.model_name, perm.partition(".")[2])
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_view_grants_sql(), [user.pk, *wanted, user.pk, *wanted])
+        return [(codename, object_pk) for codename, object_pk in cursor.fetchall()]
+
+
+@cache
+def _view_grants_sql() -> str:
+    """:func:`_view_grants`' statement, written out once: built by the ORM (a union of two
+    three-way joins), the call took 3 to 4 ms on every page of a tenant-scoped user, written out
+    under 1 ms (PostgreSQL runs it in 0.1 ms)."""
+    permission, content_type = Permission._meta.db_table, ContentType._meta.db_table
+    wanted = (
+        "((c.app_label = %s AND c.model = %s AND p.codename = %s)"
+        " OR (c.app_label = %s AND c.model = %s AND p.codename = %s))"
+    )
+    granted = (
+        f" JOIN {permission} p ON p.id = o.permission_id"
+        f" JOIN {content_type} c ON c.id = p.content_type_id"
+    )
+    return (
+        f"SELECT p.codename, o.object_pk FROM {UserObjectPermission._meta.db_table} o{granted}"
+        f" WHERE o.user_id = %s AND {wanted}"
+        f" UNION ALL SELECT p.codename, o.object_pk FROM {GroupObjectPermission._meta.db_table} o"
+        f" JOIN {User.groups.through._meta.db_table} m ON m.group_id = o.group_id{granted}"
+        f" WHERE m.user_id = %s AND {wanted}"
+    )
+
+
+def _object_pk(text: str) -> int | None:
+    """guardian's object pk (text) as a run's or tenant's id; None for text guardian would not
+    match to one (it compares the id written as text)."""
+    return int(text) if text.isdigit() and str(int(text)) == text else None
 
 
 def visibility_key(user: User) -> str:
@@ -526,9 +671,18 @@ class HomeFilters:
     #: Only runs with an open decision that needs this tier (0: any).
     tier: int = 0
 
+    @property
+    def narrows_runs(self) -> bool:
+        """Whether a filter other than the status narrows the runs counted."""
+        return bool(self.workflow or self.tenant or self.agent or self.age_hours or self.tier)
 
-def _home_runs(user: User, filters: HomeFilters) -> QuerySet[Run]:
-    qs = runs_visible_to(user)
+
+def _home_runs(scope: RunScope, filters: HomeFilters) -> QuerySet[Run]:
+    return _home_filtered(filters).filter(scope.runs())
+
+
+def _home_filtered(filters: HomeFilters) -> QuerySet[Run]:
+    qs = Run.objects.all()
     if filters.workflow:
         qs = qs.filter(workflow_name=filters.workflow)
     if filters.tenant:
@@ -544,11 +698,14 @@ def _home_runs(user: User, filters: HomeFilters) -> QuerySet[Run]:
     return qs
 
 
-def _of_runs(rows: QuerySet[Any], runs: QuerySet[Run]) -> QuerySet[Any]:
-    """``rows`` of the runs in ``runs``; of every run when ``runs`` is not narrowed at all (a
-    user who sees every run, no filter), without the join over the whole run table."""
-    if not runs.query.has_filters():
-        return rows
+def _of_runs(
+    rows: QuerySet[Any], runs: QuerySet[Run], filters: HomeFilters, visible: Q
+) -> QuerySet[Any]:
+    """``rows`` of the runs in ``runs``. When no filter narrows them, ``visible`` (the user's
+    :class:`RunScope` for these rows) says which without reading the runs: nothing for a user
+    who sees every run, their tenants' rows, granted runs and own runs for anyone else."""
+    if not filters.narrows_runs:
+        return rows.filter(visible)
     return rows.filter(run__in=runs.values("pk"))
 
 
@@ -563,22 +720,26 @@ class HomeCounts:
     near_ceiling: list[dict[str, Any]]
     #: The newest live event id when counted: the client's catch-up mark.
     last_event_id: int
+    #: Whom they were counted for: the runs the user may see.
+    scope: RunScope
 
 
 def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> HomeCounts:
     """What needs attention, counted over the runs ``user`` may see (five queries whatever the
-    number of runs): runs by status, open waits by kind and escalation reason, steps queued and
-    running per pool, runs near their cost ceiling, and the newest event id."""
+    number of runs, plus one for the object permissions of a user who does not see every run):
+    runs by status, open waits by kind and escalation reason, steps queued and running per pool,
+    runs near their cost ceiling, and the newest event id."""
     filters = filters or HomeFilters()
+    scope = run_scope(user)
     # Read first: the counts then show at least what this mark promises (a client that has seen
     # the mark does not ask for a catch-up).
     last = latest_audit_event_id()
-    runs = _home_runs(user, filters)
-    by_status = {
-        row["status"]: row["n"] for row in runs.order_by().values("status").annotate(n=Count("id"))
-    }
+    runs = _home_runs(scope, filters)
+    by_status: dict[str, int] = {}
+    for row in _count_by_status(_home_filtered(filters), scope):
+        by_status[row["status"]] = by_status.get(row["status"], 0) + row["n"]
     waits = (
-        _of_runs(Wait.objects.filter(status=WaitStatus.OPEN), runs)
+        _of_runs(Wait.objects.filter(status=WaitStatus.OPEN), runs, filters, scope.waits())
         .order_by()
         .values("kind", why=KeyTextTransform("why", "action"))
         .annotate(n=Count("id"))
@@ -595,7 +756,10 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
         # Two equalities rather than IN: each matches its partial index (``step_queued_idx``,
         # ``step_running_idx``), so only queued and running steps are read, never the table.
         _of_runs(
-            Step.objects.filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RUNNING)), runs
+            Step.objects.filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RUNNING)),
+            runs,
+            filters,
+            scope.steps(),
         )
         .order_by()
         .values("pool", "status")
@@ -632,7 +796,18 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
         pools=sorted(pools.values(), key=lambda p: p["pool"]),
         near_ceiling=near,
         last_event_id=last,
+        scope=scope,
     )
+
+
+def _count_by_status(runs: QuerySet[Run], scope: RunScope) -> QuerySet[Any]:
+    """Rows of (status, n) counting the ``runs`` ``scope`` sees: one query, of the parts of
+    :meth:`RunScope.runs_apart` (a status may come in more than one row)."""
+    parts = [
+        runs.filter(part).order_by().values("status").annotate(n=Count("*"))
+        for part in scope.runs_apart()
+    ]
+    return parts[0].union(*parts[1:], all=True) if len(parts) > 1 else parts[0]
 
 
 @dataclass
@@ -652,8 +827,10 @@ def home_runs_for_user(
     counts: HomeCounts | None = None,
 ) -> NumberedPage:
     """The filtered runs, newest first, a page at a time with the honest total (from
-    ``counts``, the same user's and filters' :func:`home_counts_for_user`, when given)."""
-    qs = _home_runs(user, filters or HomeFilters())
+    ``counts``, the same user's and filters' :func:`home_counts_for_user`, when given: its
+    total and whom it counted for, with no query)."""
+    scope = counts.scope if counts is not None else run_scope(user)
+    qs = _home_runs(scope, filters or HomeFilters())
     if filters and filters.status:
         qs = qs.filter(status=filters.status)
     if counts is not None:
@@ -734,12 +911,10 @@ def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: date
     )
 
 
-def _inbox_waits(user: User) -> QuerySet[Wait]:
+def _inbox_waits(scope: RunScope) -> QuerySet[Wait]:
     qs = Wait.objects.filter(
-        status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION)
+        scope.waits(), status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION)
     )
-    if not (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
-        qs = qs.filter(run__in=runs_visible_to(user))
     return qs.select_related("run", "step", "claim__user").defer(*_INBOX_UNREAD)
 
 
@@ -778,26 +953,37 @@ _INBOX_UNREAD = (
 
 
 def inbox_for_user(
-    user: User, *, limit: int = 200, kind: str = "", tier: int = 0, offset: int = 0
+    user: User,
+    *,
+    limit: int = 200,
+    kind: str = "",
+    tier: int = 0,
+    offset: int = 0,
+    scope: RunScope | None = None,
 ) -> list[InboxItem]:
     """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
     they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it;
-    ``offset`` and ``limit`` page it."""
+    ``offset`` and ``limit`` page it; ``scope``: the user's :func:`run_scope`, if the caller
+    has it."""
     now = datetime.now(tz=UTC)
+    scope = scope if scope is not None else run_scope(user)
     waits = list(
-        _inbox_filtered(user, kind, tier).order_by("deadline_at", "id")[offset : offset + limit]
+        _inbox_filtered(scope, kind, tier).order_by("deadline_at", "id")[offset : offset + limit]
     )
     holders = _tier_holders() if waits else {}
     return [_inbox_item(user, wait, holders, now) for wait in waits]
 
 
-def inbox_count_for_user(user: User, *, kind: str = "", tier: int = 0) -> int:
+def inbox_count_for_user(
+    user: User, *, kind: str = "", tier: int = 0, scope: RunScope | None = None
+) -> int:
     """How many open items :func:`inbox_for_user` pages through."""
-    return _inbox_filtered(user, kind, tier).count()
+    scope = scope if scope is not None else run_scope(user)
+    return _inbox_filtered(scope, kind, tier).count()
 
 
-def _inbox_filtered(user: User, kind: str, tier: int) -> QuerySet[Wait]:
-    qs = _inbox_waits(user)
+def _inbox_filtered(scope: RunScope, kind: str, tier: int) -> QuerySet[Wait]:
+    qs = _inbox_waits(scope)
     if kind:
         qs = qs.filter(kind=kind)
     if tier:

@@ -345,6 +345,7 @@ class Ending(AdvanceState):
         wait = unsaved(
             Wait,
             run=self.run,
+            tenant_id=self.run.tenant_id,
             step=step,
             kind=WaitKind.ESCALATION,
             name=step.key,

@@ -147,6 +147,7 @@ class RunAdvance(Ending):
         wait = unsaved(
             Wait,
             run=self.run,
+            tenant_id=self.run.tenant_id,
             step=step,
             kind=WaitKind.EVENT,
             name=node.event,
@@ -237,6 +238,7 @@ class RunAdvance(Ending):
         wait = unsaved(
             Wait,
             run=self.run,
+            tenant_id=self.run.tenant_id,
             step=step,
             kind=WaitKind.APPROVAL,
             name=node.name,

@@ -7,7 +7,8 @@ the web server as deployed, by a logged-in console user (session cookie), ``--pa
 times after two warm-up requests; the time measured is the client's, from sending the request
 to the last byte of the answer (server time plus a loopback hop), so an upper bound of the
 server's. Two users: one who may see every run, and one who sees a tenant through an object
-permission (django-guardian), whose queries take the other shape of ``runs_visible_to``.
+permission (django-guardian), whose pages narrow runs and waits by the tenant ids ``run_scope``
+reads (a wait carries its run's tenant; the clones copy it with the other columns).
 """
 
 from __future__ import annotations

@@ -230,19 +230,14 @@ class Chain:
 
     def may_join(self, sibling: Step, run: Run, now: datetime) -> bool:
         """Whether ``sibling`` may run before the completion that would claim it is sent: a
-        pure agent's step, due, with no approval to check first, and no reservation that the
-        batch claiming it could make (a cost ceiling counts its call): that one is claimed and
-        reserved in the batch, sent at once, and runs meanwhile, rather than reserving in a
-        transaction of its own, waited for, before it runs."""
+        pure agent's step, due, with no approval to check first."""
         if sibling.kind not in (StepKind.AGENT, StepKind.ITEM) or sibling.available_at > now:
             return False
         if not agent_class(sibling.agent).pure or not self.rt.store.pipelined:
             return False
-        if node_of(workflow_get(run.workflow_name, run.workflow_version), sibling).approval:
-            return False
-        probe = copy.copy(sibling)
-        probe.run = run
-        return hold_for(probe, self.worker_id, now) is None
+        return (
+            node_of(workflow_get(run.workflow_name, run.workflow_version), sibling).approval is None
+        )
 
     def hold(self, batch: WriteBatch, members: list[Member], sibling: Step, now: datetime) -> Step:
         """Keep ``batch`` (the completions of ``members``) unsent and start ``sibling`` now;

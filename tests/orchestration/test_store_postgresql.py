@@ -22,9 +22,6 @@ from orchestration.models import Run, Step, StepStatus
 from orchestration.services import run_submit
 from orchestration.store import LeaseLost
 from orchestration.store.postgresql import PostgresStore, fence_step_checked, refusal
-from policies.active import active_forget
-from policies.models import SpendScope
-from policies.services import policy_install
 from policies.tenants import tenant_by_slug
 from tests.conftest import ALL_POOLS
 from tests.support.engine import runtime_for, step_claim, step_run
@@ -363,46 +360,6 @@ def test_pure_siblings_run_back_to_back_and_commit_in_one_transaction(
             "SELECT count(DISTINCT xmin::text) FROM audit_auditevent WHERE run_id = %s", [run.pk]
         )
         assert cursor.fetchone()[0] == 6
-
-
-CEILINGS = """
-default: allow
-ceilings:
-  - {scope: run, limit: 1.00}
-  - {scope: global_day, limit: 100.00}
-prices:
-  demo-model: {input_per_1k: 0.00015, output_per_1k: 0.0006}
-"""
-
-
-def test_a_pure_sibling_under_a_ceiling_is_claimed_and_reserved_in_its_siblings_batch(
-    drive: Any,
-) -> None:
-    policy_install(source=CEILINGS, note="sibling reservations")
-    active_forget()
-    run = _run()  # the reference workload's no-op agents are priced: each call reserves
-    assert drive(run.pk).status == "succeeded"
-    steps = {s.node: s for s in Step.objects.filter(run=run)}
-    xmin = _transactions(run)
-    a, b = steps["research_a"].pk, steps["research_b"].pk
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT step_id, xmin::text, status, created_at FROM policies_reservation "
-            "WHERE run_id = %s",
-            [run.pk],
-        )
-        reservations = {row[0]: row[1:] for row in cursor.fetchall()}
-    # research_b did not run ahead of research_a's completion to reserve in a transaction of
-    # its own first: that completion claimed it and reserved for it (at its time), and it ran
-    # meanwhile; its own completion settled it.
-    assert xmin[(b, Verb.STEP_CLAIMED)] == xmin[(a, Verb.STEP_SUCCEEDED)]
-    assert reservations[b][2] == steps["research_a"].finished_at
-    assert reservations[b][0] == xmin[(b, Verb.STEP_SUCCEEDED)] != xmin[(a, Verb.STEP_SUCCEEDED)]
-    # every call reserved once and was settled with its usage
-    assert sorted(reservations) == sorted(s.pk for s in steps.values())
-    assert {status for _, status, _ in reservations.values()} == {"settled"}
-    scope = SpendScope.objects.get(kind="run", key=str(run.pk))
-    assert scope.reserved == 0 and scope.spent > 0
 
 
 def test_a_worker_whose_claim_was_lost_cannot_commit_over_a_new_claim_with_the_same_token() -> None:

@@ -166,9 +166,7 @@ def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: A
 
     assert run.status == "succeeded", run.error_message
     steps = _steps(run.pk)
-    held = {
-        r.step_id: r for r in Reservation.objects.filter(run_id=run.pk).order_by("created_at")
-    }
+    held = {r.step_id: r for r in Reservation.objects.filter(run_id=run.pk).order_by("created_at")}
     assert [held[steps[n].pk].status for n in ("one", "two", "three")] == ["settled"] * 3
     assert all(r.amount == CHAIN_WORST and r.actual == CHAIN_CALL for r in held.values())
     # "two" and "three" were reserved in the transaction that completed their predecessor and

@@ -396,6 +396,8 @@ class Store:
         ``fields`` (exactly one caller wins) and read the step that waits on it. Returns the
         run as locked and the step, or ``None`` for the step when the wait was not open (nothing
         was written). Raises ``Run.DoesNotExist``. Here three statements; one on PostgreSQL."""
+        if not connection.in_atomic_block:
+            raise RuntimeError("Store.wait_close_locked runs inside the caller's transaction")
         run = self.run_get(run_id, lock=True)
         if not Wait.objects.filter(pk=wait_id, run_id=run_id, status=WaitStatus.OPEN).update(
             **fields

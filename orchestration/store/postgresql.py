@@ -208,6 +208,8 @@ class PostgresStore(Store):
         # One statement: the run locked, the wait closed if it is still open, its step read
         # (and locked: a statement that waited for the run's lock reads the step as it is after
         # the transaction it waited for, not as its snapshot saw it before).
+        if not db().in_atomic_block:
+            raise RuntimeError("Store.wait_close_locked runs inside the caller's transaction")
         names = tuple(fields)
         statement, columns = _wait_close_locked_statement(names)
         row = {

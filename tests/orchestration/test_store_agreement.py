@@ -230,6 +230,8 @@ def test_both_stores_close_an_approval_under_its_runs_lock_alike(operator: Any) 
         }
         with pytest.raises(Run.DoesNotExist), transaction.atomic():
             rt.store.wait_close_locked(run.pk + 10_000, wait.pk, wait.step_id, **decided)
+        with pytest.raises(RuntimeError):  # a lock outside a transaction would hold nothing
+            rt.store.wait_close_locked(run.pk, wait.pk, wait.step_id, **decided)
         return run
 
     _both(work)

@@ -459,6 +459,8 @@ def _json_converter(field: models.Field[Any, Any]) -> Callable[[Any], Any] | Non
         return _aware(field)
     if kind == "DecimalField":
         return _decimal
+    if kind == "ForeignKey":  # the related row's id, as its own field travels
+        return _json_converter(cast("models.ForeignKey[Any, Any]", field).target_field)
     return None
 
 

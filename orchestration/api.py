@@ -241,8 +241,9 @@ def approval_decide(
         "Each approval is decided on its own (one refusal does not undo the others) and the "
         "answer lists each one's outcome in the order asked: `ok`, or a `code` such as "
         "`approval_not_found`, `already_decided` or `tier_too_low`. Approvals of different tiers "
-        "are refused as a whole (422 `invalid_decision`); a reason (not blank) is required to "
-        "reject (422 `reason_required`)."
+        "are refused as a whole (422 `invalid_decision`), and so is an approval listed twice "
+        "(422 `invalid_request`); a reason (not blank) is required to reject (422 "
+        "`reason_required`)."
     ),
 )
 def approvals_decide_bulk(request: HttpRequest, payload: ApprovalBulkDecideIn) -> Any:

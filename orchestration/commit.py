@@ -5,7 +5,7 @@ through here; a worker's common completion goes without the lock (``worker.compl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from django.db import transaction
 
@@ -69,4 +69,12 @@ def write_and_send(rt: Runtime, changes: Changes) -> None:
     dispatch.send_on_commit(changes, rt)
 
 
-__all__ = ["Run", "advance_locked", "compute_locked", "write_and_send"]
+def write_many_and_send(rt: Runtime, many: Sequence[Changes]) -> None:
+    """Inside the caller's transaction: write several advances' ``many`` changes in one store
+    call (one round trip on PostgreSQL); send their messages after commit."""
+    rt.store.write_many(many)
+    for changes in many:
+        dispatch.send_on_commit(changes, rt)
+
+
+__all__ = ["Run", "advance_locked", "compute_locked", "write_and_send", "write_many_and_send"]

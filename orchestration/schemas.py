@@ -433,7 +433,10 @@ class ApprovalBulkDecideIn(BodyIn):
     }
 
     ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
-        min_length=1, max_length=100, description="The approvals, at most 100, all of one tier."
+        min_length=1,
+        max_length=100,
+        description="The approvals, at most 100, each once, all of one tier.",
+        json_schema_extra={"uniqueItems": True},
     )
     decision: Literal["approve", "reject"]
     reason: StoredText = Field(
@@ -442,6 +445,15 @@ class ApprovalBulkDecideIn(BodyIn):
         validate_default=True,
         description="Why; required (not blank) to reject.",
     )
+
+    @field_validator("ids")
+    @classmethod
+    def _each_once(cls, ids: list[int]) -> list[int]:
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            listed = ", ".join(str(i) for i in repeated)
+            raise ValueError(f"each approval once: {listed} listed more than once")
+        return ids
 
     @field_validator("reason")
     @classmethod

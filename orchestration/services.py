@@ -27,7 +27,7 @@ from audit.verbs import ActorType, Verb
 from infra.canonical import digest
 from orchestration import advance, dispatch, runtime, selectors
 from orchestration.changes import ACTIVE_STEPS, DONE_STEPS, OPEN_WAITS, Changes, Snapshot
-from orchestration.commit import compute_locked, write_and_send
+from orchestration.commit import compute_locked, write_and_send, write_many_and_send
 from orchestration.contracts import validation_errors
 from orchestration.errors import (
     Code,
@@ -287,11 +287,56 @@ def approval_decide(
             code=Code.INPUT_CONTRACT,
             message=f"edited input does not satisfy {wait.step.agent!r}'s input contract",
         )
-    actor_type, actor_id = _actor(user)
     now = timezone.now()
     if decision == Decision.EDIT and user is not None:
         assert edited_input is not None
         _edit_check(wait, user, edited_input, now)
+    if user is not None:
+        # Before the transaction: a refusal's audit record must not roll back with it.
+        selectors.wait_check_decide(user, wait)
+    with transaction.atomic():
+        changes = _approval_close_and_compute(
+            rt,
+            wait,
+            user,
+            decision=decision,
+            reason=reason,
+            edited_input=edited_input,
+            now=now,
+        )
+        if changes is None:
+            return wait  # more approvals are needed
+        write_and_send(rt, changes)
+    return wait
+
+
+def _approval_close_and_compute(
+    rt: runtime.Runtime,
+    wait: Wait,
+    user: User | None,
+    *,
+    decision: str,
+    reason: str,
+    edited_input: dict[str, Any] | None,
+    now: datetime,
+) -> Changes | None:
+    """Inside the caller's transaction: close the approval with the decision (its run locked
+    and the step that waits on it read by the same statement, ``Store.wait_close_locked``) and
+    compute what the run does next, not written yet. ``None``: the vote was recorded and more
+    approvals are needed. Conflict when it is no longer open. Afterwards ``wait`` is the row as
+    decided, with its run and step as the changes leave them."""
+    actor_type, actor_id = _actor(user)
+    if decision != Decision.REJECT and (wait.quorum > 1 or wait.stage + 1 < len(wait.stages)):
+        if decision == Decision.EDIT:
+            raise Conflict(
+                f"approval {wait.pk} needs {wait.quorum} people at each of its stages: an edit by "
+                "one of them would bypass the others; reject it with the change you want, or "
+                "approve it as proposed",
+                code=Code.EDIT_NEEDS_SINGLE_APPROVAL,
+            )
+        rt.store.run_get(wait.run_id, lock=True)  # votes are counted under the run's lock
+        if not _vote(rt, wait, user, reason, now):
+            return None
     decided: dict[str, Any] = dict(
         status=WaitStatus.REJECTED if decision == Decision.REJECT else WaitStatus.APPROVED,
         decision=decision,
@@ -300,52 +345,33 @@ def approval_decide(
         decision_reason=reason,
         edited_input=edited_input,
     )
-    decided_step: dict[str, Any] = {}
-    if user is not None:
-        # Before the transaction: a refusal's audit record must not roll back with it.
-        selectors.wait_check_decide(user, wait)
-    with transaction.atomic():
-        locked = rt.store.run_get(wait.run_id, lock=True)
-        if decision != Decision.REJECT and (wait.quorum > 1 or wait.stage + 1 < len(wait.stages)):
-            if decision == Decision.EDIT:
-                raise Conflict(
-                    f"approval {wait_id} needs {wait.quorum} people at each of its stages: an edit by "
-                    "one of them would bypass the others; reject it with the change you want, or "
-                    "approve it as proposed",
-                    code=Code.EDIT_NEEDS_SINGLE_APPROVAL,
-                )
-            if not _vote(rt, wait, user, reason, now):
-                return wait  # more approvals are needed
-        if not rt.store.wait_close(wait_id, **decided):
-            raise _already_decided(rt, wait_id, "approval")
-        # The row is now what was read before plus what this update wrote: nothing else
-        # changes an open wait, and it was open.
-        for field, value in decided.items():
-            setattr(wait, field, value)
+    locked, step = rt.store.wait_close_locked(wait.run_id, wait.pk, wait.step_id, **decided)
+    if step is None:
+        raise _already_decided(rt, wait.pk, "approval")
+    # The row is now what was read before plus what this update wrote: nothing else changes
+    # an open wait, and it was open.
+    for field, value in decided.items():
+        setattr(wait, field, value)
 
-        def compute(snapshot: Snapshot) -> Changes:
-            step = decided_step["step"] = snapshot.focus
-            assert step is not None
-            return advance.approval_decided(
-                snapshot,
-                now,
-                wait=wait,
-                step=step,
-                decision=decision,
-                reason=reason,
-                edited_input=edited_input,
-                actor_type=actor_type,
-                actor_id=actor_id,
-            )
-
-        needs = FAILING if decision == Decision.REJECT else frozenset()
-        # The run as locked above: nothing has written it since (a vote writes the wait only).
-        changes = compute_locked(
-            rt, wait.run_id, compute, needs=needs, focus_id=wait.step_id, locked=locked
+    def compute(snapshot: Snapshot) -> Changes:
+        focus = snapshot.focus
+        assert focus is not None
+        return advance.approval_decided(
+            snapshot,
+            now,
+            wait=wait,
+            step=focus,
+            decision=decision,
+            reason=reason,
+            edited_input=edited_input,
+            actor_type=actor_type,
+            actor_id=actor_id,
         )
-        write_and_send(rt, changes)
-    wait.run, wait.step = changes.run, decided_step["step"]  # as they are now, for whoever shows it
-    return wait
+
+    needs = FAILING if decision == Decision.REJECT else frozenset()
+    changes = compute_locked(rt, wait.run_id, compute, needs=needs, focus=step, locked=locked)
+    wait.run, wait.step = changes.run, step  # as they are now, for whoever shows it
+    return changes
 
 
 def _edit_check(wait: Wait, user: User, edited_input: dict[str, Any], now: datetime) -> None:
@@ -880,13 +906,17 @@ class BulkOutcome:
 def approvals_decide_bulk(
     *, wait_ids: list[int], user: User, decision: str = Decision.APPROVE, reason: str = ""
 ) -> list[BulkOutcome]:
-    """Approve (or reject) several approvals of the same tier with one reason. Each is decided
-    in its own transaction, so one refusal does not undo the others; the outcome of each is
-    reported. Edits are not offered in bulk."""
+    """Approve (or reject) several approvals of the same tier with one reason, in one
+    transaction: each is closed under its run's lock, in run order (two bulk decisions over the
+    same runs lock them in the same order, so neither waits for the other forever), and what
+    they change is written in one store call at the end. A refusal (not found, not allowed,
+    already decided) is that approval's outcome and leaves the others decided; the outcome of
+    each is reported, in the order asked. Edits are not offered in bulk."""
     if decision not in (Decision.APPROVE, Decision.REJECT):
         raise InvalidInput("bulk decisions are approve or reject", code=Code.INVALID_DECISION)
     if not wait_ids:
         raise InvalidInput("choose at least one approval", code=Code.INVALID_DECISION)
+    _check_text(reason, "reason")
     visible = selectors.approvals_visible_to(user, wait_ids)
     tiers = {wait.tier for wait in visible.values()}
     if len(tiers) > 1:
@@ -895,22 +925,45 @@ def approvals_decide_bulk(
             code=Code.INVALID_DECISION,
             detail={"tiers": sorted(tiers)},
         )
-    outcomes = []
-    for wait_id in dict.fromkeys(wait_ids):
-        if wait_id not in visible:
-            outcomes.append(
-                BulkOutcome(wait_id, False, f"no approval {wait_id}", str(Code.APPROVAL_NOT_FOUND))
+    asked = list(dict.fromkeys(wait_ids))
+    outcomes: dict[int, BulkOutcome] = {}
+    allowed: list[Wait] = []
+    for wait_id in asked:
+        wait = visible.get(wait_id)
+        if wait is None:
+            outcomes[wait_id] = BulkOutcome(
+                wait_id, False, f"no approval {wait_id}", str(Code.APPROVAL_NOT_FOUND)
             )
             continue
         try:
-            approval_decide(
-                wait_id=wait_id, user=user, decision=decision, reason=reason, read=visible[wait_id]
-            )
+            # Before the transaction: a refusal's audit record must not roll back with it.
+            selectors.wait_check_decide(user, wait)
         except SignalboxError as exc:
-            outcomes.append(BulkOutcome(wait_id, False, exc.message, str(exc.code)))
+            outcomes[wait_id] = BulkOutcome(wait_id, False, exc.message, str(exc.code))
         else:
-            outcomes.append(BulkOutcome(wait_id, True))
-    return outcomes
+            allowed.append(wait)
+    rt = runtime.current()
+    now = timezone.now()
+    with transaction.atomic():
+        unwritten: list[Changes] = []
+        for wait in sorted(allowed, key=lambda w: (w.run_id, w.pk)):
+            if any(changes.run.pk == wait.run_id for changes in unwritten):
+                # Another approval of this run was decided above: what it changed is written
+                # first, so that this one is decided from the run as that left it.
+                write_many_and_send(rt, unwritten)
+                unwritten = []
+            try:
+                changes = _approval_close_and_compute(
+                    rt, wait, user, decision=decision, reason=reason, edited_input=None, now=now
+                )
+            except SignalboxError as exc:  # nothing was written for it
+                outcomes[wait.pk] = BulkOutcome(wait.pk, False, exc.message, str(exc.code))
+                continue
+            outcomes[wait.pk] = BulkOutcome(wait.pk, True)
+            if changes is not None:
+                unwritten.append(changes)
+        write_many_and_send(rt, unwritten)
+    return [outcomes[wait_id] for wait_id in asked]
 
 
 # --- retrying a failed run --------------------------------------------------------------------------

@@ -389,6 +389,30 @@ class Store:
         """Close an open wait with ``fields``: exactly one caller wins (a conditional UPDATE)."""
         return bool(Wait.objects.filter(pk=wait_id, status=WaitStatus.OPEN).update(**fields))
 
+    def wait_close_locked(
+        self, run_id: int, wait_id: int, step_id: int, **fields: Any
+    ) -> tuple[Run, Step | None]:
+        """Inside the caller's transaction: lock the run, close its open wait ``wait_id`` with
+        ``fields`` (exactly one caller wins) and read the step that waits on it. Returns the
+        run as locked and the step, or ``None`` for the step when the wait was not open (nothing
+        was written). Raises ``Run.DoesNotExist``. Here three statements; one on PostgreSQL."""
+        if not connection.in_atomic_block:
+            raise RuntimeError("Store.wait_close_locked runs inside the caller's transaction")
+        run = self.run_get(run_id, lock=True)
+        if not Wait.objects.filter(pk=wait_id, run_id=run_id, status=WaitStatus.OPEN).update(
+            **fields
+        ):
+            return run, None
+        step = self.step_get(step_id)
+        step.run = run
+        return run, step
+
+    def write_many(self, many: Sequence[Changes]) -> None:
+        """Write several advances' changes, in order, inside the caller's transaction (see
+        :meth:`write`; on PostgreSQL, one round trip for them all)."""
+        for changes in many:
+            self.write(changes)
+
     def run_by_idempotency_key(self, scope: str, key: str) -> Run | None:
         return Run.objects.filter(idempotency_scope=scope, idempotency_key=key).first()
 

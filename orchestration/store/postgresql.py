@@ -30,6 +30,7 @@ from infra.sql import (
     Prepared,
     db,
     dumps,
+    execute_prepared,
     from_row,
     insert,
     json_columns,
@@ -45,6 +46,7 @@ from orchestration.models import (
     StepStatus,
     ToolCall,
     Wait,
+    WaitStatus,
 )
 from orchestration.store.plain import (
     RUN_FIELDS,
@@ -182,6 +184,50 @@ class PostgresStore(Store):
                 raise refused from exc
             raise
         batch.claimed(rows, changes)
+
+    def write_many(self, many: Sequence[Changes]) -> None:
+        if not many:
+            return
+        if not db().in_atomic_block:
+            raise RuntimeError("Store.write_many runs inside the caller's transaction")
+        batch = self.batch()
+        for changes in many:
+            batch.add(changes)
+        try:
+            rows = batch.batch.run_in_transaction()
+        except DatabaseError as exc:
+            refused = refusal(exc)
+            if refused is not None:
+                raise refused from exc
+            raise
+        for changes in many:  # a claim after the writes: only the last member's has its rows
+            batch.claimed(rows if changes is many[-1] else None, changes)
+
+    def wait_close_locked(
+        self, run_id: int, wait_id: int, step_id: int, **fields: Any
+    ) -> tuple[Run, Step | None]:
+        # One statement: the run locked, the wait closed if it is still open, its step read
+        # (and locked: a statement that waited for the run's lock reads the step as it is after
+        # the transaction it waited for, not as its snapshot saw it before).
+        if not db().in_atomic_block:
+            raise RuntimeError("Store.wait_close_locked runs inside the caller's transaction")
+        names = tuple(fields)
+        statement, columns = _wait_close_locked_statement(names)
+        row = {
+            column: convert(_column_value(fields[name]))
+            for (column, _, convert), name in zip(columns, names, strict=True)
+        }
+        values = execute_prepared(statement, [run_id, wait_id, step_id, dumps(row)])
+        if values is None:
+            raise Run.DoesNotExist(f"no run {run_id}")
+        n_run = len(Run._meta.concrete_fields)
+        run = from_row(Run, values[:n_run])
+        closed, step_values = values[n_run], values[n_run + 1 :]
+        if not closed or step_values[0] is None:
+            return run, None
+        step = from_row(Step, step_values)
+        step.run = run
+        return run, step
 
     def commit(self, changes: Changes) -> Pending:
         if db().in_atomic_block:
@@ -430,6 +476,41 @@ def claimed_from_row(row: Any, now: datetime) -> Step | None:
         run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
     step.run = run
     return step
+
+
+def _column_value(value: Any) -> Any:
+    """A field's value as its column holds it (a related object: its id)."""
+    return value.pk if isinstance(value, models.Model) else value
+
+
+@cache
+def _wait_close_locked_statement(
+    fields: tuple[str, ...],
+) -> tuple[Prepared, list[tuple[str, str, Any]]]:
+    """$1 run id, $2 wait id, $3 step id, $4 the wait's new ``fields`` as a JSON row. One row:
+    the run's columns, whether the wait was closed, the step's columns (NULLs if not closed).
+    The run is locked first, the wait then (the order every writer of a run uses)."""
+    qn = db().ops.quote_name
+    run_t, wait_t, step_t = (qn(m._meta.db_table) for m in (Run, Wait, Step))
+    columns = json_columns(Wait, fields)
+    assignments = ", ".join(f"{qn(column)} = x.{qn(column)}" for column, _, _ in columns)
+    sql = f"""
+    WITH r AS MATERIALIZED (
+        SELECT {_run_columns("t")} FROM {run_t} t WHERE t.id = $1 FOR UPDATE
+    ), w AS (
+        UPDATE {wait_t} t SET {assignments} FROM jsonb_populate_record(NULL::{wait_t}, $4) x
+        WHERE t.id = $2 AND t.status = '{WaitStatus.OPEN}' AND t.run_id = (SELECT id FROM r)
+        RETURNING t.id
+    ), s AS MATERIALIZED (
+        SELECT {_step_columns()} FROM {step_t} s
+        WHERE s.id = $3 AND EXISTS (SELECT 1 FROM w) FOR NO KEY UPDATE
+    )
+    SELECT {_run_columns("r")}, (SELECT count(*) FROM w), {_step_columns()}
+    FROM r LEFT JOIN s ON true
+    """
+    return Prepared(sql, ["bigint", "bigint", "bigint", "jsonb"]), cast(
+        "list[tuple[str, str, Any]]", columns
+    )
 
 
 def update_run_checked(batch: Batch, run: Run, expected_version: int) -> None:

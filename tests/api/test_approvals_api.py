@@ -7,6 +7,7 @@ import pytest
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Run, Step, Wait
+from orchestration.services import approvals_decide_bulk, run_submit
 
 pytestmark = pytest.mark.django_db
 
@@ -61,12 +62,15 @@ def test_approve_resumes_the_run(operator_client, pending_approval, drive):
 def test_a_decision_costs_a_bounded_number_of_queries(
     operator_client, pending_approval, django_assert_max_num_queries
 ):
-    wait = pending_approval()
-    operator_client.get(APPROVALS)  # the token's first use records last_used_at (one UPDATE)
+    first, wait = pending_approval(), pending_approval()
+    # The token's first use records last_used_at (one UPDATE); the first decision on this
+    # connection prepares the statement that closes an approval (once per connection).
+    assert decide(operator_client, first.pk, decision="approve").status_code == 200
     # token with user and permissions; the approval with its run and step; in the service: the
-    # run locked, the decision, the step, then the step, run and audit writes (one pipeline),
-    # inside a savepoint here; none to show the result (16 queries before, then 11)
-    with django_assert_max_num_queries(8):
+    # run locked, the approval closed and its step read (one statement), then the step, run and
+    # audit writes (one pipeline), inside a savepoint here; none to show the result (16 queries
+    # before, then 11, then 8)
+    with django_assert_max_num_queries(6):
         response = decide(operator_client, wait.pk, decision="approve", reason="ok")
     body = response.json()
     assert response.status_code == 200, body
@@ -279,10 +283,152 @@ def test_bulk_rejection_needs_a_reason_and_bulk_edits_are_refused(
 def test_bulk_approval_costs_a_bounded_number_of_queries_per_approval(
     operator_client, pending_approval, django_assert_max_num_queries
 ):
-    waits = [pending_approval() for _ in range(3)]
-    operator_client.get(APPROVALS)  # the token's first use records last_used_at (one UPDATE)
-    # token; the approvals with their runs and steps; then for each, in its own transaction
-    # (a savepoint here): the run locked, the decision, the step, the writes
-    with django_assert_max_num_queries(2 + 3 * 6):
+    first, *waits = [pending_approval() for _ in range(4)]
+    # The token's first use records last_used_at (one UPDATE); the first decision on this
+    # connection prepares the statement that closes an approval (once per connection).
+    assert decide_bulk(operator_client, ids=[first.pk], decision="approve").status_code == 200
+    # token; the approvals with their runs and steps; then in one transaction (a savepoint
+    # here, 2 queries): for each, its run locked, the approval closed and its step read (one
+    # statement); then every approval's writes in one pipeline (2 + 6 per approval before)
+    with django_assert_max_num_queries(5 + len(waits)):
         response = decide_bulk(operator_client, ids=[w.pk for w in waits], decision="approve")
-    assert [o["ok"] for o in response.json()] == [True, True, True]
+    assert [o["ok"] for o in response.json()] == [True] * len(waits)
+
+
+@pytest.mark.parametrize(
+    ("ids", "why"),
+    [
+        ([], "at least 1"),
+        ([1, 1], "more than once"),
+        (list(range(1, 102)), "at most 100"),
+        ([0], "greater than or equal to 1"),
+        (["first"], "valid integer"),
+        ([2**63], "less than or equal to"),
+    ],
+    ids=["empty", "duplicates", "too-many", "zero", "not-an-id", "out-of-range"],
+)
+def test_a_malformed_bulk_decision_is_refused_and_changes_nothing(
+    operator_client, pending_approval, row_counts, ids, why
+):
+    wait = pending_approval()
+    ids = [wait.pk if i == 1 else i for i in ids]
+    before = row_counts()
+    response = decide_bulk(operator_client, ids=ids, decision="approve", reason="x")
+    assert response.status_code == 422, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "ids" in error["message"] and why in error["message"], error["message"]
+    assert row_counts() == before
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_bulk_approval_of_unknown_approvals_reports_each_and_changes_nothing(
+    operator_client, row_counts
+):
+    before = row_counts()
+    response = decide_bulk(operator_client, ids=[999_998, 999_999], decision="approve")
+    assert response.status_code == 200, response.content
+    assert [(o["id"], o["ok"], o["code"]) for o in response.json()] == [
+        (999_998, False, "approval_not_found"),
+        (999_999, False, "approval_not_found"),
+    ]
+    assert row_counts() == before
+
+
+def test_a_refused_approval_is_reported_and_the_others_in_the_call_are_decided(
+    operator, pending_approval, drive
+):
+    first, second = pending_approval(), pending_approval()
+    # The operator submitted this run: someone else must approve it.
+    mine = run_submit(
+        workflow="reference_workload", input={"needs_approval": True}, submitted_by=operator
+    ).run
+    drive(mine.pk)
+    own = Wait.objects.get(run=mine, status="open")
+    outcomes = approvals_decide_bulk(
+        wait_ids=[first.pk, own.pk, second.pk], user=operator, reason="mixed"
+    )
+    assert [(o.wait_id, o.ok, o.code) for o in outcomes] == [
+        (first.pk, True, ""),
+        (own.pk, False, "self_approval"),
+        (second.pk, True, ""),
+    ]
+    assert Wait.objects.get(pk=own.pk).status == "open"
+    assert {Wait.objects.get(pk=w.pk).status for w in (first, second)} == {"approved"}
+
+
+#: Both parallel steps of the reference workload need an approval: two open at once in one run.
+BOTH_BRANCHES_NEED_APPROVAL = """
+default: allow
+rules:
+  - id: research-needs-a-person
+    description: Each research branch needs a tier-1 approval
+    action: agent:noop
+    workflow: reference_workload
+    when:
+      - {fact: node, op: in, value: [research_a, research_b]}
+    outcome: {decision: require_approval, tier: 1, sla: 1h}
+"""
+
+
+@pytest.fixture
+def twin_approvals(requester, drive):
+    """A run with two open approvals at once (its two parallel branches)."""
+    from policies.active import active_forget
+    from policies.services import policy_install
+
+    policy_install(source=BOTH_BRANCHES_NEED_APPROVAL, note="tests")
+    active_forget()
+
+    def make() -> list[Wait]:
+        run = run_submit(workflow="reference_workload", input={}, submitted_by=requester).run
+        drive(run.pk)
+        waits = list(Wait.objects.filter(run=run, kind="approval", status="open").order_by("pk"))
+        assert [w.step.node for w in waits] == ["research_a", "research_b"]
+        return waits
+
+    return make
+
+
+def test_bulk_approval_of_two_approvals_of_one_run_decides_both(
+    operator_client, twin_approvals, drive
+):
+    left, right = twin_approvals()
+    other, _ = twin_approvals()
+    response = decide_bulk(
+        operator_client, ids=[right.pk, other.pk, left.pk], decision="approve", reason="both"
+    )
+    assert response.status_code == 200, response.content
+    assert [(o["id"], o["ok"]) for o in response.json()] == [
+        (right.pk, True),
+        (other.pk, True),
+        (left.pk, True),
+    ]
+    run = Run.objects.get(pk=left.run_id)
+    assert (run.status, run.waiting_steps) == ("running", 0)
+    assert {
+        s.node: s.status for s in Step.objects.filter(run=run, node__startswith="research")
+    } == {
+        "research_a": "queued",
+        "research_b": "queued",
+    }
+    assert AuditEvent.objects.filter(run_id=run.pk, verb=Verb.APPROVAL_APPROVED).count() == 2
+    assert drive(run.pk).status == "succeeded"
+    assert Run.objects.get(pk=other.run_id).waiting_steps == 1  # its other approval is open
+
+
+def test_bulk_rejection_of_two_approvals_of_one_run_reports_the_second_as_closed_by_the_first(
+    operator_client, twin_approvals
+):
+    left, right = twin_approvals()
+    response = decide_bulk(
+        operator_client, ids=[left.pk, right.pk], decision="reject", reason="wrong topic"
+    )
+    assert response.status_code == 200, response.content
+    first, second = response.json()
+    assert (first["id"], first["ok"]) == (left.pk, True)
+    # Rejecting the first failed the run, which cancelled the other approval.
+    assert (second["id"], second["ok"], second["code"]) == (right.pk, False, "already_decided")
+    assert "cancelled" in second["message"]
+    assert Run.objects.get(pk=left.run_id).status == "failed"
+    assert [Wait.objects.get(pk=w.pk).status for w in (left, right)] == ["rejected", "cancelled"]

@@ -9,13 +9,21 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from django.db import transaction
+from django.forms.models import model_to_dict
+from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration import runtime
 from orchestration.models import Run, StateVersion, Step, StepStatus, Wait
 from orchestration.runtime import Runtime
-from orchestration.services import escalation_resolve, run_cancel, run_submit
+from orchestration.services import (
+    approvals_decide_bulk,
+    escalation_resolve,
+    run_cancel,
+    run_submit,
+)
 from orchestration.store import PostgresStore, Store
 from orchestration.worker.execute import step_execute
 from tests.conftest import ALL_POOLS
@@ -162,3 +170,93 @@ def test_both_stores_agree_on_a_cancelled_run(operator: Any) -> None:
 
     fast, plain = _both(work)
     assert fast == plain
+
+
+#: Both parallel steps of the reference workload need an approval: two open at once in one run.
+BOTH_BRANCHES_NEED_APPROVAL = """
+default: allow
+rules:
+  - id: research-needs-a-person
+    description: Each research branch needs a tier-1 approval
+    action: agent:noop
+    workflow: reference_workload
+    when:
+      - {fact: node, op: in, value: [research_a, research_b]}
+    outcome: {decision: require_approval, tier: 1, sla: 1h}
+"""
+
+
+def _stored(row: Any) -> dict[str, Any]:
+    """A row's columns as an instance holds them, to compare with what is stored."""
+    return {f.attname: getattr(row, f.attname) for f in type(row)._meta.concrete_fields}
+
+
+def test_both_stores_close_an_approval_under_its_runs_lock_alike(operator: Any) -> None:
+    def work(rt: Runtime) -> Run:
+        run = _drive(
+            rt,
+            run_submit(
+                workflow="reference_workload", input={"needs_approval": True}, seed=5
+            ).run.pk,
+        )
+        wait = Wait.objects.get(run=run, kind="approval", status="open")
+        decided = {
+            "status": "approved",
+            "decision": "approve",
+            "decided_by": operator,
+            "decided_at": timezone.now(),
+            "decision_reason": "fine",
+            "edited_input": None,
+        }
+        with transaction.atomic():
+            locked, step = rt.store.wait_close_locked(run.pk, wait.pk, wait.step_id, **decided)
+            # What the store returns is the run and the step as stored, the run locked.
+            assert step is not None and step.run is locked
+            assert _stored(locked) == _stored(Run.objects.get(pk=run.pk))
+            assert _stored(step) == _stored(Step.objects.get(pk=wait.step_id))
+            # A second close finds the approval decided: the run, no step, nothing written.
+            again, none = rt.store.wait_close_locked(
+                run.pk, wait.pk, wait.step_id, **{**decided, "decision_reason": "again"}
+            )
+            assert none is None and _stored(again) == _stored(locked)
+        row = Wait.objects.get(pk=wait.pk)
+        assert model_to_dict(
+            row, fields=["status", "decision", "decided_by", "decision_reason"]
+        ) == {
+            "status": "approved",
+            "decision": "approve",
+            "decided_by": operator.pk,
+            "decision_reason": "fine",
+        }
+        with pytest.raises(Run.DoesNotExist), transaction.atomic():
+            rt.store.wait_close_locked(run.pk + 10_000, wait.pk, wait.step_id, **decided)
+        with pytest.raises(RuntimeError):  # a lock outside a transaction would hold nothing
+            rt.store.wait_close_locked(run.pk, wait.pk, wait.step_id, **decided)
+        return run
+
+    _both(work)
+
+
+def test_both_stores_agree_on_a_bulk_decision(operator: Any) -> None:
+    from policies.active import active_forget
+    from policies.services import policy_install
+
+    policy_install(source=BOTH_BRANCHES_NEED_APPROVAL, note="tests")
+    active_forget()
+
+    def work(rt: Runtime) -> Run:
+        twin = _drive(rt, run_submit(workflow="reference_workload", input={}, seed=11).run.pk)
+        lone = _drive(rt, run_submit(workflow="reference_workload", input={}, seed=12).run.pk)
+        waits = list(Wait.objects.filter(run__in=[twin, lone], status="open").order_by("-pk"))
+        assert len(waits) == 4
+        # Both of the twin run's approvals and one of the other's, most recent first.
+        asked = [w.pk for w in waits if w.run_id == twin.pk] + [
+            waits[0].pk if waits[0].run_id == lone.pk else waits[1].pk
+        ]
+        outcomes = approvals_decide_bulk(wait_ids=asked, user=operator, reason="agreed")
+        assert [o.ok for o in outcomes] == [True, True, True]
+        _drive(rt, lone.pk)
+        return _drive(rt, twin.pk)
+
+    fast, plain = _both(work)
+    assert fast == plain and fast["run"][0] == "succeeded"

@@ -335,6 +335,41 @@ def policy_list(request: HttpRequest) -> Any:
     return [policy_out(policy) for policy in selectors.policy_list_for_user(_user(request))]
 
 
+# A policy's versions come before a version by id: "/versions/versions" is the versions of a
+# policy named "versions" (a version's id is a number), never a POST refused with 405.
+@router.get(
+    "/{name}/versions",
+    response={200: VersionPageOut, **_errors(401, 403, 404, 422)},
+    summary="A policy's versions, newest first, with who wrote, reviewed and activated each and why",
+)
+def version_list(
+    request: HttpRequest, query: Query[VersionPageQuery], name: str = _name_in_path()
+) -> Any:
+    page = selectors.policy_version_page_for_user(
+        _user(request), name, before=query.before, limit=query.limit
+    )
+    return {
+        "items": [version_out(version) for version in page.items],
+        "next_before": page.next_before,
+    }
+
+
+@router.post(
+    "/{name}/versions",
+    response={201: VersionOut, **_errors(401, 403, 413, 422)},
+    summary="Create a draft from a source (422 policy_invalid lists each problem with field, line, column)",
+)
+def version_draft(
+    request: HttpRequest, payload: DraftIn, name: str = _name_in_path()
+) -> Status[dict[str, Any]]:
+    user = _user(request)
+    selectors.policy_edit_check(user)
+    version = services.policy_draft(
+        source=payload.source, author=user, note=payload.note, policy_name=name
+    )
+    return Status(201, version_out(version))
+
+
 @router.get(
     "/versions/{version_id}",
     response={200: VersionDetailOut, **_errors(401, 403, 404, 422)},
@@ -431,36 +466,3 @@ def version_diff(request: HttpRequest, query: Query[DiffQuery]) -> Any:
         "changes": list(diff.changes),
         "unified": diff.unified,
     }
-
-
-@router.get(
-    "/{name}/versions",
-    response={200: VersionPageOut, **_errors(401, 403, 404, 422)},
-    summary="A policy's versions, newest first, with who wrote, reviewed and activated each and why",
-)
-def version_list(
-    request: HttpRequest, query: Query[VersionPageQuery], name: str = _name_in_path()
-) -> Any:
-    page = selectors.policy_version_page_for_user(
-        _user(request), name, before=query.before, limit=query.limit
-    )
-    return {
-        "items": [version_out(version) for version in page.items],
-        "next_before": page.next_before,
-    }
-
-
-@router.post(
-    "/{name}/versions",
-    response={201: VersionOut, **_errors(401, 403, 413, 422)},
-    summary="Create a draft from a source (422 policy_invalid lists each problem with field, line, column)",
-)
-def version_draft(
-    request: HttpRequest, payload: DraftIn, name: str = _name_in_path()
-) -> Status[dict[str, Any]]:
-    user = _user(request)
-    selectors.policy_edit_check(user)
-    version = services.policy_draft(
-        source=payload.source, author=user, note=payload.note, policy_name=name
-    )
-    return Status(201, version_out(version))

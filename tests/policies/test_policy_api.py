@@ -328,3 +328,15 @@ def test_a_source_with_a_nul_character_is_refused(ada: Any) -> None:
 
 def test_policy_errors_have_the_api_s_one_error_shape() -> None:
     assert PolicyErrorOut.model_json_schema() == EngineErrorOut.model_json_schema()
+
+
+def test_a_policy_named_versions_is_reached_by_its_own_paths(ada: Any) -> None:
+    # "/versions/versions" is that policy's versions, not a version whose id is "versions"
+    client = _client(ada)
+    response = _post(client, "/versions/versions", {"source": V1, "note": "a name like a path"})
+    assert response.status_code == 201, response.content
+    version = response.json()
+    listed = client.get(f"{BASE}/versions/versions")
+    assert listed.status_code == 200
+    assert [item["id"] for item in listed.json()["items"]] == [version["id"]]
+    assert client.get(f"{BASE}/versions/{version['id']}").json()["id"] == version["id"]

@@ -499,7 +499,7 @@ def _wait_close_locked_statement(
         SELECT {_run_columns("t")} FROM {run_t} t WHERE t.id = $1 FOR UPDATE
     ), w AS (
         UPDATE {wait_t} t SET {assignments} FROM jsonb_populate_record(NULL::{wait_t}, $4) x
-        WHERE t.id = $2 AND t.status = '{WaitStatus.OPEN}' AND t.run_id = (SELECT id FROM r)
+        WHERE t.id = $2 AND t.status = '{WaitStatus.OPEN}'{BY_KEY} AND t.run_id = (SELECT id FROM r)
         RETURNING t.id
     ), s AS MATERIALIZED (
         SELECT {_step_columns()} FROM {step_t} s

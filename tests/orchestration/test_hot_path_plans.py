@@ -8,7 +8,7 @@ running steps, or of held reservations, for every claim, fence and settlement (t
 predicate matched the statement's status, and the id was filtered afterwards), and scanned the
 table of spend scopes for every reservation: tens of rows read per row written, more the longer
 the worker ran. Here each statement the engine prepared while it ran a run under a policy with
-ceilings is planned as a worker would plan it, against tables as empty as a new installation's.
+ceilings, and while an approval was decided, is planned as a worker would plan it, against tables as empty as a new installation's.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from orchestration.services import run_submit
+from orchestration.models import Wait
+from orchestration.services import approval_decide, run_submit
 from policies.active import active_forget
 from policies.services import policy_install
+from tests.conftest import OPERATOR_PERMISSIONS
+from tests.factories import UserFactory
 from tests.support.agents import EchoAgent
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -38,12 +41,24 @@ ceilings:
   - {scope: global_day, limit: 10.00}
 prices:
   known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+  demo-model: {input_per_1k: 0.00015, output_per_1k: 0.0006}
 """
 
 #: Tables that grow with the work: a statement that touches one row of them must not read more.
-GROWING = ("orchestration_step", "orchestration_run", "policies_reservation", "policies_spendscope")
+GROWING = (
+    "orchestration_step",
+    "orchestration_run",
+    "orchestration_wait",
+    "policies_reservation",
+    "policies_spendscope",
+)
 #: Partial indexes of every row in one status: read whole, they are a scan of that status.
-STATUS_INDEXES = ("step_queued_idx", "step_running_idx", "reservation_held_idx")
+STATUS_INDEXES = (
+    "step_queued_idx",
+    "step_running_idx",
+    "reservation_held_idx",
+    "wait_open_due_idx",
+)
 
 
 @pytest.fixture
@@ -99,11 +114,23 @@ def test_every_prepared_statement_of_a_run_under_ceilings_reads_its_rows_by_key(
     assert run.status == "succeeded"
     # and again, so that the statements a second run finds prepared are the ones planned
     assert drive(run_submit(workflow="siblings", input={"text": "u"}).run.pk).status == "succeeded"
+    # an approval decided, and the run it released finished
+    paused = run_submit(workflow="reference_workload", input={"needs_approval": True}).run
+    drive(paused.pk)
+    wait = Wait.objects.get(run=paused, kind="approval", status="open")
+    operator = UserFactory(permissions=OPERATOR_PERMISSIONS)
+    approval_decide(wait_id=wait.pk, user=operator, decision="approve", reason="plans")
+    assert drive(paused.pk).status == "succeeded"
 
     plans = _generic_plans()
     statements = " ".join(plans)
     # what this test is about was prepared: claims, fences, reservations and settlements
-    for table in ("orchestration_step", "policies_reservation", "policies_spendscope"):
+    for table in (
+        "orchestration_step",
+        "orchestration_wait",
+        "policies_reservation",
+        "policies_spendscope",
+    ):
         assert table in statements, f"no prepared statement touches {table}"
     bad = {statement: _offences(plan) for statement, plan in plans.items() if _offences(plan)}
     assert not bad, "\n\n".join(f"{s[:300]}…\n  " + "\n  ".join(lines) for s, lines in bad.items())

@@ -172,24 +172,15 @@ class PostgresStore(Store):
         return batch, batch.send()
 
     def write(self, changes: Changes) -> None:
-        if not db().in_atomic_block:
-            raise RuntimeError("Store.write runs inside the caller's transaction")
-        batch = self.batch()
-        batch.add(changes)
-        try:
-            rows = batch.batch.run_in_transaction()
-        except DatabaseError as exc:
-            refused = refusal(exc)
-            if refused is not None:
-                raise refused from exc
-            raise
-        batch.claimed(rows, changes)
+        self._write_all([changes], "write")
 
     def write_many(self, many: Sequence[Changes]) -> None:
-        if not many:
-            return
+        if many:
+            self._write_all(many, "write_many")
+
+    def _write_all(self, many: Sequence[Changes], name: str) -> None:
         if not db().in_atomic_block:
-            raise RuntimeError("Store.write_many runs inside the caller's transaction")
+            raise RuntimeError(f"Store.{name} runs inside the caller's transaction")
         batch = self.batch()
         for changes in many:
             batch.add(changes)

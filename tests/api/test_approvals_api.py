@@ -8,6 +8,7 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Run, Step, Wait
 from orchestration.services import approvals_decide_bulk, run_submit
+from tests.policies.documents import BOTH_BRANCHES_NEED_APPROVAL
 
 pytestmark = pytest.mark.django_db
 
@@ -355,20 +356,6 @@ def test_a_refused_approval_is_reported_and_the_others_in_the_call_are_decided(
     ]
     assert Wait.objects.get(pk=own.pk).status == "open"
     assert {Wait.objects.get(pk=w.pk).status for w in (first, second)} == {"approved"}
-
-
-#: Both parallel steps of the reference workload need an approval: two open at once in one run.
-BOTH_BRANCHES_NEED_APPROVAL = """
-default: allow
-rules:
-  - id: research-needs-a-person
-    description: Each research branch needs a tier-1 approval
-    action: agent:noop
-    workflow: reference_workload
-    when:
-      - {fact: node, op: in, value: [research_a, research_b]}
-    outcome: {decision: require_approval, tier: 1, sla: 1h}
-"""
 
 
 @pytest.fixture

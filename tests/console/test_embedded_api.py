@@ -4,12 +4,8 @@ lookup (its user and the user's permissions, direct and through groups) works th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.embedded import embedded_manage
 
 SCRIPT = """
 import json
@@ -45,21 +41,7 @@ print(json.dumps({
 
 
 def test_token_clients_on_the_embedded_database(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SIGNALBOX_ENV")}
-    env.update(SIGNALBOX_VAR_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-
-    def manage(*args: str, stdin: str = "") -> str:
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=env,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
+    manage = embedded_manage(tmp_path)
 
     manage("migrate", "-v0")
     assert (tmp_path / "signalbox.sqlite3").exists()

@@ -27,6 +27,7 @@ from orchestration.services import (
 from orchestration.store import PostgresStore, Store
 from orchestration.worker.execute import step_execute
 from tests.conftest import ALL_POOLS
+from tests.policies.documents import BOTH_BRANCHES_NEED_APPROVAL
 from tests.support.stub_provider import stub_provider_server
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -170,20 +171,6 @@ def test_both_stores_agree_on_a_cancelled_run(operator: Any) -> None:
 
     fast, plain = _both(work)
     assert fast == plain
-
-
-#: Both parallel steps of the reference workload need an approval: two open at once in one run.
-BOTH_BRANCHES_NEED_APPROVAL = """
-default: allow
-rules:
-  - id: research-needs-a-person
-    description: Each research branch needs a tier-1 approval
-    action: agent:noop
-    workflow: reference_workload
-    when:
-      - {fact: node, op: in, value: [research_a, research_b]}
-    outcome: {decision: require_approval, tier: 1, sla: 1h}
-"""
 
 
 def _stored(row: Any) -> dict[str, Any]:

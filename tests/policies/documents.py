@@ -83,3 +83,17 @@ REFUND_TIER_2_ADDED = (
 #: Line 8 asks for tier 7 (tiers are 1 to 3): its problem must name the field and that line.
 REFUND_TIER_7 = REFUND_TIER_1.replace("tier: 1}", "tier: 7}")
 REFUND_TIER_7_LINE = 8
+
+
+#: Both parallel steps of the reference workload need an approval: two open at once in one run.
+BOTH_BRANCHES_NEED_APPROVAL = """
+default: allow
+rules:
+  - id: research-needs-a-person
+    description: Each research branch needs a tier-1 approval
+    action: agent:noop
+    workflow: reference_workload
+    when:
+      - {fact: node, op: in, value: [research_a, research_b]}
+    outcome: {decision: require_approval, tier: 1, sla: 1h}
+"""

@@ -362,6 +362,8 @@ if SIGNALBOX_ENV == "test":
             for name in (
                 "slow_then_echo",
                 "priced_chain",
+                "priced_siblings",
+                "priced_gated_siblings",
                 "bad_handoff",
                 "snooping",
                 "flaky_chain",

@@ -202,14 +202,23 @@ def _warned_already(scope_id: int) -> bool:
 #: (kind, key, period start) -> the scope row's id, learnt once per process. A row is never
 #: deleted in use; an id that no longer matches its row (a test emptied the table) is learnt again.
 _scope_ids: dict[tuple[str, str, datetime | None], int] = {}
+#: Bounds ``_scope_ids``, which learns a row per run: past it, the process starts afresh.
+_SCOPE_IDS_MAX = 10_000
 
 
 def _scope_id(scope: CeilingScope, period: datetime | None, now: datetime) -> int:
     key = (scope.scope, scope.key, period)
     found = _scope_ids.get(key)
     if found is None:
-        found = _scope_ids[key] = _scope_row(scope, period, now).pk
+        found = _learn(key, _scope_row(scope, period, now).pk)
     return found
+
+
+def _learn(key: tuple[str, str, datetime | None], scope_id: int) -> int:
+    if len(_scope_ids) >= _SCOPE_IDS_MAX:  # a row per run: forgotten in bulk, learnt again
+        _scope_ids.clear()
+    _scope_ids[key] = scope_id
+    return scope_id
 
 
 def _in_id_order(ids: Sequence[int]) -> str:
@@ -351,8 +360,22 @@ def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any
         *request.guard_params,
     ]
     if ids is not None:
-        array = "{" + ",".join(str(i) for i in sorted(ids)) + "}"
-        return [(_hold_prepared(request.guard, request.guard_types), [array, *tail])]
+        return [(_hold_prepared(request.guard, request.guard_types), [_array(ids), *tail])]
+    run_scope = _only_new_run_scope(request)
+    if run_scope is not None:
+        # A run's first reservation in this process (the common case of a new row): its run's
+        # scope row made if missing and found by its key, both prepared.
+        scope, known_ids = run_scope
+        return [
+            (
+                _run_scope_insert(),
+                [scope.key, str(_money(scope.limit, "limit")), str(scope.soft_ratio), request.now],
+            ),
+            (
+                _hold_run_prepared(request.guard, request.guard_types),
+                [_array(known_ids), *tail, scope.key],
+            ),
+        ]
     # Some rows are new to this process: looked up by kind, key and period (named parameters,
     # since the statement uses some of them more than once).
     match: list[str] = []
@@ -430,12 +453,60 @@ def _hold_sql(where: str, guard: str, marks: Sequence[str]) -> str:
                 "limit"::text, soft_ratio::text) ORDER BY id) FROM locked)"""
 
 
+_HOLD_TYPES = ("bigint[]", "integer", "numeric", "timestamptz", "bigint", "bigint", "text", "text")
+
+
 @cache
 def _hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
-    types = ["bigint[]", "integer", "numeric", "timestamptz", "bigint", "bigint", "text", "text"]
-    types += ["timestamptz", *guard_types]
+    types = [*_HOLD_TYPES, "timestamptz", *guard_types]
     marks = [f"${i}" for i in range(2, len(types) + 1)]
     return Prepared(_hold_sql(_ids_in("$1"), guard, marks), types)
+
+
+@cache
+def _hold_run_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+    """:func:`_hold_prepared` for rows known by id plus the run's scope row, found by its key
+    (its last parameter) through its unique index."""
+    types = [*_HOLD_TYPES, "timestamptz", *guard_types, "text"]
+    marks = [f"${i}" for i in range(2, len(types))]
+    run = (
+        f"SELECT {_q('id')} FROM {_table()} WHERE {_q('kind')} = '{ScopeKind.RUN.value}' "
+        f"AND {_q('key')} = ${len(types)} AND {_q('period_start')} IS NULL"
+    )
+    ids = f"((SELECT array_agg(i ORDER BY i) FROM (SELECT unnest($1) UNION ALL {run}) AS u(i)))"
+    return Prepared(_hold_sql(_ids_in(ids), guard, marks), types)
+
+
+@cache
+def _run_scope_insert() -> Prepared:
+    """A run's scope row, unless it exists: key, limit, soft ratio, now."""
+    return Prepared(
+        f"INSERT INTO {_table()} ({_q('kind')}, {_q('key')}, {_q('period_start')}, "
+        f"{_q('limit')}, {_q('soft_ratio')}, {_q('reserved')}, {_q('spent')}, "
+        f"{_q('updated_at')}) VALUES ('{ScopeKind.RUN.value}', $1, NULL, $2, $3, 0, 0, $4) "
+        "ON CONFLICT DO NOTHING",
+        ["text", "numeric", "numeric", "timestamptz"],
+    )
+
+
+def _array(ids: Sequence[int] | frozenset[int]) -> str:
+    return "{" + ",".join(str(i) for i in sorted(ids)) + "}"
+
+
+def _only_new_run_scope(request: HoldRequest) -> tuple[CeilingScope, list[int]] | None:
+    """The request's run scope and the ids of its other scopes, when the run's is the only row
+    this process does not know (None otherwise)."""
+    new: CeilingScope | None = None
+    known = []
+    for scope, period in zip(request.scopes, request.periods, strict=True):
+        found = _scope_ids.get((scope.scope, scope.key, period))
+        if found is not None:
+            known.append(found)
+        elif scope.scope == ScopeKind.RUN and new is None:
+            new = scope
+        else:
+            return None
+    return (new, known) if new is not None else None
 
 
 def _ids_in(ids: str, alias: str = "") -> str:
@@ -443,7 +514,10 @@ def _ids_in(ids: str, alias: str = "") -> str:
     says the rows are few to the planner whatever the table's statistics: a generic plan made
     while the table of scopes was new (a page, no statistics) scanned it whole for every
     reservation and settlement, for the worker's life, as it grew by a row per run."""
-    return f"{alias}id = ANY({ids}) AND {alias}id BETWEEN {ids}[1] AND {ids}[cardinality({ids})]"
+    return (
+        f"{alias}id = ANY({ids}::bigint[]) AND {alias}id BETWEEN ({ids})[1] "
+        f"AND ({ids})[cardinality({ids})]"
+    )
 
 
 def hold_scope_ids(request: HoldRequest) -> frozenset[int] | None:
@@ -534,7 +608,7 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
     )
     if matched:  # learnt for the next hold: addressed by id, no lookup by name
         for scope, period in zip(request.scopes, request.periods, strict=True):
-            _scope_ids[(scope.scope, scope.key, period)] = by_kind[scope.scope].id
+            _learn((scope.scope, scope.key, period), by_kind[scope.scope].id)
     if reservation_id is None:
         return Held(request, None, states, matched)
     ids = json.loads(scope_ids) if isinstance(scope_ids, str) else list(scope_ids)

@@ -30,7 +30,7 @@ from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
 from orchestration.worker.costs import hold_for
 from policies.evaluate import Decision
-from policies.ledger import Held, Settlement, hold_scope_ids, settlement_apply
+from policies.ledger import Held, Settlement, ceiling_release, hold_scope_ids, settlement_apply
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class Chain:
         kept per agent); otherwise the step reserves on its own when it runs. ``inserted``: the
         batch inserts ``step`` (a successor it created claimed), so that settlement and this
         reservation can be one statement."""
+        if step.pk in self.holds:
+            return  # reserved already, in the batch that inserted it (:meth:`ask_hold_queued`)
         request = hold_for(step, self.worker_id, now)
         if request is None:
             return
@@ -182,6 +184,31 @@ class Chain:
                 return
         batch.hold(step.pk, request, with_settlement=inserted)
         self.holds[step.pk] = batch
+
+    def ask_hold_queued(
+        self, batch: WriteBatch, changes: Changes, settling: list[Settlement], now: datetime
+    ) -> None:
+        """Reserve in ``batch`` for the first sibling it hands off in this worker's pools that
+        this worker may run before its claim (a pure agent, :meth:`may_join`): its reservation
+        then costs no transaction of its own when it runs ahead to join a later completion, as
+        the classify step's two branches do. The same rule as :meth:`ask_hold` keeps the scope
+        rows locked in id order. A sibling another worker takes after all gives it back when
+        this chain ends (:meth:`close`)."""
+        sibling = next(
+            (s for s in changes.handed_off() if s.pool in self.pools and s.pk not in self.holds),
+            None,
+        )
+        if sibling is None or not self.may_join(sibling, changes.run, now):
+            return
+        request = hold_for(sibling, self.worker_id, now, queued=True)
+        if request is None:
+            return
+        if settling:
+            ids = hold_scope_ids(request)
+            if any(ids != frozenset(settlement.scope_ids) for settlement in settling):
+                return
+        batch.hold(sibling.pk, request)
+        self.holds[sibling.pk] = batch
 
     def hold_ahead(self, step: Step) -> None:
         """A pure step claimed on its own (from the broker) whose reservation was not asked for
@@ -211,14 +238,17 @@ class Chain:
         """The answer to ``step``'s reservation asked for in its claiming batch (that batch has
         been read: call after :meth:`settle`) or sent on its own, once; None if none was asked.
         A batch that failed made none."""
-        batch = self.holds.pop(step.pk, None)
-        sent = self.holds_sent.pop(step.pk, None)
+        return self._take_held(step.pk)
+
+    def _take_held(self, step_id: int) -> Held | None:
+        batch = self.holds.pop(step_id, None)
+        sent = self.holds_sent.pop(step_id, None)
         if sent is not None:
             try:
                 sent.result()
             except Exception:
-                log.warning("the reservation of step %s was not made", step.pk, exc_info=True)
-        return batch.held(step.pk) if batch is not None else None
+                log.warning("the reservation of step %s was not made", step_id, exc_info=True)
+        return batch.held(step_id) if batch is not None else None
 
     def finish(self) -> Step | None:
         """The chain has nothing running: read the completion in flight; returns the step it
@@ -267,6 +297,18 @@ class Chain:
         except Exception:
             log.exception("reading the last completion of a chain failed")
         self.rt.held.send_now([s.pk for s in self.handed_off])
+        self._release_unused()
+
+    def _release_unused(self) -> None:
+        """Give back what was reserved for steps this chain did not run after all (a sibling
+        another worker took); the reaper would, at their expiry."""
+        for step_id in list(self.holds):
+            try:
+                found = self._take_held(step_id)
+                if found is not None and found.reservation is not None:
+                    ceiling_release(found.reservation.pk)
+            except Exception:
+                log.exception("giving back the reservation of step %s failed", step_id)
 
     def note_handoff(self, changes: Changes) -> None:
         """Keep the steps ``changes`` handed off in this worker's pools, to claim at the end."""

@@ -201,11 +201,13 @@ def step_complete(
                 # The step this batch claims for the worker reserves in it too: no round trip
                 # of its own (and none to wait for before a pure agent starts).
                 claimed = changes.local_step or sibling
+                settling = [d.settlement for d, _, _ in members if d.settlement is not None]
                 if claimed is not None:
-                    settling = [d.settlement for d, _, _ in members if d.settlement is not None]
                     chain.ask_hold(
                         batch, claimed, settling, now, inserted=claimed is changes.local_step
                     )
+                if sibling is None:
+                    chain.ask_hold_queued(batch, changes, settling, now)
                 return chain.send(batch, members, sibling)
             try:
                 rows = batch.run().result()

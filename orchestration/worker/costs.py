@@ -163,12 +163,16 @@ def cost_settlement(reservation: Reservation, ctx: AgentContext, agent: Agent) -
     return Settlement.of(reservation, actual if actual is not None else reservation.amount)
 
 
-def hold_for(step: Step, worker_id: str, now: datetime) -> HoldRequest | None:
+def hold_for(
+    step: Step, worker_id: str, now: datetime, *, queued: bool = False
+) -> HoldRequest | None:
     """The reservation to ask for in the transaction that claims ``step`` for ``worker_id``
     (None: nothing to reserve, or not knowable before its input): the same worst case the step
     would reserve when it runs, for an agent whose estimate does not depend on its input. The
     batch makes it only if the step is then running under this worker; the step takes it when
-    it runs (:func:`cost_reserve`), or it is given back."""
+    it runs (:func:`cost_reserve`), or it is given back. ``queued``: asked for in the batch
+    that inserts ``step`` unclaimed (a sibling this worker means to run later), so without
+    that condition."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM):
         return None
     cls = agent_class(step.agent)
@@ -197,9 +201,9 @@ def hold_for(step: Step, worker_id: str, now: datetime) -> HoldRequest | None:
         owner=worker_id[:200],
         ttl=timedelta(seconds=hard.total_seconds() + 60),
         now=now,
-        guard=_running_guard(),
-        guard_params=(step.pk, StepStatus.RUNNING.value, worker_id),
-        guard_types=("bigint", "text", "text"),
+        guard="" if queued else _running_guard(),
+        guard_params=() if queued else (step.pk, StepStatus.RUNNING.value, worker_id),
+        guard_types=() if queued else ("bigint", "text", "text"),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.models import Run, Step
 from orchestration.services import run_cancel, run_send_event, run_submit
+from policies.models import Reservation, ReservationStatus, SpendScope
+from policies.services import policy_install
 from tests.conftest import ALL_POOLS, wait_until
 from tests.support.agents import GatedAgent, PureEcho, PureEffect
 from tests.support.engine import step_claim, step_execute, step_run
@@ -242,3 +245,75 @@ def test_pure_map_items_are_joined_in_order_when_their_completions_go_together(c
     assert all(s.status == "succeeded" for s in answers)
     for step in answers:
         assert AuditEvent.objects.filter(step_id=step.pk, verb=Verb.STEP_SUCCEEDED).count() == 1
+
+
+# --- priced pure siblings: the second is reserved by the commit that hands it off --------------
+
+PRICED = """
+default: allow
+ceilings:
+  - {scope: run, limit: 1.00}
+  - {scope: global_day, limit: 10.00}
+prices:
+  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+# test_priced_pure: a worst case of 100 tokens in and out (0.0003), reports 50 and 50 (0.00015).
+WORST, CALL = Decimal("0.0003"), Decimal("0.00015")
+
+
+def _spend(run: Run) -> tuple[Decimal, Decimal]:
+    scope = SpendScope.objects.get(kind="run", key=str(run.pk))
+    return scope.spent, scope.reserved
+
+
+def test_a_pure_sibling_is_reserved_by_the_commit_that_hands_it_off_and_runs_ahead_on_it():
+    policy_install(source=PRICED, note="early start tests")
+    run = run_submit(workflow="priced_siblings", input={"text": "x"}).run
+    start = _queued(run, "start")
+    step_execute(start.pk, worker_id="w1", pools=ALL_POOLS)
+
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    steps = {step.node: step for step in Step.objects.filter(run=run)}
+    held = {r.step_id: r for r in Reservation.objects.filter(run_id=run.pk)}
+    assert len(held) == 4
+    assert all(r.status == "settled" and r.actual == CALL for r in held.values())
+    # "b" was reserved in start's completion (which handed it off), to the microsecond: no
+    # transaction of its own before it ran ahead of a's completion and joined it.
+    assert held[steps["b"].pk].created_at == steps["start"].finished_at
+    with connection.cursor() as cursor:  # a and b were last written by one transaction
+        cursor.execute(
+            f"SELECT DISTINCT xmin::text FROM {Step._meta.db_table} WHERE id IN (%s, %s)",
+            [steps["a"].pk, steps["b"].pk],
+        )
+        assert len(cursor.fetchall()) == 1
+    assert _spend(run) == (4 * CALL, 0)
+
+
+def test_a_sibling_reserved_ahead_that_another_worker_took_is_charged_once_per_run_of_it():
+    policy_install(source=PRICED, note="early start tests")
+    run = run_submit(workflow="priced_gated_siblings", input={"text": "x"}).run
+    start = _queued(run, "start")
+    worker = _in_thread(lambda: step_execute(start.pk, worker_id="w1", pools=ALL_POOLS))
+    assert GatedAgent.entered.wait(10)
+    # While "a" is at its gate on w1, w2 takes "b" (reserved ahead by w1) and runs it.
+    b = _queued(run, "b")  # a started before start's commit was acknowledged
+    ahead = Reservation.objects.get(step_id=b.pk)
+    assert (ahead.status, ahead.owner) == (ReservationStatus.HELD, "w1")
+    taken = step_claim(b.pk, "w2")
+    assert taken is not None
+    step_run(taken, worker_id="w2", pools=frozenset())
+    GatedAgent.gate.set()
+    worker.join(20)
+    assert not worker.is_alive()
+
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    reservations = list(Reservation.objects.filter(run_id=run.pk))
+    # Nothing is left held. w1 still ran "b" ahead of a's completion on what it had reserved
+    # (the batch that hands b off cannot know another worker will take it); that completion
+    # was refused and dropped, and its call is charged like any call made: start, b twice.
+    assert {r.status for r in reservations} == {ReservationStatus.SETTLED}
+    assert sorted(r.owner for r in reservations) == ["w1", "w1", "w2"]
+    assert _spend(run) == (3 * CALL, 0)
+    assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}

@@ -294,6 +294,24 @@ pure_siblings = _pure_siblings("pure_siblings", "test_gated")
 # ... unless it acts on the world: its tool call sends a's completion with b's claim first.
 pure_effect_siblings = _pure_siblings("pure_effect_siblings", "test_pure_effect")
 
+# Priced pure siblings: "b" is reserved in the transaction that completes "start" and hands it
+# off, runs before a's completion is sent, and joins it ...
+priced_siblings = Workflow("priced_siblings", input=Loose, max_steps=10)
+priced_siblings.agent("start", "test_priced_pure", reads=["text"], writes=["text"])
+priced_siblings.agent("a", "test_priced_pure", after="start", reads=["text"], writes=["a"])
+priced_siblings.agent("b", "test_priced_pure", after="start", reads=["text"], writes=["b"])
+priced_siblings.agent(
+    "joined", "test_priced_pure", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+)
+# ... and the same with "a" held at a gate, so that another worker can take "b" meanwhile.
+priced_gated_siblings = Workflow("priced_gated_siblings", input=Loose, max_steps=10)
+priced_gated_siblings.agent("start", "test_priced_pure", reads=["text"], writes=["text"])
+priced_gated_siblings.agent("a", "test_gated", after="start", reads=["text"], writes=["a"])
+priced_gated_siblings.agent("b", "test_priced_pure", after="start", reads=["text"], writes=["b"])
+priced_gated_siblings.agent(
+    "joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+)
+
 # A map of pure items: completing an item reads its siblings' rows, which a batch not sent yet
 # would hide; such a completion sends that batch first.
 pure_map = Workflow("pure_map", input=Loose, max_steps=20)

@@ -416,12 +416,12 @@ def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any
     )
     marks = [f"%(t{n})s" for n in range(len(tail))]
     named.update({f"t{n}": value for n, value in enumerate(tail)})
-    sql = _hold_sql(f"({' OR '.join(match)})", request.guard, marks)
+    sql = _hold_sql(f"({' OR '.join(match)})", request.guard, marks, states=True)
     statements.append((sql, named))  # type: ignore[arg-type]  # psycopg takes named parameters as a dict
     return statements
 
 
-def _hold_sql(where: str, guard: str, marks: Sequence[str]) -> str:
+def _hold_sql(where: str, guard: str, marks: Sequence[str], *, states: bool = False) -> str:
     """The hold's one statement: scope rows matching ``where`` locked in id order, then the
     check, the update and the insert. ``marks``: the placeholders of (count, amount, now, run,
     step, action, owner, expiry, then the guard's own)."""
@@ -448,9 +448,21 @@ def _hold_sql(where: str, guard: str, marks: Sequence[str]) -> str:
         FROM ok WHERE ok.fits
         RETURNING id, scope_ids
     )
-    SELECT (SELECT id FROM held), (SELECT scope_ids FROM held), (SELECT count(*) FROM moved),
-           (SELECT jsonb_agg(jsonb_build_array(id, kind, key, spent::text, reserved::text,
+    {_answer(amount, states)}"""
+
+
+def _answer(amount: str, states: bool) -> str:
+    """The last SELECT of a hold: the reservation made (id, scope ids), how many rows moved, and
+    every locked row's state (before this amount) when ``states`` (the caller learns the rows'
+    ids from it), when the amount did not fit, or when it takes a row to its soft threshold.
+    Otherwise NULL: the common answer carries nothing to parse."""
+    rows = """(SELECT jsonb_agg(jsonb_build_array(id, kind, key, spent::text, reserved::text,
                 "limit"::text, soft_ratio::text) ORDER BY id) FROM locked)"""
+    if not states:
+        rows = f"""CASE WHEN NOT (SELECT fits FROM ok) OR EXISTS (SELECT 1 FROM locked
+                WHERE spent + reserved + {amount} >= "limit" * soft_ratio) THEN {rows} END"""
+    return f"""SELECT (SELECT id FROM held), (SELECT scope_ids FROM held),
+           (SELECT count(*) FROM moved), {rows}"""
 
 
 _HOLD_TYPES = ("bigint[]", "integer", "numeric", "timestamptz", "bigint", "bigint", "text", "text")
@@ -474,7 +486,7 @@ def _hold_run_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
         f"AND {_q('key')} = ${len(types)} AND {_q('period_start')} IS NULL"
     )
     ids = f"((SELECT array_agg(i ORDER BY i) FROM (SELECT unnest($1) UNION ALL {run}) AS u(i)))"
-    return Prepared(_hold_sql(_ids_in(ids), guard, marks), types)
+    return Prepared(_hold_sql(_ids_in(ids), guard, marks, states=True), types)
 
 
 @cache
@@ -563,7 +575,7 @@ class Held:
     def warnings(self) -> list[Entry]:
         """``CEILING_WARNED`` for every scope this hold took past its soft threshold (once per
         scope and period: reads the audit trail only when a threshold was crossed)."""
-        if self.reservation is None:
+        if self.reservation is None or not self.states:
             return []
         by_kind = {state.kind: state for state in self.states}
         request = self.request
@@ -602,11 +614,16 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
         for item in (json.loads(locked) if isinstance(locked, str) else locked or [])
     )
     by_kind = {state.kind: state for state in states}
-    matched = len(states) == len(request.scopes) and all(
-        by_kind.get(scope.scope) is not None and by_kind[scope.scope].key == scope.key
-        for scope in request.scopes
+    # No states: the statement found every row by id and the amount fitted, crossing no soft
+    # threshold (``_answer``).
+    matched = (locked is None and reservation_id is not None) or (
+        len(states) == len(request.scopes)
+        and all(
+            by_kind.get(scope.scope) is not None and by_kind[scope.scope].key == scope.key
+            for scope in request.scopes
+        )
     )
-    if matched:  # learnt for the next hold: addressed by id, no lookup by name
+    if matched and states:  # learnt for the next hold: addressed by id, no lookup by name
         for scope, period in zip(request.scopes, request.periods, strict=True):
             _learn((scope.scope, scope.key, period), by_kind[scope.scope].id)
     if reservation_id is None:
@@ -1193,9 +1210,7 @@ def _settle_hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
         FROM ok WHERE ok.fits
         RETURNING id, scope_ids
     )
-    SELECT (SELECT id FROM held), (SELECT scope_ids FROM held), (SELECT count(*) FROM moved),
-           (SELECT jsonb_agg(jsonb_build_array(id, kind, key, spent::text, reserved::text,
-                "limit"::text, soft_ratio::text) ORDER BY id) FROM locked)"""
+    {_answer("$9", False)}"""
     return Prepared(sql, types)
 
 

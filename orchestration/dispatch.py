@@ -11,13 +11,15 @@ a lost live event is only a missed hint (the pages read PostgreSQL).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 
 from infra.broker import task_publisher
 from orchestration.changes import Changes
+from orchestration.models import Step, StepKind
 from orchestration.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,11 @@ def queue_name(pool: str) -> str:
 def send(changes: Changes, rt: Runtime) -> None:
     """Send what ``changes`` (committed) want sent. Never raises."""
     if changes.wakeups:
-        publish([(w.step.pk, w.step.pool, w.delay) for w in changes.wakeups], rt)
+        publish(
+            [(w.step.pk, w.step.pool, w.delay) for w in changes.wakeups],
+            rt,
+            hints={w.step.pk: hint for w in changes.wakeups if (hint := wake_hint(w.step))},
+        )
     if changes.held:
         held = [(w.step.pk, w.step.pool) for w in changes.held]
         seconds = settings.SIGNALBOX["HANDOFF_HOLD_SECONDS"]
@@ -51,9 +57,38 @@ def send_on_commit(changes: Changes, rt: Runtime) -> None:
     transaction.on_commit(lambda: send(changes, rt))
 
 
-def publish(steps: Sequence[tuple[int, str, float]], rt: Runtime) -> None:
-    """Send the wake-up message of each (step id, pool, delay) to its pool's queue. A message
-    that cannot be sent is logged and its step marked as never woken, for the reaper."""
+def wake_hint(step: Step) -> list[Any] | None:
+    """What a worker needs to reserve for an agent step's call in the transaction that claims
+    it, before it has read the step (``orchestration.worker.costs.hold_for_hint``): its kind,
+    agent, node, run, tenant and workflow, none of which a step ever changes. None for a step of
+    another kind, or whose run is not at hand (a message without it costs a transaction more
+    under a cost ceiling, nothing else)."""
+    if step.kind not in (StepKind.AGENT, StepKind.ITEM) or not _RUN.is_cached(step):
+        return None
+    run = step.run
+    return [
+        step.kind,
+        step.agent,
+        step.node,
+        run.pk,
+        run.tenant_id,
+        run.workflow_name,
+        run.workflow_version,
+    ]
+
+
+_RUN = Step._meta.get_field("run")
+
+
+def publish(
+    steps: Sequence[tuple[int, str, float]],
+    rt: Runtime,
+    *,
+    hints: Mapping[int, list[Any]] | None = None,
+) -> None:
+    """Send the wake-up message of each (step id, pool, delay) to its pool's queue, with its
+    step's hint (:func:`wake_hint`) where ``hints`` has one. A message that cannot be sent is
+    logged and its step marked as never woken, for the reaper."""
     from celery import current_app
 
     unsent: list[int] = []
@@ -68,14 +103,16 @@ def publish(steps: Sequence[tuple[int, str, float]], rt: Runtime) -> None:
         _mark_unsent(rt, [s for s, _, _ in steps])
         return
     for step_id, pool, delay in steps:
+        hint = hints.get(step_id) if hints else None
+        args: list[Any] = [step_id] if hint is None else [step_id, hint]
         try:
             if delay > 0:
-                task.apply_async(args=[step_id], queue=queue_name(pool), countdown=delay)
+                task.apply_async(args=args, queue=queue_name(pool), countdown=delay)
                 continue
             if fast:
-                publisher.publish(task, [step_id], queue_name(pool))
+                publisher.publish(task, args, queue_name(pool))
             else:
-                task.apply_async(args=[step_id], queue=queue_name(pool))
+                task.apply_async(args=args, queue=queue_name(pool))
         except Exception:
             unsent.append(step_id)
     if unsent:

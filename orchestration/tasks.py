@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 from django.db import close_old_connections
 
@@ -11,10 +13,11 @@ from orchestration.worker.execute import worker_identity
 
 
 @shared_task(name="orchestration.tasks.step_execute", ignore_result=True)
-def step_execute(step_id: int) -> int:
-    """Claim and run a step (and the successors this worker claims locally)."""
+def step_execute(step_id: int, hint: list[Any] | None = None) -> int:
+    """Claim and run a step (and the successors this worker claims locally). ``hint``: what
+    the step's reservation needs, so it is made with the claim (``dispatch.wake_hint``)."""
     close_old_connections()  # drop a connection that broke or expired since the last task
-    return execute(step_id, rt=runtime.current(), worker_id=worker_identity())
+    return execute(step_id, rt=runtime.current(), worker_id=worker_identity(), hint=hint)
 
 
 @shared_task(name="orchestration.tasks.engine_tick", ignore_result=True)

@@ -150,6 +150,19 @@ class Store:
         the returned :class:`Pending` was read."""
         raise NotImplementedError("only a pipelined store sends without waiting")
 
+    def claim_holding(
+        self,
+        step_id: int,
+        worker_id: str,
+        now: datetime,
+        lease_until: datetime,
+        request: HoldRequest,
+    ) -> tuple[Step | None, WriteBatch]:
+        """:meth:`claim`, and ``request``'s reservation for the step in the same transaction
+        (made only if the claim was): its answer is :meth:`WriteBatch.held` of the returned
+        batch (a pipelined store only)."""
+        raise NotImplementedError("only a pipelined store claims and reserves in one batch")
+
     # --- claiming -----------------------------------------------------------------------------
 
     def claim(

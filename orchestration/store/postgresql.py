@@ -162,6 +162,23 @@ class PostgresStore(Store):
     def batch(self) -> PgWriteBatch:
         return PgWriteBatch(self)
 
+    def claim_holding(
+        self,
+        step_id: int,
+        worker_id: str,
+        now: datetime,
+        lease_until: datetime,
+        request: HoldRequest,
+    ) -> tuple[Step | None, PgWriteBatch]:
+        # Committed without waiting for its WAL flush, as a claim on its own is (see ``claim``).
+        batch = self.batch()
+        batch.batch.add("SET LOCAL synchronous_commit TO off", [])
+        at = claim_in_batch(batch.batch, step_id, worker_id, now, lease_until, keep=True)
+        batch.hold(step_id, request)  # its guard: the step is running under this worker
+        batch.batch.run()
+        rows = batch.batch.kept.get(at)
+        return claimed_from_row(rows[0] if rows else None, now), batch
+
     def hold_send(self, step_id: int, request: HoldRequest) -> tuple[PgWriteBatch, Pending]:
         # Committed without waiting for its WAL flush, as a claim is (see ``claim``): a
         # reservation lost in a database crash went with the claim before it, and the step's

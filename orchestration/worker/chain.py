@@ -303,12 +303,16 @@ class Chain:
         """Give back what was reserved for steps this chain did not run after all (a sibling
         another worker took); the reaper would, at their expiry."""
         for step_id in list(self.holds):
-            try:
-                found = self._take_held(step_id)
-                if found is not None and found.reservation is not None:
-                    ceiling_release(found.reservation.pk)
-            except Exception:
-                log.exception("giving back the reservation of step %s failed", step_id)
+            self.release_held(step_id)
+
+    def release_held(self, step_id: int) -> None:
+        """Give back the reservation asked for ``step_id``, if one was made (never raises)."""
+        try:
+            found = self._take_held(step_id)
+            if found is not None and found.reservation is not None:
+                ceiling_release(found.reservation.pk)
+        except Exception:
+            log.exception("giving back the reservation of step %s failed", step_id)
 
     def note_handoff(self, changes: Changes) -> None:
         """Keep the steps ``changes`` handed off in this worker's pools, to claim at the end."""

@@ -19,7 +19,7 @@ from infra.sql import BY_KEY
 from orchestration.advance import node_of
 from orchestration.agents.base import Agent, AgentContext
 from orchestration.errors import Code, PolicyDenied, TransientError
-from orchestration.models import Step, StepKind, StepStatus
+from orchestration.models import Run, Step, StepKind, StepStatus
 from orchestration.registry import agent_class, agent_instance, workflow_get
 from orchestration.tools.limit_backends import backend_default
 from policies.active import ActivePolicy, active_policy
@@ -205,6 +205,26 @@ def hold_for(
         guard_params=() if queued else (step.pk, StepStatus.RUNNING.value, worker_id),
         guard_types=() if queued else ("bigint", "text", "text"),
     )
+
+
+def hold_for_hint(
+    hint: list[Any], step_id: int, worker_id: str, now: datetime
+) -> HoldRequest | None:
+    """:func:`hold_for` the step a wake-up message names, from the message's hint
+    (``orchestration.dispatch.wake_hint``) rather than its row, which its claim reads: so the
+    reservation goes in the claim's own transaction. None for a hint it cannot read."""
+    try:
+        kind, agent, node, run_id, tenant_id, workflow, version = hint
+        run = Run(
+            pk=int(run_id),
+            workflow_name=str(workflow),
+            workflow_version=int(version),
+            tenant_id=tenant_id,
+        )
+        step = Step(pk=step_id, kind=str(kind), agent=str(agent), node=str(node), run=run)
+        return hold_for(step, worker_id, now)
+    except Exception:  # an old or foreign message: the step reserves as it would without one
+        return None
 
 
 @cache

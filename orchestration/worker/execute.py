@@ -8,6 +8,7 @@ import socket
 import threading
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 from django.utils import timezone
 
@@ -16,23 +17,49 @@ from orchestration.runtime import Runtime
 from orchestration.worker import complete
 from orchestration.worker.attempt import step_run
 from orchestration.worker.chain import Chain, Superseded, claim_events
+from orchestration.worker.costs import hold_for_hint
 
 
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-def step_claim(step_id: int, *, rt: Runtime, worker_id: str) -> Step | None:
-    """Take a queued, due step with a lease; ``None`` when someone else has it or it is not due."""
+def step_claim(
+    step_id: int,
+    *,
+    rt: Runtime,
+    worker_id: str,
+    chain: Chain | None = None,
+    hint: list[Any] | None = None,
+) -> Step | None:
+    """Take a queued, due step with a lease; ``None`` when someone else has it or it is not due.
+    With a ``hint`` from its message and a ``chain``, the step's reservation is made in the
+    claim's own transaction where a cost ceiling counts its call (no transaction of its own)."""
     now = timezone.now()
-    step = rt.store.claim(step_id, worker_id, now, now + timedelta(seconds=rt.lease_seconds))
+    lease_until = now + timedelta(seconds=rt.lease_seconds)
+    request = (
+        hold_for_hint(hint, step_id, worker_id, now)
+        if hint and chain is not None and rt.store.pipelined
+        else None
+    )
+    if request is None:
+        step = rt.store.claim(step_id, worker_id, now, lease_until)
+    else:
+        assert chain is not None
+        step, batch = rt.store.claim_holding(step_id, worker_id, now, lease_until, request)
+        if step is not None:
+            chain.holds[step.pk] = batch
+            if request.action != f"agent:{step.agent}" or request.run_id != step.run_id:
+                chain.release_held(step.pk)  # a hint that does not describe its step: unused
     if step is not None:
         events = [{k: v for k, v in e.items() if k != "step"} for e in claim_events(step, now)]
         rt.live.send([{"run_id": step.run_id, "step_id": step.pk, **e} for e in events])
     return step
 
 
-def step_execute(step_id: int, *, rt: Runtime, worker_id: str) -> int:
+def step_execute(
+    step_id: int, *, rt: Runtime, worker_id: str, hint: list[Any] | None = None
+) -> int:
     """Claim and run ``step_id``, then any successor this worker claimed locally.
 
     Returns how many steps ran to an outcome. Safe to call with a stale or duplicate message:
@@ -48,7 +75,7 @@ def step_execute(step_id: int, *, rt: Runtime, worker_id: str) -> int:
         ),
         commit_failed=partial(complete.commit_failed, rt=rt, worker_id=worker_id),
     )
-    step = step_claim(step_id, rt=rt, worker_id=worker_id)
+    step = step_claim(step_id, rt=rt, worker_id=worker_id, chain=chain, hint=hint)
     ran = 0
     try:
         while True:

@@ -43,7 +43,7 @@ def _web_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     }
     settings.SIGNALBOX = {**settings.SIGNALBOX, "LIVE_EVENTS": True}
     monkeypatch.setitem(connections.settings["default"], "CONN_MAX_AGE", 0)
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 @pytest.fixture

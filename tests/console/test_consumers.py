@@ -36,7 +36,7 @@ def _web_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     Celery would keep a broker connection to the test's broker for the tests that follow."""
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setitem(connections.settings["default"], "CONN_MAX_AGE", 0)
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 @pytest.fixture

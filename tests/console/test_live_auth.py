@@ -27,7 +27,7 @@ EVENT = {"type": "run.event", "event": {"kind": "step", "change": "running", "st
 def _web_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setitem(connections.settings["default"], "CONN_MAX_AGE", 0)
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 @pytest.fixture(autouse=True)
 def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 def _approvals(drive: Any, n: int) -> list[Wait]:

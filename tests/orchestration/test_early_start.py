@@ -33,7 +33,7 @@ if connection.vendor != "postgresql":  # pragma: no cover - the suite runs on Po
 @pytest.fixture(autouse=True)
 def _in_process(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
     GatedAgent.reset()
     PureEcho.starts.clear()
     PureEffect.events.clear()
@@ -317,3 +317,32 @@ def test_a_sibling_reserved_ahead_that_another_worker_took_is_charged_once_per_r
     assert sorted(r.owner for r in reservations) == ["w1", "w1", "w2"]
     assert _spend(run) == (3 * CALL, 0)
     assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        ["garbage"],  # an old or foreign message: read as no hint
+        None,  # filled in below: the right shape, naming another run
+    ],
+)
+def test_a_wake_up_hint_that_does_not_describe_its_step_leaves_nothing_reserved(hint):
+    from orchestration.dispatch import wake_hint
+    from orchestration.worker import execute
+    from tests.support.engine import runtime_for
+
+    policy_install(source=PRICED, note="early start tests")
+    run = run_submit(workflow="priced_chain", input={"text": "x"}).run
+    one = _queued(run, "one")
+    if hint is None:
+        hint = wake_hint(Step.objects.select_related("run").get(pk=one.pk))
+        assert hint is not None
+        hint[3] = run.pk + 1000  # another run's id
+    execute.step_execute(one.pk, rt=runtime_for(ALL_POOLS), worker_id="w1", hint=hint)
+
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error_message
+    assert not Reservation.objects.filter(status=ReservationStatus.HELD).exists()
+    mine = Reservation.objects.filter(run_id=run.pk)
+    assert mine.count() == 3 and {r.status for r in mine} == {ReservationStatus.SETTLED}
+    assert _spend(run) == (3 * CALL, 0)

@@ -173,8 +173,9 @@ def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: A
     # claimed them (no transaction of their own): at that commit's time, to the microsecond.
     assert held[steps["two"].pk].created_at == steps["one"].finished_at
     assert held[steps["three"].pk].created_at == steps["two"].finished_at
-    # "one" came from the broker and reserved on its own, after its claim.
-    assert held[steps["one"].pk].created_at > steps["one"].started_at
+    # "one" came from the broker, whose message said what its reservation needs: it was
+    # reserved in the transaction that claimed it, at the claim's time.
+    assert held[steps["one"].pk].created_at == steps["one"].started_at
     for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
         assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
 

@@ -50,7 +50,7 @@ def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         "RETRY_BASE_SECONDS": 0.0,
         "RETRY_MAX_SECONDS": 0.0,
     }
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 def _runtime(store: Store) -> Runtime:

@@ -35,7 +35,7 @@ if connection.vendor != "postgresql":  # pragma: no cover - the suite runs on Po
 @pytest.fixture(autouse=True)
 def _quiet(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.SIGNALBOX = {**settings.SIGNALBOX, "AGENT_TIME_SCALE": 0.0, "LIVE_EVENTS": False}
-    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt: None)
+    monkeypatch.setattr("orchestration.dispatch.publish", lambda steps, rt, **_: None)
 
 
 def _run() -> Run:
@@ -269,7 +269,8 @@ def test_a_sibling_the_worker_claims_itself_in_time_costs_no_broker_message(
     settings.SIGNALBOX = {**settings.SIGNALBOX, "HANDOFF_HOLD_SECONDS": 0.2}
     published: list[int] = []
     monkeypatch.setattr(
-        "orchestration.dispatch.publish", lambda steps, rt: published.extend(s for s, _, _ in steps)
+        "orchestration.dispatch.publish",
+        lambda steps, rt, **_: published.extend(s for s, _, _ in steps),
     )
     run = _run()
     assert drive(run.pk).status == "succeeded"

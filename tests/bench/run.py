@@ -520,6 +520,12 @@ def main() -> None:
     )
     parser.add_argument("--decisions", type=int, default=600, help="approvals per decisions row")
     parser.add_argument("--bulk-size", type=int, default=10, help="approvals per bulk call")
+    parser.add_argument(
+        "--decision-rate",
+        type=float,
+        default=300,
+        help="approvals a second offered in the paced bulk row (0: no paced row)",
+    )
     parser.add_argument("--push-rate", type=float, default=100, help="changes per second")
     parser.add_argument("--push-seconds", type=float, default=10)
     parser.add_argument("--consoles", type=int, default=20)
@@ -609,14 +615,20 @@ def main() -> None:
                 from tests.bench.decisions import bench_decisions
 
                 bench_decisions(40, counters, client)  # warm-up of every web process
-                for bulk in (0, args.bulk_size):
+                for bulk, rate in (
+                    (0, 0),
+                    (args.bulk_size, 0),
+                    (args.bulk_size, args.decision_rate),
+                ):
+                    if rate and not args.decision_rate:
+                        continue
                     rows.append(
                         measured(
                             procs,
-                            f"decisions (bulk {bulk})",
+                            f"decisions (bulk {bulk}{f', {rate:.0f}/s' if rate else ''})",
                             args.decisions,
-                            lambda bulk=bulk: bench_decisions(
-                                args.decisions, counters, client, bulk_size=bulk
+                            lambda bulk=bulk, rate=rate: bench_decisions(
+                                args.decisions, counters, client, bulk_size=bulk, rate=rate
                             ),
                         )
                     )

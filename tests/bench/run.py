@@ -615,13 +615,10 @@ def main() -> None:
                 from tests.bench.decisions import bench_decisions
 
                 bench_decisions(40, counters, client)  # warm-up of every web process
-                for bulk, rate in (
-                    (0, 0),
-                    (args.bulk_size, 0),
-                    (args.bulk_size, args.decision_rate),
-                ):
-                    if rate and not args.decision_rate:
-                        continue
+                kinds = [(0, 0.0), (args.bulk_size, 0.0)]
+                if args.decision_rate:  # and paced: resume latency at a load it sustains
+                    kinds.append((args.bulk_size, args.decision_rate))
+                for bulk, rate in kinds:
                     rows.append(
                         measured(
                             procs,

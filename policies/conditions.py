@@ -231,7 +231,7 @@ class FactCheck(Check):
     check with the read folded in, and for ordering the common number types compared inline,
     because a decision runs many of them (``tests/policies`` checks that the two agree)."""
 
-    __slots__ = ("compare", "paths", "read", "slot", "text")
+    __slots__ = ("compare", "paths", "read", "readers", "slot", "text")
 
     def __init__(
         self,
@@ -242,16 +242,25 @@ class FactCheck(Check):
     ) -> None:
         self.paths = paths
         self.slot = slot
-        self.read = _first_present(tuple(_reader(path) for path in paths))
+        self.readers = tuple(_reader(path) for path in paths)
+        self.read = _first_present(self.readers)
         self.text = text
         self.compare = compare
         self.test = _read_then_compare(self.read, slot, compare)
 
     def explain(self, facts: Facts, evaluation: Evaluation) -> str:
-        value = self.read(facts)
-        name = " or ".join(self.paths)
-        if value is None:
-            return f"{name} is missing (required: {self.text})"
+        # Named by the path that had the value (a rule may read one of several).
+        found = next(
+            (
+                (path, value)
+                for path, reader in zip(self.paths, self.readers, strict=True)
+                if (value := reader(facts)) is not None
+            ),
+            None,
+        )
+        if found is None:
+            return f"{' or '.join(self.paths)} is missing (required: {self.text})"
+        name, value = found
         result = self.compare(value)
         seen = f"{name} is {value!r}"
         if result is None:

@@ -303,6 +303,13 @@ def test_an_auditor_reads_but_sees_no_write_actions_and_cannot_post_them(ada: An
     assert "Policies" in _text(client.get(reverse("console:policy_list")))
 
 
+def test_the_policy_list_says_what_the_policy_in_force_describes(ada: Any, bob: Any) -> None:
+    described = "description: Refund desk rules\n" + V1
+    _live(described, ada, bob)
+    row = _text(_client(bob).get(reverse("console:policy_list")))
+    assert "Refund desk rules" in row
+
+
 def test_an_operator_gets_a_clear_403_page_and_no_nav_link() -> None:
     operator = _user("Operator tier 2", "otto")
     client = _client(operator)

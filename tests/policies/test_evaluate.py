@@ -486,6 +486,20 @@ def test_the_reason_says_what_the_rule_saw() -> None:
     assert decision.reason == "rule big: params.amount is 1500, > 1000"
 
 
+def test_the_reason_names_the_fact_that_had_the_value_of_a_condition_reading_several() -> None:
+    either = {"fact": ["params.proposal.amount", "params.amount"], "op": ">", "value": 1000}
+    policy = compiled(rules=[rule("big", "tool:pay", approval(2), either)])
+    at = WEDNESDAY_NOON
+    nested = Facts("tool:pay", params={"proposal": {"amount": 2500}})
+    assert policy_decide(policy, nested, at).reason == (
+        "rule big: params.proposal.amount is 2500, > 1000"
+    )
+    flat = Facts("tool:pay", params={"amount": 1500})
+    assert policy_decide(policy, flat, at).reason == "rule big: params.amount is 1500, > 1000"
+    missing = policy_decide(policy, Facts("tool:pay", params={}), at)
+    assert "params.proposal.amount or params.amount is missing" in missing.reason
+
+
 def test_a_decision_records_its_facts_and_version_as_json() -> None:
     policy = compiled(version=4, rules=[rule("big", "tool:pay", approval(2, sla="30m"))])
     facts = Facts(

@@ -9,6 +9,8 @@ from typing import Any
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 
+from policies.selectors import READ as POLICY_READ
+
 #: (label, URL name or absolute path, who sees it)
 OPERATOR_LINKS = [
     ("Home", "console:home"),
@@ -66,6 +68,8 @@ def nav(request: HttpRequest) -> dict[str, Any]:
         return {}
     if is_read_only(user):
         wanted = list(AUDITOR_LINKS)
+        if POLICY_READ in _perms(user):  # auditors read policies too (no actions on them)
+            wanted.insert(1, ("Policies", "console:policy_list"))
     else:
         wanted = list(OPERATOR_LINKS)
         if "policies.edit_policy" in _perms(user) or user.is_staff or user.is_superuser:

@@ -127,6 +127,9 @@ def test_navigation_follows_the_role(db: None) -> None:
     assert "Users &amp; grants" in admin_page and "Tools" in admin_page
     assert "Users &amp; grants" not in auditor_page and ">Tools<" not in auditor_page
     assert "(Auditor)" in auditor_page
+    # an auditor reads policies (never edits them): the link is there, and the page opens
+    assert 'href="/policies/"' in auditor_page
+    assert logged_in(auditor).get("/policies/").status_code == 200
 
 
 def test_staff_admin_grants_a_tenant_permission_and_an_operator_cannot(operator: Any) -> None:

@@ -30,7 +30,14 @@ from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
 from orchestration.worker.costs import hold_for
 from policies.evaluate import Decision
-from policies.ledger import Held, Settlement, ceiling_release, hold_scope_ids, settlement_apply
+from policies.ledger import (
+    Held,
+    HoldRequest,
+    Settlement,
+    ceiling_release,
+    hold_scope_ids,
+    settlement_apply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +183,8 @@ class Chain:
         if step.pk in self.holds:
             return  # reserved already, in the batch that inserted it (:meth:`ask_hold_queued`)
         request = hold_for(step, self.worker_id, now)
-        if request is None:
+        if request is None or not _same_rows(request, settling):
             return
-        if settling:
-            ids = hold_scope_ids(request)
-            if any(ids != frozenset(settlement.scope_ids) for settlement in settling):
-                return
         batch.hold(step.pk, request, with_settlement=inserted)
         self.holds[step.pk] = batch
 
@@ -201,12 +204,8 @@ class Chain:
         if sibling is None or not self.may_join(sibling, changes.run, now):
             return
         request = hold_for(sibling, self.worker_id, now, queued=True)
-        if request is None:
+        if request is None or not _same_rows(request, settling):
             return
-        if settling:
-            ids = hold_scope_ids(request)
-            if any(ids != frozenset(settlement.scope_ids) for settlement in settling):
-                return
         batch.hold(sibling.pk, request)
         self.holds[sibling.pk] = batch
 
@@ -346,6 +345,15 @@ class Chain:
         ahead.started_at = sibling.started_at or now
         ahead.run = run
         return ahead
+
+
+def _same_rows(request: HoldRequest, settling: list[Settlement]) -> bool:
+    """Whether every call ``settling`` settles counts against exactly the scope rows
+    ``request`` would lock (so one transaction locks them in one order)."""
+    if not settling:
+        return True
+    ids = hold_scope_ids(request)
+    return all(ids == frozenset(settlement.scope_ids) for settlement in settling)
 
 
 class OpenBatch:

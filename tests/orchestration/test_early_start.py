@@ -20,6 +20,8 @@ from orchestration.services import run_cancel, run_send_event, run_submit
 from policies.models import Reservation, ReservationStatus, SpendScope
 from policies.services import policy_install
 from tests.conftest import ALL_POOLS, wait_until
+from tests.policies.documents import PRICED as PRICED_RUN
+from tests.policies.documents import PRICED_CALL
 from tests.support.agents import GatedAgent, PureEcho, PureEffect
 from tests.support.engine import step_claim, step_execute, step_run
 from tests.support.stub_provider import stub_provider_server
@@ -249,16 +251,8 @@ def test_pure_map_items_are_joined_in_order_when_their_completions_go_together(c
 
 # --- priced pure siblings: the second is reserved by the commit that hands it off --------------
 
-PRICED = """
-default: allow
-ceilings:
-  - {scope: run, limit: 1.00}
-  - {scope: global_day, limit: 10.00}
-prices:
-  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
-"""
-# test_priced_pure: a worst case of 100 tokens in and out (0.0003), reports 50 and 50 (0.00015).
-WORST, CALL = Decimal("0.0003"), Decimal("0.00015")
+PRICED = PRICED_RUN % "1.00"
+CALL = PRICED_CALL
 
 
 def _spend(run: Run) -> tuple[Decimal, Decimal]:
@@ -312,10 +306,11 @@ def test_a_sibling_reserved_ahead_that_another_worker_took_is_charged_once_per_r
     reservations = list(Reservation.objects.filter(run_id=run.pk))
     # Nothing is left held. w1 still ran "b" ahead of a's completion on what it had reserved
     # (the batch that hands b off cannot know another worker will take it); that completion
-    # was refused and dropped, and its call is charged like any call made: start, b twice.
+    # was refused and dropped, and its call is charged like any call made: start, b twice and
+    # joined ("a" calls no model).
     assert {r.status for r in reservations} == {ReservationStatus.SETTLED}
-    assert sorted(r.owner for r in reservations) == ["w1", "w1", "w2"]
-    assert _spend(run) == (3 * CALL, 0)
+    assert sorted(r.owner for r in reservations) == ["w1", "w1", "w1", "w2"]
+    assert _spend(run) == (4 * CALL, 0)
     assert _succeeded_once(run) == {"start": 1, "a": 1, "b": 1, "joined": 1}
 
 

@@ -23,6 +23,7 @@ from orchestration.services import run_submit
 from policies.models import Reservation, ReservationStatus, SpendScope
 from policies.services import policy_install
 from tests.conftest import wait_for_run, wait_until
+from tests.policies.documents import PRICED, PRICED_CALL, PRICED_WORST
 from tests.support.stub_llm import StubLLM, StubReply, stub_llm_server
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -143,16 +144,7 @@ def test_a_call_that_outlives_its_lost_lease_is_still_charged(start_worker: Any)
 
 # --- a chained step's reservation, made in the transaction that claims it ------------------------
 
-PRICED_CHAIN = """
-default: allow
-ceilings:
-  - {scope: run, limit: %s}
-  - {scope: global_day, limit: 10.00}
-prices:
-  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
-"""
-# test_priced_pure: a worst case of 100 tokens in and out (0.0003), reports 50 and 50 (0.00015).
-CHAIN_WORST, CHAIN_CALL = Decimal("0.0003"), Decimal("0.00015")
+PRICED_CHAIN, CHAIN_WORST, CHAIN_CALL = PRICED, PRICED_WORST, PRICED_CALL
 
 
 def _steps(run_id: int) -> dict[str, Step]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from policies.document import PolicyDocument
@@ -97,3 +98,17 @@ rules:
       - {fact: node, op: in, value: [research_a, research_b]}
     outcome: {decision: require_approval, tier: 1, sla: 1h}
 """
+
+
+#: Cost ceilings on a run (its limit as ``%s``) and on the day, and the price of the model the
+#: test agents call. ``test_priced_pure``: a worst case of 100 tokens in and out (0.0003),
+#: reports 50 and 50 (0.00015).
+PRICED = """
+default: allow
+ceilings:
+  - {scope: run, limit: %s}
+  - {scope: global_day, limit: 10.00}
+prices:
+  known-model: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+PRICED_WORST, PRICED_CALL = Decimal("0.0003"), Decimal("0.00015")

@@ -278,14 +278,14 @@ early_branches.agent(
 )
 
 
-def _pure_siblings(name: str, b_agent: str) -> Workflow:
+def _pure_siblings(
+    name: str, b_agent: str, *, a_agent: str = "test_pure_echo", others: str = "test_pure_echo"
+) -> Workflow:
     wf = Workflow(name, input=Loose, max_steps=10)
-    wf.agent("start", "test_pure_echo", reads=["text"], writes=["text"])
-    wf.agent("a", "test_pure_echo", after="start", reads=["text"], writes=["a"])
+    wf.agent("start", others, reads=["text"], writes=["text"])
+    wf.agent("a", a_agent, after="start", reads=["text"], writes=["a"])
     wf.agent("b", b_agent, after="start", reads=["text"], writes=["b"])
-    wf.agent(
-        "joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
-    )
+    wf.agent("joined", others, after=["a", "b"], join="all", reads=["text"], writes=["joined"])
     return wf
 
 
@@ -293,24 +293,16 @@ def _pure_siblings(name: str, b_agent: str) -> Workflow:
 pure_siblings = _pure_siblings("pure_siblings", "test_gated")
 # ... unless it acts on the world: its tool call sends a's completion with b's claim first.
 pure_effect_siblings = _pure_siblings("pure_effect_siblings", "test_pure_effect")
-
 # Priced pure siblings: "b" is reserved in the transaction that completes "start" and hands it
 # off, runs before a's completion is sent, and joins it ...
-priced_siblings = Workflow("priced_siblings", input=Loose, max_steps=10)
-priced_siblings.agent("start", "test_priced_pure", reads=["text"], writes=["text"])
-priced_siblings.agent("a", "test_priced_pure", after="start", reads=["text"], writes=["a"])
-priced_siblings.agent("b", "test_priced_pure", after="start", reads=["text"], writes=["b"])
-priced_siblings.agent(
-    "joined", "test_priced_pure", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+priced_siblings = _pure_siblings(
+    "priced_siblings", "test_priced_pure", a_agent="test_priced_pure", others="test_priced_pure"
 )
-# ... and the same with "a" held at a gate, so that another worker can take "b" meanwhile.
-priced_gated_siblings = Workflow("priced_gated_siblings", input=Loose, max_steps=10)
-priced_gated_siblings.agent("start", "test_priced_pure", reads=["text"], writes=["text"])
-priced_gated_siblings.agent("a", "test_gated", after="start", reads=["text"], writes=["a"])
-priced_gated_siblings.agent("b", "test_priced_pure", after="start", reads=["text"], writes=["b"])
-priced_gated_siblings.agent(
-    "joined", "test_pure_echo", after=["a", "b"], join="all", reads=["text"], writes=["joined"]
+# ... and with "a" held at a gate, so that another worker can take "b" meanwhile.
+priced_gated_siblings = _pure_siblings(
+    "priced_gated_siblings", "test_priced_pure", a_agent="test_gated", others="test_priced_pure"
 )
+
 
 # A map of pure items: completing an item reads its siblings' rows, which a batch not sent yet
 # would hide; such a completion sends that batch first.

@@ -237,6 +237,19 @@ class PostgresStore(Store):
         step.run = run
         return run, step
 
+    def wait_with_run(self, wait_id: int, kind: str) -> Wait | None:
+        # Prepared: planning the ORM's join costs more than running it, and compiling it costs
+        # a decision's web process more than the decision itself.
+        values = execute_prepared(_wait_with_run_statement(), [wait_id, kind])
+        if values is None:
+            return None
+        n_wait, n_run = len(Wait._meta.concrete_fields), len(Run._meta.concrete_fields)
+        wait = from_row(Wait, values[:n_wait])
+        wait.run = from_row(Run, values[n_wait : n_wait + n_run])
+        wait.step = from_row(Step, values[n_wait + n_run :])
+        wait.step.run = wait.run
+        return wait
+
     def commit(self, changes: Changes) -> Pending:
         if db().in_atomic_block:
             return super().commit(changes)
@@ -484,6 +497,20 @@ def claimed_from_row(row: Any, now: datetime) -> Step | None:
         run.status, run.started_at, run.version = RunStatus.RUNNING, now, run.version + 1
     step.run = run
     return step
+
+
+@cache
+def _wait_with_run_statement() -> Prepared:
+    """$1 wait id, $2 its kind: the wait's, its run's and its step's columns."""
+    qn = db().ops.quote_name
+    wait_t, run_t, step_t = (qn(m._meta.db_table) for m in (Wait, Run, Step))
+    wait_columns = ", ".join(f"w.{qn(f.column)}" for f in Wait._meta.concrete_fields)
+    sql = f"""
+    SELECT {wait_columns}, {_run_columns("r")}, {_step_columns()}
+    FROM {wait_t} w JOIN {run_t} r ON r.id = w.run_id JOIN {step_t} s ON s.id = w.step_id
+    WHERE w.id = $1 AND w.kind = $2
+    """
+    return Prepared(sql, ["bigint", "text"])
 
 
 def _column_value(value: Any) -> Any:

@@ -182,6 +182,36 @@ def test_an_edit_of_an_approval_that_needs_several_people_is_refused(
     )
 
 
+def test_an_approval_is_found_only_on_runs_the_operator_may_see(
+    tenant: Any, approval_for: Any, requester: Any, client_for: Any
+) -> None:
+    """Seen through the tenant, through a grant of the one run, as its submitter; otherwise the
+    approval does not exist for them (404, nothing decided), whatever their tier."""
+    ours = approval_for(requester, 1)
+    globex = TenantFactory(slug="globex")
+    theirs = approval_for(requester, 1)
+    Run.objects.filter(pk=theirs.run_id).update(tenant=globex)
+    person = _person("acme-operator", 3, tenant, may_decide_tenant=True)
+    client = client_for(person)
+
+    hidden = _decide(client, theirs, reason="not mine to see")
+    assert hidden.status_code == 404, hidden.content
+    assert hidden.json()["error"]["code"] == "approval_not_found"
+    assert Wait.objects.get(pk=theirs.pk).status == "open"
+
+    # The one run granted (and its tenant's deciding permission): found, then decided.
+    assign_perm("orchestration.view_run", person, Run.objects.get(pk=theirs.run_id))
+    assign_perm("policies.decide_runs", person, globex)
+    assert _decide(client, theirs, reason="granted").status_code == 200
+    assert _decide(client, ours, reason="my tenant").status_code == 200
+
+    # Their own run on a tenant they do not see: found, and refused as theirs.
+    own = approval_for(person, 1)
+    Run.objects.filter(pk=own.run_id).update(tenant=globex)
+    refused = _decide(client, own, reason="mine")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "self_approval"
+
+
 def test_operators_see_only_the_runs_of_tenants_they_may_see(
     client_for: Any, requester: Any
 ) -> None:

@@ -18,6 +18,7 @@ under 100 ms).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -54,9 +55,13 @@ def bench_decisions(
     bulk_size: int = 0,
     clients: int = CLIENTS,
     rate: float = 0,
+    cpu: Callable[[], dict[str, float]] | None = None,
 ) -> Row:
     """Decide ``n`` approvals from ``clients`` threads; ``bulk_size`` > 0 uses the bulk endpoint;
-    ``rate`` > 0 starts the calls on a schedule of that many approvals a second."""
+    ``rate`` > 0 starts the calls on a schedule of that many approvals a second. With ``cpu``
+    (the processes' CPU seconds so far, by kind), the note gives each kind's CPU per decision
+    from the first call to the last resumed run: the decisions' cost without the runs' way to
+    their approvals."""
     from orchestration.models import Step, Wait
 
     how = f"bulk endpoint, {bulk_size} per call" if bulk_size else "one call each"
@@ -95,11 +100,13 @@ def bench_decisions(
         decide(batch)
 
     xid0, push0 = counters.snapshot()
+    cpu0 = cpu() if cpu else {}
     start = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(on_schedule, enumerate(calls)))
     answered = time.monotonic()
     wait_all(ids, "succeeded")
+    cpu1 = cpu() if cpu else {}
     xid1, push1 = counters.snapshot()
     row.seconds = answered - start
     row.steps = n
@@ -117,4 +124,8 @@ def bench_decisions(
         f"all decided {(last_decided.timestamp() - first) * 1000:.0f} ms after the first call; "
         f"first call {datetime.fromtimestamp(first, UTC):%H:%M:%S} UTC"
     )
+    if cpu:
+        row.note += "; CPU ms per decision: " + ", ".join(
+            f"{kind} {(cpu1[kind] - cpu0[kind]) * 1000 / n:.1f}" for kind in cpu1
+        )
     return row

@@ -519,7 +519,12 @@ def main() -> None:
         help="web server processes (more than 1: gunicorn with uvicorn workers, as deployed)",
     )
     parser.add_argument("--decisions", type=int, default=600, help="approvals per decisions row")
-    parser.add_argument("--bulk-size", type=int, default=10, help="approvals per bulk call")
+    parser.add_argument(
+        "--bulk-size",
+        type=int,
+        default=10,
+        help="approvals per bulk call (0: single decisions only)",
+    )
     parser.add_argument(
         "--decision-rate",
         type=float,
@@ -615,9 +620,11 @@ def main() -> None:
                 from tests.bench.decisions import bench_decisions
 
                 bench_decisions(40, counters, client)  # warm-up of every web process
-                kinds = [(0, 0.0), (args.bulk_size, 0.0)]
-                if args.decision_rate:  # and paced: resume latency at a load it sustains
-                    kinds.append((args.bulk_size, args.decision_rate))
+                kinds = [(0, 0.0)]
+                if args.bulk_size:
+                    kinds.append((args.bulk_size, 0.0))
+                    if args.decision_rate:  # and paced: resume latency at a load it sustains
+                        kinds.append((args.bulk_size, args.decision_rate))
                 for bulk, rate in kinds:
                     rows.append(
                         measured(
@@ -625,7 +632,12 @@ def main() -> None:
                             f"decisions (bulk {bulk}{f', {rate:.0f}/s' if rate else ''})",
                             args.decisions,
                             lambda bulk=bulk, rate=rate: bench_decisions(
-                                args.decisions, counters, client, bulk_size=bulk, rate=rate
+                                args.decisions,
+                                counters,
+                                client,
+                                bulk_size=bulk,
+                                rate=rate,
+                                cpu=procs.cpu_seconds,
                             ),
                         )
                     )

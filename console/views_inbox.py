@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
@@ -355,30 +356,31 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
     values: dict[str, Any] | None = None
     field_errors: dict[str, str] = {}
     skip_value = request.POST.get("skip_value", "")
+    decided: Wait | None = None
     try:
         if op == "claim":
             wait_claim(wait_id=wait_id, user=user)
         elif op == "release":
             wait_release(wait_id=wait_id, user=user)
         elif op in (Decision.APPROVE, Decision.REJECT):
-            approval_decide(wait_id=wait_id, user=user, decision=op, reason=reason)
+            decided = approval_decide(wait_id=wait_id, user=user, decision=op, reason=reason)
         elif op == Decision.EDIT:
             item = inbox_item_for_user(user, wait_id)
             schema = agent_class(item.wait.step.agent).Input.model_json_schema()
             values, field_errors = _field_values(schema, request.POST)
             if not field_errors:
-                approval_decide(
+                decided = approval_decide(
                     wait_id=wait_id, user=user, decision=op, reason=reason, edited_input=values
                 )
         elif op in (Decision.RETRY, Decision.ABORT):
-            escalation_resolve(wait_id=wait_id, user=user, action=op, reason=reason)
+            decided = escalation_resolve(wait_id=wait_id, user=user, action=op, reason=reason)
         elif op == Decision.SKIP:
             try:
                 output = json.loads(skip_value or "null")
             except json.JSONDecodeError:
                 field_errors["skip_value"] = "not valid JSON"
             else:
-                escalation_resolve(
+                decided = escalation_resolve(
                     wait_id=wait_id,
                     user=user,
                     action=op,
@@ -414,12 +416,34 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
             skip_value=skip_value,
         )
         return render(request, "console/inbox_item.html", context, status=422)
-    target = (
-        reverse("console:inbox_item", args=[wait_id])
-        if op in ("claim", "release")
-        else reverse("console:inbox")
-    )
-    return HttpResponseRedirect(target)
+    if op in ("claim", "release"):
+        return HttpResponseRedirect(reverse("console:inbox_item", args=[wait_id]))
+    if decided is not None:
+        messages.success(request, _decided_message(decided, op))
+    return HttpResponseRedirect(reverse("console:inbox"))
+
+
+#: What the inbox says after a decision taken on an item's page, by operation.
+DONE = {
+    Decision.APPROVE: "approved",
+    Decision.EDIT: "approved with your edit",
+    Decision.REJECT: "rejected",
+    Decision.RETRY: "sent back to be retried",
+    Decision.SKIP: "skipped with your value",
+    Decision.ABORT: "resolved: its run is aborted",
+}
+
+
+def _decided_message(wait: Wait, op: str) -> str:
+    """The line the inbox shows after a decision on ``wait`` (as the service left it): what was
+    done, or that the approval waits for another person's vote."""
+    where = f"{wait.run.workflow_name} {wait.step.node}, run #{wait.run_id}"
+    what = f"{wait.kind.capitalize()} #{wait.pk} ({where})"
+    if wait.status == WaitStatus.OPEN:
+        return (
+            f"{what}: your approval is recorded; it needs another person's before the run goes on."
+        )
+    return f"{what} {DONE.get(op, 'decided')}."
 
 
 @login_required

@@ -153,6 +153,42 @@ def test_approve_from_the_item_page_then_a_second_decision_says_who_decided(
     assert 'id="already-decided"' in html and "by operator at" in html
 
 
+def test_after_a_decision_the_inbox_says_what_was_done(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    client = logged_in(operator)
+    approved, rejected = pending_approval(requester, drive), pending_approval(requester, drive)
+    stuck = escalation(drive)
+    for wait, op in ((approved, "approve"), (rejected, "reject"), (stuck, "retry")):
+        response = client.post(f"/inbox/{wait.pk}/", {"op": op, "reason": "checked"}, follow=True)
+        assert response.status_code == 200
+        notice = re.search(
+            r'<p class="notice notice-success">([^<]*)</p>', response.content.decode()
+        )
+        assert notice is not None, op
+        shown = notice.group(1).replace("&#x27;", "'")
+        done = {"approve": "approved.", "reject": "rejected.", "retry": "sent back to be retried."}
+        assert shown.startswith(f"{wait.kind.capitalize()} #{wait.pk} (") and shown.endswith(
+            done[op]
+        ), shown
+        assert f"run #{wait.run_id})" in shown
+        # shown once: the next page has no notice
+        assert "notice-success" not in client.get("/inbox/").content.decode()
+
+
+def test_a_vote_on_an_approval_that_needs_two_people_says_it_waits_for_another(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    wait = pending_approval(requester, drive)
+    Wait.objects.filter(pk=wait.pk).update(quorum=2)
+    response = logged_in(operator).post(
+        f"/inbox/{wait.pk}/", {"op": "approve", "reason": "fine by me"}, follow=True
+    )
+    html = response.content.decode().replace("&#x27;", "'")
+    assert "your approval is recorded; it needs another person's before the run goes on" in html
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
 def test_edit_with_a_contract_error_is_shown_next_to_the_field_then_fixed(
     operator: Any, requester: Any, drive: Callable[[int], Run]
 ) -> None:

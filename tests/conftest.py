@@ -45,7 +45,17 @@ def pytest_configure(config: pytest.Config) -> None:
 class WorkerProcess:
     """One `celery worker` process (with its pool children) serving some pools."""
 
-    def __init__(self, name: str, pools: list[str], concurrency: int, extra_env: dict[str, str]):
+    def __init__(
+        self,
+        name: str,
+        pools: list[str],
+        concurrency: int,
+        extra_env: dict[str, str],
+        *,
+        wait: bool = True,
+    ):
+        """Start it; with ``wait`` (the default), return once it is ready (else call
+        :meth:`wait_ready`)."""
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"worker-{name}-", suffix=".log")[1])
         env = {**os.environ, **extra_env}
@@ -83,9 +93,10 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -113,8 +124,16 @@ class WorkerProcess:
         self._log.close()
 
     def stop(self) -> None:
+        """A warm shutdown (SIGTERM), as a deploy stops a worker; SIGKILL after 15 s."""
+        self.signal_stop()
+        self.wait_stopped()
+
+    def signal_stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -137,7 +156,12 @@ def start_worker(_broker_clean: None) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(
-        name: str = "w", pools: list[str] | None = None, concurrency: int = 2, **extra_env: str
+        name: str = "w",
+        pools: list[str] | None = None,
+        concurrency: int = 2,
+        *,
+        wait: bool = True,
+        **extra_env: str,
     ) -> WorkerProcess:
         env = {
             "SIGNALBOX_AGENT_TIME_SCALE": "0",
@@ -145,19 +169,24 @@ def start_worker(_broker_clean: None) -> Iterator[Callable[..., WorkerProcess]]:
             "SIGNALBOX_LIVE_EVENTS": "false",
         }
         env.update(extra_env)
-        worker = WorkerProcess(name, pools or ["default", "research"], concurrency, env)
+        worker = WorkerProcess(name, pools or ["default", "research"], concurrency, env, wait=wait)
         started.append(worker)
         return worker
 
     yield start
+    # The test is over: nothing a worker does now is looked at, so it is killed rather than
+    # given the seconds of a warm shutdown (tests of shutdown call ``stop`` themselves).
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 @pytest.fixture
 def workers(start_worker: Callable[..., WorkerProcess]) -> list[WorkerProcess]:
-    """Two worker processes serving every pool, as production runs them."""
-    return [start_worker("w1"), start_worker("w2")]
+    """Two worker processes serving every pool, as production runs them (started together)."""
+    both = [start_worker("w1", wait=False), start_worker("w2", wait=False)]
+    for worker in both:
+        worker.wait_ready()
+    return both
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ class ProductionWorker(WorkerProcess):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._wait_ready()
+        self.wait_ready()
 
     def alive(self) -> bool:
         return self.proc.poll() is None and "Unrecoverable error" not in self.log_path.read_text()

@@ -72,6 +72,20 @@ def test_inbox_lists_approvals_and_escalations_soonest_deadline_first(
     assert "<script>" not in html  # no inline scripts (CSP)
 
 
+def test_a_long_reason_is_cut_in_the_list_and_whole_on_hover(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    short, long = pending_approval(requester, drive), pending_approval(requester, drive)
+    reason = (
+        "Refunds above 1,000 need a tier-2 approval: params.proposal.amount is 1938.0, "
+        "> 1000 (rule refund-tier-2)"
+    )
+    Wait.objects.filter(pk=long.pk).update(reason=reason)
+    html = logged_in(operator).get("/inbox/").content.decode()
+    assert f'<span title="{reason}">{reason[:79]}…</span>' in html.replace("&gt;", ">")
+    assert f"· {short.reason}\n" in html and f'title="{short.reason}"' not in html
+
+
 def test_items_above_the_users_tier_are_visible_but_not_actionable(
     requester: Any, drive: Callable[[int], Run]
 ) -> None:

@@ -125,8 +125,9 @@ else:
         )
     # Django's backend, plus: a batch a worker left in flight is read before the next statement.
     DATABASES["default"]["ENGINE"] = "infra.postgresql"
-    # Workers keep their connection between tasks (a reconnect costs more than a step); the
-    # web process should use the pool instead (DB_POOL=true), which needs CONN_MAX_AGE=0.
+    # Workers keep their connection between tasks (a reconnect costs more than a step), and so
+    # do the web process's request threads between requests (console/handlers.py keeps them,
+    # as a WSGI server does); DB_POOL=true gives a pool instead, which needs CONN_MAX_AGE=0.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=300)
     DATABASES["default"].setdefault("OPTIONS", {})
     # A session left idle inside a transaction holds row locks; PostgreSQL ends it after this.

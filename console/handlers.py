@@ -9,8 +9,8 @@ CPU on a small machine, more than the view itself costs. Every view here is sync
 handler loads the chain in synchronous mode, as Django does under WSGI and in its test client.
 
 And it goes further, as a WSGI server's thread does: the request's signals, the middleware
-chain, the view and the response's ``close`` (which sends ``request_finished``: the database
-connection goes back to the pool) run in ONE call on a thread of a pool that lives as long as the
+chain, the view and the response's ``close`` (which sends ``request_finished``: the thread's
+database connection is kept, returned to the pool or closed, as configured) run in ONE call on a thread of a pool that lives as long as the
 process. Django's handler starts a new thread for every request (asgiref's
 ``ThreadSensitiveContext``), hops to it twice more (the signals, the close) and runs a task that
 watches for a disconnect beside the view, which a synchronous view cannot be stopped by anyway.

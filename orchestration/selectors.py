@@ -77,11 +77,17 @@ def user_tier(user: User) -> int:
     return max((tier for tier, perm in TIERS.items() if user.has_perm(perm)), default=0)
 
 
+def sees_every_run(user: User) -> bool:
+    """Whether ``user`` may see every run (the run permission, or every tenant's), from their
+    permissions alone."""
+    return user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)
+
+
 def tenants_visible_to(user: User) -> QuerySet[Tenant]:
     """Tenants whose runs ``user`` may see."""
     if not user.is_authenticated:
         return Tenant.objects.none()
-    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
+    if sees_every_run(user):
         return Tenant.objects.all()
     return get_objects_for_user(user, VIEW_FOR_TENANT, klass=Tenant, accept_global_perms=False)
 
@@ -89,7 +95,7 @@ def tenants_visible_to(user: User) -> QuerySet[Tenant]:
 def runs_visible_to(user: User) -> QuerySet[Run]:
     if not user.is_authenticated:
         return Run.objects.none()
-    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
+    if sees_every_run(user):
         return Run.objects.all()
     tenants = get_objects_for_user(user, VIEW_FOR_TENANT, klass=Tenant, accept_global_perms=False)
     granted = get_objects_for_user(
@@ -185,7 +191,7 @@ def run_scope(user: User) -> RunScope:
         return NO_RUN
     # guardian gives a superuser every tenant, even an inactive one (whose has_perm is False),
     # and every run has a tenant.
-    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT) or user.is_superuser:
+    if sees_every_run(user) or user.is_superuser:
         return EVERY_RUN
     tenant_ids: set[int] = set()
     run_ids: set[int] = set()
@@ -244,7 +250,7 @@ def _object_pk(text: str) -> int | None:
 def visibility_key(user: User) -> str:
     """The same for users who see the same runs (a key under which what one of them is shown
     may be shown to the others): everyone who sees every run, or this user alone."""
-    if user.is_authenticated and (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
+    if user.is_authenticated and sees_every_run(user):
         return "every-run"
     return f"user-{user.pk}"
 
@@ -281,7 +287,7 @@ def run_visible(user: User, run: Run) -> bool:
     without a query unless the user's grants are per tenant or per run."""
     if not user.is_authenticated:
         return False
-    if user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT):
+    if sees_every_run(user):
         return True
     if run.submitted_by_id is not None and run.submitted_by_id == user.pk:
         return True
@@ -518,7 +524,7 @@ class WaitPage:
 
 def _escalations_visible_to(user: User) -> QuerySet[Wait]:
     qs = Wait.objects.filter(kind=WaitKind.ESCALATION)
-    if user.is_authenticated and (user.has_perm(VIEW) or user.has_perm(VIEW_FOR_TENANT)):
+    if user.is_authenticated and sees_every_run(user):
         return qs  # every run: no need to join the run list
     return qs.filter(run__in=runs_visible_to(user))
 

@@ -125,15 +125,8 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """A warm shutdown (SIGTERM), as a deploy stops a worker; SIGKILL after 15 s."""
-        self.signal_stop()
-        self.wait_stopped()
-
-    def signal_stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-
-    def wait_stopped(self) -> None:
-        if self.proc.poll() is None:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:

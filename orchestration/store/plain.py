@@ -234,9 +234,10 @@ class Store:
         return rows.select_related("step", "run", "decided_by").first()
 
     def wait_with_run(self, wait_id: int, kind: str) -> Wait | None:
-        """The wait of ``kind`` with its run and step (and nothing else), as an operator's
-        decision reads it before it checks who may decide it; ``None`` if there is none."""
-        return Wait.objects.filter(pk=wait_id, kind=kind).select_related("run", "step").first()
+        """The wait of ``kind`` with its run and step, as an operator's decision reads it before
+        it checks who may decide it; ``None`` if there is none (one query here; the PostgreSQL
+        store's is a prepared statement)."""
+        return self.wait_get(wait_id, kind=kind)
 
     def snapshot(
         self, run: Run, needs: Collection[str] = (), *, focus: Step | None = None

@@ -58,11 +58,12 @@ def pipeline() -> Iterator[None]:
 def from_row(model: type[M], row: Sequence[Any]) -> M:
     """The instance of ``model`` whose concrete fields' columns, in field order, are ``row``:
     values converted as the ORM's compiler converts them."""
-    return model.from_db(db().alias, _attnames(model), _convert(model, row))
+    return model.from_db(db().alias, attnames(model), _convert(model, row))
 
 
 @cache
-def _attnames(model: type[models.Model]) -> list[str]:
+def attnames(model: type[models.Model]) -> list[str]:
+    """The attribute names of ``model``'s concrete fields, in the order its columns have."""
     return [f.attname for f in model._meta.concrete_fields]
 
 

@@ -165,6 +165,10 @@ class CompiledPolicy:
     _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(
         default_factory=dict, repr=False
     )
+    #: The ceilings per (workflow, agent, tenant), kept by ``policies.limits.ceilings_of``.
+    ceiling_shapes: dict[tuple[str, str, str], tuple[Any, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     def candidates(self, facts: Facts) -> tuple[CompiledRule, ...]:
         """The rules whose globs cover the action, workflow and tenant, in document order."""

@@ -29,7 +29,7 @@ from django.utils import timezone
 from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import ActorType, Verb
-from infra.sql import BY_KEY, Batch, Prepared, from_row
+from infra.sql import BY_KEY, Batch, Prepared, attnames, from_row
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
@@ -119,6 +119,22 @@ def period_start_for(kind: str, now: datetime) -> datetime | None:
     if kind in (ScopeKind.WORKFLOW_DAY, ScopeKind.AGENT_DAY, ScopeKind.GLOBAL_DAY):
         return utc.replace(hour=0, minute=0, second=0, microsecond=0)
     raise InvalidScope(f"unknown scope kind {kind!r}")
+
+
+def _periods(scopes: Sequence[CeilingScope], now: datetime) -> tuple[datetime | None, ...]:
+    """:func:`period_start_for` of each scope, the day and month worked out once."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    by_kind: dict[str, datetime | None] = {
+        ScopeKind.RUN: None,
+        ScopeKind.TENANT_MONTH: day.replace(day=1),
+        ScopeKind.WORKFLOW_DAY: day,
+        ScopeKind.AGENT_DAY: day,
+        ScopeKind.GLOBAL_DAY: day,
+    }
+    try:
+        return tuple(by_kind[scope.scope] for scope in scopes)
+    except KeyError as exc:
+        raise InvalidScope(f"unknown scope kind {exc.args[0]!r}") from None
 
 
 def _table() -> str:
@@ -321,7 +337,7 @@ def hold_request(
         raise InvalidScope("a scope kind may appear once per reservation")
     if not scopes:
         raise InvalidScope("a reservation counts against at least one scope")
-    periods = tuple(period_start_for(s.scope, now) for s in scopes)
+    periods = _periods(scopes, now)
     return HoldRequest(
         tuple(scopes),
         periods,
@@ -629,20 +645,23 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
     if reservation_id is None:
         return Held(request, None, states, matched)
     ids = json.loads(scope_ids) if isinstance(scope_ids, str) else list(scope_ids)
-    reservation = Reservation(
-        id=reservation_id,
-        run_id=request.run_id,
-        step_id=request.step_id,
-        action=request.action,
-        amount=request.amount,
-        actual=None,
-        scope_ids=ids,
-        status=ReservationStatus.HELD,
-        owner=request.owner,
-        expires_at=request.expires_at,
-        created_at=request.now,
-        settled_at=None,
-    )
+    values = {
+        "id": reservation_id,
+        "run_id": request.run_id,
+        "step_id": request.step_id,
+        "action": request.action,
+        "amount": request.amount,
+        "actual": None,
+        "scope_ids": ids,
+        "status": ReservationStatus.HELD,
+        "owner": request.owner,
+        "expires_at": request.expires_at,
+        "created_at": request.now,
+        "settled_at": None,
+    }
+    # As read from a row (positional, in the fields' order): half the cost of keyword arguments.
+    names = attnames(Reservation)
+    reservation = Reservation.from_db(connection.alias, names, [values[n] for n in names])
     return Held(request, reservation, states, matched)
 
 

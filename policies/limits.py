@@ -18,6 +18,7 @@ __all__ = [
     "RateLimitBucket",
     "bounds_for",
     "ceilings_for",
+    "ceilings_of",
     "price_cost",
     "rate_limits_for",
 ]
@@ -61,6 +62,39 @@ def ceilings_for(policy: CompiledPolicy, facts: Facts) -> tuple[CeilingScope, ..
     """The ceilings this action's spend counts against, one per scope: a ceiling keyed to this
     workflow, agent or tenant beats the scope's unkeyed one. A scope whose key is unknown (no
     run id, no tenant) is left out; ``global_day`` never is."""
+    return ceilings_of(
+        policy, workflow=facts.workflow, agent=facts.agent, tenant=facts.tenant, run_id=facts.run_id
+    )
+
+
+def ceilings_of(
+    policy: CompiledPolicy, *, workflow: str, agent: str, tenant: str, run_id: int | None
+) -> tuple[CeilingScope, ...]:
+    """:func:`ceilings_for` from the only facts it reads. Which ceilings apply to a workflow,
+    agent and tenant is worked out once per compiled version; only the run's key is new per
+    call (a priced call asks twice: when its step is claimed and when it runs)."""
+    shape = policy.ceiling_shapes.get((workflow, agent, tenant))
+    if shape is None:
+        shape = _ceiling_shape(policy, workflow, agent, tenant)
+        if len(policy.ceiling_shapes) >= CEILING_SHAPES_SIZE:
+            policy.ceiling_shapes.clear()
+        policy.ceiling_shapes[(workflow, agent, tenant)] = shape
+    if run_id is None or not shape or shape[0].scope != "run":
+        return tuple(scope for scope in shape if scope.scope != "run")
+    run = shape[0]
+    return (CeilingScope("run", str(run_id), run.limit, run.soft_ratio), *shape[1:])
+
+
+#: Bounds a compiled version's cache of ceiling shapes (a shape per workflow, agent and tenant).
+CEILING_SHAPES_SIZE = 4096
+
+
+def _ceiling_shape(
+    policy: CompiledPolicy, workflow: str, agent: str, tenant: str
+) -> tuple[CeilingScope, ...]:
+    """The ceilings of a workflow, agent and tenant, in scope order; the run's (if any) with an
+    empty key, filled in per run by :func:`ceilings_of`."""
+    values = {"workflow": workflow, "agent": agent, "tenant": tenant}
     found: dict[str, CeilingScope] = {}
     keyed: set[str] = set()
     for ceiling in policy.document.ceilings:
@@ -68,15 +102,11 @@ def ceilings_for(policy: CompiledPolicy, facts: Facts) -> tuple[CeilingScope, ..
         if scope == "global_day":
             key = ""
         else:
-            filter_value = getattr(facts, _SCOPE_FACT[scope])
+            filter_value = values[_SCOPE_FACT[scope]]
             if ceiling.key is not None and ceiling.key != filter_value:
                 continue
-            key = (
-                (str(facts.run_id) if facts.run_id is not None else "")
-                if scope == "run"
-                else filter_value
-            )
-            if not key:
+            key = "" if scope == "run" else filter_value
+            if not key and scope != "run":
                 continue
         if scope in keyed:
             continue

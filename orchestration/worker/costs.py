@@ -33,7 +33,7 @@ from policies.ledger import (
     ceiling_reserve,
     hold_request,
 )
-from policies.limits import ceilings_for, price_cost, rate_limits_for
+from policies.limits import ceilings_for, ceilings_of, price_cost, rate_limits_for
 from policies.models import Reservation
 from policies.tenants import tenant_by_id
 
@@ -178,18 +178,25 @@ def hold_for(
     cls = agent_class(step.agent)
     if cls.input_tokens_estimate is not Agent.input_tokens_estimate:
         return None  # its estimate reads its input, which its claim does not know yet
-    found = policy_facts(step, f"agent:{step.agent}", {})
-    if found is None:
+    active = active_policy()
+    if active is None:
         return None
-    active, facts = found
     model = agent_instance(step.agent).call_model()
-    scopes = ceilings_for(active.compiled, facts) if model else ()
+    if not model:
+        return None
+    run = step.run
+    scopes = ceilings_of(  # what ceilings_for reads of the step's facts (policy_facts)
+        active.compiled,
+        workflow=run.workflow_name,
+        agent=step.agent,
+        tenant=tenant_by_id(run.tenant_id).slug,
+        run_id=run.pk,
+    )
     if not scopes:
         return None
     worst = price_cost(active.compiled, model, cls.estimated_input_tokens, cls.max_tokens)
     if worst is None:
         return None  # the step fails closed when it runs
-    run = step.run
     wf = workflow_get(run.workflow_name, run.workflow_version)
     _, hard = wf.timeouts_of(node_of(wf, step))
     return hold_request(

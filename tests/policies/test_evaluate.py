@@ -575,6 +575,26 @@ def test_ceilings_for_an_action_one_per_scope_the_keyed_one_first() -> None:
     assert other == {"workflow_day": "content", "agent_day": "writer", "global_day": ""}
 
 
+def test_ceilings_worked_out_once_per_workflow_still_count_against_each_runs_own_row() -> None:
+    policy = compile_policy(document(ceilings=CEILINGS))
+
+    def run_keys(run_id: int | None) -> list[tuple[str, str]]:
+        facts = Facts(
+            "agent:refund_executor",
+            workflow="refund_desk",
+            agent="refund_executor",
+            tenant="acme",
+            run_id=run_id,
+        )
+        return [(c.scope, c.key) for c in ceilings_for(policy, facts)]
+
+    shared = [("workflow_day", "refund_desk"), ("tenant_month", "acme"), ("global_day", "")]
+    assert run_keys(7) == [("run", "7"), *shared]
+    assert run_keys(8) == [("run", "8"), *shared]
+    assert run_keys(None) == shared  # no run: its ceiling cannot be counted
+    assert run_keys(9) == [("run", "9"), *shared]
+
+
 def test_rate_limits_for_an_action_name_their_bucket() -> None:
     limits = [
         {"id": "email", "action": "tool:send_email", "per": "tenant", "limit": 30, "period": "1m"},

@@ -262,12 +262,18 @@ SIGNALBOX = {
     "MAX_PAYLOAD_BYTES": env.int("SIGNALBOX_MAX_PAYLOAD_BYTES", default=256_000),
     # Live events to the channel layer (off in benchmarks that measure the engine alone).
     "LIVE_EVENTS": env.bool("SIGNALBOX_LIVE_EVENTS", default=True),
+    # Under a cost ceiling, a worker reserves this many calls' worst cases at once for the run
+    # it works on (a budget block, spent call by call in its memory), where every ceiling has
+    # room for them; 1 = one reservation per call.
+    "CEILING_BLOCK_CALLS": env.int("SIGNALBOX_CEILING_BLOCK_CALLS", default=8),
 }
 SIGNALBOX_AGENTS: dict[str, str] = env.dict("SIGNALBOX_EXTRA_AGENTS", default={})
 SIGNALBOX_WORKFLOWS: list[str] = env.list("SIGNALBOX_EXTRA_WORKFLOWS", default=[])
 
 if SIGNALBOX["LEASE_SECONDS"] <= 0:
     raise ImproperlyConfigured("SIGNALBOX_LEASE_SECONDS must be positive")
+if not 1 <= SIGNALBOX["CEILING_BLOCK_CALLS"] <= 100:
+    raise ImproperlyConfigured("SIGNALBOX_CEILING_BLOCK_CALLS must be between 1 and 100")
 
 # --- security -----------------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
@@ -353,6 +359,7 @@ if SIGNALBOX_ENV == "test":
             "test_gated": "tests.support.agents:GatedAgent",
             "test_pure_effect": "tests.support.agents:PureEffect",
             "test_priced_pure": "tests.support.agents:PricedPureEcho",
+            "test_priced_hangs_once": "tests.support.agents:PricedHangsOnce",
         }
     )
     SIGNALBOX_CAPABILITIES.update({"test_effect": "tests.support.stub_provider:registered_effect"})
@@ -363,6 +370,7 @@ if SIGNALBOX_ENV == "test":
             for name in (
                 "slow_then_echo",
                 "priced_chain",
+                "priced_hang",
                 "priced_siblings",
                 "priced_gated_siblings",
                 "bad_handoff",

@@ -41,8 +41,9 @@ def reap_expired_leases() -> int:
     now = timezone.now()
     reaped = 0
     for step_id, run_id in rt.store.leases_expired(now, BATCH):
+        owners: list[str] = []
 
-        def compute(snapshot: Snapshot) -> Changes:
+        def compute(snapshot: Snapshot, owners: list[str] = owners) -> Changes:
             step = snapshot.focus
             assert step is not None
             if (
@@ -51,14 +52,17 @@ def reap_expired_leases() -> int:
                 or step.lease_expires_at >= now
             ):
                 raise _Skip
+            owners.append(step.lease_owner or "")
             return advance.lease_expired(snapshot, now, step=step)
 
         try:
             with transaction.atomic():
                 changes = compute_locked(rt, run_id, compute, needs={TOOL_CALLS}, focus_id=step_id)
-                # The lost attempt's cost reservation goes back with its lease: the retry
-                # reserves its own.
-                reservations_release_for_step(step_id, now=now)
+                # The lost attempt's cost reservation goes back with its lease (and the budget
+                # block its worker held for the run): the retry reserves its own.
+                reservations_release_for_step(
+                    step_id, now=now, run_id=run_id, owner=owners[-1] if owners else ""
+                )
                 write_and_send(rt, changes)
         except _Skip:
             continue

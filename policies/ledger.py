@@ -24,6 +24,7 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.selectors import audit_event_exists
@@ -41,7 +42,13 @@ from policies.errors import (
     ReservationSettled,
 )
 from policies.limits import MONEY_QUANTUM, CeilingScope
-from policies.models import Reservation, ReservationStatus, ScopeKind, SpendScope
+from policies.models import (
+    Reservation,
+    ReservationKind,
+    ReservationStatus,
+    ScopeKind,
+    SpendScope,
+)
 from policies.spend_selectors import ceiling_raise_check
 
 __all__ = [
@@ -246,30 +253,23 @@ def _in_id_order(ids: Sequence[int]) -> str:
     return f"{_q('id')} IN (SELECT {_q('id')} FROM {_table()} WHERE {_q('id')} IN ({marks}){lock})"
 
 
-def _insert_held(
-    cursor: Any,
-    run_id: int | None,
-    step_id: int | None,
-    action: str,
-    amount: Decimal,
-    ids: list[int],
-    owner: str,
-    now: datetime,
-    ttl: timedelta,
-) -> Reservation:
-    """INSERT a held reservation (one statement, no ORM on the agent step's path)."""
+def _insert_held(cursor: Any, request: HoldRequest, ids: list[int], amount: Decimal) -> Reservation:
+    """INSERT ``request``'s held reservation of ``amount`` (one statement, no ORM on the agent
+    step's path)."""
     values = {
-        "run_id": run_id,
-        "step_id": step_id,
-        "action": action,
+        "run_id": request.run_id,
+        "step_id": request.step_id,
+        "action": request.action,
         "amount": amount,
         "actual": None,
         "scope_ids": json.dumps(ids),
         "status": ReservationStatus.HELD.value,
-        "owner": owner,
-        "expires_at": _at(now + ttl),
-        "created_at": _at(now),
+        "owner": request.owner,
+        "expires_at": _at(request.expires_at),
+        "created_at": _at(request.now),
         "settled_at": None,
+        "kind": request.kind,
+        "block_id": None,
     }
     fields = Reservation._meta.concrete_fields
     columns = ", ".join(_q(f.column) for f in fields)
@@ -307,6 +307,11 @@ class HoldRequest:
     guard: str = ""
     guard_params: tuple[Any, ...] = ()
     guard_types: tuple[str, ...] = ()
+    #: ``call`` (one call's worst case) or ``block`` (several calls', ``policies.blocks``).
+    kind: str = ReservationKind.CALL.value
+    #: A block's amount when every scope has room for it; otherwise the block is ``amount``
+    #: alone (one call's worth), and refused only if that does not fit either.
+    most: Decimal | None = None
 
 
 def hold_request(
@@ -322,8 +327,18 @@ def hold_request(
     guard: str = "",
     guard_params: Sequence[Any] = (),
     guard_types: Sequence[str] = (),
+    kind: str = ReservationKind.CALL.value,
+    most: Decimal | None = None,
 ) -> HoldRequest:
     """A checked :class:`HoldRequest` (the same rules as :func:`ceiling_reserve`)."""
+    if kind not in ReservationKind.values:
+        raise InvalidReservation(f"unknown reservation kind {kind!r}")
+    if most is not None:
+        if kind != ReservationKind.BLOCK:
+            raise InvalidReservation("only a block may ask for more than its amount")
+        most = _money(most, "most")
+        if most < _money(amount):
+            raise InvalidReservation("a block's most is at least its amount")
     amount = _money(amount)
     now = now or timezone.now()
     if timezone.is_naive(now):
@@ -351,6 +366,8 @@ def hold_request(
         guard,
         tuple(guard_params),
         tuple(guard_types),
+        kind,
+        most,
     )
 
 
@@ -375,8 +392,15 @@ def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any
         request.expires_at,
         *request.guard_params,
     ]
+    most = [str(request.most)] if request.most is not None else []
+    block = request.most is not None
     if ids is not None:
-        return [(_hold_prepared(request.guard, request.guard_types), [_array(ids), *tail])]
+        return [
+            (
+                _hold_prepared(request.guard, request.guard_types, request.kind, block),
+                [_array(ids), *tail, *most],
+            )
+        ]
     run_scope = _only_new_run_scope(request)
     if run_scope is not None:
         # A run's first reservation in this process (the common case of a new row): its run's
@@ -388,8 +412,8 @@ def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any
                 [scope.key, str(_money(scope.limit, "limit")), str(scope.soft_ratio), request.now],
             ),
             (
-                _hold_run_prepared(request.guard, request.guard_types),
-                [_array(known_ids), *tail, scope.key],
+                _hold_run_prepared(request.guard, request.guard_types, request.kind, block),
+                [_array(known_ids), *tail, scope.key, *most],
             ),
         ]
     # Some rows are new to this process: looked up by kind, key and period (named parameters,
@@ -432,15 +456,32 @@ def hold_statements(request: HoldRequest) -> list[tuple[str | Prepared, list[Any
     )
     marks = [f"%(t{n})s" for n in range(len(tail))]
     named.update({f"t{n}": value for n, value in enumerate(tail)})
-    sql = _hold_sql(f"({' OR '.join(match)})", request.guard, marks, states=True)
+    named["most"] = str(request.most)
+    sql = _hold_sql(
+        f"({' OR '.join(match)})",
+        request.guard,
+        marks,
+        states=True,
+        kind=request.kind,
+        most="%(most)s" if block else None,
+    )
     statements.append((sql, named))  # type: ignore[arg-type]  # psycopg takes named parameters as a dict
     return statements
 
 
-def _hold_sql(where: str, guard: str, marks: Sequence[str], *, states: bool = False) -> str:
+def _hold_sql(
+    where: str,
+    guard: str,
+    marks: Sequence[str],
+    *,
+    states: bool = False,
+    kind: str = ReservationKind.CALL.value,
+    most: str | None = None,
+) -> str:
     """The hold's one statement: scope rows matching ``where`` locked in id order, then the
     check, the update and the insert. ``marks``: the placeholders of (count, amount, now, run,
-    step, action, owner, expiry, then the guard's own)."""
+    step, action, owner, expiry, then the guard's own); ``most``: a block's, whose amount is
+    ``most`` where every row has room for it, else ``amount``."""
     table, reservations = _table(), _q(Reservation._meta.db_table)
     n, amount, now, run, step, action, owner, expires = marks[:8]
     running = f" AND {guard.format(*marks[8:])}" if guard else ""
@@ -450,21 +491,31 @@ def _hold_sql(where: str, guard: str, marks: Sequence[str], *, states: bool = Fa
         WHERE {where}{running} ORDER BY id FOR UPDATE
     ), ok AS (
         SELECT count(*) = {n} AND coalesce(bool_and(spent + reserved + {amount} <= "limit"), false)
-               AS fits, jsonb_agg(id ORDER BY id) AS ids
+               AS fits, {_take(amount, most)} AS take, jsonb_agg(id ORDER BY id) AS ids
         FROM locked
     ), moved AS (
-        UPDATE {table} s SET reserved = s.reserved + {amount}, updated_at = {now}
+        UPDATE {table} s SET reserved = s.reserved + ok.take, updated_at = {now}
         FROM ok WHERE ok.fits AND s.id IN (SELECT id FROM locked)
         RETURNING s.id
     ), held AS (
         INSERT INTO {reservations} (run_id, step_id, action, amount, actual, scope_ids,
-            status, owner, expires_at, created_at, settled_at)
-        SELECT {run}, {step}, {action}, {amount}, NULL, ok.ids, '{held}', {owner}, {expires},
-               {now}, NULL
+            status, owner, expires_at, created_at, settled_at, kind)
+        SELECT {run}, {step}, {action}, ok.take, NULL, ok.ids, '{held}', {owner}, {expires},
+               {now}, NULL, '{ReservationKind(kind).value}'
         FROM ok WHERE ok.fits
-        RETURNING id, scope_ids
+        RETURNING id, scope_ids, amount
     )
-    {_answer(amount, states)}"""
+    {_answer("(SELECT take FROM ok)", states)}"""
+
+
+def _take(amount: str, most: str | None) -> str:
+    """What a hold adds: ``amount``, or a block's ``most`` where every locked row has room."""
+    if most is None:
+        return f"{amount}::numeric"
+    return (
+        f'CASE WHEN coalesce(bool_and(spent + reserved + {most} <= "limit"), false) '
+        f"THEN {most}::numeric ELSE {amount}::numeric END"
+    )
 
 
 def _answer(amount: str, states: bool) -> str:
@@ -478,21 +529,27 @@ def _answer(amount: str, states: bool) -> str:
         rows = f"""CASE WHEN NOT (SELECT fits FROM ok) OR EXISTS (SELECT 1 FROM locked
                 WHERE spent + reserved + {amount} >= "limit" * soft_ratio) THEN {rows} END"""
     return f"""SELECT (SELECT id FROM held), (SELECT scope_ids FROM held),
-           (SELECT count(*) FROM moved), {rows}"""
+           (SELECT count(*) FROM moved), {rows}, (SELECT amount::text FROM held)"""
 
 
 _HOLD_TYPES = ("bigint[]", "integer", "numeric", "timestamptz", "bigint", "bigint", "text", "text")
 
 
 @cache
-def _hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+def _hold_prepared(guard: str, guard_types: tuple[str, ...], kind: str, block: bool) -> Prepared:
     types = [*_HOLD_TYPES, "timestamptz", *guard_types]
     marks = [f"${i}" for i in range(2, len(types) + 1)]
-    return Prepared(_hold_sql(_ids_in("$1"), guard, marks), types)
+    most = None
+    if block:  # a block's most: the last parameter
+        types.append("numeric")
+        most = f"${len(types)}"
+    return Prepared(_hold_sql(_ids_in("$1"), guard, marks, kind=kind, most=most), types)
 
 
 @cache
-def _hold_run_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+def _hold_run_prepared(
+    guard: str, guard_types: tuple[str, ...], kind: str, block: bool
+) -> Prepared:
     """:func:`_hold_prepared` for rows known by id plus the run's scope row, found by its key
     (its last parameter) through its unique index."""
     types = [*_HOLD_TYPES, "timestamptz", *guard_types, "text"]
@@ -502,7 +559,11 @@ def _hold_run_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
         f"AND {_q('key')} = ${len(types)} AND {_q('period_start')} IS NULL"
     )
     ids = f"((SELECT array_agg(i ORDER BY i) FROM (SELECT unnest($1) UNION ALL {run}) AS u(i)))"
-    return Prepared(_hold_sql(_ids_in(ids), guard, marks, states=True), types)
+    most = None
+    if block:  # a block's most: the last parameter, after the run's key
+        types.append("numeric")
+        most = f"${len(types)}"
+    return Prepared(_hold_sql(_ids_in(ids), guard, marks, states=True, kind=kind, most=most), types)
 
 
 @cache
@@ -595,17 +656,18 @@ class Held:
             return []
         by_kind = {state.kind: state for state in self.states}
         request = self.request
+        added = _dec(self.reservation.amount)  # a block's may be more than the request's amount
         found = []
         for scope in request.scopes:
             state = by_kind[scope.scope]
             row = (
                 state.id,
                 state.spent,
-                state.reserved + request.amount,
+                state.reserved + added,
                 state.limit,
                 state.soft_ratio,
             )
-            warning = _warning(scope, row, request.amount, request.run_id, request.step_id)
+            warning = _warning(scope, row, added, request.run_id, request.step_id)
             if warning is not None:
                 found.append(warning)
         return found
@@ -615,7 +677,7 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
     """Read the answer of :func:`hold_statements`' last statement (its one row)."""
     if row is None:
         return Held(request, None, ())
-    reservation_id, scope_ids, _moved, locked = row
+    reservation_id, scope_ids, _moved, locked, taken = (*row, None)[:5]
     states = tuple(
         ScopeSpend(
             int(item[0]),
@@ -650,7 +712,7 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
         "run_id": request.run_id,
         "step_id": request.step_id,
         "action": request.action,
-        "amount": request.amount,
+        "amount": _dec(taken) if taken is not None else request.amount,
         "actual": None,
         "scope_ids": ids,
         "status": ReservationStatus.HELD,
@@ -658,6 +720,8 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
         "expires_at": request.expires_at,
         "created_at": request.now,
         "settled_at": None,
+        "kind": request.kind,
+        "block_id": None,
     }
     # As read from a row (positional, in the fields' order): half the cost of keyword arguments.
     names = attnames(Reservation)
@@ -675,9 +739,12 @@ def ceiling_reserve(
     owner: str,
     ttl: timedelta,
     now: datetime | None = None,
+    kind: str = ReservationKind.CALL.value,
+    most: Decimal | None = None,
 ) -> Reservation:
     """Set ``amount`` aside in every scope, or in none (``CeilingExceeded``, naming the scope
-    that refused). In one transaction: the reservation's INSERT, then ONE conditional UPDATE of
+    that refused). ``kind``: a call's reservation, or a block of several (``policies.blocks``),
+    which is ``most`` where every scope has room for it. In one transaction: the reservation's INSERT, then ONE conditional UPDATE of
     every scope row (``spent + reserved + amount <= limit``, rows locked in id order), so the
     shared rows (workflow, tenant, global) stay locked for one statement and the commit only. A
     scope row is created the first time its period is seen. Crossing a scope's soft threshold
@@ -692,17 +759,21 @@ def ceiling_reserve(
         owner=owner,
         ttl=ttl,
         now=now,
+        kind=kind,
+        most=most,
     )
     if connection.vendor == "postgresql":
         return _reserve_held(request)
-    amount, now, periods = request.amount, request.now, list(request.periods)
-    for _attempt in range(2):
+    now, periods = request.now, list(request.periods)
+    # A block asks for its most first and, where that does not fit, for its amount.
+    amounts = [request.amount] if request.most is None else [request.most, request.amount]
+    attempts = 0
+    while attempts < 2:
+        amount = amounts[0]
         ids = [_scope_id(scope, period, now) for scope, period in zip(scopes, periods, strict=True)]
         with transaction.atomic():
             with connection.cursor() as cursor:
-                reservation = _insert_held(
-                    cursor, run_id, step_id, action, amount, ids, owner, now, ttl
-                )
+                reservation = _insert_held(cursor, request, ids, amount)
                 cursor.execute(
                     f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} + %s, "
                     f"{_q('updated_at')} = %s WHERE {_in_id_order(ids)} "
@@ -727,10 +798,14 @@ def ceiling_reserve(
                 return reservation
             transaction.set_rollback(True)
         missing = not known or SpendScope.objects.filter(pk__in=ids).count() != len(ids)
+        if not missing and len(amounts) > 1:
+            amounts.pop(0)  # a block's most did not fit: one call's worth may
+            continue
         if not missing:
             failed = next(i for i, scope_id in enumerate(ids) if scope_id not in rows)
             raise _refused(scopes[failed], periods[failed], amount, run_id, step_id, action)
         _scope_ids.clear()  # rows this process knew are gone: look them up again
+        attempts += 1
     raise AssertionError("unreachable: the scope rows were created on the second attempt")
 
 
@@ -869,10 +944,28 @@ def ceiling_settle(
 
 
 def _release(reservation: Reservation, now: datetime) -> None:
-    _move(reservation.scope_ids, _dec(reservation.amount), Decimal(0), now)
+    charged = _block_charges([reservation]).get(reservation.pk)
+    _move(reservation.scope_ids, _dec(reservation.amount), charged or Decimal(0), now)
     reservation.status = ReservationStatus.RELEASED
+    reservation.actual = charged
     reservation.settled_at = now
-    reservation.save(update_fields=["status", "settled_at"])
+    reservation.save(update_fields=["status", "actual", "settled_at"])
+
+
+def _block_charges(reservations: Sequence[Reservation]) -> dict[int, Decimal]:
+    """What the calls recorded so far against each block among ``reservations`` cost (at most
+    each call's worst case): released, a block still charges them, since they were made."""
+    blocks: list[int] = [r.pk for r in reservations if r.kind == ReservationKind.BLOCK]
+    if not blocks:
+        return {}
+    charges = dict.fromkeys(blocks, Decimal(0))
+    calls = Reservation.objects.filter(
+        block_id__in=blocks, status=ReservationStatus.SETTLED
+    ).values_list("block_id", "amount", "actual")
+    for block_id, amount, actual in calls:
+        if block_id is not None:  # always: the filter names blocks
+            charges[block_id] += min(_dec(actual), _dec(amount))
+    return charges
 
 
 def ceiling_release(reservation_id: int, *, now: datetime | None = None) -> Reservation:
@@ -909,16 +1002,20 @@ def _release_all(reservations: list[Reservation], reason: str, now: datetime) ->
     amounts are summed per scope and each scope row is updated once, in id order."""
     if not reservations:
         return 0
-    owed: dict[int, Decimal] = {}
+    charges = _block_charges(reservations)  # a block's calls made so far were spent
+    owed: dict[int, tuple[Decimal, Decimal]] = {}
     for reservation in reservations:
+        charged = charges.get(reservation.pk, Decimal(0))
         for scope_id in reservation.scope_ids:
-            owed[scope_id] = owed.get(scope_id, Decimal(0)) + _dec(reservation.amount)
+            freed, spent = owed.get(scope_id, (Decimal(0), Decimal(0)))
+            owed[scope_id] = (freed + _dec(reservation.amount), spent + charged)
     for scope_id in sorted(owed):  # ascending ids, as every multi-row statement locks them
-        _move([scope_id], owed[scope_id], Decimal(0), now)
+        _move([scope_id], *owed[scope_id], now)
     for reservation in reservations:
         reservation.status = ReservationStatus.RELEASED
+        reservation.actual = charges.get(reservation.pk)
         reservation.settled_at = now
-    Reservation.objects.bulk_update(reservations, ["status", "settled_at"])
+    Reservation.objects.bulk_update(reservations, ["status", "actual", "settled_at"])
     audit_record_many([_released_entry(r, reason) for r in reservations], now=now)
     return len(reservations)
 
@@ -936,16 +1033,28 @@ def reservations_release_expired(now: datetime | None = None, *, limit: int = 50
         return _release_all(expired, "expired", now)
 
 
-def reservations_release_for_step(step_id: int, *, now: datetime | None = None) -> int:
+def reservations_release_for_step(
+    step_id: int,
+    *,
+    now: datetime | None = None,
+    run_id: int | None = None,
+    owner: str = "",
+) -> int:
     """Release what a step's lost attempt still holds: the reaper took the step's lease back
     from a dead worker, and its next attempt reserves afresh (holding both until the first
     expired could refuse the retry a ceiling that fits one call). Runs in the caller's
-    transaction, before the step can be claimed again, so every held row is the lost one's."""
+    transaction, before the step can be claimed again, so every held row is the lost one's.
+    With the run and the lease's ``owner``: the budget blocks that worker held for the run go
+    too (made for an earlier step, spent by this one), charging the calls recorded against
+    them."""
     now = now or timezone.now()
+    lost = Q(step_id=step_id)
+    if run_id is not None and owner:
+        lost |= Q(run_id=run_id, owner=owner[:200], kind=ReservationKind.BLOCK)
     with transaction.atomic():
         held = list(
             Reservation.objects.select_for_update()
-            .filter(step_id=step_id, status=ReservationStatus.HELD)
+            .filter(lost, status=ReservationStatus.HELD)
             .order_by("pk")
         )
         return _release_all(held, "lease_expired", now)
@@ -957,7 +1066,8 @@ def ceiling_charge_released(
     """Charge a call that finished after the reaper released its reservation (its worker was
     taken for dead, but the call went through): the money was spent, so ``actual`` enters
     ``spent`` in every scope even past a ceiling, and is recorded as an overrun. Charging twice
-    with the same actual is a no-op."""
+    with the same actual is a no-op. A block's release charged the calls recorded until then
+    (its ``actual`` then): only the rest is charged now."""
     actual = _money(actual, "actual")
     now = now or timezone.now()
     with transaction.atomic():
@@ -968,7 +1078,9 @@ def ceiling_charge_released(
             raise InvalidReservation(
                 f"reservation {reservation_id} is {reservation.status}, not released"
             )
-        _move(reservation.scope_ids, Decimal(0), actual, now)
+        before = _dec(reservation.actual) if reservation.actual is not None else Decimal(0)
+        charged = max(actual - before, Decimal(0))
+        _move(reservation.scope_ids, Decimal(0), charged, now)
         reservation.status = ReservationStatus.SETTLED
         reservation.actual = actual
         reservation.settled_at = now
@@ -984,7 +1096,7 @@ def ceiling_charge_released(
                     data={
                         "amount": str(_dec(reservation.amount)),
                         "actual": str(actual),
-                        "charged": str(actual),
+                        "charged": str(charged),
                         "overrun": True,
                         "after_release": True,
                     },
@@ -1061,7 +1173,11 @@ def ceiling_raise(
 class Settlement:
     """Settling one held reservation, computed in memory: written by the engine in the same
     transaction as the step's completion (:func:`settlement_statements`), or on its own when
-    that completion is not written (:func:`settlement_apply`)."""
+    that completion is not written (:func:`settlement_apply`).
+
+    Or, with ``block``, recording a call made from a block (``policies.blocks``): a row of its
+    own, settled, that moves no scope row; ``reservation_id`` is then the block's and
+    ``amount`` the call's worst case taken from it."""
 
     reservation_id: int
     amount: Decimal
@@ -1070,6 +1186,10 @@ class Settlement:
     scope_ids: tuple[int, ...]
     run_id: int | None
     step_id: int | None
+    #: A call made from the block ``reservation_id``, recorded with this action and owner.
+    block: bool = False
+    action: str = ""
+    owner: str = ""
 
     @classmethod
     def of(cls, reservation: Reservation, actual: Decimal | None) -> Settlement:
@@ -1091,7 +1211,9 @@ class Settlement:
 def settlement_statements(settlement: Settlement, now: datetime) -> list[tuple[str, list[Any]]]:
     """Two statements for the caller's transaction: the reservation leaves ``held``, then its
     scope rows move (locked in id order, as every multi-row statement here locks them), only
-    if that first statement did settle it."""
+    if that first statement did settle it. A call made from a block: its record's INSERT."""
+    if settlement.block:
+        return [_block_call_insert(settlement, now)]
     table = _q(Reservation._meta.db_table)
     released = settlement.actual is None
     status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
@@ -1130,7 +1252,11 @@ def settlement_statements(settlement: Settlement, now: datetime) -> list[tuple[s
 
 def settlement_prepared(settlement: Settlement, now: datetime) -> tuple[Prepared, list[Any]]:
     """:func:`settlement_statements` as ONE prepared statement, for a PostgreSQL batch: the
-    reservation leaves ``held`` and, only if it did, its scope rows move (locked in id order)."""
+    reservation leaves ``held`` and, only if it did, its scope rows move (locked in id order).
+    A call made from a block: its record's INSERT."""
+    if settlement.block:
+        params = _block_call_params(settlement, now)
+        return _block_call_prepared(), [str(v) if isinstance(v, Decimal) else v for v in params]
     released = settlement.actual is None
     status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
     ids = "{" + ",".join(str(i) for i in sorted(settlement.scope_ids)) + "}"
@@ -1175,7 +1301,8 @@ def settle_hold_prepared(
     released = settlement.actual is None
     status = (ReservationStatus.RELEASED if released else ReservationStatus.SETTLED).value
     ids = "{" + ",".join(str(i) for i in sorted(settlement.scope_ids)) + "}"
-    return _settle_hold_prepared(request.guard, request.guard_types), [
+    block = request.most is not None
+    return _settle_hold_prepared(request.guard, request.guard_types, request.kind, block), [
         settlement.reservation_id,
         status,
         None if settlement.actual is None else str(settlement.actual),
@@ -1191,11 +1318,14 @@ def settle_hold_prepared(
         request.owner,
         request.expires_at,
         *request.guard_params,
+        *([str(request.most)] if block else []),
     ]
 
 
 @cache
-def _settle_hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
+def _settle_hold_prepared(
+    guard: str, guard_types: tuple[str, ...], kind: str, block: bool
+) -> Prepared:
     table, reservations = _table(), _q(Reservation._meta.db_table)
     held = ReservationStatus.HELD.value
     types = ["bigint", "text", "numeric", "timestamptz", "bigint[]", "numeric", "numeric"]
@@ -1203,6 +1333,10 @@ def _settle_hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
     fits_guard = (
         f" AND {guard.format(*(f'${i}' for i in range(15, len(types) + 1)))}" if guard else ""
     )
+    most = None
+    if block:  # a block's most: the last parameter
+        types.append("numeric")
+        most = f"${len(types)}"
     sql = f"""WITH mark AS (
         UPDATE {reservations} SET status = $2, actual = $3, settled_at = $4
         WHERE id = $1 AND status = '{held}'{BY_KEY} RETURNING id
@@ -1215,21 +1349,22 @@ def _settle_hold_prepared(guard: str, guard_types: tuple[str, ...]) -> Prepared:
         FROM {table} t, d WHERE {_ids_in("$5", "t.")} ORDER BY t.id FOR UPDATE OF t
     ), ok AS (
         SELECT count(*) = $8 AND coalesce(bool_and(spent + reserved + $9 <= "limit"), false)
-               {fits_guard} AS fits, jsonb_agg(id ORDER BY id) AS ids
+               {fits_guard} AS fits, {_take("$9", most)} AS take, jsonb_agg(id ORDER BY id) AS ids
         FROM locked
     ), moved AS (
-        UPDATE {table} s SET reserved = s.reserved - d.freed + CASE WHEN ok.fits THEN $9 ELSE 0 END,
+        UPDATE {table} s SET reserved = s.reserved - d.freed + CASE WHEN ok.fits THEN ok.take ELSE 0 END,
                spent = s.spent + d.charged, updated_at = $4
         FROM ok, d WHERE s.id IN (SELECT id FROM locked) AND (ok.fits OR EXISTS (SELECT 1 FROM mark))
         RETURNING s.id
     ), held AS (
         INSERT INTO {reservations} (run_id, step_id, action, amount, actual, scope_ids,
-            status, owner, expires_at, created_at, settled_at)
-        SELECT $10, $11, $12, $9, NULL, ok.ids, '{held}', $13, $14, $4, NULL
+            status, owner, expires_at, created_at, settled_at, kind)
+        SELECT $10, $11, $12, ok.take, NULL, ok.ids, '{held}', $13, $14, $4, NULL,
+               '{ReservationKind(kind).value}'
         FROM ok WHERE ok.fits
-        RETURNING id, scope_ids
+        RETURNING id, scope_ids, amount
     )
-    {_answer("$9", False)}"""
+    {_answer("(SELECT take FROM ok)", False)}"""
     return Prepared(sql, types)
 
 
@@ -1239,6 +1374,14 @@ def settlement_entries(settlement: Settlement) -> list[Entry]:
     actual = settlement.actual
     if actual is None or actual <= settlement.amount:
         return []
+    data: dict[str, Any] = {
+        "amount": str(settlement.amount),
+        "actual": str(actual),
+        "charged": str(settlement.charged),
+        "overrun": True,
+    }
+    if settlement.block:
+        data["block"] = True
     return [
         Entry(
             verb=Verb.CEILING_EXCEEDED,
@@ -1246,20 +1389,92 @@ def settlement_entries(settlement: Settlement) -> list[Entry]:
             object_id=settlement.reservation_id,
             run_id=settlement.run_id,
             step_id=settlement.step_id,
-            data={
-                "amount": str(settlement.amount),
-                "actual": str(actual),
-                "charged": str(settlement.charged),
-                "overrun": True,
-            },
+            data=data,
         )
     ]
+
+
+def _block_call_params(settlement: Settlement, now: datetime) -> list[Any]:
+    """The values of a call made from a block, in :func:`_record_columns`' order: settled
+    (released if it spent nothing), no scope rows (the block counts it)."""
+    settled = ReservationStatus.RELEASED if settlement.actual is None else ReservationStatus.SETTLED
+    values = {
+        "run_id": settlement.run_id,
+        "step_id": settlement.step_id,
+        "action": settlement.action,
+        "amount": settlement.amount,
+        "actual": settlement.actual,
+        "scope_ids": "[]",
+        "status": settled.value,
+        "owner": settlement.owner,
+        "expires_at": now,
+        "created_at": now,
+        "settled_at": now,
+        "kind": ReservationKind.CALL.value,
+        "block_id": settlement.reservation_id,
+    }
+    return [values[c] for c in _record_columns()]
+
+
+@cache
+def _record_columns() -> tuple[str, ...]:
+    return tuple(f.column for f in Reservation._meta.concrete_fields if f.column != "id")
+
+
+@cache
+def _block_call_sql() -> str:
+    columns = _record_columns()
+    return (
+        f"INSERT INTO {_q(Reservation._meta.db_table)} ({', '.join(_q(c) for c in columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))})"
+    )
+
+
+def _block_call_insert(settlement: Settlement, now: datetime) -> tuple[str, list[Any]]:
+    """The INSERT of a call made from a block, for a cursor of this database."""
+    params = _block_call_params(settlement, now)
+    return _block_call_sql(), [_at(v) if isinstance(v, datetime) else v for v in params]
+
+
+@cache
+def _block_call_prepared() -> Prepared:
+    """:func:`_block_call_insert` prepared (its parameters in the same order)."""
+    types = {
+        "run_id": "bigint",
+        "step_id": "bigint",
+        "action": "text",
+        "amount": "numeric",
+        "actual": "numeric",
+        "scope_ids": "jsonb",
+        "status": "text",
+        "owner": "text",
+        "expires_at": "timestamptz",
+        "created_at": "timestamptz",
+        "settled_at": "timestamptz",
+        "kind": "text",
+        "block_id": "bigint",
+    }
+    columns = _record_columns()
+    marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    return Prepared(
+        f"INSERT INTO {_q(Reservation._meta.db_table)} ({', '.join(_q(c) for c in columns)}) "
+        f"VALUES ({marks})",
+        [types[c] for c in columns],
+    )
 
 
 def settlement_apply(settlement: Settlement) -> None:
     """Settle on its own (the step's completion was not written): release what was not spent,
     or charge the actual; a reservation the reaper released meanwhile (its attempt was taken
-    for dead, but the call went through) is charged all the same."""
+    for dead, but the call went through) is charged all the same. A call made from a block:
+    its record, written on its own."""
+    if settlement.block:
+        now = timezone.now()
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(*_block_call_insert(settlement, now))
+            audit_record_many(settlement_entries(settlement), now=now)
+        return
     if settlement.actual is None:
         ceiling_release(settlement.reservation_id)
         return

@@ -194,9 +194,20 @@ class ReservationStatus(models.TextChoices):
     RELEASED = "released"
 
 
+class ReservationKind(models.TextChoices):
+    #: One call's worst case, set aside in every scope the call counts against.
+    CALL = "call"
+    #: Several calls' worst cases set aside at once (a run's budget block), spent call by call
+    #: in the memory of the worker that holds it; settled with what those calls cost.
+    BLOCK = "block"
+
+
 class Reservation(models.Model):
     """Money set aside for one call before it is made, in every scope it counts against;
-    settled with the actual cost after, or released (by the reaper, if its worker died)."""
+    settled with the actual cost after, or released (by the reaper, if its worker died). A
+    block sets aside several calls' worth at once; each call made from it is a row of its own
+    (``block_id``), recorded settled, that moves no scope: the block's settlement charges them
+    all (``policies.blocks``)."""
 
     run_id = models.BigIntegerField(null=True, blank=True)
     step_id = models.BigIntegerField(null=True, blank=True)
@@ -214,6 +225,14 @@ class Reservation(models.Model):
     expires_at = models.DateTimeField()
     created_at = models.DateTimeField()
     settled_at = models.DateTimeField(null=True, blank=True)
+    kind = models.CharField(
+        max_length=5,
+        choices=ReservationKind.choices,
+        default=ReservationKind.CALL,
+        db_default=ReservationKind.CALL,
+    )
+    #: The block this call was made from (its scope_ids are empty: the block counts it).
+    block_id = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         indexes = [

@@ -48,6 +48,10 @@ class ReservationOut(Schema):
     owner: str
     expires_at: str
     created_at: str
+    #: ``call``, or ``block``: several calls' worth at once, its calls rows of their own.
+    kind: str
+    #: For a call made from a block: that block (the block's settlement charges it).
+    block_id: int | None
 
 
 class RaiseIn(Schema):
@@ -103,6 +107,8 @@ def spend_router(error_out: type[Schema], run_decide_check: RunDecideCheck) -> R
                 "owner": r.owner,
                 "expires_at": r.expires_at.isoformat(),
                 "created_at": r.created_at.isoformat(),
+                "kind": r.kind,
+                "block_id": r.block_id,
             }
             for r in reservations_for_run_for_user(_user(request), run_id)[:1000]
         ]

@@ -42,7 +42,7 @@ from orchestration.models import (
     WaitStatus,
 )
 from policies.active import active_policy
-from policies.ledger import Held, HoldRequest, settlement_statements
+from policies.ledger import Held, HoldRequest, Settlement, settlement_statements
 from policies.models import PolicyDecision
 from policies.tenants import tenant_by_id
 
@@ -124,6 +124,13 @@ class WriteBatch(Protocol):
 
     def held(self, step_id: int) -> Held | None:
         """The answer to :meth:`hold` for ``step_id``, once the batch was read (None: not asked)."""
+
+    #: The budget blocks :meth:`settle` settled in this batch.
+    closes: list[Settlement]
+
+    def settle(self, settlement: Settlement, now: datetime) -> None:
+        """Settle ``settlement`` (a budget block the worker stops using) in this batch, after
+        its other writes; a later :meth:`hold` with a settlement may join it."""
 
     def run(self) -> Pending:
         """Commit now and wait for the outcome."""

@@ -273,6 +273,8 @@ class PgWriteBatch:
         self.holds: dict[int, tuple[HoldRequest, int]] = {}
         #: The settlements written in the batch, with the position of their statement.
         self.settled: list[tuple[Settlement, int]] = []
+        #: The budget blocks settled in it (:meth:`settle`).
+        self.closes: list[Settlement] = []
 
     def add(self, changes: Changes) -> None:
         """Render ``changes`` into the batch (ids are assigned now)."""
@@ -299,6 +301,7 @@ class PgWriteBatch:
         if other._claim_at is not None:
             self._claim_at = other._claim_at + offset
         self.settled.extend((settlement, at + offset) for settlement, at in other.settled)
+        self.closes.extend(other.closes)
 
     def claimed_step(self, rows: list[Any] | None, now: datetime) -> Step | None:
         """The step :meth:`claim_last` claimed, from the batch's answer (``None``: another
@@ -306,6 +309,12 @@ class PgWriteBatch:
         if self._claim_at is not None:
             rows = self.batch.kept.get(self._claim_at)
         return claimed_from_row(rows[0] if rows else None, now)
+
+    def settle(self, settlement: Settlement, now: datetime) -> None:
+        self.settled.append(
+            (settlement, self.batch.add_prepared(*settlement_prepared(settlement, now)))
+        )
+        self.closes.append(settlement)
 
     def hold(self, step_id: int, request: HoldRequest, *, with_settlement: bool = False) -> None:
         if with_settlement and self.settled:
@@ -416,6 +425,7 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> list[tuple[S
         (settlement, batch.add_prepared(*settlement_prepared(settlement, now)))
         for settlement in changes.settlements
     ]
+    settled = [(s, at) for s, at in settled if not s.block]  # a block's call locks no scope row
     audit_record_many(changes.audit_entries(), now=now, batch=batch)
     if changes.claim_after is not None:
         step_id, worker, lease_until = changes.claim_after

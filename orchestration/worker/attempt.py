@@ -30,6 +30,7 @@ from orchestration.runtime import Runtime
 from orchestration.worker import complete
 from orchestration.worker.chain import Chain, Completion
 from orchestration.worker.costs import (
+    call_cost,
     cost_reserve,
     cost_settlement,
     policy_facts,
@@ -38,7 +39,7 @@ from orchestration.worker.costs import (
 from policies.active import active_policy
 from policies.evaluate import Decision, policy_decide
 from policies.ledger import Settlement, ceiling_release, settlement_apply
-from policies.models import Reservation
+from policies.models import Reservation, ReservationKind
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,26 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         after ``settle``), taken once; None if none was asked."""
         return chain.take_held(step) if chain is not None else None
 
+    def give_back(unused: Any) -> None:
+        """The reservation asked for the step goes back unused (a block's share: to its block)."""
+        if unused is None or unused.reservation is None:
+            return
+        if unused.reservation.kind == ReservationKind.BLOCK:
+            if chain is not None:
+                chain.give_back(step)
+        else:
+            ceiling_release(unused.reservation.pk)
+
+    def settlement_of(reservation: Reservation, ctx: AgentContext) -> Settlement:
+        """What the call cost, as its reservation's settlement or, taken from a budget block,
+        as its record against the block."""
+        if reservation.kind == ReservationKind.BLOCK and chain is not None:
+            return chain.spend(step, lambda worst: call_cost(worst, ctx, agent))
+        return cost_settlement(reservation, ctx, agent)
+
     def fail(error: SignalboxError, **kwargs: Any) -> None:
         settle()
-        unused = held()
-        if unused is not None and unused.reservation is not None:
-            ceiling_release(unused.reservation.pk)
+        give_back(held())
         while unsettled:
             settlement_apply(unsettled.pop())
         complete.attempt_fail(step, error, rt=rt, worker_id=worker_id, **kwargs)
@@ -147,9 +163,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             != step.approved_digest
         ):
             settle()
-            unused = held()
-            if unused is not None and unused.reservation is not None:
-                ceiling_release(unused.reservation.pk)
+            give_back(held())
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None
 
@@ -223,7 +237,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
                     result = agent.run(params, ctx)
             finally:
                 if reservation is not None:
-                    unsettled.append(cost_settlement(reservation, ctx, agent))
+                    unsettled.append(settlement_of(reservation, ctx))
         except SignalboxError as exc:
             fail(exc, records=tools.take_records())
             return None
@@ -245,7 +259,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             fail(exc, records=tools.take_records())
             return None
         if reservation is not None:
-            unsettled.append(cost_settlement(reservation, ctx, agent))
+            unsettled.append(settlement_of(reservation, ctx))
     output: Any = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
     contract = output_contract(step, node)
     try:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.utils import timezone
@@ -28,7 +29,8 @@ from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
 from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
-from orchestration.worker.costs import hold_for
+from orchestration.worker.costs import block_of, hold_for
+from policies.blocks import Block
 from policies.evaluate import Decision
 from policies.ledger import (
     Held,
@@ -38,6 +40,7 @@ from policies.ledger import (
     hold_scope_ids,
     settlement_apply,
 )
+from policies.models import ReservationKind
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,15 @@ class Completion:
 def settle_apart(done: Completion) -> None:
     """The completion will not be written (its lease was lost, or committing it failed): its
     reservation is settled on its own, so what the call cost is counted either way."""
-    if done.settlement is None:
-        return
+    if done.settlement is not None:
+        _apply(done.settlement)
+
+
+def _apply(settlement: Settlement) -> None:
     try:
-        settlement_apply(done.settlement)
+        settlement_apply(settlement)
     except Exception:
-        log.exception("settling the reservation of step %s failed", done.step.pk)
+        log.exception("settling reservation %s failed", settlement.reservation_id)
 
 
 #: One completion in a batch: what it produced, the changes that write it, and the handed-off
@@ -146,6 +152,11 @@ class Chain:
         self.holds: dict[int, WriteBatch] = {}
         #: Reservations sent on their own (``hold_ahead``) whose answer was not read yet.
         self.holds_sent: dict[int, Pending] = {}
+        #: The budget block this worker holds per run (``policies.blocks``), and what each step
+        #: took from one: a call's worst case (with the request it stands for until it is read).
+        self.blocks: dict[int, Block] = {}
+        self.taken: dict[int, tuple[Block, Decimal]] = {}
+        self.shares: dict[int, HoldRequest] = {}
 
     @property
     def pools(self) -> frozenset[str]:
@@ -180,12 +191,18 @@ class Chain:
         kept per agent); otherwise the step reserves on its own when it runs. ``inserted``: the
         batch inserts ``step`` (a successor it created claimed), so that settlement and this
         reservation can be one statement."""
-        if step.pk in self.holds:
+        if step.pk in self.holds or step.pk in self.shares:
             return  # reserved already, in the batch that inserted it (:meth:`ask_hold_queued`)
         request = hold_for(step, self.worker_id, now)
-        if request is None or not _same_rows(request, settling):
+        if request is None or self.share(step, request):
             return
-        batch.hold(step.pk, request, with_settlement=inserted)
+        closing = self.close_block(step.run_id)  # used up: settled here, a new one asked for
+        if closing is not None:
+            batch.settle(closing, now)
+            settling = [*settling, closing]
+        if not _same_rows(request, settling):
+            return
+        batch.hold(step.pk, block_of(request), with_settlement=inserted)
         self.holds[step.pk] = batch
 
     def ask_hold_queued(
@@ -204,7 +221,7 @@ class Chain:
         if sibling is None or not self.may_join(sibling, changes.run, now):
             return
         request = hold_for(sibling, self.worker_id, now, queued=True)
-        if request is None or not _same_rows(request, settling):
+        if request is None or self.share(sibling, request) or not _same_rows(request, settling):
             return
         batch.hold(sibling.pk, request)
         self.holds[sibling.pk] = batch
@@ -221,9 +238,53 @@ class Chain:
         ):
             return
         request = hold_for(step, self.worker_id, timezone.now())
-        if request is None:
+        if request is None or self.share(step, request):
             return
         self.holds[step.pk], self.holds_sent[step.pk] = self.rt.store.hold_send(step.pk, request)
+
+    def share(self, step: Step, request: HoldRequest) -> bool:
+        """Take ``step``'s call (``request``: its worst case) from the budget block this worker
+        holds for its run, if it fits there: no reservation of its own. The block must count
+        against exactly the call's scope rows (the policy may have changed since)."""
+        block = self.blocks.get(step.run_id)
+        if block is None or hold_scope_ids(request) != frozenset(block.reservation.scope_ids):
+            return False
+        if not block.take(request.amount, request.now, request.expires_at - request.now):
+            return False
+        self.taken[step.pk] = (block, request.amount)
+        self.shares[step.pk] = request
+        return True
+
+    def spend(self, step: Step, cost: Callable[[Decimal], Decimal | None]) -> Settlement:
+        """The call ``step`` took from a block was made: its record, with what ``cost`` says it
+        cost given the worst case taken for it."""
+        block, worst = self.taken.pop(step.pk)
+        return block.spend(
+            step_id=step.pk, action=f"agent:{step.agent}", worst=worst, actual=cost(worst)
+        )
+
+    def give_back(self, step: Step) -> None:
+        """``step``'s call, taken from a block, is not made after all."""
+        found = self.taken.pop(step.pk, None)
+        if found is not None:
+            found[0].give_back(found[1])
+
+    def leave_run(self, batch: WriteBatch, run_id: int, now: datetime) -> Settlement | None:
+        """This worker's chain claims nothing more of run ``run_id`` in ``batch``: the budget
+        block it holds for the run is settled there (returned, None if none)."""
+        closing = self.close_block(run_id)
+        if closing is not None:
+            batch.settle(closing, now)
+        return closing
+
+    def close_block(self, run_id: int) -> Settlement | None:
+        """Stop using the run's budget block: its settlement, for the caller's transaction
+        (None: no block, or a call taken from it is still to be recorded)."""
+        block = self.blocks.get(run_id)
+        if block is None or any(b is block for b, _ in self.taken.values()):
+            return None
+        del self.blocks[run_id]
+        return block.settlement()
 
     def hold_in_flight(self, step: Step) -> bool:
         """Whether the answer to ``step``'s reservation is still on its way."""
@@ -240,6 +301,9 @@ class Chain:
         return self._take_held(step.pk)
 
     def _take_held(self, step_id: int) -> Held | None:
+        shared = self.shares.pop(step_id, None)
+        if shared is not None:  # taken from the run's block: the block answers for it
+            return Held(shared, self.taken[step_id][0].reservation, (), matched=True)
         batch = self.holds.pop(step_id, None)
         sent = self.holds_sent.pop(step_id, None)
         if sent is not None:
@@ -247,7 +311,20 @@ class Chain:
                 sent.result()
             except Exception:
                 log.warning("the reservation of step %s was not made", step_id, exc_info=True)
-        return batch.held(step_id) if batch is not None else None
+        held = batch.held(step_id) if batch is not None else None
+        if (
+            held is not None
+            and held.reservation is not None
+            and held.reservation.kind == ReservationKind.BLOCK
+        ):
+            # A new block: this call is its first; the run's next calls here take from it.
+            block = Block(held.reservation)
+            block.take(held.request.amount, held.request.now, timedelta(0))
+            self.taken[step_id] = (block, held.request.amount)
+            run_id = held.reservation.run_id
+            if run_id is not None and run_id not in self.blocks:
+                self.blocks[run_id] = block
+        return held
 
     def finish(self) -> Step | None:
         """The chain has nothing running: read the completion in flight; returns the step it
@@ -297,18 +374,38 @@ class Chain:
             log.exception("reading the last completion of a chain failed")
         self.rt.held.send_now([s.pk for s in self.handed_off])
         self._release_unused()
+        self._settle_blocks()
 
     def _release_unused(self) -> None:
         """Give back what was reserved for steps this chain did not run after all (a sibling
         another worker took); the reaper would, at their expiry."""
-        for step_id in list(self.holds):
+        for step_id in [*self.holds, *self.shares]:
             self.release_held(step_id)
+
+    def _settle_blocks(self) -> None:
+        """Settle the budget blocks still open (their runs' last calls here were not followed
+        by a completion that could settle them), each on its own."""
+        for block in {
+            id(b): b for b in [*self.blocks.values(), *(b for b, _ in self.taken.values())]
+        }.values():
+            try:
+                settlement_apply(block.settlement())
+            except Exception:
+                log.exception("settling block %s failed", block.reservation.pk)
+        self.blocks.clear()
+        self.taken.clear()
 
     def release_held(self, step_id: int) -> None:
         """Give back the reservation asked for ``step_id``, if one was made (never raises)."""
         try:
             found = self._take_held(step_id)
-            if found is not None and found.reservation is not None:
+            if found is None or found.reservation is None:
+                return
+            if found.reservation.kind == ReservationKind.BLOCK:
+                taken = self.taken.pop(step_id, None)  # the block stays the chain's
+                if taken is not None:
+                    taken[0].give_back(taken[1])
+            else:
                 ceiling_release(found.reservation.pk)
         except Exception:
             log.exception("giving back the reservation of step %s failed", step_id)
@@ -349,7 +446,9 @@ class Chain:
 
 def _same_rows(request: HoldRequest, settling: list[Settlement]) -> bool:
     """Whether every call ``settling`` settles counts against exactly the scope rows
-    ``request`` would lock (so one transaction locks them in one order)."""
+    ``request`` would lock (so one transaction locks them in one order). A call made from a
+    block locks none."""
+    settling = [settlement for settlement in settling if not settlement.block]
     if not settling:
         return True
     ids = hold_scope_ids(request)
@@ -404,6 +503,8 @@ class Committing:
         try:
             rows = self.pending.result()
         except Exception as exc:
+            for closed in self.batch.closes:  # the budget blocks it settled: on their own
+                _apply(closed)
             # The batch rolled back as a whole: its claims too. Steps it would have claimed are
             # still queued (unless another worker took them, which their claim will find).
             taken = [grouped for _, _, grouped in self.members[1:] if grouped is not None]

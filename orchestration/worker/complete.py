@@ -202,6 +202,11 @@ def step_complete(
                 # of its own (and none to wait for before a pure agent starts).
                 claimed = changes.local_step or sibling
                 settling = [d.settlement for d, _, _ in members if d.settlement is not None]
+                if claimed is None or claimed.run_id != step.run_id:
+                    # The chain goes no further in this run: its budget block is settled here.
+                    closing = chain.leave_run(batch, step.run_id, now)
+                    if closing is not None:
+                        settling.append(closing)
                 if claimed is not None:
                     chain.ask_hold(
                         batch, claimed, settling, now, inserted=claimed is changes.local_step

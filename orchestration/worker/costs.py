@@ -6,10 +6,13 @@ costs no round trip of its own) and its settlement after."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from pydantic import BaseModel
 
@@ -34,7 +37,7 @@ from policies.ledger import (
     hold_request,
 )
 from policies.limits import ceilings_for, ceilings_of, price_cost, rate_limits_for
-from policies.models import Reservation
+from policies.models import Reservation, ReservationKind
 from policies.tenants import tenant_by_id
 
 
@@ -128,7 +131,8 @@ def cost_reserve(
                 with transaction.atomic():
                     audit_record_many(warnings, now=held.request.now)
             return held.reservation
-        ceiling_release(held.reservation.pk)  # the policy changed meanwhile: asked again below
+        if held.reservation.kind != ReservationKind.BLOCK:  # a block is the chain's to settle
+            ceiling_release(held.reservation.pk)  # the policy changed meanwhile: asked again
     try:
         return ceiling_reserve(
             scopes=scopes,
@@ -144,23 +148,28 @@ def cost_reserve(
 
 
 def cost_settlement(reservation: Reservation, ctx: AgentContext, agent: Agent) -> Settlement:
-    """What settling the call's reservation writes: its reported usage priced as the model the
-    endpoint reports or, if the table does not know that name (a dated variant), the model the
-    agent asked for; neither known, the whole reservation is charged; no usage reported, nothing
-    was spent and the money goes back. Written with the step's completion, or on its own."""
+    """What settling the call's reservation writes (:func:`call_cost`). Written with the step's
+    completion, or on its own."""
+    return Settlement.of(reservation, call_cost(reservation.amount, ctx, agent))
+
+
+def call_cost(reserved: Decimal, ctx: AgentContext, agent: Agent) -> Decimal | None:
+    """What the call cost: its reported usage priced as the model the endpoint reports or, if
+    the table does not know that name (a dated variant), the model the agent asked for; neither
+    known, all that was ``reserved`` for it; no usage reported, None (nothing was spent: the
+    money goes back)."""
     usage = ctx.usage
     if not (usage.prompt_tokens or usage.completion_tokens):
-        return Settlement.of(reservation, None)
+        return None
     active = active_policy()
-    actual = None
     if active is not None:
         for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
             actual = price_cost(
                 active.compiled, model, usage.prompt_tokens, usage.completion_tokens
             )
             if actual is not None:
-                break
-    return Settlement.of(reservation, actual if actual is not None else reservation.amount)
+                return actual
+    return reserved
 
 
 def hold_for(
@@ -232,6 +241,22 @@ def hold_for_hint(
         return hold_for(step, worker_id, now)
     except Exception:  # an old or foreign message: the step reserves as it would without one
         return None
+
+
+def block_of(request: HoldRequest) -> HoldRequest:
+    """``request`` (a call's) as a budget block for it and the run's next calls in this worker
+    (``policies.blocks``): ``CEILING_BLOCK_CALLS`` times its worst case where every ceiling has
+    room for that, else its own, living as long as that many such calls may take. Unchanged
+    when blocks are off (1)."""
+    calls = settings.SIGNALBOX["CEILING_BLOCK_CALLS"]
+    if calls <= 1 or request.kind != ReservationKind.CALL:
+        return request
+    return replace(
+        request,
+        kind=ReservationKind.BLOCK.value,
+        most=request.amount * calls,
+        expires_at=request.now + (request.expires_at - request.now) * calls,
+    )
 
 
 @cache

@@ -17,7 +17,7 @@ from orchestration.runtime import Runtime
 from orchestration.worker import complete
 from orchestration.worker.attempt import step_run
 from orchestration.worker.chain import Chain, Superseded, claim_events
-from orchestration.worker.costs import hold_for_hint
+from orchestration.worker.costs import block_of, hold_for_hint
 
 
 def worker_identity() -> str:
@@ -42,6 +42,8 @@ def step_claim(
         if hint and chain is not None and rt.store.pipelined
         else None
     )
+    if request is not None:
+        request = block_of(request)  # the first of the run's calls in this worker's chain
     if request is None:
         step = rt.store.claim(step_id, worker_id, now, lease_until)
     else:

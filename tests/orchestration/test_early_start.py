@@ -269,9 +269,20 @@ def test_a_pure_sibling_is_reserved_by_the_commit_that_hands_it_off_and_runs_ahe
     run.refresh_from_db()
     assert run.status == "succeeded", run.error_message
     steps = {step.node: step for step in Step.objects.filter(run=run)}
-    held = {r.step_id: r for r in Reservation.objects.filter(run_id=run.pk)}
-    assert len(held) == 4
-    assert all(r.status == "settled" and r.actual == CALL for r in held.values())
+    # Each step's call is recorded once, for what it cost: "start" and "b" with reservations of
+    # their own, "a" and "joined" from the budget block asked for in the batch that claimed "a".
+    calls = {
+        r.step_id: r
+        for r in Reservation.objects.filter(run_id=run.pk, kind="call").exclude(
+            step_id__in=[steps["a"].pk, steps["joined"].pk], block_id__isnull=True
+        )
+    }
+    assert sorted(calls) == sorted(step.pk for step in steps.values())
+    assert all(r.status == "settled" and r.actual == CALL for r in calls.values())
+    [block] = Reservation.objects.filter(run_id=run.pk, kind="block")
+    assert (block.step_id, block.status, block.actual) == (steps["a"].pk, "settled", 2 * CALL)
+    assert {calls[steps[n].pk].block_id for n in ("a", "joined")} == {block.pk}
+    held = calls
     # "b" was reserved in start's completion (which handed it off), to the microsecond: no
     # transaction of its own before it ran ahead of a's completion and joined it.
     assert held[steps["b"].pk].created_at == steps["start"].finished_at
@@ -339,5 +350,8 @@ def test_a_wake_up_hint_that_does_not_describe_its_step_leaves_nothing_reserved(
     assert run.status == "succeeded", run.error_message
     assert not Reservation.objects.filter(status=ReservationStatus.HELD).exists()
     mine = Reservation.objects.filter(run_id=run.pk)
-    assert mine.count() == 3 and {r.status for r in mine} == {ReservationStatus.SETTLED}
+    assert {r.status for r in mine} == {ReservationStatus.SETTLED}
+    calls = [r for r in mine if r.kind == "call"]  # (the chain's budget block besides)
+    assert len(calls) == 3 and {r.actual for r in calls} == {CALL}
+    assert not Reservation.objects.exclude(run_id=run.pk).exists()
     assert _spend(run) == (3 * CALL, 0)

@@ -152,8 +152,10 @@ def _steps(run_id: int) -> dict[str, Step]:
 
 
 def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: Any) -> None:
+    # One reservation per call (budget blocks off): each call's reservation is made in the
+    # transaction that claims its step.
     policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
-    start_worker("solo", concurrency=1)
+    start_worker("solo", concurrency=1, SIGNALBOX_CEILING_BLOCK_CALLS="1")
     run = wait_for_run(run_submit(workflow="priced_chain", input={"text": "t"}).run.pk)
 
     assert run.status == "succeeded", run.error_message
@@ -161,6 +163,7 @@ def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: A
     held = {r.step_id: r for r in Reservation.objects.filter(run_id=run.pk).order_by("created_at")}
     assert [held[steps[n].pk].status for n in ("one", "two", "three")] == ["settled"] * 3
     assert all(r.amount == CHAIN_WORST and r.actual == CHAIN_CALL for r in held.values())
+    assert {r.kind for r in held.values()} == {"call"}
     # "two" and "three" were reserved in the transaction that completed their predecessor and
     # claimed them (no transaction of their own): at that commit's time, to the microsecond.
     assert held[steps["two"].pk].created_at == steps["one"].finished_at
@@ -168,6 +171,74 @@ def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: A
     # "one" came from the broker, whose message said what its reservation needs: it was
     # reserved in the transaction that claimed it, at the claim's time.
     assert held[steps["one"].pk].created_at == steps["one"].started_at
+    for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
+        assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
+
+
+def test_a_chains_calls_share_one_budget_block_settled_with_the_runs_last_completion(
+    start_worker: Any,
+) -> None:
+    # The default: the worker reserves eight calls' worth when it claims "one" and takes "two"
+    # and "three" from it in memory; each call is recorded with its step's completion, and the
+    # block is settled, for what the three calls cost, with the last one.
+    policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
+    start_worker("solo", concurrency=1)
+    run = wait_for_run(run_submit(workflow="priced_chain", input={"text": "t"}).run.pk)
+
+    assert run.status == "succeeded", run.error_message
+    steps = _steps(run.pk)
+    [block] = Reservation.objects.filter(run_id=run.pk, kind="block")
+    assert (block.amount, block.status, block.actual) == (
+        8 * CHAIN_WORST,
+        "settled",
+        3 * CHAIN_CALL,
+    )
+    assert block.created_at == steps["one"].started_at  # in the claim from the broker
+    assert block.settled_at == steps["three"].finished_at  # with the run's last completion
+    calls = {r.step_id: r for r in Reservation.objects.filter(block_id=block.pk)}
+    assert sorted(calls) == sorted(steps[n].pk for n in ("one", "two", "three"))
+    for node in ("one", "two", "three"):
+        call = calls[steps[node].pk]
+        assert (call.amount, call.actual, call.status, call.scope_ids) == (
+            CHAIN_WORST,
+            CHAIN_CALL,
+            "settled",
+            [],
+        )
+        assert call.created_at == steps[node].finished_at  # written with its completion
+    for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
+        assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
+
+
+def test_a_worker_killed_mid_call_gives_its_budget_block_back_charging_the_calls_it_made(
+    start_worker: Any,
+) -> None:
+    # "one" and "two" take from the block the doomed worker reserves with one's claim; it dies
+    # in two's call. The reaper takes two's lease back and, with it, the block: released, with
+    # one's call (recorded with one's completion) charged. The retry reserves afresh.
+    policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
+    doomed = start_worker("doomed", concurrency=1)
+    run = run_submit(workflow="priced_hang", input={"text": "t"}).run
+    wait_until(
+        lambda: Step.objects.filter(run_id=run.pk, node="two", status="running").exists(),
+        what="two to start",
+    )
+    [block] = Reservation.objects.filter(run_id=run.pk, kind="block")
+    assert (block.status, _run_scope(run.pk).reserved) == ("held", 8 * CHAIN_WORST)
+
+    doomed.kill()
+    start_worker("rescuer", concurrency=1)
+    wait_until(lambda: recovery.engine_tick()["reaped"], timeout=10, interval=0.2, what="the lease")
+    run = wait_for_run(run.pk)
+
+    assert run.status == "succeeded", run.error_message
+    block.refresh_from_db()
+    assert (block.status, block.actual) == ("released", CHAIN_CALL)  # one's call, charged
+    [released] = AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED, object_id=str(block.pk))
+    assert released.data["reason"] == "lease_expired"
+    assert not Reservation.objects.filter(run_id=run.pk, status=ReservationStatus.HELD).exists()
+    calls = Reservation.objects.filter(run_id=run.pk, kind="call", status="settled")
+    assert sorted(Step.objects.get(pk=c.step_id).node for c in calls) == ["one", "three", "two"]
     for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
         assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
 

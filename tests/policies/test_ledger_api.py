@@ -75,6 +75,39 @@ def test_a_tenant_viewer_sees_only_their_tenants_month(spend: int) -> None:
     assert _client(viewer).get(f"/api/v1/spend/runs/{spend}/reservations").status_code == 403
 
 
+def test_a_runs_reservations_show_a_block_and_the_calls_made_from_it(
+    spend: int, operator: Any
+) -> None:
+    from django.utils import timezone
+
+    from policies.blocks import Block
+    from policies.ledger import settlement_apply
+
+    block = Block(
+        ceiling_reserve(
+            scopes=[CeilingScope("run", str(spend), Decimal("10"), Decimal("0.8"))],
+            amount=Decimal("2"),
+            run_id=spend,
+            step_id=2,
+            action="agent:x",
+            owner="w",
+            ttl=timedelta(minutes=5),
+            kind="block",
+        )
+    )
+    assert block.take(Decimal("1"), timezone.now(), timedelta(seconds=30))
+    settlement_apply(
+        block.spend(step_id=3, action="agent:x", worst=Decimal(1), actual=Decimal("0.4"))
+    )
+    rows = _client(operator).get(f"/api/v1/spend/runs/{spend}/reservations").json()
+    assert [(r["kind"], r["amount"], r["actual"], r["status"], r["block_id"]) for r in rows] == [
+        ("call", "4.000000", None, "held", None),
+        ("call", "4.000000", None, "held", None),
+        ("block", "2.000000", None, "held", None),
+        ("call", "1.000000", "0.400000", "settled", block.reservation.pk),
+    ]
+
+
 def test_reservations_of_a_run_and_raising_its_ceiling(spend: int, operator: Any) -> None:
     client = _client(operator)
     held = client.get(f"/api/v1/spend/runs/{spend}/reservations").json()

@@ -262,6 +262,19 @@ class PricedPureEcho(EchoAgent):
         return super().run(input, ctx)
 
 
+class PricedHangsOnce(PricedPureEcho):
+    """``test_priced_pure`` that is not pure and, on its first attempt, hangs for a minute
+    before its call reports anything (a worker can be killed in the middle of it)."""
+
+    name = "test_priced_hangs_once"
+    pure = False
+
+    def run(self, input: Text, ctx: AgentContext) -> Text:
+        if ctx.attempt == 1:
+            time.sleep(60)
+        return super().run(input, ctx)
+
+
 class GatedAgent(Agent):
     """A pure agent that says it started (``entered``) and waits for the test to open ``gate``."""
 

@@ -268,6 +268,13 @@ priced_chain.agent("one", "test_priced_pure", reads=["text"], writes=["text"])
 priced_chain.agent("two", "test_priced_pure", after="one", reads=["text"], writes=["text"])
 priced_chain.agent("three", "test_priced_pure", after="two", reads=["text"], writes=["text"])
 
+# The same, with "two" hanging on its first attempt: its worker can be killed mid-call while it
+# holds the run's budget block.
+priced_hang = Workflow("priced_hang", input=Loose, max_steps=10)
+priced_hang.agent("one", "test_priced_pure", reads=["text"], writes=["text"])
+priced_hang.agent("two", "test_priced_hangs_once", after="one", reads=["text"], writes=["text"])
+priced_hang.agent("three", "test_priced_pure", after="two", reads=["text"], writes=["text"])
+
 # While "a" is held, another worker completes "b" (the run row changes under a's completion).
 early_branches = Workflow("early_branches", input=Loose, max_steps=10)
 early_branches.agent("start", "test_pure_echo", reads=["text"], writes=["text"])

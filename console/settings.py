@@ -263,8 +263,8 @@ SIGNALBOX = {
     # Live events to the channel layer (off in benchmarks that measure the engine alone).
     "LIVE_EVENTS": env.bool("SIGNALBOX_LIVE_EVENTS", default=True),
     # Under a cost ceiling, a worker reserves this many calls' worst cases at once for the run
-    # it works on (a budget block, spent call by call in its memory), where every ceiling has
-    # room for them; 1 = one reservation per call.
+    # it works on (a budget block, spent call by call in its memory), where that leaves every
+    # ceiling under its soft threshold; 1 = one reservation per call.
     "CEILING_BLOCK_CALLS": env.int("SIGNALBOX_CEILING_BLOCK_CALLS", default=8),
 }
 SIGNALBOX_AGENTS: dict[str, str] = env.dict("SIGNALBOX_EXTRA_AGENTS", default={})

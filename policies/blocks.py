@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from policies.errors import InvalidReservation
-from policies.ledger import Settlement
+from policies.ledger import HoldRequest, Settlement
 from policies.limits import MONEY_QUANTUM
 from policies.models import Reservation, ReservationKind, ReservationStatus
 
@@ -51,6 +51,9 @@ class Block:
     charged: Decimal = Decimal(0)
     #: The calls made from it, as recorded (:meth:`spend`).
     calls: list[Settlement] = field(default_factory=list)
+    #: What the block was asked for with (its scopes and periods): a call counting against
+    #: other ceilings, or in another period, is not taken from it.
+    request: HoldRequest | None = None
 
     def __post_init__(self) -> None:
         r = self.reservation

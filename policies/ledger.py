@@ -66,6 +66,7 @@ __all__ = [
     "hold_scope_ids",
     "hold_statements",
     "period_start_for",
+    "periods_of",
     "reservations_release_expired",
     "reservations_release_for_step",
     "settle_hold_prepared",
@@ -128,7 +129,7 @@ def period_start_for(kind: str, now: datetime) -> datetime | None:
     raise InvalidScope(f"unknown scope kind {kind!r}")
 
 
-def _periods(scopes: Sequence[CeilingScope], now: datetime) -> tuple[datetime | None, ...]:
+def periods_of(scopes: Sequence[CeilingScope], now: datetime) -> tuple[datetime | None, ...]:
     """:func:`period_start_for` of each scope, the day and month worked out once."""
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     by_kind: dict[str, datetime | None] = {
@@ -309,8 +310,8 @@ class HoldRequest:
     guard_types: tuple[str, ...] = ()
     #: ``call`` (one call's worst case) or ``block`` (several calls', ``policies.blocks``).
     kind: str = ReservationKind.CALL.value
-    #: A block's amount when every scope has room for it; otherwise the block is ``amount``
-    #: alone (one call's worth), and refused only if that does not fit either.
+    #: A block's amount when it leaves every scope under its soft threshold; otherwise the
+    #: block is ``amount`` alone (one call's worth), refused only if that does not fit either.
     most: Decimal | None = None
 
 
@@ -352,7 +353,7 @@ def hold_request(
         raise InvalidScope("a scope kind may appear once per reservation")
     if not scopes:
         raise InvalidScope("a reservation counts against at least one scope")
-    periods = _periods(scopes, now)
+    periods = periods_of(scopes, now)
     return HoldRequest(
         tuple(scopes),
         periods,
@@ -509,12 +510,14 @@ def _hold_sql(
 
 
 def _take(amount: str, most: str | None) -> str:
-    """What a hold adds: ``amount``, or a block's ``most`` where every locked row has room."""
+    """What a hold adds: ``amount``, or a block's ``most`` where it leaves every locked row
+    under its soft threshold (a block never makes a scope look nearer its ceiling than its
+    calls do)."""
     if most is None:
         return f"{amount}::numeric"
     return (
-        f'CASE WHEN coalesce(bool_and(spent + reserved + {most} <= "limit"), false) '
-        f"THEN {most}::numeric ELSE {amount}::numeric END"
+        f'CASE WHEN coalesce(bool_and(spent + reserved + {most} <= "limit" * soft_ratio), '
+        f"false) THEN {most}::numeric ELSE {amount}::numeric END"
     )
 
 
@@ -744,7 +747,7 @@ def ceiling_reserve(
 ) -> Reservation:
     """Set ``amount`` aside in every scope, or in none (``CeilingExceeded``, naming the scope
     that refused). ``kind``: a call's reservation, or a block of several (``policies.blocks``),
-    which is ``most`` where every scope has room for it. In one transaction: the reservation's INSERT, then ONE conditional UPDATE of
+    which is ``most`` where that leaves every scope under its soft threshold. In one transaction: the reservation's INSERT, then ONE conditional UPDATE of
     every scope row (``spent + reserved + amount <= limit``, rows locked in id order), so the
     shared rows (workflow, tenant, global) stay locked for one statement and the commit only. A
     scope row is created the first time its period is seen. Crossing a scope's soft threshold
@@ -770,6 +773,8 @@ def ceiling_reserve(
     attempts = 0
     while attempts < 2:
         amount = amounts[0]
+        # A block's most only while it leaves every scope under its soft threshold.
+        room = f"{_q('limit')} * {_q('soft_ratio')}" if amount is request.most else _q("limit")
         ids = [_scope_id(scope, period, now) for scope, period in zip(scopes, periods, strict=True)]
         with transaction.atomic():
             with connection.cursor() as cursor:
@@ -777,7 +782,7 @@ def ceiling_reserve(
                 cursor.execute(
                     f"UPDATE {_table()} SET {_q('reserved')} = {_q('reserved')} + %s, "
                     f"{_q('updated_at')} = %s WHERE {_in_id_order(ids)} "
-                    f"AND {_q('spent')} + {_q('reserved')} + %s <= {_q('limit')} "
+                    f"AND {_q('spent')} + {_q('reserved')} + %s <= {room} "
                     f"RETURNING {_q('id')}, {_q('spent')}, {_q('reserved')}, {_q('limit')}, "
                     f"{_q('soft_ratio')}, {_q('kind')}, {_q('key')}",
                     [amount, _at(now), *ids, amount],

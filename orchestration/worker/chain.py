@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,7 +29,7 @@ from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
 from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
-from orchestration.worker.costs import block_of, hold_for
+from orchestration.worker.costs import CallWorst, block_of, call_worst, hold_for
 from policies.blocks import Block
 from policies.evaluate import Decision
 from policies.ledger import (
@@ -38,6 +38,7 @@ from policies.ledger import (
     Settlement,
     ceiling_release,
     hold_scope_ids,
+    periods_of,
     settlement_apply,
 )
 from policies.models import ReservationKind
@@ -193,8 +194,8 @@ class Chain:
         reservation can be one statement."""
         if step.pk in self.holds or step.pk in self.shares:
             return  # reserved already, in the batch that inserted it (:meth:`ask_hold_queued`)
-        request = hold_for(step, self.worker_id, now)
-        if request is None or self.share(step, request):
+        request = self._unshared(step, now)
+        if request is None:
             return
         closing = self.close_block(step.run_id)  # used up: settled here, a new one asked for
         if closing is not None:
@@ -220,8 +221,8 @@ class Chain:
         )
         if sibling is None or not self.may_join(sibling, changes.run, now):
             return
-        request = hold_for(sibling, self.worker_id, now, queued=True)
-        if request is None or self.share(sibling, request) or not _same_rows(request, settling):
+        request = self._unshared(sibling, now, queued=True)
+        if request is None or not _same_rows(request, settling):
             return
         batch.hold(sibling.pk, request)
         self.holds[sibling.pk] = batch
@@ -237,22 +238,42 @@ class Chain:
             or self.open is not None
         ):
             return
-        request = hold_for(step, self.worker_id, timezone.now())
-        if request is None or self.share(step, request):
+        request = self._unshared(step, timezone.now())
+        if request is None:
             return
         self.holds[step.pk], self.holds_sent[step.pk] = self.rt.store.hold_send(step.pk, request)
 
-    def share(self, step: Step, request: HoldRequest) -> bool:
-        """Take ``step``'s call (``request``: its worst case) from the budget block this worker
-        holds for its run, if it fits there: no reservation of its own. The block must count
-        against exactly the call's scope rows (the policy may have changed since)."""
+    def _unshared(self, step: Step, now: datetime, *, queued: bool = False) -> HoldRequest | None:
+        """The reservation ``step``'s call needs (``worker.costs.hold_for``), unless it has
+        none or it was taken from the run's budget block (:meth:`share`)."""
+        worst = call_worst(step)
+        if worst is None or self.share(step, worst, now):
+            return None
+        return hold_for(step, self.worker_id, now, queued=queued, worst=worst)
+
+    def share(self, step: Step, worst: CallWorst, now: datetime) -> bool:
+        """Take ``step``'s call (``worst``) from the budget block this worker holds for its
+        run, if it fits there: no reservation of its own. The block must count against the
+        same ceilings in the same periods (the policy or the day may have changed since)."""
         block = self.blocks.get(step.run_id)
-        if block is None or hold_scope_ids(request) != frozenset(block.reservation.scope_ids):
+        if block is None or block.request is None or worst.scopes != block.request.scopes:
             return False
-        if not block.take(request.amount, request.now, request.expires_at - request.now):
+        if periods_of(worst.scopes, now) != block.request.periods:
             return False
-        self.taken[step.pk] = (block, request.amount)
-        self.shares[step.pk] = request
+        if not block.take(worst.amount, now, worst.span):
+            return False
+        self.taken[step.pk] = (block, worst.amount)
+        # What the step's reservation would have asked, answered by the block (:meth:`take_held`).
+        self.shares[step.pk] = replace(
+            block.request,
+            amount=worst.amount,
+            step_id=step.pk,
+            action=f"agent:{step.agent}",
+            now=now,
+            expires_at=now + worst.span,
+            kind=ReservationKind.CALL.value,
+            most=None,
+        )
         return True
 
     def spend(self, step: Step, cost: Callable[[Decimal], Decimal | None]) -> Settlement:
@@ -318,7 +339,7 @@ class Chain:
             and held.reservation.kind == ReservationKind.BLOCK
         ):
             # A new block: this call is its first; the run's next calls here take from it.
-            block = Block(held.reservation)
+            block = Block(held.reservation, request=held.request)
             block.take(held.request.amount, held.request.now, timedelta(0))
             self.taken[step_id] = (block, held.request.amount)
             run_id = held.reservation.run_id

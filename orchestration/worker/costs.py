@@ -6,7 +6,7 @@ costs no round trip of its own) and its settlement after."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -36,7 +36,7 @@ from policies.ledger import (
     ceiling_reserve,
     hold_request,
 )
-from policies.limits import ceilings_for, ceilings_of, price_cost, rate_limits_for
+from policies.limits import CeilingScope, ceilings_for, ceilings_of, price_cost, rate_limits_for
 from policies.models import Reservation, ReservationKind
 from policies.tenants import tenant_by_id
 
@@ -172,16 +172,20 @@ def call_cost(reserved: Decimal, ctx: AgentContext, agent: Agent) -> Decimal | N
     return reserved
 
 
-def hold_for(
-    step: Step, worker_id: str, now: datetime, *, queued: bool = False
-) -> HoldRequest | None:
-    """The reservation to ask for in the transaction that claims ``step`` for ``worker_id``
-    (None: nothing to reserve, or not knowable before its input): the same worst case the step
-    would reserve when it runs, for an agent whose estimate does not depend on its input. The
-    batch makes it only if the step is then running under this worker; the step takes it when
-    it runs (:func:`cost_reserve`), or it is given back. ``queued``: asked for in the batch
-    that inserts ``step`` unclaimed (a sibling this worker means to run later), so without
-    that condition."""
+@dataclass(frozen=True, slots=True)
+class CallWorst:
+    """What a step's call may cost, known before its input: the ceilings that count it, its
+    worst case, and how long it may take until its completion is written (its hard timeout
+    and a minute: the life of its reservation)."""
+
+    scopes: tuple[CeilingScope, ...]
+    amount: Decimal
+    span: timedelta
+
+
+def call_worst(step: Step) -> CallWorst | None:
+    """The worst case of ``step``'s call, for an agent whose estimate does not depend on its
+    input (None: nothing to reserve, or not knowable before its input)."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM):
         return None
     cls = agent_class(step.agent)
@@ -208,14 +212,35 @@ def hold_for(
         return None  # the step fails closed when it runs
     wf = workflow_get(run.workflow_name, run.workflow_version)
     _, hard = wf.timeouts_of(node_of(wf, step))
+    return CallWorst(scopes, worst, hard + timedelta(seconds=60))
+
+
+def hold_for(
+    step: Step,
+    worker_id: str,
+    now: datetime,
+    *,
+    queued: bool = False,
+    worst: CallWorst | None = None,
+) -> HoldRequest | None:
+    """The reservation to ask for in the transaction that claims ``step`` for ``worker_id``
+    (None: nothing to reserve, or not knowable before its input): the same worst case the step
+    would reserve when it runs (``worst``, if the caller has it: :func:`call_worst`). The
+    batch makes it only if the step is then running under this worker; the step takes it when
+    it runs (:func:`cost_reserve`), or it is given back. ``queued``: asked for in the batch
+    that inserts ``step`` unclaimed (a sibling this worker means to run later), so without
+    that condition."""
+    worst = worst or call_worst(step)
+    if worst is None:
+        return None
     return hold_request(
-        scopes=scopes,
-        amount=worst,
+        scopes=worst.scopes,
+        amount=worst.amount,
         run_id=step.run_id,
         step_id=step.pk,
         action=f"agent:{step.agent}",
         owner=worker_id[:200],
-        ttl=timedelta(seconds=hard.total_seconds() + 60),
+        ttl=worst.span,
         now=now,
         guard="" if queued else _running_guard(),
         guard_params=() if queued else (step.pk, StepStatus.RUNNING.value, worker_id),
@@ -245,9 +270,9 @@ def hold_for_hint(
 
 def block_of(request: HoldRequest) -> HoldRequest:
     """``request`` (a call's) as a budget block for it and the run's next calls in this worker
-    (``policies.blocks``): ``CEILING_BLOCK_CALLS`` times its worst case where every ceiling has
-    room for that, else its own, living as long as that many such calls may take. Unchanged
-    when blocks are off (1)."""
+    (``policies.blocks``): ``CEILING_BLOCK_CALLS`` times its worst case where that leaves every
+    ceiling under its soft threshold, else its own, living as long as that many such calls may
+    take. Unchanged when blocks are off (1)."""
     calls = settings.SIGNALBOX["CEILING_BLOCK_CALLS"]
     if calls <= 1 or request.kind != ReservationKind.CALL:
         return request

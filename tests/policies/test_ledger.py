@@ -246,7 +246,9 @@ def test_a_tier_2_operator_raises_a_run_ceiling_and_the_call_then_fits():
     assert raised.data["to"] == "20.000000" and raised.data["reason"] == "big ticket"
 
 
-def _reserve_many(count: int, results: multiprocessing.Queue) -> None:  # runs in a child process
+def _reserve_many(
+    count: int, kind: str, most: Decimal | None, results: multiprocessing.Queue
+) -> None:  # runs in a child process
     connections.close_all()
     ok = refused = 0
     for _ in range(count):
@@ -262,6 +264,8 @@ def _reserve_many(count: int, results: multiprocessing.Queue) -> None:  # runs i
                 action="agent:x",
                 owner="w",
                 ttl=TTL,
+                kind=kind,
+                most=most,
             )
             ok += 1
         except CeilingExceeded:
@@ -271,23 +275,35 @@ def _reserve_many(count: int, results: multiprocessing.Queue) -> None:  # runs i
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_processes_200_reservations_against_a_ceiling_of_50_exactly_50_succeed():
+@pytest.mark.parametrize(
+    ("kind", "most"),
+    [
+        ("call", None),
+        # Budget blocks of up to 5 (policies.blocks): 8 of them reach the soft threshold (40),
+        # then one call's worth each.
+        ("block", Decimal(5)),
+    ],
+)
+def test_two_processes_200_reservations_against_a_ceiling_of_50_never_pass_it(
+    kind: str, most: Decimal | None
+):
     connections.close_all()
     ctx = multiprocessing.get_context("fork")
     results: multiprocessing.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_reserve_many, args=(100, results)) for _ in range(2)]
+    procs = [ctx.Process(target=_reserve_many, args=(100, kind, most, results)) for _ in range(2)]
     for proc in procs:
         proc.start()
     outcomes = [results.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(timeout=30)
         assert proc.exitcode == 0
-    assert sum(ok for ok, _ in outcomes) == 50
-    assert sum(refused for _, refused in outcomes) == 150
+    made = 50 if most is None else 8 + 10  # 8 blocks of 5, then 10 of one call's worth
+    assert sum(ok for ok, _ in outcomes) == made
+    assert sum(refused for _, refused in outcomes) == 200 - made
     run = SpendScope.objects.get(kind="run", key="42")
     assert run.reserved + run.spent == Decimal(50) <= run.limit
     assert SpendScope.objects.get(kind="global_day").reserved == Decimal(50)
-    assert Reservation.objects.filter(status=ReservationStatus.HELD).count() == 50
+    assert Reservation.objects.filter(status=ReservationStatus.HELD, kind=kind).count() == made
 
 
 def _reserve_and_settle_many(count: int, results: multiprocessing.Queue) -> None:  # child process

@@ -158,6 +158,9 @@ class Chain:
         self.blocks: dict[int, Block] = {}
         self.taken: dict[int, tuple[Block, Decimal]] = {}
         self.shares: dict[int, HoldRequest] = {}
+        #: Every block made in this chain and not settled yet (a run's earlier block may still
+        #: have a call in flight when its next one is made): settled at the latest by :meth:`close`.
+        self.unsettled: list[Block] = []
 
     @property
     def pools(self) -> frozenset[str]:
@@ -305,6 +308,7 @@ class Chain:
         if block is None or any(b is block for b, _ in self.taken.values()):
             return None
         del self.blocks[run_id]
+        self.unsettled.remove(block)
         return block.settlement()
 
     def hold_in_flight(self, step: Step) -> bool:
@@ -342,9 +346,9 @@ class Chain:
             block = Block(held.reservation, request=held.request)
             block.take(held.request.amount, held.request.now, timedelta(0))
             self.taken[step_id] = (block, held.request.amount)
-            run_id = held.reservation.run_id
-            if run_id is not None and run_id not in self.blocks:
-                self.blocks[run_id] = block
+            self.unsettled.append(block)
+            if held.reservation.run_id is not None:  # the run's next calls take from this one
+                self.blocks[held.reservation.run_id] = block
         return held
 
     def finish(self) -> Step | None:
@@ -406,13 +410,12 @@ class Chain:
     def _settle_blocks(self) -> None:
         """Settle the budget blocks still open (their runs' last calls here were not followed
         by a completion that could settle them), each on its own."""
-        for block in {
-            id(b): b for b in [*self.blocks.values(), *(b for b, _ in self.taken.values())]
-        }.values():
+        for block in self.unsettled:
             try:
                 settlement_apply(block.settlement())
             except Exception:
                 log.exception("settling block %s failed", block.reservation.pk)
+        self.unsettled.clear()
         self.blocks.clear()
         self.taken.clear()
 

@@ -38,7 +38,7 @@ from orchestration.worker.costs import (
 )
 from policies.active import active_policy
 from policies.evaluate import Decision, policy_decide
-from policies.ledger import Settlement, ceiling_release, settlement_apply
+from policies.ledger import Settlement, settlement_apply
 from policies.models import Reservation, ReservationKind
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,10 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         after ``settle``), taken once; None if none was asked."""
         return chain.take_held(step) if chain is not None else None
 
-    def give_back(unused: Any) -> None:
+    def give_back() -> None:
         """The reservation asked for the step goes back unused (a block's share: to its block)."""
-        if unused is None or unused.reservation is None:
-            return
-        if unused.reservation.kind == ReservationKind.BLOCK:
-            if chain is not None:
-                chain.give_back(step)
-        else:
-            ceiling_release(unused.reservation.pk)
+        if chain is not None:
+            chain.unused(step.pk, held())
 
     def settlement_of(reservation: Reservation, ctx: AgentContext) -> Settlement:
         """What the call cost, as its reservation's settlement or, taken from a budget block,
@@ -137,7 +132,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
 
     def fail(error: SignalboxError, **kwargs: Any) -> None:
         settle()
-        give_back(held())
+        give_back()
         while unsettled:
             settlement_apply(unsettled.pop())
         complete.attempt_fail(step, error, rt=rt, worker_id=worker_id, **kwargs)
@@ -163,7 +158,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
             != step.approved_digest
         ):
             settle()
-            give_back(held())
+            give_back()
             complete.approval_reopen(step, action, rt=rt, worker_id=worker_id)
             return None
 

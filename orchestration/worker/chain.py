@@ -287,11 +287,17 @@ class Chain:
             step_id=step.pk, action=f"agent:{step.agent}", worst=worst, actual=cost(worst)
         )
 
-    def give_back(self, step: Step) -> None:
-        """``step``'s call, taken from a block, is not made after all."""
-        found = self.taken.pop(step.pk, None)
-        if found is not None:
-            found[0].give_back(found[1])
+    def unused(self, step_id: int, found: Held | None) -> None:
+        """The reservation ``found`` asked for ``step_id`` goes back unused: a call's is
+        released, a share of a block goes back to the block (which stays the chain's)."""
+        if found is None or found.reservation is None:
+            return
+        if found.reservation.kind == ReservationKind.BLOCK:
+            taken = self.taken.pop(step_id, None)
+            if taken is not None:
+                taken[0].give_back(taken[1])
+        else:
+            ceiling_release(found.reservation.pk)
 
     def leave_run(self, batch: WriteBatch, run_id: int, now: datetime) -> Settlement | None:
         """This worker's chain claims nothing more of run ``run_id`` in ``batch``: the budget
@@ -422,15 +428,7 @@ class Chain:
     def release_held(self, step_id: int) -> None:
         """Give back the reservation asked for ``step_id``, if one was made (never raises)."""
         try:
-            found = self._take_held(step_id)
-            if found is None or found.reservation is None:
-                return
-            if found.reservation.kind == ReservationKind.BLOCK:
-                taken = self.taken.pop(step_id, None)  # the block stays the chain's
-                if taken is not None:
-                    taken[0].give_back(taken[1])
-            else:
-                ceiling_release(found.reservation.pk)
+            self.unused(step_id, self._take_held(step_id))
         except Exception:
             log.exception("giving back the reservation of step %s failed", step_id)
 

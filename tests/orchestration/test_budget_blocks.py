@@ -92,8 +92,8 @@ def test_a_chain_settles_every_block_it_made_once_for_the_calls_taken_from_it() 
 def test_a_call_given_back_leaves_its_block_to_be_released_whole() -> None:
     chain = _chain()
     chain.holds[1] = Answered(1)  # type: ignore[assignment]
-    chain.take_held(Step(pk=1, agent="x"))
-    chain.give_back(Step(pk=1, agent="x"))  # the call was not made after all
+    found = chain.take_held(Step(pk=1, agent="x"))
+    chain.unused(1, found)  # the call was not made after all
     settlement = chain.close_block(7)
     assert settlement is not None and settlement.actual is None
     settlement_apply(settlement)

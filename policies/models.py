@@ -126,8 +126,15 @@ class PolicyDecision(models.Model):
     workflow = models.CharField(max_length=100, blank=True, default="")
     tenant = models.CharField(max_length=100, blank=True, default="")
     facts = models.JSONField()
+    #: No constraint in the database: every decision row would check it, taking a share lock
+    #: on the one active version's row that every worker's transaction then contends for (a
+    #: version is never deleted: ``PROTECT`` still refuses it in Django).
     version = models.ForeignKey(
-        PolicyVersion, null=True, on_delete=models.PROTECT, related_name="+"
+        PolicyVersion,
+        null=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_constraint=False,
     )
     rule = models.CharField(max_length=100, blank=True, default="")
     outcome = models.CharField(max_length=8, choices=Outcome.choices)

@@ -266,6 +266,11 @@ SIGNALBOX = {
     # it works on (a budget block, spent call by call in its memory), where that leaves every
     # ceiling under its soft threshold; 1 = one reservation per call.
     "CEILING_BLOCK_CALLS": env.int("SIGNALBOX_CEILING_BLOCK_CALLS", default=8),
+    # A worker settles the budget blocks it is done with this many at a time (the spend rows
+    # every worker shares are then written once for them all), or when the first has waited
+    # CEILING_SETTLE_SECONDS; 1 = each in the batch of its run's last completion there.
+    "CEILING_SETTLE_TOGETHER": env.int("SIGNALBOX_CEILING_SETTLE_TOGETHER", default=8),
+    "CEILING_SETTLE_SECONDS": env.float("SIGNALBOX_CEILING_SETTLE_SECONDS", default=0.5),
 }
 SIGNALBOX_AGENTS: dict[str, str] = env.dict("SIGNALBOX_EXTRA_AGENTS", default={})
 SIGNALBOX_WORKFLOWS: list[str] = env.list("SIGNALBOX_EXTRA_WORKFLOWS", default=[])
@@ -274,6 +279,10 @@ if SIGNALBOX["LEASE_SECONDS"] <= 0:
     raise ImproperlyConfigured("SIGNALBOX_LEASE_SECONDS must be positive")
 if not 1 <= SIGNALBOX["CEILING_BLOCK_CALLS"] <= 100:
     raise ImproperlyConfigured("SIGNALBOX_CEILING_BLOCK_CALLS must be between 1 and 100")
+if not 1 <= SIGNALBOX["CEILING_SETTLE_TOGETHER"] <= 100:
+    raise ImproperlyConfigured("SIGNALBOX_CEILING_SETTLE_TOGETHER must be between 1 and 100")
+if not 0 < SIGNALBOX["CEILING_SETTLE_SECONDS"] <= 10:
+    raise ImproperlyConfigured("SIGNALBOX_CEILING_SETTLE_SECONDS must be above 0 and at most 10")
 
 # --- security -----------------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True

@@ -189,6 +189,11 @@ class Step(models.Model):
     usage = models.JSONField(default=dict, blank=True)
     #: Why this step's output is not the full result ("partial: 2 of 5 sources"), if it is not.
     degraded = models.CharField(max_length=500, blank=True, default="")
+    #: The model call its successful attempt took from a budget block: ``{"block": id,
+    #: "worst": "0.0024", "cost": "0.0012"}`` (decimal strings; cost null when no usage was
+    #: reported). Written with the completion instead of a ledger row of its own
+    #: (``orchestration.ledger_calls``).
+    block_call = models.JSONField(null=True, blank=True)
 
     error_class = models.CharField(max_length=12, blank=True, default="")
     error_code = models.CharField(max_length=64, blank=True, default="")

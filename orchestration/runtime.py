@@ -21,6 +21,7 @@ from django.conf import settings
 from orchestration.held import HeldMessages
 from orchestration.leases import LeaseKeeper, OnHardTimeout
 from orchestration.live import LiveSender
+from orchestration.settling import BlockSettlements
 from orchestration.store import Store, store_create
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Runtime:
         self.pools: frozenset[str] = frozenset(pools)
         self.store: Store = store_create()
         self.held = HeldMessages()
+        self.settling = BlockSettlements()
         self.live = LiveSender()
         self._leases: LeaseKeeper | None = None
         self._lock = threading.Lock()
@@ -63,6 +65,7 @@ class Runtime:
             self.held.flush()
         except Exception:
             log.warning("sending held wake-ups at shutdown failed", exc_info=True)
+        self.settling.flush()
         if self._leases is not None:
             self._leases.close()
         self.live.close()

@@ -7,9 +7,11 @@ updates a call, most of them on the few rows every worker shares. A block is one
 of the same kind (``ReservationKind.BLOCK``, made by the same conditional statement, so it
 fits under every ceiling or is refused whole) whose amount covers several calls. The worker
 that holds it takes each call's worst case from it in memory (:meth:`Block.take`); each call
-made is recorded as a row of its own, settled, with its actual cost and no scope rows
-(:meth:`Block.spend`, written with the step's completion); the block's settlement
-(:meth:`Block.settlement`) then charges the sum of its calls to every scope and frees the rest.
+made is recorded with its actual cost and no scope rows (:meth:`Block.spend`: on its step's
+row by the completion that writes it, ``policies.calls``, or else as a settled row of its
+own); the block's settlement (:meth:`Block.settlement`) then charges the sum of its calls to
+every scope and frees the rest. A worker settles the blocks it is done with several at a time
+(``orchestration.settling``, ``policies.ledger.settlements_prepared``).
 
 Why a ceiling is still never passed: the block's whole amount is counted in every scope while
 it is held, a call is taken from it only if its worst case fits what is left, and a call is

@@ -30,7 +30,8 @@ from django.utils import timezone
 from audit.selectors import audit_event_exists
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import ActorType, Verb
-from infra.sql import BY_KEY, Batch, Prepared, attnames, from_row
+from infra.sql import BY_KEY, Batch, Prepared, attnames, execute_prepared, from_row
+from policies.calls import charged_elsewhere
 from policies.errors import (
     CeilingExceeded,
     CeilingNotRaised,
@@ -74,6 +75,8 @@ __all__ = [
     "settlement_entries",
     "settlement_prepared",
     "settlement_statements",
+    "settlements_apply",
+    "settlements_prepared",
 ]
 
 _MAX_MONEY = Decimal("99999999.999999")
@@ -581,7 +584,7 @@ def _run_scope_insert() -> Prepared:
     )
 
 
-def _array(ids: Sequence[int] | frozenset[int]) -> str:
+def _array(ids: Sequence[int] | frozenset[int] | set[int]) -> str:
     return "{" + ",".join(str(i) for i in sorted(ids)) + "}"
 
 
@@ -960,10 +963,14 @@ def _release(reservation: Reservation, now: datetime) -> None:
 def _block_charges(reservations: Sequence[Reservation]) -> dict[int, Decimal]:
     """What the calls recorded so far against each block among ``reservations`` cost (at most
     each call's worst case): released, a block still charges them, since they were made."""
-    blocks: list[int] = [r.pk for r in reservations if r.kind == ReservationKind.BLOCK]
-    if not blocks:
+    held = {r.pk: r.run_id for r in reservations if r.kind == ReservationKind.BLOCK}
+    if not held:
         return {}
+    blocks = list(held)
     charges = dict.fromkeys(blocks, Decimal(0))
+    for elsewhere, amount in charged_elsewhere(held).items():  # on the steps they paid for
+        if elsewhere in charges:
+            charges[elsewhere] += amount
     calls = Reservation.objects.filter(
         block_id__in=blocks, status=ReservationStatus.SETTLED
     ).values_list("block_id", "amount", "actual")
@@ -1180,9 +1187,10 @@ class Settlement:
     transaction as the step's completion (:func:`settlement_statements`), or on its own when
     that completion is not written (:func:`settlement_apply`).
 
-    Or, with ``block``, recording a call made from a block (``policies.blocks``): a row of its
-    own, settled, that moves no scope row; ``reservation_id`` is then the block's and
-    ``amount`` the call's worst case taken from it."""
+    Or, with ``block``, recording a call made from a block (``policies.blocks``), which moves
+    no scope row: on its step's row by the completion that writes it (``policies.calls``), or
+    else as a settled row of its own; ``reservation_id`` is then the block's and ``amount``
+    the call's worst case taken from it."""
 
     reservation_id: int
     amount: Decimal
@@ -1292,6 +1300,78 @@ def _settle_prepared() -> Prepared:
     return Prepared(
         sql, ["bigint", "text", "numeric", "timestamptz", "bigint[]", "numeric", "numeric"]
     )
+
+
+def settlements_prepared(
+    settlements: Sequence[Settlement], now: datetime
+) -> tuple[Prepared, list[Any]]:
+    """Several budget blocks' settlements as ONE prepared statement (PostgreSQL): each block
+    leaves ``held``, and every scope row any of them counts against is locked (in id order)
+    and moved once, by the sums of the blocks that did leave ``held`` (one the reaper released
+    meanwhile moves nothing). The rows every worker shares are then written once for the lot
+    instead of once per block."""
+    rows: list[dict[str, Any]] = []
+    scopes: set[int] = set()
+    for s in settlements:
+        released = s.actual is None
+        rows.append(
+            {
+                "id": s.reservation_id,
+                "status": (
+                    ReservationStatus.RELEASED if released else ReservationStatus.SETTLED
+                ).value,
+                "actual": None if released else str(s.actual),
+                "amount": str(s.amount),
+                "charged": str(s.charged),
+                "scopes": list(s.scope_ids),
+            }
+        )
+        scopes.update(s.scope_ids)
+    return _settle_many_prepared(), [
+        json.dumps(rows),
+        now,
+        _array([s.reservation_id for s in settlements]),
+        _array(scopes),
+    ]
+
+
+@cache
+def _settle_many_prepared() -> Prepared:
+    table, reservations = _table(), _q(Reservation._meta.db_table)
+    held = ReservationStatus.HELD.value
+    sql = f"""WITH s AS (
+        SELECT * FROM jsonb_to_recordset($1) AS x(id bigint, status text, actual numeric,
+            amount numeric, charged numeric, scopes bigint[])
+    ), mark AS (
+        UPDATE {reservations} r SET status = s.status, actual = s.actual, settled_at = $2
+        FROM s WHERE r.id = s.id AND {_ids_in("$3", "r.")} AND r.status = '{held}'{BY_KEY}
+        RETURNING r.id
+    ), d AS (
+        SELECT u.id, sum(s.amount) AS freed, sum(s.charged) AS charged
+        FROM s JOIN mark ON mark.id = s.id CROSS JOIN LATERAL unnest(s.scopes) AS u(id)
+        GROUP BY u.id
+    ), locked AS (
+        SELECT t.id FROM {table} t WHERE {_ids_in("$4", "t.")} AND t.id IN (SELECT id FROM d)
+        ORDER BY t.id FOR UPDATE
+    )
+    UPDATE {table} t SET reserved = t.reserved - d.freed, spent = t.spent + d.charged,
+           updated_at = $2
+    FROM d WHERE t.id = d.id AND t.id IN (SELECT id FROM locked)
+    RETURNING t.id"""
+    return Prepared(sql, ["jsonb", "timestamptz", "bigint[]", "bigint[]"])
+
+
+def settlements_apply(settlements: Sequence[Settlement]) -> None:
+    """Settle budget blocks on their own, together (:func:`settlements_prepared`, in one
+    transaction on PostgreSQL; one by one elsewhere)."""
+    if not settlements:
+        return
+    if connection.vendor != "postgresql":
+        for settlement in settlements:
+            settlement_apply(settlement)
+        return
+    with transaction.atomic():
+        execute_prepared(*settlements_prepared(settlements, timezone.now()))
 
 
 def settle_hold_prepared(

@@ -212,9 +212,10 @@ class ReservationKind(models.TextChoices):
 class Reservation(models.Model):
     """Money set aside for one call before it is made, in every scope it counts against;
     settled with the actual cost after, or released (by the reaper, if its worker died). A
-    block sets aside several calls' worth at once; each call made from it is a row of its own
-    (``block_id``), recorded settled, that moves no scope: the block's settlement charges them
-    all (``policies.blocks``)."""
+    block sets aside several calls' worth at once; each call made from it moves no scope: the
+    block's settlement charges them all (``policies.blocks``). Such a call is recorded on its
+    step's row by the completion that writes it (``policies.calls``), or, when that completion
+    was not written, as a row here (``block_id``), recorded settled."""
 
     run_id = models.BigIntegerField(null=True, blank=True)
     step_id = models.BigIntegerField(null=True, blank=True)

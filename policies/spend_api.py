@@ -16,7 +16,9 @@ from ninja import Router, Schema
 from ninja.params import functions as param_functions
 from pydantic import Field
 
+from policies.calls import recorded_for_run
 from policies.ledger import ceiling_raise
+from policies.models import ReservationKind, ReservationStatus
 from policies.spend_selectors import ScopeUse, reservations_for_run_for_user, spend_scopes_for_user
 
 ScopeKindName = Literal["run", "workflow_day", "agent_day", "tenant_month", "global_day"]
@@ -37,7 +39,8 @@ class ScopeOut(Schema):
 
 
 class ReservationOut(Schema):
-    id: int
+    #: None for a call recorded on its step's row (``recorded_on`` = ``step``).
+    id: int | None
     run_id: int | None
     step_id: int | None
     action: str
@@ -46,12 +49,16 @@ class ReservationOut(Schema):
     status: str
     scope_ids: list[int]
     owner: str
-    expires_at: str
+    #: None for a call recorded on its step (it held nothing of its own).
+    expires_at: str | None
     created_at: str
-    #: ``call``, or ``block``: several calls' worth at once, its calls rows of their own.
+    #: ``call``, or ``block``: several calls' worth at once, each of its calls listed too.
     kind: str
     #: For a call made from a block: that block (the block's settlement charges it).
     block_id: int | None
+    #: ``ledger``: a row of the ledger's own; ``step``: a call made from a block by an attempt
+    #: that succeeded, recorded on its step's row (``policies.calls``).
+    recorded_on: str = "ledger"
 
 
 class RaiseIn(Schema):
@@ -94,7 +101,8 @@ def spend_router(error_out: type[Schema], run_decide_check: RunDecideCheck) -> R
         summary="A run's cost reservations",
     )
     def run_reservations(request: HttpRequest, run_id: int = RUN_ID) -> list[dict[str, Any]]:
-        return [
+        reservations = reservations_for_run_for_user(_user(request), run_id)[:1000]
+        rows = [
             {
                 "id": r.pk,
                 "run_id": r.run_id,
@@ -109,9 +117,33 @@ def spend_router(error_out: type[Schema], run_decide_check: RunDecideCheck) -> R
                 "created_at": r.created_at.isoformat(),
                 "kind": r.kind,
                 "block_id": r.block_id,
+                "recorded_on": "ledger",
+                "_at": r.created_at,
             }
-            for r in reservations_for_run_for_user(_user(request), run_id)[:1000]
+            for r in reservations
         ]
+        rows += [
+            {
+                "id": None,
+                "run_id": call.run_id,
+                "step_id": call.step_id,
+                "action": call.action,
+                "amount": str(call.worst),
+                "actual": None if call.actual is None else str(call.actual),
+                "status": ReservationStatus.SETTLED.value,
+                "scope_ids": [],
+                "owner": "",
+                "expires_at": None,
+                "created_at": call.at.isoformat(),
+                "kind": ReservationKind.CALL.value,
+                "block_id": call.block_id,
+                "recorded_on": "step",
+                "_at": call.at,
+            }
+            for call in recorded_for_run(run_id)[:1000]
+        ]
+        rows.sort(key=lambda row: row["_at"])
+        return [{k: v for k, v in row.items() if k != "_at"} for row in rows[:1000]]
 
     @router.post(
         "/runs/{run_id}/ceiling",

@@ -25,6 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
+def _blocks_settled_when_flushed(settings: Any) -> Iterator[None]:
+    """Budget blocks an in-process chain is done with wait until a test flushes them
+    (``runtime_for(pools).settling.flush()``), never for the background thread, whose own
+    connection cannot see a test's uncommitted rows; none is left over for the next test.
+    Worker processes keep the default delay."""
+    from tests.support.engine import runtimes_forget_settlements
+
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "CEILING_SETTLE_SECONDS": 60.0}
+    yield
+    runtimes_forget_settlements()
+
+
+@pytest.fixture(autouse=True)
 def _tenants_forgotten() -> Iterator[None]:
     """Each test starts with no tenant cached: a transactional test's flush removes the rows."""
     from policies.active import active_forget

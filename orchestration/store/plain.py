@@ -132,6 +132,10 @@ class WriteBatch(Protocol):
         """Settle ``settlement`` (a budget block the worker stops using) in this batch, after
         its other writes; a later :meth:`hold` with a settlement may join it."""
 
+    def settle_many(self, settlements: list[Settlement], now: datetime) -> None:
+        """Settle several budget blocks in this batch, after its other writes, as one
+        statement (``policies.ledger.settlements_prepared``)."""
+
     def run(self) -> Pending:
         """Commit now and wait for the outcome."""
 

@@ -66,6 +66,7 @@ from policies.ledger import (
     hold_statements,
     settle_hold_prepared,
     settlement_prepared,
+    settlements_prepared,
 )
 from policies.models import PolicyDecision
 
@@ -315,6 +316,10 @@ class PgWriteBatch:
             (settlement, self.batch.add_prepared(*settlement_prepared(settlement, now)))
         )
         self.closes.append(settlement)
+
+    def settle_many(self, settlements: list[Settlement], now: datetime) -> None:
+        self.batch.add_prepared(*settlements_prepared(settlements, now))
+        self.closes.extend(settlements)
 
     def hold(self, step_id: int, request: HoldRequest, *, with_settlement: bool = False) -> None:
         if with_settlement and self.settled:

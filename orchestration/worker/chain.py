@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from orchestration import dispatch
@@ -299,13 +300,23 @@ class Chain:
         else:
             ceiling_release(found.reservation.pk)
 
-    def leave_run(self, batch: WriteBatch, run_id: int, now: datetime) -> Settlement | None:
+    def leave_run(self, batch: WriteBatch, run_id: int, now: datetime) -> list[Settlement]:
         """This worker's chain claims nothing more of run ``run_id`` in ``batch``: the budget
-        block it holds for the run is settled there (returned, None if none)."""
+        block it holds for the run is done with. It waits to be settled with others
+        (``orchestration.settling``); once ``CEILING_SETTLE_TOGETHER`` of them wait, they are
+        settled in ``batch`` together. Returns the settlements ``batch`` writes."""
         closing = self.close_block(run_id)
-        if closing is not None:
+        if closing is None:
+            return []
+        together = settings.SIGNALBOX["CEILING_SETTLE_TOGETHER"]
+        if together <= 1:
             batch.settle(closing, now)
-        return closing
+            return [closing]
+        self.rt.settling.add(closing, settings.SIGNALBOX["CEILING_SETTLE_SECONDS"])
+        closings = self.rt.settling.take(together)
+        if closings:
+            batch.settle_many(closings, now)
+        return closings
 
     def close_block(self, run_id: int) -> Settlement | None:
         """Stop using the run's budget block: its settlement, for the caller's transaction
@@ -414,13 +425,11 @@ class Chain:
             self.release_held(step_id)
 
     def _settle_blocks(self) -> None:
-        """Settle the budget blocks still open (their runs' last calls here were not followed
-        by a completion that could settle them), each on its own."""
+        """The budget blocks still open (their runs' last calls here were not followed by a
+        completion that could settle them) wait to be settled with others."""
+        seconds = settings.SIGNALBOX["CEILING_SETTLE_SECONDS"]
         for block in self.unsettled:
-            try:
-                settlement_apply(block.settlement())
-            except Exception:
-                log.exception("settling block %s failed", block.reservation.pk)
+            self.rt.settling.add(block.settlement(), seconds)
         self.unsettled.clear()
         self.blocks.clear()
         self.taken.clear()

@@ -31,6 +31,7 @@ from orchestration.changes import (
 from orchestration.commit import advance_locked
 from orchestration.errors import Code, SignalboxError, StepTimeout, TransientError
 from orchestration.failures import retry_delay
+from orchestration.ledger_calls import block_call_value
 from orchestration.models import Run, Step, StepKind, StepStatus
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, RunChanged
@@ -67,6 +68,11 @@ def _fence_values(done: Completion) -> dict[str, Any]:
     }
     if done.degraded:
         values["degraded"] = step.degraded = done.degraded
+    settlement = done.settlement
+    if settlement is not None and settlement.block:
+        # A call made from a budget block: recorded on the step row this statement writes
+        # anyway, not as a row of its own (``orchestration.ledger_calls``).
+        values["block_call"] = block_call_value(settlement)
     return values
 
 
@@ -97,7 +103,8 @@ def _compute(
         fence=fence,
     )
     if done.settlement is not None:
-        changes.settlements.append(done.settlement)
+        if not done.settlement.block:  # a block's call is on the step row (the fence's values)
+            changes.settlements.append(done.settlement)
         changes.audit.extend(settlement_entries(done.settlement))
     return changes
 
@@ -204,9 +211,7 @@ def step_complete(
                 settling = [d.settlement for d, _, _ in members if d.settlement is not None]
                 if claimed is None or claimed.run_id != step.run_id:
                     # The chain goes no further in this run: its budget block is settled here.
-                    closing = chain.leave_run(batch, step.run_id, now)
-                    if closing is not None:
-                        settling.append(closing)
+                    settling.extend(chain.leave_run(batch, step.run_id, now))
                 if claimed is not None:
                     chain.ask_hold(
                         batch, claimed, settling, now, inserted=claimed is changes.local_step

@@ -76,6 +76,10 @@ def test_a_chain_settles_every_block_it_made_once_for_the_calls_taken_from_it() 
     assert SpendScope.objects.get(kind="run").reserved == 8 * WORST
 
     chain.close()
+    # Both wait to be settled with others: still held, their whole amounts still counted.
+    assert len(chain.rt.settling) == 2
+    assert SpendScope.objects.get(kind="run").reserved == 8 * WORST
+    chain.rt.settling.flush()
 
     blocks = Reservation.objects.filter(kind=ReservationKind.BLOCK).order_by("step_id")
     assert [(b.status, b.actual) for b in blocks] == [
@@ -86,6 +90,7 @@ def test_a_chain_settles_every_block_it_made_once_for_the_calls_taken_from_it() 
         scope = SpendScope.objects.get(kind=kind)
         assert (scope.reserved, scope.spent) == (0, Decimal("0.75"))
     chain.close()  # a second close settles nothing again
+    chain.rt.settling.flush()
     assert SpendScope.objects.get(kind="run").spent == Decimal("0.75")
 
 

@@ -23,7 +23,7 @@ from tests.conftest import ALL_POOLS, wait_until
 from tests.policies.documents import PRICED as PRICED_RUN
 from tests.policies.documents import PRICED_CALL
 from tests.support.agents import GatedAgent, PureEcho, PureEffect
-from tests.support.engine import step_claim, step_execute, step_run
+from tests.support.engine import runtime_for, step_claim, step_execute, step_run
 from tests.support.stub_provider import stub_provider_server
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -260,29 +260,42 @@ def _spend(run: Run) -> tuple[Decimal, Decimal]:
     return scope.spent, scope.reserved
 
 
+def _calls(run: Run) -> dict[int, tuple[Decimal | None, int | None]]:
+    """Every call the run's steps made, by step id: (what it cost, the block it was taken
+    from). A call of its own, or one whose completion was not written, is a ledger row; one
+    taken from a block by an attempt that succeeded is on its step's row."""
+    calls = {
+        r.step_id: (r.actual, r.block_id)
+        for r in Reservation.objects.filter(run_id=run.pk, kind="call")
+        if r.step_id is not None
+    }
+    for step in Step.objects.filter(run=run, block_call__isnull=False):
+        cost = step.block_call["cost"]
+        calls[step.pk] = (None if cost is None else Decimal(cost), step.block_call["block"])
+    return calls
+
+
 def test_a_pure_sibling_is_reserved_by_the_commit_that_hands_it_off_and_runs_ahead_on_it():
     policy_install(source=PRICED, note="early start tests")
     run = run_submit(workflow="priced_siblings", input={"text": "x"}).run
     start = _queued(run, "start")
     step_execute(start.pk, worker_id="w1", pools=ALL_POOLS)
+    runtime_for(ALL_POOLS).settling.flush()  # the chain's block, done with
 
     run.refresh_from_db()
     assert run.status == "succeeded", run.error_message
     steps = {step.node: step for step in Step.objects.filter(run=run)}
     # Each step's call is recorded once, for what it cost: "start" and "b" with reservations of
-    # their own, "a" and "joined" from the budget block asked for in the batch that claimed "a".
-    calls = {
-        r.step_id: r
-        for r in Reservation.objects.filter(run_id=run.pk, kind="call").exclude(
-            step_id__in=[steps["a"].pk, steps["joined"].pk], block_id__isnull=True
-        )
-    }
+    # their own, "a" and "joined" from the budget block asked for in the batch that claimed "a"
+    # (recorded on their step rows).
+    calls = _calls(run)
     assert sorted(calls) == sorted(step.pk for step in steps.values())
-    assert all(r.status == "settled" and r.actual == CALL for r in calls.values())
+    assert {actual for actual, _ in calls.values()} == {CALL}
     [block] = Reservation.objects.filter(run_id=run.pk, kind="block")
     assert (block.step_id, block.status, block.actual) == (steps["a"].pk, "settled", 2 * CALL)
-    assert {calls[steps[n].pk].block_id for n in ("a", "joined")} == {block.pk}
-    held = calls
+    assert {calls[steps[n].pk][1] for n in ("a", "joined")} == {block.pk}
+    assert {calls[steps[n].pk][1] for n in ("start", "b")} == {None}
+    held = {r.step_id: r for r in Reservation.objects.filter(run_id=run.pk, kind="call")}
     # "b" was reserved in start's completion (which handed it off), to the microsecond: no
     # transaction of its own before it ran ahead of a's completion and joined it.
     assert held[steps["b"].pk].created_at == steps["start"].finished_at
@@ -335,7 +348,6 @@ def test_a_sibling_reserved_ahead_that_another_worker_took_is_charged_once_per_r
 def test_a_wake_up_hint_that_does_not_describe_its_step_leaves_nothing_reserved(hint):
     from orchestration.dispatch import wake_hint
     from orchestration.worker import execute
-    from tests.support.engine import runtime_for
 
     policy_install(source=PRICED, note="early start tests")
     run = run_submit(workflow="priced_chain", input={"text": "x"}).run
@@ -345,13 +357,14 @@ def test_a_wake_up_hint_that_does_not_describe_its_step_leaves_nothing_reserved(
         assert hint is not None
         hint[3] = run.pk + 1000  # another run's id
     execute.step_execute(one.pk, rt=runtime_for(ALL_POOLS), worker_id="w1", hint=hint)
+    runtime_for(ALL_POOLS).settling.flush()  # the chain's block, done with
 
     run.refresh_from_db()
     assert run.status == "succeeded", run.error_message
     assert not Reservation.objects.filter(status=ReservationStatus.HELD).exists()
     mine = Reservation.objects.filter(run_id=run.pk)
     assert {r.status for r in mine} == {ReservationStatus.SETTLED}
-    calls = [r for r in mine if r.kind == "call"]  # (the chain's budget block besides)
-    assert len(calls) == 3 and {r.actual for r in calls} == {CALL}
+    calls = _calls(run)  # (the chain's budget block besides)
+    assert len(calls) == 3 and {actual for actual, _ in calls.values()} == {CALL}
     assert not Reservation.objects.exclude(run_id=run.pk).exists()
     assert _spend(run) == (3 * CALL, 0)

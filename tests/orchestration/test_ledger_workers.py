@@ -175,39 +175,72 @@ def test_a_chained_step_is_reserved_by_the_commit_that_claims_it(start_worker: A
         assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
 
 
-def test_a_chains_calls_share_one_budget_block_settled_with_the_runs_last_completion(
-    start_worker: Any,
+@pytest.mark.parametrize("together", [1, 8])
+def test_a_chains_calls_share_one_budget_block_settled_once_the_run_is_done_with_it(
+    start_worker: Any, together: int
 ) -> None:
     # The default: the worker reserves eight calls' worth when it claims "one" and takes "two"
-    # and "three" from it in memory; each call is recorded with its step's completion, and the
-    # block is settled, for what the three calls cost, with the last one.
+    # and "three" from it in memory; each call is recorded with its step's completion. The
+    # block is settled, for what the three calls cost, once the run's last completion leaves
+    # it: with ``CEILING_SETTLE_TOGETHER`` = 1 in that completion's own transaction; by
+    # default it waits (here alone, so for ``CEILING_SETTLE_SECONDS``) to be settled with others.
     policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
-    start_worker("solo", concurrency=1)
+    start_worker("solo", concurrency=1, SIGNALBOX_CEILING_SETTLE_TOGETHER=str(together))
     run = wait_for_run(run_submit(workflow="priced_chain", input={"text": "t"}).run.pk)
 
     assert run.status == "succeeded", run.error_message
     steps = _steps(run.pk)
     [block] = Reservation.objects.filter(run_id=run.pk, kind="block")
-    assert (block.amount, block.status, block.actual) == (
-        8 * CHAIN_WORST,
-        "settled",
-        3 * CHAIN_CALL,
+    wait_until(
+        lambda: Reservation.objects.get(pk=block.pk).status == "settled", what="the settlement"
     )
+    block.refresh_from_db()
+    assert (block.amount, block.actual) == (8 * CHAIN_WORST, 3 * CHAIN_CALL)
     assert block.created_at == steps["one"].started_at  # in the claim from the broker
-    assert block.settled_at == steps["three"].finished_at  # with the run's last completion
-    calls = {r.step_id: r for r in Reservation.objects.filter(block_id=block.pk)}
-    assert sorted(calls) == sorted(steps[n].pk for n in ("one", "two", "three"))
+    if together == 1:
+        assert block.settled_at == steps["three"].finished_at  # with the run's last completion
+    else:
+        assert block.settled_at > steps["three"].finished_at
+    # Each call is recorded on its step's row, by the statement that completed the step: no
+    # ledger row of its own.
+    assert not Reservation.objects.filter(block_id=block.pk).exists()
     for node in ("one", "two", "three"):
-        call = calls[steps[node].pk]
-        assert (call.amount, call.actual, call.status, call.scope_ids) == (
-            CHAIN_WORST,
-            CHAIN_CALL,
-            "settled",
-            [],
-        )
-        assert call.created_at == steps[node].finished_at  # written with its completion
+        call = steps[node].block_call
+        assert call is not None and call["block"] == block.pk
+        assert (Decimal(call["worst"]), Decimal(call["cost"])) == (CHAIN_WORST, CHAIN_CALL)
     for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
         assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
+
+
+def test_a_workers_budget_blocks_are_settled_together_in_a_completions_transaction(
+    start_worker: Any,
+) -> None:
+    # Three runs, one after the other, each leaving its block to wait; the third run's last
+    # completion finds three waiting and settles them all in its own transaction: each scope
+    # row moved once for the three, every amount exact.
+    policy_install(source=PRICED_CHAIN % "1.00", note="ledger worker tests")
+    start_worker(
+        "solo",
+        concurrency=1,
+        SIGNALBOX_CEILING_SETTLE_TOGETHER="3",
+        SIGNALBOX_CEILING_SETTLE_SECONDS="10",
+    )
+    runs = [
+        wait_for_run(run_submit(workflow="priced_chain", input={"text": f"t{i}"}).run.pk)
+        for i in range(3)
+    ]
+    assert [run.status for run in runs] == ["succeeded"] * 3
+    last = _steps(runs[-1].pk)["three"]
+    blocks = Reservation.objects.filter(kind="block").order_by("run_id")
+    assert [(b.run_id, b.status, b.actual) for b in blocks] == [
+        (run.pk, "settled", 3 * CHAIN_CALL) for run in runs
+    ]
+    assert {b.settled_at for b in blocks} == {last.finished_at}
+    for run in runs:
+        assert (_run_scope(run.pk).spent, _run_scope(run.pk).reserved) == (3 * CHAIN_CALL, 0)
+    shared = SpendScope.objects.get(kind="global_day")
+    assert (shared.spent, shared.reserved) == (9 * CHAIN_CALL, 0)
+    assert shared.updated_at == last.finished_at
 
 
 def test_a_worker_killed_mid_call_gives_its_budget_block_back_charging_the_calls_it_made(
@@ -236,9 +269,18 @@ def test_a_worker_killed_mid_call_gives_its_budget_block_back_charging_the_calls
     assert (block.status, block.actual) == ("released", CHAIN_CALL)  # one's call, charged
     [released] = AuditEvent.objects.filter(verb=Verb.RESERVATION_RELEASED, object_id=str(block.pk))
     assert released.data["reason"] == "lease_expired"
-    assert not Reservation.objects.filter(run_id=run.pk, status=ReservationStatus.HELD).exists()
-    calls = Reservation.objects.filter(run_id=run.pk, kind="call", status="settled")
-    assert sorted(Step.objects.get(pk=c.step_id).node for c in calls) == ["one", "three", "two"]
+    wait_until(  # the retry's own block, settled once the rescuer is done with it
+        lambda: (
+            not Reservation.objects.filter(run_id=run.pk, status=ReservationStatus.HELD).exists()
+        ),
+        what="the retry's block to be settled",
+    )
+    # Each completed attempt's call is on its step row ("one" with the doomed worker's block,
+    # "two" and "three" with the rescuer's); the doomed block's release charged "one"'s.
+    calls = {s.node: s.block_call for s in Step.objects.filter(run_id=run.pk)}
+    assert calls["one"]["block"] == block.pk
+    assert calls["two"]["block"] == calls["three"]["block"] != block.pk
+    assert {Decimal(call["cost"]) for call in calls.values()} == {CHAIN_CALL}
     for scope in (_run_scope(run.pk), SpendScope.objects.get(kind="global_day")):
         assert (scope.spent, scope.reserved) == (3 * CHAIN_CALL, 0)
 

@@ -12,8 +12,10 @@ from django.test import Client
 from guardian.shortcuts import assign_perm
 
 from console.models import ApiToken
+from orchestration.ledger_calls import block_call_value
+from orchestration.models import Step
 from orchestration.services import run_submit
-from policies.ledger import ceiling_reserve
+from policies.ledger import ceiling_release, ceiling_reserve
 from policies.limits import CeilingScope
 from policies.models import SpendScope, Tenant
 from tests.factories import TenantFactory, UserFactory
@@ -99,13 +101,31 @@ def test_a_runs_reservations_show_a_block_and_the_calls_made_from_it(
     settlement_apply(
         block.spend(step_id=3, action="agent:x", worst=Decimal(1), actual=Decimal("0.4"))
     )
+    # A second call, made by an attempt that succeeded: recorded on its step row by the
+    # completion (``orchestration.ledger_calls``), listed all the same.
+    step = Step.objects.filter(run_id=spend).first()
+    assert step is not None
+    assert block.take(Decimal("1"), timezone.now(), timedelta(seconds=30))
+    call = block.spend(step_id=step.pk, action="agent:x", worst=Decimal(1), actual=Decimal("0.3"))
+    Step.objects.filter(pk=step.pk).update(
+        block_call=block_call_value(call), finished_at=timezone.now()
+    )
     rows = _client(operator).get(f"/api/v1/spend/runs/{spend}/reservations").json()
-    assert [(r["kind"], r["amount"], r["actual"], r["status"], r["block_id"]) for r in rows] == [
-        ("call", "4.000000", None, "held", None),
-        ("call", "4.000000", None, "held", None),
-        ("block", "2.000000", None, "held", None),
-        ("call", "1.000000", "0.400000", "settled", block.reservation.pk),
+    assert [
+        (r["kind"], r["amount"], r["actual"], r["status"], r["block_id"], r["recorded_on"])
+        for r in rows
+    ] == [
+        ("call", "4.000000", None, "held", None, "ledger"),
+        ("call", "4.000000", None, "held", None, "ledger"),
+        ("block", "2.000000", None, "held", None, "ledger"),
+        ("call", "1.000000", "0.400000", "settled", block.reservation.pk, "ledger"),
+        ("call", "1.000000", "0.300000", "settled", block.reservation.pk, "step"),
     ]
+    assert (rows[-1]["id"], rows[-1]["step_id"], rows[-1]["expires_at"]) == (None, step.pk, None)
+    # Released (its worker died), the block charges both calls, wherever they were recorded.
+    released = ceiling_release(block.reservation.pk)
+    assert (released.status, released.actual) == ("released", Decimal("0.7"))
+    assert SpendScope.objects.get(kind="run", key=str(spend)).spent == Decimal("0.7")
 
 
 def test_reservations_of_a_run_and_raising_its_ceiling(spend: int, operator: Any) -> None:

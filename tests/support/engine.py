@@ -17,6 +17,13 @@ def runtime_for(pools: frozenset[str]) -> Runtime:
     return _runtimes[pools]
 
 
+def runtimes_forget_settlements() -> None:
+    """Drop the budget-block settlements the in-process runtimes still hold (a test's rows are
+    gone with it)."""
+    for rt in _runtimes.values():
+        rt.settling.take(1)
+
+
 def step_execute(step_id: int, *, worker_id: str, pools: frozenset[str] = frozenset()) -> int:
     return execute.step_execute(step_id, rt=runtime_for(pools), worker_id=worker_id)
 

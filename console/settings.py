@@ -13,7 +13,31 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-env = environ.Env()
+
+
+class _Env(environ.Env):
+    """django-environ's reader; a value that is not of its type is refused naming its variable
+    (django-environ raises a bare ``ValueError`` that says neither which nor what)."""
+
+    def get_value(
+        self,
+        var: str,
+        cast: Any = None,
+        default: Any = environ.Env.NOTSET,
+        parse_default: bool = False,
+    ) -> Any:
+        try:
+            return super().get_value(var, cast=cast, default=default, parse_default=parse_default)
+        except ValueError as exc:
+            kind = {int: "a whole number", float: "a number", bool: "true or false"}.get(
+                cast, "valid"
+            )
+            raise ImproperlyConfigured(
+                f"{var} must be {kind}, not {self.ENVIRON.get(var, '')!r}"
+            ) from exc
+
+
+env = _Env()
 
 SIGNALBOX_ENV = env.str("SIGNALBOX_ENV", default="development")
 if SIGNALBOX_ENV not in {"development", "test", "production"}:

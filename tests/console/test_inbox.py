@@ -116,6 +116,20 @@ def test_own_run_and_viewer_are_not_actionable(
     assert logged_in(viewer).post(f"/inbox/{wait.pk}/", {"op": "approve"}).status_code == 403
 
 
+def test_someone_who_holds_no_tier_reads_the_inbox_with_no_decision_controls(
+    operator: Any, viewer: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    wait = pending_approval(requester, drive)
+    page = logged_in(viewer).get("/inbox/").content.decode()
+    assert f"#{wait.pk}" in page
+    assert "you can read these items, not decide them" in page
+    assert "Approve checked" not in page and 'name="wait"' not in page
+    # An operator who may decide it gets the checkbox and the bulk buttons.
+    page = logged_in(operator).get("/inbox/").content.decode()
+    assert "Approve checked" in page and f'name="wait" value="{wait.pk}"' in page
+    assert "you can read these items" not in page
+
+
 def test_a_user_who_may_not_see_the_run_gets_404(
     requester: Any, stranger: Any, drive: Callable[[int], Run]
 ) -> None:

@@ -190,7 +190,8 @@ class RunConsumer(LiveFragmentConsumer):
 
 
 class RunListConsumer(LiveFragmentConsumer):
-    """``/ws/runs/``: the first page of the run list (``?status=`` as on the page)."""
+    """``/ws/runs/``: the first page of the run list (``?status=`` and ``?waiting=`` as on the
+    page)."""
 
     debounce = 1.0
 
@@ -199,7 +200,11 @@ class RunListConsumer(LiveFragmentConsumer):
 
     def render(self) -> str | None:
         query = parse_qs(self.scope.get("query_string", b"").decode())
-        return run_list_fragment(self.user, status=(query.get("status") or [""])[0])
+        return run_list_fragment(
+            self.user,
+            status=(query.get("status") or [""])[0],
+            waiting=(query.get("waiting") or [""])[0],
+        )
 
 
 class CatchUpConsumer(LiveFragmentConsumer):

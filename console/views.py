@@ -64,39 +64,63 @@ def _status_filter(raw: str | None) -> str:
     return raw if raw in RunStatus.values else ""
 
 
-def run_list_context(user: User, *, status: str = "", cursor: str | None = None) -> dict[str, Any]:
+def _waiting_filter(raw: str | None) -> str:
+    return raw if raw in WaitKind.values else ""
+
+
+#: The run list's "waiting for" choices, in the words the home page uses.
+WAITING_CHOICES = [
+    (WaitKind.APPROVAL.value, "a decision"),
+    (WaitKind.EVENT.value, "an outside event"),
+    (WaitKind.ESCALATION.value, "an operator (escalated)"),
+]
+
+
+def run_list_context(
+    user: User, *, status: str = "", waiting: str = "", cursor: str | None = None
+) -> dict[str, Any]:
     try:
         page = run_list_for_user(
-            user, status=[status] if status else None, cursor=cursor, limit=PAGE_SIZE
+            user,
+            status=[status] if status else None,
+            waiting_for=waiting or None,
+            cursor=cursor,
+            limit=PAGE_SIZE,
         )
     except InvalidInput as exc:
         raise BadRequest(exc.message) from exc
+    filters = {k: v for k, v in (("status", status), ("waiting", waiting)) if v}
     next_url = None
     if page.next_cursor:
-        next_url = "?" + urlencode(
-            {k: v for k, v in (("status", status), ("cursor", page.next_cursor)) if v}
-        )
+        next_url = "?" + urlencode({**filters, "cursor": page.next_cursor})
     return {
         "runs": page.items,
         "status": status,
         "statuses": RunStatus.choices,
+        "waiting": waiting,
+        "waiting_choices": WAITING_CHOICES,
+        "live_query": urlencode(filters),
         "next_url": next_url,
         "first_page": cursor is None,
-        "first_url": "?" + urlencode({"status": status}) if status else "?",
+        "first_url": "?" + urlencode(filters),
     }
 
 
-def run_list_fragment(user: User, *, status: str = "") -> str:
+def run_list_fragment(user: User, *, status: str = "", waiting: str = "") -> str:
     """The first page's table, marked for an out-of-band swap (sent over the websocket)."""
-    context = run_list_context(user, status=_status_filter(status))
+    context = run_list_context(
+        user, status=_status_filter(status), waiting=_waiting_filter(waiting)
+    )
     return render_to_string("console/partials/run_table.html", {**context, "oob": True})
 
 
 @login_required
 def run_list(request: HttpRequest) -> HttpResponse:
-    status = _status_filter(request.GET.get("status"))
     context = run_list_context(
-        _user(request), status=status, cursor=request.GET.get("cursor") or None
+        _user(request),
+        status=_status_filter(request.GET.get("status")),
+        waiting=_waiting_filter(request.GET.get("waiting")),
+        cursor=request.GET.get("cursor") or None,
     )
     return render(request, "console/run_list.html", context)
 

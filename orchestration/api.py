@@ -120,6 +120,7 @@ def run_list(request: HttpRequest, filters: Query[RunListQuery]) -> dict[str, An
     page = selectors.run_list_for_user(
         authenticated(request),
         status=list(filters.status) if filters.status else None,
+        waiting_for=filters.waiting_for,
         workflow=filters.workflow,
         created_after=filters.created_after,
         created_before=filters.created_before,

@@ -34,6 +34,7 @@ from orchestration.models import (
     StateVersion,
     Step,
     Wait,
+    WaitKind,
     WaitStatus,
 )
 from orchestration.payloads import (
@@ -48,6 +49,8 @@ RunStatusName = Literal[
     "queued", "running", "waiting", "compensating", "succeeded", "failed", "cancelled"
 ]
 assert set(RunStatusName.__args__) == set(RunStatus.values)  # type: ignore[attr-defined]  # a Literal alias has __args__ at run time, not in its type
+WaitKindName = Literal["approval", "event", "escalation"]
+assert set(WaitKindName.__args__) == set(WaitKind.values)  # type: ignore[attr-defined]  # as above
 
 # --- errors -------------------------------------------------------------------------------------
 
@@ -188,6 +191,11 @@ class RunSubmitOut(RunOut):
 
 class RunListQuery(Schema):
     status: list[RunStatusName] | None = Field(None, description="Repeat to match any of several.")
+    waiting_for: WaitKindName | None = Field(
+        None,
+        description="Only runs with an open wait of this kind: a decision (approval), an outside"
+        " event, or an operator (escalation).",
+    )
     workflow: StoredText | None = Field(None, max_length=100)
     created_after: StoredDatetime | None = Field(
         None, description="ISO 8601 with a zone (offset within ±15:59); inclusive."

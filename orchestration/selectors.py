@@ -408,16 +408,22 @@ def run_list_for_user(
     user: User,
     *,
     status: list[str] | None = None,
+    waiting_for: str | None = None,
     workflow: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     cursor: str | None = None,
     limit: int = 50,
 ) -> RunPage:
-    """Newest first, keyset-paginated on (created_at, id): stable while new runs arrive."""
+    """Newest first, keyset-paginated on (created_at, id): stable while new runs arrive.
+    ``waiting_for``: only runs with an open wait of that kind (a ``WaitKind``)."""
     qs = runs_visible_to(user)
     if status:
         qs = qs.filter(status__in=status)
+    if waiting_for:
+        qs = qs.filter(
+            pk__in=Wait.objects.filter(status=WaitStatus.OPEN, kind=waiting_for).values("run_id")
+        )
     if workflow:
         qs = qs.filter(workflow_name=workflow)
     if created_after:

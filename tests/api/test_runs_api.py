@@ -205,6 +205,26 @@ def test_list_filters_by_status_workflow_and_creation_time(operator_client, oper
     assert ids(created_before=yesterday, workflow="research_brief") == set()
 
 
+def test_list_filters_by_what_a_run_waits_for(operator_client, operator, drive):
+    on_event = drive(
+        run_submit(workflow="event_timeout_continue", input={}, submitted_by=operator).run.pk
+    )
+    queued = run_submit(workflow="reference_workload", input={}, submitted_by=operator).run
+
+    def ids(**params) -> set[int]:
+        response = operator_client.get(RUNS, params)
+        assert response.status_code == 200, response.content
+        return {item["id"] for item in response.json()["items"]}
+
+    assert on_event.status == "waiting"
+    assert ids(waiting_for="event") == {on_event.pk}
+    assert ids(waiting_for="approval") == set()
+    assert ids() == {on_event.pk, queued.pk}
+    response = operator_client.get(RUNS, {"waiting_for": "lunch"})
+    assert response.status_code == 422
+    assert "waiting_for" in response.content.decode()
+
+
 def test_list_answers_an_empty_page_for_a_user_who_sees_nothing(stranger, operator, client_for):
     run_submit(workflow="reference_workload", input={}, submitted_by=operator)
     body = client_for(stranger).get(RUNS).json()

@@ -102,6 +102,34 @@ def test_run_list_filters_by_status(viewer: Any, drive: Callable[[int], Run]) ->
     assert "No failed runs." in html
 
 
+def test_run_list_filters_by_what_a_run_waits_for(viewer: Any, drive: Callable[[int], Run]) -> None:
+    on_event = drive(submit(None, "event_timeout_continue").pk)
+    on_approval = drive(
+        submit(None, "content_pipeline", topic="Durable queues").pk  # waits at its approval
+    )
+    done = drive(submit(None).pk)
+    assert on_event.status == on_approval.status == "waiting" and done.status == "succeeded"
+    client = logged_in(viewer)
+
+    html = client.get("/runs/?waiting=event").content.decode()
+    assert f">#{on_event.pk}<" in html
+    assert f">#{on_approval.pk}<" not in html and f">#{done.pk}<" not in html
+    assert 'ws-connect="/ws/runs/?waiting=event"' in html
+    assert '<option value="event" selected>' in html
+    # The live fragment is filtered the same way.
+    fragment = views.run_list_fragment(viewer, waiting="approval")
+    assert f">#{on_approval.pk}<" in fragment and f">#{on_event.pk}<" not in fragment
+
+    html = client.get("/runs/?waiting=escalation&status=waiting").content.decode()
+    assert "No waiting run waits for an operator (escalated) now." in html
+    assert 'ws-connect="/ws/runs/?status=waiting&amp;waiting=escalation"' in html
+    # An unknown kind filters nothing (as an unknown status does).
+    html = client.get("/runs/?waiting=nonsense").content.decode()
+    assert all(f">#{r.pk}<" in html for r in (on_event, on_approval, done))
+    # The home page's count links to the list.
+    assert 'href="/runs/?waiting=event"' in client.get("/").content.decode()
+
+
 def test_run_list_pages_with_a_cursor(viewer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(views, "PAGE_SIZE", 2)
     runs = [submit(None) for _ in range(3)]

@@ -28,8 +28,20 @@ from django.conf import settings
 from django.contrib.auth.models import Group, Permission, User
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import (
+    Case,
+    Count,
+    DateTimeField,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    Q,
+    QuerySet,
+    Value,
+    When,
+)
 from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Coalesce, Least
 from guardian.models import GroupObjectPermission, UserObjectPermission
 from guardian.shortcuts import get_objects_for_user
 
@@ -919,6 +931,19 @@ def wait_sla_due(wait: Wait) -> datetime:
     return min(due, wait.deadline_at)
 
 
+def _sla_due_expression() -> Case:
+    """:func:`wait_sla_due` as SQL, to order the inbox by what it shows as due."""
+    default_due = ExpressionWrapper(
+        F("created_at") + Value(sla_period(), output_field=DurationField()),
+        output_field=DateTimeField(),
+    )
+    return Case(
+        When(tier__gte=SLA_MAX_TIER, then=F("deadline_at")),
+        default=Least(Coalesce(F("sla_due_at"), default_due), F("deadline_at")),
+        output_field=DateTimeField(),
+    )
+
+
 def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: datetime) -> InboxItem:
     refusal = wait_refusal(user, wait)
     roles = sorted({name for tier, names in holders.items() if tier >= wait.tier for name in names})
@@ -939,6 +964,11 @@ def _inbox_waits(scope: RunScope) -> QuerySet[Wait]:
     qs = Wait.objects.filter(
         scope.waits(), status=WaitStatus.OPEN, kind__in=(WaitKind.APPROVAL, WaitKind.ESCALATION)
     )
+    return _inbox_waits_of(qs)
+
+
+def _inbox_waits_of(qs: QuerySet[Wait]) -> QuerySet[Wait]:
+    """``qs`` read as the inbox list shows it: with run, step and claim, without payloads."""
     return qs.select_related("run", "step", "claim__user").defer(*_INBOX_UNREAD)
 
 
@@ -985,14 +1015,27 @@ def inbox_for_user(
     offset: int = 0,
     scope: RunScope | None = None,
 ) -> list[InboxItem]:
-    """Open approvals and escalations on runs ``user`` may see, soonest deadline first; those
-    they may not decide are included, saying why and who can. ``kind`` and ``tier`` narrow it;
+    """Open approvals and escalations on runs ``user`` may see, soonest SLA deadline first (the
+    due time each shows: :func:`wait_sla_due`); those they may not decide are included, saying
+    why and who can. ``kind`` and ``tier`` narrow it;
     ``offset`` and ``limit`` page it; ``scope``: the user's :func:`run_scope`, if the caller
     has it."""
     now = datetime.now(tz=UTC)
     scope = scope if scope is not None else run_scope(user)
+    # The page is picked from the waits alone (their own columns: a few thousand open rows
+    # sorted), then read with its runs and steps: joined before the sort, every open item's run
+    # would be read to keep 50.
+    page = (
+        _inbox_filtered(scope, kind, tier)
+        .select_related(None)
+        .alias(due=_sla_due_expression())
+        .order_by("due", "id")
+        .values("id")[offset : offset + limit]
+    )
     waits = list(
-        _inbox_filtered(scope, kind, tier).order_by("deadline_at", "id")[offset : offset + limit]
+        _inbox_waits_of(Wait.objects.filter(pk__in=page))
+        .alias(due=_sla_due_expression())
+        .order_by("due", "id")
     )
     holders = _tier_holders() if waits else {}
     return [_inbox_item(user, wait, holders, now) for wait in waits]

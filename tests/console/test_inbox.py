@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
 from orchestration.errors import Conflict
 from orchestration.models import Run, Wait, WaitClaim
-from orchestration.selectors import inbox_for_user
+from orchestration.selectors import inbox_for_user, wait_sla_due
 from orchestration.services import approvals_decide_bulk, run_submit, wait_claim
 from tests.conftest import OPERATOR_PERMISSIONS
 from tests.factories import UserFactory
@@ -61,9 +62,24 @@ def test_inbox_lists_approvals_and_escalations_soonest_deadline_first(
     escalated = escalation(drive)
     items = inbox_for_user(operator)
     assert [i.wait.pk for i in items] == sorted(
-        [approval.pk, escalated.pk], key=lambda pk: (Wait.objects.get(pk=pk).deadline_at, pk)
+        [approval.pk, escalated.pk], key=lambda pk: (wait_sla_due(Wait.objects.get(pk=pk)), pk)
     )
     assert all(i.actionable for i in items)
+    # Ordered by the due time each shows (its SLA), not by when it finally expires: an item
+    # that expires first but is due later comes second.
+    now = timezone.now()
+    Wait.objects.filter(pk=approval.pk).update(
+        sla_due_at=now + timedelta(minutes=50), deadline_at=now + timedelta(hours=1)
+    )
+    Wait.objects.filter(pk=escalated.pk).update(
+        created_at=now, sla_due_at=None, deadline_at=now + timedelta(hours=24)
+    )
+    items = inbox_for_user(operator)
+    assert [i.wait.pk for i in items] == [escalated.pk, approval.pk]
+    assert items[0].sla_due_at < items[1].sla_due_at
+    # A tier-3 item climbs no higher: due when it expires.
+    Wait.objects.filter(pk=escalated.pk).update(tier=3)
+    assert [i.wait.pk for i in inbox_for_user(operator)] == [approval.pk, escalated.pk]
 
     html = logged_in(operator).get("/inbox/").content.decode()
     assert f'id="item-{approval.pk}"' in html and f'id="item-{escalated.pk}"' in html

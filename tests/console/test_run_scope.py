@@ -21,6 +21,7 @@ from orchestration.selectors import (
     inbox_for_user,
     run_scope,
     runs_visible_to,
+    wait_sla_due,
 )
 from orchestration.services import run_submit
 from policies.models import Tenant
@@ -170,11 +171,13 @@ def test_home_and_the_inbox_count_and_list_what_the_reference_lets_a_user_see(
             run__in=visible, status__in=[StepStatus.QUEUED, StepStatus.RUNNING]
         )
         assert sum(p["queued"] + p["running"] for p in counts.pools) == active.count(), kind
-        expected = list(
-            open_waits.filter(kind__in=("approval", "escalation"))
-            .order_by("deadline_at", "id")
-            .values_list("pk", flat=True)
-        )
+        expected = [
+            w.pk
+            for w in sorted(
+                open_waits.filter(kind__in=("approval", "escalation")),
+                key=lambda w: (wait_sla_due(w), w.pk),
+            )
+        ]
         assert [item.wait.pk for item in inbox_for_user(user)] == expected, kind
         assert inbox_count_for_user(user) == len(expected), kind
 

@@ -5,6 +5,7 @@ approval. Reads and authorization go through selectors, writes through services.
 from __future__ import annotations
 
 import json
+from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 from django.contrib import messages
@@ -17,7 +18,7 @@ from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 
-from console.api import error_status
+from console.api import error_status, policy_error_status
 from orchestration.errors import NotFound, SignalboxError
 from orchestration.models import Decision, RunStatus, Wait, WaitKind, WaitStatus
 from orchestration.registry import agent_class
@@ -34,15 +35,19 @@ from orchestration.selectors import (
     run_spend,
     run_steps,
     user_tier,
+    wait_ceiling_hit,
 )
 from orchestration.services import (
     approval_decide,
     approvals_decide_bulk,
+    escalation_raise_ceiling,
     escalation_resolve,
     wait_claim,
     wait_release,
 )
+from policies.errors import PolicyError
 from policies.models import Tenant
+from policies.spend_selectors import RAISE_TIER_PERM
 
 AGE_CHOICES = ((0, "any age"), (1, "last hour"), (24, "last day"), (168, "last week"))
 
@@ -282,6 +287,7 @@ def item_context(
     errors: dict[str, str] | None = None,
     message: str = "",
     skip_value: str = "",
+    reason: str = "",
 ) -> dict[str, Any]:
     try:
         item = inbox_item_for_user(user, wait_id)
@@ -308,13 +314,56 @@ def item_context(
         "attempts": action.get("attempts") or [],
         "steps": run_steps(wait.run),
         "spend": run_spend(wait.run),
+        "ceiling": _ceiling_hit(user, wait, values if wait.kind == WaitKind.ESCALATION else None),
         "fields": fields,
         "errors": errors or {},
         "message": message,
         "skip_value": skip_value,
+        "reason": reason,
         "is_open": wait.status == WaitStatus.OPEN,
         "decided_by": _decided_by(wait),
         "last_event_id": latest_event_id(),
+    }
+
+
+#: A ceiling's scope in words, as the item page names it ("... daily ceiling").
+SCOPE_LABELS = {
+    "run": "the run's",
+    "workflow_day": "the workflow's daily",
+    "agent_day": "the agent's daily",
+    "tenant_month": "the tenant's monthly",
+    "global_day": "the global daily",
+}
+
+
+def _ceiling_hit(user: User, wait: Wait, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the item page says of the cost ceiling an escalation stopped at, or None: the
+    scope, its figures, the least new limit that lets the call through (the form's default,
+    unless ``values`` holds what was posted), and whether ``user`` may raise it."""
+    hit = wait_ceiling_hit(wait)
+    if hit is None:
+        return None
+    money = {}
+    for name in ("limit", "spent", "reserved", "amount"):
+        try:
+            money[name] = Decimal(str(hit.get(name, "")))
+        except InvalidOperation:
+            money[name] = None
+    needed = (
+        money["spent"] + money["reserved"] + money["amount"]
+        if None not in (money["spent"], money["reserved"], money["amount"])
+        else None
+    )
+    posted = (values or {}).get("new_limit")
+    return {
+        **money,
+        "kind": hit.get("kind", ""),
+        "label": SCOPE_LABELS.get(str(hit.get("kind")), "a shared"),
+        "key": hit.get("key", ""),
+        "own": hit.get("kind") == "run",
+        "needed": needed,
+        "new_limit": posted if posted is not None else ("" if needed is None else str(needed)),
+        "may_raise": user.is_active and user.has_perm(RAISE_TIER_PERM),
     }
 
 
@@ -374,6 +423,20 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
                 )
         elif op in (Decision.RETRY, Decision.ABORT):
             decided = escalation_resolve(wait_id=wait_id, user=user, action=op, reason=reason)
+        elif op == RAISE_CEILING:
+            raw = request.POST.get("new_limit", "").strip()
+            values = {"new_limit": raw}
+            try:
+                new_limit = Decimal(raw)
+            except InvalidOperation:
+                field_errors["new_limit"] = "a number of dollars, e.g. 0.0025"
+            else:
+                if not new_limit.is_finite() or new_limit <= 0:
+                    field_errors["new_limit"] = "a number of dollars above 0, e.g. 0.0025"
+                else:
+                    decided = escalation_raise_ceiling(
+                        wait_id=wait_id, user=user, new_limit=new_limit, reason=reason
+                    )
         elif op == Decision.SKIP:
             try:
                 output = json.loads(skip_value or "null")
@@ -396,6 +459,14 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
             )
     except NotFound:
         raise Http404(f"no approval or escalation {wait_id}") from None
+    except PolicyError as exc:  # the ledger's refusal of a raise: too low, no tier, a bad amount
+        errors = {**field_errors}
+        if op == RAISE_CEILING:
+            errors["new_limit"] = exc.message
+        context = item_context(
+            user, wait_id, values=values, errors=errors, message=exc.message, reason=reason
+        )
+        return render(request, "console/inbox_item.html", context, status=policy_error_status(exc))
     except SignalboxError as exc:
         errors = {**field_errors, **_errors_by_field(exc.detail)}
         if op == Decision.SKIP and exc.detail and isinstance(exc.detail, list):
@@ -403,7 +474,13 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
                 f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in exc.detail
             )
         context = item_context(
-            user, wait_id, values=values, errors=errors, message=exc.message, skip_value=skip_value
+            user,
+            wait_id,
+            values=values,
+            errors=errors,
+            message=exc.message,
+            skip_value=skip_value,
+            reason=reason,
         )
         return render(request, "console/inbox_item.html", context, status=error_status(exc))
     if field_errors:
@@ -414,6 +491,7 @@ def inbox_item(request: HttpRequest, wait_id: int) -> HttpResponse:
             errors=field_errors,
             message="some fields are not valid",
             skip_value=skip_value,
+            reason=reason,
         )
         return render(request, "console/inbox_item.html", context, status=422)
     if op in ("claim", "release"):
@@ -431,7 +509,12 @@ DONE = {
     Decision.RETRY: "sent back to be retried",
     Decision.SKIP: "skipped with your value",
     Decision.ABORT: "resolved: its run is aborted",
+    "raise_ceiling": "answered: its run's ceiling is raised and the step retried",
 }
+
+#: The item page's operation that raises the run's ceiling, then retries (not a ``Decision``:
+#: what the escalation records is the retry).
+RAISE_CEILING = "raise_ceiling"
 
 
 def _decided_message(wait: Wait, op: str) -> str:

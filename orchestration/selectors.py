@@ -338,9 +338,19 @@ def run_check_decide(user: User, run: Run) -> None:
         )
 
 
-def _stopped_at_ceiling(wait: Wait) -> bool:
+def wait_ceiling_hit(wait: Wait) -> dict[str, Any] | None:
+    """The ceiling an escalation stopped at (``CeilingExceeded``'s detail: the scope's kind
+    and key, its limit, spent and reserved, and the call's amount, as strings), or None when it
+    did not stop at a cost ceiling."""
     error = (wait.action or {}).get("error") if wait.kind == WaitKind.ESCALATION else None
-    return isinstance(error, dict) and error.get("code") == Code.CEILING_EXCEEDED
+    if not isinstance(error, dict) or error.get("code") != Code.CEILING_EXCEEDED:
+        return None
+    detail = error.get("detail")
+    return detail if isinstance(detail, dict) else {}
+
+
+def _stopped_at_ceiling(wait: Wait) -> bool:
+    return wait_ceiling_hit(wait) is not None
 
 
 def wait_refusal(user: User, wait: Wait) -> tuple[str, str, dict[str, Any]] | None:

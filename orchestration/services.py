@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -58,6 +59,7 @@ from orchestration.registry import agent_class, workflow_get
 from policies.active import active_policy
 from policies.evaluate import policy_decide
 from policies.facts import Facts
+from policies.ledger import ceiling_raise
 from policies.tenants import UnknownTenant, tenant_by_id, tenant_by_slug
 
 #: What failing a run reads: its active steps, their open waits and what it may have to undo.
@@ -513,6 +515,46 @@ def _already_decided(rt: runtime.Runtime, wait_id: int, what: str) -> Conflict:
 
 
 # --- escalations ------------------------------------------------------------------------------------
+
+
+def escalation_raise_ceiling(
+    *, wait_id: int, user: User, new_limit: Decimal, reason: str, run_id: int | None = None
+) -> Wait:
+    """Answer an escalation that stopped at its run's own cost ceiling: raise that ceiling to
+    ``new_limit``, then retry the step. The raise is ``policies.ledger.ceiling_raise`` (tier 2
+    or higher, a reason, only ever up, audited) and commits first; the retry is then an
+    ordinary answer to the escalation, so if someone answered it meanwhile this raises Conflict
+    (``already_decided``) and the run keeps its raised ceiling. A shared ceiling (a workflow's
+    day, a tenant's month, the global day) is not raised from here: retry once it has room,
+    skip or abort."""
+    _check_text(reason, "reason")
+    if not reason.strip():
+        raise InvalidInput("say why the ceiling is raised", code=Code.REASON_REQUIRED)
+    rt = runtime.current()
+    wait = rt.store.wait_get(wait_id, kind=WaitKind.ESCALATION)
+    if wait is None or (run_id is not None and wait.run_id != run_id):
+        raise NotFound(f"no escalation {wait_id}", code=Code.ESCALATION_NOT_FOUND)
+    if wait.status != WaitStatus.OPEN:
+        raise _already_decided(rt, wait_id, "escalation")
+    hit = selectors.wait_ceiling_hit(wait)
+    if hit is None:
+        raise InvalidInput(
+            "this escalation did not stop at a cost ceiling: retry, skip or abort it",
+            code=Code.INVALID_ACTION,
+            detail={"action": "raise_ceiling"},
+        )
+    if hit.get("kind") != "run":
+        raise InvalidInput(
+            f"this escalation stopped at a shared ceiling ({hit.get('kind')} {hit.get('key') or ''}"
+            "), not at its run's own: retry it once that ceiling has room, or skip or abort it",
+            code=Code.INVALID_ACTION,
+            detail={"action": "raise_ceiling", "scope": hit.get("kind")},
+        )
+    selectors.wait_check_decide(user, wait)
+    ceiling_raise(run_id=wait.run_id, new_limit=new_limit, user=user, reason=reason)
+    return escalation_resolve(
+        wait_id=wait_id, user=user, action=Decision.RETRY, reason=reason, run_id=wait.run_id
+    )
 
 
 def escalation_resolve(

@@ -16,9 +16,9 @@ from audit.models import AuditEvent
 from audit.verbs import Verb
 from console.models import ApiToken
 from orchestration.agents.openai_compat import ChatCompletionAgent
-from orchestration.errors import Code, PermissionDenied
+from orchestration.errors import Code, InvalidInput, PermissionDenied
 from orchestration.models import Step, Wait
-from orchestration.services import escalation_resolve, run_submit
+from orchestration.services import escalation_raise_ceiling, escalation_resolve, run_submit
 from policies.active import active_forget
 from policies.errors import PolicyDenied
 from policies.ledger import ceiling_raise
@@ -223,3 +223,108 @@ def test_a_ceiling_escalation_waits_for_tier_2_and_refuses_a_tier_1_operator_eve
     ceiling_raise(run_id=run.pk, new_limit=Decimal("1"), user=tier2, reason="long ticket")
     escalation_resolve(wait_id=wait.pk, user=tier2, action="retry", reason="ceiling raised")
     assert drive(run.pk).status == "succeeded"
+
+
+def _escalated_at_run_ceiling(drive: Any) -> tuple[Any, Wait]:
+    _install("0.001")  # one call's worst case is 0.004048
+    run = drive(run_submit(workflow="siblings", input={"text": "t"}).run.pk)
+    return run, Wait.objects.get(run=run, kind="escalation", status="open")
+
+
+def test_the_item_page_raises_the_run_ceiling_and_retries_in_one_step(
+    priced_echo: None, drive: Any, fast_agents: None, operator: Any
+):
+    """The escalation says what the call needs and offers the least limit that lets it
+    through; a bad number, a lower limit or no reason is refused beside the field with nothing
+    changed; a good one raises the ceiling (audited), retries the step and the run finishes."""
+    run, wait = _escalated_at_run_ceiling(drive)
+    page = Client()
+    page.force_login(operator)
+    url = reverse("console:inbox_item", args=[wait.pk])
+
+    html = page.get(url).content.decode()
+    assert "Raise this run's ceiling, then retry" in html
+    assert "At least $0.004048 lets this call through." in html
+    assert 'name="new_limit" inputmode="decimal" value="0.004048"' in html
+
+    for posted, status, error in (
+        ({"new_limit": "lots", "reason": "x"}, 422, "a number of dollars, e.g. 0.0025"),
+        ({"new_limit": "-1", "reason": "x"}, 422, "a number of dollars above 0"),
+        ({"new_limit": "0.0005", "reason": "x"}, 409, "does not raise it"),
+        ({"new_limit": "0.01", "reason": " "}, 422, "say why the ceiling is raised"),
+    ):
+        response = page.post(url, {"op": "raise_ceiling", **posted})
+        assert response.status_code == status, (posted, response.status_code)
+        assert error in response.content.decode(), posted
+        assert Wait.objects.get(pk=wait.pk).status == "open"
+        assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.001")
+    # A refused value stays in the field to be fixed, with the reason given.
+    response = page.post(url, {"op": "raise_ceiling", "new_limit": "lots", "reason": "x y"})
+    assert 'value="lots"' in response.content.decode()
+    assert 'name="reason" size="50" value="x y"' in response.content.decode()
+
+    response = page.post(url, {"op": "raise_ceiling", "new_limit": "0.01", "reason": "long ticket"})
+    assert response.status_code == 302 and response["Location"] == reverse("console:inbox")
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.01")
+    decided = Wait.objects.get(pk=wait.pk)
+    assert (decided.status, decided.decision, decided.decided_by) == ("resolved", "retry", operator)
+    raised = AuditEvent.objects.get(verb=Verb.CEILING_RAISED, run_id=run.pk)
+    assert raised.data["to"] == "0.010000" and raised.data["reason"] == "long ticket"
+    assert drive(run.pk).status == "succeeded"
+    # A second click finds it answered, and raises nothing more.
+    again = page.post(url, {"op": "raise_ceiling", "new_limit": "0.02", "reason": "again"})
+    assert again.status_code == 409 and "already" in again.content.decode()
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.01")
+
+
+def test_a_tier_1_operator_sees_no_raise_form_and_cannot_post_one(
+    priced_echo: None, drive: Any, fast_agents: None
+):
+    run, wait = _escalated_at_run_ceiling(drive)
+    tier1 = UserFactory(username="tier1", permissions=TIER_1)
+    page = Client()
+    page.force_login(tier1)
+    url = reverse("console:inbox_item", args=[wait.pk])
+    assert 'id="ceiling-form"' not in page.get(url).content.decode()
+    response = page.post(url, {"op": "raise_ceiling", "new_limit": "1", "reason": "more"})
+    assert response.status_code == 403
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.001")
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_an_escalation_that_did_not_stop_at_the_run_ceiling_cannot_be_answered_by_a_raise(
+    drive: Any, operator: Any, fast_agents: None, settings: Any
+):
+    settings.SIGNALBOX = {**settings.SIGNALBOX, "RETRY_BASE_SECONDS": 0.0}
+    run = drive(run_submit(workflow="escalating", input={"fail_attempts": 2}).run.pk)
+    wait = Wait.objects.get(run=run, kind="escalation", status="open")
+    with pytest.raises(InvalidInput) as refused:
+        escalation_raise_ceiling(
+            wait_id=wait.pk, user=operator, new_limit=Decimal("1"), reason="more"
+        )
+    assert "did not stop at a cost ceiling" in refused.value.message
+    page = Client()
+    page.force_login(operator)
+    url = reverse("console:inbox_item", args=[wait.pk])
+    assert 'id="ceiling-form"' not in page.get(url).content.decode()
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+
+
+def test_a_shared_ceiling_is_named_on_the_page_and_not_raised_from_it(
+    priced_echo: None, drive: Any, fast_agents: None, operator: Any
+):
+    run, wait = _escalated_at_run_ceiling(drive)
+    action = wait.action
+    action["error"]["detail"].update(kind="workflow_day", key="siblings")
+    Wait.objects.filter(pk=wait.pk).update(action=action)
+    page = Client()
+    page.force_login(operator)
+    html = page.get(reverse("console:inbox_item", args=[wait.pk])).content.decode()
+    assert 'id="ceiling-form"' not in html
+    assert "It stopped at the workflow&#x27;s daily ceiling (siblings)" in html
+    with pytest.raises(InvalidInput) as refused:
+        escalation_raise_ceiling(
+            wait_id=wait.pk, user=operator, new_limit=Decimal("1"), reason="more"
+        )
+    assert "shared ceiling (workflow_day siblings)" in refused.value.message
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.001")

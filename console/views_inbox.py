@@ -47,7 +47,7 @@ from orchestration.services import (
 )
 from policies.errors import PolicyError
 from policies.models import Tenant
-from policies.spend_selectors import RAISE_TIER_PERM
+from policies.spend_selectors import may_raise_ceiling
 
 AGE_CHOICES = ((0, "any age"), (1, "last hour"), (24, "last day"), (168, "last week"))
 
@@ -363,7 +363,7 @@ def _ceiling_hit(user: User, wait: Wait, values: dict[str, Any] | None) -> dict[
         "own": hit.get("kind") == "run",
         "needed": needed,
         "new_limit": posted if posted is not None else ("" if needed is None else str(needed)),
-        "may_raise": user.is_active and user.has_perm(RAISE_TIER_PERM),
+        "may_raise": may_raise_ceiling(user),
     }
 
 

@@ -74,12 +74,17 @@ def reservations_for_run_for_user(user: User, run_id: int) -> QuerySet[Reservati
     return Reservation.objects.filter(run_id=run_id).order_by("id")
 
 
+def may_raise_ceiling(user: User) -> bool:
+    """Whether ``user`` holds the tier that raises a cost ceiling (2 or higher)."""
+    return user.is_active and user.has_perm(RAISE_TIER_PERM)
+
+
 def ceiling_raise_check(
     user: User, *, scope_id: int | None, run_id: int | None, new_limit: Decimal
 ) -> None:
     """``PolicyDenied`` (``ceiling_tier_required``) unless ``user`` holds tier 2 or higher; the
     refusal is recorded (``ceiling.raised`` with what was refused) before it is raised."""
-    if user.is_active and user.has_perm(RAISE_TIER_PERM):
+    if may_raise_ceiling(user):
         return
     audit_record_alone(
         Entry(

@@ -26,6 +26,7 @@ from orchestration.schemas import (
     EscalationListQuery,
     EscalationOut,
     EscalationPageOut,
+    EscalationRaiseCeilingIn,
     EscalationResolveIn,
     RunCancelIn,
     RunDetailOut,
@@ -323,6 +324,36 @@ def escalation_resolve(
         action=payload.action,
         reason=payload.reason,
         output=payload.output,
+    )
+    return escalation_out(selectors.escalation_get_for_user(user, wait.pk))
+
+
+@router.post(
+    "/escalations/{escalation_id}/raise-ceiling",
+    response={200: EscalationOut, **errors(401, 403, 404, 409, 413, 422)},
+    summary="Raise the run's cost ceiling an escalated step stopped at, then retry the step",
+    description=(
+        "For an escalation whose step stopped at its run's own cost ceiling (`context.error.code` "
+        "`ceiling_exceeded`, `detail.kind` `run`): the run's ceiling becomes `new_limit` "
+        "(tier 2 or higher, 403 `ceiling_tier_required`; above the ceiling in force, 409 "
+        "`ceiling_not_raised`; audited `ceiling.raised`), then the step is retried. Any other "
+        "escalation, or one that stopped at a ceiling the run shares, gets 422 "
+        "`invalid_action`. A second answer gets 409 `already_decided`."
+    ),
+)
+def escalation_raise_ceiling(
+    request: HttpRequest,
+    payload: EscalationRaiseCeilingIn,
+    escalation_id: int = id_in_path(),
+) -> dict[str, Any]:
+    user = authenticated(request)
+    wait = selectors.escalation_get_for_resolve(user, escalation_id)
+    services.escalation_raise_ceiling(
+        wait_id=wait.pk,
+        run_id=wait.run_id,
+        user=user,
+        new_limit=payload.new_limit,
+        reason=payload.reason,
     )
     return escalation_out(selectors.escalation_get_for_user(user, wait.pk))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
@@ -767,6 +768,16 @@ def escalation_out(wait: Wait) -> dict[str, Any]:
 
 class RunRetryIn(BodyIn):
     reason: StoredText = Field(min_length=1, max_length=2000)
+
+
+class EscalationRaiseCeilingIn(BodyIn):
+    new_limit: Decimal = Field(
+        gt=0,
+        max_digits=14,
+        decimal_places=6,
+        description="The run's new cost ceiling, above the one it stopped at (409 `ceiling_not_raised` otherwise).",
+    )
+    reason: StoredText = Field(min_length=1, max_length=500, description="Why (not blank).")
 
 
 class RunSkipIn(BodyIn):

@@ -328,3 +328,39 @@ def test_a_shared_ceiling_is_named_on_the_page_and_not_raised_from_it(
         )
     assert "shared ceiling (workflow_day siblings)" in refused.value.message
     assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.001")
+
+
+def test_the_api_raises_the_run_ceiling_and_retries_as_the_page_does(
+    priced_echo: None, drive: Any, fast_agents: None, operator: Any
+):
+    run, wait = _escalated_at_run_ceiling(drive)
+    tier1 = UserFactory(username="tier1", permissions=TIER_1)
+
+    def post(user: Any, body: Any) -> Any:
+        _, token = ApiToken.issue(user, "tests")
+        return Client(HTTP_AUTHORIZATION=f"Bearer {token}").post(
+            f"/api/v1/escalations/{wait.pk}/raise-ceiling", body, content_type="application/json"
+        )
+
+    refusals = (
+        (tier1, {"new_limit": "1", "reason": "more"}, 403, "tier_too_low"),
+        (operator, {"new_limit": "0.0005", "reason": "more"}, 409, "ceiling_not_raised"),
+        (operator, {"new_limit": "-1", "reason": "more"}, 422, None),
+        (operator, {"new_limit": "1", "reason": ""}, 422, None),
+        (operator, {"new_limit": "1.0000001", "reason": "more"}, 422, None),
+    )
+    for user, body, status, code in refusals:
+        response = post(user, body)
+        assert response.status_code == status, (body, response.content)
+        if code:
+            assert response.json()["error"]["code"] == code
+    assert Wait.objects.get(pk=wait.pk).status == "open"
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.001")
+
+    response = post(operator, {"new_limit": "0.01", "reason": "long ticket"})
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "resolved" and response.json()["decision"] == "retry"
+    assert SpendScope.objects.get(kind="run", key=str(run.pk)).limit == Decimal("0.01")
+    assert drive(run.pk).status == "succeeded"
+    again = post(operator, {"new_limit": "0.02", "reason": "again"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_decided"

@@ -29,6 +29,7 @@ PATHS = {
     "/api/v1/escalations": {"get"},
     "/api/v1/escalations/{escalation_id}": {"get"},
     "/api/v1/escalations/{escalation_id}/resolve": {"post"},
+    "/api/v1/escalations/{escalation_id}/raise-ceiling": {"post"},
     "/api/v1/workflows": {"get"},
     "/api/v1/workflows/{name}": {"get"},
     "/api/v1/capabilities": {"get"},
@@ -79,7 +80,7 @@ def test_every_operation_with_a_body_documents_400_malformed_json(schema):
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    assert len(with_body) == 13
+    assert len(with_body) == 14
     for method, path, operation in with_body:
         response = operation["responses"].get("400")
         assert response is not None, (method, path)
@@ -187,6 +188,11 @@ def test_every_authenticated_operation_documents_401_with_the_error_shape(schema
         (
             "post",
             "/api/v1/escalations/{escalation_id}/resolve",
+            {"200", "400", "401", "403", "404", "409", "413", "422"},
+        ),
+        (
+            "post",
+            "/api/v1/escalations/{escalation_id}/raise-ceiling",
             {"200", "400", "401", "403", "404", "409", "413", "422"},
         ),
         (

@@ -252,6 +252,9 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
     ``now`` must be aware; it is the only clock."""
     if now.utcoffset() is None:
         raise ValueError("now must be an aware datetime")
+    candidates = policy.candidates(facts)
+    if not candidates:  # the common case: nothing to evaluate
+        return _default(policy, facts)
     tenant_zone = zone_get(facts.tenant_time_zone)
     assert tenant_zone is not None  # Facts refuse a zone that does not exist
     evaluation = Evaluation(now, tenant_zone, policy.fact_paths)
@@ -259,7 +262,7 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
     # A rule matches when every test holds; an undecidable one (None) counts as the rule
     # restricts (fail closed). Written out here, not as a method: this loop is where a decision
     # spends its time.
-    for rule in policy.candidates(facts):
+    for rule in candidates:
         restricts = rule.restricts
         for test in rule.tests:
             result = test(facts, evaluation)
@@ -269,13 +272,7 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
             if rule.window is None or not rule.window.is_open(evaluation):
                 matched.append(rule)
     if not matched:
-        return Decision(
-            outcome=policy.default,
-            rule="default",
-            reason=f"no rule matches {facts.action}; the policy's default is {policy.default}",
-            facts=facts,
-            version=policy.version,
-        )
+        return _default(policy, facts)
     strongest = max(rule.rank for rule in matched)
     names = tuple(rule.id for rule in matched)
     if strongest == RANK["require_approval"]:
@@ -299,6 +296,16 @@ def policy_decide(policy: CompiledPolicy, facts: Facts, now: datetime) -> Decisi
         facts=facts,
         version=policy.version,
         matched=names,
+    )
+
+
+def _default(policy: CompiledPolicy, facts: Facts) -> Decision:
+    return Decision(
+        outcome=policy.default,
+        rule="default",
+        reason=f"no rule matches {facts.action}; the policy's default is {policy.default}",
+        facts=facts,
+        version=policy.version,
     )
 
 

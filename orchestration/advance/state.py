@@ -244,7 +244,8 @@ class AdvanceState:
     def note_decision(self, decision: Decision, step: Step | None) -> None:
         """Record a policy decision with this change: the facts, the version and rule, and why."""
         active = self.snapshot.policy
-        row = PolicyDecision(
+        row = unsaved(
+            PolicyDecision,
             action=decision.facts.action,
             workflow=decision.facts.workflow,
             tenant=decision.facts.tenant,

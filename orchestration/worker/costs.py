@@ -19,14 +19,14 @@ from pydantic import BaseModel
 from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import Verb
 from infra.sql import BY_KEY
-from orchestration.advance import node_of
 from orchestration.agents.base import Agent, AgentContext
 from orchestration.errors import Code, PolicyDenied, TransientError
-from orchestration.models import Run, Step, StepKind, StepStatus
+from orchestration.models import Step, StepKind, StepStatus
 from orchestration.registry import agent_class, agent_instance, workflow_get
 from orchestration.tools.limit_backends import backend_default
 from policies.active import ActivePolicy, active_policy
 from policies.errors import CeilingExceeded
+from policies.evaluate import CompiledPolicy
 from policies.facts import Facts
 from policies.ledger import (
     Held,
@@ -99,15 +99,24 @@ def cost_reserve(
     abort). ``held``: the answer to the reservation asked for in the batch that claimed the
     step (:func:`hold_for`), used when it covers this call; otherwise it is given back and the
     call reserves on its own."""
-    model = agent.call_model()
-    if not model:
-        return None
-    scopes = ceilings_for(active.compiled, facts)
-    if not scopes:
-        return None
-    worst = price_cost(
-        active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens
+    known = (
+        call_worst(step, active)
+        if type(agent).input_tokens_estimate is Agent.input_tokens_estimate
+        else None
     )
+    worst: Decimal | None
+    if known is not None:  # the same answer as below, worked out once per kind of step
+        scopes, worst = known.scopes, known.amount
+    else:
+        model = agent.call_model()
+        if not model:
+            return None
+        scopes = ceilings_for(active.compiled, facts)
+        if not scopes:
+            return None
+        worst = price_cost(
+            active.compiled, model, agent.input_tokens_estimate(params), agent.max_tokens
+        )
     if worst is None:
         audit_record_alone(
             Entry(
@@ -183,35 +192,104 @@ class CallWorst:
     span: timedelta
 
 
-def call_worst(step: Step) -> CallWorst | None:
+def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | None:
     """The worst case of ``step``'s call, for an agent whose estimate does not depend on its
-    input (None: nothing to reserve, or not knowable before its input)."""
+    input (None: nothing to reserve, or not knowable before its input), under ``active`` (by
+    default the policy in force)."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM):
         return None
-    cls = agent_class(step.agent)
-    if cls.input_tokens_estimate is not Agent.input_tokens_estimate:
-        return None  # its estimate reads its input, which its claim does not know yet
-    active = active_policy()
+    run = step.run
+    return call_worst_of(
+        step.agent,
+        step.node,
+        run.pk,
+        run.tenant_id,
+        run.workflow_name,
+        run.workflow_version,
+        active=active,
+    )
+
+
+def call_worst_of(
+    agent: str,
+    node: str,
+    run_id: int,
+    tenant_id: int,
+    workflow: str,
+    version: int,
+    *,
+    active: ActivePolicy | None = None,
+) -> CallWorst | None:
+    """:func:`call_worst` of an agent or item step, from the only values it reads. All but the
+    run's key is the same for every run of a workflow version's node under one policy version
+    and tenant, so it is worked out once (:class:`_WorstShapes`) and only the run's key is
+    filled in per call (a priced step asks when it is claimed and again when it runs)."""
+    active = active or active_policy()
     if active is None:
         return None
-    model = agent_instance(step.agent).call_model()
+    cls = agent_class(agent)
+    model = agent_instance(agent).call_model()
+    tenant = tenant_by_id(tenant_id).slug
+    shape = _worst_shapes.get(active.compiled, (cls, model, agent, node, tenant, workflow, version))
+    if shape is None:
+        return None
+    scopes = shape.scopes
+    if scopes[0].scope == "run":
+        run = scopes[0]
+        scopes = (CeilingScope("run", str(run_id), run.limit, run.soft_ratio), *scopes[1:])
+    return CallWorst(scopes, shape.amount, shape.span)
+
+
+class _WorstShapes:
+    """:func:`call_worst_of`'s answers per compiled policy version, with the run's key left
+    empty; bounded, and dropped whole when the version in force changes."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self.policy: CompiledPolicy | None = None
+        self.shapes: dict[tuple[Any, ...], CallWorst | None] = {}
+
+    def get(self, policy: CompiledPolicy, key: tuple[Any, ...]) -> CallWorst | None:
+        if policy is not self.policy:
+            self.policy, self.shapes = policy, {}
+        try:
+            return self.shapes[key]
+        except KeyError:
+            pass
+        if len(self.shapes) >= self.SIZE:
+            self.shapes.clear()
+        shape = self.shapes[key] = _worst_shape(policy, *key)
+        return shape
+
+
+_worst_shapes = _WorstShapes()
+
+
+def _worst_shape(
+    policy: CompiledPolicy,
+    cls: type[Agent],
+    model: str,
+    agent: str,
+    node: str,
+    tenant: str,
+    workflow: str,
+    version: int,
+) -> CallWorst | None:
+    if cls.input_tokens_estimate is not Agent.input_tokens_estimate:
+        return None  # its estimate reads its input, which its claim does not know yet
     if not model:
         return None
-    run = step.run
     scopes = ceilings_of(  # what ceilings_for reads of the step's facts (policy_facts)
-        active.compiled,
-        workflow=run.workflow_name,
-        agent=step.agent,
-        tenant=tenant_by_id(run.tenant_id).slug,
-        run_id=run.pk,
+        policy, workflow=workflow, agent=agent, tenant=tenant, run_id=0
     )
     if not scopes:
         return None
-    worst = price_cost(active.compiled, model, cls.estimated_input_tokens, cls.max_tokens)
+    worst = price_cost(policy, model, cls.estimated_input_tokens, cls.max_tokens)
     if worst is None:
         return None  # the step fails closed when it runs
-    wf = workflow_get(run.workflow_name, run.workflow_version)
-    _, hard = wf.timeouts_of(node_of(wf, step))
+    wf = workflow_get(workflow, version)
+    _, hard = wf.timeouts_of(wf.node(node))
     return CallWorst(scopes, worst, hard + timedelta(seconds=60))
 
 
@@ -233,17 +311,30 @@ def hold_for(
     worst = worst or call_worst(step)
     if worst is None:
         return None
+    return _hold_request(worst, step.run_id, step.pk, step.agent, worker_id, now, queued=queued)
+
+
+def _hold_request(
+    worst: CallWorst,
+    run_id: int,
+    step_id: int,
+    agent: str,
+    worker_id: str,
+    now: datetime,
+    *,
+    queued: bool,
+) -> HoldRequest:
     return hold_request(
         scopes=worst.scopes,
         amount=worst.amount,
-        run_id=step.run_id,
-        step_id=step.pk,
-        action=f"agent:{step.agent}",
+        run_id=run_id,
+        step_id=step_id,
+        action=f"agent:{agent}",
         owner=worker_id[:200],
         ttl=worst.span,
         now=now,
         guard="" if queued else _running_guard(),
-        guard_params=() if queued else (step.pk, StepStatus.RUNNING.value, worker_id),
+        guard_params=() if queued else (step_id, StepStatus.RUNNING.value, worker_id),
         guard_types=() if queued else ("bigint", "text", "text"),
     )
 
@@ -256,14 +347,15 @@ def hold_for_hint(
     reservation goes in the claim's own transaction. None for a hint it cannot read."""
     try:
         kind, agent, node, run_id, tenant_id, workflow, version = hint
-        run = Run(
-            pk=int(run_id),
-            workflow_name=str(workflow),
-            workflow_version=int(version),
-            tenant_id=tenant_id,
+        if kind not in (StepKind.AGENT, StepKind.ITEM):
+            return None
+        run_id = int(run_id)
+        worst = call_worst_of(
+            str(agent), str(node), run_id, int(tenant_id), str(workflow), int(version)
         )
-        step = Step(pk=step_id, kind=str(kind), agent=str(agent), node=str(node), run=run)
-        return hold_for(step, worker_id, now)
+        if worst is None:
+            return None
+        return _hold_request(worst, run_id, step_id, str(agent), worker_id, now, queued=False)
     except Exception:  # an old or foreign message: the step reserves as it would without one
         return None
 

@@ -906,9 +906,24 @@ class InboxItem:
     #: When it breaches its SLA and climbs a tier (at tier 3, or past its expiry: the expiry).
     sla_due_at: datetime
 
+    #: The refusal's code (``tier_too_low``, ...) and the tier this user holds.
+    refusal_code: str | None = None
+    user_tier: int = 0
+
     @property
     def actionable(self) -> bool:
         return self.refusal is None
+
+    @property
+    def refusal_line(self) -> str:
+        """Why this user may not act, in one short line for the inbox list: a tier too low
+        says which tier it needs, who holds it and what this user holds."""
+        if self.refusal is None:
+            return ""
+        if self.refusal_code == Code.TIER_TOO_LOW:
+            held = f"you hold tier {self.user_tier}" if self.user_tier else "you hold no tier"
+            return f"{self.who_can_act[:1].upper()}{self.who_can_act[1:]} · {held}"
+        return f"{self.refusal[:1].upper()}{self.refusal[1:]}"
 
 
 def _tier_holders() -> dict[int, list[str]]:
@@ -920,6 +935,30 @@ def _tier_holders() -> dict[int, list[str]]:
     ).values_list("name", "permissions__codename"):
         holders[codenames[codename]].append(name)
     return holders
+
+
+#: How many users :func:`wait_deciders` checks at most (each check reads their permissions).
+DECIDERS_CHECKED = 50
+
+
+def wait_deciders(wait: Wait, limit: int = 5) -> tuple[list[str], int]:
+    """Who may decide ``wait`` now (the same rule as :func:`wait_refusal`: tier, the run's
+    tenant and workflow, not one's own run for an approval): up to ``limit`` usernames in
+    order, and how many there are in all. Only active users holding a high enough tier, or
+    superusers, are checked, at most :data:`DECIDERS_CHECKED` of them."""
+    perms = [perm.split(".", 1)[1] for tier, perm in TIERS.items() if tier >= wait.tier]
+    candidates = (
+        User.objects.filter(is_active=True)
+        .filter(
+            Q(is_superuser=True)
+            | Q(groups__permissions__codename__in=perms)
+            | Q(user_permissions__codename__in=perms)
+        )
+        .distinct()
+        .order_by("username")[:DECIDERS_CHECKED]
+    )
+    names = [u.get_username() for u in candidates if wait_refusal(u, wait) is None]
+    return names[:limit], len(names)
 
 
 #: The highest tier an SLA breach escalates an item to.
@@ -967,6 +1006,8 @@ def _inbox_item(user: User, wait: Wait, holders: dict[int, list[str]], now: date
         claimed_by=claim.user.get_username() if live and claim is not None else "",
         claimed_until=claim.expires_at if live and claim is not None else None,
         sla_due_at=wait_sla_due(wait),
+        refusal_code=refusal[1] if refusal else None,
+        user_tier=int(refusal[2].get("your_tier", 0)) if refusal else 0,
     )
 
 

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
@@ -112,10 +113,30 @@ def test_items_above_the_users_tier_are_visible_but_not_actionable(
     assert not item.actionable and "needs tier 3" in item.who_can_act
     assert "you hold tier 1" in (item.refusal or "")
 
+    assert item.refusal_line == "Needs tier 3 · you hold tier 1"
+
     client = logged_in(junior)
+    assert "Needs tier 3 · you hold tier 1" in client.get("/inbox/").content.decode()
     page = client.get(f"/inbox/{wait.pk}/").content.decode()
-    assert 'id="not-actionable"' in page and "needs tier 3" in page
+    assert 'id="not-actionable"' in page
+    assert "You can't decide this approval: it needs tier 3 and you hold tier 1." in page.replace(
+        "&#x27;", "'"
+    )
+    # Nobody holds tier 3 yet: the page says so, and who grants it.
+    assert "Nobody can decide it yet" in page
     assert 'value="approve"' not in page
+    # It names the people who can: tier 3 with the permissions, active, not the submitter.
+    UserFactory(username="senior", permissions=OPERATOR_PERMISSIONS)
+    UserFactory(username="retired", permissions=OPERATOR_PERMISSIONS, is_active=False)
+    requester.user_permissions.add(  # as much as senior; but they submitted the run
+        *(
+            Permission.objects.get(content_type__app_label=app, codename=codename)
+            for app, _, codename in (p.partition(".") for p in OPERATOR_PERMISSIONS)
+        )
+    )
+    page = client.get(f"/inbox/{wait.pk}/").content.decode()
+    who = re.search(r'<p id="deciders">(.*?)</p>', page, re.S)
+    assert who is not None and who.group(1) == "Who can: <strong>senior</strong>."
     response = client.post(f"/inbox/{wait.pk}/", {"op": "approve", "reason": "looks fine"})
     assert response.status_code == 403
     assert Wait.objects.get(pk=wait.pk).status == "open"
@@ -364,3 +385,57 @@ def test_a_long_inbox_is_paged_with_honest_counts(
     assert 'ws-connect="/ws/inbox/?page=2"' in html  # live updates keep the page
     # A page past the end is empty, not an error.
     assert client.get("/inbox/?page=99").status_code == 200
+
+
+def test_an_items_action_reads_as_fields_and_a_cut_input_as_text(
+    operator: Any, requester: Any, drive: Callable[[int], Run]
+) -> None:
+    from console.views_inbox import _error_fields, _readable_rows, _schema_example, _truncated
+
+    wait = pending_approval(requester, drive, topic="Durable queues")
+    page = logged_in(operator).get(f"/inbox/{wait.pk}/").content.decode()
+    fields = re.search(r'<dl class="fields" id="action-fields">(.*?)</dl>', page, re.S)
+    assert fields is not None and "Durable queues" in fields.group(1)
+    assert "<summary>As JSON</summary>" in page
+
+    rows = _readable_rows(
+        {"proposal": {"amount": 12.5, "order_id": "o1"}, "tags": ["a"], "urgent": True, "x": None}
+    )
+    assert [(r["label"], r["depth"], r["value"]) for r in rows] == [
+        ("proposal", 0, None),
+        ("amount", 1, "12.5"),
+        ("order id", 1, "o1"),
+        ("tags", 0, '["a"]'),
+        ("urgent", 0, "true"),
+        ("x", 0, "—"),
+    ]
+    assert _readable_rows(["not", "an", "object"]) == []
+    assert _truncated({"truncated": True, "size": 37227, "head": '{"message": "Every'}) == {
+        "size": 37227,
+        "head": '{"message": "Every',
+        "shown": 18,
+    }
+    assert _truncated({"truncated": True, "note": "an agent's own field"}) is None
+
+    schema = {
+        "properties": {
+            "proposal": {"$ref": "#/$defs/Proposal"},
+            "kind": {"enum": ["refund", "credit"]},
+            "count": {"type": "integer", "default": 1},
+        },
+        "$defs": {"Proposal": {"properties": {"amount": {"type": "number"}}}},
+    }
+    assert _schema_example(schema) == '{"proposal": {"amount": 0}, "kind": "refund", "count": 1}'
+    assert _schema_example({"type": "string"}) == ""
+
+    error = {
+        "code": "input_contract",
+        "detail": [{"loc": ["order", "currency"], "msg": "Input should be a valid string"}],
+    }
+    assert _error_fields(error) == [
+        {"field": "order.currency", "message": "Input should be a valid string"}
+    ]
+    assert _error_fields({"code": "boom", "detail": {"detail": [{"loc": [], "msg": "m"}]}}) == [
+        {"field": "(the whole value)", "message": "m"}
+    ]
+    assert _error_fields({"code": "timeout", "detail": {"seconds": 3}}) == []

@@ -101,8 +101,11 @@ def test_a_tier_1_operator_cannot_act_on_a_tier_3_item(
     Wait.objects.filter(pk=approval.pk).update(tier=3)
     page = login(context, server, "junior")
     page.goto(f"{server}/inbox/")
-    assert "needs tier 3" in page.inner_text(f"#item-{approval.pk}")
+    assert "Needs tier 3 · you hold tier 1" in page.inner_text(f"#item-{approval.pk}")
     page.goto(f"{server}/inbox/{approval.pk}/")
     assert page.locator('button[value="approve"]').count() == 0
+    refused = page.inner_text("#not-actionable")
+    assert "it needs tier 3 and you hold tier 1" in refused
+    assert "Who can" in refused or "Nobody can decide it yet" in refused
     page.keyboard.press("a")  # nothing to press
     assert Run.objects.get(pk=approval.run_id).status == "waiting"

@@ -214,12 +214,19 @@ def _refused(
     )
     return CeilingExceeded(
         f"{action or 'the call'} needs {amount}: the {state.kind} ceiling"
-        f"{' ' + state.key if state.key else ''} is {state.limit}, with {state.spent} spent and"
+        f"{_key_label(state.kind, state.key)} is {state.limit}, with {state.spent} spent and"
         f" {state.reserved} reserved",
         scope=state,
         amount=amount,
         detail=detail,
     )
+
+
+def _key_label(kind: str, key: str) -> str:
+    """Whose ceiling, in a refusal's words: " (run 7)", " (refund_desk)", or nothing."""
+    if not key:
+        return ""
+    return f" (run {key})" if kind == ScopeKind.RUN else f" ({key})"
 
 
 def _warned_already(scope_id: int) -> bool:

@@ -83,7 +83,7 @@ def test_a_reservation_past_the_ceiling_is_refused_naming_the_scope_and_nothing_
     assert refused.value.detail["kind"] == "run"
     assert refused.value.detail["limit"] == "10.000000"
     assert refused.value.detail["reserved"] == "8.000000"
-    assert "run ceiling 7 is 10" in refused.value.message
+    assert "run ceiling (run 7) is 10" in refused.value.message
     # the tenant scope was not charged for the refused call
     assert _scope("tenant_month").reserved == Decimal(8)
     assert Reservation.objects.count() == 1

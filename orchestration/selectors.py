@@ -823,13 +823,20 @@ def home_counts_for_user(user: User, filters: HomeFilters | None = None) -> Home
         .values("key", "used", "limit")[:20]
     )
     if near:
-        visible = set(
-            runs.filter(pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]).values_list(
-                "pk", flat=True
-            )
-        )
+        visible = {
+            pk: (workflow, status)
+            for pk, workflow, status in runs.filter(
+                pk__in=[int(r["key"]) for r in near if r["key"].isdigit()]
+            ).values_list("pk", "workflow_name", "status")
+        }
         near = [
-            {**r, "run_id": int(r["key"])}
+            {
+                **r,
+                "run_id": int(r["key"]),
+                "workflow": visible[int(r["key"])][0],
+                "status": visible[int(r["key"])][1],
+                "percent": int(r["used"] * 100 / r["limit"]),
+            }
             for r in near
             if r["key"].isdigit() and int(r["key"]) in visible
         ]

@@ -121,3 +121,32 @@ def test_home_query_count_does_not_grow_with_runs(
         submit(None)
     with django_assert_num_queries(10):
         assert client.get("/").status_code == 200
+
+
+def test_runs_near_their_ceiling_say_how_near_and_which_workflow(viewer: Any) -> None:
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from policies.models import ScopeKind, SpendScope
+
+    near, far = submit(None), submit(None)
+    for run, spent in ((near, "0.0009"), (far, "0.0001")):
+        SpendScope.objects.create(
+            kind=ScopeKind.RUN,
+            key=str(run.pk),
+            limit=Decimal("0.0015"),
+            soft_ratio=Decimal("0.6"),
+            spent=Decimal(spent),
+            updated_at=timezone.now(),
+        )
+    (row,) = home_counts_for_user(viewer).near_ceiling
+    assert (row["run_id"], row["workflow"], row["status"], row["percent"]) == (
+        near.pk,
+        "research_brief",
+        "queued",
+        60,
+    )
+    html = logged_in(viewer).get("/").content.decode()
+    assert f">#{near.pk}</a> research_brief" in html and "60 % used: $0.0009 of $0.0015" in html
+    assert f">#{far.pk}</a>" not in html.split('id="h-ceiling"')[1].split("</section>")[0]

@@ -65,6 +65,11 @@ def wake_hint(step: Step) -> list[Any] | None:
     under a cost ceiling, nothing else)."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM) or not _RUN.is_cached(step):
         return None
+    return hint_of(step)
+
+
+def hint_of(step: Step) -> list[Any]:
+    """:func:`wake_hint`'s values, read from ``step`` and its run (which it may load)."""
     run = step.run
     return [
         step.kind,

@@ -20,6 +20,7 @@ from audit.services import Entry, audit_record_alone, audit_record_many
 from audit.verbs import Verb
 from infra.sql import BY_KEY
 from orchestration.agents.base import Agent, AgentContext
+from orchestration.dispatch import hint_of
 from orchestration.errors import Code, PolicyDenied, TransientError
 from orchestration.models import Step, StepKind, StepStatus
 from orchestration.registry import agent_class, agent_instance, workflow_get
@@ -198,16 +199,8 @@ def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | No
     default the policy in force)."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM):
         return None
-    run = step.run
-    return call_worst_of(
-        step.agent,
-        step.node,
-        run.pk,
-        run.tenant_id,
-        run.workflow_name,
-        run.workflow_version,
-        active=active,
-    )
+    _, agent, node, run_id, tenant_id, workflow, version = hint_of(step)
+    return call_worst_of(agent, node, run_id, tenant_id, workflow, version, active=active)
 
 
 def call_worst_of(

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.verbs import Verb
+from console.readable import error_fields, readable_rows, schema_example, truncated
 from orchestration.errors import Conflict
 from orchestration.models import Run, Wait, WaitClaim
 from orchestration.selectors import inbox_for_user, wait_sla_due
@@ -390,7 +391,6 @@ def test_a_long_inbox_is_paged_with_honest_counts(
 def test_an_items_action_reads_as_fields_and_a_cut_input_as_text(
     operator: Any, requester: Any, drive: Callable[[int], Run]
 ) -> None:
-    from console.views_inbox import _error_fields, _readable_rows, _schema_example, _truncated
 
     wait = pending_approval(requester, drive, topic="Durable queues")
     page = logged_in(operator).get(f"/inbox/{wait.pk}/").content.decode()
@@ -398,7 +398,7 @@ def test_an_items_action_reads_as_fields_and_a_cut_input_as_text(
     assert fields is not None and "Durable queues" in fields.group(1)
     assert "<summary>As JSON</summary>" in page
 
-    rows = _readable_rows(
+    rows = readable_rows(
         {"proposal": {"amount": 12.5, "order_id": "o1"}, "tags": ["a"], "urgent": True, "x": None}
     )
     assert [(r["label"], r["depth"], r["value"]) for r in rows] == [
@@ -409,13 +409,13 @@ def test_an_items_action_reads_as_fields_and_a_cut_input_as_text(
         ("urgent", 0, "true"),
         ("x", 0, "—"),
     ]
-    assert _readable_rows(["not", "an", "object"]) == []
-    assert _truncated({"truncated": True, "size": 37227, "head": '{"message": "Every'}) == {
+    assert readable_rows(["not", "an", "object"]) == []
+    assert truncated({"truncated": True, "size": 37227, "head": '{"message": "Every'}) == {
         "size": 37227,
         "head": '{"message": "Every',
         "shown": 18,
     }
-    assert _truncated({"truncated": True, "note": "an agent's own field"}) is None
+    assert truncated({"truncated": True, "note": "an agent's own field"}) is None
 
     schema = {
         "properties": {
@@ -425,17 +425,17 @@ def test_an_items_action_reads_as_fields_and_a_cut_input_as_text(
         },
         "$defs": {"Proposal": {"properties": {"amount": {"type": "number"}}}},
     }
-    assert _schema_example(schema) == '{"proposal": {"amount": 0}, "kind": "refund", "count": 1}'
-    assert _schema_example({"type": "string"}) == ""
+    assert schema_example(schema) == '{"proposal": {"amount": 0}, "kind": "refund", "count": 1}'
+    assert schema_example({"type": "string"}) == ""
 
     error = {
         "code": "input_contract",
         "detail": [{"loc": ["order", "currency"], "msg": "Input should be a valid string"}],
     }
-    assert _error_fields(error) == [
+    assert error_fields(error) == [
         {"field": "order.currency", "message": "Input should be a valid string"}
     ]
-    assert _error_fields({"code": "boom", "detail": {"detail": [{"loc": [], "msg": "m"}]}}) == [
+    assert error_fields({"code": "boom", "detail": {"detail": [{"loc": [], "msg": "m"}]}}) == [
         {"field": "(the whole value)", "message": "m"}
     ]
-    assert _error_fields({"code": "timeout", "detail": {"seconds": 3}}) == []
+    assert error_fields({"code": "timeout", "detail": {"seconds": 3}}) == []

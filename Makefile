@@ -33,7 +33,7 @@ DEMO_ARGS ?=
 SERVICES_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(REDIS_URL)'
 TEST_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(TEST_REDIS_URL)' SECRET_KEY='$(TEST_SECRET_KEY)' SIGNALBOX_ENV=test
 
-.PHONY: help install demo test lint fmt typecheck bench web worker beat migrate clean distclean
+.PHONY: help install demo test lint fmt typecheck bench bench-policy web worker beat migrate clean distclean
 
 help:
 	@echo "make install    virtualenv in $(VENV) with the project and its dev tools"
@@ -43,6 +43,7 @@ help:
 	@echo "make fmt        ruff fix + format"
 	@echo "make typecheck  mypy (django-stubs)"
 	@echo "make bench      reference workload benchmark (PostgreSQL, Redis, real workers)"
+	@echo "make bench-policy  the demo policy's cost against none, in interleaved pairs (issue 18)"
 	@echo "make migrate    apply migrations to DATABASE_URL"
 	@echo "make web        development ASGI server on $(WEB_ADDR)"
 	@echo "make worker     Celery worker for POOLS=$(POOLS)"
@@ -88,6 +89,9 @@ typecheck: install
 
 bench: install
 	$(TEST_ENV) $(PY) -m tests.bench.run $(BENCH_ARGS)
+
+bench-policy: install
+	$(TEST_ENV) $(PY) -m tests.bench.policy_pairs $(BENCH_ARGS)
 
 migrate: install
 	$(SERVICES_ENV) $(PY) manage.py migrate

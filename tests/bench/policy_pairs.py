@@ -1,0 +1,111 @@
+"""Issue 18's target as one command: what the demo policy costs against no policy.
+
+Runs the reference workload's (a) throughput and (c) single-run latency (``tests.bench.run
+--only service --only single``) with no policy and with the demo policy, alternately, ``--pairs``
+times, each run a process of its own on a fresh database, and prints each pair's cost and the
+median of them. This machine's speed drifts by several percent within minutes, so only pairs
+run back to back are compared, and the verdict is the median pair's.
+
+    python -m tests.bench.policy_pairs --pairs 6            # or: make bench-policy
+    python -m tests.bench.policy_pairs --policy rules       # the rules alone, no ceilings
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+
+#: The issue's allowance: a policy in force costs at most this share of throughput and latency.
+ALLOWED = 0.15
+
+
+@dataclass(frozen=True)
+class Sample:
+    runs_per_second: float
+    p50_ms: float
+
+
+def sample(policy: str, extra: list[str]) -> Sample:
+    """One run of the harness with ``policy`` in force: (a)'s runs/s and (c)'s p50."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.run",
+            "--only",
+            "service",
+            "--only",
+            "single",
+            "--policy",
+            policy,
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return parse(out)
+
+
+def parse(out: str) -> Sample:
+    """(a)'s runs/s and (c)'s p50 from the harness's table."""
+    cells = {
+        line[:3]: re.split(r"\s{2,}", line.strip())
+        for line in out.splitlines()
+        if line.startswith(("(a) ", "(c) "))
+    }
+    if "(a)" not in cells or "(c)" not in cells:
+        raise ValueError(f"no (a) and (c) rows in the harness's output:\n{out}")
+    return Sample(runs_per_second=float(cells["(a)"][2]), p50_ms=float(cells["(c)"][4]))
+
+
+def report(pairs: list[tuple[Sample, Sample]], policy: str) -> str:
+    lines = [
+        f"| pair | (a) runs/s none → {policy} | cost | (c) p50 ms none → {policy} | cost |",
+        "|---|---|---|---|---|",
+    ]
+    throughput, latency = [], []
+    for n, (none, with_policy) in enumerate(pairs, 1):
+        t = with_policy.runs_per_second / none.runs_per_second - 1
+        lat = with_policy.p50_ms / none.p50_ms - 1
+        throughput.append(t)
+        latency.append(lat)
+        lines.append(
+            f"| {n} | {none.runs_per_second:.0f} → {with_policy.runs_per_second:.0f} | {t:+.1%} "
+            f"| {none.p50_ms:.1f} → {with_policy.p50_ms:.1f} | {lat:+.1%} |"
+        )
+    mt, ml = statistics.median(throughput), statistics.median(latency)
+    lines.append(f"| median | | {mt:+.1%} | | {ml:+.1%} |")
+    met = -mt <= ALLOWED and ml <= ALLOWED
+    lines.append(
+        f"\nallowed: {ALLOWED:.0%} of throughput and of latency; "
+        f"{'met' if met else 'not met'} by the median pair"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--policy", choices=["demo", "rules"], default="demo")
+    args, extra = parser.parse_known_args()
+    pairs = []
+    for n in range(args.pairs):
+        none, with_policy = sample("none", extra), sample(args.policy, extra)
+        pairs.append((none, with_policy))
+        print(
+            f"pair {n + 1}: {none.runs_per_second:.0f} → {with_policy.runs_per_second:.0f} runs/s,"
+            f" p50 {none.p50_ms:.1f} → {with_policy.p50_ms:.1f} ms",
+            flush=True,
+        )
+    print(report(pairs, args.policy))
+
+
+if __name__ == "__main__":
+    main()

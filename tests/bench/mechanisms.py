@@ -79,7 +79,7 @@ def one_run(
         if cpu:
             label = cpu.group(1)
             key = "(c)" if label == "(c)" else "(a) api" if "REST" in label else "(a)"
-            for part in cpu.group(2).split(", "):
+            for part in cpu.group(2).split(";")[0].split(", "):  # not the load average after
                 name, value = part.rsplit(" ", 1)
                 results.setdefault(key, {})[f"cpu {name}"] = float(value)
     return results

@@ -13,11 +13,12 @@ run back to back are compared, and the verdict is the median pair's.
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
+
+from tests.bench.mechanisms import one_run
+from tests.bench.run import REDIS_URL
 
 #: The issue's allowance: a policy in force costs at most this share of throughput and latency.
 ALLOWED = 0.15
@@ -31,36 +32,20 @@ class Sample:
 
 def sample(policy: str, extra: list[str]) -> Sample:
     """One run of the harness with ``policy`` in force: (a)'s runs/s and (c)'s p50."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.run",
-            "--only",
-            "service",
-            "--only",
-            "single",
-            "--policy",
-            policy,
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return parse(out)
+    results = one_run(
+        None,
+        ["--only", "service", "--only", "single", "--policy", policy, *extra],
+        os.environ.get("BENCH_REDIS_URL", REDIS_URL),
+    )
+    return of_results(results)
 
 
-def parse(out: str) -> Sample:
-    """(a)'s runs/s and (c)'s p50 from the harness's table."""
-    cells = {
-        line[:3]: re.split(r"\s{2,}", line.strip())
-        for line in out.splitlines()
-        if line.startswith(("(a) ", "(c) "))
-    }
-    if "(a)" not in cells or "(c)" not in cells:
-        raise ValueError(f"no (a) and (c) rows in the harness's output:\n{out}")
-    return Sample(runs_per_second=float(cells["(a)"][2]), p50_ms=float(cells["(c)"][4]))
+def of_results(results: dict[str, dict[str, float]]) -> Sample:
+    """(a)'s runs/s and (c)'s p50 from what ``tests.bench.mechanisms.one_run`` read."""
+    try:
+        return Sample(runs_per_second=results["(a)"]["runs/s"], p50_ms=results["(c)"]["p50"])
+    except KeyError:
+        raise ValueError(f"no (a) and (c) rows in the harness's output: {results}") from None
 
 
 def report(pairs: list[tuple[Sample, Sample]], policy: str) -> str:

@@ -1,26 +1,19 @@
 """The pieces of ``make bench-policy`` (``tests.bench.policy_pairs``, issue 18: a policy in force
-costs at most 15 % of throughput and latency): it reads the harness's own table, and its verdict
+costs at most 15 % of throughput and latency): it reads the harness's rows, and its verdict
 is the median pair's, on both measures."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.bench.policy_pairs import Sample, parse, report
-
-#: The harness's table as `tests.bench.run` prints it (`render`, plain form).
-TABLE = """workload                        runs  runs/s  steps/s  p50 ms  p95 ms  p99 ms  write tx/run  broker msgs/run
-------------------------------  ----  ------  -------  ------  ------  ------  ------------  ---------------
-(c) single run, end to end      200   40      201      10.8    13.5    15.5    6.0           1.00
-(a) 1,000 runs, Python service  1000  170     848      -       -       -       6.0           1.00
-(c): load average after: 1.7
-"""
+from tests.bench.policy_pairs import Sample, of_results, report
 
 
-def test_it_reads_throughput_and_latency_from_the_harness_table() -> None:
-    assert parse(TABLE) == Sample(runs_per_second=170.0, p50_ms=10.8)
+def test_it_reads_throughput_and_latency_from_the_harness_rows() -> None:
+    rows = {"(c)": {"runs/s": 40.0, "p50": 10.8}, "(a)": {"runs/s": 170.0, "cpu workers": 5.0}}
+    assert of_results(rows) == Sample(runs_per_second=170.0, p50_ms=10.8)
     with pytest.raises(ValueError, match=r"no \(a\) and \(c\) rows"):
-        parse("workload  runs\n")
+        of_results({"(a)": {"runs/s": 170.0}})
 
 
 def test_the_verdict_is_the_median_pair_on_both_measures() -> None:

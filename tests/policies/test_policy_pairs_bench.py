@@ -4,6 +4,10 @@ is the median pair's, on both measures."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tests.bench.policy_pairs import Sample, of_results, report
@@ -25,3 +29,16 @@ def test_the_verdict_is_the_median_pair_on_both_measures() -> None:
     assert report(slow, "demo").endswith("; not met by the median pair")  # latency +16 %
     few = [(none, Sample(160.0, 10.5)), (none, Sample(165.0, 10.5)), (none, Sample(199, 10.1))]
     assert report(few, "demo").endswith("; not met by the median pair")  # throughput -17.5 %
+
+
+def test_importing_it_leaves_the_environment_alone() -> None:
+    # The suite's worker processes inherit this process's environment: a module that pointed it
+    # at the benchmark's broker (as importing tests.bench.run does) starves them of messages.
+    check = (
+        "import os; before = dict(os.environ); import tests.bench.policy_pairs; "
+        "assert dict(os.environ) == before, sorted(set(os.environ.items()) ^ set(before.items()))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
+    env.update(REDIS_URL="redis://127.0.0.1:6379/15", DATABASE_URL="postgres://suite/test")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr

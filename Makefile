@@ -33,7 +33,7 @@ DEMO_ARGS ?=
 SERVICES_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(REDIS_URL)'
 TEST_ENV = DATABASE_URL='$(DATABASE_URL)' REDIS_URL='$(TEST_REDIS_URL)' SECRET_KEY='$(TEST_SECRET_KEY)' SIGNALBOX_ENV=test
 
-.PHONY: help install demo test lint fmt typecheck bench bench-policy web worker beat migrate clean distclean
+.PHONY: help install demo test lint fmt typecheck bench bench-policy bench-inprocess web worker beat migrate clean distclean
 
 help:
 	@echo "make install    virtualenv in $(VENV) with the project and its dev tools"
@@ -44,6 +44,7 @@ help:
 	@echo "make typecheck  mypy (django-stubs)"
 	@echo "make bench      reference workload benchmark (PostgreSQL, Redis, real workers)"
 	@echo "make bench-policy  the demo policy's cost against none, in interleaved pairs (issue 18)"
+	@echo "make bench-inprocess  the same in one process: the Python a policy adds per run"
 	@echo "make migrate    apply migrations to DATABASE_URL"
 	@echo "make web        development ASGI server on $(WEB_ADDR)"
 	@echo "make worker     Celery worker for POOLS=$(POOLS)"
@@ -92,6 +93,9 @@ bench: install
 
 bench-policy: install
 	$(TEST_ENV) $(PY) -m tests.bench.policy_pairs $(BENCH_ARGS)
+
+bench-inprocess: install
+	$(TEST_ENV) $(PY) -m tests.bench.inprocess $(BENCH_ARGS)
 
 migrate: install
 	$(SERVICES_ENV) $(PY) manage.py migrate

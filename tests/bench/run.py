@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench.policy_install import bench_policy_install
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DB = os.environ.get("BENCH_DATABASE", "signalbox_bench")
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
@@ -482,26 +484,6 @@ def render(rows: list[Row], markdown: bool) -> str:
     return "\n".join(
         [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)]
     )
-
-
-def bench_policy_install(*, ceilings: bool = True) -> None:
-    """The demo's policy in force, every rule and ceiling of it, with its ceilings' limits
-    raised so that a benchmark's thousands of runs reserve and settle against them without
-    reaching one (the demo's daily limits are sized for an hour of demo traffic); without
-    ``ceilings``, its rules alone (every action decided and recorded, nothing reserved)."""
-    from pathlib import Path
-
-    import yaml
-
-    import policies
-    from policies.services import policy_install
-
-    document = yaml.safe_load((Path(policies.__file__).parent / "demo_policy.yaml").read_text())
-    for ceiling in document.get("ceilings", []):
-        ceiling["limit"] = max(float(ceiling["limit"]), 1_000_000.0)
-    if not ceilings:
-        document.pop("ceilings", None)
-    policy_install(source=yaml.safe_dump(document, sort_keys=False), note="benchmark")
 
 
 def main() -> None:

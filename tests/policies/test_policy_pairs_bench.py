@@ -1,6 +1,7 @@
 """The pieces of ``make bench-policy`` (``tests.bench.policy_pairs``, issue 18: a policy in force
 costs at most 15 % of throughput and latency): it reads the harness's rows, and its verdict
-is the median pair's, on both measures."""
+is the median pair's, on both measures. And its in-process companion
+(``tests.bench.inprocess``), which reports the median pair's difference in Python time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from tests.bench import inprocess
 from tests.bench.policy_pairs import Sample, of_results, report
 
 
@@ -31,11 +33,24 @@ def test_the_verdict_is_the_median_pair_on_both_measures() -> None:
     assert report(few, "demo").endswith("; not met by the median pair")  # throughput -17.5 %
 
 
-def test_importing_it_leaves_the_environment_alone() -> None:
+def test_the_in_process_report_gives_each_pair_and_the_median_difference() -> None:
+    pairs = [
+        ({"cpu_us": 7000.0, "wall_us": 11000.0}, {"cpu_us": 8000.0, "wall_us": 12500.0}),
+        ({"cpu_us": 7200.0, "wall_us": 11200.0}, {"cpu_us": 7100.0, "wall_us": 11000.0}),
+        ({"cpu_us": 6800.0, "wall_us": 10800.0}, {"cpu_us": 7400.0, "wall_us": 12000.0}),
+    ]
+    text = inprocess.report(pairs, "rules")
+    assert "| 1 | 7000 → 8000 | +1000 µs (+14.3%) | 11000 → 12500 | +1500 µs (+13.6%) |" in text
+    assert "| 2 | 7200 → 7100 | -100 µs (-1.4%) |" in text
+    assert text.endswith("| median | | +600 µs | | +1200 µs |")
+
+
+@pytest.mark.parametrize("module", ["tests.bench.policy_pairs", "tests.bench.inprocess"])
+def test_importing_it_leaves_the_environment_alone(module: str) -> None:
     # The suite's worker processes inherit this process's environment: a module that pointed it
     # at the benchmark's broker (as importing tests.bench.run does) starves them of messages.
     check = (
-        "import os; before = dict(os.environ); import tests.bench.policy_pairs; "
+        f"import os; before = dict(os.environ); import {module}; "
         "assert dict(os.environ) == before, sorted(set(os.environ.items()) ^ set(before.items()))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}

@@ -519,6 +519,15 @@ def insert_rows(model: type[models.Model], rows: list[dict[str, Any]], *, batch:
         batch.add_prepared(_table(model, False).json_insert, [dumps(rows)])
 
 
+@cache
+def _insert_with(model: type[models.Model], with_pk: bool, other: type[models.Model]) -> Prepared:
+    """``model``'s JSON insert ($1) with ``other``'s ($2) in a data-modifying CTE."""
+    table, also = _table(model, with_pk), _table(other, False)
+    first = also.json_insert.sql.replace(", $1)", ", $2)")
+    assert first.endswith(", $2)")
+    return Prepared(f"WITH also AS ({first}) {table.json_insert.sql}", ["jsonb", "jsonb"])
+
+
 def json_columns(
     model: type[models.Model], names: Sequence[str]
 ) -> list[tuple[str, str, Callable[[Any], Any]]]:
@@ -539,10 +548,20 @@ def insert(
     *,
     returning: bool = True,
     batch: Batch | None = None,
+    also: tuple[type[models.Model], list[dict[str, Any]]] | None = None,
 ) -> None:
     """INSERT the objects in one statement. Objects with a pk keep theirs; the others get
-    theirs from RETURNING unless ``returning`` is off (ids nobody reads)."""
+    theirs from RETURNING unless ``returning`` is off (ids nobody reads). ``also`` (batched
+    only): another table's rows in JSON form (as for :func:`insert_rows`), written by the same
+    statement where it can (a statement fewer in the batch); neither table may refer to the
+    other, since the statement writes both at once."""
+    if also is not None and batch is None:
+        raise ValueError("only a batched insert writes another table's rows with it")
+    if also is not None and not also[1]:
+        also = None
     if not objs:
+        if also is not None and batch is not None:
+            insert_rows(*also, batch=batch)
         return
     with_pk = objs[0].pk is not None
     table = _table(model, with_pk)
@@ -559,8 +578,14 @@ def insert(
         if not with_pk and returning:
             raise ValueError("a batched insert cannot return ids: assign them first")
         if table.json_ok:
-            batch.add_prepared(table.json_insert, [dumps([table.json_row(obj) for obj in objs])])
+            rows = dumps([table.json_row(obj) for obj in objs])
+            if also is not None:
+                batch.add_prepared(_insert_with(model, with_pk, also[0]), [rows, dumps(also[1])])
+                return
+            batch.add_prepared(table.json_insert, [rows])
             return
+        if also is not None:
+            insert_rows(*also, batch=batch)
     sql = f"INSERT INTO {table.name} ({table.columns}) VALUES " + ", ".join(
         [table.placeholder] * len(objs)
     )

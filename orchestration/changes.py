@@ -20,6 +20,7 @@ from typing import Any
 
 from audit.services import Entry
 from audit.verbs import Verb
+from infra.sql import unsaved
 from orchestration.graph import MapProgress
 from orchestration.models import Run, RunEvent, StateVersion, Step, ToolCall, Wait
 from policies.active import ActivePolicy
@@ -194,9 +195,9 @@ class Changes:
     event_updates: list[tuple[RunEvent, dict[str, Any]]] = field(default_factory=list)
     state_versions: list[StateVersion] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
-    #: Policy decisions made in this change, with the step each is about (ids resolved when
-    #: written).
-    decisions: list[tuple[PolicyDecision, Step | None]] = field(default_factory=list)
+    #: Policy decisions made in this change, as their rows' column values but the run's and the
+    #: step's ids, with the step each is about (ids resolved when written).
+    decisions: list[tuple[dict[str, Any], Step | None]] = field(default_factory=list)
     #: Audit entries, in order: ready ones (a tool call's) and records whose ids are resolved
     #: when written.
     audit: list[Entry | Record] = field(default_factory=list)
@@ -229,10 +230,24 @@ class Changes:
 
     def decision_rows(self) -> list[PolicyDecision]:
         """The policy decisions, their run and step ids resolved (call after those have ids)."""
-        for row, step in self.decisions:
-            row.run_id = self.run.pk
-            row.step_id = step.pk if step is not None else None
-        return [row for row, _ in self.decisions]
+        run_id = self.run.id
+        return [
+            unsaved(PolicyDecision, **values, run_id=run_id, step_id=_id_of(step))
+            for values, step in self.decisions
+        ]
+
+    def decision_json_rows(self) -> list[dict[str, Any]]:
+        """:meth:`decision_rows` as JSON rows (``infra.sql.insert_rows``): no model built."""
+        run_id = self.run.id
+        return [
+            {
+                **values,
+                "run_id": run_id,
+                "step_id": _id_of(step),
+                "created_at": values["created_at"].isoformat(),
+            }
+            for values, step in self.decisions
+        ]
 
     def live_events(self) -> list[dict[str, Any]]:
         """The live events, ids resolved (call after the rows got their ids)."""
@@ -244,6 +259,10 @@ class Changes:
 
     def steps_to_insert(self) -> Iterable[Step]:
         return self.new_steps
+
+
+def _id_of(step: Step | None) -> int | None:
+    return step.id if step is not None else None
 
 
 def _resolved(event: Mapping[str, Any], run_id: int) -> dict[str, Any]:

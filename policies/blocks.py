@@ -105,7 +105,7 @@ class Block:
         if worst < 0 or (actual is not None and actual < 0):
             raise InvalidReservation("a call's worst case and cost are not negative")
         call = Settlement(
-            r.pk,
+            r.id,
             worst.quantize(MONEY_QUANTUM),
             None if actual is None else actual.quantize(MONEY_QUANTUM),
             (),
@@ -124,7 +124,7 @@ class Block:
         ``reserved``, in every scope; with no call made, it is released."""
         r = self.reservation
         return Settlement(
-            r.pk,
+            r.id,
             self.amount,
             self.charged if self.calls else None,
             tuple(r.scope_ids),

@@ -165,10 +165,21 @@ class CompiledPolicy:
     _candidates: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = field(
         default_factory=dict, repr=False
     )
+    _limited: dict[str, bool] = field(default_factory=dict, repr=False)
     #: The ceilings per (workflow, agent, tenant), kept by ``policies.limits.ceilings_of``.
     ceiling_shapes: dict[tuple[str, str, str], tuple[Any, ...]] = field(
         default_factory=dict, repr=False
     )
+
+    def rate_limited(self, action: str) -> bool:
+        """Whether any rate limit counts ``action`` (worked out once per action)."""
+        found = self._limited.get(action)
+        if found is None:
+            found = any(glob.match(action) is not None for _, glob in self.rate_limits)
+            if len(self._limited) >= CANDIDATE_CACHE_SIZE:
+                self._limited.clear()
+            self._limited[action] = found
+        return found
 
     def candidates(self, facts: Facts) -> tuple[CompiledRule, ...]:
         """The rules whose globs cover the action, workflow and tenant, in document order."""

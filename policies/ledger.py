@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cache
+from operator import attrgetter
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -133,8 +134,26 @@ def period_start_for(kind: str, now: datetime) -> datetime | None:
 
 
 def periods_of(scopes: Sequence[CeilingScope], now: datetime) -> tuple[datetime | None, ...]:
-    """:func:`period_start_for` of each scope, the day and month worked out once."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    """:func:`period_start_for` of each scope, the day and month worked out once (and kept for
+    the last day asked about: every call of a day asks the same)."""
+    utc = now.astimezone(UTC)
+    key = (tuple(map(_SCOPE_KIND, scopes)), utc.year, utc.month, utc.day)
+    global _periods_last
+    last = _periods_last  # read once: another thread may replace it meanwhile
+    if last is not None and last[0] == key:
+        return last[1]
+    periods = _periods_of(key[0], utc)
+    _periods_last = (key, periods)
+    return periods
+
+
+_SCOPE_KIND = attrgetter("scope")
+#: :func:`periods_of`'s last answer: ((scope kinds, UTC day), periods).
+_periods_last: tuple[Any, tuple[datetime | None, ...]] | None = None
+
+
+def _periods_of(kinds: tuple[str, ...], utc: datetime) -> tuple[datetime | None, ...]:
+    day = utc.replace(hour=0, minute=0, second=0, microsecond=0)
     by_kind: dict[str, datetime | None] = {
         ScopeKind.RUN: None,
         ScopeKind.TENANT_MONTH: day.replace(day=1),
@@ -143,7 +162,7 @@ def periods_of(scopes: Sequence[CeilingScope], now: datetime) -> tuple[datetime 
         ScopeKind.GLOBAL_DAY: day,
     }
     try:
-        return tuple(by_kind[scope.scope] for scope in scopes)
+        return tuple(by_kind[kind] for kind in kinds)
     except KeyError as exc:
         raise InvalidScope(f"unknown scope kind {exc.args[0]!r}") from None
 
@@ -488,16 +507,19 @@ def _hold_sql(
     states: bool = False,
     kind: str = ReservationKind.CALL.value,
     most: str | None = None,
+    ids: str = "",
 ) -> str:
     """The hold's one statement: scope rows matching ``where`` locked in id order, then the
     check, the update and the insert. ``marks``: the placeholders of (count, amount, now, run,
     step, action, owner, expiry, then the guard's own); ``most``: a block's, whose amount is
-    ``most`` where every row has room for it, else ``amount``."""
+    ``most`` where every row has room for it, else ``amount``; ``ids``: an expression of the
+    rows' ids (an array) that ``where`` reads as ``(SELECT a FROM ids)``, worked out once."""
     table, reservations = _table(), _q(Reservation._meta.db_table)
     n, amount, now, run, step, action, owner, expires = marks[:8]
     running = f" AND {guard.format(*marks[8:])}" if guard else ""
     held = ReservationStatus.HELD.value
-    return f"""WITH locked AS (
+    first = f"ids AS MATERIALIZED (SELECT {ids} AS a), " if ids else ""
+    return f"""WITH {first}locked AS (
         SELECT id, kind, key, spent, reserved, "limit", soft_ratio FROM {table}
         WHERE {where}{running} ORDER BY id FOR UPDATE
     ), ok AS (
@@ -564,7 +586,9 @@ def _hold_run_prepared(
     guard: str, guard_types: tuple[str, ...], kind: str, block: bool
 ) -> Prepared:
     """:func:`_hold_prepared` for rows known by id plus the run's scope row, found by its key
-    (its last parameter) through its unique index."""
+    (its last parameter) through its unique index. Its answer carries the rows' states only
+    when :func:`_answer` needs them: the run's row is not worth learning (a run's later calls
+    here take from the block this makes), and the others are known already."""
     types = [*_HOLD_TYPES, "timestamptz", *guard_types, "text"]
     marks = [f"${i}" for i in range(2, len(types))]
     run = (
@@ -576,7 +600,10 @@ def _hold_run_prepared(
     if block:  # a block's most: the last parameter, after the run's key
         types.append("numeric")
         most = f"${len(types)}"
-    return Prepared(_hold_sql(_ids_in(ids), guard, marks, states=True, kind=kind, most=most), types)
+    return Prepared(
+        _hold_sql(_ids_in("(SELECT a FROM ids)"), guard, marks, kind=kind, most=most, ids=ids),
+        types,
+    )
 
 
 @cache

@@ -33,7 +33,6 @@ from orchestration.registry import agent_class, workflow_get
 from policies.document import Bounds
 from policies.evaluate import Decision, policy_decide
 from policies.facts import Facts
-from policies.models import PolicyDecision
 
 
 class AdvanceState:
@@ -244,19 +243,19 @@ class AdvanceState:
     def note_decision(self, decision: Decision, step: Step | None) -> None:
         """Record a policy decision with this change: the facts, the version and rule, and why."""
         active = self.snapshot.policy
-        row = unsaved(
-            PolicyDecision,
-            action=decision.facts.action,
-            workflow=decision.facts.workflow,
-            tenant=decision.facts.tenant,
-            facts=decision.facts.to_json(),
-            version_id=active.version_id if active is not None else None,
-            rule=decision.rule,
-            outcome=decision.recorded_outcome,
-            tier=decision.tier,
-            reason=decision.reason[:2000],
-            created_at=self.now,
-        )
+        facts = decision.facts
+        row = {  # PolicyDecision's columns but its run's and step's (Changes.decision_rows)
+            "action": facts.action,
+            "workflow": facts.workflow,
+            "tenant": facts.tenant,
+            "facts": facts.to_json(),
+            "version_id": active.version_id if active is not None else None,
+            "rule": decision.rule,
+            "outcome": decision.recorded_outcome,
+            "tier": decision.tier,
+            "reason": decision.reason[:2000],
+            "created_at": self.now,
+        }
         self.changes.decisions.append((row, step))
         if decision.outcome != "allow":
             self.record(

@@ -416,7 +416,9 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> list[tuple[S
     for step, fields in changes.step_updates.values():
         update(step, tuple(fields), batch=batch)
     changes.step_updates = {}
-    insert(Step, changes.new_steps, batch=batch)
+    # The policy's decisions about the new steps, in the same statement as the steps.
+    decisions = (PolicyDecision, changes.decision_json_rows()) if changes.decisions else None
+    insert(Step, changes.new_steps, batch=batch, also=decisions)
     insert(Wait, changes.new_waits, batch=batch)
     for wait, fields in changes.wait_updates:
         update(wait, tuple(fields), batch=batch)
@@ -425,7 +427,6 @@ def render(store: PostgresStore, batch: Batch, changes: Changes) -> list[tuple[S
         update(event, tuple(fields), batch=batch)
     insert(StateVersion, changes.state_versions, returning=False, batch=batch)
     insert(ToolCall, changes.tool_calls, returning=False, batch=batch)
-    insert(PolicyDecision, changes.decision_rows(), returning=False, batch=batch)
     settled = [
         (settlement, batch.add_prepared(*settlement_prepared(settlement, now)))
         for settlement in changes.settlements

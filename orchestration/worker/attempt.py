@@ -35,6 +35,7 @@ from orchestration.worker.costs import (
     cost_settlement,
     policy_facts,
     rate_limit_check,
+    step_facts,
 )
 from policies.active import active_policy
 from policies.evaluate import Decision, policy_decide
@@ -185,17 +186,17 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
     #: the answer is read after it (before its completion), and a refusal drops its result.
     deferred = None
     if step.kind in (StepKind.AGENT, StepKind.ITEM):
-        facts = policy_facts(step, f"agent:{step.agent}", raw if isinstance(raw, dict) else {})
+        facts = step_facts(step, raw if isinstance(raw, dict) else {})
         if facts is not None:
             try:
-                rate_limit_check(*facts)
+                facts.rate_limit_check()
                 if cls.pure and chain is not None:
                     chain.hold_ahead(step)
                 if cls.pure and chain is not None and chain.hold_in_flight(step):
                     deferred = facts
                 else:
                     reservation = cost_reserve(
-                        *facts, step, agent, params, worker_id, hard.total_seconds(), held()
+                        facts, step, agent, params, worker_id, hard.total_seconds(), held()
                     )
             except SignalboxError as exc:
                 fail(exc)
@@ -248,7 +249,7 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         settle()  # the batch that asked for the reservation: read now
         try:
             reservation = cost_reserve(
-                *deferred, step, agent, params, worker_id, hard.total_seconds(), held()
+                deferred, step, agent, params, worker_id, hard.total_seconds(), held()
             )
         except SignalboxError as exc:
             fail(exc, records=tools.take_records())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -45,6 +45,8 @@ from policies.ledger import (
 from policies.models import ReservationKind
 
 log = logging.getLogger(__name__)
+
+_CALL = ReservationKind.CALL.value
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Chain:
         kept per agent); otherwise the step reserves on its own when it runs. ``inserted``: the
         batch inserts ``step`` (a successor it created claimed), so that settlement and this
         reservation can be one statement."""
-        if step.pk in self.holds or step.pk in self.shares:
+        if step.id in self.holds or step.id in self.shares:
             return  # reserved already, in the batch that inserted it (:meth:`ask_hold_queued`)
         request = self._unshared(step, now)
         if request is None:
@@ -207,8 +209,8 @@ class Chain:
             settling = [*settling, closing]
         if not _same_rows(request, settling):
             return
-        batch.hold(step.pk, block_of(request), with_settlement=inserted)
-        self.holds[step.pk] = batch
+        batch.hold(step.id, block_of(request), with_settlement=inserted)
+        self.holds[step.id] = batch
 
     def ask_hold_queued(
         self, batch: WriteBatch, changes: Changes, settling: list[Settlement], now: datetime
@@ -220,7 +222,7 @@ class Chain:
         rows locked in id order. A sibling another worker takes after all gives it back when
         this chain ends (:meth:`close`)."""
         sibling = next(
-            (s for s in changes.handed_off() if s.pool in self.pools and s.pk not in self.holds),
+            (s for s in changes.handed_off() if s.pool in self.pools and s.id not in self.holds),
             None,
         )
         if sibling is None or not self.may_join(sibling, changes.run, now):
@@ -228,15 +230,15 @@ class Chain:
         request = self._unshared(sibling, now, queued=True)
         if request is None or not _same_rows(request, settling):
             return
-        batch.hold(sibling.pk, request)
-        self.holds[sibling.pk] = batch
+        batch.hold(sibling.id, request)
+        self.holds[sibling.id] = batch
 
     def hold_ahead(self, step: Step) -> None:
         """A pure step claimed on its own (from the broker) whose reservation was not asked for
         with its claim: send the reservation without waiting, so the agent runs meanwhile and
         the answer is read before its completion (:meth:`take_held`)."""
         if (
-            step.pk in self.holds
+            step.id in self.holds
             or not self.rt.store.pipelined
             or self.committing is not None
             or self.open is not None
@@ -245,7 +247,7 @@ class Chain:
         request = self._unshared(step, timezone.now())
         if request is None:
             return
-        self.holds[step.pk], self.holds_sent[step.pk] = self.rt.store.hold_send(step.pk, request)
+        self.holds[step.id], self.holds_sent[step.id] = self.rt.store.hold_send(step.id, request)
 
     def _unshared(self, step: Step, now: datetime, *, queued: bool = False) -> HoldRequest | None:
         """The reservation ``step``'s call needs (``worker.costs.hold_for``), unless it has
@@ -266,26 +268,33 @@ class Chain:
             return False
         if not block.take(worst.amount, now, worst.span):
             return False
-        self.taken[step.pk] = (block, worst.amount)
+        self.taken[step.id] = (block, worst.amount)
         # What the step's reservation would have asked, answered by the block (:meth:`take_held`).
-        self.shares[step.pk] = replace(
-            block.request,
-            amount=worst.amount,
-            step_id=step.pk,
-            action=f"agent:{step.agent}",
-            now=now,
-            expires_at=now + worst.span,
-            kind=ReservationKind.CALL.value,
-            most=None,
+        r = block.request
+        self.shares[step.id] = HoldRequest(
+            r.scopes,
+            r.periods,
+            worst.amount,
+            r.run_id,
+            step.id,
+            f"agent:{step.agent}",
+            r.owner,
+            now + worst.span,
+            now,
+            r.guard,
+            r.guard_params,
+            r.guard_types,
+            _CALL,
+            None,
         )
         return True
 
     def spend(self, step: Step, cost: Callable[[Decimal], Decimal | None]) -> Settlement:
         """The call ``step`` took from a block was made: its record, with what ``cost`` says it
         cost given the worst case taken for it."""
-        block, worst = self.taken.pop(step.pk)
+        block, worst = self.taken.pop(step.id)
         return block.spend(
-            step_id=step.pk, action=f"agent:{step.agent}", worst=worst, actual=cost(worst)
+            step_id=step.id, action=f"agent:{step.agent}", worst=worst, actual=cost(worst)
         )
 
     def unused(self, step_id: int, found: Held | None) -> None:
@@ -330,17 +339,17 @@ class Chain:
 
     def hold_in_flight(self, step: Step) -> bool:
         """Whether the answer to ``step``'s reservation is still on its way."""
-        batch = self.holds.get(step.pk)
+        batch = self.holds.get(step.id)
         if batch is None:
             return False
         committing = self.committing
-        return step.pk in self.holds_sent or (committing is not None and committing.batch is batch)
+        return step.id in self.holds_sent or (committing is not None and committing.batch is batch)
 
     def take_held(self, step: Step) -> Held | None:
         """The answer to ``step``'s reservation asked for in its claiming batch (that batch has
         been read: call after :meth:`settle`) or sent on its own, once; None if none was asked.
         A batch that failed made none."""
-        return self._take_held(step.pk)
+        return self._take_held(step.id)
 
     def _take_held(self, step_id: int) -> Held | None:
         shared = self.shares.pop(step_id, None)

@@ -43,10 +43,11 @@ from policies.tenants import tenant_by_id
 
 
 def policy_facts(
-    step: Step, action: str, params: dict[str, Any]
+    step: Step, action: str, params: dict[str, Any], active: ActivePolicy | None = None
 ) -> tuple[ActivePolicy, Facts] | None:
-    """The policy in force and the facts of an action of ``step`` (None: no policy is in force)."""
-    active = active_policy()
+    """The policy in force (``active``, by default the one now) and the facts of an action of
+    ``step`` (None: no policy is in force)."""
+    active = active or active_policy()
     if active is None:
         return None
     run = step.run
@@ -59,9 +60,43 @@ def policy_facts(
         tenant_time_zone=tenant.time_zone,
         agent=step.agent,
         params=params,
-        run_id=run.pk,
+        run_id=run.id,
     )
     return active, facts
+
+
+class StepFacts:
+    """The policy in force and an agent step's facts (:func:`policy_facts`), which are built
+    only when something reads them: a rate limit that counts the action, or a worst case that
+    depends on the input. Most steps need neither."""
+
+    __slots__ = ("_facts", "action", "active", "params", "step")
+
+    def __init__(self, active: ActivePolicy, step: Step, params: dict[str, Any]) -> None:
+        self.active = active
+        self.step = step
+        self.action = f"agent:{step.agent}"
+        self.params = params
+        self._facts: Facts | None = None
+
+    @property
+    def facts(self) -> Facts:
+        if self._facts is None:
+            found = policy_facts(self.step, self.action, self.params, self.active)
+            assert found is not None
+            self._facts = found[1]
+        return self._facts
+
+    def rate_limit_check(self) -> None:
+        """:func:`rate_limit_check` of the step's action, if a rate limit counts it."""
+        if self.active.compiled.rate_limited(self.action):
+            rate_limit_check(self.active, self.facts)
+
+
+def step_facts(step: Step, params: dict[str, Any]) -> StepFacts | None:
+    """:class:`StepFacts` of ``step`` acting with ``params`` (None: no policy is in force)."""
+    active = active_policy()
+    return StepFacts(active, step, params) if active is not None else None
 
 
 def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
@@ -84,8 +119,7 @@ def rate_limit_check(active: ActivePolicy, facts: Facts) -> None:
 
 
 def cost_reserve(
-    active: ActivePolicy,
-    facts: Facts,
+    facts_of: StepFacts,
     step: Step,
     agent: Agent,
     params: BaseModel,
@@ -99,7 +133,9 @@ def cost_reserve(
     (and escalates at the tier that may raise a ceiling: raise it for this run and retry, or
     abort). ``held``: the answer to the reservation asked for in the batch that claimed the
     step (:func:`hold_for`), used when it covers this call; otherwise it is given back and the
-    call reserves on its own."""
+    call reserves on its own. ``facts_of``: the policy in force and the step's facts, read only
+    when the worst case depends on the input."""
+    active = facts_of.active
     known = (
         call_worst(step, active)
         if type(agent).input_tokens_estimate is Agent.input_tokens_estimate
@@ -112,7 +148,7 @@ def cost_reserve(
         model = agent.call_model()
         if not model:
             return None
-        scopes = ceilings_for(active.compiled, facts)
+        scopes = ceilings_for(active.compiled, facts_of.facts)
         if not scopes:
             return None
         worst = price_cost(
@@ -173,7 +209,10 @@ def call_cost(reserved: Decimal, ctx: AgentContext, agent: Agent) -> Decimal | N
         return None
     active = active_policy()
     if active is not None:
-        for model in dict.fromkeys(m for m in (usage.model, agent.call_model()) if m):
+        asked = agent.call_model()
+        for model in (usage.model, asked) if usage.model != asked else (asked,):
+            if not model:
+                continue
             actual = price_cost(
                 active.compiled, model, usage.prompt_tokens, usage.completion_tokens
             )
@@ -199,8 +238,22 @@ def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | No
     default the policy in force)."""
     if step.kind not in (StepKind.AGENT, StepKind.ITEM):
         return None
+    active = active or active_policy()
+    if active is None:
+        return None
+    # A step is asked several times (its claim, its share of a block, its attempt): the answer
+    # is kept on the step object for the compiled version that gave it.
+    kept: tuple[CompiledPolicy, CallWorst | None] | None = step.__dict__.get(_WORST_ON_STEP)
+    if kept is not None and kept[0] is active.compiled:
+        return kept[1]
     _, agent, node, run_id, tenant_id, workflow, version = hint_of(step)
-    return call_worst_of(agent, node, run_id, tenant_id, workflow, version, active=active)
+    worst = call_worst_of(agent, node, run_id, tenant_id, workflow, version, active=active)
+    step.__dict__[_WORST_ON_STEP] = (active.compiled, worst)
+    return worst
+
+
+#: Where :func:`call_worst` keeps its answer on a step object (with the compiled version).
+_WORST_ON_STEP = "_policy_call_worst"
 
 
 def call_worst_of(
@@ -222,14 +275,15 @@ def call_worst_of(
         return None
     cls = agent_class(agent)
     model = agent_instance(agent).call_model()
-    tenant = tenant_by_id(tenant_id).slug
-    shape = _worst_shapes.get(active.compiled, (cls, model, agent, node, tenant, workflow, version))
+    # By the tenant's id, which names the same tenant as its slug for its whole life.
+    shape = _worst_shapes.get(
+        active.compiled, (cls, model, agent, node, tenant_id, workflow, version)
+    )
     if shape is None:
         return None
     scopes = shape.scopes
     if scopes[0].scope == "run":
-        run = scopes[0]
-        scopes = (CeilingScope("run", str(run_id), run.limit, run.soft_ratio), *scopes[1:])
+        scopes = _worst_shapes.for_run(shape, run_id)
     return CallWorst(scopes, shape.amount, shape.span)
 
 
@@ -242,6 +296,19 @@ class _WorstShapes:
     def __init__(self) -> None:
         self.policy: CompiledPolicy | None = None
         self.shapes: dict[tuple[Any, ...], CallWorst | None] = {}
+        #: The last shape filled in for a run, and its scopes: a run's steps ask in turn, and
+        #: the same tuple compares equal to itself without comparing each ceiling.
+        self.last_run: tuple[CallWorst, int, tuple[CeilingScope, ...]] | None = None
+
+    def for_run(self, shape: CallWorst, run_id: int) -> tuple[CeilingScope, ...]:
+        """``shape``'s scopes with its run ceiling's key filled in for ``run_id``."""
+        last = self.last_run  # read once: another thread may replace it meanwhile
+        if last is not None and last[0] is shape and last[1] == run_id:
+            return last[2]
+        run, *rest = shape.scopes
+        scopes = (CeilingScope("run", str(run_id), run.limit, run.soft_ratio), *rest)
+        self.last_run = (shape, run_id, scopes)
+        return scopes
 
     def get(self, policy: CompiledPolicy, key: tuple[Any, ...]) -> CallWorst | None:
         if policy is not self.policy:
@@ -252,7 +319,10 @@ class _WorstShapes:
             pass
         if len(self.shapes) >= self.SIZE:
             self.shapes.clear()
-        shape = self.shapes[key] = _worst_shape(policy, *key)
+        cls, model, agent, node, tenant_id, workflow, version = key
+        shape = self.shapes[key] = _worst_shape(
+            policy, cls, model, agent, node, tenant_by_id(tenant_id).slug, workflow, version
+        )
         return shape
 
 
@@ -304,7 +374,7 @@ def hold_for(
     worst = worst or call_worst(step)
     if worst is None:
         return None
-    return _hold_request(worst, step.run_id, step.pk, step.agent, worker_id, now, queued=queued)
+    return _hold_request(worst, step.run_id, step.id, step.agent, worker_id, now, queued=queued)
 
 
 def _hold_request(

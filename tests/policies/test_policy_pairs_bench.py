@@ -43,6 +43,13 @@ def test_the_in_process_report_gives_each_pair_and_the_median_difference() -> No
     assert "| 1 | 7000 → 8000 | +1000 µs (+14.3%) | 11000 → 12500 | +1500 µs (+13.6%) |" in text
     assert "| 2 | 7200 → 7100 | -100 µs (-1.4%) |" in text
     assert text.endswith("| median | | +600 µs | | +1200 µs |")
+    profiled = [
+        ({**none, "calls": 11200.0}, {**with_policy, "calls": calls})
+        for (none, with_policy), calls in zip(pairs, [12000.0, 12100.0, 11900.0], strict=True)
+    ]
+    assert inprocess.report(profiled, "demo").endswith(
+        "Python calls per run (cProfile): 11200 → 12000, +800 (+7.1%)"
+    )
 
 
 @pytest.mark.parametrize("module", ["tests.bench.policy_pairs", "tests.bench.inprocess"])

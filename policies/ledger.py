@@ -713,6 +713,25 @@ class Held:
         return found
 
 
+def _learn_the_new_one(request: HoldRequest, ids: Sequence[int]) -> None:
+    """A hold made without returning its rows' states (every row fitted): learn the one scope
+    row this process did not know (the run's, found by its key) from the ids it locked."""
+    unknown = None
+    known = set()
+    for scope, period in zip(request.scopes, request.periods, strict=True):
+        key = (scope.scope, scope.key, period)
+        found = _scope_ids.get(key)
+        if found is not None:
+            known.add(found)
+        elif unknown is None:
+            unknown = key
+        else:
+            return  # more than one: which id is whose is not known
+    new = [i for i in ids if i not in known]
+    if unknown is not None and len(new) == 1:
+        _learn(unknown, int(new[0]))
+
+
 def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
     """Read the answer of :func:`hold_statements`' last statement (its one row)."""
     if row is None:
@@ -747,6 +766,8 @@ def hold_answer(request: HoldRequest, row: Sequence[Any] | None) -> Held:
     if reservation_id is None:
         return Held(request, None, states, matched)
     ids = json.loads(scope_ids) if isinstance(scope_ids, str) else list(scope_ids)
+    if not states:
+        _learn_the_new_one(request, ids)
     values = {
         "id": reservation_id,
         "run_id": request.run_id,

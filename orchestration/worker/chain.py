@@ -239,6 +239,7 @@ class Chain:
         the answer is read before its completion (:meth:`take_held`)."""
         if (
             step.id in self.holds
+            or step.id in self.shares  # took its call from the run's block already
             or not self.rt.store.pipelined
             or self.committing is not None
             or self.open is not None

@@ -1,6 +1,7 @@
 """A reservation made with the statements a worker puts in its claim's batch
-(``policies.ledger.hold_statements``): the common answer carries no rows' states, and the process
-still learns the run's new scope row, so the run's next reservation addresses every row by id."""
+(``PgWriteBatch.hold``, ``policies.ledger.hold_statements``): the common answer carries no
+rows' states, and the process still learns the run's new scope row, so the run's next
+reservation addresses every row by id."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from decimal import Decimal
 
 import pytest
 
-from infra.sql import Batch, Prepared
+from orchestration.store.postgresql import PostgresStore
 from policies import ledger
-from policies.ledger import HoldRequest, hold_answer, hold_request, hold_scope_ids, hold_statements
+from policies.ledger import HoldRequest, hold_request, hold_scope_ids
 from policies.limits import CeilingScope
 from policies.models import ReservationStatus, ScopeKind, SpendScope
 
@@ -34,14 +35,13 @@ def _request(run_id: int, amount: str = "0.5") -> HoldRequest:
 
 
 def _hold(request: HoldRequest) -> ledger.Held:
-    batch = Batch()
-    for sql, params in hold_statements(request):
-        if isinstance(sql, Prepared):
-            batch.add_prepared(sql, params)
-        else:
-            batch.add(sql, params)
-    rows = batch.run()
-    return hold_answer(request, rows[0] if rows else None)
+    """The reservation as a worker's batch makes it (``PgWriteBatch.hold``), on its own."""
+    batch = PostgresStore().batch()
+    batch.hold(0, request)
+    batch.run()
+    held = batch.held(0)
+    assert held is not None
+    return held
 
 
 @pytest.fixture(autouse=True)

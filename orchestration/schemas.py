@@ -19,6 +19,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BeforeValidator,
+    StrictInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -148,13 +149,14 @@ class BodyIn(Schema):
 
 class RunSubmitIn(BodyIn):
     workflow: StoredText = Field(min_length=1, max_length=100)
-    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    # Strict: JSON's true is not the number 1 (the schema says integer, and so does this).
+    version: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
     input: StoredJson = Field(
         default_factory=dict,
         description=f"Checked against the workflow's input contract (`input_schema`). {JSON_RULES}",
     )
     idempotency_key: StoredText | None = Field(None, min_length=1, max_length=200)
-    priority: int = Field(0, ge=-32768, le=32767)
+    priority: StrictInt = Field(0, ge=-32768, le=32767)
     tenant: StoredText = Field("", max_length=100)
 
 

@@ -291,6 +291,8 @@ def test_an_edited_input_over_max_payload_bytes_is_refused(
         ("/api/v1/runs", {"workflow": "reference_workload", "input": [1]}, "input"),
         ("/api/v1/runs", {"workflow": "reference_workload", "priority": "high"}, "priority"),
         ("/api/v1/runs", {"workflow": "reference_workload", "priority": 10**6}, "priority"),
+        ("/api/v1/runs", {"workflow": "reference_workload", "priority": True}, "priority"),
+        ("/api/v1/runs", {"workflow": "reference_workload", "version": True}, "version"),
         ("/api/v1/runs", {"workflow": "reference_workload", "version": 0}, "version"),
         ("/api/v1/runs", {"workflow": "reference_workload", "version": "latest"}, "version"),
         (

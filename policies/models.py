@@ -129,12 +129,15 @@ class PolicyDecision(models.Model):
     #: No constraint in the database: every decision row would check it, taking a share lock
     #: on the one active version's row that every worker's transaction then contends for (a
     #: version is never deleted: ``PROTECT`` still refuses it in Django).
+    #: Nor an index: no query looks decisions up by version (a run's are found by run, the
+    #: replayed history by time), and it was one more index entry written per decision.
     version = models.ForeignKey(
         PolicyVersion,
         null=True,
         on_delete=models.PROTECT,
         related_name="+",
         db_constraint=False,
+        db_index=False,
     )
     rule = models.CharField(max_length=100, blank=True, default="")
     outcome = models.CharField(max_length=8, choices=Outcome.choices)

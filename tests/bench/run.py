@@ -106,14 +106,27 @@ def reset_database() -> None:
 class Processes:
     """Two worker processes and one ASGI web process, started for the whole benchmark."""
 
-    def __init__(self, workers: int, live_events: bool, web_processes: int = 1) -> None:
+    def __init__(
+        self,
+        workers: int,
+        live_events: bool,
+        web_processes: int = 1,
+        profile_dir: str | None = None,
+    ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
         env = bench_env(SIGNALBOX_LIVE_EVENTS=str(live_events).lower())
         for index in range(workers):
+            # --profile-workers: each worker under cProfile, written when it shuts down warm.
+            profiled = (
+                ["-m", "cProfile", "-o", str(Path(profile_dir) / f"worker{index}.prof")]
+                if profile_dir
+                else []
+            )
             self._start(
                 [
                     sys.executable,
+                    *profiled,
                     "-m",
                     "celery",
                     "-A",
@@ -529,6 +542,11 @@ def main() -> None:
     )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
+        "--profile-workers",
+        metavar="DIR",
+        help="run each worker under cProfile, written to DIR/worker<N>.prof when it stops",
+    )
+    parser.add_argument(
         "--policy",
         choices=["none", "rules", "demo"],
         default="none",
@@ -568,7 +586,10 @@ def main() -> None:
     engine_parts = only & {"service", "api", "resume", "single", "decisions"}
     if engine_parts:
         procs = Processes(
-            args.workers, live_events=not args.no_live_events, web_processes=args.web_processes
+            args.workers,
+            live_events=not args.no_live_events,
+            web_processes=args.web_processes,
+            profile_dir=args.profile_workers,
         )
         logdirs.append(str(procs.logdir))
         try:

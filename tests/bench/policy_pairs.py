@@ -4,7 +4,9 @@ Runs the reference workload's (a) throughput and (c) single-run latency (``tests
 --only service --only single``) with no policy and with the demo policy, alternately, ``--pairs``
 times, each run a process of its own on a fresh database, and prints each pair's cost and the
 median of them. This machine's speed drifts by several percent within minutes, so only pairs
-run back to back are compared, and the verdict is the median pair's.
+run back to back are compared, and the verdict is the median pair's. The pairs take turns at
+which of the two runs first (:func:`first_of`): a machine that speeds up or slows down over a
+pair then favours neither side.
 
     python -m tests.bench.policy_pairs --pairs 6            # or: make bench-policy
     python -m tests.bench.policy_pairs --policy rules       # the rules alone, no ceilings
@@ -25,6 +27,12 @@ REDIS_URL = "redis://127.0.0.1:6379/10"
 
 #: The issue's allowance: a policy in force costs at most this share of throughput and latency.
 ALLOWED = 0.15
+
+
+def first_of(n: int, policy: str) -> tuple[str, str]:
+    """The order of pair ``n``'s two runs (from 1): without the policy first in odd pairs,
+    with it first in even ones."""
+    return ("none", policy) if n % 2 else (policy, "none")
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,14 @@ def main() -> None:
     parser.add_argument("--policy", choices=["demo", "rules"], default="demo")
     args, extra = parser.parse_known_args()
     pairs = []
-    for n in range(args.pairs):
-        none, with_policy = sample("none", extra), sample(args.policy, extra)
+    for n in range(1, args.pairs + 1):
+        order = first_of(n, args.policy)
+        got = {policy: sample(policy, extra) for policy in order}
+        none, with_policy = got["none"], got[args.policy]
         pairs.append((none, with_policy))
         print(
-            f"pair {n + 1}: {none.runs_per_second:.0f} → {with_policy.runs_per_second:.0f} runs/s,"
+            f"pair {n} ({order[0]} first): {none.runs_per_second:.0f} → "
+            f"{with_policy.runs_per_second:.0f} runs/s,"
             f" p50 {none.p50_ms:.1f} → {with_policy.p50_ms:.1f} ms",
             flush=True,
         )

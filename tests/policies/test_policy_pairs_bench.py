@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.bench import inprocess
-from tests.bench.policy_pairs import Sample, of_results, report
+from tests.bench.policy_pairs import Sample, first_of, of_results, report
 
 
 def test_it_reads_throughput_and_latency_from_the_harness_rows() -> None:
@@ -31,6 +31,14 @@ def test_the_verdict_is_the_median_pair_on_both_measures() -> None:
     assert report(slow, "demo").endswith("; not met by the median pair")  # latency +16 %
     few = [(none, Sample(160.0, 10.5)), (none, Sample(165.0, 10.5)), (none, Sample(199, 10.1))]
     assert report(few, "demo").endswith("; not met by the median pair")  # throughput -17.5 %
+
+
+def test_the_pairs_take_turns_at_going_first() -> None:
+    # A machine speeding up or slowing down within each pair would otherwise always favour the
+    # same side (the one run second, or the one run first).
+    orders = [first_of(n, "demo") for n in range(1, 5)]
+    assert orders == [("none", "demo"), ("demo", "none"), ("none", "demo"), ("demo", "none")]
+    assert first_of(2, "rules") == ("rules", "none")
 
 
 def test_the_in_process_report_gives_each_pair_and_the_median_difference() -> None:

@@ -116,6 +116,8 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
         env = bench_env(SIGNALBOX_LIVE_EVENTS=str(live_events).lower())
+        if profile_dir:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
         for index in range(workers):
             # --profile-workers: each worker under cProfile, written when it shuts down warm.
             profiled = (
@@ -544,7 +546,10 @@ def main() -> None:
     parser.add_argument(
         "--profile-workers",
         metavar="DIR",
-        help="run each worker under cProfile, written to DIR/worker<N>.prof when it stops",
+        help=(
+            "run the engine parts' workers under cProfile, each written to DIR/worker<N>.prof"
+            " when it stops"
+        ),
     )
     parser.add_argument(
         "--policy",

@@ -147,9 +147,15 @@ def _version_context(user: User, version: PolicyVersion) -> dict[str, Any]:
         "abilities": abilities,
         "authored": authored,
         "can_submit": abilities.edit and status == PolicyStatus.DRAFT,
-        "can_review": abilities.review and status == PolicyStatus.SUBMITTED,
-        "can_activate": abilities.review and status == PolicyStatus.APPROVED,
-        "can_rollback": abilities.review and status == PolicyStatus.RETIRED,
+        # Four eyes (policies.services): its author neither reviews nor activates a version,
+        # so the page offers them neither.
+        "can_review": abilities.review and status == PolicyStatus.SUBMITTED and not authored,
+        "can_activate": abilities.review and status == PolicyStatus.APPROVED and not authored,
+        "can_rollback": abilities.review and status == PolicyStatus.RETIRED and not authored,
+        # ... and is told who acts next instead.
+        "waits_for_another": authored
+        and abilities.review
+        and status in (PolicyStatus.SUBMITTED, PolicyStatus.APPROVED, PolicyStatus.RETIRED),
         "active_id": version.policy.active_version_id,
         "changes_from_active": _changes_from_active(user, version),
     }

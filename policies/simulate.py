@@ -60,12 +60,14 @@ class Verdict:
             f" quorum {self.quorum}" if self.quorum > 1 else ""
         )
 
-    def was(self) -> str:
-        """As what happened: ``were allowed``, ``needed a tier-2 approval``."""
+    def was(self, *, one: bool = False) -> str:
+        """As what happened: ``were allowed``, ``needed a tier-2 approval`` (``one``: of a
+        single action, ``was allowed``)."""
+        verb = "was" if one else "were"
         return {
-            "allow": "were allowed",
-            "deny": "were denied",
-            "defer": "were deferred",
+            "allow": f"{verb} allowed",
+            "deny": f"{verb} denied",
+            "defer": f"{verb} deferred",
         }.get(self.outcome) or f"needed a tier-{self.tier} approval{self._people()}"
 
     def would(self) -> str:
@@ -104,14 +106,15 @@ class Change:
 
     def sentence(self) -> str:
         """The change in one sentence, for the admin reviewing the draft."""
+        one = self.count == 1
         actions = (
-            f"{self.count} {next(iter(self.by_action))} actions"
+            f"{self.count} {next(iter(self.by_action))} action{'' if one else 's'}"
             if len(self.by_action) == 1
             else f"{self.count} actions ({', '.join(f'{n} {a}' for a, n in self.by_action.most_common())})"
         )
         rules = ", ".join(rule for rule, _ in self.by_rule.most_common())
         label = "rule" if len(self.by_rule) == 1 else "rules"
-        return f"{actions} that {self.before.was()} {self.after.would()} ({label} {rules})"
+        return f"{actions} that {self.before.was(one=one)} {self.after.would()} ({label} {rules})"
 
 
 @dataclass(frozen=True, slots=True)

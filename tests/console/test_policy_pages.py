@@ -207,12 +207,21 @@ def test_review_to_active_through_the_version_page_with_four_eyes(ada: Any, bob:
     author, reviewer = _client(ada), _client(bob)
     action = lambda name: reverse("console:policy_version_action", args=[version.pk, name])  # noqa: E731
     assert author.post(action("submit")).status_code == 302
+    page = reverse("console:policy_version", args=[version.pk])
+    # Its author is told who acts next and offered no button the rule would refuse.
+    mine = author.get(page).content.decode()
+    assert "another policy admin must review and activate it" in mine
+    assert ">Approve</button>" not in mine and ">Reject</button>" not in mine
+    assert ">Approve</button>" in reviewer.get(page).content.decode()
     refused = author.post(action("approve"), {"note": ""})
     assert refused.status_code == 403
     assert "you wrote this version: another admin must review it" in _text(refused)
     no_reason = reviewer.post(action("reject"), {"note": ""})
     assert no_reason.status_code == 422 and "say why the version is rejected" in _text(no_reason)
     assert reviewer.post(action("approve"), {"note": "checked"}).status_code == 302
+    mine = author.get(page).content.decode()
+    assert "another policy admin must activate it" in mine and ">Activate</button>" not in mine
+    assert ">Activate</button>" in reviewer.get(page).content.decode()
     refused = author.post(action("activate"))
     assert refused.status_code == 403 and "another admin must activate it" in _text(refused)
     activated = reviewer.post(action("activate"), {"note": "go"}, follow=True)

@@ -3,11 +3,12 @@ the expected changes, counts per rule, and examples."""
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from policies.evaluate import Facts, compile_policy
-from policies.simulate import RecordedAction, RuleCount, Verdict, policy_simulate
+from policies.simulate import Change, RecordedAction, RuleCount, Verdict, policy_simulate
 from policies.source import policy_source_parse
 
 DEMO_TEXT = (Path(__file__).resolve().parents[2] / "policies" / "demo_policy.yaml").read_text()
@@ -134,3 +135,18 @@ def test_verdicts_name_tier_and_quorum() -> None:
         Verdict("require_approval", 3, 2).would() == "would require a tier-3 approval from 2 people"
     )
     assert Verdict("deny").was() == "were denied"
+
+
+def test_one_changed_action_reads_in_the_singular() -> None:
+    change = Change(
+        Verdict("allow"),
+        Verdict("require_approval", 1, 1),
+        count=1,
+        by_action=Counter({"agent:refund_executor": 1}),
+        by_rule=Counter({"refund-tier-1": 1}),
+    )
+    assert change.sentence() == (
+        "1 agent:refund_executor action that was allowed would require a tier-1 approval "
+        "(rule refund-tier-1)"
+    )
+    assert Verdict("deny").was(one=True) == "was denied"

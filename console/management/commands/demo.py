@@ -88,7 +88,8 @@ class Command(BaseCommand):
         if installed.created:
             self.stdout.write(
                 f"Demo policy installed as version {installed.version.number} (refund tiers, email allowlist, "
-                "customer hours, daily ceilings): /admin/ shows it; edit a copy, and have the other admin approve it."
+                "customer hours, daily ceilings). As admin, open /policies/ to simulate a new draft against "
+                "recent work and submit it; admin2 approves and activates it."
             )
 
         simulator = None

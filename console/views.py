@@ -216,7 +216,12 @@ def run_live_fragment(user: User, run_id: int, *, include_io: bool = False) -> s
         run = run_get_for_user(user, run_id)
     except NotFound:
         return None
-    context = {**run_detail_context(run), "oob": True, "include_io": include_io}
+    context = {
+        **run_detail_context(run),
+        "oob": True,
+        "include_io": include_io,
+        "may_act": may_decide(user, run),
+    }
     return render_to_string("console/partials/run_live.html", context)
 
 

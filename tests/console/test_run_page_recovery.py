@@ -51,7 +51,7 @@ def panel_of(html: str, wait: Wait) -> str:
 
 
 def test_an_escalated_run_shows_the_escalation_with_its_attempts(
-    viewer: Any, drive: Callable[[int], Run]
+    viewer: Any, operator: Any, drive: Callable[[int], Run]
 ) -> None:
     run = submit(None, "escalating", drive, fail_attempts=2)
     assert run.status == "waiting"
@@ -78,13 +78,22 @@ def test_an_escalated_run_shows_the_escalation_with_its_attempts(
     assert "<dt>Agents tried</dt><dd>test_fails_until</dd>" in panel
     assert "none declared" in panel  # no fallback
     assert "The step made no tool calls." in panel
-    # how to answer it (no forms yet)
-    assert f"<code>POST /api/v1/escalations/{wait.pk}/resolve</code>" in panel
-    assert "<code>Text</code>" in panel
-    assert "<form" not in panel
+    # Someone who may only read is told who answers it, and where; no way to act.
+    assert f"An operator holding tier {wait.tier} or above" in panel
+    assert f'href="/inbox/{wait.pk}/"' in panel
+    assert "/resolve</code>" not in panel and "<form" not in panel
+    # Someone who may decide for the run is told how to answer it.
+    mine = panel_of(page(operator, run), wait)
+    assert f"<code>POST /api/v1/escalations/{wait.pk}/resolve</code>" in mine
+    assert "<code>Text</code>" in mine
+    assert "An operator holding tier" not in mine
     # the step waits, and the waits table names the escalation
     assert 'class="status status-waiting"' in html
     assert "then the step fails" in html
+    # with the tier that may answer it, as the inbox says
+    assert re.search(
+        rf'<td>escalation</td>.*?/inbox/{wait.pk}/.*?<td class="num">{wait.tier}</td>', html, re.S
+    )
 
 
 def test_the_panel_lists_the_failed_tool_calls(

@@ -61,7 +61,17 @@ class UserProfileAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # as above
 
 class ConsoleUserAdmin(UserAdmin):  # type: ignore[type-arg]  # as above
     """Django's user admin, where staff who are not superusers manage people and their groups
-    (roles and tiers) but cannot make anyone a superuser or hand out single permissions."""
+    (roles and tiers) but cannot make anyone a superuser or hand out single permissions. The
+    list shows each person's roles, so who holds which tier reads at a glance."""
+
+    list_display = ["username", "email", "roles", "is_active", "is_staff", "last_login"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
+        return super().get_queryset(request).prefetch_related("groups")
+
+    @admin.display(description="Roles")
+    def roles(self, user: User) -> str:
+        return ", ".join(sorted(group.name for group in user.groups.all())) or "—"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         fields = list(super().get_readonly_fields(request, obj))

@@ -142,7 +142,12 @@ def test_staff_admin_grants_a_tenant_permission_and_an_operator_cannot(operator:
     admin.groups.add(roles_sync()["Policy admin"])
     tenant = Tenant.objects.get(slug="default")
     client = logged_in(admin)
-    assert client.get("/admin/auth/user/").status_code == 200
+    operator.groups.add(roles_sync()["Operator tier 2"])
+    people = client.get("/admin/auth/user/")
+    assert people.status_code == 200
+    # each person's roles in the list: who holds which tier, at a glance
+    row = re.search(rf"<tr>.*?>{operator.username}</a>.*?</tr>", people.content.decode(), re.S)
+    assert row is not None and "Operator tier 2" in row.group(0)
     url = f"/admin/policies/tenant/{tenant.pk}/permissions/"
     assert client.get(url).status_code == 200
     response = client.post(

@@ -18,6 +18,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 # The test suite empties its Redis database at start: never the one a dev worker uses.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 API_TEST_REDIS_URL ?= redis://127.0.0.1:6379/13
+E2E_TEST_REDIS_URL ?= redis://127.0.0.1:6379/12
 SCHEMATHESIS_TESTS := tests/api/test_schemathesis.py
 # Not a secret: only ever used by the test suite.
 TEST_SECRET_KEY ?= signalbox-test-suite-key-not-a-secret-0123456789abcdefghij
@@ -66,16 +67,23 @@ test: install
 	$(BIN)/ruff check --quiet .
 	$(BIN)/lint-imports --no-cache
 	$(TEST_ENV) $(BIN)/mypy
-	# The schemathesis run (CPU-bound, about 5 minutes) goes beside the rest of the suite (mostly
-	# waiting on real workers), on a test database and a Redis database of its own.
+	# The schemathesis run (CPU-bound, 2 to 5 minutes), then the browser tests, go beside the rest
+	# of the suite (mostly waiting on real workers), each on a test database and a Redis database
+	# of its own. Browser tests run in a pytest process of their own: sync Playwright breaks
+	# asyncio tests that follow it in the same process.
 	@mkdir -p var; \
-	$(TEST_ENV) REDIS_URL='$(API_TEST_REDIS_URL)' DATABASE_TEST_NAME=test_signalbox_schemathesis \
-	  $(BIN)/pytest -m "not e2e" $(SCHEMATHESIS_TESTS) $(PYTEST_ARGS) > var/schemathesis.log 2>&1 & api=$$!; \
+	( $(TEST_ENV) REDIS_URL='$(API_TEST_REDIS_URL)' DATABASE_TEST_NAME=test_signalbox_schemathesis \
+	    $(BIN)/pytest -m "not e2e" $(SCHEMATHESIS_TESTS) $(PYTEST_ARGS) > var/schemathesis.log 2>&1; \
+	  api=$$?; \
+	  $(TEST_ENV) REDIS_URL='$(E2E_TEST_REDIS_URL)' DATABASE_TEST_NAME=test_signalbox_e2e \
+	    $(BIN)/pytest -m e2e $(PYTEST_ARGS) > var/e2e.log 2>&1; \
+	  e2e=$$?; [ $$e2e -eq 5 ] && e2e=0; \
+	  [ $$api -eq 0 ] && [ $$e2e -eq 0 ] ) & side=$$!; \
 	$(TEST_ENV) $(BIN)/pytest -m "not e2e" --ignore=$(SCHEMATHESIS_TESTS) $(PYTEST_ARGS); rest=$$?; \
-	wait $$api; apis=$$?; echo "---- $(SCHEMATHESIS_TESTS) ----"; cat var/schemathesis.log; \
-	[ $$rest -eq 0 ] && [ $$apis -eq 0 ]
-	# Browser tests run on their own: sync Playwright breaks asyncio tests that follow it.
-	$(TEST_ENV) $(BIN)/pytest -m e2e $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	wait $$side; sides=$$?; \
+	echo "---- $(SCHEMATHESIS_TESTS) ----"; cat var/schemathesis.log; \
+	echo "---- browser tests (-m e2e) ----"; cat var/e2e.log; \
+	[ $$rest -eq 0 ] && [ $$sides -eq 0 ]
 
 lint: install
 	$(BIN)/ruff check .

@@ -138,7 +138,7 @@ def version_list(request: HttpRequest, name: str) -> HttpResponse:
 def _version_context(user: User, version: PolicyVersion) -> dict[str, Any]:
     abilities = selectors.policy_abilities(user)
     status = version.status
-    authored = version.author_id is not None and version.author_id == user.pk
+    authored = version.authored_by(user)
     return {
         "version": version,
         "policy": version.policy,

@@ -10,6 +10,8 @@ never exceeded, even with many workers reserving at once.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -106,6 +108,11 @@ class PolicyVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.policy.name} v{self.number} ({self.status})"
+
+    def authored_by(self, user: Any) -> bool:
+        """Whether ``user`` wrote this version (four eyes: they neither review nor activate
+        it). The system (None) authors nobody's."""
+        return user is not None and self.author_id is not None and self.author_id == user.pk
 
 
 class Outcome(models.TextChoices):

@@ -115,7 +115,7 @@ def policy_review(*, version_id: int, user: User, approve: bool, note: str = "")
                 f"version {version.number} is {version.status}, not submitted",
                 code=Code.NOT_SUBMITTED,
             )
-        if version.author_id is not None and version.author_id == user.pk:
+        if version.authored_by(user):
             raise PolicyDenied(
                 "you wrote this version: another admin must review it", code=Code.FOUR_EYES
             )
@@ -143,7 +143,7 @@ def policy_activate(*, version_id: int, user: User | None, note: str = "") -> Po
                 "active before, can be activated",
                 code=Code.NOT_APPROVED,
             )
-        if user is not None and version.author_id is not None and version.author_id == user.pk:
+        if version.authored_by(user):
             raise PolicyDenied(
                 "you wrote this version: another admin must activate it", code=Code.FOUR_EYES
             )

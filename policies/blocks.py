@@ -27,11 +27,11 @@ only slow settles it later, and only what the release did not charge is added
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from policies.errors import InvalidReservation
-from policies.ledger import HoldRequest, Settlement
+from policies.ledger import HoldRequest, Settlement, periods_of
 from policies.limits import MONEY_QUANTUM
 from policies.models import Reservation, ReservationKind, ReservationStatus
 
@@ -56,11 +56,28 @@ class Block:
     #: What the block was asked for with (its scopes and periods): a call counting against
     #: other ceilings, or in another period, is not taken from it.
     request: HoldRequest | None = None
+    #: The UTC day of ``request.now`` (start, end): a call within it counts in the same
+    #: periods (a day's or the month's holding it), found by :meth:`same_periods`.
+    _day: tuple[datetime, datetime] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         r = self.reservation
         if r.kind != ReservationKind.BLOCK or r.status != ReservationStatus.HELD:
             raise InvalidReservation(f"reservation {r.pk} is not a held block")
+
+    def same_periods(self, now: datetime) -> bool:
+        """Whether a call at ``now`` counts in the same periods as the block (the periods of
+        its request's scopes at ``now`` are those it was asked in)."""
+        request = self.request
+        if request is None:
+            return False
+        day = self._day
+        if day is None:
+            start = request.now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            day = self._day = (start, start + timedelta(days=1))
+        if day[0] <= now < day[1]:
+            return True
+        return periods_of(request.scopes, now) == request.periods
 
     @property
     def amount(self) -> Decimal:

@@ -671,6 +671,16 @@ class Held:
     states: tuple[ScopeSpend, ...]
     #: Whether the locked rows are exactly the request's scopes.
     matched: bool = False
+    #: A call's share of a budget block the worker holds (``policies.blocks``): the block
+    #: answers for it, and this is the call's worst case taken from it (the request is the
+    #: block's own).
+    share: Decimal | None = None
+
+    @property
+    def covers(self) -> Decimal:
+        """What this answer set aside for the call that asked: its share of a block, or the
+        request's amount."""
+        return self.request.amount if self.share is None else self.share
 
     @property
     def missing(self) -> bool:
@@ -692,7 +702,7 @@ class Held:
     def warnings(self) -> list[Entry]:
         """``CEILING_WARNED`` for every scope this hold took past its soft threshold (once per
         scope and period: reads the audit trail only when a threshold was crossed)."""
-        if self.reservation is None or not self.states:
+        if self.reservation is None or not self.states or self.share is not None:
             return []
         by_kind = {state.kind: state for state in self.states}
         request = self.request

@@ -190,14 +190,16 @@ def step_run(step: Step, *, rt: Runtime, worker_id: str, chain: Chain | None = N
         if facts is not None:
             try:
                 facts.rate_limit_check()
-                if cls.pure and chain is not None:
-                    chain.hold_ahead(step)
-                if cls.pure and chain is not None and chain.hold_in_flight(step):
-                    deferred = facts
-                else:
-                    reservation = cost_reserve(
-                        facts, step, agent, params, worker_id, hard.total_seconds(), held()
-                    )
+                # Taken from the run's budget block when it was claimed, under the policy in
+                # force: the block answers for it, and there is nothing to ask.
+                reservation = chain.shared(step, facts.active) if chain is not None else None
+                if reservation is None:
+                    if cls.pure and chain is not None and chain.hold_ahead(step):
+                        deferred = facts
+                    else:
+                        reservation = cost_reserve(
+                            facts, step, agent, params, worker_id, hard.total_seconds(), held()
+                        )
             except SignalboxError as exc:
                 fail(exc)
                 return None

@@ -30,7 +30,8 @@ from orchestration.models import Run, Step, StepKind, StepStatus, ToolCall
 from orchestration.registry import agent_class, workflow_get
 from orchestration.runtime import Runtime
 from orchestration.store import LeaseLost, Pending, RunChanged, StepTaken, WriteBatch
-from orchestration.worker.costs import CallWorst, block_of, call_worst, hold_for
+from orchestration.worker.costs import CallWorst, block_of, call_worst, hold_for, worst_kept
+from policies.active import ActivePolicy
 from policies.blocks import Block
 from policies.evaluate import Decision
 from policies.ledger import (
@@ -39,14 +40,11 @@ from policies.ledger import (
     Settlement,
     ceiling_release,
     hold_scope_ids,
-    periods_of,
     settlement_apply,
 )
-from policies.models import ReservationKind
+from policies.models import Reservation, ReservationKind
 
 log = logging.getLogger(__name__)
-
-_CALL = ReservationKind.CALL.value
 
 
 @dataclass
@@ -160,7 +158,8 @@ class Chain:
         #: took from one: a call's worst case (with the request it stands for until it is read).
         self.blocks: dict[int, Block] = {}
         self.taken: dict[int, tuple[Block, Decimal]] = {}
-        self.shares: dict[int, HoldRequest] = {}
+        #: Steps whose call was taken from a block (:meth:`share`), with its worst case.
+        self.shares: dict[int, Decimal] = {}
         #: Every block made in this chain and not settled yet (a run's earlier block may still
         #: have a call in flight when its next one is made): settled at the latest by :meth:`close`.
         self.unsettled: list[Block] = []
@@ -233,22 +232,38 @@ class Chain:
         batch.hold(sibling.id, request)
         self.holds[sibling.id] = batch
 
-    def hold_ahead(self, step: Step) -> None:
-        """A pure step claimed on its own (from the broker) whose reservation was not asked for
-        with its claim: send the reservation without waiting, so the agent runs meanwhile and
-        the answer is read before its completion (:meth:`take_held`)."""
-        if (
+    def hold_ahead(self, step: Step) -> bool:
+        """A pure step's reservation, if it is not answered yet (:meth:`hold_in_flight`): True
+        when its answer is on its way, to be read before its completion (:meth:`take_held`)
+        while the agent runs meanwhile. A step claimed on its own (from the broker) whose
+        reservation was not asked for with its claim sends it now, without waiting."""
+        if not (
             step.id in self.holds
             or step.id in self.shares  # took its call from the run's block already
             or not self.rt.store.pipelined
             or self.committing is not None
             or self.open is not None
         ):
-            return
-        request = self._unshared(step, timezone.now())
-        if request is None:
-            return
-        self.holds[step.id], self.holds_sent[step.id] = self.rt.store.hold_send(step.id, request)
+            request = self._unshared(step, timezone.now())
+            if request is not None:
+                self.holds[step.id], self.holds_sent[step.id] = self.rt.store.hold_send(
+                    step.id, request
+                )
+        return self.hold_in_flight(step)
+
+    def shared(self, step: Step, active: ActivePolicy) -> Reservation | None:
+        """The budget block ``step``'s call was taken from (:meth:`share`), if it was, under
+        ``active`` (the policy in force now, whose worst case for the call the block
+        covers); the block's share is then the step's reservation. None otherwise: the step
+        reserves as :func:`~orchestration.worker.costs.cost_reserve` says."""
+        amount = self.shares.get(step.id)
+        if amount is None:
+            return None
+        worst = worst_kept(step, active)
+        if worst is None or worst.amount > amount:
+            return None
+        del self.shares[step.id]
+        return self.taken[step.id][0].reservation
 
     def _unshared(self, step: Step, now: datetime, *, queued: bool = False) -> HoldRequest | None:
         """The reservation ``step``'s call needs (``worker.costs.hold_for``), unless it has
@@ -265,29 +280,11 @@ class Chain:
         block = self.blocks.get(step.run_id)
         if block is None or block.request is None or worst.scopes != block.request.scopes:
             return False
-        if periods_of(worst.scopes, now) != block.request.periods:
-            return False
-        if not block.take(worst.amount, now, worst.span):
+        if not block.same_periods(now) or not block.take(worst.amount, now, worst.span):
             return False
         self.taken[step.id] = (block, worst.amount)
-        # What the step's reservation would have asked, answered by the block (:meth:`take_held`).
-        r = block.request
-        self.shares[step.id] = HoldRequest(
-            r.scopes,
-            r.periods,
-            worst.amount,
-            r.run_id,
-            step.id,
-            f"agent:{step.agent}",
-            r.owner,
-            now + worst.span,
-            now,
-            r.guard,
-            r.guard_params,
-            r.guard_types,
-            _CALL,
-            None,
-        )
+        # The step's reservation is answered by the block (:meth:`take_held`).
+        self.shares[step.id] = worst.amount
         return True
 
     def spend(self, step: Step, cost: Callable[[Decimal], Decimal | None]) -> Settlement:
@@ -355,7 +352,9 @@ class Chain:
     def _take_held(self, step_id: int) -> Held | None:
         shared = self.shares.pop(step_id, None)
         if shared is not None:  # taken from the run's block: the block answers for it
-            return Held(shared, self.taken[step_id][0].reservation, (), matched=True)
+            block = self.taken[step_id][0]
+            assert block.request is not None  # a block shared out was asked for here
+            return Held(block.request, block.reservation, (), matched=True, share=shared)
         batch = self.holds.pop(step_id, None)
         sent = self.holds_sent.pop(step_id, None)
         if sent is not None:

@@ -6,7 +6,7 @@ costs no round trip of its own) and its settlement after."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -14,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 from pydantic import BaseModel
 
 from audit.services import Entry, audit_record_alone, audit_record_many
@@ -23,7 +24,7 @@ from orchestration.agents.base import Agent, AgentContext
 from orchestration.dispatch import hint_of
 from orchestration.errors import Code, PolicyDenied, TransientError
 from orchestration.models import Step, StepKind, StepStatus
-from orchestration.registry import agent_class, agent_instance, workflow_get
+from orchestration.registry import agent_instance, workflow_get
 from orchestration.tools.limit_backends import backend_default
 from policies.active import ActivePolicy, active_policy
 from policies.errors import CeilingExceeded
@@ -36,6 +37,7 @@ from policies.ledger import (
     ceiling_release,
     ceiling_reserve,
     hold_request,
+    periods_of,
 )
 from policies.limits import CeilingScope, ceilings_for, ceilings_of, price_cost, rate_limits_for
 from policies.models import Reservation, ReservationKind
@@ -171,7 +173,7 @@ def cost_reserve(
             detail={"model": model},
         )
     if held is not None and held.reservation is not None:
-        if held.request.scopes == scopes and held.request.amount >= worst:
+        if held.request.scopes == scopes and held.covers >= worst:
             warnings = held.warnings()
             if warnings:  # rare: once per scope and period
                 with transaction.atomic():
@@ -256,6 +258,19 @@ def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | No
 _WORST_ON_STEP = "_policy_call_worst"
 
 
+def worst_keep(step: Step, active: ActivePolicy, worst: CallWorst) -> None:
+    """Keep ``worst`` on ``step`` as :func:`call_worst`'s answer under ``active`` (the step's
+    claim priced it from its message's hint: the same values its row holds)."""
+    step.__dict__[_WORST_ON_STEP] = (active.compiled, worst)
+
+
+def worst_kept(step: Step, active: ActivePolicy) -> CallWorst | None:
+    """What :func:`call_worst` answered for ``step`` under ``active``, if it was asked (None:
+    not asked, asked under another version, or nothing to reserve)."""
+    kept: tuple[CompiledPolicy, CallWorst | None] | None = step.__dict__.get(_WORST_ON_STEP)
+    return kept[1] if kept is not None and kept[0] is active.compiled else None
+
+
 def call_worst_of(
     agent: str,
     node: str,
@@ -273,8 +288,8 @@ def call_worst_of(
     active = active or active_policy()
     if active is None:
         return None
-    cls = agent_class(agent)
-    model = agent_instance(agent).call_model()
+    instance = agent_instance(agent)  # one per process, of the agent's registered class
+    cls, model = type(instance), instance.call_model()
     # By the tenant's id, which names the same tenant as its slug for its whole life.
     shape = _worst_shapes.get(
         active.compiled, (cls, model, agent, node, tenant_id, workflow, version)
@@ -387,38 +402,73 @@ def _hold_request(
     *,
     queued: bool,
 ) -> HoldRequest:
-    return hold_request(
-        scopes=worst.scopes,
-        amount=worst.amount,
-        run_id=run_id,
-        step_id=step_id,
-        action=f"agent:{agent}",
-        owner=worker_id[:200],
-        ttl=worst.span,
-        now=now,
-        guard="" if queued else _running_guard(),
-        guard_params=() if queued else (step_id, StepStatus.RUNNING.value, worker_id),
-        guard_types=() if queued else ("bigint", "text", "text"),
+    """The call's :class:`HoldRequest`, built field by field: ``worst`` comes from the compiled
+    policy (its scopes one per kind, its amount priced to the ledger's places, its span
+    positive), so of :func:`policies.ledger.hold_request`'s checks only the lengths are left."""
+    action = f"agent:{agent}"
+    if len(action) > 200 or timezone.is_naive(now):  # refused there, with its message
+        return hold_request(
+            scopes=worst.scopes,
+            amount=worst.amount,
+            run_id=run_id,
+            step_id=step_id,
+            action=action,
+            owner=worker_id[:200],
+            ttl=worst.span,
+            now=now,
+        )
+    return HoldRequest(
+        worst.scopes,
+        periods_of(worst.scopes, now),
+        worst.amount,
+        run_id,
+        step_id,
+        action,
+        worker_id[:200],
+        now + worst.span,
+        now,
+        "" if queued else _running_guard(),
+        () if queued else (step_id, _RUNNING, worker_id),
+        () if queued else _GUARD_TYPES,
+        _CALL_KIND,
+        None,
     )
+
+
+_RUNNING = StepStatus.RUNNING.value
+_GUARD_TYPES = ("bigint", "text", "text")
+_CALL_KIND = ReservationKind.CALL.value
 
 
 def hold_for_hint(
     hint: list[Any], step_id: int, worker_id: str, now: datetime
-) -> HoldRequest | None:
+) -> tuple[HoldRequest, CallWorst, ActivePolicy] | None:
     """:func:`hold_for` the step a wake-up message names, from the message's hint
     (``orchestration.dispatch.wake_hint``) rather than its row, which its claim reads: so the
-    reservation goes in the claim's own transaction. None for a hint it cannot read."""
+    reservation goes in the claim's own transaction. Returns it with the worst case it asks
+    for and the policy that priced it (:func:`worst_keep`, once the step is claimed). None for
+    a hint it cannot read."""
     try:
         kind, agent, node, run_id, tenant_id, workflow, version = hint
         if kind not in (StepKind.AGENT, StepKind.ITEM):
             return None
+        active = active_policy()
+        if active is None:
+            return None
         run_id = int(run_id)
         worst = call_worst_of(
-            str(agent), str(node), run_id, int(tenant_id), str(workflow), int(version)
+            str(agent),
+            str(node),
+            run_id,
+            int(tenant_id),
+            str(workflow),
+            int(version),
+            active=active,
         )
         if worst is None:
             return None
-        return _hold_request(worst, run_id, step_id, str(agent), worker_id, now, queued=False)
+        request = _hold_request(worst, run_id, step_id, str(agent), worker_id, now, queued=False)
+        return request, worst, active
     except Exception:  # an old or foreign message: the step reserves as it would without one
         return None
 
@@ -431,12 +481,26 @@ def block_of(request: HoldRequest) -> HoldRequest:
     calls = settings.SIGNALBOX["CEILING_BLOCK_CALLS"]
     if calls <= 1 or request.kind != ReservationKind.CALL:
         return request
-    return replace(
-        request,
-        kind=ReservationKind.BLOCK.value,
-        most=request.amount * calls,
-        expires_at=request.now + (request.expires_at - request.now) * calls,
+    r = request  # built field by field: ``dataclasses.replace`` costs three times as much
+    return HoldRequest(
+        r.scopes,
+        r.periods,
+        r.amount,
+        r.run_id,
+        r.step_id,
+        r.action,
+        r.owner,
+        r.now + (r.expires_at - r.now) * calls,
+        r.now,
+        r.guard,
+        r.guard_params,
+        r.guard_types,
+        _BLOCK,
+        r.amount * calls,
     )
+
+
+_BLOCK = ReservationKind.BLOCK.value
 
 
 @cache

@@ -12,12 +12,13 @@ from typing import Any
 
 from django.utils import timezone
 
+from orchestration.dispatch import hint_of
 from orchestration.models import Step
 from orchestration.runtime import Runtime
 from orchestration.worker import complete
 from orchestration.worker.attempt import step_run
 from orchestration.worker.chain import Chain, Superseded, claim_events
-from orchestration.worker.costs import block_of, hold_for_hint
+from orchestration.worker.costs import block_of, hold_for_hint, worst_keep
 
 
 def worker_identity() -> str:
@@ -37,22 +38,24 @@ def step_claim(
     claim's own transaction where a cost ceiling counts its call (no transaction of its own)."""
     now = timezone.now()
     lease_until = now + timedelta(seconds=rt.lease_seconds)
-    request = (
+    priced = (
         hold_for_hint(hint, step_id, worker_id, now)
         if hint and chain is not None and rt.store.pipelined
         else None
     )
-    if request is not None:
-        request = block_of(request)  # the first of the run's calls in this worker's chain
-    if request is None:
+    if priced is None:
         step = rt.store.claim(step_id, worker_id, now, lease_until)
     else:
         assert chain is not None
+        # The first of the run's calls in this worker's chain: a budget block.
+        request, worst, active = block_of(priced[0]), priced[1], priced[2]
         step, batch = rt.store.claim_holding(step_id, worker_id, now, lease_until, request)
         if step is not None:
             chain.holds[step.pk] = batch
             if request.action != f"agent:{step.agent}" or request.run_id != step.run_id:
                 chain.release_held(step.pk)  # a hint that does not describe its step: unused
+            elif hint == hint_of(step):  # priced for exactly this step: asked once
+                worst_keep(step, active, worst)
     if step is not None:
         events = [{k: v for k, v in e.items() if k != "step"} for e in claim_events(step, now)]
         rt.live.send([{"run_id": step.run_id, "step_id": step.pk, **e} for e in events])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from django.utils import timezone
 
 from orchestration.models import Step
 from orchestration.worker.chain import Chain
+from orchestration.worker.costs import _WORST_ON_STEP, CallWorst
 from policies.ledger import Held, ceiling_reserve, hold_request, settlement_apply
 from policies.limits import CeilingScope
 from policies.models import Reservation, ReservationKind, ReservationStatus, SpendScope
@@ -107,3 +109,43 @@ def test_a_call_given_back_leaves_its_block_to_be_released_whole() -> None:
     assert block.status == ReservationStatus.RELEASED
     assert SpendScope.objects.get(kind="run").reserved == 0
     assert timezone.now() < block.expires_at
+
+
+def test_a_call_taken_from_the_block_is_its_reservation_only_under_the_version_that_took_it() -> (
+    None
+):
+    chain = _chain()
+    chain.holds[1] = Answered(1)  # type: ignore[assignment]
+    first = chain.take_held(Step(pk=1, agent="x", run_id=7))
+    assert first is not None and first.reservation is not None
+    block = first.reservation
+    now = timezone.now()
+    worst = CallWorst(SCOPES, WORST, timedelta(minutes=1))
+    taken_under, changed_to = SimpleNamespace(compiled=object()), SimpleNamespace(compiled=object())
+
+    step = Step(pk=2, agent="x", run_id=7)
+    step.__dict__[_WORST_ON_STEP] = (taken_under.compiled, worst)  # what call_worst answered
+    assert chain.share(step, worst, now)
+    # Asked under another version (activated meanwhile), the block does not answer for it...
+    assert chain.shared(step, changed_to) is None  # type: ignore[arg-type]
+    # ...under the version that took it, it does, once.
+    assert chain.shared(step, taken_under) == block  # type: ignore[arg-type]
+    assert chain.shared(step, taken_under) is None  # type: ignore[arg-type]
+    assert chain.take_held(step) is None
+
+    # A call taken under a version no longer in force is answered by the block as a share of
+    # the call's worst case, which the step's reservation then checks against the new worst.
+    later = Step(pk=3, agent="x", run_id=7)
+    later.__dict__[_WORST_ON_STEP] = (taken_under.compiled, worst)
+    assert chain.share(later, worst, now)
+    assert chain.shared(later, changed_to) is None  # type: ignore[arg-type]
+    held = chain.take_held(later)
+    assert held is not None and held.reservation == block and held.covers == WORST
+
+    for step_id, cost in ((1, "0.25"), (2, "0.5"), (3, "0.125")):
+        _spent(chain, step_id, cost)
+    chain.close()
+    chain.rt.settling.flush()
+    block.refresh_from_db()
+    assert (block.status, block.actual) == (ReservationStatus.SETTLED, Decimal("0.875"))
+    assert SpendScope.objects.get(kind="run").spent == Decimal("0.875")

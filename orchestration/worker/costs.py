@@ -406,7 +406,10 @@ def _hold_request(
     policy (its scopes one per kind, its amount priced to the ledger's places, its span
     positive), so of :func:`policies.ledger.hold_request`'s checks only the lengths are left."""
     action = f"agent:{agent}"
-    if len(action) > 200 or timezone.is_naive(now):  # refused there, with its message
+    guard = "" if queued else _running_guard()
+    guard_params = () if queued else (step_id, _RUNNING, worker_id)
+    guard_types = () if queued else _GUARD_TYPES
+    if len(action) > 200 or timezone.is_naive(now):  # checked there (refused, with its message)
         return hold_request(
             scopes=worst.scopes,
             amount=worst.amount,
@@ -416,6 +419,9 @@ def _hold_request(
             owner=worker_id[:200],
             ttl=worst.span,
             now=now,
+            guard=guard,
+            guard_params=guard_params,
+            guard_types=guard_types,
         )
     return HoldRequest(
         worst.scopes,
@@ -427,9 +433,9 @@ def _hold_request(
         worker_id[:200],
         now + worst.span,
         now,
-        "" if queued else _running_guard(),
-        () if queued else (step_id, _RUNNING, worker_id),
-        () if queued else _GUARD_TYPES,
+        guard,
+        guard_params,
+        guard_types,
         _CALL_KIND,
         None,
     )

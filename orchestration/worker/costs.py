@@ -250,7 +250,7 @@ def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | No
         return kept[1]
     _, agent, node, run_id, tenant_id, workflow, version = hint_of(step)
     worst = call_worst_of(agent, node, run_id, tenant_id, workflow, version, active=active)
-    step.__dict__[_WORST_ON_STEP] = (active.compiled, worst)
+    worst_keep(step, active, worst)
     return worst
 
 
@@ -258,9 +258,9 @@ def call_worst(step: Step, active: ActivePolicy | None = None) -> CallWorst | No
 _WORST_ON_STEP = "_policy_call_worst"
 
 
-def worst_keep(step: Step, active: ActivePolicy, worst: CallWorst) -> None:
-    """Keep ``worst`` on ``step`` as :func:`call_worst`'s answer under ``active`` (the step's
-    claim priced it from its message's hint: the same values its row holds)."""
+def worst_keep(step: Step, active: ActivePolicy, worst: CallWorst | None) -> None:
+    """Keep ``worst`` on ``step`` as :func:`call_worst`'s answer under ``active`` (also from a
+    claim that priced the step from its message's hint: the same values its row holds)."""
     step.__dict__[_WORST_ON_STEP] = (active.compiled, worst)
 
 
